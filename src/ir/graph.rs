@@ -1,0 +1,364 @@
+//! The program graph: nodes, values, regions (block instances), annotations and outputs.
+//! petgraph is an implementation detail of this file and never appears in the public API.
+
+use super::ids::{NodeId, RegionId, ValueId};
+use super::op::Op;
+use super::types::{Spec, TensorType};
+use crate::span::Span;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One op application: its operands, its results (in order) and where it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The operation.
+    pub op: Op,
+    /// Operand values, in the op's order.
+    pub inputs: Vec<ValueId>,
+    /// Result values, in the op's order.
+    pub outputs: Vec<ValueId>,
+    /// Source span of the expression that created the node.
+    pub span: Span,
+    /// The block instance (or the root) the node belongs to.
+    pub region: RegionId,
+}
+
+/// One SSA value: the result `index` of node `node`, with its static type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Value {
+    /// Element type and shape.
+    pub ty: TensorType,
+    /// The producing node.
+    pub node: NodeId,
+    /// Which result of that node.
+    pub index: u32,
+    /// The source name it was bound to, if any (for readable output only).
+    pub name: Option<String>,
+}
+
+/// The root program or one instance of a block; instances stamped from the same lowered body
+/// share `body`, and their nodes correspond one to one, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    /// Full dotted instance path (`layer.3.attention`); empty for the root.
+    pub path: String,
+    /// The block's name; empty for the root.
+    pub block: String,
+    /// The enclosing region; `None` only for the root.
+    pub parent: Option<RegionId>,
+    /// Identifies the lowered body this instance was stamped from.
+    pub body: u32,
+}
+
+/// A user sharding annotation on a value, with the span of the spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Annotation {
+    /// The spec, one entry per dim.
+    pub spec: Spec,
+    /// Where the spec was written.
+    pub span: Span,
+}
+
+/// A program output: a name, the value, and an optional annotation (Replicate when absent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    /// The output's name.
+    pub name: String,
+    /// The value returned.
+    pub value: ValueId,
+    /// Required placement of the output, if annotated.
+    pub annotation: Option<Annotation>,
+    /// Where the output was declared.
+    pub span: Span,
+}
+
+/// A whole program with global semantics. Nodes are stored in a topological order (every operand
+/// is produced by an earlier node); the verifier checks it.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// Source file name, for provenance.
+    pub source: String,
+    /// Mesh axes declared by the program, in order.
+    pub mesh_axes: Vec<String>,
+    /// Resolved dim constants, in declaration order.
+    pub dims: Vec<(String, i64)>,
+    nodes: Vec<Node>,
+    values: Vec<Value>,
+    regions: Vec<Region>,
+    annotations: BTreeMap<ValueId, Annotation>,
+    outputs: Vec<Output>,
+    uses: Vec<Vec<NodeId>>,
+    dag: DiGraph<NodeId, ValueId>,
+}
+
+impl Graph {
+    /// An empty graph for `source` with only the root region.
+    pub fn new(source: impl Into<String>) -> Self {
+        let mut g = Graph {
+            source: source.into(),
+            ..Default::default()
+        };
+        g.regions.push(Region {
+            path: String::new(),
+            block: String::new(),
+            parent: None,
+            body: 0,
+        });
+        g
+    }
+
+    /// The root region.
+    pub fn root(&self) -> RegionId {
+        RegionId(0)
+    }
+
+    /// Adds a region (a block instance) under `parent`.
+    pub fn add_region(
+        &mut self,
+        path: String,
+        block: String,
+        parent: RegionId,
+        body: u32,
+    ) -> RegionId {
+        self.regions.push(Region {
+            path,
+            block,
+            parent: Some(parent),
+            body,
+        });
+        RegionId(self.regions.len() as u32 - 1)
+    }
+
+    /// Appends a node whose results have the given types; returns it. Operands must already exist.
+    pub fn add_node(
+        &mut self,
+        op: Op,
+        inputs: Vec<ValueId>,
+        result_types: Vec<TensorType>,
+        span: Span,
+        region: RegionId,
+    ) -> NodeId {
+        let id = NodeId(self.nodes.len() as u32);
+        let outputs: Vec<ValueId> = result_types
+            .into_iter()
+            .enumerate()
+            .map(|(i, ty)| {
+                self.values.push(Value {
+                    ty,
+                    node: id,
+                    index: i as u32,
+                    name: None,
+                });
+                self.uses.push(Vec::new());
+                ValueId(self.values.len() as u32 - 1)
+            })
+            .collect();
+        let ix = self.dag.add_node(id);
+        debug_assert_eq!(ix.index(), id.index());
+        for &v in &inputs {
+            if let Some(u) = self.uses.get_mut(v.index()) {
+                if !u.contains(&id) {
+                    u.push(id);
+                }
+                let from = NodeIndex::new(self.values[v.index()].node.index());
+                self.dag.add_edge(from, ix, v);
+            }
+        }
+        self.nodes.push(Node {
+            op,
+            inputs,
+            outputs,
+            span,
+            region,
+        });
+        id
+    }
+
+    /// Sets the readable name of a value.
+    pub fn set_value_name(&mut self, v: ValueId, name: impl Into<String>) {
+        self.values[v.index()].name = Some(name.into());
+    }
+
+    /// Records a user annotation on `v`; returns the previous one, if any.
+    pub fn annotate(&mut self, v: ValueId, a: Annotation) -> Option<Annotation> {
+        self.annotations.insert(v, a)
+    }
+
+    /// Appends a program output.
+    pub fn add_output(&mut self, out: Output) {
+        self.outputs.push(out);
+    }
+
+    /// The node `id`. Panics on an id from another graph.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    /// The value `id`. Panics on an id from another graph.
+    pub fn value(&self, id: ValueId) -> &Value {
+        &self.values[id.index()]
+    }
+
+    /// The value's type.
+    pub fn ty(&self, id: ValueId) -> &TensorType {
+        &self.values[id.index()].ty
+    }
+
+    /// The region `id`.
+    pub fn region(&self, id: RegionId) -> &Region {
+        &self.regions[id.index()]
+    }
+
+    /// All nodes with their ids, in topological (insertion) order.
+    pub fn nodes(&self) -> impl ExactSizeIterator<Item = (NodeId, &Node)> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (NodeId(i as u32), n))
+    }
+
+    /// All values with their ids.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = (ValueId, &Value)> + '_ {
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (ValueId(i as u32), v))
+    }
+
+    /// All regions with their ids; the root first.
+    pub fn regions(&self) -> impl ExactSizeIterator<Item = (RegionId, &Region)> + '_ {
+        self.regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (RegionId(i as u32), r))
+    }
+
+    /// Number of nodes.
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Number of values.
+    pub fn num_values(&self) -> usize {
+        self.values.len()
+    }
+
+    /// The nodes that read `v`, each once, in insertion order.
+    pub fn users(&self, v: ValueId) -> &[NodeId] {
+        &self.uses[v.index()]
+    }
+
+    /// User annotations, sorted by value.
+    pub fn annotations(&self) -> &BTreeMap<ValueId, Annotation> {
+        &self.annotations
+    }
+
+    /// The annotation of `v`, if any.
+    pub fn annotation(&self, v: ValueId) -> Option<&Annotation> {
+        self.annotations.get(&v)
+    }
+
+    /// Program outputs in declaration order.
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
+    }
+
+    /// The `Param` leaves with their names, in order.
+    pub fn params(&self) -> impl Iterator<Item = (&str, ValueId)> + '_ {
+        self.nodes.iter().filter_map(|n| match &n.op {
+            Op::Param { name } => Some((name.as_str(), n.outputs[0])),
+            _ => None,
+        })
+    }
+
+    /// The `Input` leaves with their names, in order.
+    pub fn inputs(&self) -> impl Iterator<Item = (&str, ValueId)> + '_ {
+        self.nodes.iter().filter_map(|n| match &n.op {
+            Op::Input { name } => Some((name.as_str(), n.outputs[0])),
+            _ => None,
+        })
+    }
+
+    /// A topological order computed from the edges (independent of storage order); `Err` names a
+    /// node on a cycle. Used by the verifier.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, NodeId> {
+        petgraph::algo::toposort(&self.dag, None)
+            .map(|v| v.into_iter().map(|ix| self.dag[ix]).collect())
+            .map_err(|c| self.dag[c.node_id()])
+    }
+
+    /// Rebuilds a graph from its parts (as stored in a document); the edge index is recomputed.
+    /// The caller must run the verifier on the result.
+    pub fn from_parts(parts: GraphParts) -> Graph {
+        let mut g = Graph {
+            source: parts.source,
+            mesh_axes: parts.mesh_axes,
+            dims: parts.dims,
+            values: parts.values,
+            regions: parts.regions,
+            outputs: parts.outputs,
+            annotations: parts.annotations.into_iter().collect(),
+            ..Default::default()
+        };
+        g.uses = vec![Vec::new(); g.values.len()];
+        for i in 0..parts.nodes.len() {
+            g.dag.add_node(NodeId(i as u32));
+        }
+        for (i, n) in parts.nodes.iter().enumerate() {
+            let id = NodeId(i as u32);
+            for &v in &n.inputs {
+                if let Some(val) = g.values.get(v.index()) {
+                    if val.node.index() < parts.nodes.len() {
+                        g.dag
+                            .add_edge(NodeIndex::new(val.node.index()), NodeIndex::new(i), v);
+                    }
+                    if !g.uses[v.index()].contains(&id) {
+                        g.uses[v.index()].push(id);
+                    }
+                }
+            }
+        }
+        g.nodes = parts.nodes;
+        g
+    }
+
+    /// Splits the graph into its serializable parts.
+    pub fn to_parts(&self) -> GraphParts {
+        GraphParts {
+            source: self.source.clone(),
+            mesh_axes: self.mesh_axes.clone(),
+            dims: self.dims.clone(),
+            nodes: self.nodes.clone(),
+            values: self.values.clone(),
+            regions: self.regions.clone(),
+            annotations: self
+                .annotations
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            outputs: self.outputs.clone(),
+        }
+    }
+}
+
+/// The stored form of a graph (no derived indexes), for the JSON document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphParts {
+    /// Source file name.
+    pub source: String,
+    /// Declared mesh axes.
+    pub mesh_axes: Vec<String>,
+    /// Resolved dims.
+    pub dims: Vec<(String, i64)>,
+    /// Nodes in order.
+    pub nodes: Vec<Node>,
+    /// Values in order.
+    pub values: Vec<Value>,
+    /// Regions, root first.
+    pub regions: Vec<Region>,
+    /// Annotations sorted by value.
+    pub annotations: Vec<(ValueId, Annotation)>,
+    /// Outputs in order.
+    pub outputs: Vec<Output>,
+}

@@ -1,0 +1,13 @@
+//! The typed IR: entity ids, types, the `Op` enum, the graph, shape inference, verifier, printer.
+
+mod graph;
+mod ids;
+pub mod infer;
+mod op;
+mod types;
+pub mod verify;
+
+pub use graph::{Annotation, Graph, GraphParts, Node, Output, Region, Value};
+pub use ids::{NodeId, RegionId, ValueId};
+pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
+pub use types::{Dtype, Spec, TensorType};

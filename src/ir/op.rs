@@ -1,0 +1,294 @@
+//! The closed set of operations. Every pass matches on `Op` exhaustively.
+
+use super::types::Dtype;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Elementwise binary operations (numpy semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    /// a + b
+    Add,
+    /// a - b
+    Sub,
+    /// a * b
+    Mul,
+    /// a / b
+    Div,
+    /// elementwise maximum
+    Max,
+}
+
+impl BinaryOp {
+    /// Name used in the text IR.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "maximum",
+        }
+    }
+}
+
+/// Elementwise unary functions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryOp {
+    /// gelu, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+    Gelu,
+    /// max(x, 0)
+    Relu,
+    /// x · sigmoid(x)
+    Silu,
+    /// tanh(x)
+    Tanh,
+    /// e^x
+    Exp,
+    /// natural log
+    Log,
+    /// -x
+    Neg,
+    /// √x
+    Sqrt,
+    /// 1/√x
+    Rsqrt,
+    /// 1/x
+    Recip,
+}
+
+impl UnaryOp {
+    /// Name used in the text IR and the language.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Neg => "neg",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+        }
+    }
+
+    /// True when f(a + b) = f(a) + f(b) and f(c·a) = c·f(a): such ops pass Partial(sum) through.
+    pub fn is_linear(self) -> bool {
+        matches!(self, UnaryOp::Neg)
+    }
+}
+
+/// Reductions over one axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceOp {
+    /// Σ
+    Sum,
+    /// Σ / n (n the global size of the axis)
+    Mean,
+    /// max
+    Max,
+}
+
+impl ReduceOp {
+    /// Name used in the text IR and the language.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+        }
+    }
+}
+
+/// One operation of the IR. Operands and results are listed on the node; the variant holds the
+/// static attributes. Shape and dtype rules live in `ir::infer`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Op {
+    /// A program input fed at run time; no operands, one result.
+    Input {
+        /// The input's name as declared.
+        name: String,
+    },
+    /// A weight with a stable hierarchical name (`layer.3.w1`); no operands, one result.
+    Param {
+        /// Full dotted name, block call path first.
+        name: String,
+    },
+    /// numpy matmul: `...mk,...kn->...mn`, batch dims broadcast, 1-D operands promoted then dropped.
+    MatMul,
+    /// Elementwise binary op with numpy broadcasting; both operands have the same dtype.
+    Binary {
+        /// Which operation.
+        op: BinaryOp,
+    },
+    /// Elementwise op between the operand and a compile-time scalar (`x * 0.5`, `1.0 - x`).
+    Scalar {
+        /// Which operation.
+        op: BinaryOp,
+        /// The scalar.
+        value: f64,
+        /// True when the scalar is the left operand (`value op x`).
+        scalar_lhs: bool,
+    },
+    /// Elementwise unary function; result has the operand's type.
+    Unary {
+        /// Which function.
+        op: UnaryOp,
+    },
+    /// softmax along `axis` with max subtraction; result has the operand's type.
+    Softmax {
+        /// The normalized axis.
+        axis: usize,
+    },
+    /// Layer norm over the last dim: (x - mean) / √(var + eps) · scale (+ bias); operands x, scale[, bias].
+    LayerNorm {
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// RMS norm over the last dim: x / √(mean(x²) + eps) · scale; operands x, scale.
+    RmsNorm {
+        /// Added to the mean square.
+        eps: f64,
+    },
+    /// Reduction of one axis; the axis is kept with size 1 when `keepdims`.
+    Reduce {
+        /// Which reduction.
+        op: ReduceOp,
+        /// The reduced axis.
+        axis: usize,
+        /// Keep the axis with size 1.
+        keepdims: bool,
+    },
+    /// Permutes dims: result dim i is operand dim `perm[i]`.
+    Transpose {
+        /// A permutation of 0..rank.
+        perm: Vec<usize>,
+    },
+    /// Row-major reshape to `shape` (same element count).
+    Reshape {
+        /// The new shape.
+        shape: Vec<u64>,
+    },
+    /// Splits `axis` into consecutive pieces of the given sizes; one result per piece.
+    Split {
+        /// The split axis.
+        axis: usize,
+        /// Piece sizes, summing to the axis size.
+        sizes: Vec<u64>,
+    },
+    /// Concatenates the operands (same rank and dtype, equal but for `axis`) along `axis`.
+    Concat {
+        /// The joined axis.
+        axis: usize,
+    },
+    /// Elements `start..end` of `axis`.
+    Slice {
+        /// The sliced axis.
+        axis: usize,
+        /// First index kept.
+        start: u64,
+        /// One past the last index kept.
+        end: u64,
+    },
+    /// Row lookup: operands ids `i32[...]` and table `[V, H]`; result `[..., H]`.
+    Embedding,
+    /// Mean softmax cross-entropy: operands logits `[..., V]` (float) and labels `i32[...]`; result f32 scalar.
+    CrossEntropy,
+    /// Sets entries above the diagonal of the last two dims (key index > query index) to -inf.
+    CausalMask,
+    /// Converts the element type.
+    Cast {
+        /// The result dtype.
+        to: Dtype,
+    },
+}
+
+impl Op {
+    /// The op's name in the text IR.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::MatMul => "matmul",
+            Op::Binary { op } => op.name(),
+            Op::Scalar { .. } => "scalar",
+            Op::Unary { op } => op.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Reduce { op, .. } => op.name(),
+            Op::Transpose { .. } => "transpose",
+            Op::Reshape { .. } => "reshape",
+            Op::Split { .. } => "split",
+            Op::Concat { .. } => "concat",
+            Op::Slice { .. } => "slice",
+            Op::Embedding => "embedding",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CausalMask => "causal_mask",
+            Op::Cast { .. } => "cast",
+        }
+    }
+
+    /// True for the leaves (`Input`, `Param`).
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. })
+    }
+}
+
+/// Formats a float attribute so that it reads back exactly and integers stay short (`2`, `0.125`).
+fn fmt_f64(v: f64) -> String {
+    format!("{v:?}")
+}
+
+/// Displays the op with its attributes, as in the text IR: `softmax{axis=3}`.
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[u64]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Op::Input { name } | Op::Param { name } => write!(f, "{} {}", self.name(), name),
+            Op::Scalar {
+                op,
+                value,
+                scalar_lhs,
+            } => {
+                let side = if *scalar_lhs { "lhs" } else { "rhs" };
+                write!(f, "{}_scalar{{{}={}}}", op.name(), side, fmt_f64(*value))
+            }
+            Op::Softmax { axis } => write!(f, "softmax{{axis={axis}}}"),
+            Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
+                write!(f, "{}{{eps={}}}", self.name(), fmt_f64(*eps))
+            }
+            Op::Reduce { op, axis, keepdims } => {
+                write!(f, "{}{{axis={axis},keepdims={keepdims}}}", op.name())
+            }
+            Op::Transpose { perm } => {
+                let p: Vec<u64> = perm.iter().map(|&x| x as u64).collect();
+                write!(f, "transpose{{perm=[{}]}}", list(&p))
+            }
+            Op::Reshape { shape } => write!(f, "reshape{{shape=[{}]}}", list(shape)),
+            Op::Split { axis, sizes } => write!(f, "split{{axis={axis},sizes=[{}]}}", list(sizes)),
+            Op::Concat { axis } => write!(f, "concat{{axis={axis}}}"),
+            Op::Slice { axis, start, end } => {
+                write!(f, "slice{{axis={axis},start={start},end={end}}}")
+            }
+            Op::Cast { to } => write!(f, "cast{{to={to}}}"),
+            Op::MatMul
+            | Op::Binary { .. }
+            | Op::Unary { .. }
+            | Op::Embedding
+            | Op::CrossEntropy
+            | Op::CausalMask => f.write_str(self.name()),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Element types and tensor types.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Element type of a tensor. Compute may happen in f32, but sizes use the real width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// 32-bit signed integer (token ids, labels).
+    I32,
+}
+
+impl Dtype {
+    /// Width of one element in bytes.
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// True for the floating-point types.
+    pub fn is_float(self) -> bool {
+        !matches!(self, Dtype::I32)
+    }
+
+    /// Parses `f32`, `bf16`, `f16`, `i32`.
+    pub fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "f32" => Dtype::F32,
+            "bf16" => Dtype::Bf16,
+            "f16" => Dtype::F16,
+            "i32" => Dtype::I32,
+            _ => return None,
+        })
+    }
+
+    /// The source spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::I32 => "i32",
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tensor's static type: element type and shape (rank 0 is a scalar).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorType {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Sizes, outermost first.
+    pub shape: Vec<u64>,
+}
+
+impl TensorType {
+    /// A tensor type of `dtype` and `shape`.
+    pub fn new(dtype: Dtype, shape: Vec<u64>) -> Self {
+        TensorType { dtype, shape }
+    }
+
+    /// Number of dims.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Size in bytes at the dtype's real width.
+    pub fn size_bytes(&self) -> u64 {
+        self.numel() * self.dtype.size_bytes()
+    }
+
+    /// The same dtype with another shape.
+    pub fn with_shape(&self, shape: Vec<u64>) -> Self {
+        TensorType {
+            dtype: self.dtype,
+            shape,
+        }
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// A sharding annotation in PartitionSpec form: for each tensor dim, the mesh axes that split it,
+/// major first (`[(dp, tp), _]` is `[["dp","tp"], []]`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Spec {
+    /// One entry per tensor dim; empty means not split.
+    pub dims: Vec<Vec<String>>,
+}
+
+impl Spec {
+    /// A spec splitting no dim of a rank-`rank` tensor.
+    pub fn replicated(rank: usize) -> Self {
+        Spec {
+            dims: vec![Vec::new(); rank],
+        }
+    }
+
+    /// True when no dim is split.
+    pub fn is_replicated(&self) -> bool {
+        self.dims.iter().all(|d| d.is_empty())
+    }
+}
+
+impl fmt::Display for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, axes) in self.dims.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match axes.len() {
+                0 => f.write_str("_")?,
+                1 => f.write_str(&axes[0])?,
+                _ => write!(f, "({})", axes.join(", "))?,
+            }
+        }
+        f.write_str("]")
+    }
+}

@@ -1,0 +1,1 @@
+//! Lowering: AST to `ir::Graph`. Resolves names and dims, expands blocks, infers shapes.
