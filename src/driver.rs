@@ -1,0 +1,110 @@
+//! The pipeline as plain code: read the source, parse, lower, verify. Each stage's error type is
+//! kept; `Error` only wraps them for the command line.
+
+use crate::diag::{self, SourceFile};
+use crate::ir::verify::{verify, VerifyError};
+use crate::ir::Graph;
+use crate::lower::{lower, LowerError};
+use crate::span::{LineIndex, Span};
+use crate::syntax::{parse, ParseError};
+
+/// Reading a source file failed.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum SourceError {
+    /// The file could not be read.
+    #[error("cannot read `{path}`: {reason}")]
+    #[diagnostic(code(tpc::io))]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The file is not UTF-8 text.
+    #[error("`{path}` is not UTF-8 text (invalid byte at {line}:{col})")]
+    #[diagnostic(code(tpc::encoding), help("a .tpl file is plain UTF-8 text"))]
+    NotUtf8 {
+        /// The path.
+        path: String,
+        /// Line of the first invalid byte.
+        line: usize,
+        /// Column of the first invalid byte.
+        col: usize,
+    },
+}
+
+/// Any error of the compile pipeline, by stage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A syntax error.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A semantic error found while lowering.
+    #[error(transparent)]
+    Lower(#[from] LowerError),
+    /// A compiler bug caught by the verifier.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+impl Error {
+    /// True for compiler bugs (as opposed to errors in the user's input).
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Error::Verify(_))
+    }
+
+    /// Renders the error as text, with a source snippet when it has a span in `src`.
+    pub fn render(&self, src: Option<&SourceFile>) -> String {
+        match self {
+            Error::Source(e) => diag::render(e, None),
+            Error::Parse(e) => diag::render(e, src),
+            Error::Lower(e) => diag::render(e, src),
+            Error::Verify(e) => format!("{e}\nthis is a bug in tpc, not in your program; please report it with the input\n"),
+        }
+    }
+}
+
+/// Reads `path` as a UTF-8 source file.
+pub fn read_source(path: &str) -> Result<SourceFile, SourceError> {
+    let bytes = std::fs::read(path).map_err(|e| SourceError::Io { path: path.into(), reason: e.to_string() })?;
+    source_from_bytes(path, bytes)
+}
+
+/// Checks that `bytes` are UTF-8 and wraps them as the source file `name`.
+pub fn source_from_bytes(name: &str, bytes: Vec<u8>) -> Result<SourceFile, SourceError> {
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(SourceFile::new(name, text)),
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let prefix = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
+            let sp: Span = LineIndex::new(&prefix).span(&prefix, valid, valid);
+            Err(SourceError::NotUtf8 { path: name.into(), line: sp.line as usize, col: sp.col as usize })
+        }
+    }
+}
+
+/// Parses, lowers and verifies `src` with the dim overrides: the global program.
+pub fn compile_global(src: &SourceFile, overrides: &[(String, i64)]) -> Result<Graph, Error> {
+    let module = parse(&src.text)?;
+    let g = lower(&module, &src.name, overrides)?;
+    verify(&g, "lowering")?;
+    Ok(g)
+}
+
+/// Parses `NAME=VALUE` of `--set` into a dim override.
+pub fn parse_set(s: &str) -> Result<(String, i64), LowerError> {
+    let bad = |message: String| LowerError::BadSet { message, hint: Some("write --set NAME=VALUE with a positive integer, e.g. --set H=4096".into()) };
+    let (name, value) = s.split_once('=').ok_or_else(|| bad(format!("`{s}` is not NAME=VALUE")))?;
+    let name = name.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad(format!("`{name}` is not a dim name")));
+    }
+    let v: i64 = value.trim().parse().map_err(|_| bad(format!("`{value}` is not an integer")))?;
+    if v <= 0 {
+        return Err(bad(format!("{name}={v}: a dim must be a positive integer")));
+    }
+    Ok((name.to_string(), v))
+}
