@@ -5,5 +5,7 @@ pub mod diag;
 pub mod driver;
 pub mod ir;
 pub mod lower;
+pub mod mesh;
+pub mod sharding;
 pub mod span;
 pub mod syntax;

@@ -1,0 +1,223 @@
+//! The device mesh: named axes with sizes, row-major device ids, per-axis device groups, and the
+//! device constants of the cost model.
+
+use serde::{Deserialize, Serialize};
+
+/// A mesh of devices with named axes; device ids are row-major over the axes (last axis fastest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mesh {
+    axes: Vec<(String, u64)>,
+}
+
+/// A bad mesh description.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
+pub enum MeshError {
+    /// `--mesh` text that is not `name=N,name=M`.
+    #[error("bad --mesh `{text}`: {reason}")]
+    #[diagnostic(code(tpc::bad_mesh), help("write --mesh dp=2,tp=4 (axis=size, comma-separated), or --degree N for tp=N"))]
+    Syntax {
+        /// The text given.
+        text: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An axis of size 0.
+    #[error("mesh axis `{axis}` has size 0")]
+    #[diagnostic(code(tpc::bad_mesh), help("every mesh axis needs at least one device"))]
+    ZeroSize {
+        /// The axis.
+        axis: String,
+    },
+    /// An axis named twice.
+    #[error("mesh axis `{axis}` is given twice")]
+    #[diagnostic(code(tpc::bad_mesh))]
+    Duplicate {
+        /// The axis.
+        axis: String,
+    },
+    /// A mesh with more devices than tpc supports.
+    #[error("the mesh has {devices} devices; at most {max} are supported")]
+    #[diagnostic(code(tpc::bad_mesh))]
+    TooLarge {
+        /// Device count.
+        devices: u128,
+        /// The limit.
+        max: u64,
+    },
+}
+
+/// Largest mesh accepted (the device count must fit comfortably in memory tables).
+pub const MAX_DEVICES: u64 = 1 << 20;
+
+impl Mesh {
+    /// A mesh from `(axis, size)` pairs, validated.
+    pub fn new(axes: Vec<(String, u64)>) -> Result<Mesh, MeshError> {
+        let mut total: u128 = 1;
+        for (i, (a, n)) in axes.iter().enumerate() {
+            if *n == 0 {
+                return Err(MeshError::ZeroSize { axis: a.clone() });
+            }
+            if axes[..i].iter().any(|(b, _)| b == a) {
+                return Err(MeshError::Duplicate { axis: a.clone() });
+            }
+            total *= *n as u128;
+            if total > MAX_DEVICES as u128 {
+                return Err(MeshError::TooLarge { devices: total, max: MAX_DEVICES });
+            }
+        }
+        Ok(Mesh { axes })
+    }
+
+    /// Parses `dp=2,tp=4`.
+    pub fn parse(text: &str) -> Result<Mesh, MeshError> {
+        let err = |reason: &str| MeshError::Syntax { text: text.into(), reason: reason.into() };
+        let mut axes = Vec::new();
+        for part in text.split(',') {
+            let (name, size) = part.split_once('=').ok_or_else(|| err(&format!("`{part}` is not axis=size")))?;
+            let name = name.trim();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
+                return Err(err(&format!("`{name}` is not an axis name")));
+            }
+            let size: u64 = size.trim().parse().map_err(|_| err(&format!("`{}` is not a size", size.trim())))?;
+            axes.push((name.to_string(), size));
+        }
+        Mesh::new(axes)
+    }
+
+    /// The 1-D mesh `tp=n`.
+    pub fn degree(n: u64) -> Result<Mesh, MeshError> {
+        Mesh::new(vec![("tp".into(), n)])
+    }
+
+    /// Adds each axis in `names` that the mesh lacks, with size 1 (axes declared by the program
+    /// but not sized on the command line).
+    pub fn with_declared(mut self, names: &[String]) -> Mesh {
+        for n in names {
+            if !self.axes.iter().any(|(a, _)| a == n) {
+                self.axes.push((n.clone(), 1));
+            }
+        }
+        self
+    }
+
+    /// Axes with their sizes, in order.
+    pub fn axes(&self) -> &[(String, u64)] {
+        &self.axes
+    }
+
+    /// Number of axes.
+    pub fn rank(&self) -> usize {
+        self.axes.len()
+    }
+
+    /// Index of the axis called `name`.
+    pub fn axis_index(&self, name: &str) -> Option<usize> {
+        self.axes.iter().position(|(a, _)| a == name)
+    }
+
+    /// Name of axis `a`.
+    pub fn axis_name(&self, a: usize) -> &str {
+        &self.axes[a].0
+    }
+
+    /// Size of axis `a`.
+    pub fn axis_size(&self, a: usize) -> u64 {
+        self.axes[a].1
+    }
+
+    /// Total number of devices.
+    pub fn num_devices(&self) -> u64 {
+        self.axes.iter().map(|(_, n)| n).product()
+    }
+
+    /// Coordinates of `device` on each axis.
+    pub fn coords(&self, device: u64) -> Vec<u64> {
+        let mut c = vec![0; self.axes.len()];
+        let mut rest = device;
+        for (i, (_, n)) in self.axes.iter().enumerate().rev() {
+            c[i] = rest % n;
+            rest /= n;
+        }
+        c
+    }
+
+    /// The device at `coords`.
+    pub fn device(&self, coords: &[u64]) -> u64 {
+        self.axes.iter().zip(coords).fold(0, |acc, ((_, n), c)| acc * n + c)
+    }
+
+    /// The devices of `device`'s group along axis `a` (those differing only in coordinate `a`),
+    /// ordered by that coordinate.
+    pub fn group(&self, device: u64, a: usize) -> Vec<u64> {
+        let mut c = self.coords(device);
+        (0..self.axis_size(a))
+            .map(|k| {
+                c[a] = k;
+                self.device(&c)
+            })
+            .collect()
+    }
+
+    /// All groups along axis `a`, each ordered by coordinate, sorted by their first device.
+    pub fn groups(&self, a: usize) -> Vec<Vec<u64>> {
+        (0..self.num_devices()).filter(|&d| self.coords(d)[a] == 0).map(|d| self.group(d, a)).collect()
+    }
+}
+
+impl std::fmt::Display for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.axes.iter().map(|(a, n)| format!("{a}={n}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Device constants of the cost model (defaults: a GPU-like device; see the README).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// f32 FLOP/s.
+    pub flops_f32: f64,
+    /// bf16/f16 FLOP/s.
+    pub flops_half: f64,
+    /// Link bandwidth per device, bytes/s.
+    pub bandwidth: f64,
+    /// Latency per collective step, seconds.
+    pub latency: f64,
+    /// Price of one byte of per-device memory, in seconds of step time.
+    pub mem_weight: f64,
+    /// Bytes of training state per parameter byte (weights, gradients, optimizer moments).
+    pub param_state_factor: f64,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        Device { flops_f32: 60e12, flops_half: 300e12, bandwidth: 100e9, latency: 5e-6, mem_weight: 1e-9, param_state_factor: 4.0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coords_and_groups_are_row_major() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        assert_eq!(m.num_devices(), 8);
+        assert_eq!(m.coords(5), vec![1, 1]);
+        assert_eq!(m.device(&[1, 1]), 5);
+        assert_eq!(m.group(5, 1), vec![4, 5, 6, 7]);
+        assert_eq!(m.group(5, 0), vec![1, 5]);
+        assert_eq!(m.groups(0), vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
+        assert_eq!(m.groups(1), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+    }
+
+    #[test]
+    fn bad_meshes_are_errors() {
+        assert!(matches!(Mesh::parse("tp=0"), Err(MeshError::ZeroSize { .. })));
+        assert!(matches!(Mesh::parse("tp=2,tp=2"), Err(MeshError::Duplicate { .. })));
+        assert!(matches!(Mesh::parse("tp"), Err(MeshError::Syntax { .. })));
+        assert!(matches!(Mesh::parse("tp=x"), Err(MeshError::Syntax { .. })));
+        assert!(matches!(Mesh::parse(""), Err(MeshError::Syntax { .. })));
+        assert!(matches!(Mesh::parse("a=4096,b=4096"), Err(MeshError::TooLarge { .. })));
+        assert!(matches!(Mesh::degree(0), Err(MeshError::ZeroSize { .. })));
+    }
+}

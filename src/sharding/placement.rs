@@ -1,0 +1,181 @@
+//! Placements: how one tensor is laid out over the mesh. The canonical form lists, per tensor
+//! dim, the mesh axes splitting it (major first), plus the axes over which the tensor is a
+//! partial sum or max. The per-axis view (`Shard(d)`, `Replicate`, `Partial`) is derived from it.
+
+use crate::ir::{Spec, TensorType};
+use crate::mesh::Mesh;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// How the partial terms held by the devices of a group combine into the value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartialOp {
+    /// The value is the sum of the terms.
+    Sum,
+    /// The value is the elementwise max of the terms.
+    Max,
+}
+
+impl PartialOp {
+    /// `sum` or `max`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PartialOp::Sum => "sum",
+            PartialOp::Max => "max",
+        }
+    }
+}
+
+/// The state of a tensor along one mesh axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AxisPl {
+    /// Every device of the group holds the whole tensor.
+    Replicate,
+    /// Tensor dim `d` is split into contiguous blocks, one per device of the group.
+    Shard(usize),
+    /// Each device holds a term; the value is their reduction.
+    Partial(PartialOp),
+}
+
+impl fmt::Display for AxisPl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AxisPl::Replicate => f.write_str("Replicate"),
+            AxisPl::Shard(d) => write!(f, "Shard({d})"),
+            AxisPl::Partial(op) => write!(f, "Partial({})", op.name()),
+        }
+    }
+}
+
+/// A tensor's placement over a mesh (canonical form).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Placement {
+    /// Per tensor dim, the mesh axis indices splitting it, major first.
+    pub dims: Vec<Vec<usize>>,
+    /// Per mesh axis, `Some(op)` when the tensor is partial over that axis.
+    pub partial: Vec<Option<PartialOp>>,
+}
+
+impl Placement {
+    /// Fully replicated placement of a rank-`rank` tensor on a mesh of `axes` axes.
+    pub fn replicated(rank: usize, axes: usize) -> Self {
+        Placement { dims: vec![Vec::new(); rank], partial: vec![None; axes] }
+    }
+
+    /// Builds the placement from per-axis states; dims split by several axes get them in mesh
+    /// order (earlier axis major).
+    pub fn from_axes(rank: usize, states: &[AxisPl]) -> Self {
+        let mut p = Placement::replicated(rank, states.len());
+        for (a, s) in states.iter().enumerate() {
+            match s {
+                AxisPl::Replicate => {}
+                AxisPl::Shard(d) => p.dims[*d].push(a),
+                AxisPl::Partial(op) => p.partial[a] = Some(*op),
+            }
+        }
+        p
+    }
+
+    /// The placement an annotation asks for (no partial axes). Axis names must exist in `mesh`.
+    pub fn from_spec(spec: &Spec, mesh: &Mesh) -> Option<Self> {
+        let dims = spec.dims.iter().map(|axes| axes.iter().map(|a| mesh.axis_index(a)).collect::<Option<Vec<_>>>()).collect::<Option<Vec<_>>>()?;
+        Some(Placement { dims, partial: vec![None; mesh.rank()] })
+    }
+
+    /// The state along mesh axis `a`.
+    pub fn axis(&self, a: usize) -> AxisPl {
+        if let Some(op) = self.partial[a] {
+            return AxisPl::Partial(op);
+        }
+        match self.dims.iter().position(|axes| axes.contains(&a)) {
+            Some(d) => AxisPl::Shard(d),
+            None => AxisPl::Replicate,
+        }
+    }
+
+    /// Per-axis states.
+    pub fn axis_states(&self) -> Vec<AxisPl> {
+        (0..self.partial.len()).map(|a| self.axis(a)).collect()
+    }
+
+    /// True when no axis splits or partially holds the tensor.
+    pub fn is_replicated(&self) -> bool {
+        self.dims.iter().all(|d| d.is_empty()) && self.partial.iter().all(|p| p.is_none())
+    }
+
+    /// True when some axis holds partial terms.
+    pub fn has_partial(&self) -> bool {
+        self.partial.iter().any(|p| p.is_some())
+    }
+
+    /// The number of blocks dim `d` is split into.
+    pub fn splits(&self, d: usize, mesh: &Mesh) -> u64 {
+        self.dims[d].iter().map(|&a| mesh.axis_size(a)).product()
+    }
+
+    /// The per-device shape of a tensor of global type `ty`, or `None` when a split dim does
+    /// not divide.
+    pub fn local_shape(&self, ty: &TensorType, mesh: &Mesh) -> Option<Vec<u64>> {
+        ty.shape.iter().enumerate().map(|(d, &n)| {
+            let k = self.splits(d, mesh);
+            (n % k == 0).then_some(n / k)
+        }).collect()
+    }
+
+    /// The block index of device `coords` along dim `d` (axes major first) and the block count.
+    pub fn block(&self, d: usize, coords: &[u64], mesh: &Mesh) -> (u64, u64) {
+        self.dims[d].iter().fold((0, 1), |(idx, cnt), &a| (idx * mesh.axis_size(a) + coords[a], cnt * mesh.axis_size(a)))
+    }
+
+    /// Spec-style display with axis names: `[_, tp]`, plus ` partial(sum: tp)` when partial.
+    pub fn display(&self, mesh: &Mesh) -> String {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|axes| match axes.len() {
+                0 => "_".to_string(),
+                1 => mesh.axis_name(axes[0]).to_string(),
+                _ => format!("({})", axes.iter().map(|&a| mesh.axis_name(a)).collect::<Vec<_>>().join(", ")),
+            })
+            .collect();
+        let mut s = format!("[{}]", dims.join(", "));
+        let partial: Vec<String> = self.partial.iter().enumerate().filter_map(|(a, p)| p.map(|op| format!("{}:{}", op.name(), mesh.axis_name(a)))).collect();
+        if !partial.is_empty() {
+            s.push_str(&format!("{{{}}}", partial.join(",")));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Dtype;
+
+    #[test]
+    fn views_agree() {
+        let mesh = Mesh::parse("dp=2,tp=4").unwrap();
+        let p = Placement::from_axes(3, &[AxisPl::Shard(0), AxisPl::Shard(2)]);
+        assert_eq!(p.display(&mesh), "[dp, _, tp]");
+        assert_eq!(p.axis(0), AxisPl::Shard(0));
+        assert_eq!(p.axis(1), AxisPl::Shard(2));
+        let ty = TensorType::new(Dtype::F32, vec![8, 3, 16]);
+        assert_eq!(p.local_shape(&ty, &mesh), Some(vec![4, 3, 4]));
+        let q = Placement::from_axes(2, &[AxisPl::Shard(0), AxisPl::Shard(0)]);
+        assert_eq!(q.display(&mesh), "[(dp, tp), _]");
+        assert_eq!(q.block(0, &[1, 2], &mesh), (6, 8));
+        let r = Placement::from_axes(1, &[AxisPl::Replicate, AxisPl::Partial(PartialOp::Sum)]);
+        assert_eq!(r.display(&mesh), "[_]{sum:tp}");
+        assert!(r.has_partial());
+    }
+
+    #[test]
+    fn spec_round_trip() {
+        let mesh = Mesh::parse("dp=2,tp=4").unwrap();
+        let spec = Spec { dims: vec![vec!["tp".into(), "dp".into()], vec![]] };
+        let p = Placement::from_spec(&spec, &mesh).unwrap();
+        assert_eq!(p.display(&mesh), "[(tp, dp), _]");
+        assert_eq!(p.block(0, &[1, 3], &mesh), (7, 8));
+    }
+}
