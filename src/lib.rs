@@ -2,6 +2,7 @@
 //! IR (`lower`, `ir`), verified, and emitted (`emit`).
 
 pub mod diag;
+pub mod emit;
 pub mod ir;
 pub mod lower;
 pub mod span;
