@@ -1,8 +1,9 @@
 //! tpc: a tensor-parallel compiler. A `.tpl` program is parsed (`syntax`), lowered to the typed
-//! IR (`lower`, `ir`), verified, and emitted (`emit`).
+//! IR (`lower`, `ir`), verified, sharded over a `mesh` (`sharding`), and emitted (`emit`).
 
 pub mod diag;
 pub mod driver;
+pub mod emit;
 pub mod ir;
 pub mod lower;
 pub mod mesh;
