@@ -1,6 +1,7 @@
 //! tpc: a tensor-parallel compiler. A `.tpl` program is parsed (`syntax`), lowered to the typed
 //! IR (`lower`, `ir`), verified, sharded over a `mesh` (`sharding`), and emitted (`emit`).
 
+pub mod cost;
 pub mod diag;
 pub mod driver;
 pub mod emit;

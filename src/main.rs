@@ -112,7 +112,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     let text = match args.emit {
         Emit::Text => tpc::emit::text::print(&g),
         Emit::Json => tpc::emit::json::to_json(&g),
-        Emit::Dot => tpc::emit::dot::print(&g),
+        Emit::Dot => tpc::emit::dot::print_with(&g, tpc::emit::dot::DotOptions { collapse_repeats: true }),
     };
     write_output(args.output.as_deref(), &text)?;
     Ok(())

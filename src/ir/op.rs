@@ -207,6 +207,78 @@ pub enum Op {
         /// The result dtype.
         to: Dtype,
     },
+    /// SPMD: reduces the operand over the devices of the group along mesh axis `axis` (of `size`
+    /// devices); every device gets the result. Partial → Replicate.
+    AllReduce {
+        /// The mesh axis.
+        axis: String,
+        /// Devices in the group.
+        size: u64,
+        /// Sum or Max.
+        reduce: ReduceOp,
+    },
+    /// SPMD: concatenates the group's blocks along `dim` (result dim × size). Shard → Replicate.
+    AllGather {
+        /// The mesh axis.
+        axis: String,
+        /// Devices in the group.
+        size: u64,
+        /// The gathered dim.
+        dim: usize,
+    },
+    /// SPMD: reduces over the group and keeps this device's block of `dim` (dim / size).
+    /// Partial → Shard.
+    ReduceScatter {
+        /// The mesh axis.
+        axis: String,
+        /// Devices in the group.
+        size: u64,
+        /// The scattered dim.
+        dim: usize,
+        /// Sum or Max.
+        reduce: ReduceOp,
+    },
+    /// SPMD: re-splits from dim `concat` to dim `split` (result `split` / size, `concat` × size).
+    /// Shard(concat) → Shard(split).
+    AllToAll {
+        /// The mesh axis.
+        axis: String,
+        /// Devices in the group.
+        size: u64,
+        /// The dim split after the exchange.
+        split: usize,
+        /// The dim joined after the exchange.
+        concat: usize,
+    },
+    /// SPMD, no communication: keeps this device's block of `dim` (its coordinate on `axis`).
+    /// Replicate → Shard.
+    ShardSlice {
+        /// The mesh axis.
+        axis: String,
+        /// Devices in the group.
+        size: u64,
+        /// The sliced dim.
+        dim: usize,
+    },
+    /// SPMD, no communication: the operand on coordinate 0 of `axis`, zeros elsewhere.
+    /// Replicate → Partial(sum).
+    KeepOnFirst {
+        /// The mesh axis.
+        axis: String,
+    },
+    /// SPMD embedding over a vocab-split table: operands ids `i32[...]` (global ids) and the local
+    /// table `[V/k, H]` holding block `b` of `k` (block index from the coordinates on `axes`, major
+    /// first); ids outside the block give zero rows. Result `[..., H]`, Partial(sum) over `axes`.
+    VocabEmbedding {
+        /// Axes splitting the vocab, major first, with their sizes.
+        axes: Vec<(String, u64)>,
+    },
+    /// SPMD: picks `x[..., label - offset]` from the local vocab block of `x` `[..., V/k]` where the
+    /// label falls in the block, 0 elsewhere; operands x and labels `i32[...]`; result `[...]`.
+    TargetLogit {
+        /// Axes splitting the vocab, major first, with their sizes.
+        axes: Vec<(String, u64)>,
+    },
 }
 
 impl Op {
@@ -232,7 +304,20 @@ impl Op {
             Op::CrossEntropy => "cross_entropy",
             Op::CausalMask => "causal_mask",
             Op::Cast { .. } => "cast",
+            Op::AllReduce { .. } => "all_reduce",
+            Op::AllGather { .. } => "all_gather",
+            Op::ReduceScatter { .. } => "reduce_scatter",
+            Op::AllToAll { .. } => "all_to_all",
+            Op::ShardSlice { .. } => "shard_slice",
+            Op::KeepOnFirst { .. } => "keep_on_first",
+            Op::VocabEmbedding { .. } => "vocab_embedding",
+            Op::TargetLogit { .. } => "target_logit",
         }
+    }
+
+    /// True for the collectives (ops that exchange data between devices).
+    pub fn is_collective(&self) -> bool {
+        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. } | Op::ReduceScatter { .. } | Op::AllToAll { .. })
     }
 
     /// True for the leaves (`Input`, `Param`).
@@ -283,6 +368,16 @@ impl fmt::Display for Op {
                 write!(f, "slice{{axis={axis},start={start},end={end}}}")
             }
             Op::Cast { to } => write!(f, "cast{{to={to}}}"),
+            Op::AllReduce { axis, size, reduce } => write!(f, "all_reduce{{{}:{axis}={size}}}", reduce.name()),
+            Op::AllGather { axis, size, dim } => write!(f, "all_gather{{dim={dim},{axis}={size}}}"),
+            Op::ReduceScatter { axis, size, dim, reduce } => write!(f, "reduce_scatter{{{}:dim={dim},{axis}={size}}}", reduce.name()),
+            Op::AllToAll { axis, size, split, concat } => write!(f, "all_to_all{{split={split},concat={concat},{axis}={size}}}"),
+            Op::ShardSlice { axis, size, dim } => write!(f, "shard_slice{{dim={dim},{axis}={size}}}"),
+            Op::KeepOnFirst { axis } => write!(f, "keep_on_first{{{axis}}}"),
+            Op::VocabEmbedding { axes } | Op::TargetLogit { axes } => {
+                let a: Vec<String> = axes.iter().map(|(n, k)| format!("{n}={k}")).collect();
+                write!(f, "{}{{{}}}", self.name(), a.join(","))
+            }
             Op::MatMul
             | Op::Binary { .. }
             | Op::Unary { .. }

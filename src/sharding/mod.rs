@@ -1,5 +1,8 @@
-//! Sharding: placements, per-op dimension rules, reshard costs, and propagation.
+//! Sharding: placements, per-op dimension rules, and propagation.
 
 pub mod placement;
+pub mod propagate;
+pub mod rules;
 
 pub use placement::{AxisPl, PartialOp, Placement};
+pub use propagate::{propagate, ShardError, Sharding, Strategy};

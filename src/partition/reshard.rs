@@ -1,0 +1,191 @@
+//! `reshard`: the one place that chooses collectives. It moves a local value from one placement
+//! to another, axis by axis, in an order that never moves more than it must: reduce-scatters and
+//! local slices first (they shrink), then all-to-alls, then all-reduces, then all-gathers (they
+//! grow). A dim split by several axes is only changed at its minor end, so every step keeps
+//! each device's block contiguous.
+
+use crate::ir::{Op, ReduceOp};
+use crate::mesh::Mesh;
+use crate::sharding::{AxisPl, PartialOp, Placement};
+
+/// One step of a reshard: the op to emit (`None` for a relabelling without data movement) and
+/// the placement after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// The SPMD op, or `None`.
+    pub op: Option<Op>,
+    /// The mesh axis the step runs on.
+    pub axis: usize,
+    /// Placement before the step.
+    pub before: Placement,
+    /// Placement after the step.
+    pub after: Placement,
+}
+
+/// The steps moving a tensor from `from` to `to` (empty when equal).
+pub fn plan_reshard(from: &Placement, to: &Placement, mesh: &Mesh) -> Vec<Step> {
+    let mut cur = from.clone();
+    let mut steps = Vec::new();
+    let limit = 4 * (mesh.rank() + from.dims.len()) + 4;
+    while cur != *to && steps.len() < limit {
+        let step = next_step(&cur, to, mesh);
+        cur = step.after.clone();
+        steps.push(step);
+    }
+    debug_assert_eq!(cur, *to, "reshard did not converge");
+    steps
+}
+
+fn reduce_of(op: PartialOp) -> ReduceOp {
+    match op {
+        PartialOp::Sum => ReduceOp::Sum,
+        PartialOp::Max => ReduceOp::Max,
+    }
+}
+
+/// True when `cur` followed by `a` is a prefix of `target`.
+fn extends(cur: &[usize], a: usize, target: &[usize]) -> bool {
+    target.len() > cur.len() && target[..cur.len()] == *cur && target[cur.len()] == a
+}
+
+fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
+    let name = |a: usize| mesh.axis_name(a).to_string();
+    let size = |a: usize| mesh.axis_size(a);
+    let mk = |op: Option<Op>, a: usize, after: Placement| Step { op, axis: a, before: cur.clone(), after };
+    let axes = 0..mesh.rank();
+    // 1. Partial -> Shard: reduce-scatter.
+    for a in axes.clone() {
+        if let (AxisPl::Partial(p), AxisPl::Shard(d)) = (cur.axis(a), to.axis(a)) {
+            if extends(&cur.dims[d], a, &to.dims[d]) {
+                let mut after = cur.clone();
+                after.partial[a] = None;
+                after.dims[d].push(a);
+                return mk(Some(Op::ReduceScatter { axis: name(a), size: size(a), dim: d, reduce: reduce_of(p) }), a, after);
+            }
+        }
+    }
+    // 2. Replicate -> Shard: local slice; Replicate -> Partial: keep on the first device.
+    for a in axes.clone() {
+        match (cur.axis(a), to.axis(a)) {
+            (AxisPl::Replicate, AxisPl::Shard(d)) if extends(&cur.dims[d], a, &to.dims[d]) => {
+                let mut after = cur.clone();
+                after.dims[d].push(a);
+                return mk(Some(Op::ShardSlice { axis: name(a), size: size(a), dim: d }), a, after);
+            }
+            (AxisPl::Replicate, AxisPl::Partial(p)) => {
+                let mut after = cur.clone();
+                after.partial[a] = Some(p);
+                let op = (p == PartialOp::Sum).then(|| Op::KeepOnFirst { axis: name(a) });
+                return mk(op, a, after);
+            }
+            _ => {}
+        }
+    }
+    // 3. Shard(i) -> Shard(j): all-to-all, when the axis is the minor one of dim i.
+    for a in axes.clone() {
+        if let (AxisPl::Shard(i), AxisPl::Shard(j)) = (cur.axis(a), to.axis(a)) {
+            if i != j && cur.dims[i].last() == Some(&a) && extends(&cur.dims[j], a, &to.dims[j]) {
+                let mut after = cur.clone();
+                after.dims[i].pop();
+                after.dims[j].push(a);
+                return mk(Some(Op::AllToAll { axis: name(a), size: size(a), split: j, concat: i }), a, after);
+            }
+        }
+    }
+    // 4. Partial -> anything else: all-reduce.
+    for a in axes.clone() {
+        if let AxisPl::Partial(p) = cur.axis(a) {
+            if to.axis(a) != AxisPl::Partial(p) {
+                let mut after = cur.clone();
+                after.partial[a] = None;
+                return mk(Some(Op::AllReduce { axis: name(a), size: size(a), reduce: reduce_of(p) }), a, after);
+            }
+        }
+    }
+    // 5. All-gather the minor axis of a dim whose split is not a prefix of the target's.
+    for (d, axs) in cur.dims.iter().enumerate() {
+        let ok = to.dims[d].len() >= axs.len() && to.dims[d][..axs.len()] == axs[..];
+        if let (false, Some(&a)) = (ok, axs.last()) {
+            let mut after = cur.clone();
+            after.dims[d].pop();
+            return mk(Some(Op::AllGather { axis: name(a), size: size(a), dim: d }), a, after);
+        }
+    }
+    unreachable!("reshard: no step from {cur:?} to {to:?}")
+}
+
+/// Describes a step's transition for provenance: `Partial(sum) -> Replicate over tp`.
+pub fn describe(step: &Step, mesh: &Mesh) -> String {
+    format!("{} -> {} over {}", step.before.axis(step.axis), step.after.axis(step.axis), mesh.axis_name(step.axis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pl(rank: usize, states: &[AxisPl]) -> Placement {
+        Placement::from_axes(rank, states)
+    }
+
+    fn kinds(steps: &[Step]) -> Vec<&'static str> {
+        steps.iter().map(|s| s.op.as_ref().map(|o| o.name()).unwrap_or("relabel")).collect()
+    }
+
+    use AxisPl::{Partial, Replicate as R, Shard as S};
+    const P: AxisPl = Partial(PartialOp::Sum);
+    const PMAX: AxisPl = Partial(PartialOp::Max);
+
+    #[test]
+    fn every_transition_on_a_1d_mesh() {
+        let m = Mesh::parse("tp=4").unwrap();
+        let table: &[(AxisPl, AxisPl, &[&str])] = &[
+            (P, R, &["all_reduce"]),
+            (P, S(1), &["reduce_scatter"]),
+            (S(0), R, &["all_gather"]),
+            (S(0), S(1), &["all_to_all"]),
+            (R, S(1), &["shard_slice"]),
+            (R, P, &["keep_on_first"]),
+            (R, PMAX, &["relabel"]),
+            (S(0), P, &["all_gather", "keep_on_first"]),
+            (PMAX, P, &["all_reduce", "keep_on_first"]),
+            (R, R, &[]),
+            (S(1), S(1), &[]),
+        ];
+        for (from, to, want) in table {
+            let steps = plan_reshard(&pl(2, &[*from]), &pl(2, &[*to]), &m);
+            assert_eq!(kinds(&steps), *want, "{from} -> {to}");
+            assert_eq!(steps.last().map(|s| s.after.clone()).unwrap_or(pl(2, &[*from])), pl(2, &[*to]));
+        }
+    }
+
+    #[test]
+    fn transitions_on_a_2d_mesh() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        let table: &[(&[AxisPl], &[AxisPl], &[&str])] = &[
+            (&[S(0), P], &[S(0), R], &["all_reduce"]),
+            (&[P, P], &[R, R], &["all_reduce", "all_reduce"]),
+            (&[R, P], &[S(0), S(1)], &["reduce_scatter", "shard_slice"]),
+            (&[S(0), S(0)], &[R, R], &["all_gather", "all_gather"]),
+            (&[S(0), S(0)], &[S(0), R], &["all_gather"]),
+            (&[S(0), S(1)], &[S(1), S(0)], &["all_gather", "all_gather", "shard_slice", "shard_slice"]),
+            (&[R, R], &[S(0), S(0)], &["shard_slice", "shard_slice"]),
+            (&[S(1), R], &[S(0), S(1)], &["shard_slice", "all_to_all"]),
+        ];
+        for (from, to, want) in table {
+            let (f, t) = (pl(2, from), pl(2, to));
+            let steps = plan_reshard(&f, &t, &m);
+            assert_eq!(kinds(&steps), *want, "{from:?} -> {to:?}");
+            assert_eq!(steps.last().unwrap().after, t);
+        }
+    }
+
+    #[test]
+    fn order_of_axes_on_one_dim_is_respected() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        let from = Placement { dims: vec![vec![0, 1], vec![]], partial: vec![None, None] };
+        let to = Placement { dims: vec![vec![1, 0], vec![]], partial: vec![None, None] };
+        let steps = plan_reshard(&from, &to, &m);
+        assert_eq!(kinds(&steps), ["all_gather", "all_gather", "shard_slice", "shard_slice"]);
+        assert_eq!(steps.last().unwrap().after, to);
+    }
+}
