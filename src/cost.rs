@@ -21,7 +21,12 @@ pub enum CollectiveKind {
 
 impl CollectiveKind {
     /// All kinds, in summary order.
-    pub const ALL: [CollectiveKind; 4] = [CollectiveKind::AllReduce, CollectiveKind::AllGather, CollectiveKind::ReduceScatter, CollectiveKind::AllToAll];
+    pub const ALL: [CollectiveKind; 4] = [
+        CollectiveKind::AllReduce,
+        CollectiveKind::AllGather,
+        CollectiveKind::ReduceScatter,
+        CollectiveKind::AllToAll,
+    ];
 
     /// snake_case name, as in the JSON summary.
     pub fn name(self) -> &'static str {
@@ -43,7 +48,9 @@ impl CollectiveKind {
         match self {
             CollectiveKind::AllReduce => (2.0 * (nf - 1.0) / nf * bytes, 2 * (n - 1)),
             CollectiveKind::AllGather => ((nf - 1.0) * bytes, n - 1),
-            CollectiveKind::ReduceScatter | CollectiveKind::AllToAll => ((nf - 1.0) / nf * bytes, n - 1),
+            CollectiveKind::ReduceScatter | CollectiveKind::AllToAll => {
+                ((nf - 1.0) / nf * bytes, n - 1)
+            }
         }
     }
 
@@ -65,7 +72,13 @@ pub fn flops(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> f64 {
             2.0 * out * k
         }
         Op::Binary { .. } | Op::Scalar { .. } | Op::CausalMask => out,
-        Op::Unary { op } => out * if matches!(op, crate::ir::UnaryOp::Neg | crate::ir::UnaryOp::Relu) { 1.0 } else { 8.0 },
+        Op::Unary { op } => {
+            out * if matches!(op, crate::ir::UnaryOp::Neg | crate::ir::UnaryOp::Relu) {
+                1.0
+            } else {
+                8.0
+            }
+        }
         Op::Softmax { .. } => 5.0 * out,
         Op::LayerNorm { .. } | Op::RmsNorm { .. } => 8.0 * out,
         Op::Reduce { .. } => inp,

@@ -1,8 +1,10 @@
-//! Rendering of user errors as `file:line:col` plus a source snippet with a caret under the span.
+//! Rendering of user errors: `error[code]: message`, then ` --> file:line:col`, the source lines
+//! of each label with `^` under the span, and the hint. Errors implement `miette::Diagnostic`
+//! (code, labels, help); this renderer is plain text and deterministic, so snapshots hold it.
 
-use miette::{
-    Diagnostic, GraphicalReportHandler, GraphicalTheme, NamedSource, ThemeCharacters, ThemeStyles,
-};
+use crate::span::LineIndex;
+use miette::Diagnostic;
+use std::fmt::Write;
 
 /// One source file as the user gave it: its display name and text.
 #[derive(Clone, Debug)]
@@ -23,69 +25,183 @@ impl SourceFile {
     }
 }
 
-/// Renders `err` against `src` as plain text (no colour, ASCII art): the message, a
-/// `[file:line:col]` header, the source lines around the span with `^` under it, and the hint.
+/// Widest source excerpt shown on one line; longer lines are cut around the caret.
+const MAX_LINE: usize = 100;
+
+/// Renders `err` as text, with source snippets from `src` for its labels.
 pub fn render(err: &dyn Diagnostic, src: Option<&SourceFile>) -> String {
-    let theme = GraphicalTheme {
-        characters: ThemeCharacters::ascii(),
-        styles: ThemeStyles::none(),
-    };
-    let handler = GraphicalReportHandler::new_themed(theme)
-        .with_links(false)
-        .with_width(100)
-        .with_context_lines(1);
     let mut out = String::new();
-    let wrapped;
-    let diag: &dyn Diagnostic = match src {
-        Some(s) => {
-            wrapped = WithSource {
-                inner: err,
-                src: NamedSource::new(&s.name, s.text.clone()),
-            };
-            &wrapped
-        }
-        None => err,
-    };
-    if handler.render_report(&mut out, diag).is_err() {
-        out = format!("error: {err}\n");
+    let code = err.code().map(|c| c.to_string()).unwrap_or_default();
+    let code = code.strip_prefix("tpc::").unwrap_or(&code).to_string();
+    if code.is_empty() {
+        let _ = writeln!(out, "error: {err}");
+    } else {
+        let _ = writeln!(out, "error[{code}]: {err}");
+    }
+    let mut labels: Vec<miette::LabeledSpan> =
+        err.labels().map(|l| l.collect()).unwrap_or_default();
+    labels.sort_by_key(|l| l.offset());
+    if let (Some(src), false) = (src, labels.is_empty()) {
+        snippet(&mut out, src, &labels);
+    }
+    if let Some(h) = err.help() {
+        let _ = writeln!(out, "  = help: {h}");
     }
     out
 }
 
-/// A diagnostic with its source attached, for rendering.
-struct WithSource<'a> {
-    inner: &'a dyn Diagnostic,
-    src: NamedSource<String>,
-}
-
-impl std::fmt::Debug for WithSource<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&self.inner, f)
+fn snippet(out: &mut String, src: &SourceFile, labels: &[miette::LabeledSpan]) {
+    let text = &src.text;
+    let index = LineIndex::new(text);
+    let first = labels.iter().find(|l| l.primary()).unwrap_or(&labels[0]);
+    let at = index.span(
+        text,
+        first.offset().min(text.len()),
+        first.offset().min(text.len()),
+    );
+    let lines: Vec<&str> = text.split('\n').collect();
+    let spans: Vec<_> = labels
+        .iter()
+        .map(|l| {
+            let start = floor_char(text, l.offset().min(text.len()));
+            let end = floor_char(text, (l.offset() + l.len()).min(text.len())).max(start);
+            (
+                index.span(text, start, end),
+                l.label().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let width = spans
+        .iter()
+        .map(|(s, _)| s.line.to_string().len())
+        .max()
+        .unwrap_or(1);
+    let pad = " ".repeat(width);
+    let _ = writeln!(out, "{pad}--> {}:{}:{}", src.name, at.line, at.col);
+    let _ = writeln!(out, "{pad} |");
+    for (sp, label) in &spans {
+        let line = lines
+            .get(sp.line as usize - 1)
+            .copied()
+            .unwrap_or("")
+            .trim_end_matches('\r');
+        let col = sp.col as usize - 1;
+        let chars: Vec<char> = line.chars().collect();
+        let span_chars = text
+            .get(sp.start as usize..sp.end as usize)
+            .map(|s| s.split('\n').next().unwrap_or("").chars().count())
+            .unwrap_or(0)
+            .max(1);
+        let (shown, caret_at) = window(&chars, col);
+        let _ = writeln!(out, "{:>width$} | {shown}", sp.line);
+        let carets = "^".repeat(span_chars.min(MAX_LINE));
+        let sep = if label.is_empty() { "" } else { " " };
+        let _ = writeln!(out, "{pad} | {}{carets}{sep}{label}", " ".repeat(caret_at));
     }
 }
 
-impl std::fmt::Display for WithSource<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.inner, f)
+/// The part of a line to show (at most `MAX_LINE` characters, keeping the caret visible) and
+/// the caret's column inside it.
+fn window(chars: &[char], col: usize) -> (String, usize) {
+    let tabless = |s: &[char]| {
+        s.iter()
+            .map(|&c| if c == '\t' { ' ' } else { c })
+            .collect::<String>()
+    };
+    if chars.len() <= MAX_LINE {
+        return (tabless(chars), col.min(chars.len()));
     }
+    let start = col
+        .saturating_sub(MAX_LINE / 2)
+        .min(chars.len().saturating_sub(MAX_LINE));
+    let end = (start + MAX_LINE).min(chars.len());
+    let mut s = String::new();
+    if start > 0 {
+        s.push('…');
+    }
+    s.push_str(&tabless(&chars[start..end]));
+    if end < chars.len() {
+        s.push('…');
+    }
+    (s, col - start + usize::from(start > 0))
 }
 
-impl std::error::Error for WithSource<'_> {}
+fn floor_char(text: &str, mut i: usize) -> usize {
+    while i > 0 && !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
 
-impl Diagnostic for WithSource<'_> {
-    fn code<'b>(&'b self) -> Option<Box<dyn std::fmt::Display + 'b>> {
-        self.inner.code()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::Span;
+
+    #[derive(Debug, thiserror::Error, miette::Diagnostic)]
+    #[error("bad thing")]
+    #[diagnostic(code(tpc::bad), help("do better"))]
+    struct E {
+        #[label("here")]
+        span: Span,
     }
-    fn help<'b>(&'b self) -> Option<Box<dyn std::fmt::Display + 'b>> {
-        self.inner.help()
+
+    #[test]
+    fn renders_location_snippet_and_caret() {
+        let src = SourceFile::new("f.tpl", "a = 1\nbb = cc + dd\n");
+        let out = render(
+            &E {
+                span: Span {
+                    start: 11,
+                    end: 18,
+                    line: 2,
+                    col: 6,
+                },
+            },
+            Some(&src),
+        );
+        assert_eq!(out, "error[bad]: bad thing\n --> f.tpl:2:6\n  |\n2 | bb = cc + dd\n  |      ^^^^^^^ here\n  = help: do better\n");
     }
-    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
-        self.inner.labels()
+
+    #[test]
+    fn long_lines_are_cut_around_the_caret() {
+        let text = format!("{}x{}", "(".repeat(300), ")".repeat(300));
+        let src = SourceFile::new("f.tpl", text);
+        let out = render(
+            &E {
+                span: Span {
+                    start: 300,
+                    end: 301,
+                    line: 1,
+                    col: 301,
+                },
+            },
+            Some(&src),
+        );
+        assert!(out.contains("--> f.tpl:1:301"));
+        assert!(
+            out.lines().all(|l| l.chars().count() < MAX_LINE + 20),
+            "{out}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        let x_col = lines[3].chars().position(|c| c == 'x').unwrap();
+        assert_eq!(lines[4].chars().position(|c| c == '^').unwrap(), x_col);
     }
-    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        Some(&self.src)
-    }
-    fn severity(&self) -> Option<miette::Severity> {
-        self.inner.severity()
+
+    #[test]
+    fn span_at_end_of_file_does_not_panic() {
+        let src = SourceFile::new("f.tpl", "é");
+        let out = render(
+            &E {
+                span: Span {
+                    start: 1,
+                    end: 9,
+                    line: 1,
+                    col: 2,
+                },
+            },
+            Some(&src),
+        );
+        assert!(out.contains("f.tpl:1:"));
     }
 }

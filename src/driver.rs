@@ -62,14 +62,19 @@ impl Error {
             Error::Source(e) => diag::render(e, None),
             Error::Parse(e) => diag::render(e, src),
             Error::Lower(e) => diag::render(e, src),
-            Error::Verify(e) => format!("{e}\nthis is a bug in tpc, not in your program; please report it with the input\n"),
+            Error::Verify(e) => format!(
+                "{e}\nthis is a bug in tpc, not in your program; please report it with the input\n"
+            ),
         }
     }
 }
 
 /// Reads `path` as a UTF-8 source file.
 pub fn read_source(path: &str) -> Result<SourceFile, SourceError> {
-    let bytes = std::fs::read(path).map_err(|e| SourceError::Io { path: path.into(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| SourceError::Io {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     source_from_bytes(path, bytes)
 }
 
@@ -81,7 +86,11 @@ pub fn source_from_bytes(name: &str, bytes: Vec<u8>) -> Result<SourceFile, Sourc
             let valid = e.utf8_error().valid_up_to();
             let prefix = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
             let sp: Span = LineIndex::new(&prefix).span(&prefix, valid, valid);
-            Err(SourceError::NotUtf8 { path: name.into(), line: sp.line as usize, col: sp.col as usize })
+            Err(SourceError::NotUtf8 {
+                path: name.into(),
+                line: sp.line as usize,
+                col: sp.col as usize,
+            })
         }
     }
 }
@@ -96,13 +105,21 @@ pub fn compile_global(src: &SourceFile, overrides: &[(String, i64)]) -> Result<G
 
 /// Parses `NAME=VALUE` of `--set` into a dim override.
 pub fn parse_set(s: &str) -> Result<(String, i64), LowerError> {
-    let bad = |message: String| LowerError::BadSet { message, hint: Some("write --set NAME=VALUE with a positive integer, e.g. --set H=4096".into()) };
-    let (name, value) = s.split_once('=').ok_or_else(|| bad(format!("`{s}` is not NAME=VALUE")))?;
+    let bad = |message: String| LowerError::BadSet {
+        message,
+        hint: Some("write --set NAME=VALUE with a positive integer, e.g. --set H=4096".into()),
+    };
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| bad(format!("`{s}` is not NAME=VALUE")))?;
     let name = name.trim();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(bad(format!("`{name}` is not a dim name")));
     }
-    let v: i64 = value.trim().parse().map_err(|_| bad(format!("`{value}` is not an integer")))?;
+    let v: i64 = value
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("`{value}` is not an integer")))?;
     if v <= 0 {
         return Err(bad(format!("{name}={v}: a dim must be a positive integer")));
     }

@@ -61,11 +61,15 @@ const EXIT_INTERNAL: u8 = 70;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Deeply nested but valid programs recurse in the parser and lowering: give them room.
-    let worker = std::thread::Builder::new().stack_size(256 << 20).spawn(move || run(cli));
+    let worker = std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn(move || run(cli));
     match worker.map(|h| h.join()) {
         Ok(Ok(code)) => code,
         _ => {
-            eprintln!("internal compiler error: the compiler thread failed; please report this input");
+            eprintln!(
+                "internal compiler error: the compiler thread failed; please report this input"
+            );
             ExitCode::from(EXIT_INTERNAL)
         }
     }
@@ -79,7 +83,11 @@ fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Compile(e, src)) => {
             eprint!("{}", e.render(src.as_ref()));
-            ExitCode::from(if e.is_internal() { EXIT_INTERNAL } else { EXIT_USER })
+            ExitCode::from(if e.is_internal() {
+                EXIT_INTERNAL
+            } else {
+                EXIT_USER
+            })
         }
         Err(Failure::Other(e)) => {
             eprintln!("error: {e:#}");
@@ -100,7 +108,12 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn compile(args: &CompileArgs) -> Result<(), Failure> {
-    let overrides = args.set.iter().map(|s| driver::parse_set(s)).collect::<Result<Vec<_>, _>>().map_err(|e| Failure::Compile(e.into(), None))?;
+    let overrides = args
+        .set
+        .iter()
+        .map(|s| driver::parse_set(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::Compile(e.into(), None))?;
     if let Some(d) = args.degree.filter(|&d| d != 1) {
         return Err(anyhow::anyhow!("--degree {d}: sharding is not implemented yet; only the global program (degree 1) can be compiled").into());
     }
@@ -108,11 +121,17 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         return Err(anyhow::anyhow!("--mesh {m}: sharding is not implemented yet; only the global program (degree 1) can be compiled").into());
     }
     let src = driver::read_source(&args.file).map_err(|e| Failure::Compile(e.into(), None))?;
-    let g = driver::compile_global(&src, &overrides).map_err(|e| Failure::Compile(e, Some(src.clone())))?;
+    let g = driver::compile_global(&src, &overrides)
+        .map_err(|e| Failure::Compile(e, Some(src.clone())))?;
     let text = match args.emit {
         Emit::Text => tpc::emit::text::print(&g),
         Emit::Json => tpc::emit::json::to_json(&g),
-        Emit::Dot => tpc::emit::dot::print_with(&g, tpc::emit::dot::DotOptions { collapse_repeats: true }),
+        Emit::Dot => tpc::emit::dot::print_with(
+            &g,
+            tpc::emit::dot::DotOptions {
+                collapse_repeats: true,
+            },
+        ),
     };
     write_output(args.output.as_deref(), &text)?;
     Ok(())
@@ -120,10 +139,21 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
 
 fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
     match path {
-        Some(p) => std::fs::write(p, text).with_context(|| format!("cannot write `{}`", p.display())),
+        Some(p) => {
+            std::fs::write(p, text).with_context(|| format!("cannot write `{}`", p.display()))
+        }
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes()).and_then(|_| out.flush()).or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) }).context("cannot write to stdout")
+            out.write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .context("cannot write to stdout")
         }
     }
 }

@@ -14,7 +14,10 @@ pub struct Mesh {
 pub enum MeshError {
     /// `--mesh` text that is not `name=N,name=M`.
     #[error("bad --mesh `{text}`: {reason}")]
-    #[diagnostic(code(tpc::bad_mesh), help("write --mesh dp=2,tp=4 (axis=size, comma-separated), or --degree N for tp=N"))]
+    #[diagnostic(
+        code(tpc::bad_mesh),
+        help("write --mesh dp=2,tp=4 (axis=size, comma-separated), or --degree N for tp=N")
+    )]
     Syntax {
         /// The text given.
         text: String,
@@ -62,7 +65,10 @@ impl Mesh {
             }
             total *= *n as u128;
             if total > MAX_DEVICES as u128 {
-                return Err(MeshError::TooLarge { devices: total, max: MAX_DEVICES });
+                return Err(MeshError::TooLarge {
+                    devices: total,
+                    max: MAX_DEVICES,
+                });
             }
         }
         Ok(Mesh { axes })
@@ -70,15 +76,26 @@ impl Mesh {
 
     /// Parses `dp=2,tp=4`.
     pub fn parse(text: &str) -> Result<Mesh, MeshError> {
-        let err = |reason: &str| MeshError::Syntax { text: text.into(), reason: reason.into() };
+        let err = |reason: &str| MeshError::Syntax {
+            text: text.into(),
+            reason: reason.into(),
+        };
         let mut axes = Vec::new();
         for part in text.split(',') {
-            let (name, size) = part.split_once('=').ok_or_else(|| err(&format!("`{part}` is not axis=size")))?;
+            let (name, size) = part
+                .split_once('=')
+                .ok_or_else(|| err(&format!("`{part}` is not axis=size")))?;
             let name = name.trim();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
+            if name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || name.starts_with(|c: char| c.is_ascii_digit())
+            {
                 return Err(err(&format!("`{name}` is not an axis name")));
             }
-            let size: u64 = size.trim().parse().map_err(|_| err(&format!("`{}` is not a size", size.trim())))?;
+            let size: u64 = size
+                .trim()
+                .parse()
+                .map_err(|_| err(&format!("`{}` is not a size", size.trim())))?;
             axes.push((name.to_string(), size));
         }
         Mesh::new(axes)
@@ -143,7 +160,10 @@ impl Mesh {
 
     /// The device at `coords`.
     pub fn device(&self, coords: &[u64]) -> u64 {
-        self.axes.iter().zip(coords).fold(0, |acc, ((_, n), c)| acc * n + c)
+        self.axes
+            .iter()
+            .zip(coords)
+            .fold(0, |acc, ((_, n), c)| acc * n + c)
     }
 
     /// The devices of `device`'s group along axis `a` (those differing only in coordinate `a`),
@@ -160,7 +180,10 @@ impl Mesh {
 
     /// All groups along axis `a`, each ordered by coordinate, sorted by their first device.
     pub fn groups(&self, a: usize) -> Vec<Vec<u64>> {
-        (0..self.num_devices()).filter(|&d| self.coords(d)[a] == 0).map(|d| self.group(d, a)).collect()
+        (0..self.num_devices())
+            .filter(|&d| self.coords(d)[a] == 0)
+            .map(|d| self.group(d, a))
+            .collect()
     }
 }
 
@@ -190,7 +213,14 @@ pub struct Device {
 
 impl Default for Device {
     fn default() -> Self {
-        Device { flops_f32: 60e12, flops_half: 300e12, bandwidth: 100e9, latency: 5e-6, mem_weight: 1e-9, param_state_factor: 4.0 }
+        Device {
+            flops_f32: 60e12,
+            flops_half: 300e12,
+            bandwidth: 100e9,
+            latency: 5e-6,
+            mem_weight: 1e-9,
+            param_state_factor: 4.0,
+        }
     }
 }
 
@@ -206,18 +236,30 @@ mod tests {
         assert_eq!(m.device(&[1, 1]), 5);
         assert_eq!(m.group(5, 1), vec![4, 5, 6, 7]);
         assert_eq!(m.group(5, 0), vec![1, 5]);
-        assert_eq!(m.groups(0), vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
+        assert_eq!(
+            m.groups(0),
+            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
+        );
         assert_eq!(m.groups(1), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
     }
 
     #[test]
     fn bad_meshes_are_errors() {
-        assert!(matches!(Mesh::parse("tp=0"), Err(MeshError::ZeroSize { .. })));
-        assert!(matches!(Mesh::parse("tp=2,tp=2"), Err(MeshError::Duplicate { .. })));
+        assert!(matches!(
+            Mesh::parse("tp=0"),
+            Err(MeshError::ZeroSize { .. })
+        ));
+        assert!(matches!(
+            Mesh::parse("tp=2,tp=2"),
+            Err(MeshError::Duplicate { .. })
+        ));
         assert!(matches!(Mesh::parse("tp"), Err(MeshError::Syntax { .. })));
         assert!(matches!(Mesh::parse("tp=x"), Err(MeshError::Syntax { .. })));
         assert!(matches!(Mesh::parse(""), Err(MeshError::Syntax { .. })));
-        assert!(matches!(Mesh::parse("a=4096,b=4096"), Err(MeshError::TooLarge { .. })));
+        assert!(matches!(
+            Mesh::parse("a=4096,b=4096"),
+            Err(MeshError::TooLarge { .. })
+        ));
         assert!(matches!(Mesh::degree(0), Err(MeshError::ZeroSize { .. })));
     }
 }

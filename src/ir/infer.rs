@@ -134,11 +134,20 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
         }
         Op::ReduceScatter { size, dim, .. } | Op::ShardSlice { size, dim, .. } => {
             let [x] = operands(name, inputs)?;
-            one(resize_dim(name, x, *dim, |n| (*size > 0 && n % size == 0).then(|| n / size)))
+            one(resize_dim(name, x, *dim, |n| {
+                (*size > 0 && n % size == 0).then(|| n / size)
+            }))
         }
-        Op::AllToAll { size, split, concat, .. } => {
+        Op::AllToAll {
+            size,
+            split,
+            concat,
+            ..
+        } => {
             let [x] = operands(name, inputs)?;
-            let y = resize_dim(name, x, *split, |n| (*size > 0 && n % size == 0).then(|| n / size))?;
+            let y = resize_dim(name, x, *split, |n| {
+                (*size > 0 && n % size == 0).then(|| n / size)
+            })?;
             one(resize_dim(name, &y, *concat, |n| n.checked_mul(*size)))
         }
         Op::VocabEmbedding { .. } => {
@@ -153,9 +162,15 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
 }
 
 /// `x` with dim `dim` resized by `f` (`None` from `f`: the size does not fit the op).
-fn resize_dim(op: &'static str, x: &TensorType, dim: usize, f: impl Fn(u64) -> Option<u64>) -> Result<TensorType, InferError> {
+fn resize_dim(
+    op: &'static str,
+    x: &TensorType,
+    dim: usize,
+    f: impl Fn(u64) -> Option<u64>,
+) -> Result<TensorType, InferError> {
     check_axis(op, x, dim)?;
-    let n = f(x.shape[dim]).ok_or_else(|| attr(op, format!("dim {dim} of {x} does not fit the group size")))?;
+    let n = f(x.shape[dim])
+        .ok_or_else(|| attr(op, format!("dim {dim} of {x} does not fit the group size")))?;
     let mut shape = x.shape.clone();
     shape[dim] = n;
     Ok(x.with_shape(shape))
@@ -166,7 +181,12 @@ fn target_logit(x: &TensorType, labels: &TensorType) -> Result<TensorType, Infer
     require_i32("target_logit", labels)?;
     min_rank("target_logit", x, 1)?;
     if x.shape[..x.rank() - 1] != labels.shape[..] {
-        return Err(shape_err("target_logit", x, labels, ": label shape must be the logits shape without the last dim".into()));
+        return Err(shape_err(
+            "target_logit",
+            x,
+            labels,
+            ": label shape must be the logits shape without the last dim".into(),
+        ));
     }
     Ok(x.with_shape(labels.shape.clone()))
 }

@@ -317,7 +317,13 @@ impl Op {
 
     /// True for the collectives (ops that exchange data between devices).
     pub fn is_collective(&self) -> bool {
-        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. } | Op::ReduceScatter { .. } | Op::AllToAll { .. })
+        matches!(
+            self,
+            Op::AllReduce { .. }
+                | Op::AllGather { .. }
+                | Op::ReduceScatter { .. }
+                | Op::AllToAll { .. }
+        )
     }
 
     /// True for the leaves (`Input`, `Param`).
@@ -368,11 +374,32 @@ impl fmt::Display for Op {
                 write!(f, "slice{{axis={axis},start={start},end={end}}}")
             }
             Op::Cast { to } => write!(f, "cast{{to={to}}}"),
-            Op::AllReduce { axis, size, reduce } => write!(f, "all_reduce{{{}:{axis}={size}}}", reduce.name()),
+            Op::AllReduce { axis, size, reduce } => {
+                write!(f, "all_reduce{{{}:{axis}={size}}}", reduce.name())
+            }
             Op::AllGather { axis, size, dim } => write!(f, "all_gather{{dim={dim},{axis}={size}}}"),
-            Op::ReduceScatter { axis, size, dim, reduce } => write!(f, "reduce_scatter{{{}:dim={dim},{axis}={size}}}", reduce.name()),
-            Op::AllToAll { axis, size, split, concat } => write!(f, "all_to_all{{split={split},concat={concat},{axis}={size}}}"),
-            Op::ShardSlice { axis, size, dim } => write!(f, "shard_slice{{dim={dim},{axis}={size}}}"),
+            Op::ReduceScatter {
+                axis,
+                size,
+                dim,
+                reduce,
+            } => write!(
+                f,
+                "reduce_scatter{{{}:dim={dim},{axis}={size}}}",
+                reduce.name()
+            ),
+            Op::AllToAll {
+                axis,
+                size,
+                split,
+                concat,
+            } => write!(
+                f,
+                "all_to_all{{split={split},concat={concat},{axis}={size}}}"
+            ),
+            Op::ShardSlice { axis, size, dim } => {
+                write!(f, "shard_slice{{dim={dim},{axis}={size}}}")
+            }
             Op::KeepOnFirst { axis } => write!(f, "keep_on_first{{{axis}}}"),
             Op::VocabEmbedding { axes } | Op::TargetLogit { axes } => {
                 let a: Vec<String> = axes.iter().map(|(n, k)| format!("{n}={k}")).collect();

@@ -50,7 +50,14 @@ fn signature(name: &str) -> Option<&'static [&'static str]> {
 }
 
 fn usage(name: &str, sig: &[&str]) -> String {
-    let params: Vec<String> = sig.iter().map(|p| p.strip_suffix('?').map(|q| format!("{q}=...")).unwrap_or_else(|| p.to_string())).collect();
+    let params: Vec<String> = sig
+        .iter()
+        .map(|p| {
+            p.strip_suffix('?')
+                .map(|q| format!("{q}=..."))
+                .unwrap_or_else(|| p.to_string())
+        })
+        .collect();
     let extra = if name == "repeat" { ", extra..." } else { "" };
     format!("usage: {name}({}{extra})", params.join(", "))
 }
@@ -64,9 +71,18 @@ struct Bound<'e> {
     usage: String,
 }
 
-fn bind<'e>(name: &'static str, sig: &[&str], args: &'e [Arg], span: Span) -> Result<Bound<'e>, LowerError> {
+fn bind<'e>(
+    name: &'static str,
+    sig: &[&str],
+    args: &'e [Arg],
+    span: Span,
+) -> Result<Bound<'e>, LowerError> {
     let usage = usage(name, sig);
-    let err = |message: String, span: Span| LowerError::BadOp { message, span, hint: Some(usage.clone()) };
+    let err = |message: String, span: Span| LowerError::BadOp {
+        message,
+        span,
+        hint: Some(usage.clone()),
+    };
     let mut slots: Vec<Option<&Expr>> = vec![None; sig.len()];
     let mut extra = Vec::new();
     let mut next = 0;
@@ -78,15 +94,24 @@ fn bind<'e>(name: &'static str, sig: &[&str], args: &'e [Arg], span: Span) -> Re
                         extra.push(&a.value);
                         continue;
                     }
-                    return Err(err(format!("`{name}` takes at most {} argument(s)", sig.len()), a.value.span()));
+                    return Err(err(
+                        format!("`{name}` takes at most {} argument(s)", sig.len()),
+                        a.value.span(),
+                    ));
                 }
                 next += 1;
                 next - 1
             }
-            Some(k) => sig.iter().position(|p| p.trim_end_matches('?') == k.name).ok_or_else(|| err(format!("`{name}` has no argument `{}`", k.name), k.span))?,
+            Some(k) => sig
+                .iter()
+                .position(|p| p.trim_end_matches('?') == k.name)
+                .ok_or_else(|| err(format!("`{name}` has no argument `{}`", k.name), k.span))?,
         };
         if slots[i].is_some() {
-            return Err(err(format!("argument `{}` given twice", sig[i].trim_end_matches('?')), a.value.span()));
+            return Err(err(
+                format!("argument `{}` given twice", sig[i].trim_end_matches('?')),
+                a.value.span(),
+            ));
         }
         slots[i] = Some(&a.value);
     }
@@ -95,12 +120,22 @@ fn bind<'e>(name: &'static str, sig: &[&str], args: &'e [Arg], span: Span) -> Re
             return Err(err(format!("`{name}` is missing argument `{p}`"), span));
         }
     }
-    Ok(Bound { name, slots, extra, span, usage })
+    Ok(Bound {
+        name,
+        slots,
+        extra,
+        span,
+        usage,
+    })
 }
 
 impl Bound<'_> {
     fn bad(&self, message: String, span: Span) -> LowerError {
-        LowerError::BadOp { message, span, hint: Some(self.usage.clone()) }
+        LowerError::BadOp {
+            message,
+            span,
+            hint: Some(self.usage.clone()),
+        }
     }
 
     fn expr(&self, i: usize) -> Option<&Expr> {
@@ -111,19 +146,35 @@ impl Bound<'_> {
         s.tensor(self.slots[i].expect("required slot"), prog)
     }
 
-    fn tensors(&self, n: usize, s: &mut Scope, prog: &mut Program) -> Result<Vec<ValueId>, LowerError> {
+    fn tensors(
+        &self,
+        n: usize,
+        s: &mut Scope,
+        prog: &mut Program,
+    ) -> Result<Vec<ValueId>, LowerError> {
         (0..n).map(|i| self.tensor(i, s, prog)).collect()
     }
 
     fn int(&self, i: usize, prog: &Program) -> Result<Option<i64>, LowerError> {
-        self.slots[i].map(|e| consts::eval_int(e, &prog.dims)).transpose()
+        self.slots[i]
+            .map(|e| consts::eval_int(e, &prog.dims))
+            .transpose()
     }
 
-    fn float(&self, i: usize, s: &mut Scope, prog: &mut Program) -> Result<Option<f64>, LowerError> {
-        let Some(e) = self.slots[i] else { return Ok(None) };
+    fn float(
+        &self,
+        i: usize,
+        s: &mut Scope,
+        prog: &mut Program,
+    ) -> Result<Option<f64>, LowerError> {
+        let Some(e) = self.slots[i] else {
+            return Ok(None);
+        };
         match s.expr(e, prog)? {
             Val::Scalar(v, _) => Ok(Some(v)),
-            Val::Tensor(_) => Err(self.bad(format!("`{}` needs a constant here", self.name), e.span())),
+            Val::Tensor(_) => {
+                Err(self.bad(format!("`{}` needs a constant here", self.name), e.span()))
+            }
         }
     }
 
@@ -139,12 +190,22 @@ impl Bound<'_> {
     fn int_list(&self, i: usize, prog: &Program) -> Result<Option<Vec<i64>>, LowerError> {
         match self.slots[i] {
             None => Ok(None),
-            Some(Expr::List { items, .. }) => items.iter().map(|e| consts::eval_int(e, &prog.dims)).collect::<Result<Vec<_>, _>>().map(Some),
+            Some(Expr::List { items, .. }) => items
+                .iter()
+                .map(|e| consts::eval_int(e, &prog.dims))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
             Some(e) => Err(self.bad("expected a list `[...]`".into(), e.span())),
         }
     }
 
-    fn axis(&self, i: usize, default: i64, rank: usize, prog: &Program) -> Result<usize, LowerError> {
+    fn axis(
+        &self,
+        i: usize,
+        default: i64,
+        rank: usize,
+        prog: &Program,
+    ) -> Result<usize, LowerError> {
         let a = self.int(i, prog)?.unwrap_or(default);
         let span = self.slots[i].map(|e| e.span()).unwrap_or(self.span);
         let r = rank as i64;
@@ -156,16 +217,33 @@ impl Bound<'_> {
 }
 
 /// Lowers a call: a built-in op or a block instance.
-pub(crate) fn call(s: &mut Scope, func: &Ident, args: &[Arg], span: Span, prog: &mut Program) -> Result<Vec<Val>, LowerError> {
+pub(crate) fn call(
+    s: &mut Scope,
+    func: &Ident,
+    args: &[Arg],
+    span: Span,
+    prog: &mut Program,
+) -> Result<Vec<Val>, LowerError> {
     if prog.blocks.contains_key(func.name.as_str()) {
         return block_call(s, func, args, span, prog);
     }
     let Some((name, sig)) = SIGNATURES.iter().find(|(n, _)| *n == func.name) else {
-        let cands = SIGNATURES.iter().map(|(n, _)| *n).chain(prog.blocks.keys().copied());
+        let cands = SIGNATURES
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(prog.blocks.keys().copied());
         let hint = consts::suggest(&func.name, cands);
-        return Err(LowerError::UnknownName { name: func.name.clone(), span: func.span, hint });
+        return Err(LowerError::UnknownName {
+            name: func.name.clone(),
+            span: func.span,
+            hint,
+        });
     };
-    if *name == "max" && args.len() >= 2 && args[1].name.is_none() && is_tensor_arg(s, &args[1].value, prog) {
+    if *name == "max"
+        && args.len() >= 2
+        && args[1].name.is_none()
+        && is_tensor_arg(s, &args[1].value, prog)
+    {
         let b = bind("maximum", signature("maximum").unwrap_or(&[]), args, span)?;
         let ins = b.tensors(2, s, prog)?;
         return one(s.apply(Op::Binary { op: BinaryOp::Max }, ins, span)?);
@@ -213,7 +291,10 @@ fn fold_unary(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Relu => x.max(0.0),
         UnaryOp::Silu => x / (1.0 + (-x).exp()),
-        UnaryOp::Gelu => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+        UnaryOp::Gelu => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        }
     }
 }
 
@@ -229,7 +310,15 @@ fn builtin(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Low
         "scale" => {
             let x = b.tensor(0, s, prog)?;
             let by = b.float(1, s, prog)?.unwrap_or(1.0);
-            one(s.apply(Op::Scalar { op: BinaryOp::Mul, value: by, scalar_lhs: false }, vec![x], span)?)
+            one(s.apply(
+                Op::Scalar {
+                    op: BinaryOp::Mul,
+                    value: by,
+                    scalar_lhs: false,
+                },
+                vec![x],
+                span,
+            )?)
         }
         "maximum" => {
             let ins = b.tensors(2, s, prog)?;
@@ -249,16 +338,33 @@ fn builtin(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Low
                 "mean" => ReduceOp::Mean,
                 _ => ReduceOp::Max,
             };
-            one(s.apply(Op::Reduce { op, axis, keepdims: b.bool(2)? }, vec![x], span)?)
+            one(s.apply(
+                Op::Reduce {
+                    op,
+                    axis,
+                    keepdims: b.bool(2)?,
+                },
+                vec![x],
+                span,
+            )?)
         }
         "transpose" => transpose(s, b, prog),
         "reshape" => {
             let x = b.tensor(0, s, prog)?;
             let shape = b.int_list(1, prog)?.unwrap_or_default();
             if let Some(d) = shape.iter().find(|d| **d <= 0) {
-                return Err(b.bad(format!("reshape sizes must be positive, found {d}"), b.expr(1).map(|e| e.span()).unwrap_or(span)));
+                return Err(b.bad(
+                    format!("reshape sizes must be positive, found {d}"),
+                    b.expr(1).map(|e| e.span()).unwrap_or(span),
+                ));
             }
-            one(s.apply(Op::Reshape { shape: shape.into_iter().map(|d| d as u64).collect() }, vec![x], span)?)
+            one(s.apply(
+                Op::Reshape {
+                    shape: shape.into_iter().map(|d| d as u64).collect(),
+                },
+                vec![x],
+                span,
+            )?)
         }
         "split" => split(s, b, prog),
         "concat" => concat(s, b, prog),
@@ -267,9 +373,20 @@ fn builtin(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Low
             let axis = b.axis(1, 0, s.g.ty(x).rank(), prog)?;
             let (start, end) = (b.int(2, prog)?.unwrap_or(0), b.int(3, prog)?.unwrap_or(0));
             if start < 0 || end < 0 {
-                return Err(b.bad(format!("slice bounds must be non-negative, got {start}..{end}"), span));
+                return Err(b.bad(
+                    format!("slice bounds must be non-negative, got {start}..{end}"),
+                    span,
+                ));
             }
-            one(s.apply(Op::Slice { axis, start: start as u64, end: end as u64 }, vec![x], span)?)
+            one(s.apply(
+                Op::Slice {
+                    axis,
+                    start: start as u64,
+                    end: end as u64,
+                },
+                vec![x],
+                span,
+            )?)
         }
         "embedding" => {
             let ins = b.tensors(2, s, prog)?;
@@ -289,10 +406,17 @@ fn builtin(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Low
                 Some(Expr::Name(id)) => Dtype::parse(&id.name),
                 _ => None,
             };
-            let to = to.ok_or_else(|| b.bad("expected a dtype: f32, bf16, f16 or i32".into(), b.expr(1).map(|e| e.span()).unwrap_or(span)))?;
+            let to = to.ok_or_else(|| {
+                b.bad(
+                    "expected a dtype: f32, bf16, f16 or i32".into(),
+                    b.expr(1).map(|e| e.span()).unwrap_or(span),
+                )
+            })?;
             one(s.apply(Op::Cast { to }, vec![x], span)?)
         }
-        "repeat" => super::template::repeat(s, b.expr(0), b.expr(1), b.expr(2), &b.extra, span, prog),
+        "repeat" => {
+            super::template::repeat(s, b.expr(0), b.expr(1), b.expr(2), &b.extra, span, prog)
+        }
         other => unreachable!("builtin `{other}` listed in SIGNATURES but not lowered"),
     }
 }
@@ -318,14 +442,25 @@ fn transpose(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, L
     let perm: Vec<usize> = match b.int_list(1, prog)? {
         Some(p) => {
             let span = b.expr(1).map(|e| e.span()).unwrap_or(b.span);
-            p.iter().map(|&a| if a < 0 { a + rank as i64 } else { a }).map(|a| usize::try_from(a).map_err(|_| b.bad(format!("bad axis in perm for rank {rank}"), span))).collect::<Result<_, _>>()?
+            p.iter()
+                .map(|&a| if a < 0 { a + rank as i64 } else { a })
+                .map(|a| {
+                    usize::try_from(a)
+                        .map_err(|_| b.bad(format!("bad axis in perm for rank {rank}"), span))
+                })
+                .collect::<Result<_, _>>()?
         }
         None if rank >= 2 => {
             let mut p: Vec<usize> = (0..rank).collect();
             p.swap(rank - 2, rank - 1);
             p
         }
-        None => return Err(b.bad(format!("transpose of a rank-{rank} tensor needs `perm`"), b.span)),
+        None => {
+            return Err(b.bad(
+                format!("transpose of a rank-{rank} tensor needs `perm`"),
+                b.span,
+            ))
+        }
     };
     one(s.apply(Op::Transpose { perm }, vec![x], b.span)?)
 }
@@ -346,7 +481,10 @@ fn split(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Lower
         _ => {
             let n = b.int(1, prog)?.unwrap_or(1);
             if n <= 0 || size % n as u64 != 0 {
-                return Err(b.bad(format!("cannot split an axis of size {size} into {n} equal parts"), parts_span));
+                return Err(b.bad(
+                    format!("cannot split an axis of size {size} into {n} equal parts"),
+                    parts_span,
+                ));
             }
             vec![size / n as u64; n as usize]
         }
@@ -356,9 +494,15 @@ fn split(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Lower
 
 fn concat(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, LowerError> {
     let Some(Expr::List { items, .. }) = b.expr(0) else {
-        return Err(b.bad("concat takes a list of tensors: `concat([a, b], axis=0)`".into(), b.expr(0).map(|e| e.span()).unwrap_or(b.span)));
+        return Err(b.bad(
+            "concat takes a list of tensors: `concat([a, b], axis=0)`".into(),
+            b.expr(0).map(|e| e.span()).unwrap_or(b.span),
+        ));
     };
-    let xs = items.iter().map(|e| s.tensor(e, prog)).collect::<Result<Vec<_>, _>>()?;
+    let xs = items
+        .iter()
+        .map(|e| s.tensor(e, prog))
+        .collect::<Result<Vec<_>, _>>()?;
     let Some(&first) = xs.first() else {
         return Err(b.bad("concat of an empty list".into(), b.span));
     };
@@ -366,12 +510,25 @@ fn concat(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Lowe
     one(s.apply(Op::Concat { axis }, xs, b.span)?)
 }
 
-fn block_call(s: &mut Scope, func: &Ident, args: &[Arg], span: Span, prog: &mut Program) -> Result<Vec<Val>, LowerError> {
+fn block_call(
+    s: &mut Scope,
+    func: &Ident,
+    args: &[Arg],
+    span: Span,
+    prog: &mut Program,
+) -> Result<Vec<Val>, LowerError> {
     if let Some(a) = args.iter().find(|a| a.name.is_some()) {
-        return Err(LowerError::BadOp { message: "block arguments are positional".into(), span: a.value.span(), hint: None });
+        return Err(LowerError::BadOp {
+            message: "block arguments are positional".into(),
+            span: a.value.span(),
+            hint: None,
+        });
     }
     let exprs: Vec<&Expr> = args.iter().map(|a| &a.value).collect();
-    let vals = exprs.iter().map(|e| s.tensor(e, prog)).collect::<Result<Vec<_>, _>>()?;
+    let vals = exprs
+        .iter()
+        .map(|e| s.tensor(e, prog))
+        .collect::<Result<Vec<_>, _>>()?;
     let arg_spans: Vec<Span> = exprs.iter().map(|e| e.span()).collect();
     let v = super::template::instantiate(s, &func.name, &vals, &arg_spans, span, prog)?;
     Ok(vec![Val::Tensor(v)])

@@ -8,19 +8,37 @@ use std::collections::HashMap;
 /// (division must be exact), unary minus, parentheses. Overflow and division by zero are errors.
 pub fn eval_int(e: &Expr, dims: &HashMap<String, i64>) -> Result<i64, LowerError> {
     match e {
-        Expr::Num { value, is_int, span } => {
+        Expr::Num {
+            value,
+            is_int,
+            span,
+        } => {
             if !*is_int || *value > i64::MAX as f64 {
                 return Err(bad_dim(format!("`{value}` is not an integer"), *span, None));
             }
             Ok(*value as i64)
         }
-        Expr::Name(id) => dims.get(&id.name).copied().ok_or_else(|| bad_dim(format!("`{}` is not a dim", id.name), id.span, dim_hint(dims))),
-        Expr::Neg { expr, span } => eval_int(expr, dims)?.checked_neg().ok_or_else(|| overflow(*span)),
-        Expr::Binary { op, lhs, rhs, span, .. } => {
+        Expr::Name(id) => dims.get(&id.name).copied().ok_or_else(|| {
+            bad_dim(
+                format!("`{}` is not a dim", id.name),
+                id.span,
+                dim_hint(dims),
+            )
+        }),
+        Expr::Neg { expr, span } => eval_int(expr, dims)?
+            .checked_neg()
+            .ok_or_else(|| overflow(*span)),
+        Expr::Binary {
+            op, lhs, rhs, span, ..
+        } => {
             let (a, b) = (eval_int(lhs, dims)?, eval_int(rhs, dims)?);
             int_binary(*op, a, b, *span)
         }
-        Expr::Call { span, .. } | Expr::List { span, .. } => Err(bad_dim("only integers, dims and + - * / are allowed here".into(), *span, None)),
+        Expr::Call { span, .. } | Expr::List { span, .. } => Err(bad_dim(
+            "only integers, dims and + - * / are allowed here".into(),
+            *span,
+            None,
+        )),
     }
 }
 
@@ -34,7 +52,11 @@ fn int_binary(op: BinOp, a: i64, b: i64, span: crate::span::Span) -> Result<i64,
                 return Err(bad_dim("division by zero".into(), span, None));
             }
             if a % b != 0 {
-                return Err(bad_dim(format!("{a} / {b} is not exact"), span, Some("dims are integers: choose sizes that divide".into())));
+                return Err(bad_dim(
+                    format!("{a} / {b} is not exact"),
+                    span,
+                    Some("dims are integers: choose sizes that divide".into()),
+                ));
             }
             Some(a / b)
         }
@@ -57,7 +79,11 @@ fn overflow(span: crate::span::Span) -> LowerError {
 }
 
 fn bad_dim(message: String, span: crate::span::Span, hint: Option<String>) -> LowerError {
-    LowerError::BadDim { message, span, hint }
+    LowerError::BadDim {
+        message,
+        span,
+        hint,
+    }
 }
 
 fn dim_hint(dims: &HashMap<String, i64>) -> Option<String> {
@@ -99,7 +125,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }

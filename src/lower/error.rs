@@ -107,7 +107,10 @@ pub enum LowerError {
     },
     /// A spec naming one axis twice.
     #[error("mesh axis `{axis}` is used twice in one sharding spec")]
-    #[diagnostic(code(tpc::duplicate_axis), help("a mesh axis can split at most one dim of a tensor, once"))]
+    #[diagnostic(
+        code(tpc::duplicate_axis),
+        help("a mesh axis can split at most one dim of a tensor, once")
+    )]
     DuplicateAxis {
         /// The axis.
         axis: String,
@@ -120,7 +123,10 @@ pub enum LowerError {
     },
     /// A spec whose length is not the tensor's rank.
     #[error("sharding spec has {got} entries but the tensor {ty} has rank {rank}")]
-    #[diagnostic(code(tpc::spec_rank), help("write one entry per dim: `_` for a dim that is not split"))]
+    #[diagnostic(
+        code(tpc::spec_rank),
+        help("write one entry per dim: `_` for a dim that is not split")
+    )]
     SpecRank {
         /// Entries in the spec.
         got: usize,

@@ -15,7 +15,10 @@ impl Scope<'_> {
         match vals.as_slice() {
             [v] => Ok(*v),
             _ => Err(LowerError::BadOp {
-                message: format!("this expression gives {} values where one is needed", vals.len()),
+                message: format!(
+                    "this expression gives {} values where one is needed",
+                    vals.len()
+                ),
                 span: e.span(),
                 hint: Some("assign the values to several names: `a, b = split(...)`".into()),
             }),
@@ -23,15 +26,23 @@ impl Scope<'_> {
     }
 
     /// Lowers an expression that may yield several values (a `split`).
-    pub(crate) fn expr_multi(&mut self, e: &Expr, prog: &mut Program) -> Result<Vec<Val>, LowerError> {
+    pub(crate) fn expr_multi(
+        &mut self,
+        e: &Expr,
+        prog: &mut Program,
+    ) -> Result<Vec<Val>, LowerError> {
         match e {
             Expr::Num { value, is_int, .. } => Ok(vec![Val::Scalar(*value, *is_int)]),
             Expr::Name(id) => Ok(vec![self.lookup(id, prog)?]),
             Expr::Neg { expr, span } => Ok(vec![match self.expr(expr, prog)? {
                 Val::Scalar(v, i) => Val::Scalar(-v, i),
-                Val::Tensor(t) => Val::Tensor(self.apply(Op::Unary { op: UnaryOp::Neg }, vec![t], *span)?[0]),
+                Val::Tensor(t) => {
+                    Val::Tensor(self.apply(Op::Unary { op: UnaryOp::Neg }, vec![t], *span)?[0])
+                }
             }]),
-            Expr::Binary { op, lhs, rhs, span, .. } => {
+            Expr::Binary {
+                op, lhs, rhs, span, ..
+            } => {
                 let a = self.expr(lhs, prog)?;
                 let b = self.expr(rhs, prog)?;
                 Ok(vec![self.binary(*op, a, b, *span)?])
@@ -49,15 +60,25 @@ impl Scope<'_> {
     pub(crate) fn tensor(&mut self, e: &Expr, prog: &mut Program) -> Result<ValueId, LowerError> {
         match self.expr(e, prog)? {
             Val::Tensor(t) => Ok(t),
-            Val::Scalar(..) => Err(LowerError::Invalid { message: "expected a tensor, found a compile-time scalar".into(), span: e.span(), hint: None }),
+            Val::Scalar(..) => Err(LowerError::Invalid {
+                message: "expected a tensor, found a compile-time scalar".into(),
+                span: e.span(),
+                hint: None,
+            }),
         }
     }
 
     fn binary(&mut self, op: BinOp, a: Val, b: Val, span: Span) -> Result<Val, LowerError> {
         if op == BinOp::MatMul {
             return match (a, b) {
-                (Val::Tensor(x), Val::Tensor(y)) => Ok(Val::Tensor(self.apply(Op::MatMul, vec![x, y], span)?[0])),
-                _ => Err(LowerError::BadOp { message: "`@` needs two tensors".into(), span, hint: Some("scale by a scalar with `*`".into()) }),
+                (Val::Tensor(x), Val::Tensor(y)) => {
+                    Ok(Val::Tensor(self.apply(Op::MatMul, vec![x, y], span)?[0]))
+                }
+                _ => Err(LowerError::BadOp {
+                    message: "`@` needs two tensors".into(),
+                    span,
+                    hint: Some("scale by a scalar with `*`".into()),
+                }),
             };
         }
         let bop = match op {
@@ -68,12 +89,38 @@ impl Scope<'_> {
             BinOp::MatMul => unreachable!("handled above"),
         };
         Ok(match (a, b) {
-            (Val::Tensor(x), Val::Tensor(y)) => Val::Tensor(self.apply(Op::Binary { op: bop }, vec![x, y], span)?[0]),
-            (Val::Tensor(x), Val::Scalar(s, _)) => Val::Tensor(self.apply(Op::Scalar { op: bop, value: s, scalar_lhs: false }, vec![x], span)?[0]),
-            (Val::Scalar(s, _), Val::Tensor(y)) => Val::Tensor(self.apply(Op::Scalar { op: bop, value: s, scalar_lhs: true }, vec![y], span)?[0]),
+            (Val::Tensor(x), Val::Tensor(y)) => {
+                Val::Tensor(self.apply(Op::Binary { op: bop }, vec![x, y], span)?[0])
+            }
+            (Val::Tensor(x), Val::Scalar(s, _)) => Val::Tensor(
+                self.apply(
+                    Op::Scalar {
+                        op: bop,
+                        value: s,
+                        scalar_lhs: false,
+                    },
+                    vec![x],
+                    span,
+                )?[0],
+            ),
+            (Val::Scalar(s, _), Val::Tensor(y)) => Val::Tensor(
+                self.apply(
+                    Op::Scalar {
+                        op: bop,
+                        value: s,
+                        scalar_lhs: true,
+                    },
+                    vec![y],
+                    span,
+                )?[0],
+            ),
             (Val::Scalar(x, xi), Val::Scalar(y, yi)) => {
                 if op == BinOp::Div && y == 0.0 {
-                    return Err(LowerError::BadOp { message: "division by zero in a constant".into(), span, hint: None });
+                    return Err(LowerError::BadOp {
+                        message: "division by zero in a constant".into(),
+                        span,
+                        hint: None,
+                    });
                 }
                 Val::Scalar(fold_scalar(op, x, y), xi && yi && op != BinOp::Div)
             }

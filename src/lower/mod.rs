@@ -20,11 +20,19 @@ use template::Template;
 
 /// Lowers a parsed module to a verified-shape global program. `overrides` replace dim values
 /// (`--set H=4096`); naming a dim the program does not declare is an error.
-pub fn lower(module: &Module, source: &str, overrides: &[(String, i64)]) -> Result<Graph, LowerError> {
+pub fn lower(
+    module: &Module,
+    source: &str,
+    overrides: &[(String, i64)],
+) -> Result<Graph, LowerError> {
     let mut prog = Program::new(module, overrides)?;
     let mut g = Graph::new(source);
     g.mesh_axes = prog.mesh_axes.iter().map(|(a, _)| a.clone()).collect();
-    g.dims = prog.dim_order.iter().map(|d| (d.clone(), prog.dims[d])).collect();
+    g.dims = prog
+        .dim_order
+        .iter()
+        .map(|d| (d.clone(), prog.dims[d]))
+        .collect();
     let root = g.root();
     let mut scope = Scope::new(&mut g, root, false, &module.items, None, &prog);
     for item in &module.items {
@@ -34,7 +42,12 @@ pub fn lower(module: &Module, source: &str, overrides: &[(String, i64)]) -> Resu
         let end = module.items.last().map(item_span).unwrap_or_default();
         return Err(LowerError::Invalid {
             message: "the program has no output".into(),
-            span: Span { start: end.end, end: end.end, line: end.line, col: end.col },
+            span: Span {
+                start: end.end,
+                end: end.end,
+                line: end.line,
+                col: end.col,
+            },
             hint: Some("declare what the program returns with `output NAME`".into()),
         });
     }
@@ -44,7 +57,10 @@ pub fn lower(module: &Module, source: &str, overrides: &[(String, i64)]) -> Resu
 fn item_span(item: &Item) -> Span {
     match item {
         Item::Mesh(ids) => ids.first().map(|i| i.span).unwrap_or_default(),
-        Item::Dims(defs) => defs.first().map(|d| d.name.span.join(d.value.span())).unwrap_or_default(),
+        Item::Dims(defs) => defs
+            .first()
+            .map(|d| d.name.span.join(d.value.span()))
+            .unwrap_or_default(),
         Item::Input(d) | Item::Param(d) => d.span,
         Item::Output(outs) => outs.first().map(|o| o.name.span).unwrap_or_default(),
         Item::Assign(a) => a.span,
@@ -80,7 +96,10 @@ impl<'a> Program<'a> {
             stack: Vec::new(),
         };
         if let Some((name, v)) = overrides.iter().find(|(_, v)| *v <= 0) {
-            return Err(LowerError::BadSet { message: format!("{name}={v}: a dim must be a positive integer"), hint: None });
+            return Err(LowerError::BadSet {
+                message: format!("{name}={v}: a dim must be a positive integer"),
+                hint: None,
+            });
         }
         let ov: HashMap<&str, i64> = overrides.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         for item in &module.items {
@@ -98,17 +117,29 @@ impl<'a> Program<'a> {
     fn declare_axes(&mut self, axes: &[crate::syntax::ast::Ident]) -> Result<(), LowerError> {
         for a in axes {
             if let Some((_, first)) = self.mesh_axes.iter().find(|(n, _)| *n == a.name) {
-                return Err(LowerError::Redefinition { name: a.name.clone(), span: a.span, first: *first });
+                return Err(LowerError::Redefinition {
+                    name: a.name.clone(),
+                    span: a.span,
+                    first: *first,
+                });
             }
             self.mesh_axes.push((a.name.clone(), a.span));
         }
         Ok(())
     }
 
-    fn declare_dims(&mut self, defs: &[crate::syntax::ast::DimDef], ov: &HashMap<&str, i64>) -> Result<(), LowerError> {
+    fn declare_dims(
+        &mut self,
+        defs: &[crate::syntax::ast::DimDef],
+        ov: &HashMap<&str, i64>,
+    ) -> Result<(), LowerError> {
         for d in defs {
             if let Some(first) = self.dim_spans.get(&d.name.name) {
-                return Err(LowerError::Redefinition { name: d.name.name.clone(), span: d.name.span, first: *first });
+                return Err(LowerError::Redefinition {
+                    name: d.name.name.clone(),
+                    span: d.name.span,
+                    first: *first,
+                });
             }
             let v = match ov.get(d.name.name.as_str()) {
                 Some(v) => *v,
@@ -130,7 +161,11 @@ impl<'a> Program<'a> {
 
     fn declare_block(&mut self, b: &'a BlockDef) -> Result<(), LowerError> {
         if let Some(first) = self.blocks.get(b.name.name.as_str()) {
-            return Err(LowerError::Redefinition { name: b.name.name.clone(), span: b.name.span, first: first.name.span });
+            return Err(LowerError::Redefinition {
+                name: b.name.name.clone(),
+                span: b.name.span,
+                first: first.name.span,
+            });
         }
         if builtins::is_builtin(&b.name.name) {
             return Err(LowerError::Invalid {
@@ -148,9 +183,17 @@ impl<'a> Program<'a> {
             if !self.dims.contains_key(name) {
                 let mut known = self.dim_order.clone();
                 known.sort();
-                let hint = consts::suggest(name, known.iter().map(|s| s.as_str()))
-                    .or_else(|| Some(if known.is_empty() { "the program declares no dims".into() } else { format!("dims of this program: {}", known.join(", ")) }));
-                return Err(LowerError::BadSet { message: format!("the program has no dim `{name}`"), hint });
+                let hint = consts::suggest(name, known.iter().map(|s| s.as_str())).or_else(|| {
+                    Some(if known.is_empty() {
+                        "the program declares no dims".into()
+                    } else {
+                        format!("dims of this program: {}", known.join(", "))
+                    })
+                });
+                return Err(LowerError::BadSet {
+                    message: format!("the program has no dim `{name}`"),
+                    hint,
+                });
             }
         }
         Ok(())

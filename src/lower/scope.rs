@@ -46,7 +46,14 @@ pub(crate) struct Scope<'g> {
 
 impl<'g> Scope<'g> {
     /// A scope over `items` (and a block's return expression), lowering into `region` of `g`.
-    pub(crate) fn new(g: &'g mut Graph, region: RegionId, in_block: bool, items: &[Item], ret: Option<&Expr>, prog: &Program) -> Self {
+    pub(crate) fn new(
+        g: &'g mut Graph,
+        region: RegionId,
+        in_block: bool,
+        items: &[Item],
+        ret: Option<&Expr>,
+        prog: &Program,
+    ) -> Self {
         let mut totals = HashMap::new();
         for item in items {
             if let Item::Assign(a) = item {
@@ -56,7 +63,15 @@ impl<'g> Scope<'g> {
         if let Some(r) = ret {
             count_calls(r, prog, &mut totals);
         }
-        Scope { g, region, in_block, env: HashMap::new(), call_totals: totals, call_next: HashMap::new(), outputs: HashMap::new() }
+        Scope {
+            g,
+            region,
+            in_block,
+            env: HashMap::new(),
+            call_totals: totals,
+            call_next: HashMap::new(),
+            outputs: HashMap::new(),
+        }
     }
 
     /// Lowers one statement.
@@ -74,11 +89,22 @@ impl<'g> Scope<'g> {
         let ty = self.eval_type(&d.ty, prog)?;
         self.check_fresh(&d.name, prog)?;
         let name = d.name.name.clone();
-        let op = if is_param { Op::Param { name: name.clone() } } else { Op::Input { name: name.clone() } };
+        let op = if is_param {
+            Op::Param { name: name.clone() }
+        } else {
+            Op::Input { name: name.clone() }
+        };
         let n = self.g.add_node(op, vec![], vec![ty], d.span, self.region);
         let v = self.g.node(n).outputs[0];
         self.g.set_value_name(v, name);
-        self.env.insert(d.name.name.clone(), Binding { val: v, span: d.name.span, kind: BindKind::Leaf });
+        self.env.insert(
+            d.name.name.clone(),
+            Binding {
+                val: v,
+                span: d.name.span,
+                kind: BindKind::Leaf,
+            },
+        );
         if let Some(spec) = &d.spec {
             self.annotate(v, spec, prog)?;
         }
@@ -86,10 +112,22 @@ impl<'g> Scope<'g> {
     }
 
     /// Binds an argument of a block body.
-    pub(crate) fn bind_arg(&mut self, name: &Ident, v: ValueId, prog: &Program) -> Result<(), LowerError> {
+    pub(crate) fn bind_arg(
+        &mut self,
+        name: &Ident,
+        v: ValueId,
+        prog: &Program,
+    ) -> Result<(), LowerError> {
         self.check_fresh(name, prog)?;
         self.g.set_value_name(v, name.name.clone());
-        self.env.insert(name.name.clone(), Binding { val: v, span: name.span, kind: BindKind::Assigned });
+        self.env.insert(
+            name.name.clone(),
+            Binding {
+                val: v,
+                span: name.span,
+                kind: BindKind::Assigned,
+            },
+        );
         Ok(())
     }
 
@@ -97,22 +135,31 @@ impl<'g> Scope<'g> {
         let vals = self.expr_multi(&a.value, prog)?;
         if vals.len() != a.targets.len() {
             return Err(LowerError::BadOp {
-                message: format!("{} name(s) on the left, but the right side gives {} value(s)", a.targets.len(), vals.len()),
+                message: format!(
+                    "{} name(s) on the left, but the right side gives {} value(s)",
+                    a.targets.len(),
+                    vals.len()
+                ),
                 span: a.span,
                 hint: None,
             });
         }
         for (t, val) in a.targets.iter().zip(vals) {
-            let v = match val {
-                Val::Tensor(v) => v,
-                Val::Scalar(..) => {
-                    return Err(LowerError::Invalid {
-                        message: format!("`{}` would be a compile-time scalar; only tensors can be assigned", t.name),
+            let v =
+                match val {
+                    Val::Tensor(v) => v,
+                    Val::Scalar(..) => return Err(LowerError::Invalid {
+                        message: format!(
+                            "`{}` would be a compile-time scalar; only tensors can be assigned",
+                            t.name
+                        ),
                         span: a.value.span(),
-                        hint: Some("use `dim` for integer constants, or write the scalar where it is used".into()),
-                    })
-                }
-            };
+                        hint: Some(
+                            "use `dim` for integer constants, or write the scalar where it is used"
+                                .into(),
+                        ),
+                    }),
+                };
             self.rebind(t, v, prog)?;
             if let Some(spec) = &a.spec {
                 self.annotate(v, spec, prog)?;
@@ -124,7 +171,11 @@ impl<'g> Scope<'g> {
     fn rebind(&mut self, t: &Ident, v: ValueId, prog: &Program) -> Result<(), LowerError> {
         match self.env.get(&t.name) {
             Some(b) if b.kind == BindKind::Leaf => {
-                return Err(LowerError::Redefinition { name: t.name.clone(), span: t.span, first: b.span });
+                return Err(LowerError::Redefinition {
+                    name: t.name.clone(),
+                    span: t.span,
+                    first: b.span,
+                });
             }
             Some(_) => {}
             None => self.check_fresh(t, prog)?,
@@ -132,7 +183,14 @@ impl<'g> Scope<'g> {
         if self.g.value(v).name.is_none() {
             self.g.set_value_name(v, t.name.clone());
         }
-        self.env.insert(t.name.clone(), Binding { val: v, span: t.span, kind: BindKind::Assigned });
+        self.env.insert(
+            t.name.clone(),
+            Binding {
+                val: v,
+                span: t.span,
+                kind: BindKind::Assigned,
+            },
+        );
         Ok(())
     }
 
@@ -144,7 +202,11 @@ impl<'g> Scope<'g> {
             .or_else(|| prog.dim_spans.get(&name.name).copied())
             .or_else(|| prog.blocks.get(name.name.as_str()).map(|b| b.name.span));
         match first {
-            Some(first) => Err(LowerError::Redefinition { name: name.name.clone(), span: name.span, first }),
+            Some(first) => Err(LowerError::Redefinition {
+                name: name.name.clone(),
+                span: name.span,
+                first,
+            }),
             None => Ok(()),
         }
     }
@@ -153,17 +215,30 @@ impl<'g> Scope<'g> {
         let v = match self.lookup(&o.name, prog)? {
             Val::Tensor(v) => v,
             Val::Scalar(..) => {
-                return Err(LowerError::Invalid { message: format!("`{}` is a dim, not a tensor", o.name.name), span: o.name.span, hint: None })
+                return Err(LowerError::Invalid {
+                    message: format!("`{}` is a dim, not a tensor", o.name.name),
+                    span: o.name.span,
+                    hint: None,
+                })
             }
         };
         if let Some(first) = self.outputs.insert(o.name.name.clone(), o.name.span) {
-            return Err(LowerError::Redefinition { name: o.name.name.clone(), span: o.name.span, first });
+            return Err(LowerError::Redefinition {
+                name: o.name.name.clone(),
+                span: o.name.span,
+                first,
+            });
         }
         let annotation = match &o.spec {
             Some(s) => Some(self.check_spec(v, s, prog)?),
             None => None,
         };
-        self.g.add_output(Output { name: o.name.name.clone(), value: v, annotation, span: o.name.span });
+        self.g.add_output(Output {
+            name: o.name.name.clone(),
+            value: v,
+            annotation,
+            span: o.name.span,
+        });
         Ok(())
     }
 
@@ -175,14 +250,29 @@ impl<'g> Scope<'g> {
         if let Some(d) = prog.dims.get(&id.name) {
             return Ok(Val::Scalar(*d as f64, true));
         }
-        let mut hint = consts::suggest(&id.name, self.env.keys().map(|s| s.as_str()).chain(prog.dims.keys().map(|s| s.as_str())));
+        let mut hint = consts::suggest(
+            &id.name,
+            self.env
+                .keys()
+                .map(|s| s.as_str())
+                .chain(prog.dims.keys().map(|s| s.as_str())),
+        );
         if hint.is_none() && prog.blocks.contains_key(id.name.as_str()) {
-            hint = Some(format!("`{}` is a block: call it, `{}(...)`", id.name, id.name));
+            hint = Some(format!(
+                "`{}` is a block: call it, `{}(...)`",
+                id.name, id.name
+            ));
         }
         if hint.is_none() && self.in_block {
-            hint = Some("a block sees only its arguments, its own params and assignments, and dims".into());
+            hint = Some(
+                "a block sees only its arguments, its own params and assignments, and dims".into(),
+            );
         }
-        Err(LowerError::UnknownName { name: id.name.clone(), span: id.span, hint })
+        Err(LowerError::UnknownName {
+            name: id.name.clone(),
+            span: id.span,
+            hint,
+        })
     }
 
     /// Evaluates a declared type.
@@ -192,14 +282,28 @@ impl<'g> Scope<'g> {
             span: t.dtype.span,
             hint: Some("dtypes are f32, bf16, f16 and i32".into()),
         })?;
-        let shape = t.dims.iter().map(|d| consts::eval_size(d, &prog.dims)).collect::<Result<Vec<_>, _>>()?;
+        let shape = t
+            .dims
+            .iter()
+            .map(|d| consts::eval_size(d, &prog.dims))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(TensorType::new(dtype, shape))
     }
 
-    fn check_spec(&self, v: ValueId, s: &SpecExpr, prog: &Program) -> Result<Annotation, LowerError> {
+    fn check_spec(
+        &self,
+        v: ValueId,
+        s: &SpecExpr,
+        prog: &Program,
+    ) -> Result<Annotation, LowerError> {
         let ty = self.g.ty(v);
         if s.dims.len() != ty.rank() {
-            return Err(LowerError::SpecRank { got: s.dims.len(), rank: ty.rank(), ty: ty.to_string(), span: s.span });
+            return Err(LowerError::SpecRank {
+                got: s.dims.len(),
+                rank: ty.rank(),
+                ty: ty.to_string(),
+                span: s.span,
+            });
         }
         let mut seen: HashMap<&str, Span> = HashMap::new();
         for axis in s.dims.iter().flatten() {
@@ -208,15 +312,30 @@ impl<'g> Scope<'g> {
                 let hint = if names.is_empty() {
                     format!("declare it first: `mesh {}`", axis.name)
                 } else {
-                    consts::suggest(&axis.name, names.iter().copied()).unwrap_or_else(|| format!("declared axes: {}", names.join(", ")))
+                    consts::suggest(&axis.name, names.iter().copied())
+                        .unwrap_or_else(|| format!("declared axes: {}", names.join(", ")))
                 };
-                return Err(LowerError::UnknownAxis { axis: axis.name.clone(), span: axis.span, hint });
+                return Err(LowerError::UnknownAxis {
+                    axis: axis.name.clone(),
+                    span: axis.span,
+                    hint,
+                });
             }
             if let Some(first) = seen.insert(&axis.name, axis.span) {
-                return Err(LowerError::DuplicateAxis { axis: axis.name.clone(), span: axis.span, first });
+                return Err(LowerError::DuplicateAxis {
+                    axis: axis.name.clone(),
+                    span: axis.span,
+                    first,
+                });
             }
         }
-        let spec = Spec { dims: s.dims.iter().map(|d| d.iter().map(|a| a.name.clone()).collect()).collect() };
+        let spec = Spec {
+            dims: s
+                .dims
+                .iter()
+                .map(|d| d.iter().map(|a| a.name.clone()).collect())
+                .collect(),
+        };
         Ok(Annotation { spec, span: s.span })
     }
 
@@ -241,14 +360,23 @@ impl<'g> Scope<'g> {
     /// the scope calls it once, else `block.K` numbered in call order.
     pub(crate) fn next_instance(&mut self, block: &str) -> String {
         let k = self.call_next.entry(block.to_string()).or_insert(0);
-        let name = if self.call_totals.get(block).copied().unwrap_or(0) <= 1 { block.to_string() } else { format!("{block}.{k}") };
+        let name = if self.call_totals.get(block).copied().unwrap_or(0) <= 1 {
+            block.to_string()
+        } else {
+            format!("{block}.{k}")
+        };
         *k += 1;
         name
     }
 
     /// Applies `op` to `inputs`: infers the result types (a failure is the user's error, at
     /// `span`) and appends the node.
-    pub(crate) fn apply(&mut self, op: Op, inputs: Vec<ValueId>, span: Span) -> Result<Vec<ValueId>, LowerError> {
+    pub(crate) fn apply(
+        &mut self,
+        op: Op,
+        inputs: Vec<ValueId>,
+        span: Span,
+    ) -> Result<Vec<ValueId>, LowerError> {
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.g.ty(*v)).collect();
         let out = infer(&op, &tys).map_err(|e| infer_error(e, span))?;
         let n = self.g.add_node(op, inputs, out, span, self.region);
@@ -260,10 +388,22 @@ impl<'g> Scope<'g> {
 pub(crate) fn infer_error(e: InferError, span: Span) -> LowerError {
     let message = e.to_string();
     match e {
-        InferError::Shape { lhs, rhs, .. } => LowerError::ShapeMismatch { message, span, label: format!("{lhs} vs {rhs}") },
+        InferError::Shape { lhs, rhs, .. } => LowerError::ShapeMismatch {
+            message,
+            span,
+            label: format!("{lhs} vs {rhs}"),
+        },
         InferError::Rank { .. } => LowerError::RankMismatch { message, span },
-        InferError::Dtype { .. } => LowerError::DtypeMismatch { message, span, hint: Some("convert one side with `cast(x, f32)`".into()) },
-        _ => LowerError::BadOp { message, span, hint: None },
+        InferError::Dtype { .. } => LowerError::DtypeMismatch {
+            message,
+            span,
+            hint: Some("convert one side with `cast(x, f32)`".into()),
+        },
+        _ => LowerError::BadOp {
+            message,
+            span,
+            hint: None,
+        },
     }
 }
 
@@ -279,7 +419,8 @@ fn count_calls(e: &Expr, prog: &Program, totals: &mut HashMap<String, usize>) {
                     *totals.entry(b.name.clone()).or_insert(0) += 2;
                 }
             }
-            args.iter().for_each(|a| count_calls(&a.value, prog, totals));
+            args.iter()
+                .for_each(|a| count_calls(&a.value, prog, totals));
         }
         Expr::Binary { lhs, rhs, .. } => {
             count_calls(lhs, prog, totals);

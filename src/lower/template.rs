@@ -21,17 +21,39 @@ pub(crate) struct Template {
 }
 
 /// Instantiates block `name` on `args` in scope `s`; returns the block's result value.
-pub(crate) fn instantiate(s: &mut Scope, name: &str, args: &[ValueId], arg_spans: &[Span], span: Span, prog: &mut Program) -> Result<ValueId, LowerError> {
-    let block = *prog.blocks.get(name).expect("caller checked the block exists");
+pub(crate) fn instantiate(
+    s: &mut Scope,
+    name: &str,
+    args: &[ValueId],
+    arg_spans: &[Span],
+    span: Span,
+    prog: &mut Program,
+) -> Result<ValueId, LowerError> {
+    let block = *prog
+        .blocks
+        .get(name)
+        .expect("caller checked the block exists");
     if args.len() != block.args.len() {
-        return Err(LowerError::BlockArity { block: name.into(), expected: block.args.len(), got: args.len(), span, hint: signature(block) });
+        return Err(LowerError::BlockArity {
+            block: name.into(),
+            expected: block.args.len(),
+            got: args.len(),
+            span,
+            hint: signature(block),
+        });
     }
     let mut tys = Vec::with_capacity(args.len());
     for (i, ((arg, decl), v)) in block.args.iter().zip(args).enumerate() {
         let want = s.eval_type(decl, prog)?;
         let got = s.g.ty(*v).clone();
         if want != got {
-            return Err(LowerError::BlockType { block: name.into(), what: format!("argument {} (`{}`)", i + 1, arg.name), expected: want.to_string(), got: got.to_string(), span: arg_spans[i] });
+            return Err(LowerError::BlockType {
+                block: name.into(),
+                what: format!("argument {} (`{}`)", i + 1, arg.name),
+                expected: want.to_string(),
+                got: got.to_string(),
+                span: arg_spans[i],
+            });
         }
         tys.push(got);
     }
@@ -54,7 +76,12 @@ fn signature(b: &BlockDef) -> String {
     format!("declared as `block {}({})`", b.name.name, args.join(", "))
 }
 
-fn build(block: &BlockDef, tys: &[TensorType], span: Span, prog: &mut Program) -> Result<Template, LowerError> {
+fn build(
+    block: &BlockDef,
+    tys: &[TensorType],
+    span: Span,
+    prog: &mut Program,
+) -> Result<Template, LowerError> {
     let name = &block.name.name;
     if prog.stack.iter().any(|b| b == name) || prog.stack.len() >= MAX_BLOCK_DEPTH {
         return Err(LowerError::BadOp {
@@ -72,7 +99,15 @@ fn build(block: &BlockDef, tys: &[TensorType], span: Span, prog: &mut Program) -
         let mut scope = Scope::new(&mut g, root, true, &block.body, Some(&block.ret), prog);
         let mut args = Vec::new();
         for ((id, _), ty) in block.args.iter().zip(tys) {
-            let n = scope.g.add_node(Op::Input { name: id.name.clone() }, vec![], vec![ty.clone()], id.span, root);
+            let n = scope.g.add_node(
+                Op::Input {
+                    name: id.name.clone(),
+                },
+                vec![],
+                vec![ty.clone()],
+                id.span,
+                root,
+            );
             let v = scope.g.node(n).outputs[0];
             scope.bind_arg(id, v, prog)?;
             args.push(v);
@@ -85,18 +120,36 @@ fn build(block: &BlockDef, tys: &[TensorType], span: Span, prog: &mut Program) -
             let want = scope.eval_type(rt, prog)?;
             let got = scope.g.ty(ret).clone();
             if want != got {
-                return Err(LowerError::BlockType { block: name.clone(), what: "the result".into(), expected: want.to_string(), got: got.to_string(), span: block.ret.span() });
+                return Err(LowerError::BlockType {
+                    block: name.clone(),
+                    what: "the result".into(),
+                    expected: want.to_string(),
+                    got: got.to_string(),
+                    span: block.ret.span(),
+                });
             }
         }
         (args, ret)
     };
     prog.stack.pop();
-    Ok(Template { graph: g, args, ret, body })
+    Ok(Template {
+        graph: g,
+        args,
+        ret,
+        body,
+    })
 }
 
 /// Copies the template into `g` as a new region `path` under `parent`, with `args` for its
 /// placeholders; returns the value of the block's result.
-fn stamp(t: &Template, g: &mut Graph, parent: RegionId, path: &str, block: &str, args: &[ValueId]) -> ValueId {
+fn stamp(
+    t: &Template,
+    g: &mut Graph,
+    parent: RegionId,
+    path: &str,
+    block: &str,
+    args: &[ValueId],
+) -> ValueId {
     let mut regions = Vec::with_capacity(t.graph.regions().len());
     regions.push(g.add_region(path.to_string(), block.to_string(), parent, t.body));
     for (_, r) in t.graph.regions().skip(1) {
@@ -112,10 +165,16 @@ fn stamp(t: &Template, g: &mut Graph, parent: RegionId, path: &str, block: &str,
             continue;
         }
         let op = match &n.op {
-            Op::Param { name } => Op::Param { name: format!("{path}.{name}") },
+            Op::Param { name } => Op::Param {
+                name: format!("{path}.{name}"),
+            },
             op => op.clone(),
         };
-        let inputs = n.inputs.iter().map(|v| map[v.index()].expect("template values are defined before use")).collect();
+        let inputs = n
+            .inputs
+            .iter()
+            .map(|v| map[v.index()].expect("template values are defined before use"))
+            .collect();
         let tys = n.outputs.iter().map(|v| t.graph.ty(*v).clone()).collect();
         let id = g.add_node(op, inputs, tys, n.span, regions[n.region.index()]);
         for (old, new) in n.outputs.iter().zip(g.node(id).outputs.clone()) {
@@ -132,20 +191,45 @@ fn stamp(t: &Template, g: &mut Graph, parent: RegionId, path: &str, block: &str,
 }
 
 /// `repeat(count, block, x, extra...)`: `count` instances chained through their first argument.
-pub(crate) fn repeat(s: &mut Scope, count: Option<&Expr>, block: Option<&Expr>, x: Option<&Expr>, extra: &[&Expr], span: Span, prog: &mut Program) -> Result<Vec<Val>, LowerError> {
+pub(crate) fn repeat(
+    s: &mut Scope,
+    count: Option<&Expr>,
+    block: Option<&Expr>,
+    x: Option<&Expr>,
+    extra: &[&Expr],
+    span: Span,
+    prog: &mut Program,
+) -> Result<Vec<Val>, LowerError> {
     let (Some(count), Some(block), Some(x)) = (count, block, x) else {
-        return Err(LowerError::BadOp { message: "repeat needs a count, a block and an argument".into(), span, hint: Some("usage: repeat(L, block, x, extra...)".into()) });
+        return Err(LowerError::BadOp {
+            message: "repeat needs a count, a block and an argument".into(),
+            span,
+            hint: Some("usage: repeat(L, block, x, extra...)".into()),
+        });
     };
     let n = consts::eval_int(count, &prog.dims)?;
     if n < 0 {
-        return Err(LowerError::BadOp { message: format!("repeat count {n} is negative"), span: count.span(), hint: None });
+        return Err(LowerError::BadOp {
+            message: format!("repeat count {n} is negative"),
+            span: count.span(),
+            hint: None,
+        });
     }
     let name = match block {
         Expr::Name(id) if prog.blocks.contains_key(id.name.as_str()) => id.name.clone(),
-        e => return Err(LowerError::BadOp { message: "the second argument of repeat must name a block".into(), span: e.span(), hint: None }),
+        e => {
+            return Err(LowerError::BadOp {
+                message: "the second argument of repeat must name a block".into(),
+                span: e.span(),
+                hint: None,
+            })
+        }
     };
     let mut cur = s.tensor(x, prog)?;
-    let rest = extra.iter().map(|e| s.tensor(e, prog)).collect::<Result<Vec<_>, _>>()?;
+    let rest = extra
+        .iter()
+        .map(|e| s.tensor(e, prog))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut spans = vec![x.span()];
     spans.extend(extra.iter().map(|e| e.span()));
     for _ in 0..n {

@@ -60,7 +60,10 @@ pub struct Placement {
 impl Placement {
     /// Fully replicated placement of a rank-`rank` tensor on a mesh of `axes` axes.
     pub fn replicated(rank: usize, axes: usize) -> Self {
-        Placement { dims: vec![Vec::new(); rank], partial: vec![None; axes] }
+        Placement {
+            dims: vec![Vec::new(); rank],
+            partial: vec![None; axes],
+        }
     }
 
     /// Builds the placement from per-axis states; dims split by several axes get them in mesh
@@ -79,8 +82,19 @@ impl Placement {
 
     /// The placement an annotation asks for (no partial axes). Axis names must exist in `mesh`.
     pub fn from_spec(spec: &Spec, mesh: &Mesh) -> Option<Self> {
-        let dims = spec.dims.iter().map(|axes| axes.iter().map(|a| mesh.axis_index(a)).collect::<Option<Vec<_>>>()).collect::<Option<Vec<_>>>()?;
-        Some(Placement { dims, partial: vec![None; mesh.rank()] })
+        let dims = spec
+            .dims
+            .iter()
+            .map(|axes| {
+                axes.iter()
+                    .map(|a| mesh.axis_index(a))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Placement {
+            dims,
+            partial: vec![None; mesh.rank()],
+        })
     }
 
     /// The state along mesh axis `a`.
@@ -117,15 +131,21 @@ impl Placement {
     /// The per-device shape of a tensor of global type `ty`, or `None` when a split dim does
     /// not divide.
     pub fn local_shape(&self, ty: &TensorType, mesh: &Mesh) -> Option<Vec<u64>> {
-        ty.shape.iter().enumerate().map(|(d, &n)| {
-            let k = self.splits(d, mesh);
-            (n % k == 0).then_some(n / k)
-        }).collect()
+        ty.shape
+            .iter()
+            .enumerate()
+            .map(|(d, &n)| {
+                let k = self.splits(d, mesh);
+                (n % k == 0).then_some(n / k)
+            })
+            .collect()
     }
 
     /// The block index of device `coords` along dim `d` (axes major first) and the block count.
     pub fn block(&self, d: usize, coords: &[u64], mesh: &Mesh) -> (u64, u64) {
-        self.dims[d].iter().fold((0, 1), |(idx, cnt), &a| (idx * mesh.axis_size(a) + coords[a], cnt * mesh.axis_size(a)))
+        self.dims[d].iter().fold((0, 1), |(idx, cnt), &a| {
+            (idx * mesh.axis_size(a) + coords[a], cnt * mesh.axis_size(a))
+        })
     }
 
     /// Spec-style display with axis names: `[_, tp]`, plus ` partial(sum: tp)` when partial.
@@ -136,11 +156,22 @@ impl Placement {
             .map(|axes| match axes.len() {
                 0 => "_".to_string(),
                 1 => mesh.axis_name(axes[0]).to_string(),
-                _ => format!("({})", axes.iter().map(|&a| mesh.axis_name(a)).collect::<Vec<_>>().join(", ")),
+                _ => format!(
+                    "({})",
+                    axes.iter()
+                        .map(|&a| mesh.axis_name(a))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             })
             .collect();
         let mut s = format!("[{}]", dims.join(", "));
-        let partial: Vec<String> = self.partial.iter().enumerate().filter_map(|(a, p)| p.map(|op| format!("{}:{}", op.name(), mesh.axis_name(a)))).collect();
+        let partial: Vec<String> = self
+            .partial
+            .iter()
+            .enumerate()
+            .filter_map(|(a, p)| p.map(|op| format!("{}:{}", op.name(), mesh.axis_name(a))))
+            .collect();
         if !partial.is_empty() {
             s.push_str(&format!("{{{}}}", partial.join(",")));
         }
@@ -173,7 +204,9 @@ mod tests {
     #[test]
     fn spec_round_trip() {
         let mesh = Mesh::parse("dp=2,tp=4").unwrap();
-        let spec = Spec { dims: vec![vec!["tp".into(), "dp".into()], vec![]] };
+        let spec = Spec {
+            dims: vec![vec!["tp".into(), "dp".into()], vec![]],
+        };
         let p = Placement::from_spec(&spec, &mesh).unwrap();
         assert_eq!(p.display(&mesh), "[(tp, dp), _]");
         assert_eq!(p.block(0, &[1, 3], &mesh), (7, 8));

@@ -43,14 +43,25 @@ impl Sharding {
     /// The placement node `n` needs its operand `i` in.
     pub fn operand_placement(&self, g: &Graph, n: NodeId, i: usize) -> Placement {
         let v = g.node(n).inputs[i];
-        let states: Vec<AxisPl> = self.strategies[n.index()].iter().map(|s| s.operands[i]).collect();
+        let states: Vec<AxisPl> = self.strategies[n.index()]
+            .iter()
+            .map(|s| s.operands[i])
+            .collect();
         Placement::from_axes(g.ty(v).rank(), &states)
     }
 
     /// The placement node `n` computes its results in (before any constraint on them).
     pub fn computed_placement(&self, g: &Graph, n: NodeId) -> Placement {
-        let rank = g.node(n).outputs.first().map(|v| g.ty(*v).rank()).unwrap_or(0);
-        let states: Vec<AxisPl> = self.strategies[n.index()].iter().map(|s| s.result).collect();
+        let rank = g
+            .node(n)
+            .outputs
+            .first()
+            .map(|v| g.ty(*v).rank())
+            .unwrap_or(0);
+        let states: Vec<AxisPl> = self.strategies[n.index()]
+            .iter()
+            .map(|s| s.result)
+            .collect();
         Placement::from_axes(rank, &states)
     }
 }
@@ -59,7 +70,9 @@ impl Sharding {
 #[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum ShardError {
     /// An annotation that splits a dim into blocks that do not divide it.
-    #[error("dim {dim} of `{name}` has size {size}, which does not divide into {parts} parts ({axes})")]
+    #[error(
+        "dim {dim} of `{name}` has size {size}, which does not divide into {parts} parts ({axes})"
+    )]
     #[diagnostic(code(tpc::indivisible), help("choose sizes that divide (e.g. --set), or a smaller mesh axis; uneven shards are not supported yet"))]
     Indivisible {
         /// The value's name.
@@ -84,7 +97,10 @@ const MAX_PASSES: usize = 6;
 /// Propagates the annotations of `g` over `mesh`, choosing by the cost model of `dev`.
 pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, ShardError> {
     let fixed = fixed_placements(g, mesh)?;
-    let free: Vec<bool> = g.values().map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v.index()].is_none()).collect();
+    let free: Vec<bool> = g
+        .values()
+        .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v.index()].is_none())
+        .collect();
     let rules: Vec<Option<Rule>> = g
         .nodes()
         .map(|(_, n)| {
@@ -96,7 +112,16 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
     let mut strategies: Vec<Vec<Strategy>> = vec![Vec::new(); g.num_nodes()];
     let mut states: Vec<Vec<AxisPl>> = vec![Vec::new(); g.num_values()];
     for a in 0..mesh.rank() {
-        let ctx = AxisCtx { g, mesh, a, n: mesh.axis_size(a), dev, fixed: &fixed, free: &free, rules: &rules };
+        let ctx = AxisCtx {
+            g,
+            mesh,
+            a,
+            n: mesh.axis_size(a),
+            dev,
+            fixed: &fixed,
+            free: &free,
+            rules: &rules,
+        };
         let (choice, st) = ctx.run(&strategies);
         for (i, s) in choice.into_iter().enumerate() {
             if let Some(s) = s {
@@ -109,9 +134,18 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
     }
     let placements = g
         .values()
-        .map(|(v, val)| fixed[v.index()].clone().unwrap_or_else(|| Placement::from_axes(val.ty.rank(), &states[v.index()])))
+        .map(|(v, val)| {
+            fixed[v.index()]
+                .clone()
+                .unwrap_or_else(|| Placement::from_axes(val.ty.rank(), &states[v.index()]))
+        })
         .collect();
-    Ok(Sharding { mesh: mesh.clone(), strategies, placements, free })
+    Ok(Sharding {
+        mesh: mesh.clone(),
+        strategies,
+        placements,
+        free,
+    })
 }
 
 /// Placements required by annotations; an annotation that does not divide is an error.
@@ -124,21 +158,39 @@ fn fixed_placements(g: &Graph, mesh: &Mesh) -> Result<Vec<Option<Placement>>, Sh
     }
     for o in g.outputs() {
         if let Some(a) = &o.annotation {
-            let p = Placement::from_spec(&a.spec, mesh).expect("the mesh includes every declared axis");
+            let p =
+                Placement::from_spec(&a.spec, mesh).expect("the mesh includes every declared axis");
             check_divides(g, o.value, &p, mesh, a.span)?;
         }
     }
     Ok(fixed)
 }
 
-fn check_divides(g: &Graph, v: ValueId, p: &Placement, mesh: &Mesh, span: Span) -> Result<(), ShardError> {
+fn check_divides(
+    g: &Graph,
+    v: ValueId,
+    p: &Placement,
+    mesh: &Mesh,
+    span: Span,
+) -> Result<(), ShardError> {
     let ty = g.ty(v);
     for (d, &size) in ty.shape.iter().enumerate() {
         let parts = p.splits(d, mesh);
         if size % parts != 0 {
-            let axes = p.dims[d].iter().map(|&a| format!("{}={}", mesh.axis_name(a), mesh.axis_size(a))).collect::<Vec<_>>().join(" × ");
+            let axes = p.dims[d]
+                .iter()
+                .map(|&a| format!("{}={}", mesh.axis_name(a), mesh.axis_size(a)))
+                .collect::<Vec<_>>()
+                .join(" × ");
             let name = g.value(v).name.clone().unwrap_or_else(|| v.to_string());
-            return Err(ShardError::Indivisible { name, dim: d, size, parts, axes, span });
+            return Err(ShardError::Indivisible {
+                name,
+                dim: d,
+                size,
+                parts,
+                axes,
+                span,
+            });
         }
     }
     Ok(())
@@ -160,12 +212,22 @@ impl AxisCtx<'_> {
     /// Chosen strategy per node and state per value along this axis.
     fn run(&self, earlier: &[Vec<Strategy>]) -> (Vec<Option<Strategy>>, Vec<AxisPl>) {
         let g = self.g;
-        let mut st: Vec<AxisPl> = (0..g.num_values()).map(|v| self.fixed_state(ValueId(v as u32)).unwrap_or(AxisPl::Replicate)).collect();
+        let mut st: Vec<AxisPl> = (0..g.num_values())
+            .map(|v| {
+                self.fixed_state(ValueId(v as u32))
+                    .unwrap_or(AxisPl::Replicate)
+            })
+            .collect();
         let mut choice: Vec<Option<Strategy>> = vec![None; g.num_nodes()];
         if self.n == 1 {
             for (i, r) in self.rules.iter().enumerate() {
                 if let Some(r) = r {
-                    choice[i] = Some(Strategy { operands: vec![AxisPl::Replicate; r.operands.len()], result: AxisPl::Replicate, label: None, internal: false });
+                    choice[i] = Some(Strategy {
+                        operands: vec![AxisPl::Replicate; r.operands.len()],
+                        result: AxisPl::Replicate,
+                        label: None,
+                        internal: false,
+                    });
                 }
             }
             return (choice, st);
@@ -174,7 +236,9 @@ impl AxisCtx<'_> {
         for _ in 0..MAX_PASSES {
             let mut changed = false;
             for (id, node) in g.nodes() {
-                let Some(rule) = &self.rules[id.index()] else { continue };
+                let Some(rule) = &self.rules[id.index()] else {
+                    continue;
+                };
                 let best = self.choose(id, rule, &st, demand.as_deref(), &earlier[id.index()]);
                 for &o in &node.outputs {
                     st[o.index()] = self.fixed_state(o).unwrap_or(best.result);
@@ -223,7 +287,12 @@ impl AxisCtx<'_> {
             }
         }
         for o in self.g.outputs() {
-            let want = o.annotation.as_ref().and_then(|a| Placement::from_spec(&a.spec, self.mesh)).map(|p| p.axis(self.a)).unwrap_or(AxisPl::Replicate);
+            let want = o
+                .annotation
+                .as_ref()
+                .and_then(|a| Placement::from_spec(&a.spec, self.mesh))
+                .map(|p| p.axis(self.a))
+                .unwrap_or(AxisPl::Replicate);
             d[o.value.index()].push(want);
         }
         for x in &mut d {
@@ -233,23 +302,46 @@ impl AxisCtx<'_> {
         d
     }
 
-    fn choose(&self, id: NodeId, rule: &Rule, st: &[AxisPl], demand: Option<&[Vec<AxisPl>]>, earlier: &[Strategy]) -> Strategy {
+    fn choose(
+        &self,
+        id: NodeId,
+        rule: &Rule,
+        st: &[AxisPl],
+        demand: Option<&[Vec<AxisPl>]>,
+        earlier: &[Strategy],
+    ) -> Strategy {
         let mut best: Option<(f64, Strategy)> = None;
         for s in self.candidates(id, rule, st, demand, earlier) {
             let c = self.cost(id, &s, st, demand);
-            if best.as_ref().is_none_or(|(bc, _)| c < *bc * (1.0 - 1e-9) - 1e-18) {
+            if best
+                .as_ref()
+                .is_none_or(|(bc, _)| c < *bc * (1.0 - 1e-9) - 1e-18)
+            {
                 best = Some((c, s));
             }
         }
-        best.map(|(_, s)| s).expect("Replicate is always a candidate")
+        best.map(|(_, s)| s)
+            .expect("Replicate is always a candidate")
     }
 
     /// Replicate, then each label some operand, annotation or user splits (if it divides), then
     /// pass-through of Partial operands through linear ops.
-    fn candidates(&self, id: NodeId, rule: &Rule, st: &[AxisPl], demand: Option<&[Vec<AxisPl>]>, earlier: &[Strategy]) -> Vec<Strategy> {
+    fn candidates(
+        &self,
+        id: NodeId,
+        rule: &Rule,
+        st: &[AxisPl],
+        demand: Option<&[Vec<AxisPl>]>,
+        earlier: &[Strategy],
+    ) -> Vec<Strategy> {
         let node = self.g.node(id);
         let nops = rule.operands.len();
-        let mut out = vec![Strategy { operands: vec![AxisPl::Replicate; nops], result: AxisPl::Replicate, label: None, internal: false }];
+        let mut out = vec![Strategy {
+            operands: vec![AxisPl::Replicate; nops],
+            result: AxisPl::Replicate,
+            label: None,
+            internal: false,
+        }];
         let mut wanted: Vec<AxisPl> = Vec::new();
         for &o in &node.outputs {
             wanted.extend(self.fixed_state(o));
@@ -258,23 +350,51 @@ impl AxisCtx<'_> {
             }
         }
         for l in 0..rule.sizes.len() {
-            let prior: u64 = earlier.iter().enumerate().filter(|(_, s)| s.label == Some(l)).map(|(a, _)| self.mesh.axis_size(a)).product();
+            let prior: u64 = earlier
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.label == Some(l))
+                .map(|(a, _)| self.mesh.axis_size(a))
+                .product();
             if rule.sizes[l] % (self.n * prior) != 0 {
                 continue;
             }
-            let Some(s) = label_strategy(rule, l) else { continue };
-            let induced = node.inputs.iter().enumerate().any(|(i, v)| !self.free[v.index()] && st[v.index()] == s.operands[i] && s.operands[i] != AxisPl::Replicate)
-                || (s.result != AxisPl::Replicate && wanted.contains(&s.result))
-                || (s.internal && node.inputs.iter().enumerate().any(|(i, v)| st[v.index()] == s.operands[i] && matches!(s.operands[i], AxisPl::Shard(_))));
+            let Some(s) = label_strategy(rule, l) else {
+                continue;
+            };
+            let induced = node.inputs.iter().enumerate().any(|(i, v)| {
+                !self.free[v.index()]
+                    && st[v.index()] == s.operands[i]
+                    && s.operands[i] != AxisPl::Replicate
+            }) || (s.result != AxisPl::Replicate && wanted.contains(&s.result))
+                || (s.internal
+                    && node.inputs.iter().enumerate().any(|(i, v)| {
+                        st[v.index()] == s.operands[i] && matches!(s.operands[i], AxisPl::Shard(_))
+                    }));
             if induced {
                 out.push(s);
             }
         }
         for set in &rule.linear {
-            let any_partial = set.iter().any(|&i| st[node.inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
+            let any_partial = set
+                .iter()
+                .any(|&i| st[node.inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
             if any_partial {
-                let operands = (0..nops).map(|i| if set.contains(&i) { AxisPl::Partial(PartialOp::Sum) } else { AxisPl::Replicate }).collect();
-                out.push(Strategy { operands, result: AxisPl::Partial(PartialOp::Sum), label: None, internal: false });
+                let operands = (0..nops)
+                    .map(|i| {
+                        if set.contains(&i) {
+                            AxisPl::Partial(PartialOp::Sum)
+                        } else {
+                            AxisPl::Replicate
+                        }
+                    })
+                    .collect();
+                out.push(Strategy {
+                    operands,
+                    result: AxisPl::Partial(PartialOp::Sum),
+                    label: None,
+                    internal: false,
+                });
             }
         }
         out
@@ -297,9 +417,13 @@ impl AxisCtx<'_> {
         match (from, to) {
             _ if from == to => 0.0,
             (AxisPl::Replicate, _) => 0.0,
-            (AxisPl::Partial(_), AxisPl::Replicate) | (AxisPl::Partial(_), AxisPl::Partial(_)) => launch(CollectiveKind::AllReduce, whole),
+            (AxisPl::Partial(_), AxisPl::Replicate) | (AxisPl::Partial(_), AxisPl::Partial(_)) => {
+                launch(CollectiveKind::AllReduce, whole)
+            }
             (AxisPl::Partial(_), AxisPl::Shard(_)) => launch(CollectiveKind::ReduceScatter, whole),
-            (AxisPl::Shard(_), AxisPl::Replicate) | (AxisPl::Shard(_), AxisPl::Partial(_)) => launch(CollectiveKind::AllGather, whole / n as f64),
+            (AxisPl::Shard(_), AxisPl::Replicate) | (AxisPl::Shard(_), AxisPl::Partial(_)) => {
+                launch(CollectiveKind::AllGather, whole / n as f64)
+            }
             (AxisPl::Shard(_), AxisPl::Shard(_)) => launch(CollectiveKind::AllToAll, whole),
         }
     }
@@ -314,7 +438,11 @@ impl AxisCtx<'_> {
         for (i, &v) in node.inputs.iter().enumerate() {
             let req = s.operands[i];
             if self.free[v.index()] {
-                let factor = if matches!(g.node(g.value(v).node).op, Op::Param { .. }) { dev.param_state_factor } else { 1.0 };
+                let factor = if matches!(g.node(g.value(v).node).op, Op::Param { .. }) {
+                    dev.param_state_factor
+                } else {
+                    1.0
+                };
                 c += self.bytes(v, req) * factor * dev.mem_weight;
             } else {
                 c += self.reshard(v, st[v.index()], req);
@@ -322,8 +450,15 @@ impl AxisCtx<'_> {
         }
         let ins: Vec<_> = node.inputs.iter().map(|v| g.ty(*v)).collect();
         let outs: Vec<_> = node.outputs.iter().map(|v| g.ty(*v)).collect();
-        let frac = if s.label.is_some() { 1.0 / self.n as f64 } else { 1.0 };
-        let dtype = outs.first().map(|t| t.dtype).unwrap_or(crate::ir::Dtype::F32);
+        let frac = if s.label.is_some() {
+            1.0 / self.n as f64
+        } else {
+            1.0
+        };
+        let dtype = outs
+            .first()
+            .map(|t| t.dtype)
+            .unwrap_or(crate::ir::Dtype::F32);
         c += cost::compute_time(cost::flops(&node.op, &ins, &outs) * frac, dtype, dev);
         if s.internal {
             let rows = g.ty(node.inputs[1]).size_bytes() as f64;
@@ -333,8 +468,13 @@ impl AxisCtx<'_> {
             let placed = self.fixed_state(o).unwrap_or(s.result);
             c += self.reshard(o, s.result, placed);
             c += match demand {
-                Some(d) => d[o.index()].iter().map(|&want| self.reshard(o, placed, want)).sum::<f64>(),
-                None if matches!(placed, AxisPl::Partial(_)) => self.reshard(o, placed, AxisPl::Replicate),
+                Some(d) => d[o.index()]
+                    .iter()
+                    .map(|&want| self.reshard(o, placed, want))
+                    .sum::<f64>(),
+                None if matches!(placed, AxisPl::Partial(_)) => {
+                    self.reshard(o, placed, AxisPl::Replicate)
+                }
                 None => 0.0,
             };
             c += self.bytes(o, placed) * dev.mem_weight;
@@ -346,7 +486,16 @@ impl AxisCtx<'_> {
 /// The strategy splitting label `l`: operands holding it are split there, others replicated;
 /// the result is split, partial, or (internal contraction) replicated.
 fn label_strategy(rule: &Rule, l: Label) -> Option<Strategy> {
-    let operands: Vec<AxisPl> = rule.operands.iter().map(|dims| dims.iter().position(|&x| x == Some(l)).map(AxisPl::Shard).unwrap_or(AxisPl::Replicate)).collect();
+    let operands: Vec<AxisPl> = rule
+        .operands
+        .iter()
+        .map(|dims| {
+            dims.iter()
+                .position(|&x| x == Some(l))
+                .map(AxisPl::Shard)
+                .unwrap_or(AxisPl::Replicate)
+        })
+        .collect();
     if operands.iter().all(|s| *s == AxisPl::Replicate) {
         return None;
     }
@@ -357,5 +506,10 @@ fn label_strategy(rule: &Rule, l: Label) -> Option<Strategy> {
             Contraction::Internal => (AxisPl::Replicate, true),
         },
     };
-    Some(Strategy { operands, result, label: Some(l), internal })
+    Some(Strategy {
+        operands,
+        result,
+        label: Some(l),
+        internal,
+    })
 }

@@ -70,14 +70,23 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
         Op::MatMul => matmul(&mut b, &ins[0].shape, &ins[1].shape),
         Op::Binary { op } => {
             let result = b.labels(out_shape);
-            let operands = ins.iter().map(|t| broadcast_labels(&t.shape, out_shape, &result)).collect();
+            let operands = ins
+                .iter()
+                .map(|t| broadcast_labels(&t.shape, out_shape, &result))
+                .collect();
             let linear = match op {
                 BinaryOp::Add | BinaryOp::Sub => vec![vec![0, 1]],
                 BinaryOp::Mul => vec![vec![0], vec![1]],
                 BinaryOp::Div => vec![vec![0]],
                 BinaryOp::Max => vec![],
             };
-            Rule { operands, result, sizes: Vec::new(), contracted: vec![], linear }
+            Rule {
+                operands,
+                result,
+                sizes: Vec::new(),
+                contracted: vec![],
+                linear,
+            }
         }
         Op::Scalar { op, scalar_lhs, .. } => {
             let l = matches!(op, BinaryOp::Mul) || (matches!(op, BinaryOp::Div) && !scalar_lhs);
@@ -105,7 +114,13 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             *result.last_mut()? = None;
             let mut operands = vec![result.clone()];
             operands.extend(ins[1..].iter().map(|_| vec![None]));
-            Rule { operands, result, sizes: Vec::new(), contracted: vec![], linear: vec![] }
+            Rule {
+                operands,
+                result,
+                sizes: Vec::new(),
+                contracted: vec![],
+                linear: vec![],
+            }
         }
         Op::Reduce { op, axis, keepdims } => {
             let x = b.labels(&ins[0].shape);
@@ -120,12 +135,24 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
                 ReduceOp::Sum | ReduceOp::Mean => (PartialOp::Sum, vec![vec![0]]),
                 ReduceOp::Max => (PartialOp::Max, vec![]),
             };
-            Rule { operands: vec![x], result, sizes: Vec::new(), contracted: vec![(l, Contraction::Partial(kind))], linear }
+            Rule {
+                operands: vec![x],
+                result,
+                sizes: Vec::new(),
+                contracted: vec![(l, Contraction::Partial(kind))],
+                linear,
+            }
         }
         Op::Transpose { perm } => {
             let x = b.labels(&ins[0].shape);
             let result = perm.iter().map(|&p| x[p]).collect();
-            Rule { operands: vec![x], result, sizes: Vec::new(), contracted: vec![], linear: vec![vec![0]] }
+            Rule {
+                operands: vec![x],
+                result,
+                sizes: Vec::new(),
+                contracted: vec![],
+                linear: vec![vec![0]],
+            }
         }
         Op::Reshape { shape } => reshape(&mut b, &ins[0].shape, shape),
         Op::Split { axis, .. } | Op::Slice { axis, .. } => {
@@ -138,7 +165,13 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             let mut result = b.labels(out_shape);
             result[*axis] = None;
             let operands = ins.iter().map(|_| result.clone()).collect();
-            Rule { operands, result, sizes: Vec::new(), contracted: vec![], linear: vec![(0..ins.len()).collect()] }
+            Rule {
+                operands,
+                result,
+                sizes: Vec::new(),
+                contracted: vec![],
+                linear: vec![(0..ins.len()).collect()],
+            }
         }
         Op::Embedding => {
             let ids = b.labels(&ins[0].shape);
@@ -146,45 +179,109 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             let h = b.label(ins[1].shape[1]);
             let mut result = ids.clone();
             result.push(Some(h));
-            Rule { operands: vec![ids, vec![Some(v), Some(h)]], result, sizes: Vec::new(), contracted: vec![(v, Contraction::Partial(PartialOp::Sum))], linear: vec![vec![1]] }
+            Rule {
+                operands: vec![ids, vec![Some(v), Some(h)]],
+                result,
+                sizes: Vec::new(),
+                contracted: vec![(v, Contraction::Partial(PartialOp::Sum))],
+                linear: vec![vec![1]],
+            }
         }
         Op::CrossEntropy => {
             let pos = b.labels(&ins[1].shape);
             let v = b.label(*ins[0].shape.last()?);
             let mut logits = pos.clone();
             logits.push(Some(v));
-            let mut contracted: Vec<(Label, Contraction)> = pos.iter().flatten().map(|&l| (l, Contraction::Partial(PartialOp::Sum))).collect();
+            let mut contracted: Vec<(Label, Contraction)> = pos
+                .iter()
+                .flatten()
+                .map(|&l| (l, Contraction::Partial(PartialOp::Sum)))
+                .collect();
             contracted.push((v, Contraction::Internal));
-            Rule { operands: vec![logits, pos], result: vec![], sizes: Vec::new(), contracted, linear: vec![] }
+            Rule {
+                operands: vec![logits, pos],
+                result: vec![],
+                sizes: Vec::new(),
+                contracted,
+                linear: vec![],
+            }
         }
     };
-    Some(Rule { sizes: b.sizes, ..r })
+    Some(Rule {
+        sizes: b.sizes,
+        ..r
+    })
 }
 
 fn elementwise(b: &mut Builder, shape: &[u64], n_operands: usize, linear: bool) -> Rule {
     let result = b.labels(shape);
     let operands = vec![result.clone(); n_operands];
-    Rule { operands, result, sizes: Vec::new(), contracted: vec![], linear: if linear { vec![vec![0]] } else { vec![] } }
+    Rule {
+        operands,
+        result,
+        sizes: Vec::new(),
+        contracted: vec![],
+        linear: if linear { vec![vec![0]] } else { vec![] },
+    }
 }
 
 /// Labels of an operand broadcast to `out`: aligned from the right; a dim of size 1 broadcast
 /// against a larger one gets no label.
-fn broadcast_labels(shape: &[u64], out: &[u64], out_labels: &[Option<Label>]) -> Vec<Option<Label>> {
+fn broadcast_labels(
+    shape: &[u64],
+    out: &[u64],
+    out_labels: &[Option<Label>],
+) -> Vec<Option<Label>> {
     let off = out.len() - shape.len();
-    shape.iter().enumerate().map(|(i, &n)| if n == out[off + i] { out_labels[off + i] } else { None }).collect()
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            if n == out[off + i] {
+                out_labels[off + i]
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn matmul(b: &mut Builder, a: &[u64], w: &[u64]) -> Rule {
-    let (a2, w2): (Vec<u64>, Vec<u64>) = (if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() }, if w.len() == 1 { vec![w[0], 1] } else { w.to_vec() });
+    let (a2, w2): (Vec<u64>, Vec<u64>) = (
+        if a.len() == 1 {
+            vec![1, a[0]]
+        } else {
+            a.to_vec()
+        },
+        if w.len() == 1 {
+            vec![w[0], 1]
+        } else {
+            w.to_vec()
+        },
+    );
     let (ab, wb) = (&a2[..a2.len() - 2], &w2[..w2.len() - 2]);
     let nb = ab.len().max(wb.len());
-    let batch: Vec<u64> = (0..nb).map(|i| {
-        let x = if i + ab.len() >= nb { ab[i + ab.len() - nb] } else { 1 };
-        let y = if i + wb.len() >= nb { wb[i + wb.len() - nb] } else { 1 };
-        x.max(y)
-    }).collect();
+    let batch: Vec<u64> = (0..nb)
+        .map(|i| {
+            let x = if i + ab.len() >= nb {
+                ab[i + ab.len() - nb]
+            } else {
+                1
+            };
+            let y = if i + wb.len() >= nb {
+                wb[i + wb.len() - nb]
+            } else {
+                1
+            };
+            x.max(y)
+        })
+        .collect();
     let bl = b.labels(&batch);
-    let (m, k, n) = (b.label(a2[a2.len() - 2]), b.label(a2[a2.len() - 1]), b.label(w2[w2.len() - 1]));
+    let (m, k, n) = (
+        b.label(a2[a2.len() - 2]),
+        b.label(a2[a2.len() - 1]),
+        b.label(w2[w2.len() - 1]),
+    );
     let mut la = broadcast_labels(ab, &batch, &bl);
     let mut lw = broadcast_labels(wb, &batch, &bl);
     let mut result = bl.clone();
@@ -200,7 +297,13 @@ fn matmul(b: &mut Builder, a: &[u64], w: &[u64]) -> Rule {
         lw.extend([Some(k), Some(n)]);
         result.push(Some(n));
     }
-    Rule { operands: vec![la, lw], result, sizes: Vec::new(), contracted: vec![(k, Contraction::Partial(PartialOp::Sum))], linear: vec![vec![0], vec![1]] }
+    Rule {
+        operands: vec![la, lw],
+        result,
+        sizes: Vec::new(),
+        contracted: vec![(k, Contraction::Partial(PartialOp::Sum))],
+        linear: vec![vec![0], vec![1]],
+    }
 }
 
 /// Reshape groups input and output dims into runs of equal element count; within a group the
@@ -241,5 +344,11 @@ fn reshape(b: &mut Builder, from: &[u64], to: &[u64]) -> Rule {
             o += 1;
         }
     }
-    Rule { operands: vec![li], result: lo, sizes: Vec::new(), contracted: vec![], linear: vec![vec![0]] }
+    Rule {
+        operands: vec![li],
+        result: lo,
+        sizes: Vec::new(),
+        contracted: vec![],
+        linear: vec![vec![0]],
+    }
 }
