@@ -8,6 +8,8 @@ pub mod emit;
 pub mod ir;
 pub mod lower;
 pub mod mesh;
+pub mod partition;
+pub mod plan;
 pub mod sharding;
 pub mod span;
 pub mod syntax;

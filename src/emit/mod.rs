@@ -6,6 +6,7 @@
 
 pub mod dot;
 pub mod json;
+pub mod plan;
 pub mod text;
 
 use crate::ir::{Graph, Node, Region, RegionId, Value, ValueId};

@@ -45,9 +45,9 @@ pub fn print(g: &crate::ir::Graph) -> String {
 }
 
 /// One output line before alignment: code and an optional comment (empty for none).
-struct Line {
-    code: String,
-    comment: String,
+pub(crate) struct Line {
+    pub(crate) code: String,
+    pub(crate) comment: String,
 }
 
 /// Accumulates lines, tracking the stack of open block groups.
@@ -198,7 +198,7 @@ impl Printer<'_, '_> {
 }
 
 /// `a, b, c`.
-fn join(items: impl Iterator<Item = String>) -> String {
+pub(crate) fn join(items: impl Iterator<Item = String>) -> String {
     items.collect::<Vec<_>>().join(", ")
 }
 
@@ -223,7 +223,7 @@ fn comment_column(width: usize) -> usize {
 }
 
 /// Joins the lines, aligning comments at tab stops.
-fn render(lines: &[Line]) -> String {
+pub(crate) fn render(lines: &[Line]) -> String {
     let mut out = String::new();
     for line in lines {
         out.push_str(&line.code);

@@ -51,7 +51,12 @@ fn extends(cur: &[usize], a: usize, target: &[usize]) -> bool {
 fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
     let name = |a: usize| mesh.axis_name(a).to_string();
     let size = |a: usize| mesh.axis_size(a);
-    let mk = |op: Option<Op>, a: usize, after: Placement| Step { op, axis: a, before: cur.clone(), after };
+    let mk = |op: Option<Op>, a: usize, after: Placement| Step {
+        op,
+        axis: a,
+        before: cur.clone(),
+        after,
+    };
     let axes = 0..mesh.rank();
     // 1. Partial -> Shard: reduce-scatter.
     for a in axes.clone() {
@@ -60,7 +65,16 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                 let mut after = cur.clone();
                 after.partial[a] = None;
                 after.dims[d].push(a);
-                return mk(Some(Op::ReduceScatter { axis: name(a), size: size(a), dim: d, reduce: reduce_of(p) }), a, after);
+                return mk(
+                    Some(Op::ReduceScatter {
+                        axis: name(a),
+                        size: size(a),
+                        dim: d,
+                        reduce: reduce_of(p),
+                    }),
+                    a,
+                    after,
+                );
             }
         }
     }
@@ -70,7 +84,15 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
             (AxisPl::Replicate, AxisPl::Shard(d)) if extends(&cur.dims[d], a, &to.dims[d]) => {
                 let mut after = cur.clone();
                 after.dims[d].push(a);
-                return mk(Some(Op::ShardSlice { axis: name(a), size: size(a), dim: d }), a, after);
+                return mk(
+                    Some(Op::ShardSlice {
+                        axis: name(a),
+                        size: size(a),
+                        dim: d,
+                    }),
+                    a,
+                    after,
+                );
             }
             (AxisPl::Replicate, AxisPl::Partial(p)) => {
                 let mut after = cur.clone();
@@ -88,7 +110,16 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                 let mut after = cur.clone();
                 after.dims[i].pop();
                 after.dims[j].push(a);
-                return mk(Some(Op::AllToAll { axis: name(a), size: size(a), split: j, concat: i }), a, after);
+                return mk(
+                    Some(Op::AllToAll {
+                        axis: name(a),
+                        size: size(a),
+                        split: j,
+                        concat: i,
+                    }),
+                    a,
+                    after,
+                );
             }
         }
     }
@@ -98,7 +129,15 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
             if to.axis(a) != AxisPl::Partial(p) {
                 let mut after = cur.clone();
                 after.partial[a] = None;
-                return mk(Some(Op::AllReduce { axis: name(a), size: size(a), reduce: reduce_of(p) }), a, after);
+                return mk(
+                    Some(Op::AllReduce {
+                        axis: name(a),
+                        size: size(a),
+                        reduce: reduce_of(p),
+                    }),
+                    a,
+                    after,
+                );
             }
         }
     }
@@ -108,7 +147,15 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
         if let (false, Some(&a)) = (ok, axs.last()) {
             let mut after = cur.clone();
             after.dims[d].pop();
-            return mk(Some(Op::AllGather { axis: name(a), size: size(a), dim: d }), a, after);
+            return mk(
+                Some(Op::AllGather {
+                    axis: name(a),
+                    size: size(a),
+                    dim: d,
+                }),
+                a,
+                after,
+            );
         }
     }
     unreachable!("reshard: no step from {cur:?} to {to:?}")
@@ -116,7 +163,12 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
 
 /// Describes a step's transition for provenance: `Partial(sum) -> Replicate over tp`.
 pub fn describe(step: &Step, mesh: &Mesh) -> String {
-    format!("{} -> {} over {}", step.before.axis(step.axis), step.after.axis(step.axis), mesh.axis_name(step.axis))
+    format!(
+        "{} -> {} over {}",
+        step.before.axis(step.axis),
+        step.after.axis(step.axis),
+        mesh.axis_name(step.axis)
+    )
 }
 
 #[cfg(test)]
@@ -128,7 +180,10 @@ mod tests {
     }
 
     fn kinds(steps: &[Step]) -> Vec<&'static str> {
-        steps.iter().map(|s| s.op.as_ref().map(|o| o.name()).unwrap_or("relabel")).collect()
+        steps
+            .iter()
+            .map(|s| s.op.as_ref().map(|o| o.name()).unwrap_or("relabel"))
+            .collect()
     }
 
     use AxisPl::{Partial, Replicate as R, Shard as S};
@@ -154,7 +209,13 @@ mod tests {
         for (from, to, want) in table {
             let steps = plan_reshard(&pl(2, &[*from]), &pl(2, &[*to]), &m);
             assert_eq!(kinds(&steps), *want, "{from} -> {to}");
-            assert_eq!(steps.last().map(|s| s.after.clone()).unwrap_or(pl(2, &[*from])), pl(2, &[*to]));
+            assert_eq!(
+                steps
+                    .last()
+                    .map(|s| s.after.clone())
+                    .unwrap_or(pl(2, &[*from])),
+                pl(2, &[*to])
+            );
         }
     }
 
@@ -167,7 +228,11 @@ mod tests {
             (&[R, P], &[S(0), S(1)], &["reduce_scatter", "shard_slice"]),
             (&[S(0), S(0)], &[R, R], &["all_gather", "all_gather"]),
             (&[S(0), S(0)], &[S(0), R], &["all_gather"]),
-            (&[S(0), S(1)], &[S(1), S(0)], &["all_gather", "all_gather", "shard_slice", "shard_slice"]),
+            (
+                &[S(0), S(1)],
+                &[S(1), S(0)],
+                &["all_gather", "all_gather", "shard_slice", "shard_slice"],
+            ),
             (&[R, R], &[S(0), S(0)], &["shard_slice", "shard_slice"]),
             (&[S(1), R], &[S(0), S(1)], &["shard_slice", "all_to_all"]),
         ];
@@ -182,10 +247,19 @@ mod tests {
     #[test]
     fn order_of_axes_on_one_dim_is_respected() {
         let m = Mesh::parse("dp=2,tp=4").unwrap();
-        let from = Placement { dims: vec![vec![0, 1], vec![]], partial: vec![None, None] };
-        let to = Placement { dims: vec![vec![1, 0], vec![]], partial: vec![None, None] };
+        let from = Placement {
+            dims: vec![vec![0, 1], vec![]],
+            partial: vec![None, None],
+        };
+        let to = Placement {
+            dims: vec![vec![1, 0], vec![]],
+            partial: vec![None, None],
+        };
         let steps = plan_reshard(&from, &to, &m);
-        assert_eq!(kinds(&steps), ["all_gather", "all_gather", "shard_slice", "shard_slice"]);
+        assert_eq!(
+            kinds(&steps),
+            ["all_gather", "all_gather", "shard_slice", "shard_slice"]
+        );
         assert_eq!(steps.last().unwrap().after, to);
     }
 }

@@ -1,0 +1,270 @@
+//! Partitioning: the global graph plus its placements become the per-device (SPMD) program.
+//! Every op runs on local shapes; where a user needs another placement than its producer has,
+//! `reshard` inserts the collectives, each recorded with its provenance.
+
+mod ops;
+pub mod reshard;
+
+use crate::ir::infer::infer;
+use crate::ir::{Graph, NodeId, Op, Output, RegionId, TensorType, ValueId};
+use crate::mesh::Mesh;
+use crate::sharding::{Placement, Sharding};
+use crate::span::Span;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// Why a collective (or local slice) is in the program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The transition, e.g. `Partial(sum) -> Replicate over tp`.
+    pub transition: String,
+    /// The op that required it (`add`, `output y`, `cross_entropy (vocab-parallel max)`).
+    pub user: String,
+    /// Where that op is in the source.
+    pub span: Span,
+    /// The global value moved (`%12 h`).
+    pub value: String,
+}
+
+/// The per-device program and what relates it to the global one.
+#[derive(Clone, Debug)]
+pub struct Partitioned {
+    /// The SPMD program: local shapes, with collectives.
+    pub local: Graph,
+    /// Per local value, its placement (how the local array relates to the global tensor).
+    pub placements: Vec<Placement>,
+    /// Per local value, the global value it holds a piece of, if any.
+    pub origin: Vec<Option<ValueId>>,
+    /// Per collective or slice node, why it is there.
+    pub provenance: BTreeMap<NodeId, Provenance>,
+}
+
+/// A compiler bug found while partitioning (an op whose local shapes do not infer).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("internal compiler error (partition): {0}")]
+pub struct PartitionError(pub String);
+
+/// Partitions `g` with the placements of `sh`.
+pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError> {
+    let mut p = Partitioner::new(g, sh);
+    for (id, node) in g.nodes() {
+        if node.op.is_leaf() {
+            if !sh.free[node.outputs[0].index()] {
+                p.materialize(
+                    node.outputs[0],
+                    sh.placements[node.outputs[0].index()].clone(),
+                )?;
+            }
+            continue;
+        }
+        p.node(id)?;
+    }
+    for o in g.outputs() {
+        let want = match &o.annotation {
+            Some(a) => {
+                Placement::from_spec(&a.spec, &sh.mesh).expect("axes checked by propagation")
+            }
+            None => Placement::replicated(g.ty(o.value).rank(), sh.mesh.rank()),
+        };
+        let user = Use {
+            user: format!("output {}", o.name),
+            span: o.span,
+            region: g.root(),
+        };
+        let v = p.get(o.value, &want, &user)?;
+        p.out.add_output(Output {
+            name: o.name.clone(),
+            value: v,
+            annotation: o.annotation.clone(),
+            span: o.span,
+        });
+    }
+    Ok(Partitioned {
+        local: p.out,
+        placements: p.placements,
+        origin: p.origin,
+        provenance: p.provenance,
+    })
+}
+
+/// Who asks for a value, for provenance.
+struct Use {
+    user: String,
+    span: Span,
+    region: RegionId,
+}
+
+struct Partitioner<'a> {
+    g: &'a Graph,
+    sh: &'a Sharding,
+    mesh: &'a Mesh,
+    out: Graph,
+    placements: Vec<Placement>,
+    origin: Vec<Option<ValueId>>,
+    provenance: BTreeMap<NodeId, Provenance>,
+    home: Vec<Option<(ValueId, Placement)>>,
+    avail: HashMap<(ValueId, Placement), ValueId>,
+}
+
+impl<'a> Partitioner<'a> {
+    fn new(g: &'a Graph, sh: &'a Sharding) -> Self {
+        let mut out = Graph::new(g.source.clone());
+        out.mesh_axes = sh.mesh.axes().iter().map(|(a, _)| a.clone()).collect();
+        out.dims = g.dims.clone();
+        for (_, r) in g.regions().skip(1) {
+            out.add_region(
+                r.path.clone(),
+                r.block.clone(),
+                r.parent.unwrap_or(RegionId(0)),
+                r.body,
+            );
+        }
+        Partitioner {
+            g,
+            sh,
+            mesh: &sh.mesh,
+            out,
+            placements: Vec::new(),
+            origin: Vec::new(),
+            provenance: BTreeMap::new(),
+            home: vec![None; g.num_values()],
+            avail: HashMap::new(),
+        }
+    }
+
+    /// Appends a local node; its result types are inferred from the local operand types.
+    fn emit(
+        &mut self,
+        op: Op,
+        inputs: Vec<ValueId>,
+        span: Span,
+        region: RegionId,
+        placement: &Placement,
+        origin: Option<ValueId>,
+    ) -> Result<Vec<ValueId>, PartitionError> {
+        let tys: Vec<&TensorType> = inputs.iter().map(|v| self.out.ty(*v)).collect();
+        let outs = infer(&op, &tys)
+            .map_err(|e| PartitionError(format!("{op} at {}:{}: {e}", span.line, span.col)))?;
+        let id = self.out.add_node(op, inputs, outs, span, region);
+        let results = self.out.node(id).outputs.clone();
+        for _ in &results {
+            self.placements.push(placement.clone());
+            self.origin.push(origin);
+        }
+        Ok(results)
+    }
+
+    /// Loads a leaf (param or input) directly in `pl`: tpc owns its loading, so this moves nothing.
+    fn materialize(&mut self, v: ValueId, pl: Placement) -> Result<ValueId, PartitionError> {
+        let node = self.g.node(self.g.value(v).node);
+        let ty = self.g.ty(v);
+        let shape = pl.local_shape(ty, self.mesh).ok_or_else(|| {
+            PartitionError(format!(
+                "{v} {ty} does not divide in {}",
+                pl.display(self.mesh)
+            ))
+        })?;
+        let id = self.out.add_node(
+            node.op.clone(),
+            vec![],
+            vec![ty.with_shape(shape)],
+            node.span,
+            node.region,
+        );
+        let l = self.out.node(id).outputs[0];
+        if let Some(name) = &self.g.value(v).name {
+            self.out.set_value_name(l, name.clone());
+        }
+        self.placements.push(pl.clone());
+        self.origin.push(Some(v));
+        self.home[v.index()] = Some((l, pl.clone()));
+        self.avail.insert((v, pl), l);
+        Ok(l)
+    }
+
+    /// The local value holding global `v` in placement `want`, resharding if needed.
+    fn get(&mut self, v: ValueId, want: &Placement, user: &Use) -> Result<ValueId, PartitionError> {
+        if let Some(&l) = self.avail.get(&(v, want.clone())) {
+            return Ok(l);
+        }
+        let Some((l, from)) = self.home[v.index()].clone() else {
+            return self.materialize(v, want.clone());
+        };
+        let r = self.reshard(l, v, &from, want, user)?;
+        self.avail.insert((v, want.clone()), r);
+        Ok(r)
+    }
+
+    /// Emits the collectives moving local `l` (global `v`) from `from` to `to`.
+    fn reshard(
+        &mut self,
+        l: ValueId,
+        v: ValueId,
+        from: &Placement,
+        to: &Placement,
+        user: &Use,
+    ) -> Result<ValueId, PartitionError> {
+        let mut cur = l;
+        for step in reshard::plan_reshard(from, to, self.mesh) {
+            let Some(op) = step.op.clone() else { continue };
+            cur = self.emit(op, vec![cur], user.span, user.region, &step.after, Some(v))?[0];
+            let id = self.out.value(cur).node;
+            let value = match &self.g.value(v).name {
+                Some(n) => format!("{v} {n}"),
+                None => v.to_string(),
+            };
+            self.provenance.insert(
+                id,
+                Provenance {
+                    transition: reshard::describe(&step, self.mesh),
+                    user: user.user.clone(),
+                    span: user.span,
+                    value,
+                },
+            );
+        }
+        Ok(cur)
+    }
+
+    /// Partitions one non-leaf node.
+    fn node(&mut self, id: NodeId) -> Result<(), PartitionError> {
+        let g = self.g;
+        let node = g.node(id);
+        let user = Use {
+            user: node.op.name().to_string(),
+            span: node.span,
+            region: node.region,
+        };
+        let mut ins = Vec::with_capacity(node.inputs.len());
+        let mut reqs = Vec::with_capacity(node.inputs.len());
+        for (i, &v) in node.inputs.iter().enumerate() {
+            let req = self.sh.operand_placement(g, id, i);
+            ins.push(self.get(v, &req, &user)?);
+            reqs.push(req);
+        }
+        let computed = self.sh.computed_placement(g, id);
+        let outs = self.lower_op(id, ins, &reqs, &computed)?;
+        for (&o, l) in node.outputs.iter().zip(outs) {
+            if let Some(name) = &g.value(o).name {
+                self.out.set_value_name(l, name.clone());
+            }
+            let placed = self.sh.placements[o.index()].clone();
+            let l = if placed != computed {
+                let u = Use {
+                    user: format!(
+                        "sharding constraint on {}",
+                        g.value(o).name.as_deref().unwrap_or("value")
+                    ),
+                    span: g.annotation(o).map(|a| a.span).unwrap_or(node.span),
+                    region: node.region,
+                };
+                self.reshard(l, o, &computed, &placed, &u)?
+            } else {
+                l
+            };
+            self.home[o.index()] = Some((l, placed.clone()));
+            self.avail.insert((o, placed), l);
+        }
+        Ok(())
+    }
+}

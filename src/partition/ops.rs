@@ -1,0 +1,295 @@
+//! Local forms of the ops. Most ops run unchanged on their local blocks; a few need rewriting:
+//! reshape (local target shape), mean over a split axis (rescaled partial), the vocab-split
+//! embedding (masked lookup) and the vocab-parallel cross-entropy.
+
+use super::{PartitionError, Partitioner, Provenance};
+use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, UnaryOp, ValueId};
+use crate::sharding::{AxisPl, PartialOp, Placement};
+
+impl Partitioner<'_> {
+    /// Emits the local form of node `id` on local operands `ins` (already in placements
+    /// `reqs`); the results are in placement `computed`.
+    pub(super) fn lower_op(
+        &mut self,
+        id: NodeId,
+        ins: Vec<ValueId>,
+        reqs: &[Placement],
+        computed: &Placement,
+    ) -> Result<Vec<ValueId>, PartitionError> {
+        let node = self.g.node(id);
+        let origin = node.outputs.first().copied();
+        let (span, region) = (node.span, node.region);
+        let op = match &node.op {
+            Op::Reshape { .. } => {
+                let ty = self.g.ty(node.outputs[0]);
+                let shape = computed.local_shape(ty, self.mesh).ok_or_else(|| {
+                    PartitionError(format!(
+                        "reshape result {ty} does not divide in {}",
+                        computed.display(self.mesh)
+                    ))
+                })?;
+                Op::Reshape { shape }
+            }
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axis,
+                keepdims,
+            } if reqs[0].splits(*axis, self.mesh) > 1 => {
+                let k = reqs[0].splits(*axis, self.mesh);
+                let m = self.emit(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axis: *axis,
+                        keepdims: *keepdims,
+                    },
+                    ins,
+                    span,
+                    region,
+                    computed,
+                    origin,
+                )?;
+                return self.emit(
+                    Op::Scalar {
+                        op: BinaryOp::Mul,
+                        value: 1.0 / k as f64,
+                        scalar_lhs: false,
+                    },
+                    m,
+                    span,
+                    region,
+                    computed,
+                    origin,
+                );
+            }
+            Op::Embedding if !reqs[1].dims[0].is_empty() => Op::VocabEmbedding {
+                axes: self.axes_of(&reqs[1].dims[0]),
+            },
+            Op::CrossEntropy => return self.cross_entropy(id, ins, reqs, computed),
+            op => op.clone(),
+        };
+        self.emit(op, ins, span, region, computed, origin)
+    }
+
+    fn axes_of(&self, axes: &[usize]) -> Vec<(String, u64)> {
+        axes.iter()
+            .map(|&a| (self.mesh.axis_name(a).to_string(), self.mesh.axis_size(a)))
+            .collect()
+    }
+
+    /// Mean softmax cross-entropy. With the vocab split: local max, all-reduce(max), local sum
+    /// of exp, all-reduce(sum), target logit on the device owning it, all-reduce(sum): three
+    /// collectives of the label shape, and the logits never move. With positions split, the
+    /// local mean is scaled to a partial sum of the global mean.
+    fn cross_entropy(
+        &mut self,
+        id: NodeId,
+        ins: Vec<ValueId>,
+        reqs: &[Placement],
+        computed: &Placement,
+    ) -> Result<Vec<ValueId>, PartitionError> {
+        let node = self.g.node(id);
+        let (span, region, origin) = (node.span, node.region, node.outputs.first().copied());
+        let (logits_pl, labels_pl) = (&reqs[0], &reqs[1]);
+        let vaxes = logits_pl.dims.last().cloned().unwrap_or_default();
+        let pos_blocks: u64 = (0..labels_pl.dims.len())
+            .map(|d| labels_pl.splits(d, self.mesh))
+            .product();
+        let (x, y) = (ins[0], ins[1]);
+        let mut loss = if vaxes.is_empty() {
+            self.emit(Op::CrossEntropy, vec![x, y], span, region, computed, origin)?[0]
+        } else {
+            let last = self.out.ty(x).rank() - 1;
+            let rows = |partial: Option<PartialOp>, keep: bool| {
+                let mut dims = labels_pl.dims.clone();
+                if keep {
+                    dims.push(Vec::new());
+                }
+                let mut p = Placement {
+                    dims,
+                    partial: labels_pl.partial.clone(),
+                };
+                for &a in &vaxes {
+                    p.partial[a] = partial;
+                }
+                p
+            };
+            let m = self.emit(
+                Op::Reduce {
+                    op: ReduceOp::Max,
+                    axis: last,
+                    keepdims: true,
+                },
+                vec![x],
+                span,
+                region,
+                &rows(Some(PartialOp::Max), true),
+                origin,
+            )?[0];
+            let m = self.all_reduce(
+                m,
+                &vaxes,
+                ReduceOp::Max,
+                id,
+                "max of the logits",
+                &rows(None, true),
+            )?;
+            let z = self.emit(
+                Op::Binary { op: BinaryOp::Sub },
+                vec![x, m],
+                span,
+                region,
+                logits_pl,
+                origin,
+            )?[0];
+            let e = self.emit(
+                Op::Unary { op: UnaryOp::Exp },
+                vec![z],
+                span,
+                region,
+                logits_pl,
+                origin,
+            )?[0];
+            let se = self.emit(
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    axis: last,
+                    keepdims: false,
+                },
+                vec![e],
+                span,
+                region,
+                &rows(Some(PartialOp::Sum), false),
+                origin,
+            )?[0];
+            let se = self.all_reduce(
+                se,
+                &vaxes,
+                ReduceOp::Sum,
+                id,
+                "sum of exp",
+                &rows(None, false),
+            )?;
+            let t = self.emit(
+                Op::TargetLogit {
+                    axes: self.axes_of(&vaxes),
+                },
+                vec![z, y],
+                span,
+                region,
+                &rows(Some(PartialOp::Sum), false),
+                origin,
+            )?[0];
+            let t = self.all_reduce(
+                t,
+                &vaxes,
+                ReduceOp::Sum,
+                id,
+                "target logit",
+                &rows(None, false),
+            )?;
+            let lse = self.emit(
+                Op::Unary { op: UnaryOp::Log },
+                vec![se],
+                span,
+                region,
+                &rows(None, false),
+                origin,
+            )?[0];
+            let per = self.emit(
+                Op::Binary { op: BinaryOp::Sub },
+                vec![lse, t],
+                span,
+                region,
+                &rows(None, false),
+                origin,
+            )?[0];
+            let n = self.out.ty(per).numel();
+            if self.out.ty(per).rank() == 0 {
+                per
+            } else {
+                let flat = self.emit(
+                    Op::Reshape { shape: vec![n] },
+                    vec![per],
+                    span,
+                    region,
+                    computed,
+                    origin,
+                )?[0];
+                self.emit(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axis: 0,
+                        keepdims: false,
+                    },
+                    vec![flat],
+                    span,
+                    region,
+                    computed,
+                    origin,
+                )?[0]
+            }
+        };
+        if pos_blocks > 1 {
+            loss = self.emit(
+                Op::Scalar {
+                    op: BinaryOp::Mul,
+                    value: 1.0 / pos_blocks as f64,
+                    scalar_lhs: false,
+                },
+                vec![loss],
+                span,
+                region,
+                computed,
+                origin,
+            )?[0];
+        }
+        Ok(vec![loss])
+    }
+
+    /// All-reduces `v` over each axis of `axes` inside a decomposed op, with provenance.
+    fn all_reduce(
+        &mut self,
+        mut v: ValueId,
+        axes: &[usize],
+        reduce: ReduceOp,
+        id: NodeId,
+        what: &str,
+        after: &Placement,
+    ) -> Result<ValueId, PartitionError> {
+        let node = self.g.node(id);
+        let from = match reduce {
+            ReduceOp::Max => AxisPl::Partial(PartialOp::Max),
+            _ => AxisPl::Partial(PartialOp::Sum),
+        };
+        for &a in axes {
+            let op = Op::AllReduce {
+                axis: self.mesh.axis_name(a).to_string(),
+                size: self.mesh.axis_size(a),
+                reduce,
+            };
+            v = self.emit(
+                op,
+                vec![v],
+                node.span,
+                node.region,
+                after,
+                node.outputs.first().copied(),
+            )?[0];
+            let logits = node.inputs[0];
+            let value = match &self.g.value(logits).name {
+                Some(n) => format!("{logits} {n}"),
+                None => logits.to_string(),
+            };
+            self.provenance.insert(
+                self.out.value(v).node,
+                Provenance {
+                    transition: format!("{from} -> Replicate over {}", self.mesh.axis_name(a)),
+                    user: format!("cross_entropy (vocab-parallel: {what})"),
+                    span: node.span,
+                    value,
+                },
+            );
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,88 @@
+//! The per-device plan: the SPMD program, its placements and provenance, buffer liveness, and a
+//! cost summary (collectives, FLOPs, peak memory, estimated step time).
+
+pub mod summary;
+
+pub use summary::{KindSummary, Summary};
+
+use crate::ir::verify::{verify, VerifyError};
+use crate::ir::{Graph, NodeId, ValueId};
+use crate::mesh::{Device, Mesh};
+use crate::partition::{partition, PartitionError, Provenance};
+use crate::sharding::{propagate, Placement, ShardError};
+use std::collections::BTreeMap;
+
+/// A compiled per-device plan.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The mesh the plan runs on.
+    pub mesh: Mesh,
+    /// The device constants the cost model used.
+    pub device: Device,
+    /// The global program (what the unsharded reference runs).
+    pub global: Graph,
+    /// The SPMD program every device runs, on local shapes.
+    pub local: Graph,
+    /// Per local value, its placement.
+    pub placements: Vec<Placement>,
+    /// Per local value, the global value it holds a piece of.
+    pub origin: Vec<Option<ValueId>>,
+    /// Why each collective is there.
+    pub provenance: BTreeMap<NodeId, Provenance>,
+    /// Costs and counts.
+    pub summary: Summary,
+}
+
+/// Why a plan could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A user error in the annotations (e.g. a split that does not divide).
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A compiler bug in partitioning.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// A compiler bug caught by the verifier.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+impl Plan {
+    /// Propagates placements over `mesh`, partitions, verifies and costs `global`.
+    pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
+        let sh = propagate(&global, &mesh, &device)?;
+        let part = partition(&global, &sh)?;
+        verify(&part.local, "partition")?;
+        let summary = Summary::compute(&part.local, &mesh, &device);
+        Ok(Plan {
+            mesh,
+            device,
+            global,
+            local: part.local,
+            placements: part.placements,
+            origin: part.origin,
+            provenance: part.provenance,
+            summary,
+        })
+    }
+
+    /// For each local value, the index of the last node reading it (`num_nodes` for outputs,
+    /// which stay live to the end); `None` when never read.
+    pub fn last_uses(&self) -> Vec<Option<usize>> {
+        last_uses(&self.local)
+    }
+}
+
+/// Last reading node of each value of `g` (outputs count as read at the end).
+pub fn last_uses(g: &Graph) -> Vec<Option<usize>> {
+    let mut last = vec![None; g.num_values()];
+    for (id, n) in g.nodes() {
+        for v in &n.inputs {
+            last[v.index()] = Some(id.index());
+        }
+    }
+    for o in g.outputs() {
+        last[o.value.index()] = Some(g.num_nodes());
+    }
+    last
+}

@@ -1,0 +1,115 @@
+//! The plan's cost summary, recomputed from the listed program so it always agrees with it.
+
+use crate::cost::{compute_time, flops, CollectiveKind};
+use crate::ir::{Graph, Op};
+use crate::mesh::{Device, Mesh};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Count and bytes sent per device of one collective kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KindSummary {
+    /// Number of collectives of this kind.
+    pub count: u64,
+    /// Bytes each device sends for them (ring algorithms).
+    pub bytes_per_device: u64,
+}
+
+/// The cost summary of a plan (per device).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Every collective kind, with count 0 when unused.
+    pub collectives: BTreeMap<String, KindSummary>,
+    /// FLOPs each device runs.
+    pub flops_per_device: f64,
+    /// Bytes of params each device holds.
+    pub param_bytes_per_device: u64,
+    /// Params plus the largest set of live activations, in bytes.
+    pub peak_memory_bytes_per_device: u64,
+    /// Estimated communication time (alpha-beta, ring).
+    pub comm_time_s: f64,
+    /// Estimated compute time at the device's FLOP rate.
+    pub compute_time_s: f64,
+    /// comm_time_s + compute_time_s.
+    pub estimated_time_s: f64,
+}
+
+/// The kind of a collective op, if it is one.
+pub fn collective_kind(op: &Op) -> Option<(CollectiveKind, u64)> {
+    Some(match op {
+        Op::AllReduce { size, .. } => (CollectiveKind::AllReduce, *size),
+        Op::AllGather { size, .. } => (CollectiveKind::AllGather, *size),
+        Op::ReduceScatter { size, .. } => (CollectiveKind::ReduceScatter, *size),
+        Op::AllToAll { size, .. } => (CollectiveKind::AllToAll, *size),
+        _ => return None,
+    })
+}
+
+impl Summary {
+    /// Computes the summary of the SPMD program `local`.
+    pub fn compute(local: &Graph, _mesh: &Mesh, dev: &Device) -> Summary {
+        let mut collectives: BTreeMap<String, KindSummary> = CollectiveKind::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), KindSummary::default()))
+            .collect();
+        let (mut fl, mut comm, mut compute) = (0.0, 0.0, 0.0);
+        for (_, n) in local.nodes() {
+            let ins: Vec<_> = n.inputs.iter().map(|v| local.ty(*v)).collect();
+            let outs: Vec<_> = n.outputs.iter().map(|v| local.ty(*v)).collect();
+            if let Some((kind, size)) = collective_kind(&n.op) {
+                let bytes = ins[0].size_bytes() as f64;
+                let (sent, _) = kind.traffic(size, bytes);
+                let e = collectives.get_mut(kind.name()).expect("all kinds present");
+                e.count += 1;
+                e.bytes_per_device += sent.round() as u64;
+                comm += kind.time(size, bytes, dev);
+                continue;
+            }
+            let f = flops(&n.op, &ins, &outs);
+            fl += f;
+            compute += compute_time(
+                f,
+                outs.first()
+                    .map(|t| t.dtype)
+                    .unwrap_or(crate::ir::Dtype::F32),
+                dev,
+            );
+        }
+        let (param_bytes, peak) = memory(local);
+        Summary {
+            collectives,
+            flops_per_device: fl,
+            param_bytes_per_device: param_bytes,
+            peak_memory_bytes_per_device: peak,
+            comm_time_s: comm,
+            compute_time_s: compute,
+            estimated_time_s: comm + compute,
+        }
+    }
+}
+
+/// Param bytes and peak bytes (params + live activations, from liveness in program order).
+fn memory(g: &Graph) -> (u64, u64) {
+    let last = super::last_uses(g);
+    let mut params = 0u64;
+    let mut live = 0u64;
+    let mut peak = 0u64;
+    let mut frees: Vec<Vec<u64>> = vec![Vec::new(); g.num_nodes() + 1];
+    for (id, n) in g.nodes() {
+        for &v in &n.outputs {
+            let b = g.ty(v).size_bytes();
+            if matches!(n.op, Op::Param { .. }) {
+                params += b;
+                continue;
+            }
+            live += b;
+            let end = last[v.index()].unwrap_or(id.index());
+            frees[end].push(b);
+        }
+        peak = peak.max(live);
+        for b in frees[id.index()].drain(..) {
+            live -= b;
+        }
+    }
+    (params, params + peak)
+}
