@@ -2,7 +2,7 @@
 # LM head tied to the token embedding, mean cross-entropy against the labels.
 # The token table is split on the vocab dim (vocab-parallel embedding and loss).
 mesh tp
-dim B = 2, S = 16, H = 64, NH = 8, L = 2, V = 512
+dim B = 2, S = 16, H = 64, NH = 8, L = 2, V = 4096
 dim D = H / NH
 
 block attention(x: f32[B, S, H]) -> f32[B, S, H] {

@@ -5,6 +5,10 @@ use crate::diag::{self, SourceFile};
 use crate::ir::verify::{verify, VerifyError};
 use crate::ir::Graph;
 use crate::lower::{lower, LowerError};
+use crate::mesh::{Device, Mesh, MeshError};
+use crate::partition::PartitionError;
+use crate::plan::{Plan, PlanError};
+use crate::sharding::ShardError;
 use crate::span::{LineIndex, Span};
 use crate::syntax::{parse, ParseError};
 
@@ -48,12 +52,31 @@ pub enum Error {
     /// A compiler bug caught by the verifier.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A bad `--mesh` or `--degree`.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// A sharding error in the user's annotations.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A compiler bug in partitioning.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+}
+
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Shard(e) => Error::Shard(e),
+            PlanError::Partition(e) => Error::Partition(e),
+            PlanError::Verify(e) => Error::Verify(e),
+        }
+    }
 }
 
 impl Error {
     /// True for compiler bugs (as opposed to errors in the user's input).
     pub fn is_internal(&self) -> bool {
-        matches!(self, Error::Verify(_))
+        matches!(self, Error::Verify(_) | Error::Partition(_))
     }
 
     /// Renders the error as text, with a source snippet when it has a span in `src`.
@@ -62,11 +85,29 @@ impl Error {
             Error::Source(e) => diag::render(e, None),
             Error::Parse(e) => diag::render(e, src),
             Error::Lower(e) => diag::render(e, src),
-            Error::Verify(e) => format!(
-                "{e}\nthis is a bug in tpc, not in your program; please report it with the input\n"
-            ),
+            Error::Mesh(e) => diag::render(e, None),
+            Error::Shard(e) => diag::render(e, src),
+            Error::Verify(e) => internal(e),
+            Error::Partition(e) => internal(e),
         }
     }
+}
+
+fn internal(e: &dyn std::fmt::Display) -> String {
+    format!("{e}\nthis is a bug in tpc, not in your program; please report it with the input\n")
+}
+
+/// Compiles `src` to a per-device plan on `mesh` (axes the program declares but the mesh does
+/// not size get size 1).
+pub fn compile_plan(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    mesh: Mesh,
+    device: Device,
+) -> Result<Plan, Error> {
+    let g = compile_global(src, overrides)?;
+    let mesh = mesh.with_declared(&g.mesh_axes);
+    Ok(Plan::build(g, mesh, device)?)
 }
 
 /// Reads `path` as a UTF-8 source file.

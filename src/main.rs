@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Error};
+use tpc::mesh::{Device, Mesh};
 
 /// tpc: a tensor-parallel compiler. Describe a model in .tpl, mark how a few weights are split
 /// across a mesh of devices, and get the per-device program with every collective explained.
@@ -41,6 +42,56 @@ struct CompileArgs {
     /// An n-D mesh, e.g. dp=2,tp=4.
     #[arg(long)]
     mesh: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Device constants of the cost model (defaults: a GPU-like device; see the README).
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// f32 FLOP/s per device.
+    #[arg(long, value_name = "FLOP/S", default_value_t = Device::default().flops_f32)]
+    flops: f64,
+    /// bf16/f16 FLOP/s per device.
+    #[arg(long, value_name = "FLOP/S", default_value_t = Device::default().flops_half)]
+    flops_half: f64,
+    /// Link bandwidth per device in bytes/s.
+    #[arg(long, value_name = "BYTES/S", default_value_t = Device::default().bandwidth)]
+    bandwidth: f64,
+    /// Latency of one collective step in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = Device::default().latency)]
+    latency: f64,
+    /// Price of one byte of per-device memory, in seconds (0: optimize time only).
+    #[arg(long, value_name = "SECONDS", default_value_t = Device::default().mem_weight)]
+    mem_weight: f64,
+}
+
+impl DeviceArgs {
+    fn device(&self) -> anyhow::Result<Device> {
+        let d = Device {
+            flops_f32: self.flops,
+            flops_half: self.flops_half,
+            bandwidth: self.bandwidth,
+            latency: self.latency,
+            mem_weight: self.mem_weight,
+            ..Device::default()
+        };
+        for (name, v, positive) in [
+            ("--flops", d.flops_f32, true),
+            ("--flops-half", d.flops_half, true),
+            ("--bandwidth", d.bandwidth, true),
+            ("--latency", d.latency, false),
+            ("--mem-weight", d.mem_weight, false),
+        ] {
+            if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
+                anyhow::bail!(
+                    "{name} {v}: must be a finite {} number",
+                    if positive { "positive" } else { "non-negative" }
+                );
+            }
+        }
+        Ok(d)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,13 +165,27 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         .map(|s| driver::parse_set(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failure::Compile(e.into(), None))?;
-    if let Some(d) = args.degree.filter(|&d| d != 1) {
-        return Err(anyhow::anyhow!("--degree {d}: sharding is not implemented yet; only the global program (degree 1) can be compiled").into());
-    }
-    if let Some(m) = &args.mesh {
-        return Err(anyhow::anyhow!("--mesh {m}: sharding is not implemented yet; only the global program (degree 1) can be compiled").into());
-    }
+    let mesh = match (args.degree, &args.mesh) {
+        (Some(d), _) => Some(Mesh::degree(d).map_err(|e| Failure::Compile(e.into(), None))?),
+        (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| Failure::Compile(e.into(), None))?),
+        (None, None) => None,
+    };
+    let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| Failure::Compile(e.into(), None))?;
+    if let Some(mesh) = mesh {
+        let plan = driver::compile_plan(&src, &overrides, mesh, device)
+            .map_err(|e| Failure::Compile(e, Some(src.clone())))?;
+        let text = match args.emit {
+            Emit::Text => tpc::emit::plan::print(&plan),
+            Emit::Json | Emit::Dot => {
+                return Err(
+                    anyhow::anyhow!("--emit json/dot of a sharded plan is not wired yet").into(),
+                )
+            }
+        };
+        write_output(args.output.as_deref(), &text)?;
+        return Ok(());
+    }
     let g = driver::compile_global(&src, &overrides)
         .map_err(|e| Failure::Compile(e, Some(src.clone())))?;
     let text = match args.emit {

@@ -217,7 +217,7 @@ impl Default for Device {
             flops_f32: 60e12,
             flops_half: 300e12,
             bandwidth: 100e9,
-            latency: 5e-6,
+            latency: 2e-6,
             mem_weight: 1e-9,
             param_state_factor: 4.0,
         }

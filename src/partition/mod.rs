@@ -209,10 +209,7 @@ impl<'a> Partitioner<'a> {
             let Some(op) = step.op.clone() else { continue };
             cur = self.emit(op, vec![cur], user.span, user.region, &step.after, Some(v))?[0];
             let id = self.out.value(cur).node;
-            let value = match &self.g.value(v).name {
-                Some(n) => format!("{v} {n}"),
-                None => v.to_string(),
-            };
+            let value = describe_value(self.g, v);
             self.provenance.insert(
                 id,
                 Provenance {
@@ -266,5 +263,13 @@ impl<'a> Partitioner<'a> {
             self.avail.insert((o, placed), l);
         }
         Ok(())
+    }
+}
+
+/// `h` for a named value, else `the matmul result` (for provenance).
+pub(crate) fn describe_value(g: &Graph, v: ValueId) -> String {
+    match &g.value(v).name {
+        Some(n) => n.clone(),
+        None => format!("the {} result", g.node(g.value(v).node).op.name()),
     }
 }

@@ -276,10 +276,7 @@ impl Partitioner<'_> {
                 node.outputs.first().copied(),
             )?[0];
             let logits = node.inputs[0];
-            let value = match &self.g.value(logits).name {
-                Some(n) => format!("{logits} {n}"),
-                None => logits.to_string(),
-            };
+            let value = super::describe_value(self.g, logits);
             self.provenance.insert(
                 self.out.value(v).node,
                 Provenance {

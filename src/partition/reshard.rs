@@ -231,7 +231,7 @@ mod tests {
             (
                 &[S(0), S(1)],
                 &[S(1), S(0)],
-                &["all_gather", "all_gather", "shard_slice", "shard_slice"],
+                &["all_gather", "all_to_all", "shard_slice"],
             ),
             (&[R, R], &[S(0), S(0)], &["shard_slice", "shard_slice"]),
             (&[S(1), R], &[S(0), S(1)], &["shard_slice", "all_to_all"]),

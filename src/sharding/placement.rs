@@ -80,7 +80,8 @@ impl Placement {
         p
     }
 
-    /// The placement an annotation asks for (no partial axes). Axis names must exist in `mesh`.
+    /// The placement an annotation asks for (no partial axes; axes of size 1 split nothing and are
+    /// dropped). Axis names must exist in `mesh`.
     pub fn from_spec(spec: &Spec, mesh: &Mesh) -> Option<Self> {
         let dims = spec
             .dims
@@ -88,6 +89,7 @@ impl Placement {
             .map(|axes| {
                 axes.iter()
                     .map(|a| mesh.axis_index(a))
+                    .filter(|a| a.is_none_or(|a| mesh.axis_size(a) > 1))
                     .collect::<Option<Vec<_>>>()
             })
             .collect::<Option<Vec<_>>>()?;

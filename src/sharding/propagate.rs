@@ -437,14 +437,14 @@ impl AxisCtx<'_> {
         let mut c = 0.0;
         for (i, &v) in node.inputs.iter().enumerate() {
             let req = s.operands[i];
-            if self.free[v.index()] {
-                let factor = if matches!(g.node(g.value(v).node).op, Op::Param { .. }) {
-                    dev.param_state_factor
-                } else {
-                    1.0
-                };
-                c += self.bytes(v, req) * factor * dev.mem_weight;
+            let is_param = matches!(g.node(g.value(v).node).op, Op::Param { .. });
+            let factor = if is_param {
+                dev.param_state_factor
             } else {
+                1.0
+            };
+            c += self.bytes(v, req) * factor * dev.mem_weight;
+            if !self.free[v.index()] {
                 c += self.reshard(v, st[v.index()], req);
             }
         }
