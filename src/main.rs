@@ -132,7 +132,8 @@ fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Compile(e, src)) => {
+        Err(Failure::Compile(b)) => {
+            let (e, src) = *b;
             eprint!("{}", e.render(src.as_ref()));
             ExitCode::from(if e.is_internal() {
                 EXIT_INTERNAL
@@ -148,8 +149,12 @@ fn run(cli: Cli) -> ExitCode {
 }
 
 enum Failure {
-    Compile(Error, Option<SourceFile>),
+    Compile(Box<(Error, Option<SourceFile>)>),
     Other(anyhow::Error),
+}
+
+fn fail(e: impl Into<Error>, src: Option<SourceFile>) -> Failure {
+    Failure::Compile(Box::new((e.into(), src)))
 }
 
 impl From<anyhow::Error> for Failure {
@@ -164,17 +169,17 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         .iter()
         .map(|s| driver::parse_set(s))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::Compile(e.into(), None))?;
+        .map_err(|e| fail(e, None))?;
     let mesh = match (args.degree, &args.mesh) {
-        (Some(d), _) => Some(Mesh::degree(d).map_err(|e| Failure::Compile(e.into(), None))?),
-        (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| Failure::Compile(e.into(), None))?),
+        (Some(d), _) => Some(Mesh::degree(d).map_err(|e| fail(e, None))?),
+        (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| fail(e, None))?),
         (None, None) => None,
     };
     let device = args.device.device()?;
-    let src = driver::read_source(&args.file).map_err(|e| Failure::Compile(e.into(), None))?;
+    let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
     if let Some(mesh) = mesh {
         let plan = driver::compile_plan(&src, &overrides, mesh, device)
-            .map_err(|e| Failure::Compile(e, Some(src.clone())))?;
+            .map_err(|e| fail(e, Some(src.clone())))?;
         let text = match args.emit {
             Emit::Text => tpc::emit::plan::print(&plan),
             Emit::Json | Emit::Dot => {
@@ -186,8 +191,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         write_output(args.output.as_deref(), &text)?;
         return Ok(());
     }
-    let g = driver::compile_global(&src, &overrides)
-        .map_err(|e| Failure::Compile(e, Some(src.clone())))?;
+    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
     let text = match args.emit {
         Emit::Text => tpc::emit::text::print(&g),
         Emit::Json => tpc::emit::json::to_json(&g),

@@ -480,7 +480,7 @@ fn split(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Lower
         }
         _ => {
             let n = b.int(1, prog)?.unwrap_or(1);
-            if n <= 0 || size % n as u64 != 0 {
+            if n <= 0 || !size.is_multiple_of(n as u64) {
                 return Err(b.bad(
                     format!("cannot split an axis of size {size} into {n} equal parts"),
                     parts_span,

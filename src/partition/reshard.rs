@@ -234,7 +234,7 @@ mod tests {
                 &["all_gather", "all_to_all", "shard_slice"],
             ),
             (&[R, R], &[S(0), S(0)], &["shard_slice", "shard_slice"]),
-            (&[S(1), R], &[S(0), S(1)], &["shard_slice", "all_to_all"]),
+            (&[S(1), R], &[S(0), S(1)], &["all_to_all", "shard_slice"]),
         ];
         for (from, to, want) in table {
             let (f, t) = (pl(2, from), pl(2, to));

@@ -356,7 +356,7 @@ impl AxisCtx<'_> {
                 .filter(|(_, s)| s.label == Some(l))
                 .map(|(a, _)| self.mesh.axis_size(a))
                 .product();
-            if rule.sizes[l] % (self.n * prior) != 0 {
+            if !rule.sizes[l].is_multiple_of(self.n * prior) {
                 continue;
             }
             let Some(s) = label_strategy(rule, l) else {

@@ -331,7 +331,7 @@ fn reshape(b: &mut Builder, from: &[u64], to: &[u64]) -> Rule {
         }
         if from[si] > 1 && to[so] > 1 {
             let l = b.label(from[si].min(to[so]));
-            let l_ok = from[si] % to[so] == 0 || to[so] % from[si] == 0;
+            let l_ok = from[si].is_multiple_of(to[so]) || to[so].is_multiple_of(from[si]);
             if l_ok {
                 li[si] = Some(l);
                 lo[so] = Some(l);
