@@ -5,6 +5,7 @@ pub mod cost;
 pub mod diag;
 pub mod driver;
 pub mod emit;
+pub mod exec;
 pub mod ir;
 pub mod lower;
 pub mod mesh;

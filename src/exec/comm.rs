@@ -1,0 +1,325 @@
+//! Communication between ranks. A backend provides point-to-point messages between the ranks
+//! of one world (`Transport`); the collectives are ring algorithms over it, with a reduction
+//! order fixed by the group alone, so results are bitwise identical whatever the timing. The
+//! thread backend connects ranks of one process by channels; an MPI backend serves the same trait.
+
+use crate::ir::ReduceOp;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a communication failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    /// Another rank failed; this one stopped waiting for it.
+    #[error("stopped because another rank failed")]
+    Aborted,
+    /// The peer is gone (its channel closed).
+    #[error("rank {0} disconnected")]
+    Disconnected(usize),
+    /// A message of an unexpected length arrived (a corrupt plan or a backend bug).
+    #[error("message from rank {from} has {got} elements, expected {want}")]
+    Length {
+        /// Sender.
+        from: usize,
+        /// Received length.
+        got: usize,
+        /// Expected length.
+        want: usize,
+    },
+}
+
+/// Point-to-point messaging between the ranks of one world. Messages between a pair of ranks
+/// arrive in the order sent.
+pub trait Transport: Send {
+    /// This rank's id in the world.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the world.
+    fn world(&self) -> usize;
+    /// Sends `data` to rank `to` (does not wait for the receiver).
+    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError>;
+    /// Receives the next message from rank `from`.
+    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError>;
+    /// Tells every rank to stop: this rank failed.
+    fn abort(&self);
+}
+
+/// Position of `rank` in `group` (the group lists world ranks in coordinate order).
+fn position(group: &[usize], rank: usize) -> usize {
+    group.iter().position(|&r| r == rank).expect("a rank belongs to its own groups")
+}
+
+/// Chunk boundaries splitting `n` elements into `k` nearly equal contiguous parts.
+fn bounds(n: usize, k: usize) -> Vec<(usize, usize)> {
+    (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
+}
+
+fn combine(acc: &mut [f32], other: &[f32], op: ReduceOp) {
+    match op {
+        ReduceOp::Max => acc.iter_mut().zip(other).for_each(|(a, b)| *a = a.max(*b)),
+        ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(other).for_each(|(a, b)| *a += *b),
+    }
+}
+
+fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommError> {
+    if got.len() == want {
+        Ok(got)
+    } else {
+        Err(CommError::Length { from, got: got.len(), want })
+    }
+}
+
+/// Ring reduce-scatter of `data` over `group`: afterwards this rank's chunk `position` (of
+/// `bounds(len, k)`) holds the reduction; returns that chunk.
+fn ring_reduce_scatter(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+    let k = group.len();
+    let me = position(group, t.rank());
+    let b = bounds(data.len(), k);
+    if k == 1 {
+        return Ok(data.to_vec());
+    }
+    let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
+    // Step s: send chunk (me - s - 1) to next, receive chunk (me - s - 2) from prev and reduce
+    // into it; after k-1 steps chunk `me` is complete. Every chunk is reduced in ring order.
+    for s in 0..k - 1 {
+        let send_c = (me + 2 * k - s - 1) % k;
+        let recv_c = (me + 2 * k - s - 2) % k;
+        let (a, e) = b[send_c];
+        t.send(next, data[a..e].to_vec())?;
+        let (a, e) = b[recv_c];
+        let got = expect_len(t.recv(prev)?, e - a, prev)?;
+        combine(&mut data[a..e], &got, op);
+    }
+    let (a, e) = b[me];
+    Ok(data[a..e].to_vec())
+}
+
+/// Ring all-gather: every rank contributes `mine` (chunk `position` of a buffer of `lens`
+/// chunk lengths); returns the concatenation in group order.
+fn ring_all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32], lens: &[usize]) -> Result<Vec<f32>, CommError> {
+    let k = group.len();
+    let me = position(group, t.rank());
+    let starts: Vec<usize> = lens.iter().scan(0, |acc, l| {
+        let s = *acc;
+        *acc += l;
+        Some(s)
+    }).collect();
+    let total: usize = lens.iter().sum();
+    let mut out = vec![0.0f32; total];
+    out[starts[me]..starts[me] + lens[me]].copy_from_slice(mine);
+    if k == 1 {
+        return Ok(out);
+    }
+    let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
+    for s in 0..k - 1 {
+        let send_c = (me + k - s) % k;
+        let recv_c = (me + k - s - 1) % k;
+        t.send(next, out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec())?;
+        let got = expect_len(t.recv(prev)?, lens[recv_c], prev)?;
+        out[starts[recv_c]..starts[recv_c] + lens[recv_c]].copy_from_slice(&got);
+    }
+    Ok(out)
+}
+
+/// Reduces `data` over `group` in place (ring: reduce-scatter, then all-gather).
+pub fn all_reduce(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+    let k = group.len();
+    if k == 1 {
+        return Ok(());
+    }
+    let b = bounds(data.len(), k);
+    let mine = ring_reduce_scatter(t, group, data, op)?;
+    let lens: Vec<usize> = b.iter().map(|(a, e)| e - a).collect();
+    let all = ring_all_gather(t, group, &mine, &lens)?;
+    data.copy_from_slice(&all);
+    Ok(())
+}
+
+/// Concatenates every rank's `mine` (all the same length) in group order.
+pub fn all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32]) -> Result<Vec<f32>, CommError> {
+    ring_all_gather(t, group, mine, &vec![mine.len(); group.len()])
+}
+
+/// Reduces `data` (k equal contiguous chunks, chunk i for the i-th rank of the group) and returns
+/// this rank's reduced chunk.
+pub fn reduce_scatter(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+    ring_reduce_scatter(t, group, data, op)
+}
+
+/// Sends `chunks[i]` to the i-th rank of the group; returns the chunks received, in group order.
+pub fn all_to_all(t: &mut dyn Transport, group: &[usize], mut chunks: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CommError> {
+    let k = group.len();
+    let me = position(group, t.rank());
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); k];
+    out[me] = std::mem::take(&mut chunks[me]);
+    // Shifted pairwise exchange: step s sends to me+s and receives from me-s.
+    for s in 1..k {
+        let to = (me + s) % k;
+        let from = (me + k - s) % k;
+        t.send(group[to], std::mem::take(&mut chunks[to]))?;
+        out[from] = t.recv(group[from])?;
+    }
+    Ok(out)
+}
+
+/// How long a blocked receive waits between checks of the abort flag.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The thread backend: ranks of one process connected by channels.
+pub struct ThreadTransport {
+    rank: usize,
+    senders: Vec<Sender<Vec<f32>>>,
+    receivers: Vec<Receiver<Vec<f32>>>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl ThreadTransport {
+    /// A fully connected world of `n` ranks; element `r` is rank `r`'s endpoint.
+    pub fn world(n: usize) -> Vec<ThreadTransport> {
+        let aborted = Arc::new(AtomicBool::new(false));
+        // chans[from][to]
+        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for from in 0..n {
+            for to in 0..n {
+                let (s, r) = channel();
+                senders[from][to] = Some(s);
+                receivers[to][from] = Some(r);
+            }
+        }
+        senders
+            .into_iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(rank, (s, r))| ThreadTransport {
+                rank,
+                senders: s.into_iter().map(|x| x.expect("every pair connected")).collect(),
+                receivers: r.into_iter().map(|x| x.expect("every pair connected")).collect(),
+                aborted: aborted.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Transport for ThreadTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.senders.len()
+    }
+
+    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError> {
+        if self.aborted.load(Ordering::Relaxed) {
+            return Err(CommError::Aborted);
+        }
+        self.senders[to].send(data).map_err(|_| CommError::Disconnected(to))
+    }
+
+    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+        loop {
+            match self.receivers[from].recv_timeout(POLL) {
+                Ok(v) => return Ok(v),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.aborted.load(Ordering::Relaxed) {
+                        return Err(CommError::Aborted);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(CommError::Disconnected(from)),
+            }
+        }
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on every rank of a thread world and returns the results in rank order.
+    fn on_world<T: Send + 'static>(n: usize, f: impl Fn(&mut ThreadTransport) -> T + Send + Sync + 'static) -> Vec<T> {
+        let f = Arc::new(f);
+        let handles: Vec<_> = ThreadTransport::world(n)
+            .into_iter()
+            .map(|mut t| {
+                let f = f.clone();
+                std::thread::spawn(move || f(&mut t))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    fn data(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| (rank * 1000 + i) as f32 * 0.5).collect()
+    }
+
+    #[test]
+    fn all_reduce_at_odd_sizes_and_groups() {
+        for n in [1usize, 2, 3, 5, 8] {
+            for len in [0usize, 1, 3, 7, 13, 64] {
+                let out = on_world(n, move |t| {
+                    let group: Vec<usize> = (0..n).collect();
+                    let mut d = data(t.rank(), len);
+                    all_reduce(t, &group, &mut d, ReduceOp::Sum).unwrap();
+                    d
+                });
+                let want: Vec<f32> = (0..len).map(|i| (0..n).map(|r| data(r, len)[i]).sum()).collect();
+                for o in &out {
+                    assert_eq!(o, &out[0], "every rank gets the same bits");
+                    for (a, b) in o.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_reduce_max_and_subgroups() {
+        // World of 6 as a 2x3 mesh: reduce over the groups of the second axis.
+        let out = on_world(6, |t| {
+            let r = t.rank();
+            let group: Vec<usize> = (0..3).map(|k| (r / 3) * 3 + k).collect();
+            let mut d = vec![r as f32, -(r as f32)];
+            all_reduce(t, &group, &mut d, ReduceOp::Max).unwrap();
+            d
+        });
+        assert_eq!(out[0], vec![2.0, 0.0]);
+        assert_eq!(out[4], vec![5.0, -3.0]);
+    }
+
+    #[test]
+    fn gather_scatter_and_all_to_all() {
+        let out = on_world(3, |t| {
+            let group = vec![0, 1, 2];
+            let r = t.rank();
+            let g = all_gather(t, &group, &[r as f32, 10.0 + r as f32]).unwrap();
+            let mut d: Vec<f32> = (0..6).map(|i| (i + r) as f32).collect();
+            let s = reduce_scatter(t, &group, &mut d, ReduceOp::Sum).unwrap();
+            let a = all_to_all(t, &group, (0..3).map(|to| vec![(r * 10 + to) as f32; to + 1]).collect()).unwrap();
+            (g, s, a)
+        });
+        assert_eq!(out[1].0, vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
+        // chunk 1 of [i + r] summed over r = 0..3: (2+3)+(3+4)... per element: 3*i + 3
+        assert_eq!(out[1].1, vec![9.0, 12.0]);
+        assert_eq!(out[2].2, vec![vec![2.0; 3], vec![12.0; 3], vec![22.0; 3]]);
+    }
+
+    #[test]
+    fn abort_wakes_blocked_ranks() {
+        let out = on_world(3, |t| {
+            if t.rank() == 1 {
+                t.abort();
+                return Err(CommError::Aborted);
+            }
+            let mut d = vec![1.0; 4];
+            all_reduce(t, &[0, 1, 2], &mut d, ReduceOp::Sum)
+        });
+        assert!(out.iter().all(|r| r.is_err()));
+    }
+}
