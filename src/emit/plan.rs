@@ -113,6 +113,7 @@ struct Body<'a> {
     open: Vec<RegionId>,
     notes: HashMap<RegionId, (usize, RegionId)>,
     signature: HashMap<RegionId, String>,
+    ranges: HashMap<RegionId, (usize, usize)>,
 }
 
 impl<'a> Body<'a> {
@@ -124,7 +125,7 @@ impl<'a> Body<'a> {
             lines,
             open: Vec::new(),
             notes: HashMap::new(),
-            signature: HashMap::new(),
+            signature: HashMap::new(), ranges: HashMap::new(),
         }
     }
 
@@ -152,6 +153,7 @@ impl<'a> Body<'a> {
             self.close_to(common);
             if let Some(&r) = chain.get(common) {
                 let end = self.region_end(i, r);
+                self.ranges.insert(r, (i, end));
                 let parent = self.view.parent(r);
                 if let Some((prev, count)) = last_sibling.get(&parent).copied() {
                     if self.same(prev, r) {
@@ -245,13 +247,7 @@ impl<'a> Body<'a> {
             .region(r)
             .map(|x| x.path.clone())
             .unwrap_or_default();
-        let start = self
-            .view
-            .nodes
-            .iter()
-            .position(|n| self.view.chain(self.view.node_region(n)).contains(&r))
-            .unwrap_or(self.view.nodes.len());
-        let end = self.region_end(start, r);
+        let (start, end) = self.ranges.get(&r).copied().unwrap_or_default();
         let mut local: HashMap<ValueId, usize> = HashMap::new();
         let mut s = String::new();
         for i in start..end {
