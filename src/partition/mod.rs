@@ -11,7 +11,7 @@ use crate::mesh::Mesh;
 use crate::sharding::{Placement, Sharding};
 use crate::span::Span;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Why a collective (or local slice) is in the program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,7 +103,7 @@ struct Partitioner<'a> {
     origin: Vec<Option<ValueId>>,
     provenance: BTreeMap<NodeId, Provenance>,
     home: Vec<Option<(ValueId, Placement)>>,
-    avail: HashMap<(ValueId, Placement), ValueId>,
+    avail: Vec<Vec<(Placement, ValueId)>>,
 }
 
 impl<'a> Partitioner<'a> {
@@ -128,7 +128,7 @@ impl<'a> Partitioner<'a> {
             origin: Vec::new(),
             provenance: BTreeMap::new(),
             home: vec![None; g.num_values()],
-            avail: HashMap::new(),
+            avail: vec![Vec::new(); g.num_values()],
         }
     }
 
@@ -178,20 +178,20 @@ impl<'a> Partitioner<'a> {
         self.placements.push(pl.clone());
         self.origin.push(Some(v));
         self.home[v.index()] = Some((l, pl.clone()));
-        self.avail.insert((v, pl), l);
+        self.avail[v.index()].push((pl, l));
         Ok(l)
     }
 
     /// The local value holding global `v` in placement `want`, resharding if needed.
     fn get(&mut self, v: ValueId, want: &Placement, user: &Use) -> Result<ValueId, PartitionError> {
-        if let Some(&l) = self.avail.get(&(v, want.clone())) {
-            return Ok(l);
+        if let Some((_, l)) = self.avail[v.index()].iter().find(|(p, _)| p == want) {
+            return Ok(*l);
         }
         let Some((l, from)) = self.home[v.index()].clone() else {
             return self.materialize(v, want.clone());
         };
         let r = self.reshard(l, v, &from, want, user)?;
-        self.avail.insert((v, want.clone()), r);
+        self.avail[v.index()].push((want.clone(), r));
         Ok(r)
     }
 
@@ -260,7 +260,7 @@ impl<'a> Partitioner<'a> {
                 l
             };
             self.home[o.index()] = Some((l, placed.clone()));
-            self.avail.insert((o, placed), l);
+            self.avail[o.index()].push((placed, l));
         }
         Ok(())
     }

@@ -109,6 +109,15 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             rule(&n.op, &ins, &outs)
         })
         .collect();
+    let compute: Vec<f64> = g
+        .nodes()
+        .map(|(_, n)| {
+            let ins: Vec<_> = n.inputs.iter().map(|v| g.ty(*v)).collect();
+            let outs: Vec<_> = n.outputs.iter().map(|v| g.ty(*v)).collect();
+            let dtype = outs.first().map(|t| t.dtype).unwrap_or(crate::ir::Dtype::F32);
+            cost::compute_time(cost::flops(&n.op, &ins, &outs), dtype, dev)
+        })
+        .collect();
     let mut strategies: Vec<Vec<Strategy>> = vec![Vec::new(); g.num_nodes()];
     let mut states: Vec<Vec<AxisPl>> = vec![Vec::new(); g.num_values()];
     for a in 0..mesh.rank() {
@@ -121,6 +130,7 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             fixed: &fixed,
             free: &free,
             rules: &rules,
+            compute: &compute,
         };
         let (choice, st) = ctx.run(&strategies);
         for (i, s) in choice.into_iter().enumerate() {
@@ -206,6 +216,7 @@ struct AxisCtx<'a> {
     fixed: &'a [Option<Placement>],
     free: &'a [bool],
     rules: &'a [Option<Rule>],
+    compute: &'a [f64],
 }
 
 impl AxisCtx<'_> {
@@ -448,18 +459,8 @@ impl AxisCtx<'_> {
                 c += self.reshard(v, st[v.index()], req);
             }
         }
-        let ins: Vec<_> = node.inputs.iter().map(|v| g.ty(*v)).collect();
-        let outs: Vec<_> = node.outputs.iter().map(|v| g.ty(*v)).collect();
-        let frac = if s.label.is_some() {
-            1.0 / self.n as f64
-        } else {
-            1.0
-        };
-        let dtype = outs
-            .first()
-            .map(|t| t.dtype)
-            .unwrap_or(crate::ir::Dtype::F32);
-        c += cost::compute_time(cost::flops(&node.op, &ins, &outs) * frac, dtype, dev);
+        let frac = if s.label.is_some() { 1.0 / self.n as f64 } else { 1.0 };
+        c += self.compute[id.index()] * frac;
         if s.internal {
             let rows = g.ty(node.inputs[1]).size_bytes() as f64;
             c += 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev);
