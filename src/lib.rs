@@ -3,6 +3,7 @@
 
 pub mod diag;
 pub mod driver;
+pub mod exec;
 pub mod ir;
 pub mod lower;
 pub mod span;
