@@ -15,7 +15,13 @@ use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
 
 const SMALL: &[(&str, i64)] = &[("H", 256), ("S", 64), ("B", 2), ("NH", 8)];
-const GPT3: &[(&str, i64)] = &[("L", 96), ("H", 12288), ("NH", 96), ("S", 2048), ("V", 50304)];
+const GPT3: &[(&str, i64)] = &[
+    ("L", 96),
+    ("H", 12288),
+    ("NH", 96),
+    ("S", 2048),
+    ("V", 50304),
+];
 
 fn sets(base: &[(&str, i64)], l: Option<i64>) -> Vec<(String, i64)> {
     let mut v: Vec<(String, i64)> = base.iter().map(|(k, v)| (k.to_string(), *v)).collect();
@@ -31,15 +37,26 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn time_n(n: usize, mut f: impl FnMut()) -> Duration {
-    median((0..n).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed()
-    }).collect())
+    median(
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
 }
 
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())).unwrap_or(0)
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -53,11 +70,30 @@ fn process(args: &[String], runs: usize) -> (Duration, Option<u64>) {
     let mut best = Duration::MAX;
     for _ in 0..runs {
         let t = Instant::now();
-        let ok = Command::new(exe).args(args).output().expect("tpc runs").status.success();
+        let ok = Command::new(exe)
+            .args(args)
+            .output()
+            .expect("tpc runs")
+            .status
+            .success();
         assert!(ok, "tpc {args:?} failed");
         best = best.min(t.elapsed());
     }
-    let rss = Command::new("/usr/bin/time").arg("-f").arg("%M").arg(exe).args(args).output().ok().and_then(|o| String::from_utf8_lossy(&o.stderr).lines().last()?.trim().parse().ok());
+    let rss = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg(exe)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()?
+                .trim()
+                .parse()
+                .ok()
+        });
     (best, rss)
 }
 
@@ -67,15 +103,32 @@ fn main() {
     println!("cpu: {}", cpu());
 
     println!("\n## front end: parse + lower + verify (in process, median)");
-    let base = time_n(21, || drop(compile_global(&src, &sets(SMALL, Some(1))).unwrap()));
+    let base = time_n(21, || {
+        drop(compile_global(&src, &sets(SMALL, Some(1))).unwrap())
+    });
     println!("{:<28} {:>10.3} ms  (reference)", "H=256 L=1", ms(base));
     for l in [64, 1024] {
         let n = if l > 100 { 5 } else { 11 };
-        let t = time_n(n, || drop(compile_global(&src, &sets(SMALL, Some(l))).unwrap()));
-        println!("{:<28} {:>10.3} ms  {:>8.1}x L=1  ({:.1} µs/layer)", format!("H=256 L={l}"), ms(t), ms(t) / ms(base), ms(t) * 1e3 / l as f64);
+        let t = time_n(n, || {
+            drop(compile_global(&src, &sets(SMALL, Some(l))).unwrap())
+        });
+        println!(
+            "{:<28} {:>10.3} ms  {:>8.1}x L=1  ({:.1} µs/layer)",
+            format!("H=256 L={l}"),
+            ms(t),
+            ms(t) / ms(base),
+            ms(t) * 1e3 / l as f64
+        );
     }
-    let t = time_n(11, || drop(compile_global(&src, &sets(GPT3, None)).unwrap()));
-    println!("{:<28} {:>10.3} ms  {:>8.1}x L=1  (target <= 5 ms)", "175B (L=96, H=12288)", ms(t), ms(t) / ms(base));
+    let t = time_n(11, || {
+        drop(compile_global(&src, &sets(GPT3, None)).unwrap())
+    });
+    println!(
+        "{:<28} {:>10.3} ms  {:>8.1}x L=1  (target <= 5 ms)",
+        "175B (L=96, H=12288)",
+        ms(t),
+        ms(t) / ms(base)
+    );
 
     println!("\n## phases at degree 8 (in process, median)");
     for l in [1, 64, 1024] {
@@ -83,7 +136,9 @@ fn main() {
         let mesh = Mesh::degree(8).unwrap().with_declared(&g.mesh_axes);
         let dev = Device::default();
         let n = if l > 100 { 3 } else { 11 };
-        let tp = time_n(n, || drop(tpc::sharding::propagate(&g, &mesh, &dev).unwrap()));
+        let tp = time_n(n, || {
+            drop(tpc::sharding::propagate(&g, &mesh, &dev).unwrap())
+        });
         let sh = tpc::sharding::propagate(&g, &mesh, &dev).unwrap();
         let tpart = time_n(n, || drop(tpc::partition::partition(&g, &sh).unwrap()));
         let plan = Plan::build(g.clone(), mesh.clone(), dev).unwrap();
@@ -94,10 +149,21 @@ fn main() {
 
     println!("\n## whole compile, as a process (min of runs)");
     let (start, _) = process(&["--version".to_string()], 5);
-    println!("{:<28} {:>10.3} ms  (reference: process start)", "tpc --version", ms(start));
+    println!(
+        "{:<28} {:>10.3} ms  (reference: process start)",
+        "tpc --version",
+        ms(start)
+    );
     let mut t64 = Duration::ZERO;
     for l in [1i64, 16, 64, 1024] {
-        let mut args = vec!["compile".to_string(), "examples/gpt.tpl".into(), "--degree".into(), "8".into(), "-o".into(), "/dev/null".into()];
+        let mut args = vec![
+            "compile".to_string(),
+            "examples/gpt.tpl".into(),
+            "--degree".into(),
+            "8".into(),
+            "-o".into(),
+            "/dev/null".into(),
+        ];
         for (k, v) in sets(SMALL, Some(l)) {
             args.push("--set".into());
             args.push(format!("{k}={v}"));
@@ -111,20 +177,51 @@ fn main() {
             1024 => format!(" ({:.1}x L=64, target <= 20x)", ms(t) / ms(t64)),
             _ => String::new(),
         };
-        println!("{:<28} {:>10.3} ms  {:>6.1}x start  peak RSS {} KiB{extra}", format!("degree 8, L={l}"), ms(t), ms(t) / ms(start), rss.map(|r| r.to_string()).unwrap_or("?".into()));
+        println!(
+            "{:<28} {:>10.3} ms  {:>6.1}x start  peak RSS {} KiB{extra}",
+            format!("degree 8, L={l}"),
+            ms(t),
+            ms(t) / ms(start),
+            rss.map(|r| r.to_string()).unwrap_or("?".into())
+        );
     }
-    let mut args = vec!["compile".to_string(), "examples/gpt.tpl".into(), "--degree".into(), "8".into(), "-o".into(), "/dev/null".into()];
+    let mut args = vec![
+        "compile".to_string(),
+        "examples/gpt.tpl".into(),
+        "--degree".into(),
+        "8".into(),
+        "-o".into(),
+        "/dev/null".into(),
+    ];
     for (k, v) in sets(GPT3, None) {
         args.push("--set".into());
         args.push(format!("{k}={v}"));
     }
     let (t, rss) = process(&args, 7);
-    println!("{:<28} {:>10.3} ms  {:>6.1}x start  peak RSS {} KiB (targets <= 100 ms, < 100 MB)", "degree 8, 175B shape", ms(t), ms(t) / ms(start), rss.map(|r| r.to_string()).unwrap_or("?".into()));
+    println!(
+        "{:<28} {:>10.3} ms  {:>6.1}x start  peak RSS {} KiB (targets <= 100 ms, < 100 MB)",
+        "degree 8, 175B shape",
+        ms(t),
+        ms(t) / ms(start),
+        rss.map(|r| r.to_string()).unwrap_or("?".into())
+    );
 }
 
 fn cpu() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let model = info
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
     let avx512 = info.contains("avx512f");
-    format!("{model} ({} cores, {})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), if avx512 { "AVX-512" } else { "AVX2" })
+    format!(
+        "{model} ({} cores, {})",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        if avx512 { "AVX-512" } else { "AVX2" }
+    )
 }

@@ -1,5 +1,6 @@
 //! tpc: a tensor-parallel compiler. A `.tpl` program is parsed (`syntax`), lowered to the typed
-//! IR (`lower`, `ir`), verified, sharded over a `mesh` (`sharding`), and emitted (`emit`).
+//! IR (`lower`, `ir`), verified, sharded over a `mesh` (`sharding`, `partition`), planned and
+//! costed (`plan`), emitted (`emit`), and executed on simulated devices (`exec`).
 
 pub mod cost;
 pub mod diag;

@@ -125,7 +125,8 @@ impl<'a> Body<'a> {
             lines,
             open: Vec::new(),
             notes: HashMap::new(),
-            signature: HashMap::new(), ranges: HashMap::new(),
+            signature: HashMap::new(),
+            ranges: HashMap::new(),
         }
     }
 

@@ -47,7 +47,10 @@ pub trait Transport: Send {
 
 /// Position of `rank` in `group` (the group lists world ranks in coordinate order).
 fn position(group: &[usize], rank: usize) -> usize {
-    group.iter().position(|&r| r == rank).expect("a rank belongs to its own groups")
+    group
+        .iter()
+        .position(|&r| r == rank)
+        .expect("a rank belongs to its own groups")
 }
 
 /// Chunk boundaries splitting `n` elements into `k` nearly equal contiguous parts.
@@ -66,13 +69,22 @@ fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommE
     if got.len() == want {
         Ok(got)
     } else {
-        Err(CommError::Length { from, got: got.len(), want })
+        Err(CommError::Length {
+            from,
+            got: got.len(),
+            want,
+        })
     }
 }
 
 /// Ring reduce-scatter of `data` over `group`: afterwards this rank's chunk `position` (of
 /// `bounds(len, k)`) holds the reduction; returns that chunk.
-fn ring_reduce_scatter(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+fn ring_reduce_scatter(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    op: ReduceOp,
+) -> Result<Vec<f32>, CommError> {
     let k = group.len();
     let me = position(group, t.rank());
     let b = bounds(data.len(), k);
@@ -97,14 +109,22 @@ fn ring_reduce_scatter(t: &mut dyn Transport, group: &[usize], data: &mut [f32],
 
 /// Ring all-gather: every rank contributes `mine` (chunk `position` of a buffer of `lens`
 /// chunk lengths); returns the concatenation in group order.
-fn ring_all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32], lens: &[usize]) -> Result<Vec<f32>, CommError> {
+fn ring_all_gather(
+    t: &mut dyn Transport,
+    group: &[usize],
+    mine: &[f32],
+    lens: &[usize],
+) -> Result<Vec<f32>, CommError> {
     let k = group.len();
     let me = position(group, t.rank());
-    let starts: Vec<usize> = lens.iter().scan(0, |acc, l| {
-        let s = *acc;
-        *acc += l;
-        Some(s)
-    }).collect();
+    let starts: Vec<usize> = lens
+        .iter()
+        .scan(0, |acc, l| {
+            let s = *acc;
+            *acc += l;
+            Some(s)
+        })
+        .collect();
     let total: usize = lens.iter().sum();
     let mut out = vec![0.0f32; total];
     out[starts[me]..starts[me] + lens[me]].copy_from_slice(mine);
@@ -115,7 +135,10 @@ fn ring_all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32], lens: &
     for s in 0..k - 1 {
         let send_c = (me + k - s) % k;
         let recv_c = (me + k - s - 1) % k;
-        t.send(next, out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec())?;
+        t.send(
+            next,
+            out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec(),
+        )?;
         let got = expect_len(t.recv(prev)?, lens[recv_c], prev)?;
         out[starts[recv_c]..starts[recv_c] + lens[recv_c]].copy_from_slice(&got);
     }
@@ -123,7 +146,12 @@ fn ring_all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32], lens: &
 }
 
 /// Reduces `data` over `group` in place (ring: reduce-scatter, then all-gather).
-pub fn all_reduce(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+pub fn all_reduce(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    op: ReduceOp,
+) -> Result<(), CommError> {
     let k = group.len();
     if k == 1 {
         return Ok(());
@@ -137,18 +165,31 @@ pub fn all_reduce(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: 
 }
 
 /// Concatenates every rank's `mine` (all the same length) in group order.
-pub fn all_gather(t: &mut dyn Transport, group: &[usize], mine: &[f32]) -> Result<Vec<f32>, CommError> {
+pub fn all_gather(
+    t: &mut dyn Transport,
+    group: &[usize],
+    mine: &[f32],
+) -> Result<Vec<f32>, CommError> {
     ring_all_gather(t, group, mine, &vec![mine.len(); group.len()])
 }
 
 /// Reduces `data` (k equal contiguous chunks, chunk i for the i-th rank of the group) and returns
 /// this rank's reduced chunk.
-pub fn reduce_scatter(t: &mut dyn Transport, group: &[usize], data: &mut [f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+pub fn reduce_scatter(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    op: ReduceOp,
+) -> Result<Vec<f32>, CommError> {
     ring_reduce_scatter(t, group, data, op)
 }
 
 /// Sends `chunks[i]` to the i-th rank of the group; returns the chunks received, in group order.
-pub fn all_to_all(t: &mut dyn Transport, group: &[usize], mut chunks: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CommError> {
+pub fn all_to_all(
+    t: &mut dyn Transport,
+    group: &[usize],
+    mut chunks: Vec<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>, CommError> {
     let k = group.len();
     let me = position(group, t.rank());
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); k];
@@ -179,8 +220,10 @@ impl ThreadTransport {
     pub fn world(n: usize) -> Vec<ThreadTransport> {
         let aborted = Arc::new(AtomicBool::new(false));
         // chans[from][to]
-        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         for from in 0..n {
             for to in 0..n {
                 let (s, r) = channel();
@@ -194,8 +237,14 @@ impl ThreadTransport {
             .enumerate()
             .map(|(rank, (s, r))| ThreadTransport {
                 rank,
-                senders: s.into_iter().map(|x| x.expect("every pair connected")).collect(),
-                receivers: r.into_iter().map(|x| x.expect("every pair connected")).collect(),
+                senders: s
+                    .into_iter()
+                    .map(|x| x.expect("every pair connected"))
+                    .collect(),
+                receivers: r
+                    .into_iter()
+                    .map(|x| x.expect("every pair connected"))
+                    .collect(),
                 aborted: aborted.clone(),
             })
             .collect()
@@ -215,7 +264,9 @@ impl Transport for ThreadTransport {
         if self.aborted.load(Ordering::Relaxed) {
             return Err(CommError::Aborted);
         }
-        self.senders[to].send(data).map_err(|_| CommError::Disconnected(to))
+        self.senders[to]
+            .send(data)
+            .map_err(|_| CommError::Disconnected(to))
     }
 
     fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
@@ -242,7 +293,10 @@ mod tests {
     use super::*;
 
     /// Runs `f` on every rank of a thread world and returns the results in rank order.
-    fn on_world<T: Send + 'static>(n: usize, f: impl Fn(&mut ThreadTransport) -> T + Send + Sync + 'static) -> Vec<T> {
+    fn on_world<T: Send + 'static>(
+        n: usize,
+        f: impl Fn(&mut ThreadTransport) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let f = Arc::new(f);
         let handles: Vec<_> = ThreadTransport::world(n)
             .into_iter()
@@ -268,7 +322,9 @@ mod tests {
                     all_reduce(t, &group, &mut d, ReduceOp::Sum).unwrap();
                     d
                 });
-                let want: Vec<f32> = (0..len).map(|i| (0..n).map(|r| data(r, len)[i]).sum()).collect();
+                let want: Vec<f32> = (0..len)
+                    .map(|i| (0..n).map(|r| data(r, len)[i]).sum())
+                    .collect();
                 for o in &out {
                     assert_eq!(o, &out[0], "every rank gets the same bits");
                     for (a, b) in o.iter().zip(&want) {
@@ -301,7 +357,14 @@ mod tests {
             let g = all_gather(t, &group, &[r as f32, 10.0 + r as f32]).unwrap();
             let mut d: Vec<f32> = (0..6).map(|i| (i + r) as f32).collect();
             let s = reduce_scatter(t, &group, &mut d, ReduceOp::Sum).unwrap();
-            let a = all_to_all(t, &group, (0..3).map(|to| vec![(r * 10 + to) as f32; to + 1]).collect()).unwrap();
+            let a = all_to_all(
+                t,
+                &group,
+                (0..3)
+                    .map(|to| vec![(r * 10 + to) as f32; to + 1])
+                    .collect(),
+            )
+            .unwrap();
             (g, s, a)
         });
         assert_eq!(out[1].0, vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);

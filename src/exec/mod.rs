@@ -1,1 +1,17 @@
+//! Execution on the CPU: numpy-exact kernels (`kernels`), the op dispatcher (`apply`), the
+//! unsharded reference interpreter (`reference`) and deterministic leaf generation (`init`).
+//!
+//! Tensors are `Tensor::F32` or `Tensor::I32`. Every float dtype (f32, bf16, f16) is stored and
+//! computed in f32; only `Op::Cast` (and `init`) round values to the narrower precision.
+
+mod apply;
 pub mod comm;
+mod error;
+pub mod init;
+pub mod kernels;
+pub mod reference;
+mod tensor;
+
+pub use apply::apply;
+pub use error::ExecError;
+pub use tensor::Tensor;

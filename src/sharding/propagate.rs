@@ -114,7 +114,10 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
         .map(|(_, n)| {
             let ins: Vec<_> = n.inputs.iter().map(|v| g.ty(*v)).collect();
             let outs: Vec<_> = n.outputs.iter().map(|v| g.ty(*v)).collect();
-            let dtype = outs.first().map(|t| t.dtype).unwrap_or(crate::ir::Dtype::F32);
+            let dtype = outs
+                .first()
+                .map(|t| t.dtype)
+                .unwrap_or(crate::ir::Dtype::F32);
             cost::compute_time(cost::flops(&n.op, &ins, &outs), dtype, dev)
         })
         .collect();
@@ -459,7 +462,11 @@ impl AxisCtx<'_> {
                 c += self.reshard(v, st[v.index()], req);
             }
         }
-        let frac = if s.label.is_some() { 1.0 / self.n as f64 } else { 1.0 };
+        let frac = if s.label.is_some() {
+            1.0 / self.n as f64
+        } else {
+            1.0
+        };
         c += self.compute[id.index()] * frac;
         if s.internal {
             let rows = g.ty(node.inputs[1]).size_bytes() as f64;

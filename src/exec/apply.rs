@@ -1,0 +1,224 @@
+//! The op dispatcher: checks operand kinds and arity, then calls the kernel for one op.
+
+use super::kernels as k;
+use super::{ExecError, Tensor};
+use crate::ir::{Op, UnaryOp};
+use ndarray::ArrayD;
+
+/// Applies a non-leaf `op` to `args` with global (unsharded) semantics; one tensor per result.
+pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
+    let name = op.name();
+    let one = |t: Tensor| Ok(vec![t]);
+    match op {
+        Op::Input { .. } | Op::Param { .. } => Err(ExecError::Leaf(name)),
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
+        | Op::ShardSlice { .. }
+        | Op::KeepOnFirst { .. }
+        | Op::VocabEmbedding { .. }
+        | Op::TargetLogit { .. } => Err(ExecError::Internal {
+            node: name.to_string(),
+            detail: "an SPMD op needs a rank (it runs in exec::spmd, not in the reference)".into(),
+        }),
+        Op::MatMul => {
+            let [a, b] = arity(name, args)?;
+            one(k::matmul(f32_arg(name, 0, a)?, f32_arg(name, 1, b)?)?.into())
+        }
+        Op::Binary { op: b } => {
+            let [x, y] = arity(name, args)?;
+            one(match (x, y) {
+                (Tensor::F32(x), Tensor::F32(y)) => k::binary_f32(*b, x, y)?.into(),
+                (Tensor::I32(x), Tensor::I32(y)) => k::binary_i32(*b, x, y)?.into(),
+                (x, y) => return Err(dtype(name, 1, x.kind(), y.kind())),
+            })
+        }
+        Op::Scalar {
+            op: b,
+            value,
+            scalar_lhs,
+        } => {
+            let [x] = arity(name, args)?;
+            one(match x {
+                Tensor::F32(x) => k::scalar_f32(*b, *value, *scalar_lhs, x).into(),
+                Tensor::I32(x) => k::scalar_i32(*b, *value, *scalar_lhs, x).into(),
+            })
+        }
+        Op::Unary { op: u } => one(unary(*u, args)?),
+        Op::Softmax { axis } => {
+            let [x] = arity(name, args)?;
+            one(k::softmax(f32_arg(name, 0, x)?, *axis)?.into())
+        }
+        Op::LayerNorm { eps } => one(layernorm(*eps, args)?.into()),
+        Op::RmsNorm { eps } => {
+            let [x, g] = arity(name, args)?;
+            one(k::rmsnorm(f32_arg(name, 0, x)?, f32_arg(name, 1, g)?, *eps)?.into())
+        }
+        Op::Reduce {
+            op: r,
+            axis,
+            keepdims,
+        } => {
+            let [x] = arity(name, args)?;
+            one(match x {
+                Tensor::F32(x) => k::reduce_f32(*r, x, *axis, *keepdims)?.into(),
+                Tensor::I32(x) => k::reduce_i32(*r, x, *axis, *keepdims)?.into(),
+            })
+        }
+        Op::Transpose { perm } => layout1(
+            name,
+            args,
+            |x| k::transpose(x, perm),
+            |x| k::transpose(x, perm),
+        ),
+        Op::Reshape { shape } => layout1(
+            name,
+            args,
+            |x| k::reshape(x, shape),
+            |x| k::reshape(x, shape),
+        ),
+        Op::Slice { axis, start, end } => layout1(
+            name,
+            args,
+            |x| k::slice(x, *axis, *start, *end),
+            |x| k::slice(x, *axis, *start, *end),
+        ),
+        Op::Split { axis, sizes } => {
+            let [x] = arity(name, args)?;
+            Ok(match x {
+                Tensor::F32(x) => k::split(x, *axis, sizes)?
+                    .into_iter()
+                    .map(Tensor::F32)
+                    .collect(),
+                Tensor::I32(x) => k::split(x, *axis, sizes)?
+                    .into_iter()
+                    .map(Tensor::I32)
+                    .collect(),
+            })
+        }
+        Op::Concat { axis } => one(concat(args, *axis)?),
+        Op::Embedding => {
+            let [ids, table] = arity(name, args)?;
+            one(k::embedding(i32_arg(name, 0, ids)?, f32_arg(name, 1, table)?)?.into())
+        }
+        Op::CrossEntropy => {
+            let [logits, labels] = arity(name, args)?;
+            one(k::cross_entropy(f32_arg(name, 0, logits)?, i32_arg(name, 1, labels)?)?.into())
+        }
+        Op::CausalMask => {
+            let [x] = arity(name, args)?;
+            one(k::causal_mask(f32_arg(name, 0, x)?)?.into())
+        }
+        Op::Cast { to } => {
+            let [x] = arity(name, args)?;
+            one(k::cast(x, *to))
+        }
+    }
+}
+
+/// The operands as an array of exactly `N`, or an arity error.
+fn arity<'a, const N: usize>(
+    op: &'static str,
+    args: &[&'a Tensor],
+) -> Result<[&'a Tensor; N], ExecError> {
+    args.try_into().map_err(|_| ExecError::Arity {
+        op,
+        expected: ["0", "1", "2", "3"].get(N).copied().unwrap_or("?"),
+        got: args.len(),
+    })
+}
+
+/// A storage-kind error for operand `index`.
+fn dtype(op: &'static str, index: usize, expected: &'static str, got: &'static str) -> ExecError {
+    ExecError::Dtype {
+        op,
+        index,
+        expected,
+        got,
+    }
+}
+
+/// Operand `index` as f32, or a kind error.
+fn f32_arg<'a>(
+    op: &'static str,
+    index: usize,
+    t: &'a Tensor,
+) -> Result<&'a ArrayD<f32>, ExecError> {
+    t.as_f32().ok_or_else(|| dtype(op, index, "f32", t.kind()))
+}
+
+/// Operand `index` as i32, or a kind error.
+fn i32_arg<'a>(
+    op: &'static str,
+    index: usize,
+    t: &'a Tensor,
+) -> Result<&'a ArrayD<i32>, ExecError> {
+    t.as_i32().ok_or_else(|| dtype(op, index, "i32", t.kind()))
+}
+
+/// A unary function on f32, or `neg` on i32.
+fn unary(u: UnaryOp, args: &[&Tensor]) -> Result<Tensor, ExecError> {
+    let [x] = arity(u.name(), args)?;
+    Ok(match x {
+        Tensor::F32(x) => k::unary_f32(u, x).into(),
+        Tensor::I32(x) => k::unary_i32(u, x)?.into(),
+    })
+}
+
+/// Layer norm with 2 (x, scale) or 3 (x, scale, bias) operands.
+fn layernorm(eps: f64, args: &[&Tensor]) -> Result<ArrayD<f32>, ExecError> {
+    const OP: &str = "layernorm";
+    let f = |i: usize| f32_arg(OP, i, args[i]);
+    match args.len() {
+        2 => k::layernorm(f(0)?, f(1)?, None, eps),
+        3 => k::layernorm(f(0)?, f(1)?, Some(f(2)?), eps),
+        got => Err(ExecError::Arity {
+            op: OP,
+            expected: "2 or 3",
+            got,
+        }),
+    }
+}
+
+/// A one-operand layout op on either storage kind.
+fn layout1(
+    op: &'static str,
+    args: &[&Tensor],
+    f: impl Fn(&ArrayD<f32>) -> Result<ArrayD<f32>, ExecError>,
+    g: impl Fn(&ArrayD<i32>) -> Result<ArrayD<i32>, ExecError>,
+) -> Result<Vec<Tensor>, ExecError> {
+    let [x] = arity(op, args)?;
+    Ok(vec![match x {
+        Tensor::F32(x) => f(x)?.into(),
+        Tensor::I32(x) => g(x)?.into(),
+    }])
+}
+
+/// Concatenation of operands that all have the first one's storage kind.
+fn concat(args: &[&Tensor], axis: usize) -> Result<Tensor, ExecError> {
+    const OP: &str = "concat";
+    match args.first() {
+        None => Err(ExecError::Arity {
+            op: OP,
+            expected: "at least 1",
+            got: 0,
+        }),
+        Some(Tensor::F32(_)) => {
+            let xs = args
+                .iter()
+                .enumerate()
+                .map(|(i, t)| f32_arg(OP, i, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(k::concat(&xs, axis)?.into())
+        }
+        Some(Tensor::I32(_)) => {
+            let xs = args
+                .iter()
+                .enumerate()
+                .map(|(i, t)| i32_arg(OP, i, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(k::concat(&xs, axis)?.into())
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Kernels with data-dependent indexing or masking: embedding, cross-entropy, causal mask.
+
+use super::norm::lane_max;
+use super::{check_min_rank, from_vec, row_major};
+use crate::exec::ExecError;
+use ndarray::{ArrayD, IxDyn};
+
+/// Row lookup: `ids` of any shape, `table[V, H]`; result `ids.shape + [H]`. Ids outside
+/// `[0, V)` are an error.
+pub fn embedding(ids: &ArrayD<i32>, table: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
+    const OP: &str = "embedding";
+    let &[vocab, h] = table.shape() else {
+        return Err(ExecError::shape(
+            OP,
+            format!("table must be 2-D, got {:?}", table.shape()),
+        ));
+    };
+    let t = row_major(table);
+    let mut out = Vec::with_capacity(ids.len() * h);
+    for (position, &id) in ids.iter().enumerate() {
+        let row = usize::try_from(id).ok().filter(|&r| r < vocab);
+        let row = row.ok_or(ExecError::IdOutOfRange {
+            id: id as i64,
+            position,
+            vocab,
+        })?;
+        out.extend_from_slice(&t[row * h..(row + 1) * h]);
+    }
+    let mut shape = ids.shape().to_vec();
+    shape.push(h);
+    from_vec(OP, shape, out)
+}
+
+/// Mean over all positions of `logsumexp(logits) - logits[label]`; logits `[..., V]`, labels
+/// `[...]`; result an f32 scalar (NaN when there are no positions). Labels outside `[0, V)`
+/// are an error.
+pub fn cross_entropy(logits: &ArrayD<f32>, labels: &ArrayD<i32>) -> Result<ArrayD<f32>, ExecError> {
+    const OP: &str = "cross_entropy";
+    check_min_rank(OP, logits.shape(), 1)?;
+    let (batch, classes) = logits.shape().split_at(logits.ndim() - 1);
+    let classes = classes[0];
+    if labels.shape() != batch {
+        let detail = format!("labels {:?} must have shape {batch:?}", labels.shape());
+        return Err(ExecError::shape(OP, detail));
+    }
+    let x = row_major(logits);
+    let mut total = 0.0f64;
+    for (position, &label) in labels.iter().enumerate() {
+        let col = usize::try_from(label).ok().filter(|&c| c < classes);
+        let col = col.ok_or(ExecError::LabelOutOfRange {
+            label: label as i64,
+            position,
+            classes,
+        })?;
+        let row = &x[position * classes..(position + 1) * classes];
+        total += logsumexp(row) - row[col] as f64;
+    }
+    let mean = (total / labels.len() as f64) as f32;
+    Ok(ArrayD::from_elem(IxDyn(&[]), mean))
+}
+
+/// `log Σ exp(row)` with max subtraction, in f64 (NaN for a row of -inf or with +inf, as numpy).
+fn logsumexp(row: &[f32]) -> f64 {
+    let m = lane_max(row) as f64;
+    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// Sets entry (i, j) of the last two dims `[.., Sq, Sk]` to -inf where `j > i + (Sk - Sq)`.
+pub fn causal_mask(x: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
+    const OP: &str = "causal_mask";
+    check_min_rank(OP, x.shape(), 2)?;
+    let (sq, sk) = (x.shape()[x.ndim() - 2], x.shape()[x.ndim() - 1]);
+    let offset = sk as i64 - sq as i64;
+    let mut data: Vec<f32> = x.iter().copied().collect();
+    if sq * sk > 0 {
+        for mat in data.chunks_exact_mut(sq * sk) {
+            for (i, row) in mat.chunks_exact_mut(sk).enumerate() {
+                let first = (i as i64 + offset + 1).clamp(0, sk as i64) as usize;
+                row[first..].fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+    from_vec(OP, x.shape().to_vec(), data)
+}

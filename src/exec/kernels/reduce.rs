@@ -1,0 +1,61 @@
+//! Reductions of one axis (sum, mean, max), optionally keeping the axis with size 1.
+
+use super::check_axis;
+use super::norm::lane_max;
+use crate::exec::ExecError;
+use crate::ir::ReduceOp;
+use ndarray::{ArrayD, Axis};
+
+/// Reduces `axis` of a float tensor. Sum and mean accumulate in f64; mean of an empty axis is
+/// NaN and max of an empty axis is an error (numpy: no identity); max propagates NaN.
+pub fn reduce_f32(
+    op: ReduceOp,
+    x: &ArrayD<f32>,
+    axis: usize,
+    keepdims: bool,
+) -> Result<ArrayD<f32>, ExecError> {
+    check_reduce(op, x.shape(), axis)?;
+    let out = x.map_axis(Axis(axis), |lane| match op {
+        ReduceOp::Sum => lane.iter().map(|&v| v as f64).sum::<f64>() as f32,
+        ReduceOp::Mean => (lane.iter().map(|&v| v as f64).sum::<f64>() / lane.len() as f64) as f32,
+        ReduceOp::Max => lane_max(lane.iter()),
+    });
+    Ok(keep(out, axis, keepdims))
+}
+
+/// Reduces `axis` of an i32 tensor: sum wraps to i32, mean truncates toward zero (0 when empty).
+pub fn reduce_i32(
+    op: ReduceOp,
+    x: &ArrayD<i32>,
+    axis: usize,
+    keepdims: bool,
+) -> Result<ArrayD<i32>, ExecError> {
+    check_reduce(op, x.shape(), axis)?;
+    let out = x.map_axis(Axis(axis), |lane| {
+        let sum = || lane.iter().map(|&v| v as i64).sum::<i64>();
+        match op {
+            ReduceOp::Sum => sum() as i32,
+            ReduceOp::Mean => (sum() as f64 / lane.len() as f64) as i32,
+            ReduceOp::Max => lane.iter().copied().max().unwrap_or(i32::MIN),
+        }
+    });
+    Ok(keep(out, axis, keepdims))
+}
+
+/// Validates the axis, and rejects max over an empty axis.
+fn check_reduce(op: ReduceOp, shape: &[usize], axis: usize) -> Result<(), ExecError> {
+    check_axis(op.name(), shape.len(), axis)?;
+    if op == ReduceOp::Max && shape[axis] == 0 {
+        return Err(ExecError::EmptyReduction { op: op.name() });
+    }
+    Ok(())
+}
+
+/// Re-inserts the reduced axis with size 1 when `keepdims`.
+fn keep<T>(out: ArrayD<T>, axis: usize, keepdims: bool) -> ArrayD<T> {
+    if keepdims {
+        out.insert_axis(Axis(axis))
+    } else {
+        out
+    }
+}

@@ -1,0 +1,304 @@
+//! Edge cases of the kernels: broadcast corners, -inf rows, masks with Sq < Sk, keepdims, errors.
+
+use super::*;
+use crate::exec::{ExecError, Tensor};
+use crate::ir::{BinaryOp, Dtype, ReduceOp, UnaryOp};
+use ndarray::{array, ArrayD, IxDyn};
+
+/// An f32 array of `shape` holding 0, 1, 2, ...
+fn iota(shape: &[usize]) -> ArrayD<f32> {
+    let n = shape.iter().product::<usize>();
+    ArrayD::from_shape_vec(shape.to_vec(), (0..n).map(|i| i as f32).collect()).unwrap()
+}
+
+/// Naive matmul of two 2-D arrays.
+fn naive(a: &ArrayD<f32>, b: &ArrayD<f32>) -> ArrayD<f32> {
+    let (m, k, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
+    ArrayD::from_shape_fn(vec![m, n], |ix| {
+        (0..k).map(|p| a[[ix[0], p]] * b[[p, ix[1]]]).sum()
+    })
+}
+
+#[test]
+fn broadcast_shape_corners() {
+    assert_eq!(broadcast_shape(&[2, 1, 3], &[4, 1]), Some(vec![2, 4, 3]));
+    assert_eq!(broadcast_shape(&[], &[3]), Some(vec![3]));
+    assert_eq!(broadcast_shape(&[0], &[1]), Some(vec![0]));
+    assert_eq!(broadcast_shape(&[2], &[3]), None);
+}
+
+#[test]
+fn binary_broadcasts_both_ways() {
+    let a = iota(&[2, 1, 3]);
+    let b = iota(&[4, 1]);
+    let c = binary_f32(BinaryOp::Sub, &a, &b).unwrap();
+    assert_eq!(c.shape(), &[2, 4, 3]);
+    assert_eq!(c[[1, 2, 0]], a[[1, 0, 0]] - b[[2, 0]]);
+    let s = ArrayD::from_elem(IxDyn(&[]), 2.0f32);
+    let d = binary_f32(BinaryOp::Div, &s, &a).unwrap();
+    assert_eq!(d.shape(), a.shape());
+    assert_eq!(d[[0, 0, 1]], 2.0);
+    let bad = binary_f32(BinaryOp::Add, &iota(&[2]), &iota(&[3]));
+    assert!(matches!(bad, Err(ExecError::Shape { .. })));
+}
+
+#[test]
+fn maximum_propagates_nan() {
+    let a = array![1.0f32, f32::NAN, -1.0].into_dyn();
+    let b = array![f32::NAN, 0.0, 0.0].into_dyn();
+    let c = binary_f32(BinaryOp::Max, &a, &b).unwrap();
+    assert!(c[[0]].is_nan() && c[[1]].is_nan());
+    assert_eq!(c[[2]], 0.0);
+}
+
+#[test]
+fn i32_binary_and_scalar_semantics() {
+    let a = array![7, -7, 7, -7, 5].into_dyn();
+    let b = array![2, 2, -2, -2, 0].into_dyn();
+    let q = binary_i32(BinaryOp::Div, &a, &b).unwrap();
+    assert_eq!(q.as_slice().unwrap(), &[3, -4, -4, 3, 0]);
+    let s = scalar_i32(BinaryOp::Add, 1.0, false, &a);
+    assert_eq!(s[[1]], -6);
+    let h = scalar_i32(BinaryOp::Mul, 0.5, false, &a);
+    assert_eq!(h.as_slice().unwrap(), &[3, -3, 3, -3, 2]);
+    assert_eq!(unary_i32(UnaryOp::Neg, &a).unwrap()[[0]], -7);
+    assert!(unary_i32(UnaryOp::Exp, &a).is_err());
+}
+
+#[test]
+fn scalar_lhs_order() {
+    let x = array![1.0f32, 4.0].into_dyn();
+    assert_eq!(
+        scalar_f32(BinaryOp::Sub, 1.0, true, &x).as_slice().unwrap(),
+        &[0.0, -3.0]
+    );
+    assert_eq!(
+        scalar_f32(BinaryOp::Sub, 1.0, false, &x)
+            .as_slice()
+            .unwrap(),
+        &[0.0, 3.0]
+    );
+    assert_eq!(
+        scalar_f32(BinaryOp::Div, 2.0, true, &x).as_slice().unwrap(),
+        &[2.0, 0.5]
+    );
+}
+
+#[test]
+fn unary_values() {
+    let x = array![0.0f32, 1.0, -100.0, 100.0].into_dyn();
+    let g = unary_f32(UnaryOp::Gelu, &x);
+    assert_eq!(g[[0]], 0.0);
+    assert!((g[[1]] - 0.841_192).abs() < 1e-5);
+    assert_eq!(g[[2]], 0.0);
+    assert_eq!(g[[3]], 100.0);
+    let s = unary_f32(UnaryOp::Silu, &x);
+    assert_eq!(s[[2]], 0.0);
+    assert_eq!(s[[3]], 100.0);
+    assert_eq!(
+        unary_f32(UnaryOp::Rsqrt, &array![4.0f32].into_dyn())[[0]],
+        0.5
+    );
+    assert!(unary_f32(UnaryOp::Relu, &array![f32::NAN].into_dyn())[[0]].is_nan());
+}
+
+#[test]
+fn softmax_with_neg_inf() {
+    let x = array![[0.0f32, f32::NEG_INFINITY, 0.0], [f32::NEG_INFINITY; 3]].into_dyn();
+    let s = softmax(&x, 1).unwrap();
+    assert_eq!(s.row_slice(0), vec![0.5, 0.0, 0.5]);
+    assert!(s.row_slice(1).iter().all(|v| v.is_nan()));
+    let t = softmax(&iota(&[2, 3]), 0).unwrap();
+    assert!((t[[0, 1]] + t[[1, 1]] - 1.0).abs() < 1e-6);
+    assert!(softmax(&x, 2).is_err());
+}
+
+trait RowSlice {
+    fn row_slice(&self, i: usize) -> Vec<f32>;
+}
+
+impl RowSlice for ArrayD<f32> {
+    fn row_slice(&self, i: usize) -> Vec<f32> {
+        self.index_axis(ndarray::Axis(0), i)
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+#[test]
+fn norms() {
+    let x = array![[1.0f32, 2.0, 3.0, 4.0]].into_dyn();
+    let g = array![1.0f32, 1.0, 1.0, 2.0].into_dyn();
+    let b = array![0.0f32, 0.0, 1.0, 0.0].into_dyn();
+    let y = layernorm(&x, &g, Some(&b), 0.0).unwrap();
+    let inv = 1.0 / 1.25f32.sqrt();
+    assert!((y[[0, 0]] + 1.5 * inv).abs() < 1e-6);
+    assert!((y[[0, 2]] - (0.5 * inv + 1.0)).abs() < 1e-6);
+    assert!((y[[0, 3]] - 3.0 * inv).abs() < 1e-6);
+    let r = rmsnorm(&x, &g, 0.0).unwrap();
+    assert!((r[[0, 0]] - 1.0 / 7.5f32.sqrt()).abs() < 1e-6);
+    let bad = array![1.0f32, 2.0].into_dyn();
+    assert!(layernorm(&x, &bad, None, 1e-5).is_err());
+    assert!(rmsnorm(&ArrayD::from_elem(IxDyn(&[]), 1.0), &bad, 1e-5).is_err());
+}
+
+#[test]
+fn reductions_keepdims() {
+    let x = iota(&[2, 3, 4]);
+    let s = reduce_f32(ReduceOp::Sum, &x, 1, true).unwrap();
+    assert_eq!(s.shape(), &[2, 1, 4]);
+    assert_eq!(s[[1, 0, 2]], 14.0 + 18.0 + 22.0);
+    let m = reduce_f32(ReduceOp::Mean, &x, 2, false).unwrap();
+    assert_eq!(m.shape(), &[2, 3]);
+    assert_eq!(m[[0, 0]], 1.5);
+    let mx = reduce_f32(ReduceOp::Max, &x, 0, false).unwrap();
+    assert_eq!(mx[[2, 3]], 23.0);
+    let e = ArrayD::<f32>::zeros(vec![2, 0]);
+    assert!(matches!(
+        reduce_f32(ReduceOp::Max, &e, 1, false),
+        Err(ExecError::EmptyReduction { .. })
+    ));
+    assert!(reduce_f32(ReduceOp::Mean, &e, 1, false).unwrap()[[0]].is_nan());
+    let xi = array![[1, 2], [3, -8]].into_dyn();
+    assert_eq!(
+        reduce_i32(ReduceOp::Mean, &xi, 1, true)
+            .unwrap()
+            .as_slice()
+            .unwrap(),
+        &[1, -2]
+    );
+    assert!(reduce_f32(ReduceOp::Sum, &x, 3, false).is_err());
+}
+
+#[test]
+fn matmul_shapes_and_values() {
+    let a = iota(&[3, 4]);
+    let b = iota(&[4, 5]);
+    assert_eq!(matmul(&a, &b).unwrap(), naive(&a, &b));
+    // 1-D on either side, batch broadcast of b.
+    let v = iota(&[4]);
+    assert_eq!(matmul(&v, &iota(&[2, 4, 5])).unwrap().shape(), &[2, 5]);
+    assert_eq!(matmul(&a, &v).unwrap().shape(), &[3]);
+    assert_eq!(matmul(&v, &v).unwrap().shape(), &[] as &[usize]);
+    let ab = matmul(&iota(&[2, 1, 3, 4]), &iota(&[5, 4, 2])).unwrap();
+    assert_eq!(ab.shape(), &[2, 5, 3, 2]);
+    let slice = |x: &ArrayD<f32>, i: usize, j: usize| {
+        x.index_axis(ndarray::Axis(0), i)
+            .index_axis(ndarray::Axis(0), j)
+            .to_owned()
+    };
+    let lhs = iota(&[2, 1, 3, 4]);
+    let rhs = iota(&[5, 4, 2]);
+    let want = naive(
+        &slice(&lhs, 1, 0),
+        &rhs.index_axis(ndarray::Axis(0), 3).to_owned(),
+    );
+    assert_eq!(slice(&ab, 1, 3), want);
+    assert!(matmul(&a, &a).is_err());
+    assert!(matmul(&iota(&[2, 3, 4]), &iota(&[3, 4, 2])).is_err());
+    // k = 0 gives zeros; non-contiguous operands are handled.
+    assert_eq!(
+        matmul(&iota(&[2, 0]), &iota(&[0, 3])).unwrap(),
+        ArrayD::<f32>::zeros(vec![2, 3])
+    );
+    let at = a.t().to_owned().into_dyn();
+    let at_t = at.t().into_dyn();
+    assert_eq!(matmul(&at_t.to_owned(), &b).unwrap(), naive(&a, &b));
+    let at_view = at.view().reversed_axes().into_owned();
+    assert_eq!(matmul(&at_view, &b).unwrap(), naive(&a, &b));
+}
+
+#[test]
+fn layout_ops() {
+    let x = iota(&[2, 3, 4]);
+    let t = transpose(&x, &[2, 0, 1]).unwrap();
+    assert_eq!(t.shape(), &[4, 2, 3]);
+    assert_eq!(t[[3, 1, 2]], x[[1, 2, 3]]);
+    assert!(transpose(&x, &[0, 0, 1]).is_err());
+    let r = reshape(&t, &[8, 3]).unwrap();
+    assert_eq!(r[[7, 2]], t[[3, 1, 2]]);
+    assert!(reshape(&x, &[5, 5]).is_err());
+    let parts = split(&x, 2, &[1, 3]).unwrap();
+    assert_eq!(parts[1].shape(), &[2, 3, 3]);
+    assert_eq!(parts[1][[1, 1, 0]], x[[1, 1, 1]]);
+    assert!(split(&x, 2, &[1, 2]).is_err());
+    let c = concat(&[&parts[1], &parts[0]], 2).unwrap();
+    assert_eq!(c[[0, 0, 3]], x[[0, 0, 0]]);
+    assert!(concat(&[&x, &iota(&[2, 4, 4])], 2).is_err());
+    let s = slice(&x, 1, 1, 3).unwrap();
+    assert_eq!(s.shape(), &[2, 2, 4]);
+    assert_eq!(s[[0, 0, 0]], x[[0, 1, 0]]);
+    assert!(slice(&x, 1, 2, 4).is_err());
+}
+
+#[test]
+fn embedding_and_errors() {
+    let table = iota(&[5, 2]);
+    let ids = array![[4, 0], [1, 1]].into_dyn();
+    let e = embedding(&ids, &table).unwrap();
+    assert_eq!(e.shape(), &[2, 2, 2]);
+    assert_eq!(e[[0, 0, 1]], 9.0);
+    let bad = array![0, 5].into_dyn();
+    let err = embedding(&bad, &table).unwrap_err();
+    assert_eq!(
+        err,
+        ExecError::IdOutOfRange {
+            id: 5,
+            position: 1,
+            vocab: 5
+        }
+    );
+    assert!(embedding(&array![-1].into_dyn(), &table).is_err());
+}
+
+#[test]
+fn cross_entropy_values_and_errors() {
+    let logits = array![[0.0f32, 0.0], [0.0, f32::ln(3.0)]].into_dyn();
+    let labels = array![0, 1].into_dyn();
+    let l = cross_entropy(&logits, &labels).unwrap();
+    let want = (2f32.ln() + (4f32.ln() - 3f32.ln())) / 2.0;
+    assert!((l[[]] - want).abs() < 1e-6);
+    let bad = array![0, 2].into_dyn();
+    assert!(matches!(
+        cross_entropy(&logits, &bad),
+        Err(ExecError::LabelOutOfRange { label: 2, .. })
+    ));
+    assert!(cross_entropy(&logits, &array![0].into_dyn()).is_err());
+}
+
+#[test]
+fn causal_mask_rectangular() {
+    let x = ArrayD::<f32>::zeros(vec![2, 2, 4]);
+    let m = causal_mask(&x).unwrap();
+    let inf = f32::NEG_INFINITY;
+    assert_eq!(
+        m.row_slice(1).to_vec(),
+        vec![0.0, 0.0, 0.0, inf, 0.0, 0.0, 0.0, 0.0]
+    );
+    let tall = causal_mask(&ArrayD::<f32>::zeros(vec![3, 2])).unwrap();
+    assert_eq!(
+        tall.iter().copied().collect::<Vec<_>>(),
+        vec![inf, inf, 0.0, inf, 0.0, 0.0]
+    );
+    assert!(causal_mask(&iota(&[3])).is_err());
+}
+
+#[test]
+fn casts() {
+    assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0); // tie, rounds to even
+    assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0); // tie, rounds up to even
+    assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_f16(65520.0), f32::INFINITY);
+    let x = Tensor::F32(array![-1.7f32, 2.9, f32::NAN].into_dyn());
+    assert_eq!(
+        cast(&x, Dtype::I32),
+        Tensor::I32(array![-1, 2, 0].into_dyn())
+    );
+    let i = Tensor::I32(array![16_777_217].into_dyn());
+    assert_eq!(
+        cast(&i, Dtype::Bf16),
+        Tensor::F32(array![16_777_216.0f32].into_dyn())
+    );
+}
