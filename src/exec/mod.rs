@@ -9,7 +9,9 @@ pub mod comm;
 mod error;
 pub mod init;
 pub mod kernels;
+pub mod leaves;
 pub mod reference;
+pub mod spmd;
 mod tensor;
 
 pub use apply::apply;

@@ -242,6 +242,7 @@ impl<'a> Partitioner<'a> {
         let computed = self.sh.computed_placement(g, id);
         let outs = self.lower_op(id, ins, &reqs, &computed)?;
         for (&o, l) in node.outputs.iter().zip(outs) {
+            self.origin[l.index()] = Some(o);
             if let Some(name) = &g.value(o).name {
                 self.out.set_value_name(l, name.clone());
             }

@@ -123,7 +123,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 &rows(Some(PartialOp::Max), true),
-                origin,
+                None,
             )?[0];
             let m = self.all_reduce(
                 m,
@@ -139,7 +139,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 logits_pl,
-                origin,
+                None,
             )?[0];
             let e = self.emit(
                 Op::Unary { op: UnaryOp::Exp },
@@ -147,7 +147,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 logits_pl,
-                origin,
+                None,
             )?[0];
             let se = self.emit(
                 Op::Reduce {
@@ -159,7 +159,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 &rows(Some(PartialOp::Sum), false),
-                origin,
+                None,
             )?[0];
             let se = self.all_reduce(
                 se,
@@ -177,7 +177,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 &rows(Some(PartialOp::Sum), false),
-                origin,
+                None,
             )?[0];
             let t = self.all_reduce(
                 t,
@@ -193,7 +193,7 @@ impl Partitioner<'_> {
                 span,
                 region,
                 &rows(None, false),
-                origin,
+                None,
             )?[0];
             let per = self.emit(
                 Op::Binary { op: BinaryOp::Sub },
@@ -201,9 +201,13 @@ impl Partitioner<'_> {
                 span,
                 region,
                 &rows(None, false),
-                origin,
+                None,
             )?[0];
             let n = self.out.ty(per).numel();
+            let flat_pl = Placement {
+                dims: vec![labels_pl.dims.concat()],
+                partial: labels_pl.partial.clone(),
+            };
             if self.out.ty(per).rank() == 0 {
                 per
             } else {
@@ -212,8 +216,8 @@ impl Partitioner<'_> {
                     vec![per],
                     span,
                     region,
-                    computed,
-                    origin,
+                    &flat_pl,
+                    None,
                 )?[0];
                 self.emit(
                     Op::Reduce {
@@ -267,14 +271,7 @@ impl Partitioner<'_> {
                 size: self.mesh.axis_size(a),
                 reduce,
             };
-            v = self.emit(
-                op,
-                vec![v],
-                node.span,
-                node.region,
-                after,
-                node.outputs.first().copied(),
-            )?[0];
+            v = self.emit(op, vec![v], node.span, node.region, after, None)?[0];
             let logits = node.inputs[0];
             let value = super::describe_value(self.g, logits);
             self.provenance.insert(

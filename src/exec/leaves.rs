@@ -1,0 +1,125 @@
+//! Where a run's params and inputs come from: arrays given by name (from `.npz`) or generated
+//! from a seed; and how one rank takes its block of a global leaf.
+
+use super::init::{generate, generate_slice, Leaf};
+use super::{ExecError, Tensor};
+use crate::ir::{Graph, Op, ValueId};
+use crate::mesh::Mesh;
+use crate::sharding::Placement;
+use ndarray::{ArrayD, Slice};
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// The global params and inputs of a run.
+#[derive(Clone, Debug)]
+pub enum LeafSource {
+    /// Arrays by leaf name (all params and inputs of the program).
+    Arrays(BTreeMap<String, Tensor>),
+    /// Generated from the seed: values depend only on name, shape, dtype and seed.
+    Seed(u64),
+}
+
+/// The range of integer values an i32 leaf may take: the vocabulary of the embeddings and the
+/// classes of the losses it feeds (the smallest, if several); 1000 when it feeds neither.
+pub fn int_range(g: &Graph, v: ValueId) -> u64 {
+    g.users(v)
+        .iter()
+        .filter_map(|&u| {
+            let n = g.node(u);
+            match n.op {
+                Op::Embedding if n.inputs[0] == v => Some(g.ty(n.inputs[1]).shape[0]),
+                Op::CrossEntropy if n.inputs[1] == v => g.ty(n.inputs[0]).shape.last().copied(),
+                _ => None,
+            }
+        })
+        .min()
+        .unwrap_or(1000)
+}
+
+fn leaf_kind(op: &Op) -> Leaf {
+    match op {
+        Op::Param { .. } => Leaf::Param,
+        _ => Leaf::Input,
+    }
+}
+
+/// All params and inputs of `g` as global tensors, by name.
+pub fn global_leaves(
+    g: &Graph,
+    source: &LeafSource,
+) -> Result<BTreeMap<String, Tensor>, ExecError> {
+    match source {
+        LeafSource::Arrays(a) => Ok(a.clone()),
+        LeafSource::Seed(seed) => Ok(g
+            .nodes()
+            .filter_map(|(_, n)| match &n.op {
+                Op::Param { name } | Op::Input { name } => {
+                    let v = n.outputs[0];
+                    Some((
+                        name.clone(),
+                        generate(name, g.ty(v), *seed, leaf_kind(&n.op), int_range(g, v)),
+                    ))
+                }
+                _ => None,
+            })
+            .collect()),
+    }
+}
+
+/// Per dim, the range of global indices that device `coords` holds under `pl`.
+pub fn block_ranges(shape: &[u64], pl: &Placement, coords: &[u64], mesh: &Mesh) -> Vec<Range<u64>> {
+    shape
+        .iter()
+        .enumerate()
+        .map(|(d, &n)| {
+            let (b, k) = pl.block(d, coords, mesh);
+            let len = n / k;
+            b * len..(b + 1) * len
+        })
+        .collect()
+}
+
+/// The block of the global leaf `name` (global type of `global`) that `coords` holds under `pl`.
+pub fn local_leaf(
+    g: &Graph,
+    global: ValueId,
+    name: &str,
+    pl: &Placement,
+    coords: &[u64],
+    mesh: &Mesh,
+    source: &LeafSource,
+) -> Result<Tensor, ExecError> {
+    let ty = g.ty(global);
+    let ranges = block_ranges(&ty.shape, pl, coords, mesh);
+    match source {
+        LeafSource::Seed(seed) => generate_slice(
+            name,
+            ty,
+            *seed,
+            leaf_kind(&g.node(g.value(global).node).op),
+            int_range(g, global),
+            &ranges,
+        ),
+        LeafSource::Arrays(a) => {
+            let t = a
+                .get(name)
+                .ok_or_else(|| ExecError::MissingParam(name.to_string()))?;
+            Ok(match t {
+                Tensor::F32(x) => Tensor::F32(slice_block(x, &ranges)),
+                Tensor::I32(x) => Tensor::I32(slice_block(x, &ranges)),
+            })
+        }
+    }
+}
+
+/// An owned copy of the block `ranges` of `x`.
+pub fn slice_block<T: Clone>(x: &ArrayD<T>, ranges: &[Range<u64>]) -> ArrayD<T> {
+    let mut v = x.view();
+    for (d, r) in ranges.iter().enumerate() {
+        v.slice_axis_inplace(
+            ndarray::Axis(d),
+            Slice::from(r.start as usize..r.end as usize),
+        );
+    }
+    v.to_owned()
+}
