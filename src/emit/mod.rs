@@ -7,6 +7,8 @@
 pub mod dot;
 pub mod json;
 pub mod plan;
+pub mod plan_dot;
+pub mod plan_json;
 pub mod text;
 
 use crate::ir::{Graph, Node, Region, RegionId, Value, ValueId};
