@@ -182,11 +182,8 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
             .map_err(|e| fail(e, Some(src.clone())))?;
         let text = match args.emit {
             Emit::Text => tpc::emit::plan::print(&plan),
-            Emit::Json | Emit::Dot => {
-                return Err(
-                    anyhow::anyhow!("--emit json/dot of a sharded plan is not wired yet").into(),
-                )
-            }
+            Emit::Json => tpc::emit::plan_json::to_json(&plan),
+            Emit::Dot => tpc::emit::plan_dot::print(&plan),
         };
         write_output(args.output.as_deref(), &text)?;
         return Ok(());
