@@ -1,5 +1,7 @@
 //! The `tpc` command line.
 
+mod run_cmd;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
@@ -19,8 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compile a .tpl program and emit it (the global program at degree 1).
+    /// Compile a .tpl program: the global program, or with --degree/--mesh the per-device plan.
     Compile(CompileArgs),
+    /// Run a program or saved plan on N simulated devices (threads) with real collectives.
+    Run(run_cmd::RunArgs),
 }
 
 #[derive(clap::Args)]
@@ -48,7 +52,7 @@ struct CompileArgs {
 
 /// Device constants of the cost model (defaults: a GPU-like device; see the README).
 #[derive(clap::Args)]
-struct DeviceArgs {
+pub(crate) struct DeviceArgs {
     /// f32 FLOP/s per device.
     #[arg(long, value_name = "FLOP/S", default_value_t = Device::default().flops_f32)]
     flops: f64,
@@ -67,7 +71,7 @@ struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    fn device(&self) -> anyhow::Result<Device> {
+    pub(crate) fn device(&self) -> anyhow::Result<Device> {
         let d = Device {
             flops_f32: self.flops,
             flops_half: self.flops_half,
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> ExitCode {
     let result = match cli.cmd {
         Cmd::Compile(args) => compile(&args),
+        Cmd::Run(args) => run_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,12 +153,12 @@ fn run(cli: Cli) -> ExitCode {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Compile(Box<(Error, Option<SourceFile>)>),
     Other(anyhow::Error),
 }
 
-fn fail(e: impl Into<Error>, src: Option<SourceFile>) -> Failure {
+pub(crate) fn fail(e: impl Into<Error>, src: Option<SourceFile>) -> Failure {
     Failure::Compile(Box::new((e.into(), src)))
 }
 
@@ -203,7 +208,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
     match path {
         Some(p) => {
             std::fs::write(p, text).with_context(|| format!("cannot write `{}`", p.display()))

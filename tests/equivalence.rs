@@ -36,7 +36,8 @@ pub fn check(path: &str, mesh: &str, sets: &[(&str, i64)]) {
     let source = LeafSource::Seed(7);
     let leaves = global_leaves(&plan.global, &source).unwrap();
     let want = reference::run(&plan.global, &leaves, &leaves).unwrap();
-    let got = run_threads(&plan, &source, 1).unwrap_or_else(|e| panic!("{path} on {mesh}: {e}"));
+    let got =
+        run_threads(&plan, &source, 1, None).unwrap_or_else(|e| panic!("{path} on {mesh}: {e}"));
     for (name, w) in &want {
         let (abs, _rel) = max_err(&got.outputs[name], w);
         let scale = match w {

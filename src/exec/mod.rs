@@ -10,6 +10,7 @@ mod error;
 pub mod init;
 pub mod kernels;
 pub mod leaves;
+pub mod npz;
 pub mod reference;
 pub mod spmd;
 mod tensor;

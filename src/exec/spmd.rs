@@ -76,12 +76,18 @@ pub struct RankOutput {
 }
 
 /// Runs `plan` on one thread per device with the thread transport, `steps` times after loading.
-pub fn run_threads(plan: &Plan, source: &LeafSource, steps: usize) -> Result<RunOutput, RunError> {
+/// `on_step` is called by rank 0 after each step (for progress).
+pub fn run_threads(
+    plan: &Plan,
+    source: &LeafSource,
+    steps: usize,
+    on_step: Option<&(dyn Fn(usize) + Sync)>,
+) -> Result<RunOutput, RunError> {
     let n = plan.mesh.num_devices() as usize;
     let results: Vec<Result<RankOutput, RunError>> = std::thread::scope(|s| {
         let handles: Vec<_> = ThreadTransport::world(n)
             .into_iter()
-            .map(|mut t| s.spawn(move || run_rank(plan, &mut t, source, steps)))
+            .map(|mut t| s.spawn(move || run_rank(plan, &mut t, source, steps, on_step)))
             .collect();
         handles
             .into_iter()
@@ -183,9 +189,10 @@ pub fn run_rank(
     t: &mut dyn Transport,
     source: &LeafSource,
     steps: usize,
+    on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RankOutput, RunError> {
     let rank = t.rank();
-    let result = run_rank_inner(plan, t, source, steps);
+    let result = run_rank_inner(plan, t, source, steps, on_step);
     if result.is_err() {
         t.abort();
     }
@@ -198,6 +205,7 @@ fn run_rank_inner(
     t: &mut dyn Transport,
     source: &LeafSource,
     steps: usize,
+    on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RankOutput, RunError> {
     let rank = t.rank();
     let mesh = &plan.mesh;
@@ -234,6 +242,9 @@ fn run_rank_inner(
         peak = peak.max(p + leaf_bytes);
         if step + 1 == steps.max(1) {
             outputs = outs;
+        }
+        if let (0, Some(f)) = (rank, on_step) {
+            f(step);
         }
     }
     Ok(RankOutput {
