@@ -41,6 +41,12 @@ pub trait Transport: Send {
     fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError>;
     /// Receives the next message from rank `from`.
     fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError>;
+    /// Sends `data` to `to` and receives the next message from `from`, as one step (MPI's
+    /// sendrecv): the ring steps of the collectives, safe when every rank sends at once.
+    fn exchange(&mut self, to: usize, data: Vec<f32>, from: usize) -> Result<Vec<f32>, CommError> {
+        self.send(to, data)?;
+        self.recv(from)
+    }
     /// Tells every rank to stop: this rank failed.
     fn abort(&self);
 }
@@ -98,9 +104,9 @@ fn ring_reduce_scatter(
         let send_c = (me + 2 * k - s - 1) % k;
         let recv_c = (me + 2 * k - s - 2) % k;
         let (a, e) = b[send_c];
-        t.send(next, data[a..e].to_vec())?;
+        let got = t.exchange(next, data[a..e].to_vec(), prev)?;
         let (a, e) = b[recv_c];
-        let got = expect_len(t.recv(prev)?, e - a, prev)?;
+        let got = expect_len(got, e - a, prev)?;
         combine(&mut data[a..e], &got, op);
     }
     let (a, e) = b[me];
@@ -135,11 +141,8 @@ fn ring_all_gather(
     for s in 0..k - 1 {
         let send_c = (me + k - s) % k;
         let recv_c = (me + k - s - 1) % k;
-        t.send(
-            next,
-            out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec(),
-        )?;
-        let got = expect_len(t.recv(prev)?, lens[recv_c], prev)?;
+        let chunk = out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec();
+        let got = expect_len(t.exchange(next, chunk, prev)?, lens[recv_c], prev)?;
         out[starts[recv_c]..starts[recv_c] + lens[recv_c]].copy_from_slice(&got);
     }
     Ok(out)
@@ -198,8 +201,7 @@ pub fn all_to_all(
     for s in 1..k {
         let to = (me + s) % k;
         let from = (me + k - s) % k;
-        t.send(group[to], std::mem::take(&mut chunks[to]))?;
-        out[from] = t.recv(group[from])?;
+        out[from] = t.exchange(group[to], std::mem::take(&mut chunks[to]), group[from])?;
     }
     Ok(out)
 }
