@@ -52,7 +52,7 @@ fn dot_collapsed(g: &Graph) -> String {
 // Examples
 
 /// The examples that have snapshot tests below; `every_example_has_snapshots` keeps it complete.
-const EXAMPLES: &[&str] = &["attention", "gpt", "gpt_layer", "mlp"];
+const EXAMPLES: &[&str] = &["attention", "gpt", "gpt_layer", "mlp", "mlp_2d"];
 
 fn example_snapshots(name: &str) {
     let rel = format!("examples/{name}.tpl");
@@ -107,6 +107,10 @@ fn example_mlp() {
     example_snapshots("mlp");
 }
 
+#[test]
+fn example_mlp_2d() {
+    example_snapshots("mlp_2d");
+}
 #[test]
 fn example_gpt_l8_dot_collapsed() {
     let g = compile("examples/gpt.tpl", &[("L", 8)]);
