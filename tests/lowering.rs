@@ -545,7 +545,7 @@ output r, p, k, m, e
 /// `sum(x, -1)` reduces the last axis, but `max(x, -1)` is taken for the elementwise max of two
 /// tensors because `-1` is not a bare number, and fails with "expected a tensor".
 #[test]
-#[ignore = "bug: max(x, -1) is lowered as max of two tensors and fails; sum(x, -1) works"]
+
 fn max_with_a_negative_positional_axis_reduces() {
     let g = compile("input x : f32[2, 3]\nr = max(x, -1)\noutput r\n");
     assert_eq!(
@@ -660,7 +660,7 @@ fn the_same_annotation_twice_is_accepted() {
 /// Inside a block, `y = x @ [tp]` annotates the block's argument; the annotation is recorded on
 /// the template's placeholder, which stamping skips, so it vanishes from the program.
 #[test]
-#[ignore = "bug: an annotation on a block argument inside the block body is silently dropped"]
+
 fn an_annotation_on_a_block_argument_is_kept() {
     let g = compile(
         "
@@ -756,7 +756,7 @@ fn gpt_grows_linearly_with_the_number_of_layers() {
 /// argument *as written*, so every instance is called `layer` and the verifier rejects the
 /// duplicate param names as an internal error.
 #[test]
-#[ignore = "bug: repeat(x=h, 2, layer) gives an internal error (duplicate param `layer.w`)"]
+
 fn repeat_with_a_keyword_argument_first_numbers_its_instances() {
     let g = compile(
         "
@@ -776,7 +776,7 @@ output h
 /// A chain of 70 distinct blocks (b0 calls b1 calls ... b69) hits the nesting limit of 64, which
 /// is reported as recursion: "block `b64` calls itself (directly or through other blocks)".
 #[test]
-#[ignore = "bug: a chain of more than 64 nested (non-recursive) block calls is reported as `block calls itself`"]
+
 fn deep_block_nesting_is_not_reported_as_recursion() {
     let mut text = String::from("dim H = 4\n");
     for i in 0..70 {

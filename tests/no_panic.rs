@@ -695,7 +695,7 @@ fn dim_overflow() {
 
 /// `i64::MIN / -1`: the exactness check `a % b` overflows before the checked division runs.
 #[test]
-#[ignore = "bug: dim H = (0 - 9223372036854775807 - 1) / (0 - 1) panics (remainder overflow in lower/consts.rs)"]
+
 fn dim_min_divided_by_minus_one_is_an_overflow_error() {
     let out = error_of(
         "dim H = (0 - 9223372036854775807 - 1) / (0 - 1)\ninput x : f32[H]\noutput x\n".into(),
@@ -706,7 +706,7 @@ fn dim_min_divided_by_minus_one_is_an_overflow_error() {
 /// Literals are parsed as f64, so `9223372036854775808` (2^63) rounds to `i64::MAX as f64` and
 /// passes the range check, then saturates to 9223372036854775807.
 #[test]
-#[ignore = "bug: dim H = 9223372036854775808 (i64::MAX + 1) is accepted as 9223372036854775807"]
+
 fn a_dim_literal_past_i64_max_is_an_error() {
     let src = SourceFile::new(
         "p.tpl",
@@ -718,7 +718,7 @@ fn a_dim_literal_past_i64_max_is_an_error() {
 
 /// Integer literals above 2^53 lose their low bits through f64.
 #[test]
-#[ignore = "bug: dim H = 9007199254740993 (2^53 + 1) becomes 9007199254740992"]
+
 fn large_dim_literals_are_exact() {
     let src = SourceFile::new(
         "p.tpl",
@@ -732,7 +732,7 @@ fn large_dim_literals_are_exact() {
 /// and `n` equal to it, that is a vector of 2^63 - 1 sizes ("capacity overflow" panic, exit 70
 /// from the CLI); with 2^32 it is a 32 GB allocation.
 #[test]
-#[ignore = "bug: split(x, H) with H = 9223372036854775807 panics with `capacity overflow`"]
+
 fn split_into_a_huge_number_of_parts_is_an_error() {
     let out = error_of(
         "dim H = 9223372036854775807\ninput x : f32[H]\na = split(x, H)\noutput x\n".into(),

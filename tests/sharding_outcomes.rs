@@ -295,9 +295,9 @@ fn degree_1_has_no_collectives() {
 #[test]
 fn indivisible_annotation_is_an_error_with_the_span() {
     let src = source("examples/mlp.tpl");
-    let e = plan_src(&src, "3", Device::default())
-        .err()
-        .expect("4096 does not split in 3");
+    let Err(e) = plan_src(&src, "3", Device::default()) else {
+        panic!("4096 does not split in 3");
+    };
     let text = e.render(Some(&src));
     assert!(text.contains("does not divide into 3 parts"), "{text}");
     assert!(text.contains("mlp.tpl:6:"), "{text}");

@@ -223,21 +223,21 @@ fn error_unknown_name_with_suggestion() {
 /// The `-->` line names the earlier label (the first definition) instead of the offending one:
 /// the three two-label errors below are snapshotted with the location they should have.
 #[test]
-#[ignore = "bug: the `-->` location of a two-label error is the earlier label (the first definition), not the redefinition"]
+
 fn error_redefinition() {
     let out = error_snapshot("redefinition", "redefinition");
     assert_eq!(location(&out), "tests/errors/redefinition.tpl:5:7");
 }
 
 #[test]
-#[ignore = "bug: the `-->` location of a two-label error is the earlier label (the first use), not the second use"]
+
 fn error_duplicate_axis() {
     let out = error_snapshot("duplicate_axis", "duplicate_axis");
     assert_eq!(location(&out), "tests/errors/duplicate_axis.tpl:4:28");
 }
 
 #[test]
-#[ignore = "bug: the `-->` location of a two-label error is the earlier label (the earlier annotation), not the conflicting one"]
+
 fn error_conflicting_annotations() {
     let out = error_snapshot("conflicting_spec", "conflicting_spec");
     assert_eq!(location(&out), "tests/errors/conflicting_spec.tpl:7:9");
@@ -389,7 +389,7 @@ fn every_error_input_is_used() {
 /// `pt` is `tp` with two letters swapped, but plain Levenshtein puts `dp` and `tp` both at 2 and
 /// the tie goes to the alphabetically smaller `dp`.
 #[test]
-#[ignore = "bug: `did you mean` suggests `dp` for the transposed `pt` when the mesh is `dp, tp`"]
+
 fn unknown_axis_suggests_the_transposed_name() {
     let src = SourceFile::new(
         "t.tpl",
@@ -402,7 +402,7 @@ fn unknown_axis_suggests_the_transposed_name() {
 /// Any one-letter name is within the distance limit (2) of every one- to three-letter dim, so an
 /// unknown one-letter dim always gets an arbitrary suggestion (the alphabetically first dim).
 #[test]
-#[ignore = "bug: `--set Q=3` on a program with dims B, H suggests `did you mean `B`?` instead of listing the dims"]
+
 fn bad_set_one_letter_name_gets_no_arbitrary_suggestion() {
     let out = error_of("bad_set", &[("Q", 3)], "bad_set");
     assert!(!out.contains("did you mean"), "{out}");
