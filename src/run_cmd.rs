@@ -1,5 +1,6 @@
 //! `tpc run`: compile (or load) a plan, load or generate params and inputs, run it on one thread
-//! per device, and optionally check against the unsharded reference.
+//! per device (or, built with the `mpi` feature and started by `mpirun`, one process per device),
+//! and optionally check against the unsharded reference.
 
 use crate::{fail, write_output, DeviceArgs, Failure};
 use anyhow::{anyhow, Context};
@@ -56,8 +57,13 @@ pub struct RunArgs {
     device: DeviceArgs,
 }
 
-/// Runs `tpc run`.
+/// Runs `tpc run`: one thread per device, or, when built with the `mpi` feature and started by
+/// an MPI launcher (`mpirun -n N tpc run ...`), one process per device.
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    #[cfg(feature = "mpi")]
+    if tpc::exec::mpi::launched_by_mpirun() {
+        return run_mpi(args);
+    }
     if args.repeat == 0 {
         return Err(anyhow!("--repeat must be at least 1").into());
     }
@@ -67,15 +73,123 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let tick = |_: usize| bar.inc(1);
     let out = run_threads(&plan, &source, args.repeat, Some(&tick)).map_err(|e| anyhow!("{e}"))?;
     bar.finish_and_clear();
-    report_steps(&out);
+    finish(args, &plan, &source, &out)
+}
+
+/// Under MPI: every rank compiles (or loads) the plan and its leaves itself, the ranks agree that
+/// all of them succeeded (else the lowest failing rank reports, every rank exits non-zero), run
+/// their shard of the plan, and rank 0 gathers the output blocks and does what the thread run
+/// does with them (step times, --out, --stats, --check). A rank that fails during the run reports
+/// `rank R: ...` and ends the whole job by `MPI_Abort`.
+#[cfg(feature = "mpi")]
+fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
+    use tpc::exec::comm::Transport;
+    use tpc::exec::mpi::{decode_rank_output, encode_rank_output, Mpi};
+    use tpc::exec::spmd::{assemble, run_rank};
+
+    let mpi = Mpi::init().map_err(|e| anyhow!("cannot start MPI: {e}"))?;
+    let (rank, size) = (mpi.rank(), mpi.size());
+    let setup = (|| -> Result<(Plan, LeafSource), Failure> {
+        if args.repeat == 0 {
+            return Err(anyhow!("--repeat must be at least 1").into());
+        }
+        let plan = load_plan(args)?;
+        let devices = plan.mesh.num_devices();
+        if devices != size as u64 {
+            return Err(anyhow!(
+                "the plan's mesh {} has {devices} devices but MPI started {size} processes: \
+                 run it with `mpirun -n {devices}`",
+                plan.mesh
+            )
+            .into());
+        }
+        let source = leaf_source(args, &plan)?;
+        Ok((plan, source))
+    })();
+    // Every rank learns whether any failed, so none goes on to wait for a missing peer.
+    let first_failed = mpi.min_over_ranks(if setup.is_err() {
+        rank as u64
+    } else {
+        u64::MAX
+    });
+    let (plan, source) = match setup {
+        Ok(s) if first_failed == u64::MAX => s,
+        Err(e) if first_failed == rank as u64 => {
+            drop(mpi);
+            return Err(match e {
+                Failure::Other(e) if rank != 0 => anyhow!("rank {rank}: {e:#}").into(),
+                e => e,
+            });
+        }
+        _ => {
+            drop(mpi);
+            std::process::exit(1);
+        }
+    };
+
+    let mut t = mpi.transport().with_deferred_abort();
+    let bar = progress(if rank == 0 { args.repeat } else { 1 });
+    let tick = |_: usize| bar.inc(1);
+    let mine = match run_rank(&plan, &mut t, &source, args.repeat, Some(&tick)) {
+        Ok(o) => o,
+        Err(e) => {
+            bar.finish_and_clear();
+            eprintln!("error: {e}");
+            t.abort_job(1)
+        }
+    };
+    bar.finish_and_clear();
+    if rank != 0 {
+        if let Err(e) = t.send(0, encode_rank_output(&mine)) {
+            eprintln!("error: rank {rank}: sending the outputs to rank 0: {e}");
+            t.abort_job(1)
+        }
+        return Ok(());
+    }
+    let mut ranks = vec![mine];
+    for r in 1..size {
+        match t
+            .recv(r)
+            .map_err(|e| e.to_string())
+            .and_then(|m| decode_rank_output(&m))
+        {
+            Ok(mut o) => {
+                o.collectives = ranks[0].collectives.clone();
+                ranks.push(o);
+            }
+            Err(e) => {
+                eprintln!("error: rank 0: receiving the outputs of rank {r}: {e}");
+                t.abort_job(1)
+            }
+        }
+    }
+    if let Some(bad) = ranks
+        .iter()
+        .position(|o| o.outputs.len() != plan.local.outputs().len())
+    {
+        eprintln!("error: rank 0: rank {bad} sent the wrong number of outputs");
+        t.abort_job(1)
+    }
+    let out = assemble(&plan, ranks);
+    finish(args, &plan, &source, &out)
+}
+
+/// What follows a run: step times, --out, --stats and --check.
+fn finish(
+    args: &RunArgs,
+    plan: &Plan,
+    source: &LeafSource,
+    out: &RunOutput,
+) -> Result<(), Failure> {
+    report_steps(out);
     if let Some(path) = &args.out {
         npz::write(path, &out.outputs).map_err(|e| anyhow!("{e}"))?;
     }
     if let Some(path) = &args.stats {
-        write_output(Some(std::path::Path::new(path)), &stats_json(&plan, &out))?;
+        write_output(Some(std::path::Path::new(path)), &stats_json(plan, out))?;
     }
     if args.check {
-        check(args, &plan, &source, &out)?;
+        check(args, plan, source, out)?;
     }
     Ok(())
 }

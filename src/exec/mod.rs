@@ -10,6 +10,8 @@ mod error;
 pub mod init;
 pub mod kernels;
 pub mod leaves;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod npz;
 pub mod reference;
 pub mod spmd;

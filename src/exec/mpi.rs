@@ -1,0 +1,391 @@
+//! The MPI backend (cargo feature `mpi`): `mpirun -n N tpc run ...` runs one rank per process,
+//! and the ranks exchange messages by MPI point-to-point calls on `MPI_COMM_WORLD`.
+//!
+//! Reduction order: the collectives stay `comm`'s ring algorithms, whose reduction order is fixed
+//! by the group alone, run over `MpiTransport::exchange` (one `MPI_Sendrecv` per ring step). MPI's
+//! own `MPI_Allreduce` is deliberately not used: its reduction order is the library's choice (it
+//! varies with the implementation, message size and process count), while the ring's is ours, so
+//! an MPI run is bitwise identical to the thread backend's for the same plan and seed.
+//!
+//! Messages: each message is a length header (one `u64`) followed by the data, sent in pieces of
+//! at most `PIECE` elements (MPI counts are `int`). Errors inside MPI are fatal (MPI's default
+//! error handler aborts the whole job), so no rank is ever left blocked by a failed peer.
+
+use super::comm::{CommError, Transport};
+use super::spmd::RankOutput;
+use super::Tensor;
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::point_to_point as p2p;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use mpi::Threading;
+use ndarray::{ArrayD, IxDyn};
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+
+/// The tag of every message of the transport.
+const TAG: mpi::Tag = 17;
+
+/// The largest number of elements in one MPI message (below `i32::MAX`).
+const PIECE: usize = 1 << 30;
+
+/// Environment variables that MPI launchers set in the processes they start (Open MPI's mpirun,
+/// PMI-based launchers such as MPICH's Hydra, PMIx launchers such as Slurm's srun).
+const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"];
+
+/// Whether this process was started by an MPI launcher (`mpirun`, `mpiexec`, `srun`).
+pub fn launched_by_mpirun() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// An initialized MPI environment; MPI is finalized when it is dropped.
+pub struct Mpi {
+    _universe: Universe,
+    rank: usize,
+    size: usize,
+}
+
+impl Mpi {
+    /// Initializes MPI (funneled threading: only the calling thread makes MPI calls).
+    pub fn init() -> Result<Mpi, String> {
+        let (universe, _) = mpi::initialize_with_threading(Threading::Funneled)
+            .ok_or("MPI was already initialized in this process")?;
+        let world = universe.world();
+        let (rank, size) = (world.rank(), world.size());
+        if rank < 0 || size < 1 {
+            return Err(format!("MPI reported rank {rank} of {size}"));
+        }
+        Ok(Mpi {
+            _universe: universe,
+            rank: rank as usize,
+            size: size as usize,
+        })
+    }
+
+    /// This process's rank in the world.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of processes in the world.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The transport of this rank (valid while `self` lives).
+    pub fn transport(&self) -> MpiTransport<'_> {
+        MpiTransport {
+            rank: self.rank,
+            size: self.size,
+            defer_abort: false,
+            _mpi: PhantomData,
+        }
+    }
+
+    /// The smallest `value` over all ranks (`MPI_Allreduce` with `MPI_MIN`; for agreeing on a
+    /// status, never for data).
+    pub fn min_over_ranks(&self, value: u64) -> u64 {
+        let mut out = u64::MAX;
+        SimpleCommunicator::world().all_reduce_into(&value, &mut out, SystemOperation::min());
+        out
+    }
+
+    /// Ends every process of the job with exit code `code` (`MPI_Abort`).
+    pub fn abort_job(&self, code: i32) -> ! {
+        abort_job(code)
+    }
+}
+
+/// Ends every process of the job with exit code `code` (non-zero) by `MPI_Abort`.
+fn abort_job(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    SimpleCommunicator::world().abort(code.max(1))
+}
+
+/// `Transport` over MPI point-to-point on the world communicator: `exchange` is `MPI_Sendrecv`
+/// (so every ring step is deadlock-free), `send` and `recv` are blocking `MPI_Send`/`MPI_Recv`,
+/// and `abort` is `MPI_Abort` with a non-zero code.
+pub struct MpiTransport<'a> {
+    rank: usize,
+    size: usize,
+    defer_abort: bool,
+    _mpi: PhantomData<&'a Mpi>,
+}
+
+impl MpiTransport<'_> {
+    /// Makes `abort` a no-op, so a failing rank can report its error before ending the job: the
+    /// caller must then call `abort_job` itself (or no rank may wait for this one).
+    pub fn with_deferred_abort(mut self) -> Self {
+        self.defer_abort = true;
+        self
+    }
+
+    /// Ends every process of the job with exit code `code` (`MPI_Abort`).
+    pub fn abort_job(&self, code: i32) -> ! {
+        abort_job(code)
+    }
+
+    fn peer(&self, r: usize) -> Result<i32, CommError> {
+        if r < self.size {
+            Ok(r as i32)
+        } else {
+            Err(CommError::Disconnected(r))
+        }
+    }
+}
+
+/// The number of pieces of a message of `len` elements.
+fn pieces(len: usize) -> usize {
+    len.div_ceil(PIECE)
+}
+
+/// Piece `i` of `data`.
+fn piece<T>(data: &[T], i: usize) -> &[T] {
+    &data[(i * PIECE).min(data.len())..((i + 1) * PIECE).min(data.len())]
+}
+
+/// Piece `i` of `data`, mutably.
+fn piece_mut<T>(data: &mut [T], i: usize) -> &mut [T] {
+    let n = data.len();
+    &mut data[(i * PIECE).min(n)..((i + 1) * PIECE).min(n)]
+}
+
+/// A received length header as a buffer length.
+fn incoming(len: u64, from: usize) -> Result<usize, CommError> {
+    usize::try_from(len)
+        .ok()
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or(CommError::Length {
+            from,
+            got: usize::MAX,
+            want: isize::MAX as usize / 4,
+        })
+}
+
+impl Transport for MpiTransport<'_> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.size
+    }
+
+    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError> {
+        let to_r = self.peer(to)?;
+        let world = SimpleCommunicator::world();
+        let dest = world.process_at_rank(to_r);
+        dest.send_with_tag(&(data.len() as u64), TAG);
+        for i in 0..pieces(data.len()) {
+            dest.send_with_tag(piece(&data, i), TAG);
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+        let from_r = self.peer(from)?;
+        let world = SimpleCommunicator::world();
+        let src = world.process_at_rank(from_r);
+        let mut len = 0u64;
+        src.receive_into_with_tag(&mut len, TAG);
+        let mut out = vec![0.0f32; incoming(len, from)?];
+        for i in 0..pieces(out.len()) {
+            src.receive_into_with_tag(piece_mut(&mut out, i), TAG);
+        }
+        Ok(out)
+    }
+
+    /// One `MPI_Sendrecv` of the length headers, then one per piece of the data. Step `i` sends
+    /// piece `i` and receives piece `i`; where one side has no piece `i` left, it is a plain
+    /// blocking send or receive, whose peer is in the same step with its matching half posted.
+    fn exchange(&mut self, to: usize, data: Vec<f32>, from: usize) -> Result<Vec<f32>, CommError> {
+        let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
+        let world = SimpleCommunicator::world();
+        let (dest, src) = (world.process_at_rank(to_r), world.process_at_rank(from_r));
+        let mut len = 0u64;
+        p2p::send_receive_into_with_tags(&(data.len() as u64), &dest, TAG, &mut len, &src, TAG);
+        let mut out = vec![0.0f32; incoming(len, from)?];
+        let (n_send, n_recv) = (pieces(data.len()), pieces(out.len()));
+        for i in 0..n_send.max(n_recv) {
+            match (i < n_send, i < n_recv) {
+                (true, true) => {
+                    p2p::send_receive_into_with_tags(
+                        piece(&data, i),
+                        &dest,
+                        TAG,
+                        piece_mut(&mut out, i),
+                        &src,
+                        TAG,
+                    );
+                }
+                (true, false) => dest.send_with_tag(piece(&data, i), TAG),
+                (false, true) => {
+                    src.receive_into_with_tag(piece_mut(&mut out, i), TAG);
+                }
+                (false, false) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// `MPI_Abort` with exit code 1 (a no-op after `with_deferred_abort`).
+    fn abort(&self) {
+        if !self.defer_abort {
+            abort_job(1)
+        }
+    }
+}
+
+/// Flattens a rank's output blocks, step times and peak bytes into one message for rank 0
+/// (every word is carried bit for bit as the payload of an f32).
+pub fn encode_rank_output(o: &RankOutput) -> Vec<f32> {
+    let mut w: Vec<u32> = Vec::new();
+    let push64 = |w: &mut Vec<u32>, v: u64| {
+        w.push(v as u32);
+        w.push((v >> 32) as u32);
+    };
+    push64(&mut w, o.outputs.len() as u64);
+    for t in &o.outputs {
+        let shape = t.shape().to_vec();
+        w.push(matches!(t, Tensor::I32(_)) as u32);
+        push64(&mut w, shape.len() as u64);
+        for d in &shape {
+            push64(&mut w, *d as u64);
+        }
+        match t {
+            Tensor::F32(x) => w.extend(x.iter().map(|v| v.to_bits())),
+            Tensor::I32(x) => w.extend(x.iter().map(|v| *v as u32)),
+        }
+    }
+    push64(&mut w, o.step_times.len() as u64);
+    for s in &o.step_times {
+        push64(&mut w, s.to_bits());
+    }
+    push64(&mut w, o.peak_bytes);
+    w.into_iter().map(f32::from_bits).collect()
+}
+
+/// Reads the words of a message in order.
+struct Words<'m> {
+    msg: &'m [f32],
+    at: usize,
+}
+
+impl Words<'_> {
+    fn next(&mut self) -> Result<u32, String> {
+        let w = self
+            .msg
+            .get(self.at)
+            .ok_or("truncated rank output message")?;
+        self.at += 1;
+        Ok(w.to_bits())
+    }
+
+    fn next64(&mut self) -> Result<u64, String> {
+        let lo = self.next()? as u64;
+        Ok(lo | (self.next()? as u64) << 32)
+    }
+
+    /// The next `n` words, if the message holds them.
+    fn take(&mut self, n: u64) -> Result<&[f32], String> {
+        let rest = self.msg.len() - self.at;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= rest)
+            .ok_or("truncated rank output message")?;
+        self.at += n;
+        Ok(&self.msg[self.at - n..self.at])
+    }
+}
+
+/// Reads back `encode_rank_output`'s message (collective counts are not carried: the run's are
+/// rank 0's).
+pub fn decode_rank_output(msg: &[f32]) -> Result<RankOutput, String> {
+    let mut w = Words { msg, at: 0 };
+    let n = w.next64()?;
+    let mut outputs = Vec::new();
+    for _ in 0..n {
+        let int = w.next()? != 0;
+        let ndim = w.next64()?;
+        if ndim > 64 {
+            return Err(format!("an output block of rank {ndim}"));
+        }
+        let shape = (0..ndim)
+            .map(|_| w.next64().map(|d| d as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        let len = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or("an output block larger than its message")?;
+        let data = w.take(len)?;
+        let t = if int {
+            Tensor::I32(
+                ArrayD::from_shape_vec(
+                    IxDyn(&shape),
+                    data.iter().map(|v| v.to_bits() as i32).collect(),
+                )
+                .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Tensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).map_err(|e| e.to_string())?,
+            )
+        };
+        outputs.push(t);
+    }
+    let steps = w.next64()?;
+    let step_times = w
+        .take(steps.saturating_mul(2))?
+        .chunks(2)
+        .map(|p| f64::from_bits(p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32))
+        .collect();
+    let peak_bytes = w.next64()?;
+    if w.at != msg.len() {
+        return Err("trailing words in a rank output message".into());
+    }
+    Ok(RankOutput {
+        outputs,
+        step_times,
+        collectives: BTreeMap::new(),
+        peak_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_output_round_trips_bit_for_bit() {
+        let f = ArrayD::from_shape_vec(
+            IxDyn(&[2, 3]),
+            vec![1.5, -0.0, f32::NAN, f32::INFINITY, 1e-45, -3.25],
+        )
+        .unwrap();
+        let i = ArrayD::from_shape_vec(IxDyn(&[4]), vec![i32::MIN, -1, 0, i32::MAX]).unwrap();
+        let o = RankOutput {
+            outputs: vec![Tensor::F32(f.clone()), Tensor::I32(i.clone())],
+            step_times: vec![0.25, 1e-9],
+            collectives: BTreeMap::new(),
+            peak_bytes: u64::MAX - 3,
+        };
+        let d = decode_rank_output(&encode_rank_output(&o)).unwrap();
+        let bits = |t: &Tensor| {
+            t.as_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&d.outputs[0]), bits(&Tensor::F32(f)));
+        assert_eq!(d.outputs[1].as_i32().unwrap(), &i);
+        assert_eq!(d.step_times, o.step_times);
+        assert_eq!(d.peak_bytes, o.peak_bytes);
+        let msg = encode_rank_output(&o);
+        assert!(decode_rank_output(&msg[..msg.len() - 1]).is_err());
+        assert!(decode_rank_output(&[]).is_err());
+    }
+}

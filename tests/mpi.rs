@@ -1,0 +1,297 @@
+//! The MPI backend, end to end: `mpirun -n N tpc run ...` gives outputs bitwise identical to the
+//! thread backend's for every example on 1-D and 2-D meshes, passes `--check`, and fails fast
+//! (non-zero, no hang) on a world-size mismatch or a bad params file.
+//!
+//! Needs `mpirun` (Open MPI) on the PATH; runs as root with `--allow-run-as-root`.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tpc::exec::{npz, Tensor};
+
+/// One MPI job at a time: every job oversubscribes the machine's cores.
+static MPI_JOBS: Mutex<()> = Mutex::new(());
+
+/// Seconds after which a run counts as hung (coreutils `timeout` ends it).
+const TIMEOUT_S: u64 = 600;
+
+const TPC: &str = env!("CARGO_BIN_EXE_tpc");
+
+/// The small MLP sizes of the equivalence test.
+const SMALL_MLP: &[&str] = &["--set", "B=4", "--set", "S=8", "--set", "H=64"];
+
+/// Runs `cmd` (program and arguments) under `timeout`; panics if it hung.
+fn run_with_timeout(cmd: &[&str], secs: u64) -> (Output, Duration) {
+    let t = Instant::now();
+    let out = Command::new("timeout")
+        .args(["-k", "10", &secs.to_string()])
+        .args(cmd)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let took = t.elapsed();
+    assert!(
+        !matches!(out.status.code(), Some(124) | Some(137)),
+        "{cmd:?} hung (killed after {secs} s)\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, took)
+}
+
+/// `mpirun -n n tpc run ARGS`.
+fn mpirun(n: usize, args: &[&str], secs: u64) -> (Output, Duration) {
+    let _one = MPI_JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let n = n.to_string();
+    let mut cmd = vec![
+        "mpirun",
+        "--oversubscribe",
+        "--allow-run-as-root",
+        "-n",
+        &n,
+        TPC,
+        "run",
+    ];
+    cmd.extend_from_slice(args);
+    run_with_timeout(&cmd, secs)
+}
+
+/// `tpc run ARGS` on the thread backend.
+fn threads(args: &[&str]) -> Output {
+    let mut cmd = vec![TPC, "run"];
+    cmd.extend_from_slice(args);
+    run_with_timeout(&cmd, TIMEOUT_S).0
+}
+
+fn tmp(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mpi-{}-{name}", std::process::id()))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The bits of every element (f32 by bit pattern, so NaNs and signed zeros compare exactly).
+fn bits(t: &Tensor) -> (Vec<usize>, Vec<u32>) {
+    let data = match t {
+        Tensor::F32(x) => x.iter().map(|v| v.to_bits()).collect(),
+        Tensor::I32(x) => x.iter().map(|v| *v as u32).collect(),
+    };
+    (t.shape().to_vec(), data)
+}
+
+/// Asserts that the two archives hold the same names, kinds, shapes and bits.
+fn assert_bitwise_equal(mpi: &Path, threads: &Path, what: &str) {
+    let a = npz::read(mpi.to_str().unwrap()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let b = npz::read(threads.to_str().unwrap()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(!a.is_empty(), "{what}: no outputs");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: output names"
+    );
+    for (name, x) in &a {
+        let y = &b[name];
+        assert_eq!(x.kind(), y.kind(), "{what}: kind of {name}");
+        let ((sx, bx), (sy, by)) = (bits(x), bits(y));
+        assert_eq!(sx, sy, "{what}: shape of {name}");
+        let diff = bx.iter().zip(&by).filter(|(p, q)| p != q).count();
+        assert_eq!(diff, 0, "{what}: {diff} elements of {name} differ in bits");
+    }
+}
+
+/// For each mesh: the MPI run's `--out` equals the thread run's bit for bit, and `--check` passes.
+fn example(file: &str, sets: &[&str]) {
+    let meshes: [(&str, &str, usize); 4] = [
+        ("--degree", "2", 2),
+        ("--degree", "4", 4),
+        ("--degree", "8", 8),
+        ("--mesh", "dp=2,tp=4", 8),
+    ];
+    for (flag, mesh, n) in meshes {
+        let what = format!("{file} {flag} {mesh} on {n} MPI ranks");
+        let stem = format!(
+            "{}-{}",
+            Path::new(file).file_stem().unwrap().to_string_lossy(),
+            mesh.replace([',', '='], "_")
+        );
+        let (t_out, m_out) = (tmp(&format!("{stem}-t.npz")), tmp(&format!("{stem}-m.npz")));
+        let mut args = vec![file, flag, mesh, "--seed", "3"];
+        args.extend_from_slice(sets);
+        let mut t_args = args.clone();
+        t_args.extend(["--out", t_out.to_str().unwrap()]);
+        let t = threads(&t_args);
+        assert!(
+            t.status.success(),
+            "{what}: thread run failed\n{}",
+            text(&t)
+        );
+        let mut m_args = args.clone();
+        m_args.extend(["--out", m_out.to_str().unwrap(), "--check"]);
+        let (m, _) = mpirun(n, &m_args, TIMEOUT_S);
+        assert!(m.status.success(), "{what}: MPI run failed\n{}", text(&m));
+        let stdout = String::from_utf8_lossy(&m.stdout);
+        assert!(
+            stdout.contains("check ") && stdout.contains(" ok") && !stdout.contains("FAILED"),
+            "{what}: --check\n{}",
+            text(&m)
+        );
+        assert_eq!(
+            stdout.matches("check ").count(),
+            stdout.lines().filter(|l| l.starts_with("check ")).count(),
+            "{what}: only rank 0 checks"
+        );
+        assert_bitwise_equal(&m_out, &t_out, &what);
+        let _ = std::fs::remove_file(&t_out);
+        let _ = std::fs::remove_file(&m_out);
+    }
+}
+
+#[test]
+fn mlp_is_bitwise_identical_to_threads() {
+    example("examples/mlp.tpl", SMALL_MLP);
+}
+
+#[test]
+fn mlp_2d_is_bitwise_identical_to_threads() {
+    example("examples/mlp_2d.tpl", SMALL_MLP);
+}
+
+#[test]
+fn attention_is_bitwise_identical_to_threads() {
+    example("examples/attention.tpl", &[]);
+}
+
+#[test]
+fn gpt_layer_is_bitwise_identical_to_threads() {
+    example("examples/gpt_layer.tpl", &[]);
+}
+
+#[test]
+fn gpt_is_bitwise_identical_to_threads() {
+    example("examples/gpt.tpl", &[]);
+}
+
+#[test]
+fn saved_plan_runs_under_mpi_with_stats() {
+    let plan = tmp("plan.json");
+    let c = Command::new(TPC)
+        .args(["compile", "examples/gpt_layer.tpl", "--degree", "4"])
+        .args(["--emit", "json", "-o", plan.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{}", text(&c));
+    let (t_out, m_out, stats) = (tmp("plan-t.npz"), tmp("plan-m.npz"), tmp("stats.json"));
+    let p = plan.to_str().unwrap();
+    let t = threads(&[p, "--out", t_out.to_str().unwrap()]);
+    assert!(t.status.success(), "{}", text(&t));
+    let m_args = [
+        p,
+        "--out",
+        m_out.to_str().unwrap(),
+        "--repeat",
+        "3",
+        "--stats",
+        stats.to_str().unwrap(),
+    ];
+    let (m, _) = mpirun(4, &m_args, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    assert_bitwise_equal(&m_out, &t_out, "saved plan on 4 MPI ranks");
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert_eq!(
+        stderr.matches("step time: min").count(),
+        1,
+        "step times printed once\n{}",
+        text(&m)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(doc["ranks"], 4);
+    assert!(doc["collectives"]["all_reduce"]["count"].as_u64().unwrap() > 0);
+    assert!(doc["peak_bytes_per_rank"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn world_size_mismatch_fails_fast_and_reports_once() {
+    let mut args = vec!["examples/mlp.tpl", "--degree", "8"];
+    args.extend_from_slice(SMALL_MLP);
+    let (m, took) = mpirun(4, &args, 120);
+    assert!(!m.status.success(), "{}", text(&m));
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert_eq!(
+        stderr.matches("MPI started 4 processes").count(),
+        1,
+        "reported once\n{}",
+        text(&m)
+    );
+    assert!(stderr.contains("mpirun -n 8"), "{}", text(&m));
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+#[test]
+fn bad_params_file_fails_without_hanging() {
+    let bad = tmp("bad-params.npz");
+    std::fs::write(&bad, b"this is not an npz archive").unwrap();
+    let mut args = vec![
+        "examples/mlp.tpl",
+        "--degree",
+        "4",
+        "--params",
+        bad.to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL_MLP);
+    let (m, took) = mpirun(4, &args, 120);
+    assert!(!m.status.success(), "{}", text(&m));
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert_eq!(
+        stderr.matches("error:").count(),
+        1,
+        "reported once\n{}",
+        text(&m)
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+#[test]
+fn params_from_an_archive_match_threads() {
+    // Params written by one run and read back by every rank: the `Arrays` leaf source.
+    let (params, t_out, m_out) = (tmp("p.npz"), tmp("p-t.npz"), tmp("p-m.npz"));
+    let mut leaves = std::collections::BTreeMap::new();
+    let src = tpc::diag::SourceFile::new(
+        "examples/mlp.tpl",
+        std::fs::read_to_string("examples/mlp.tpl").unwrap(),
+    );
+    let sets = [("B", 4), ("S", 8), ("H", 64)].map(|(k, v)| (k.to_string(), v));
+    let g = tpc::driver::compile_global(&src, &sets)
+        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+    let all = tpc::exec::leaves::global_leaves(&g, &tpc::exec::leaves::LeafSource::Seed(11))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for name in ["w1", "b1", "w2", "b2"] {
+        leaves.insert(name.to_string(), all[name].clone());
+    }
+    npz::write(params.to_str().unwrap(), &leaves).unwrap();
+    let mut args = vec![
+        "examples/mlp.tpl",
+        "--degree",
+        "4",
+        "--params",
+        params.to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL_MLP);
+    let mut t_args = args.clone();
+    t_args.extend(["--out", t_out.to_str().unwrap()]);
+    let t = threads(&t_args);
+    assert!(t.status.success(), "{}", text(&t));
+    let mut m_args = args.clone();
+    m_args.extend(["--out", m_out.to_str().unwrap(), "--check"]);
+    let (m, _) = mpirun(4, &m_args, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    assert_bitwise_equal(&m_out, &t_out, "params archive on 4 MPI ranks");
+}
