@@ -42,6 +42,12 @@ def main():
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", default="unrolled,scan")
+    ap.add_argument(
+        "--dump-logits",
+        metavar="OUT.npz",
+        help="also write the logits of the unrolled forward (to check the function against "
+        "tpc's reference interpreter on a copy of gpt.tpl that outputs its logits)",
+    )
     args = ap.parse_args()
 
     import jax
@@ -112,8 +118,11 @@ def main():
         m = layernorm(h, p["ln2_g"], p["ln2_b"])
         return h + (gelu(m @ p["mlp.w1"] + p["mlp.b1"]) @ p["mlp.w2"] + p["mlp.b2"])
 
+    def logits_of(h, top):
+        return layernorm(h, top["lnf_g"], top["lnf_b"]) @ top["wte"].T
+
     def head(h, top, labels):
-        logits = layernorm(h, top["lnf_g"], top["lnf_b"]) @ top["wte"].T
+        logits = logits_of(h, top)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return jnp.mean(lse - tgt)
@@ -131,6 +140,16 @@ def main():
         h = embed(top, tokens)
         h, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), h, stacked)
         return head(h, top, labels)
+
+    if args.dump_logits:
+
+        def fwd_logits(top, layers, tokens):
+            h = embed(top, tokens)
+            for p in layers:
+                h = layer(h, p)
+            return logits_of(h, top)
+
+        np.savez(args.dump_logits, logits=np.asarray(jax.jit(fwd_logits)(top, layers, tokens)))
 
     out = {
         "jax": jax.__version__,
