@@ -8,7 +8,9 @@ mod layout;
 mod lookup;
 mod matmul;
 mod norm;
+mod pool;
 mod reduce;
+mod simd;
 #[cfg(test)]
 mod tests;
 
@@ -20,6 +22,8 @@ pub use layout::{concat, reshape, slice, split, transpose};
 pub use lookup::{causal_mask, cross_entropy, embedding};
 pub use matmul::{gemm, matmul};
 pub use norm::{layernorm, rmsnorm, softmax};
+pub use pool::recycle;
+pub(crate) use pool::{take_f32, take_vec};
 pub use reduce::{reduce_f32, reduce_i32};
 
 use crate::exec::ExecError;

@@ -25,7 +25,10 @@ pub fn run(
         }
         for &v in node.inputs.iter().chain(&node.outputs) {
             if last[v.index()] == i {
-                slots[v.index()] = None;
+                if let Some(Cow::Owned(t)) = slots[v.index()].take() {
+                    // The buffer serves a later kernel's output.
+                    super::kernels::recycle(t);
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 //! arrays from the ranks' blocks.
 
 use super::comm::{self, CommError, ThreadTransport, Transport};
+use super::kernels as k;
 use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::{apply, ExecError, Tensor};
 use crate::ir::{Node, Op, ReduceOp, ValueId};
@@ -363,6 +364,8 @@ impl Rank<'_> {
                 if last[v.index()].is_none_or(|l| l <= id.index()) {
                     if let Some(t) = slots[v.index()].take() {
                         live -= bytes(&t);
+                        // The buffer serves a later kernel's output on this rank.
+                        k::recycle(t);
                     }
                 }
             }
@@ -399,29 +402,37 @@ impl Rank<'_> {
                 axis: a, reduce, ..
             } => {
                 let a = axis(a)?;
-                self.collective(
-                    args[0],
-                    |t, g, data| {
-                        comm::all_reduce(t, g, data, *reduce)?;
-                        Ok(data.to_vec())
-                    },
-                    a,
-                    args[0].shape().to_vec(),
-                )?
+                let mut data = flat_f32(args[0]);
+                let group = &self.groups[a];
+                comm::all_reduce(self.t, group, &mut data, *reduce).map_err(|e| e.to_string())?;
+                from_f32(args[0].shape(), data, args[0])?
             }
             Op::AllGather { axis: a, dim, .. } => {
                 let a = axis(a)?;
-                let mine = to_f32(args[0]);
-                let group = self.groups[a].clone();
-                let all = comm::all_gather(
-                    self.t,
-                    &group,
-                    mine.as_slice()
-                        .unwrap_or(&mine.iter().copied().collect::<Vec<_>>()),
-                )
+                let group = &self.groups[a];
+                let k = group.len();
+                let shape = args[0].shape();
+                check_dim(shape, *dim)?;
+                let all = match args[0] {
+                    Tensor::F32(x) if x.is_standard_layout() => {
+                        let mine = x.as_slice().expect("standard layout");
+                        comm::all_gather(self.t, group, mine)
+                    }
+                    t => comm::all_gather(self.t, group, &flat_f32(t)),
+                }
                 .map_err(|e| e.to_string())?;
-                let chunks = split_flat(&all, group.len(), mine.shape());
-                from_f32(concat(&chunks, *dim)?, args[0])
+                let mut global = shape.to_vec();
+                global[*dim] *= k;
+                // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the
+                // chunks are already the concatenation.
+                let data = if shape[..*dim].iter().all(|&d| d == 1) {
+                    all
+                } else {
+                    let len = all.len() / k.max(1);
+                    let pieces: Vec<&[f32]> = all.chunks_exact(len.max(1)).collect();
+                    join(&pieces, shape, *dim)
+                };
+                from_f32(&global, data, args[0])?
             }
             Op::ReduceScatter {
                 axis: a,
@@ -430,17 +441,28 @@ impl Rank<'_> {
                 ..
             } => {
                 let a = axis(a)?;
-                let x = to_f32(args[0]);
                 let k = self.groups[a].len();
-                let pieces = chunks_along(&x, *dim, k)?;
-                let mut flat: Vec<f32> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
-                let group = self.groups[a].clone();
-                let mine = comm::reduce_scatter(self.t, &group, &mut flat, *reduce)
+                let shape = args[0].shape();
+                check_split(shape, *dim, k)?;
+                let mut flat = flat_f32(args[0]);
+                if !shape[..*dim].iter().all(|&d| d == 1) {
+                    // Piece i (the i-th block along `dim`) must be the i-th contiguous chunk.
+                    let mut pieces = k::take_vec::<f32>(flat.len());
+                    for r in 0..k {
+                        piece(&flat, shape, *dim, k, r, &mut pieces);
+                    }
+                    k::recycle(Tensor::F32(
+                        ArrayD::from_shape_vec(IxDyn(&[flat.len()]), flat)
+                            .map_err(|e| e.to_string())?,
+                    ));
+                    flat = pieces;
+                }
+                let group = &self.groups[a];
+                let mine = comm::reduce_scatter(self.t, group, &mut flat, *reduce)
                     .map_err(|e| e.to_string())?;
-                from_f32(
-                    ArrayD::from_shape_vec(pieces[0].raw_dim(), mine).map_err(|e| e.to_string())?,
-                    args[0],
-                )
+                let mut local = shape.to_vec();
+                local[*dim] /= k;
+                from_f32(&local, mine, args[0])?
             }
             Op::AllToAll {
                 axis: a,
@@ -449,32 +471,45 @@ impl Rank<'_> {
                 ..
             } => {
                 let a = axis(a)?;
-                let x = to_f32(args[0]);
                 let k = self.groups[a].len();
-                let pieces = chunks_along(&x, *split, k)?;
-                let shape = pieces[0].shape().to_vec();
-                let group = self.groups[a].clone();
-                let got = comm::all_to_all(
-                    self.t,
-                    &group,
-                    pieces.iter().map(|p| p.iter().copied().collect()).collect(),
-                )
-                .map_err(|e| e.to_string())?;
-                let arrays = got
-                    .into_iter()
-                    .map(|v| ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| e.to_string()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                from_f32(concat(&arrays, *c)?, args[0])
+                let shape = args[0].shape();
+                check_split(shape, *split, k)?;
+                check_dim(shape, *c)?;
+                let flat = flat_f32(args[0]);
+                let mut pshape = shape.to_vec();
+                pshape[*split] /= k;
+                let chunks: Vec<Vec<f32>> = (0..k)
+                    .map(|r| {
+                        let mut v = Vec::with_capacity(flat.len() / k);
+                        piece(&flat, shape, *split, k, r, &mut v);
+                        v
+                    })
+                    .collect();
+                let group = &self.groups[a];
+                let got = comm::all_to_all(self.t, group, chunks).map_err(|e| e.to_string())?;
+                let len: usize = pshape.iter().product();
+                if got.iter().any(|g| g.len() != len) {
+                    return Err("all_to_all: a received block has the wrong size".into());
+                }
+                let pieces: Vec<&[f32]> = got.iter().map(|g| &g[..]).collect();
+                let data = join(&pieces, &pshape, *c);
+                let mut out = pshape.clone();
+                out[*c] *= k;
+                from_f32(&out, data, args[0])?
             }
             Op::ShardSlice { axis: a, size, dim } => {
                 let c = self.coords[axis(a)?];
                 let n = args[0].shape()[*dim] / *size as usize;
                 let r = c as usize * n..(c as usize + 1) * n;
-                map_tensor(
-                    args[0],
-                    |x| x.slice_axis(Axis(*dim), Slice::from(r.clone())).to_owned(),
-                    |x| x.slice_axis(Axis(*dim), Slice::from(r.clone())).to_owned(),
-                )
+                let (s, e) = (r.start as u64, r.end as u64);
+                match args[0] {
+                    Tensor::F32(x) => {
+                        Tensor::F32(k::slice(x, *dim, s, e).map_err(|e| e.to_string())?)
+                    }
+                    Tensor::I32(x) => {
+                        Tensor::I32(k::slice(x, *dim, s, e).map_err(|e| e.to_string())?)
+                    }
+                }
             }
             Op::KeepOnFirst { axis: a } => {
                 if self.coords[axis(a)?] == 0 {
@@ -491,23 +526,6 @@ impl Rank<'_> {
             Op::TargetLogit { axes } => self.target_logit(axes, args)?,
             op => return apply(op, args).map_err(|e| e.to_string()),
         }])
-    }
-
-    /// Runs a flat f32 collective over the group of axis `a` and reshapes the result.
-    fn collective(
-        &mut self,
-        x: &Tensor,
-        f: impl FnOnce(&mut dyn Transport, &[usize], &mut [f32]) -> Result<Vec<f32>, CommError>,
-        a: usize,
-        shape: Vec<usize>,
-    ) -> Result<Tensor, String> {
-        let mut data: Vec<f32> = to_f32(x).iter().copied().collect();
-        let group = self.groups[a].clone();
-        let out = f(self.t, &group, &mut data).map_err(|e| e.to_string())?;
-        Ok(from_f32(
-            ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())?,
-            x,
-        ))
     }
 
     /// The vocab block `(offset, local rows)` of this rank along `axes` (major first).
@@ -539,7 +557,9 @@ impl Rank<'_> {
         let (off, local, vocab) = self.vocab_block(axes, rows)?;
         let mut shape = ids.shape().to_vec();
         shape.push(h);
-        let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+        let mut buf = k::take_f32(shape.iter().product());
+        buf.fill(0.0);
+        let mut out = ArrayD::from_shape_vec(IxDyn(&shape), buf).map_err(|e| e.to_string())?;
         let table = table.as_standard_layout();
         let t = table.as_slice().ok_or("table layout")?;
         let o = out.as_slice_mut().ok_or("output layout")?;
@@ -586,19 +606,31 @@ impl Rank<'_> {
     }
 }
 
-fn to_f32(t: &Tensor) -> ArrayD<f32> {
+/// The elements of `t` in row-major order as f32, in a pooled buffer (one copy).
+fn flat_f32(t: &Tensor) -> Vec<f32> {
+    let mut v = k::take_vec::<f32>(t.len());
     match t {
-        Tensor::F32(x) => x.as_standard_layout().into_owned(),
-        Tensor::I32(x) => x.mapv(|v| v as f32),
+        Tensor::F32(x) => match x.as_slice() {
+            Some(s) => v.extend_from_slice(s),
+            None => v.extend(x.iter().copied()),
+        },
+        Tensor::I32(x) => v.extend(x.iter().map(|&e| e as f32)),
     }
+    v
 }
 
-/// Converts back to the kind of `like` (i32 values travel exactly as f32 below 2^24).
-fn from_f32(x: ArrayD<f32>, like: &Tensor) -> Tensor {
-    match like {
+/// An array of `shape` from row-major f32 `data`, of the kind of `like` (i32 values travel
+/// exactly as f32 below 2^24).
+fn from_f32(shape: &[usize], data: Vec<f32>, like: &Tensor) -> Result<Tensor, String> {
+    let x = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| e.to_string())?;
+    Ok(match like {
         Tensor::F32(_) => Tensor::F32(x),
-        Tensor::I32(_) => Tensor::I32(x.mapv(|v| v as i32)),
-    }
+        Tensor::I32(_) => {
+            let t = Tensor::I32(x.mapv(|v| v as i32));
+            k::recycle(Tensor::F32(x));
+            t
+        }
+    })
 }
 
 fn map_tensor(
@@ -612,28 +644,45 @@ fn map_tensor(
     }
 }
 
-/// `k` contiguous equal blocks of `x` along `dim`, each in standard layout.
-fn chunks_along(x: &ArrayD<f32>, dim: usize, k: usize) -> Result<Vec<ArrayD<f32>>, String> {
-    let n = *x.shape().get(dim).ok_or("dim out of range")?;
-    if k == 0 || n % k != 0 {
+/// An error unless `dim` is a dim of `shape`.
+fn check_dim(shape: &[usize], dim: usize) -> Result<(), String> {
+    if dim < shape.len() {
+        Ok(())
+    } else {
+        Err(format!("dim {dim} out of range for shape {shape:?}"))
+    }
+}
+
+/// An error unless dim `dim` of `shape` splits into `k` equal blocks.
+fn check_split(shape: &[usize], dim: usize, k: usize) -> Result<(), String> {
+    check_dim(shape, dim)?;
+    let n = shape[dim];
+    if k == 0 || !n.is_multiple_of(k) {
         return Err(format!("dim {dim} of size {n} does not split into {k}"));
     }
-    Ok(x.axis_chunks_iter(Axis(dim), n / k)
-        .map(|c| c.as_standard_layout().into_owned())
-        .collect())
+    Ok(())
 }
 
-fn split_flat(all: &[f32], k: usize, shape: &[usize]) -> Vec<ArrayD<f32>> {
-    let len = all.len() / k.max(1);
-    (0..k)
-        .map(|i| {
-            ArrayD::from_shape_vec(IxDyn(shape), all[i * len..(i + 1) * len].to_vec())
-                .expect("chunk has the local shape")
-        })
-        .collect()
+/// Pushes block `r` of `k` equal blocks along `dim` of the row-major `src` of `shape`.
+fn piece(src: &[f32], shape: &[usize], dim: usize, k: usize, r: usize, out: &mut Vec<f32>) {
+    let outer: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    let size = shape[dim];
+    let p = size / k;
+    for o in 0..outer {
+        out.extend_from_slice(&src[(o * size + r * p) * inner..(o * size + (r + 1) * p) * inner]);
+    }
 }
 
-fn concat(arrays: &[ArrayD<f32>], dim: usize) -> Result<ArrayD<f32>, String> {
-    let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
-    ndarray::concatenate(Axis(dim), &views).map_err(|e| e.to_string())
+/// The concatenation along `dim` of row-major blocks, each of shape `shape`.
+fn join(pieces: &[&[f32]], shape: &[usize], dim: usize) -> Vec<f32> {
+    let outer: usize = shape[..dim].iter().product();
+    let block: usize = shape[dim..].iter().product();
+    let mut out = k::take_vec::<f32>(block * outer * pieces.len());
+    for o in 0..outer {
+        for p in pieces {
+            out.extend_from_slice(&p[o * block..(o + 1) * block]);
+        }
+    }
+    out
 }

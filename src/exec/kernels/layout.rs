@@ -1,6 +1,7 @@
 //! Layout kernels, generic over the element type: transpose, reshape, split, concat, slice.
 //! Results are always in standard (row-major) layout.
 
+use super::pool::take_vec;
 use super::{check_axis, from_vec, to_usize};
 use crate::exec::ExecError;
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
@@ -16,10 +17,90 @@ pub fn transpose<T: Clone>(x: &ArrayD<T>, perm: &[usize]) -> Result<ArrayD<T>, E
         let detail = format!("{perm:?} is not a permutation of 0..{}", x.ndim());
         return Err(ExecError::shape("transpose", detail));
     }
-    Ok(x.view()
-        .permuted_axes(IxDyn(perm))
-        .as_standard_layout()
-        .into_owned())
+    let Some(src) = x.as_slice() else {
+        return Ok(x
+            .view()
+            .permuted_axes(IxDyn(perm))
+            .as_standard_layout()
+            .into_owned());
+    };
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    let mut out = take_vec::<T>(src.len());
+    if !src.is_empty() {
+        permute_into(src, x.shape(), perm, &mut out);
+    }
+    from_vec("transpose", shape, out)
+}
+
+/// Pushes the elements of the row-major `src` of `shape`, permuted by `perm`, in row-major
+/// order of the result: runs that stay contiguous are copied whole.
+fn permute_into<T: Clone>(src: &[T], shape: &[usize], perm: &[usize], out: &mut Vec<T>) {
+    let rank = shape.len();
+    let mut stride = vec![1usize; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * shape[d + 1];
+    }
+    // Result dims (outer first) as (size, stride in src): size-1 dims dropped, dims that are
+    // also adjacent in src merged.
+    let mut dims: Vec<(usize, usize)> = Vec::with_capacity(rank);
+    for &p in perm {
+        let (size, st) = (shape[p], stride[p]);
+        if size == 1 {
+            continue;
+        }
+        match dims.last_mut() {
+            Some(last) if last.1 == st * size => *last = (last.0 * size, st),
+            _ => dims.push((size, st)),
+        }
+    }
+    let Some((inner, step)) = dims.pop() else {
+        out.push(src[0].clone());
+        return;
+    };
+    let outer: usize = dims.iter().map(|d| d.0).product();
+    let mut idx = vec![0usize; dims.len()];
+    let mut base = 0usize;
+    for _ in 0..outer {
+        if step == 1 {
+            out.extend_from_slice(&src[base..base + inner]);
+        } else {
+            out.extend(src[base..].iter().step_by(step).take(inner).cloned());
+        }
+        for d in (0..dims.len()).rev() {
+            idx[d] += 1;
+            base += dims[d].1;
+            if idx[d] < dims[d].0 {
+                break;
+            }
+            base -= dims[d].1 * dims[d].0;
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Copies, for every index of the dims before `axis`, the contiguous block `start..end` of
+/// `axis` (times the dims after it) of the row-major `src` of `shape`.
+fn copy_axis_range<T: Clone>(
+    src: &[T],
+    shape: &[usize],
+    axis: usize,
+    start: usize,
+    end: usize,
+    out: &mut Vec<T>,
+) {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let size = shape[axis];
+    for o in 0..outer {
+        out.extend_from_slice(&src[(o * size + start) * inner..(o * size + end) * inner]);
+    }
+}
+
+/// `x.shape` with `axis` resized to `n`.
+fn with_axis(x: &[usize], axis: usize, n: usize) -> Vec<usize> {
+    let mut s = x.to_vec();
+    s[axis] = n;
+    s
 }
 
 /// Row-major reshape to `shape` (same element count).
@@ -38,7 +119,12 @@ pub fn reshape<T: Clone>(x: &ArrayD<T>, shape: &[u64]) -> Result<ArrayD<T>, Exec
         );
         return Err(ExecError::shape(OP, detail));
     }
-    from_vec(OP, shape, x.iter().cloned().collect())
+    let mut out = take_vec::<T>(x.len());
+    match x.as_slice() {
+        Some(s) => out.extend_from_slice(s),
+        None => out.extend(x.iter().cloned()),
+    }
+    from_vec(OP, shape, out)
 }
 
 /// Splits `axis` into consecutive pieces of `sizes` (summing to the axis size).
@@ -56,6 +142,19 @@ pub fn split<T: Clone>(
             x.shape()[axis]
         );
         return Err(ExecError::shape(OP, detail));
+    }
+    if let Some(src) = x.as_slice() {
+        let mut start = 0usize;
+        let mut out = Vec::with_capacity(sizes.len());
+        for &s in sizes {
+            let end = start + s as usize;
+            let shape = with_axis(x.shape(), axis, s as usize);
+            let mut v = take_vec::<T>(shape.iter().product());
+            copy_axis_range(src, x.shape(), axis, start, end, &mut v);
+            out.push(from_vec(OP, shape, v)?);
+            start = end;
+        }
+        return Ok(out);
     }
     let mut start = 0usize;
     let mut out = Vec::with_capacity(sizes.len());
@@ -90,6 +189,21 @@ pub fn concat<T: Clone>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>, Exe
             return Err(ExecError::shape(OP, detail));
         }
     }
+    let slices: Option<Vec<&[T]>> = xs.iter().map(|x| x.as_slice()).collect();
+    if let Some(slices) = slices {
+        let size: usize = xs.iter().map(|x| x.shape()[axis]).sum();
+        let shape = with_axis(first.shape(), axis, size);
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let mut out = take_vec::<T>(shape.iter().product());
+        for o in 0..outer {
+            for (x, s) in xs.iter().zip(&slices) {
+                let block = x.shape()[axis] * inner;
+                out.extend_from_slice(&s[o * block..(o + 1) * block]);
+            }
+        }
+        return from_vec(OP, shape, out);
+    }
     let views: Vec<ArrayViewD<T>> = xs.iter().map(|x| x.view()).collect();
     let out = ndarray::concatenate(Axis(axis), &views)
         .map_err(|e| ExecError::shape(OP, e.to_string()))?;
@@ -111,6 +225,12 @@ pub fn slice<T: Clone>(
         return Err(ExecError::shape(OP, detail));
     }
     let (s, e) = (start as usize, end as usize);
+    if let Some(src) = x.as_slice() {
+        let shape = with_axis(x.shape(), axis, e - s);
+        let mut out = take_vec::<T>(shape.iter().product());
+        copy_axis_range(src, x.shape(), axis, s, e, &mut out);
+        return from_vec(OP, shape, out);
+    }
     Ok(x.slice_axis(Axis(axis), Slice::from(s..e))
         .as_standard_layout()
         .into_owned())

@@ -1,6 +1,7 @@
 //! numpy matmul on top of one single-threaded GEMM (`gemm`), backed by the `gemm` crate, which
 //! picks AVX-512 / AVX2+FMA / SSE / scalar micro-kernels by run-time CPU detection.
 
+use super::pool::take_f32;
 use super::{broadcast_shape, from_vec, row_major};
 use crate::exec::ExecError;
 use ndarray::ArrayD;
@@ -83,7 +84,8 @@ pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError
     })?;
     let nb: usize = batch.iter().product();
     let (da, db) = (row_major(a), row_major(b));
-    let mut out = vec![0.0f32; nb * m * n];
+    // Every element is written by `gemm` (which never reads its destination).
+    let mut out = take_f32(nb * m * n);
     if batch_b.iter().product::<usize>() == 1 {
         // b is one matrix: fold a's batch into its rows, one big GEMM.
         gemm(nb * m, k, n, &da, &db, &mut out);

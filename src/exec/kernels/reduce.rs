@@ -2,6 +2,7 @@
 
 use super::check_axis;
 use super::norm::lane_max;
+use super::simd::{max_f32, multiversion, sum_f64};
 use crate::exec::ExecError;
 use crate::ir::ReduceOp;
 use ndarray::{ArrayD, Axis};
@@ -15,12 +16,35 @@ pub fn reduce_f32(
     keepdims: bool,
 ) -> Result<ArrayD<f32>, ExecError> {
     check_reduce(op, x.shape(), axis)?;
+    let n = x.shape()[axis];
+    if let (Some(xs), true) = (x.as_slice(), axis + 1 == x.ndim() && n > 0) {
+        // Contiguous rows: one vectorized pass per row.
+        let v = reduce_rows(op, xs, n);
+        let out = ArrayD::from_shape_vec(&x.shape()[..axis], v).expect("one value per row");
+        return Ok(keep(out, axis, keepdims));
+    }
     let out = x.map_axis(Axis(axis), |lane| match op {
         ReduceOp::Sum => lane.iter().map(|&v| v as f64).sum::<f64>() as f32,
         ReduceOp::Mean => (lane.iter().map(|&v| v as f64).sum::<f64>() / lane.len() as f64) as f32,
         ReduceOp::Max => lane_max(lane.iter()),
     });
     Ok(keep(out, axis, keepdims))
+}
+
+/// Reduces every contiguous row of `n` elements of `xs`.
+#[inline(always)]
+fn reduce_rows_imp(op: ReduceOp, xs: &[f32], n: usize) -> Vec<f32> {
+    let rows = xs.chunks_exact(n);
+    match op {
+        ReduceOp::Sum => rows.map(|r| sum_f64(r) as f32).collect(),
+        ReduceOp::Mean => rows.map(|r| (sum_f64(r) / n as f64) as f32).collect(),
+        ReduceOp::Max => rows.map(max_f32).collect(),
+    }
+}
+
+multiversion! {
+    /// [`reduce_rows_imp`], vectorized.
+    fn reduce_rows<>(op: ReduceOp, xs: &[f32], n: usize) -> Vec<f32> where {} = reduce_rows_imp;
 }
 
 /// Reduces `axis` of an i32 tensor: sum wraps to i32, mean truncates toward zero (0 when empty).
