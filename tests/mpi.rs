@@ -251,7 +251,11 @@ fn bad_params_file_fails_without_hanging() {
     assert!(!m.status.success(), "{}", text(&m));
     let stderr = String::from_utf8_lossy(&m.stderr);
     // Every rank finds the bad file; which ones print before the job is aborted is a race.
-    assert!(stderr.matches("error:").count() >= 1, "reported\n{}", text(&m));
+    assert!(
+        stderr.matches("error:").count() >= 1,
+        "reported\n{}",
+        text(&m)
+    );
     assert!(took < Duration::from_secs(60), "took {took:?}");
 }
 
