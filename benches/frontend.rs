@@ -4,6 +4,7 @@
 //!   with H=256, in process (median of several runs), with the process's peak RSS.
 //! - Whole compile as a process: `tpc compile gpt.tpl --degree 8` at H=256, S=64, B=2, NH=8 for
 //!   L = 1, 16, 64, 1024 and at 175B shape, wall time (min of runs) and the child's peak RSS.
+//!
 //! Every figure is printed beside a reference measured in the same run: the time of one lowering
 //! at L=1 (linearity) and the time to start the process (`tpc --version`).
 

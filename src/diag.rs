@@ -41,16 +41,18 @@ pub fn render(err: &dyn Diagnostic, src: Option<&SourceFile>) -> String {
     let mut labels: Vec<miette::LabeledSpan> =
         err.labels().map(|l| l.collect()).unwrap_or_default();
     labels.sort_by_key(|l| l.offset());
+    let mut width = 1;
     if let (Some(src), false) = (src, labels.is_empty()) {
-        snippet(&mut out, src, &labels);
+        width = snippet(&mut out, src, &labels);
     }
     if let Some(h) = err.help() {
-        let _ = writeln!(out, "  = help: {h}");
+        let _ = writeln!(out, "{} = help: {h}", " ".repeat(width));
     }
     out
 }
 
-fn snippet(out: &mut String, src: &SourceFile, labels: &[miette::LabeledSpan]) {
+/// Writes the location and the labelled source lines; returns the width of the line-number margin.
+fn snippet(out: &mut String, src: &SourceFile, labels: &[miette::LabeledSpan]) -> usize {
     let text = &src.text;
     let index = LineIndex::new(text);
     let first = labels.iter().find(|l| l.primary()).unwrap_or(&labels[0]);
@@ -79,6 +81,7 @@ fn snippet(out: &mut String, src: &SourceFile, labels: &[miette::LabeledSpan]) {
     let pad = " ".repeat(width);
     let _ = writeln!(out, "{pad}--> {}:{}:{}", src.name, at.line, at.col);
     let _ = writeln!(out, "{pad} |");
+    let mut last_line = 0;
     for (sp, label) in &spans {
         let line = lines
             .get(sp.line as usize - 1)
@@ -93,11 +96,15 @@ fn snippet(out: &mut String, src: &SourceFile, labels: &[miette::LabeledSpan]) {
             .unwrap_or(0)
             .max(1);
         let (shown, caret_at) = window(&chars, col);
-        let _ = writeln!(out, "{:>width$} | {shown}", sp.line);
+        if sp.line != last_line {
+            let _ = writeln!(out, "{:>width$} | {shown}", sp.line);
+            last_line = sp.line;
+        }
         let carets = "^".repeat(span_chars.min(MAX_LINE));
         let sep = if label.is_empty() { "" } else { " " };
         let _ = writeln!(out, "{pad} | {}{carets}{sep}{label}", " ".repeat(caret_at));
     }
+    width
 }
 
 /// The part of a line to show (at most `MAX_LINE` characters, keeping the caret visible) and

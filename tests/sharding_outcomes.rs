@@ -295,11 +295,37 @@ fn degree_1_has_no_collectives() {
 #[test]
 fn indivisible_annotation_is_an_error_with_the_span() {
     let src = source("examples/mlp.tpl");
-    let e = plan_src(&src, "3", Device::default())
-        .err()
-        .expect("4096 does not split in 3");
+    let Err(e) = plan_src(&src, "3", Device::default()) else {
+        panic!("4096 does not split in 3");
+    };
     let text = e.render(Some(&src));
     assert!(text.contains("does not divide into 3 parts"), "{text}");
     assert!(text.contains("mlp.tpl:6:"), "{text}");
     assert!(!e.is_internal());
+}
+
+#[test]
+fn gpt_layer_on_a_2d_mesh_with_dp_inputs_crosses_no_dp_in_the_forward() {
+    let text = std::fs::read_to_string("examples/gpt_layer.tpl")
+        .unwrap()
+        .replace("mesh tp", "mesh dp, tp")
+        .replace(
+            "input x : f32[B, S, H]",
+            "input x : f32[B, S, H] @ [dp, _, _]",
+        )
+        .replace("output y", "output y @ [dp, _, _]");
+    let src = SourceFile::new("gpt_layer_dp.tpl", text);
+    let p = plan_src(&src, "dp=2,tp=4", Device::default()).unwrap();
+    let mut axes = Vec::new();
+    for (_, n) in p.local.nodes() {
+        if let Op::AllReduce { axis, .. }
+        | Op::AllGather { axis, .. }
+        | Op::ReduceScatter { axis, .. }
+        | Op::AllToAll { axis, .. } = &n.op
+        {
+            axes.push(axis.clone());
+        }
+    }
+    assert_eq!(axes, vec!["tp".to_string(); 2], "{:?}", collectives(&p));
+    assert_eq!(count(&p, "all_reduce"), 2);
 }

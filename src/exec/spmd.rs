@@ -374,7 +374,7 @@ impl Rank<'_> {
                 leaves
                     .get(&o.value)
                     .cloned()
-                    .or_else(|| slots[o.value.index()].take())
+                    .or_else(|| slots[o.value.index()].clone())
                     .expect("outputs are computed")
             })
             .collect();

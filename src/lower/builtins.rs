@@ -40,6 +40,9 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("repeat", &["count", "block", "x"]),
 ];
 
+/// Most pieces one `split` may produce.
+const MAX_PARTS: i64 = 1 << 16;
+
 /// True when `name` is a built-in op.
 pub fn is_builtin(name: &str) -> bool {
     SIGNATURES.iter().any(|(n, _)| *n == name)
@@ -256,7 +259,9 @@ fn is_tensor_arg(s: &Scope, e: &Expr, prog: &Program) -> bool {
     match e {
         Expr::Name(id) => matches!(s.lookup(id, prog), Ok(Val::Tensor(_))),
         Expr::Num { .. } => false,
-        _ => true,
+        Expr::Neg { expr, .. } => is_tensor_arg(s, expr, prog),
+        Expr::Binary { lhs, rhs, .. } => is_tensor_arg(s, lhs, prog) || is_tensor_arg(s, rhs, prog),
+        Expr::Call { .. } | Expr::List { .. } => true,
     }
 }
 
@@ -480,7 +485,7 @@ fn split(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Lower
         }
         _ => {
             let n = b.int(1, prog)?.unwrap_or(1);
-            if n <= 0 || !size.is_multiple_of(n as u64) {
+            if n <= 0 || n > MAX_PARTS || !size.is_multiple_of(n as u64) {
                 return Err(b.bad(
                     format!("cannot split an axis of size {size} into {n} equal parts"),
                     parts_span,

@@ -11,13 +11,17 @@ pub fn eval_int(e: &Expr, dims: &HashMap<String, i64>) -> Result<i64, LowerError
         Expr::Num {
             value,
             is_int,
+            int,
             span,
-        } => {
-            if !*is_int || *value > i64::MAX as f64 {
-                return Err(bad_dim(format!("`{value}` is not an integer"), *span, None));
-            }
-            Ok(*value as i64)
-        }
+        } => match (is_int, int) {
+            (true, Some(v)) => Ok(*v),
+            (true, None) => Err(bad_dim(
+                format!("integer literal {value:.0} does not fit in 64 bits"),
+                *span,
+                None,
+            )),
+            (false, _) => Err(bad_dim(format!("`{value}` is not an integer"), *span, None)),
+        },
         Expr::Name(id) => dims.get(&id.name).copied().ok_or_else(|| {
             bad_dim(
                 format!("`{}` is not a dim", id.name),
@@ -51,14 +55,15 @@ fn int_binary(op: BinOp, a: i64, b: i64, span: crate::span::Span) -> Result<i64,
             if b == 0 {
                 return Err(bad_dim("division by zero".into(), span, None));
             }
-            if a % b != 0 {
+            let rem = a.checked_rem(b).ok_or_else(|| overflow(span))?;
+            if rem != 0 {
                 return Err(bad_dim(
                     format!("{a} / {b} is not exact"),
                     span,
                     Some("dims are integers: choose sizes that divide".into()),
                 ));
             }
-            Some(a / b)
+            a.checked_div(b)
         }
         BinOp::MatMul => return Err(bad_dim("`@` in a dim expression".into(), span, None)),
     };
@@ -107,29 +112,43 @@ pub fn fold_scalar(op: BinOp, a: f64, b: f64) -> f64 {
     }
 }
 
-/// The closest candidate to `name` by edit distance, if close enough to suggest.
+/// The closest candidate to `name` by edit distance (a swap of two letters counts as one edit),
+/// if close enough to suggest: at most a third of the name, and never all of it.
 pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
+    let len = name.chars().count();
+    let limit = (len / 3).max(1);
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(name, c);
-        if d <= 2.max(name.len() / 3) && best.is_none_or(|(bd, bc)| d < bd || (d == bd && c < bc)) {
+        if d <= limit && d < len && best.is_none_or(|(bd, bc)| d < bd || (d == bd && c < bc)) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| format!("did you mean `{c}`?"))
 }
 
+/// Optimal string alignment distance: insertions, deletions, substitutions and adjacent swaps.
 fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }

@@ -25,7 +25,7 @@ pub enum LowerError {
         /// The name.
         name: String,
         /// The second definition.
-        #[label("redefined here")]
+        #[label(primary, "redefined here")]
         span: Span,
         /// The first definition.
         #[label("first defined here")]
@@ -115,7 +115,7 @@ pub enum LowerError {
         /// The axis.
         axis: String,
         /// The second use.
-        #[label("used again here")]
+        #[label(primary, "used again here")]
         span: Span,
         /// The first use.
         #[label("first used here")]
@@ -147,7 +147,7 @@ pub enum LowerError {
         /// The later spec.
         second_spec: String,
         /// The later annotation.
-        #[label("conflicts")]
+        #[label(primary, "conflicts")]
         span: Span,
         /// The earlier annotation.
         #[label("earlier annotation")]

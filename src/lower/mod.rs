@@ -80,6 +80,9 @@ pub(crate) struct Program<'a> {
     stack: Vec<String>,
 }
 
+/// Largest program accepted, in ops (a guard against runaway repeat counts).
+const MAX_NODES: usize = 2_000_000;
+
 /// Deepest chain of nested block calls accepted (guards runaway recursion through blocks).
 const MAX_BLOCK_DEPTH: usize = 64;
 

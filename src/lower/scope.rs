@@ -377,6 +377,18 @@ impl<'g> Scope<'g> {
         inputs: Vec<ValueId>,
         span: Span,
     ) -> Result<Vec<ValueId>, LowerError> {
+        let constant = match op {
+            Op::Scalar { value, .. } => Some(value),
+            Op::LayerNorm { eps } | Op::RmsNorm { eps } => Some(eps),
+            _ => None,
+        };
+        if let Some(c) = constant.filter(|c| !c.is_finite()) {
+            return Err(LowerError::BadOp {
+                message: format!("the constant {c} is not a finite number"),
+                span,
+                hint: None,
+            });
+        }
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.g.ty(*v)).collect();
         let out = infer(&op, &tys).map_err(|e| infer_error(e, span))?;
         let n = self.g.add_node(op, inputs, out, span, self.region);
@@ -415,7 +427,11 @@ fn count_calls(e: &Expr, prog: &Program, totals: &mut HashMap<String, usize>) {
                 *totals.entry(func.name.clone()).or_insert(0) += 1;
             }
             if func.name == "repeat" {
-                if let Some(Expr::Name(b)) = args.get(1).map(|a| &a.value) {
+                let block = args
+                    .iter()
+                    .find(|a| a.name.as_ref().is_some_and(|n| n.name == "block"))
+                    .or_else(|| args.iter().filter(|a| a.name.is_none()).nth(1));
+                if let Some(Expr::Name(b)) = block.map(|a| &a.value) {
                     *totals.entry(b.name.clone()).or_insert(0) += 2;
                 }
             }

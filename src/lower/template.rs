@@ -5,7 +5,7 @@
 use super::consts;
 use super::error::LowerError;
 use super::scope::{Scope, Val};
-use super::{Program, MAX_BLOCK_DEPTH};
+use super::{Program, MAX_BLOCK_DEPTH, MAX_NODES};
 use crate::ir::{Graph, Op, RegionId, TensorType, ValueId};
 use crate::span::Span;
 use crate::syntax::ast::{BlockDef, Expr};
@@ -68,7 +68,7 @@ pub(crate) fn instantiate(
     };
     let path = s.next_instance(name);
     let region = s.region;
-    Ok(stamp(&tpl, s.g, region, &path, name, args))
+    stamp(&tpl, s.g, region, &path, name, args)
 }
 
 fn signature(b: &BlockDef) -> String {
@@ -83,13 +83,21 @@ fn build(
     prog: &mut Program,
 ) -> Result<Template, LowerError> {
     let name = &block.name.name;
-    if prog.stack.iter().any(|b| b == name) || prog.stack.len() >= MAX_BLOCK_DEPTH {
+    if prog.stack.iter().any(|b| b == name) {
         return Err(LowerError::BadOp {
             message: format!("block `{name}` calls itself (directly or through other blocks)"),
             span,
             hint: Some("blocks cannot be recursive: use `repeat` to stack them".into()),
         });
     }
+    if prog.stack.len() >= MAX_BLOCK_DEPTH {
+        return Err(LowerError::BadOp {
+            message: format!("blocks are nested more than {MAX_BLOCK_DEPTH} calls deep"),
+            span,
+            hint: Some("flatten the chain of block calls".into()),
+        });
+    }
+
     prog.stack.push(name.clone());
     let body = prog.next_body;
     prog.next_body += 1;
@@ -149,7 +157,19 @@ fn stamp(
     path: &str,
     block: &str,
     args: &[ValueId],
-) -> ValueId {
+) -> Result<ValueId, LowerError> {
+    if g.num_nodes() + t.graph.num_nodes() > MAX_NODES {
+        return Err(LowerError::Invalid {
+            message: format!("the program grows beyond {MAX_NODES} ops"),
+            span: t
+                .graph
+                .nodes()
+                .next()
+                .map(|(_, n)| n.span)
+                .unwrap_or_default(),
+            hint: Some("check the repeat counts and dims (e.g. --set L=...)".into()),
+        });
+    }
     let mut regions = Vec::with_capacity(t.graph.regions().len());
     regions.push(g.add_region(path.to_string(), block.to_string(), parent, t.body));
     for (_, r) in t.graph.regions().skip(1) {
@@ -159,6 +179,9 @@ fn stamp(
     let mut map: Vec<Option<ValueId>> = vec![None; t.graph.num_values()];
     for (a, v) in t.args.iter().zip(args) {
         map[a.index()] = Some(*v);
+        if let Some(ann) = t.graph.annotation(*a) {
+            annotate_arg(g, *v, ann)?;
+        }
     }
     for (_, n) in t.graph.nodes() {
         if let Op::Input { .. } = n.op {
@@ -187,7 +210,24 @@ fn stamp(
             }
         }
     }
-    map[t.ret.index()].expect("the result is defined")
+    Ok(map[t.ret.index()].expect("the result is defined"))
+}
+
+/// A constraint written on a block argument inside the body applies to the value passed in.
+fn annotate_arg(g: &mut Graph, v: ValueId, ann: &crate::ir::Annotation) -> Result<(), LowerError> {
+    match g.annotation(v) {
+        Some(prev) if prev.spec != ann.spec => Err(LowerError::ConflictingSpec {
+            first_spec: prev.spec.to_string(),
+            second_spec: ann.spec.to_string(),
+            span: ann.span,
+            first: prev.span,
+        }),
+        Some(_) => Ok(()),
+        None => {
+            g.annotate(v, ann.clone());
+            Ok(())
+        }
+    }
 }
 
 /// `repeat(count, block, x, extra...)`: `count` instances chained through their first argument.

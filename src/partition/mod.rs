@@ -188,7 +188,18 @@ impl<'a> Partitioner<'a> {
             return Ok(*l);
         }
         let Some((l, from)) = self.home[v.index()].clone() else {
-            return self.materialize(v, want.clone());
+            // A free leaf is loaded in the split it is wanted in; partial terms are not data
+            // that exists anywhere, so they come from the loaded value by resharding (a
+            // Replicate -> Partial(sum) keeps it on the first device only).
+            let mut whole = want.clone();
+            whole.partial.iter_mut().for_each(|p| *p = None);
+            let l = self.materialize(v, whole.clone())?;
+            if whole == *want {
+                return Ok(l);
+            }
+            let r = self.reshard(l, v, &whole, want, user)?;
+            self.avail[v.index()].push((want.clone(), r));
+            return Ok(r);
         };
         let r = self.reshard(l, v, &from, want, user)?;
         self.avail[v.index()].push((want.clone(), r));

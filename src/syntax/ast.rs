@@ -142,6 +142,8 @@ pub enum Expr {
         value: f64,
         /// True for integer literals.
         is_int: bool,
+        /// The exact value of an integer literal that fits in i64 (f64 is exact only to 2^53).
+        int: Option<i64>,
         /// Where it was written.
         span: Span,
     },

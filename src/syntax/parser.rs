@@ -754,9 +754,11 @@ impl Conv<'_, '_> {
     /// A numeric literal.
     fn number(&self, pair: P) -> Expr {
         let text = pair.as_str();
+        let is_int = !text.contains(['.', 'e', 'E']);
         Expr::Num {
             value: text.parse().unwrap_or(f64::INFINITY),
-            is_int: !text.contains(['.', 'e', 'E']),
+            is_int,
+            int: if is_int { text.parse().ok() } else { None },
             span: self.span(&pair),
         }
     }

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""JAX GSPMD peer of examples/gpt.tpl: the same function, the same params and inputs, the same
+Megatron sharding over 8 (virtual CPU) devices. Run by `cargo bench --bench run` (section gpt),
+which writes the params and inputs with `tpc::exec::npz::write`; or by hand:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python jax_gpt.py LEAVES.npz \
+      --layers 64 --heads 8 --devices 8 --reps 10
+
+The function (gpt.tpl, with tpc's kernel semantics, src/exec/kernels/):
+  h = wte[tokens] + wpe
+  per layer i (params layer.i.*):
+    a = layernorm(h, ln1_g, ln1_b)                      # eps 1e-5, biased variance
+    q, k, v = (a @ w + b) reshaped [B,S,NH,D], transposed [B,NH,S,D]
+    p = softmax(causal_mask((q @ k^T) * f32(1/sqrt(D))))  # masked entries -inf, softmax on keys
+    h = h + (reshape(transpose(p @ v)) @ wo + bo)
+    m = layernorm(h, ln2_g, ln2_b)
+    h = h + (gelu_tanh(m @ w1 + b1) @ w2 + b2)
+  logits = layernorm(h, lnf_g, lnf_b) @ wte^T           # tied LM head
+  loss = mean(logsumexp(logits) - logits[label])
+
+Sharding (tp = 8): wq, wk, wv, w1 [_, tp]; bq, bk, bv, b1 [tp]; wo, w2 [tp, _]; wte [tp, _]
+(vocab-parallel, as gpt.tpl); everything else replicated; GSPMD propagates the rest.
+
+Prints one JSON document: versions, devices, and for each variant ("unrolled": jit of a Python
+loop over the layers; "scan": lax.scan over the per-layer params stacked on a leading axis) the
+compile time, the all-reduce count in the compiled HLO, the loss, and ms per forward step.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("npz")
+    ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", default="unrolled,scan")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devs = jax.devices()
+    if len(devs) < args.devices:
+        sys.exit(
+            f"need {args.devices} devices, JAX sees {len(devs)}: set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}"
+        )
+    mesh = Mesh(np.array(devs[: args.devices]), ("tp",))
+    shard = lambda *spec: NamedSharding(mesh, P(*spec))
+
+    z = np.load(args.npz)
+    arrays = {k: z[k] for k in z.files}
+    L, NH = args.layers, args.heads
+
+    layer_spec = {
+        "ln1_g": (None,), "ln1_b": (None,), "ln2_g": (None,), "ln2_b": (None,),
+        "attention.wq": (None, "tp"), "attention.bq": ("tp",),
+        "attention.wk": (None, "tp"), "attention.bk": ("tp",),
+        "attention.wv": (None, "tp"), "attention.bv": ("tp",),
+        "attention.wo": ("tp", None), "attention.bo": (None,),
+        "mlp.w1": (None, "tp"), "mlp.b1": ("tp",),
+        "mlp.w2": ("tp", None), "mlp.b2": (None,),
+    }
+    top_spec = {"wte": ("tp", None), "wpe": (None, None), "lnf_g": (None,), "lnf_b": (None,)}
+    expected = set(top_spec) | {"tokens", "labels"} | {
+        f"layer.{i}.{k}" for i in range(L) for k in layer_spec
+    }
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        sys.exit(f"npz does not fit gpt.tpl at L={L}: missing {missing[:5]}, extra {extra[:5]}")
+
+    put = lambda x, spec: jax.device_put(jnp.asarray(x), shard(*spec))
+    top = {k: put(arrays[k], s) for k, s in top_spec.items()}
+    layers = [{k: put(arrays[f"layer.{i}.{k}"], s) for k, s in layer_spec.items()} for i in range(L)]
+    tokens = put(arrays["tokens"], (None, None))
+    labels = put(arrays["labels"], (None, None))
+
+    def layernorm(x, g, b, eps=1e-5):
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + eps) * g + b
+
+    def gelu(x):  # tanh approximation
+        return 0.5 * x * (1.0 + jnp.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + 0.044715 * x**3)))
+
+    def layer(h, p):
+        B, S, H = h.shape
+        D = H // NH
+        a = layernorm(h, p["ln1_g"], p["ln1_b"])
+
+        def heads(w, b):
+            return jnp.transpose(jnp.reshape(a @ w + b, (B, S, NH, D)), (0, 2, 1, 3))
+
+        q = heads(p["attention.wq"], p["attention.bq"])
+        k = heads(p["attention.wk"], p["attention.bk"])
+        v = heads(p["attention.wv"], p["attention.bv"])
+        s = (q @ jnp.swapaxes(k, -1, -2)) * np.float32(1.0 / np.sqrt(D))
+        causal = jnp.tril(jnp.ones((S, S), dtype=bool))
+        s = jnp.where(causal, s, -jnp.inf)
+        pr = jax.nn.softmax(s, axis=-1)
+        ctx = jnp.reshape(jnp.transpose(pr @ v, (0, 2, 1, 3)), (B, S, H))
+        h = h + (ctx @ p["attention.wo"] + p["attention.bo"])
+        m = layernorm(h, p["ln2_g"], p["ln2_b"])
+        return h + (gelu(m @ p["mlp.w1"] + p["mlp.b1"]) @ p["mlp.w2"] + p["mlp.b2"])
+
+    def head(h, top, labels):
+        logits = layernorm(h, top["lnf_g"], top["lnf_b"]) @ top["wte"].T
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        return jnp.mean(lse - tgt)
+
+    def embed(top, tokens):
+        return top["wte"][tokens] + top["wpe"]
+
+    def fwd_unrolled(top, layers, tokens, labels):
+        h = embed(top, tokens)
+        for p in layers:
+            h = layer(h, p)
+        return head(h, top, labels)
+
+    def fwd_scan(top, stacked, tokens, labels):
+        h = embed(top, tokens)
+        h, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), h, stacked)
+        return head(h, top, labels)
+
+    out = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": args.devices,
+        "variants": {},
+    }
+    for variant in [v for v in args.variants.split(",") if v]:
+        if variant == "unrolled":
+            fn, lp = fwd_unrolled, layers
+        elif variant == "scan":
+            fn = fwd_scan
+            lp = {
+                k: jax.device_put(
+                    jnp.stack([arrays[f"layer.{i}.{k}"] for i in range(L)]), shard(None, *s)
+                )
+                for k, s in layer_spec.items()
+            }
+        else:
+            sys.exit(f"unknown variant {variant}")
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(top, lp, tokens, labels).compile()
+        compile_s = time.perf_counter() - t0
+        hlo = compiled.as_text()
+        loss = compiled(top, lp, tokens, labels).block_until_ready()  # warm-up
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            loss = compiled(top, lp, tokens, labels).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out["variants"][variant] = {
+            "compile_s": compile_s,
+            "all_reduce_ops_in_hlo": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start("),
+            "loss": float(np.asarray(loss)),
+            "median_ms": statistics.median(times) * 1e3,
+            "min_ms": min(times) * 1e3,
+            "reps": args.reps,
+        }
+    json.dump(out, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+input x : f32[2]
+y = x # café
+output y

@@ -1,0 +1,83 @@
+//! Snapshots of per-device plans: every example as text at degrees 1, 2, 8 and on a 2-D mesh, the
+//! plan DOT at degree 8, and the errors of indivisible annotations and bad meshes. Review changes
+//! with `cargo insta review`.
+
+use tpc::diag::SourceFile;
+use tpc::driver::{compile_plan, Error};
+use tpc::mesh::{Device, Mesh};
+
+const EXAMPLES: &[&str] = &["mlp", "mlp_2d", "attention", "gpt_layer", "gpt"];
+
+fn source(name: &str) -> SourceFile {
+    let path = format!("examples/{name}.tpl");
+    SourceFile::new(path.clone(), std::fs::read_to_string(&path).unwrap())
+}
+
+fn mesh(m: &str) -> Mesh {
+    if m.contains('=') {
+        Mesh::parse(m).unwrap()
+    } else {
+        Mesh::degree(m.parse().unwrap()).unwrap()
+    }
+}
+
+fn snap(name: &str, text: &str) {
+    insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
+        insta::assert_snapshot!(name, text);
+    });
+}
+
+#[test]
+fn plans_as_text() {
+    for ex in EXAMPLES {
+        let src = source(ex);
+        // The MLP examples are large by default; their plans do not depend on the sizes' scale.
+        for m in ["1", "2", "8", "dp=2,tp=4"] {
+            let plan = compile_plan(&src, &[], mesh(m), Device::default())
+                .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+            let tag = m.replace(['=', ','], "_");
+            snap(&format!("plan_{ex}_{tag}"), &tpc::emit::plan::print(&plan));
+        }
+    }
+}
+
+#[test]
+fn plans_as_dot() {
+    for ex in EXAMPLES {
+        let src = source(ex);
+        let plan = compile_plan(&src, &[], mesh("8"), Device::default()).unwrap();
+        snap(
+            &format!("plan_dot_{ex}_8"),
+            &tpc::emit::plan_dot::print(&plan),
+        );
+    }
+    let src = source("gpt");
+    let plan = compile_plan(&src, &[("L".into(), 8)], mesh("8"), Device::default()).unwrap();
+    snap("plan_dot_gpt_L8_8", &tpc::emit::plan_dot::print(&plan));
+}
+
+fn err_text(e: Error, src: &SourceFile) -> String {
+    e.render(Some(src))
+}
+
+#[test]
+fn sharding_errors() {
+    let src = source("mlp");
+    let e = compile_plan(&src, &[], mesh("3"), Device::default())
+        .err()
+        .unwrap();
+    snap("error_indivisible_annotation", &err_text(e, &src));
+    let src = source("attention");
+    let e = compile_plan(&src, &[], mesh("128"), Device::default())
+        .err()
+        .unwrap();
+    snap("error_indivisible_heads", &err_text(e, &src));
+    let mut bad = String::new();
+    for m in ["tp=0", "tp", "tp=2,tp=2", "tp=x", "=4", "a=4096,b=4096"] {
+        let e = Mesh::parse(m).err().unwrap();
+        bad.push_str(&format!("--mesh {m}\n{}\n", Error::from(e).render(None)));
+    }
+    let e = Mesh::degree(0).err().unwrap();
+    bad.push_str(&format!("--degree 0\n{}", Error::from(e).render(None)));
+    snap("error_bad_meshes", &bad);
+}
