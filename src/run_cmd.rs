@@ -106,7 +106,9 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         let source = leaf_source(args, &plan)?;
         Ok((plan, source))
     })();
-    // Every rank learns whether any failed, so none goes on to wait for a missing peer.
+    // Every rank learns whether any failed, so none goes on to wait for a missing peer. The
+    // lowest failing rank reports; a barrier keeps the others from exiting (and mpirun from
+    // killing the job) before its report is out; then every rank exits non-zero.
     let first_failed = mpi.min_over_ranks(if setup.is_err() {
         rank as u64
     } else {
@@ -114,16 +116,14 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     });
     let (plan, source) = match setup {
         Ok(s) if first_failed == u64::MAX => s,
-        Err(e) if first_failed == rank as u64 => {
+        failed => {
+            let code = match failed {
+                Err(e) if first_failed == rank as u64 => report(e, rank),
+                _ => 1,
+            };
+            mpi.min_over_ranks(0);
             drop(mpi);
-            return Err(match e {
-                Failure::Other(e) if rank != 0 => anyhow!("rank {rank}: {e:#}").into(),
-                e => e,
-            });
-        }
-        _ => {
-            drop(mpi);
-            std::process::exit(1);
+            std::process::exit(code);
         }
     };
 
@@ -134,14 +134,16 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         Ok(o) => o,
         Err(e) => {
             bar.finish_and_clear();
-            eprintln!("error: {e}");
+            say(&format!("error: {e}"));
             t.abort_job(1)
         }
     };
     bar.finish_and_clear();
     if rank != 0 {
         if let Err(e) = t.send(0, encode_rank_output(&mine)) {
-            eprintln!("error: rank {rank}: sending the outputs to rank 0: {e}");
+            say(&format!(
+                "error: rank {rank}: sending the outputs to rank 0: {e}"
+            ));
             t.abort_job(1)
         }
         return Ok(());
@@ -153,25 +155,57 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
             .map_err(|e| e.to_string())
             .and_then(|m| decode_rank_output(&m))
         {
-            Ok(mut o) => {
-                o.collectives = ranks[0].collectives.clone();
-                ranks.push(o);
-            }
+            Ok(o) => ranks.push(o),
             Err(e) => {
-                eprintln!("error: rank 0: receiving the outputs of rank {r}: {e}");
+                say(&format!(
+                    "error: rank 0: receiving the outputs of rank {r}: {e}"
+                ));
                 t.abort_job(1)
             }
         }
     }
-    if let Some(bad) = ranks
-        .iter()
-        .position(|o| o.outputs.len() != plan.local.outputs().len())
-    {
-        eprintln!("error: rank 0: rank {bad} sent the wrong number of outputs");
+    if let Some(bad) = ranks.iter().position(|o| {
+        o.outputs.len() != plan.local.outputs().len() || o.step_times.len() != args.repeat
+    }) {
+        say(&format!(
+            "error: rank 0: rank {bad} sent the wrong number of outputs or step times"
+        ));
         t.abort_job(1)
     }
     let out = assemble(&plan, ranks);
     finish(args, &plan, &source, &out)
+}
+
+/// Prints a setup failure as `main` would (prefixed by the rank unless it is rank 0); returns the
+/// exit code `main` would give it.
+#[cfg(feature = "mpi")]
+fn report(e: Failure, rank: usize) -> i32 {
+    match e {
+        Failure::Compile(b) => {
+            let (e, src) = *b;
+            say(e.render(src.as_ref()).trim_end());
+            if e.is_internal() {
+                70
+            } else {
+                1
+            }
+        }
+        Failure::Other(e) if rank == 0 => {
+            say(&format!("error: {e:#}"));
+            1
+        }
+        Failure::Other(e) => {
+            say(&format!("error: rank {rank}: {e:#}"));
+            1
+        }
+    }
+}
+
+/// Writes `line` to stderr in one write, so a job-wide abort cannot cut it in the middle.
+#[cfg(feature = "mpi")]
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// What follows a run: step times, --out, --stats and --check.
