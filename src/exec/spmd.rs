@@ -102,8 +102,9 @@ pub fn run_threads(
         match r {
             Ok(o) => ranks.push(o),
             Err(e) => {
-                let is_abort = matches!(&e, RunError::Op { error, .. } if error == &CommError::Aborted.to_string());
-                if first_err.is_none() || (!is_abort && first_err.as_ref().is_some_and(|f| matches!(f, RunError::Op { error, .. } if error == &CommError::Aborted.to_string()))) {
+                if first_err.is_none()
+                    || (!is_secondary(&e) && first_err.as_ref().is_some_and(is_secondary))
+                {
                     first_err = Some(e);
                 }
             }
@@ -113,6 +114,12 @@ pub fn run_threads(
         return Err(e);
     }
     Ok(assemble(plan, ranks))
+}
+
+/// True for a rank that stopped only because another failed (it was aborted, or its peer's
+/// channel closed): the failing rank's own error is the one to report.
+fn is_secondary(e: &RunError) -> bool {
+    matches!(e, RunError::Op { error, .. } if error == &CommError::Aborted.to_string() || error.ends_with("disconnected"))
 }
 
 /// Combines the ranks' results: global outputs from their blocks, the slowest rank per step.
