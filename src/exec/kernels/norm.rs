@@ -38,6 +38,37 @@ pub fn softmax(x: &ArrayD<f32>, axis: usize) -> Result<ArrayD<f32>, ExecError> {
     Ok(out)
 }
 
+/// [`softmax`] on an operand the caller gives up: computed in its buffer when contiguous.
+pub(crate) fn softmax_owned(mut x: ArrayD<f32>, axis: usize) -> Result<ArrayD<f32>, ExecError> {
+    check_axis("softmax", x.ndim(), axis)?;
+    let n = x.shape()[axis];
+    if let (true, Some(xs)) = (axis + 1 == x.ndim() && n > 0, x.as_slice_mut()) {
+        softmax_rows_inplace(xs, n);
+        return Ok(x);
+    }
+    softmax(&x, axis)
+}
+
+/// Softmax of every contiguous row of `n` elements of `xs`, in place.
+#[inline(always)]
+fn softmax_rows_self(xs: &mut [f32], n: usize) {
+    for row in xs.chunks_exact_mut(n) {
+        let m = max_f32(row);
+        for d in row.iter_mut() {
+            *d = exp(*d - m);
+        }
+        let s = sum_f64(row) as f32;
+        for d in row.iter_mut() {
+            *d /= s;
+        }
+    }
+}
+
+multiversion! {
+    /// [`softmax_rows_self`], vectorized.
+    fn softmax_rows_inplace<>(xs: &mut [f32], n: usize) where {} = softmax_rows_self;
+}
+
 /// Softmax of every contiguous row of `n` elements of `xs` into `out`.
 #[inline(always)]
 fn softmax_rows_imp(xs: &[f32], out: &mut [f32], n: usize) {
