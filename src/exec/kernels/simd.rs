@@ -150,6 +150,47 @@ pub(crate) fn sum_sq_dev_f64(x: &[f32], mu: f64) -> f64 {
     s
 }
 
+/// Number of lanes of the f32 accumulators (two AVX-512 registers).
+const L32S: usize = 32;
+
+/// Σ x with 32 interleaved f32 partial sums, added in f64 in a fixed tree, then the tail.
+#[inline(always)]
+pub(crate) fn sum_f32(x: &[f32]) -> f64 {
+    let mut acc = [0.0f32; L32S];
+    let chunks = x.chunks_exact(L32S);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..L32S {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = combine(acc.map(f64::from));
+    for &v in tail {
+        s += v as f64;
+    }
+    s
+}
+
+/// Σ (x - mu)² with the lanes and order of [`sum_f32`].
+#[inline(always)]
+pub(crate) fn sum_sq_dev_f32(x: &[f32], mu: f32) -> f64 {
+    let mut acc = [0.0f32; L32S];
+    let chunks = x.chunks_exact(L32S);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..L32S {
+            let d = c[j] - mu;
+            acc[j] += d * d;
+        }
+    }
+    let mut s = combine(acc.map(f64::from));
+    for &v in tail {
+        let d = (v - mu) as f64;
+        s += d * d;
+    }
+    s
+}
+
 /// The partial sums added in a fixed tree: halves added lane by lane down to 8, then pairwise.
 #[inline(always)]
 fn combine(a: [f64; L64]) -> f64 {

@@ -383,3 +383,26 @@ fn handed_over_operands_give_the_borrowed_results() {
         }
     }
 }
+
+#[test]
+fn transposes_match_ndarray() {
+    for (shape, perm) in [
+        (&[3usize, 37, 19][..], &[0usize, 2, 1][..]),
+        (&[40, 33], &[1, 0]),
+        (&[2, 5, 3, 17], &[0, 2, 1, 3]),
+        (&[2, 5, 3, 17], &[3, 1, 0, 2]),
+        (&[2, 1, 64, 32], &[0, 1, 3, 2]),
+        (&[1, 1], &[1, 0]),
+    ] {
+        let x = iota(shape);
+        let want = x
+            .view()
+            .permuted_axes(IxDyn(perm))
+            .as_standard_layout()
+            .into_owned();
+        assert_eq!(transpose(&x, perm).unwrap(), want, "{shape:?} {perm:?}");
+        let xi = x.mapv(|v| v as i32);
+        let wi = want.mapv(|v| v as i32);
+        assert_eq!(transpose(&xi, perm).unwrap(), wi, "{shape:?} {perm:?}");
+    }
+}
