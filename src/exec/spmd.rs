@@ -725,36 +725,13 @@ fn all_reduce_doubling(
                 want: data.len(),
             });
         }
-        combine_symmetric(data, &got, op);
+        k::combine_symmetric(data, &got, op);
         k::recycle(Tensor::F32(
             ArrayD::from_shape_vec(IxDyn(&[got.len()]), got).expect("1-D"),
         ));
         bit <<= 1;
     }
     Ok(())
-}
-
-/// `acc = acc ⊕ other` where `a ⊕ b` is bitwise `b ⊕ a`: sum (and mean, summed as `comm` does),
-/// or max that ignores NaN and prefers +0 to -0.
-fn combine_symmetric(acc: &mut [f32], other: &[f32], op: ReduceOp) {
-    match op {
-        ReduceOp::Sum | ReduceOp::Mean => {
-            for (a, &b) in acc.iter_mut().zip(other) {
-                *a += b;
-            }
-        }
-        ReduceOp::Max => {
-            for (a, &b) in acc.iter_mut().zip(other) {
-                *a = if b > *a || a.is_nan() {
-                    b
-                } else if *a > b || b.is_nan() {
-                    *a
-                } else {
-                    f32::from_bits(a.to_bits() & b.to_bits())
-                };
-            }
-        }
-    }
 }
 
 /// True for an i32 tensor.

@@ -31,6 +31,40 @@ pub fn reduce_f32(
     Ok(keep(out, axis, keepdims))
 }
 
+/// `acc = acc ⊕ other` elementwise, where `a ⊕ b` is bitwise `b ⊕ a` (so that the ranks of a
+/// collective that combine the same two partial results agree): sum (mean sums too, as the
+/// collectives do), or max that ignores NaN and prefers +0 to -0.
+pub(crate) fn combine_symmetric(acc: &mut [f32], other: &[f32], op: ReduceOp) {
+    assert_eq!(acc.len(), other.len(), "combine: lengths");
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => combine_with(acc, other, |a, b| a + b),
+        ReduceOp::Max => combine_with(acc, other, |a, b| {
+            if b > a || a.is_nan() {
+                b
+            } else if a > b || b.is_nan() {
+                a
+            } else {
+                f32::from_bits(a.to_bits() & b.to_bits())
+            }
+        }),
+    }
+}
+
+/// `acc[i] = f(acc[i], other[i])`, as an index loop.
+#[inline(always)]
+fn combine_imp<F: Fn(f32, f32) -> f32 + Copy>(acc: &mut [f32], other: &[f32], f: F) {
+    let n = acc.len();
+    let other = &other[..n];
+    for i in 0..n {
+        acc[i] = f(acc[i], other[i]);
+    }
+}
+
+multiversion! {
+    /// [`combine_imp`], vectorized.
+    fn combine_with<F>(acc: &mut [f32], other: &[f32], f: F) where {F: Fn(f32, f32) -> f32 + Copy} = combine_imp;
+}
+
 /// Reduces every contiguous row of `n` elements of `xs`.
 #[inline(always)]
 fn reduce_rows_imp(op: ReduceOp, xs: &[f32], n: usize) -> Vec<f32> {
