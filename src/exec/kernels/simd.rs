@@ -164,11 +164,22 @@ pub(crate) fn sum_f32(x: &[f32]) -> f64 {
             acc[j] += c[j];
         }
     }
-    let mut s = combine(acc.map(f64::from));
+    let mut s = combine(widen(acc));
     for &v in tail {
         s += v as f64;
     }
     s
+}
+
+/// The f32 lanes as f64 (an index loop: `array::map` is not reliably inlined into a
+/// multiversioned kernel).
+#[inline(always)]
+fn widen(a: [f32; L32S]) -> [f64; L64] {
+    let mut w = [0.0f64; L64];
+    for j in 0..L32S {
+        w[j] = a[j] as f64;
+    }
+    w
 }
 
 /// Σ (x - mu)² with the lanes and order of [`sum_f32`].
@@ -183,7 +194,7 @@ pub(crate) fn sum_sq_dev_f32(x: &[f32], mu: f32) -> f64 {
             acc[j] += d * d;
         }
     }
-    let mut s = combine(acc.map(f64::from));
+    let mut s = combine(widen(acc));
     for &v in tail {
         let d = (v - mu) as f64;
         s += d * d;
