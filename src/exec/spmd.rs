@@ -712,12 +712,15 @@ fn all_reduce_doubling(
         .iter()
         .position(|&r| r == t.rank())
         .expect("a rank belongs to its own groups");
+    if k < 2 {
+        return Ok(());
+    }
+    let mut send = k::take_vec::<f32>(data.len());
+    send.extend_from_slice(data);
     let mut bit = 1;
     while bit < k {
         let peer = group[me ^ bit];
-        let mut mine = k::take_vec::<f32>(data.len());
-        mine.extend_from_slice(data);
-        let got = t.exchange(peer, mine, peer)?;
+        let mut got = t.exchange(peer, send, peer)?;
         if got.len() != data.len() {
             return Err(CommError::Length {
                 from: peer,
@@ -725,11 +728,17 @@ fn all_reduce_doubling(
                 want: data.len(),
             });
         }
-        k::combine_symmetric(data, &got, op);
-        k::recycle(Tensor::F32(
-            ArrayD::from_shape_vec(IxDyn(&[got.len()]), got).expect("1-D"),
-        ));
+        let more = bit * 2 < k;
+        // The received buffer becomes the next round's message, written in the same pass.
+        k::combine_symmetric(data, &mut got, op, more);
         bit <<= 1;
+        if !more {
+            k::recycle(Tensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&[got.len()]), got).expect("1-D"),
+            ));
+            break;
+        }
+        send = got;
     }
     Ok(())
 }

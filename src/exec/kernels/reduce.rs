@@ -34,11 +34,13 @@ pub fn reduce_f32(
 /// `acc = acc ⊕ other` elementwise, where `a ⊕ b` is bitwise `b ⊕ a` (so that the ranks of a
 /// collective that combine the same two partial results agree): sum (mean sums too, as the
 /// collectives do), or max that ignores NaN and prefers +0 to -0.
-pub(crate) fn combine_symmetric(acc: &mut [f32], other: &[f32], op: ReduceOp) {
+/// With `copy`, `other` receives the result too (the next message of a collective, written in
+/// the same pass).
+pub(crate) fn combine_symmetric(acc: &mut [f32], other: &mut [f32], op: ReduceOp, copy: bool) {
     assert_eq!(acc.len(), other.len(), "combine: lengths");
     match op {
-        ReduceOp::Sum | ReduceOp::Mean => combine_with(acc, other, |a, b| a + b),
-        ReduceOp::Max => combine_with(acc, other, |a, b| {
+        ReduceOp::Sum | ReduceOp::Mean => combine_with(acc, other, copy, |a, b| a + b),
+        ReduceOp::Max => combine_with(acc, other, copy, |a, b| {
             if b > a || a.is_nan() {
                 b
             } else if a > b || b.is_nan() {
@@ -50,19 +52,33 @@ pub(crate) fn combine_symmetric(acc: &mut [f32], other: &[f32], op: ReduceOp) {
     }
 }
 
-/// `acc[i] = f(acc[i], other[i])`, as an index loop.
+/// `acc[i] = f(acc[i], other[i])` (and `other[i] = acc[i]` with `copy`), as index loops.
 #[inline(always)]
-fn combine_imp<F: Fn(f32, f32) -> f32 + Copy>(acc: &mut [f32], other: &[f32], f: F) {
+fn combine_imp<F: Fn(f32, f32) -> f32 + Copy>(
+    acc: &mut [f32],
+    other: &mut [f32],
+    copy: bool,
+    f: F,
+) {
     let n = acc.len();
-    let other = &other[..n];
-    for i in 0..n {
-        acc[i] = f(acc[i], other[i]);
+    let other = &mut other[..n];
+    if copy {
+        for i in 0..n {
+            let v = f(acc[i], other[i]);
+            acc[i] = v;
+            other[i] = v;
+        }
+    } else {
+        for i in 0..n {
+            acc[i] = f(acc[i], other[i]);
+        }
     }
 }
 
 multiversion! {
     /// [`combine_imp`], vectorized.
-    fn combine_with<F>(acc: &mut [f32], other: &[f32], f: F) where {F: Fn(f32, f32) -> f32 + Copy} = combine_imp;
+    fn combine_with<F>(acc: &mut [f32], other: &mut [f32], copy: bool, f: F)
+    where {F: Fn(f32, f32) -> f32 + Copy} = combine_imp;
 }
 
 /// Reduces every contiguous row of `n` elements of `xs`.
