@@ -84,12 +84,15 @@ multiversion! {
 /// Reduces every contiguous row of `n` elements of `xs`.
 #[inline(always)]
 fn reduce_rows_imp(op: ReduceOp, xs: &[f32], n: usize) -> Vec<f32> {
-    let rows = xs.chunks_exact(n);
-    match op {
-        ReduceOp::Sum => rows.map(|r| sum_f64(r) as f32).collect(),
-        ReduceOp::Mean => rows.map(|r| (sum_f64(r) / n as f64) as f32).collect(),
-        ReduceOp::Max => rows.map(max_f32).collect(),
+    let mut out = vec![0.0f32; xs.len() / n];
+    for (o, r) in out.iter_mut().zip(xs.chunks_exact(n)) {
+        *o = match op {
+            ReduceOp::Sum => sum_f64(r) as f32,
+            ReduceOp::Mean => (sum_f64(r) / n as f64) as f32,
+            ReduceOp::Max => max_f32(r),
+        };
     }
+    out
 }
 
 multiversion! {

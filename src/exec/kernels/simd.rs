@@ -108,6 +108,14 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * s1 * s2
 }
 
+/// The accumulator lanes after their loop, through an optimization barrier (an identity).
+/// Without it LLVM's SLP vectorizer shapes the accumulators after the horizontal combine that
+/// follows and keeps them as 2-lane vectors; with it the loop runs on whole registers.
+#[inline(always)]
+fn lanes<T>(acc: T) -> T {
+    std::hint::black_box(acc)
+}
+
 /// Number of lanes of the f64 accumulators: four AVX-512 registers, so that the adds of a row
 /// are not serialized on one register's latency.
 const L64: usize = 32;
@@ -116,14 +124,14 @@ const L64: usize = 32;
 #[inline(always)]
 pub(crate) fn sum_f64(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; L64];
-    let chunks = x.chunks_exact(L64);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L64>();
     for c in chunks {
         for j in 0..L64 {
             acc[j] += c[j] as f64;
         }
     }
-    let mut s = combine(acc);
+    let mut s = combine(lanes(acc));
     for &v in tail {
         s += v as f64;
     }
@@ -134,15 +142,15 @@ pub(crate) fn sum_f64(x: &[f32]) -> f64 {
 #[inline(always)]
 pub(crate) fn sum_sq_dev_f64(x: &[f32], mu: f64) -> f64 {
     let mut acc = [0.0f64; L64];
-    let chunks = x.chunks_exact(L64);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L64>();
     for c in chunks {
         for j in 0..L64 {
             let d = c[j] as f64 - mu;
             acc[j] += d * d;
         }
     }
-    let mut s = combine(acc);
+    let mut s = combine(lanes(acc));
     for &v in tail {
         let d = v as f64 - mu;
         s += d * d;
@@ -157,14 +165,14 @@ const L32S: usize = 32;
 #[inline(always)]
 pub(crate) fn sum_f32(x: &[f32]) -> f64 {
     let mut acc = [0.0f32; L32S];
-    let chunks = x.chunks_exact(L32S);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32S>();
     for c in chunks {
         for j in 0..L32S {
             acc[j] += c[j];
         }
     }
-    let mut s = combine(widen(acc));
+    let mut s = combine(widen(lanes(acc)));
     for &v in tail {
         s += v as f64;
     }
@@ -186,15 +194,15 @@ fn widen(a: [f32; L32S]) -> [f64; L64] {
 #[inline(always)]
 pub(crate) fn sum_sq_dev_f32(x: &[f32], mu: f32) -> f64 {
     let mut acc = [0.0f32; L32S];
-    let chunks = x.chunks_exact(L32S);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32S>();
     for c in chunks {
         for j in 0..L32S {
             let d = c[j] - mu;
             acc[j] += d * d;
         }
     }
-    let mut s = combine(widen(acc));
+    let mut s = combine(widen(lanes(acc)));
     for &v in tail {
         let d = (v - mu) as f64;
         s += d * d;
@@ -224,8 +232,8 @@ const L32: usize = 16;
 pub(crate) fn max_f32(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; L32];
     let mut nan = [false; L32];
-    let chunks = x.chunks_exact(L32);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32>();
     for c in chunks {
         for j in 0..L32 {
             let v = c[j];
@@ -233,6 +241,7 @@ pub(crate) fn max_f32(x: &[f32]) -> f32 {
             acc[j] = if v > acc[j] { v } else { acc[j] };
         }
     }
+    let (acc, nan) = (lanes(acc), lanes(nan));
     let mut m = f32::NEG_INFINITY;
     let mut any_nan = false;
     for j in 0..L32 {
