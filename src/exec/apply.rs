@@ -3,7 +3,8 @@
 use super::kernels as k;
 use super::{ExecError, Tensor};
 use crate::ir::{Op, UnaryOp};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
+use std::borrow::Cow;
 
 /// Applies a non-leaf `op` to `args` with global (unsharded) semantics; one tensor per result.
 pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
@@ -114,6 +115,113 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
             let [x] = arity(name, args)?;
             one(k::cast(x, *to))
         }
+    }
+}
+
+/// [`apply`] where the caller may hand operands over (`Cow::Owned`) that it no longer needs:
+/// elementwise ops, softmax, the causal mask and reshapes then write their result into an
+/// operand's buffer (a reshape of a contiguous array moves no data). Results are the same as
+/// [`apply`]'s; owned operands not reused are recycled.
+pub(crate) fn apply_owned(op: &Op, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, ExecError> {
+    if !args.iter().any(|a| matches!(a, Cow::Owned(_))) {
+        let refs: Vec<&Tensor> = args.iter().map(|a| a.as_ref()).collect();
+        return apply(op, &refs);
+    }
+    let name = op.name();
+    let one = |t: ArrayD<f32>| Ok(vec![Tensor::F32(t)]);
+    match (op, args.as_slice()) {
+        (Op::Unary { op: u }, [Cow::Owned(Tensor::F32(_))]) => {
+            let x = own_f32(args.into_iter().next());
+            one(k::unary_f32_owned(*u, x))
+        }
+        (
+            Op::Scalar {
+                op: b,
+                value,
+                scalar_lhs,
+            },
+            [Cow::Owned(Tensor::F32(_))],
+        ) => {
+            let x = own_f32(args.into_iter().next());
+            one(k::scalar_f32_owned(*b, *value, *scalar_lhs, x))
+        }
+        (Op::Binary { op: b }, [x, y])
+            if matches!(x.as_ref(), Tensor::F32(_)) && matches!(y.as_ref(), Tensor::F32(_)) =>
+        {
+            let mut it = args.into_iter().map(operand);
+            let (x, y) = (it.next().expect("two"), it.next().expect("two"));
+            one(k::binary_f32_owned(*b, x, y)?)
+        }
+        (Op::Softmax { axis }, [Cow::Owned(Tensor::F32(_))]) => {
+            let x = own_f32(args.into_iter().next());
+            one(k::softmax_owned(x, *axis)?)
+        }
+        (Op::CausalMask, [Cow::Owned(Tensor::F32(_))]) => {
+            let x = own_f32(args.into_iter().next());
+            one(k::causal_mask_owned(x)?)
+        }
+        (Op::Reshape { shape }, [Cow::Owned(t)]) if standard(t) => {
+            let dims = shape
+                .iter()
+                .map(|&d| usize::try_from(d).ok())
+                .collect::<Option<Vec<usize>>>();
+            match (dims, args.into_iter().next()) {
+                (Some(dims), Some(Cow::Owned(t))) if dims.iter().product::<usize>() == t.len() => {
+                    Ok(vec![match t {
+                        Tensor::F32(x) => Tensor::F32(reshaped(x, &dims)),
+                        Tensor::I32(x) => Tensor::I32(reshaped(x, &dims)),
+                    }])
+                }
+                (_, Some(t)) => apply(op, &[t.as_ref()]),
+                (_, None) => Err(ExecError::Arity {
+                    op: name,
+                    expected: "1",
+                    got: 0,
+                }),
+            }
+        }
+        _ => {
+            let refs: Vec<&Tensor> = args.iter().map(|a| a.as_ref()).collect();
+            let out = apply(op, &refs);
+            drop(refs);
+            for a in args {
+                if let Cow::Owned(t) = a {
+                    k::recycle(t);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// True when `t` is in standard (row-major, contiguous) layout.
+fn standard(t: &Tensor) -> bool {
+    match t {
+        Tensor::F32(x) => x.is_standard_layout(),
+        Tensor::I32(x) => x.is_standard_layout(),
+    }
+}
+
+/// A standard-layout array given a new shape of the same element count, without moving data.
+fn reshaped<T>(x: ArrayD<T>, dims: &[usize]) -> ArrayD<T> {
+    x.into_shape_with_order(IxDyn(dims))
+        .expect("same element count, standard layout")
+}
+
+/// The owned f32 array of an operand the pattern matched as `Cow::Owned(Tensor::F32(_))`.
+fn own_f32(a: Option<Cow<'_, Tensor>>) -> ArrayD<f32> {
+    match a {
+        Some(Cow::Owned(Tensor::F32(x))) => x,
+        _ => unreachable!("matched as an owned f32 operand"),
+    }
+}
+
+/// An f32 operand, owned or borrowed (matched as f32 by the caller).
+fn operand(a: Cow<'_, Tensor>) -> k::Operand<'_> {
+    match a {
+        Cow::Owned(Tensor::F32(x)) => k::Operand::Own(x),
+        Cow::Borrowed(Tensor::F32(x)) => k::Operand::Ref(x),
+        _ => unreachable!("matched as an f32 operand"),
     }
 }
 

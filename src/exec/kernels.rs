@@ -23,7 +23,12 @@ pub use lookup::{causal_mask, cross_entropy, embedding};
 pub use matmul::{gemm, matmul};
 pub use norm::{layernorm, rmsnorm, softmax};
 pub use pool::recycle;
+
+pub(crate) use elementwise::{binary_f32_owned, scalar_f32_owned, unary_f32_owned, Operand};
+pub(crate) use lookup::causal_mask_owned;
+pub(crate) use norm::softmax_owned;
 pub(crate) use pool::{take_f32, take_vec};
+pub(crate) use reduce::combine_symmetric;
 pub use reduce::{reduce_f32, reduce_i32};
 
 use crate::exec::ExecError;

@@ -1,7 +1,8 @@
 //! The unsharded reference interpreter: runs a global graph node by node, in storage
 //! (topological) order, freeing each value after its last use.
 
-use super::{apply, ExecError, Tensor};
+use super::apply::apply_owned;
+use super::{ExecError, Tensor};
 use crate::ir::{Graph, Node, NodeId, Op, TensorType};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,7 +20,24 @@ pub fn run(
     let last = last_uses(g);
     let mut slots: Vec<Option<Cow<'_, Tensor>>> = (0..g.num_values()).map(|_| None).collect();
     for (i, (id, node)) in g.nodes().enumerate() {
-        let results = eval(g, id, node, &slots, params, inputs)?;
+        // Operands read for the last time (and only once here) that this run computed are
+        // handed over, so that the op can reuse their buffers.
+        let handed: Vec<Option<Tensor>> = node
+            .inputs
+            .iter()
+            .map(|&v| {
+                let dies =
+                    last[v.index()] == i && node.inputs.iter().filter(|&&w| w == v).count() == 1;
+                match slots[v.index()].take() {
+                    Some(Cow::Owned(t)) if dies => Some(t),
+                    other => {
+                        slots[v.index()] = other;
+                        None
+                    }
+                }
+            })
+            .collect();
+        let results = eval(g, id, node, &slots, handed, params, inputs)?;
         for (&v, t) in node.outputs.iter().zip(results) {
             slots[v.index()] = Some(t);
         }
@@ -67,6 +85,7 @@ fn eval<'a>(
     id: NodeId,
     node: &Node,
     slots: &[Option<Cow<'a, Tensor>>],
+    handed: Vec<Option<Tensor>>,
     params: &'a BTreeMap<String, Tensor>,
     inputs: &'a BTreeMap<String, Tensor>,
 ) -> Result<Vec<Cow<'a, Tensor>>, ExecError> {
@@ -78,16 +97,19 @@ fn eval<'a>(
             let args = node
                 .inputs
                 .iter()
-                .map(|v| {
-                    slots[v.index()]
+                .zip(handed)
+                .map(|(v, h)| match h {
+                    Some(t) => Ok(Cow::Owned(t)),
+                    None => slots[v.index()]
                         .as_deref()
+                        .map(Cow::Borrowed)
                         .ok_or_else(|| ExecError::Internal {
                             node: here(),
                             detail: format!("operand {v} is not available"),
-                        })
+                        }),
                 })
-                .collect::<Result<Vec<&Tensor>, _>>()?;
-            apply(op, &args)?.into_iter().map(Cow::Owned).collect()
+                .collect::<Result<Vec<Cow<'_, Tensor>>, _>>()?;
+            apply_owned(op, args)?.into_iter().map(Cow::Owned).collect()
         }
     };
     if results.len() != node.outputs.len() {

@@ -3,14 +3,16 @@
 //! (or generate) only their own blocks of params and inputs; outputs are assembled into global
 //! arrays from the ranks' blocks.
 
+use super::apply::apply_owned;
 use super::comm::{self, CommError, ThreadTransport, Transport};
 use super::kernels as k;
 use super::leaves::{block_ranges, local_leaf, LeafSource};
-use super::{apply, ExecError, Tensor};
+use super::{ExecError, Tensor};
 use crate::ir::{Node, Op, ReduceOp, ValueId};
 use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -338,17 +340,38 @@ impl Rank<'_> {
             if node.op.is_leaf() {
                 continue;
             }
-            let args: Vec<&Tensor> = node
+            // Operands read for the last time (and only once here) are handed over, so that the
+            // op can reuse their buffers; the rest are borrowed.
+            let mut handed: Vec<Option<Tensor>> = node
                 .inputs
                 .iter()
                 .map(|v| {
-                    leaves
-                        .get(v)
-                        .or(slots[v.index()].as_ref())
-                        .expect("operands are computed before use")
+                    let dies = last[v.index()].is_none_or(|l| l <= id.index())
+                        && !leaves.contains_key(v)
+                        && node.inputs.iter().filter(|w| *w == v).count() == 1;
+                    if dies {
+                        slots[v.index()].take()
+                    } else {
+                        None
+                    }
                 })
                 .collect();
-            let results = self.node(node, &args).map_err(|e| {
+            let handed_bytes: u64 = handed.iter().flatten().map(bytes).sum();
+            let args: Vec<Cow<'_, Tensor>> = node
+                .inputs
+                .iter()
+                .zip(handed.iter_mut())
+                .map(|(v, h)| match h.take() {
+                    Some(t) => Cow::Owned(t),
+                    None => Cow::Borrowed(
+                        leaves
+                            .get(v)
+                            .or(slots[v.index()].as_ref())
+                            .expect("operands are computed before use"),
+                    ),
+                })
+                .collect();
+            let results = self.node(node, args).map_err(|e| {
                 let loc = format!(
                     "{}:{}:{}",
                     crate::emit::file_name(&g.source),
@@ -367,6 +390,7 @@ impl Rank<'_> {
                 slots[v.index()] = Some(t);
             }
             peak = peak.max(live);
+            live -= handed_bytes;
             for &v in node.inputs.iter().chain(&node.outputs) {
                 if last[v.index()].is_none_or(|l| l <= id.index()) {
                     if let Some(t) = slots[v.index()].take() {
@@ -391,9 +415,13 @@ impl Rank<'_> {
         Ok((outs, peak))
     }
 
-    fn node(&mut self, node: &Node, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    fn node(&mut self, node: &Node, owned: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, String> {
+        if !is_spmd(&node.op) {
+            return apply_owned(&node.op, owned).map_err(|e| e.to_string());
+        }
+        let first = owned.first().ok_or("a collective without an operand")?;
         if let Some((kind, size)) = collective_kind(&node.op) {
-            let (sent, _) = kind.traffic(size, bytes(args[0]) as f64);
+            let (sent, _) = kind.traffic(size, bytes(first) as f64);
             let e = self.collectives.entry(kind.name().to_string()).or_default();
             e.0 += 1;
             e.1 += sent.round() as u64;
@@ -404,16 +432,31 @@ impl Rank<'_> {
                 .axis_index(name)
                 .ok_or_else(|| format!("unknown mesh axis `{name}`"))
         };
-        Ok(vec![match &node.op {
-            Op::AllReduce {
-                axis: a, reduce, ..
-            } => {
-                let a = axis(a)?;
-                let mut data = flat_f32(args[0]);
-                let group = &self.groups[a];
-                comm::all_reduce(self.t, group, &mut data, *reduce).map_err(|e| e.to_string())?;
-                from_f32(args[0].shape(), data, args[0])?
+        if let Op::AllReduce {
+            axis: a, reduce, ..
+        } = &node.op
+        {
+            let a = axis(a)?;
+            let shape = first.shape().to_vec();
+            let int = matches!(first.as_ref(), Tensor::I32(_));
+            let mut data = match owned.into_iter().next() {
+                // A dying f32 operand is reduced in its own buffer.
+                Some(Cow::Owned(Tensor::F32(x))) => into_flat(x),
+                Some(t) => flat_f32(&t),
+                None => unreachable!("checked above"),
+            };
+            let group = &self.groups[a];
+            if group.len().is_power_of_two() {
+                all_reduce_doubling(self.t, group, &mut data, *reduce)
+            } else {
+                comm::all_reduce(self.t, group, &mut data, *reduce)
             }
+            .map_err(|e| e.to_string())?;
+            return Ok(vec![from_f32(&shape, data, int)?]);
+        }
+        let args: Vec<&Tensor> = owned.iter().map(|a| a.as_ref()).collect();
+        let args = &args[..];
+        Ok(vec![match &node.op {
             Op::AllGather { axis: a, dim, .. } => {
                 let a = axis(a)?;
                 let group = &self.groups[a];
@@ -439,7 +482,7 @@ impl Rank<'_> {
                     let pieces: Vec<&[f32]> = all.chunks_exact(len.max(1)).collect();
                     join(&pieces, shape, *dim)
                 };
-                from_f32(&global, data, args[0])?
+                from_f32(&global, data, is_int(args[0]))?
             }
             Op::ReduceScatter {
                 axis: a,
@@ -469,7 +512,7 @@ impl Rank<'_> {
                     .map_err(|e| e.to_string())?;
                 let mut local = shape.to_vec();
                 local[*dim] /= k;
-                from_f32(&local, mine, args[0])?
+                from_f32(&local, mine, is_int(args[0]))?
             }
             Op::AllToAll {
                 axis: a,
@@ -502,7 +545,7 @@ impl Rank<'_> {
                 let data = join(&pieces, &pshape, *c);
                 let mut out = pshape.clone();
                 out[*c] *= k;
-                from_f32(&out, data, args[0])?
+                from_f32(&out, data, is_int(args[0]))?
             }
             Op::ShardSlice { axis: a, size, dim } => {
                 let c = self.coords[axis(a)?];
@@ -531,7 +574,10 @@ impl Rank<'_> {
             }
             Op::VocabEmbedding { axes } => self.vocab_embedding(axes, args)?,
             Op::TargetLogit { axes } => self.target_logit(axes, args)?,
-            op => return apply(op, args).map_err(|e| e.to_string()),
+            op => {
+                let refs = args.to_vec();
+                return super::apply(op, &refs).map_err(|e| e.to_string());
+            }
         }])
     }
 
@@ -628,16 +674,100 @@ fn flat_f32(t: &Tensor) -> Vec<f32> {
 
 /// An array of `shape` from row-major f32 `data`, of the kind of `like` (i32 values travel
 /// exactly as f32 below 2^24).
-fn from_f32(shape: &[usize], data: Vec<f32>, like: &Tensor) -> Result<Tensor, String> {
+fn from_f32(shape: &[usize], data: Vec<f32>, int: bool) -> Result<Tensor, String> {
     let x = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| e.to_string())?;
-    Ok(match like {
-        Tensor::F32(_) => Tensor::F32(x),
-        Tensor::I32(_) => {
-            let t = Tensor::I32(x.mapv(|v| v as i32));
-            k::recycle(Tensor::F32(x));
-            t
-        }
+    Ok(if int {
+        let t = Tensor::I32(x.mapv(|v| v as i32));
+        k::recycle(Tensor::F32(x));
+        t
+    } else {
+        Tensor::F32(x)
     })
+}
+
+/// The elements of an owned array in row-major order, in its own buffer when it is in standard
+/// layout (no copy), else copied.
+fn into_flat(x: ArrayD<f32>) -> Vec<f32> {
+    if !x.is_standard_layout() {
+        return flat_f32(&Tensor::F32(x));
+    }
+    let len = x.len();
+    let (mut v, offset) = x.into_raw_vec_and_offset();
+    let start = offset.unwrap_or(0);
+    if start > 0 {
+        v.drain(..start);
+    }
+    v.truncate(len);
+    v
+}
+
+/// All-reduce by recursive doubling, for a group of 2^j ranks: in round i every rank exchanges
+/// its whole buffer with the rank whose group position differs in bit i and combines the two.
+///
+/// j = log2(k) rounds instead of the ring's 2(k-1): on ranks that share few cores every round
+/// is a round of thread wake-ups, which costs more than the extra bytes moved. Each round is a
+/// pairwise `exchange`, as the ring's steps are. Every rank ends with bitwise the same values:
+/// a round combines the same two partial results on both sides, and the combine is symmetric.
+fn all_reduce_doubling(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    op: ReduceOp,
+) -> Result<(), CommError> {
+    let k = group.len();
+    let me = group
+        .iter()
+        .position(|&r| r == t.rank())
+        .expect("a rank belongs to its own groups");
+    if k < 2 {
+        return Ok(());
+    }
+    let mut send = k::take_vec::<f32>(data.len());
+    send.extend_from_slice(data);
+    let mut bit = 1;
+    while bit < k {
+        let peer = group[me ^ bit];
+        let mut got = t.exchange(peer, send, peer)?;
+        if got.len() != data.len() {
+            return Err(CommError::Length {
+                from: peer,
+                got: got.len(),
+                want: data.len(),
+            });
+        }
+        let more = bit * 2 < k;
+        // The received buffer becomes the next round's message, written in the same pass.
+        k::combine_symmetric(data, &mut got, op, more);
+        bit <<= 1;
+        if !more {
+            k::recycle(Tensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&[got.len()]), got).expect("1-D"),
+            ));
+            break;
+        }
+        send = got;
+    }
+    Ok(())
+}
+
+/// True for an i32 tensor.
+fn is_int(t: &Tensor) -> bool {
+    matches!(t, Tensor::I32(_))
+}
+
+/// True for the ops that only run here (collectives and vocab-parallel ops), not in `apply`.
+fn is_spmd(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::AllReduce { .. }
+            | Op::AllGather { .. }
+            | Op::ReduceScatter { .. }
+            | Op::AllToAll { .. }
+            | Op::ShardSlice { .. }
+            | Op::KeepOnFirst { .. }
+            | Op::VocabEmbedding { .. }
+            | Op::TargetLogit { .. }
+    )
 }
 
 fn map_tensor(
@@ -692,4 +822,72 @@ fn join(pieces: &[&[f32]], shape: &[usize], dim: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the doubling all-reduce on every rank of a world of `n` over `group`; the data of
+    /// rank r is `data(r)`. Returns the results of the group's ranks.
+    fn doubling(
+        n: usize,
+        group: Vec<usize>,
+        op: ReduceOp,
+        data: fn(usize) -> Vec<f32>,
+    ) -> Vec<Vec<f32>> {
+        let group = &group;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadTransport::world(n)
+                .into_iter()
+                .filter(|t| group.contains(&t.rank()))
+                .map(|mut t| {
+                    s.spawn(move || {
+                        let mut d = data(t.rank());
+                        all_reduce_doubling(&mut t, group, &mut d, op).unwrap();
+                        d
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn doubling_all_reduce_agrees_on_every_rank() {
+        let data = |r: usize| {
+            (0..1000)
+                .map(|i| ((i * 7 + r * 13) % 29) as f32 * 0.1 - 1.3)
+                .collect()
+        };
+        for (n, group) in [
+            (8, vec![0, 1, 2, 3, 4, 5, 6, 7]),
+            (8, vec![1, 3, 5, 7]),
+            (4, vec![2, 3]),
+            (1, vec![0]),
+        ] {
+            let got = doubling(n, group.clone(), ReduceOp::Sum, data);
+            for g in &got {
+                assert_eq!(
+                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+            for (i, &g) in got[0].iter().enumerate() {
+                let want: f32 = group.iter().map(|&r| data(r)[i]).sum();
+                assert!((g - want).abs() < 1e-5, "{group:?} at {i}");
+            }
+        }
+        let signed = |r: usize| {
+            vec![
+                if r.is_multiple_of(2) { 0.0 } else { -0.0 },
+                if r == 1 { f32::NAN } else { r as f32 },
+            ]
+        };
+        let got = doubling(4, vec![0, 1, 2, 3], ReduceOp::Max, signed);
+        for g in &got {
+            assert_eq!(g[0].to_bits(), 0.0f32.to_bits());
+            assert_eq!(g[1], 3.0);
+        }
+    }
 }

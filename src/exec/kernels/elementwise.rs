@@ -262,6 +262,139 @@ pub fn binary_f32(
     with_f32_fn!(op, |f| zip_broadcast(op, a, b, f))
 }
 
+/// [`binary_f32`] where the caller gives up `a` (`a_owned`) or `b`: when that operand has the
+/// result's shape, the result is written into its buffer.
+pub(crate) fn binary_f32_owned(
+    op: BinaryOp,
+    a: Operand<'_>,
+    b: Operand<'_>,
+) -> Result<ArrayD<f32>, ExecError> {
+    with_f32_fn!(op, |f| binary_owned(op, a, b, f))
+}
+
+/// The in-place form of a [`Pattern`], seen from the operand that has the result's shape.
+#[derive(Clone, Copy)]
+enum Update {
+    Same,
+    Scalar,
+    Repeat,
+    Stretch,
+}
+
+/// `dst[i] = f(dst[i], other[..])` for the broadcast `upd`.
+#[inline(always)]
+fn update_pattern<F: Fn(f32, f32) -> f32 + Copy>(
+    dst: &mut [f32],
+    other: &[f32],
+    upd: Update,
+    f: F,
+) {
+    match upd {
+        Update::Same => {
+            let n = dst.len();
+            let other = &other[..n];
+            for i in 0..n {
+                dst[i] = f(dst[i], other[i]);
+            }
+        }
+        Update::Scalar => {
+            let y = other[0];
+            map_self(dst, |x| f(x, y));
+        }
+        Update::Repeat => {
+            let n = other.len();
+            for row in dst.chunks_exact_mut(n) {
+                for i in 0..n {
+                    row[i] = f(row[i], other[i]);
+                }
+            }
+        }
+        Update::Stretch => {
+            let n = dst.len() / other.len();
+            for (block, &y) in dst.chunks_exact_mut(n).zip(other) {
+                map_self(block, |x| f(x, y));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`update_pattern`], vectorized.
+    fn update<F>(dst: &mut [f32], other: &[f32], upd: Update, f: F)
+    where {F: Fn(f32, f32) -> f32 + Copy} = update_pattern;
+}
+
+/// Binary op with an owned operand reused when the broadcast allows, else [`zip_broadcast`].
+#[inline(always)]
+fn binary_owned<F: Fn(f32, f32) -> f32 + Copy>(
+    op: BinaryOp,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    f: F,
+) -> Result<ArrayD<f32>, ExecError> {
+    let (ra, rb) = (a.get().view(), b.get().view());
+    let shape = broadcast_shape(ra.shape(), rb.shape());
+    if let (Some(shape), Some(_), Some(_)) = (shape, ra.as_slice(), rb.as_slice()) {
+        if !ra.is_empty() && !rb.is_empty() {
+            let pat = pattern(ra.shape(), rb.shape(), &shape);
+            let lhs = match pat {
+                Pattern::Same => Some((Update::Same, true)),
+                Pattern::ScalarRhs => Some((Update::Scalar, true)),
+                Pattern::RepeatRhs => Some((Update::Repeat, true)),
+                Pattern::StretchRhs => Some((Update::Stretch, true)),
+                Pattern::ScalarLhs => Some((Update::Scalar, false)),
+                Pattern::RepeatLhs => Some((Update::Repeat, false)),
+                Pattern::StretchLhs => Some((Update::Stretch, false)),
+                Pattern::General => None,
+            };
+            drop((ra, rb));
+            match (lhs, a, b) {
+                (Some((upd, true)), Operand::Own(mut x), b) => {
+                    let other = b.get().as_slice().expect("contiguous");
+                    update(x.as_slice_mut().expect("contiguous"), other, upd, f);
+                    return Ok(x);
+                }
+                (Some((Update::Same, true)), a, Operand::Own(mut y)) => {
+                    let other = a.get().as_slice().expect("contiguous");
+                    update(
+                        y.as_slice_mut().expect("contiguous"),
+                        other,
+                        Update::Same,
+                        |d, o| f(o, d),
+                    );
+                    return Ok(y);
+                }
+                (Some((upd, false)), a, Operand::Own(mut y)) => {
+                    let other = a.get().as_slice().expect("contiguous");
+                    update(y.as_slice_mut().expect("contiguous"), other, upd, |d, o| {
+                        f(o, d)
+                    });
+                    return Ok(y);
+                }
+                (_, a, b) => return zip_owned(op, a, b, f),
+            }
+        }
+    }
+    drop((ra, rb));
+    zip_owned(op, a, b, f)
+}
+
+/// [`zip_broadcast`] on operands; owned ones are recycled.
+fn zip_owned<F: Fn(f32, f32) -> f32 + Copy>(
+    op: BinaryOp,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    f: F,
+) -> Result<ArrayD<f32>, ExecError> {
+    let r = zip_broadcast(op, a.get(), b.get(), f);
+    for o in [a, b] {
+        if let Operand::Own(x) = o {
+            super::pool::recycle(Tensor::F32(x));
+        }
+    }
+    r
+}
+
 /// `a op b` on i32 with numpy broadcasting (wrapping; div is floor division).
 pub fn binary_i32(
     op: BinaryOp,
@@ -271,15 +404,58 @@ pub fn binary_i32(
     zip_broadcast(op, a, b, i32_fn(op))
 }
 
-/// `f(x)` for every element, in row-major order, into a pooled buffer.
+/// An f32 operand: borrowed, or handed over by a caller that no longer needs it (then a kernel
+/// may write its result into the operand's buffer).
+pub(crate) enum Operand<'a> {
+    /// Read only.
+    Ref(&'a ArrayD<f32>),
+    /// Free to overwrite.
+    Own(ArrayD<f32>),
+}
+
+impl Operand<'_> {
+    /// The array, for reading.
+    pub(crate) fn get(&self) -> &ArrayD<f32> {
+        match self {
+            Operand::Ref(x) => x,
+            Operand::Own(x) => x,
+        }
+    }
+}
+
+/// `f(x)` for every element, in row-major order: in place when `x` is owned and contiguous,
+/// else into a pooled buffer.
 #[inline(always)]
-fn map_f32(x: &ArrayD<f32>, f: impl Fn(f32) -> f32 + Copy) -> ArrayD<f32> {
+fn map_f32(x: Operand<'_>, f: impl Fn(f32) -> f32 + Copy) -> ArrayD<f32> {
+    let x = match x {
+        Operand::Own(mut x) => match x.as_slice_mut() {
+            Some(s) => {
+                map_inplace(s, f);
+                return x;
+            }
+            None => return x.mapv(f),
+        },
+        Operand::Ref(x) => x,
+    };
     let Some(s) = x.as_slice() else {
         return x.mapv(f);
     };
     let mut out = take_f32(s.len());
     map_into(&mut out, s, f);
     ArrayD::from_shape_vec(x.raw_dim(), out).expect("same element count")
+}
+
+/// `s[i] = f(s[i])`, as an index loop.
+#[inline(always)]
+fn map_self<F: Fn(f32) -> f32 + Copy>(s: &mut [f32], f: F) {
+    for v in s.iter_mut() {
+        *v = f(*v);
+    }
+}
+
+multiversion! {
+    /// [`map_self`], vectorized.
+    fn map_inplace<F>(s: &mut [f32], f: F) where {F: Fn(f32) -> f32 + Copy} = map_self;
 }
 
 multiversion! {
@@ -311,6 +487,20 @@ fn new_buf<T: Buf>(n: usize) -> Vec<T> {
 
 /// `x op value` (or `value op x` when `scalar_lhs`), the scalar rounded to f32 first.
 pub fn scalar_f32(op: BinaryOp, value: f64, scalar_lhs: bool, x: &ArrayD<f32>) -> ArrayD<f32> {
+    scalar_impl(op, value, scalar_lhs, Operand::Ref(x))
+}
+
+/// [`scalar_f32`] on an operand the caller gives up: the result reuses its buffer.
+pub(crate) fn scalar_f32_owned(
+    op: BinaryOp,
+    value: f64,
+    scalar_lhs: bool,
+    x: ArrayD<f32>,
+) -> ArrayD<f32> {
+    scalar_impl(op, value, scalar_lhs, Operand::Own(x))
+}
+
+fn scalar_impl(op: BinaryOp, value: f64, scalar_lhs: bool, x: Operand<'_>) -> ArrayD<f32> {
     let v = value as f32;
     with_f32_fn!(op, |f| if scalar_lhs {
         map_f32(x, move |e| f(v, e))
@@ -359,6 +549,15 @@ fn gelu(x: f32) -> f32 {
 /// Applies a unary function elementwise (gelu is the tanh approximation). `exp` (also inside
 /// gelu and silu) is the vectorized [`exp`], within 2e-7 relative of the exact value.
 pub fn unary_f32(op: UnaryOp, x: &ArrayD<f32>) -> ArrayD<f32> {
+    unary_impl(op, Operand::Ref(x))
+}
+
+/// [`unary_f32`] on an operand the caller gives up: the result reuses its buffer.
+pub(crate) fn unary_f32_owned(op: UnaryOp, x: ArrayD<f32>) -> ArrayD<f32> {
+    unary_impl(op, Operand::Own(x))
+}
+
+fn unary_impl(op: UnaryOp, x: Operand<'_>) -> ArrayD<f32> {
     match op {
         UnaryOp::Gelu => map_f32(x, gelu),
         UnaryOp::Relu => map_f32(x, |v| nan_max(v, 0.0)),

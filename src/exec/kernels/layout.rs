@@ -57,15 +57,50 @@ fn permute_into<T: Clone>(src: &[T], shape: &[usize], perm: &[usize], out: &mut 
         out.push(src[0].clone());
         return;
     };
-    let outer: usize = dims.iter().map(|d| d.0).product();
-    let mut idx = vec![0usize; dims.len()];
-    let mut base = 0usize;
-    for _ in 0..outer {
+    if step != 1 && dims.last().is_some_and(|d| d.1 == 1) {
+        // The two innermost result dims are a transposed matrix of src: copy it by tiles, so
+        // that both the reads and the writes of a tile stay within a few cache lines.
+        const TILE: usize = 16;
+        let (rows, _) = dims.pop().expect("checked");
+        let start = out.len();
+        out.resize(start + rows * inner * outer_len(&dims), src[0].clone());
+        let dst = &mut out[start..];
+        for_each_base(&dims, |o, base| {
+            let blk = &mut dst[o * rows * inner..(o + 1) * rows * inner];
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..inner).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        let line = &mut blk[r * inner..(r + 1) * inner];
+                        for c in c0..(c0 + TILE).min(inner) {
+                            line[c] = src[base + r + c * step].clone();
+                        }
+                    }
+                }
+            }
+        });
+        return;
+    }
+    for_each_base(&dims, |_, base| {
         if step == 1 {
             out.extend_from_slice(&src[base..base + inner]);
         } else {
             out.extend(src[base..].iter().step_by(step).take(inner).cloned());
         }
+    });
+}
+
+/// Number of index combinations of `dims` (size, stride).
+fn outer_len(dims: &[(usize, usize)]) -> usize {
+    dims.iter().map(|d| d.0).product()
+}
+
+/// Calls `f(i, offset)` for every index of `dims` (size, stride) in row-major order: `i` counts
+/// from 0 and `offset` is the index's Σ index·stride.
+fn for_each_base(dims: &[(usize, usize)], mut f: impl FnMut(usize, usize)) {
+    let mut idx = vec![0usize; dims.len()];
+    let mut base = 0usize;
+    for i in 0..outer_len(dims) {
+        f(i, base);
         for d in (0..dims.len()).rev() {
             idx[d] += 1;
             base += dims[d].1;

@@ -81,12 +81,31 @@ pub fn causal_mask(x: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
     const OP: &str = "causal_mask";
     check_min_rank(OP, x.shape(), 2)?;
     let (sq, sk) = (x.shape()[x.ndim() - 2], x.shape()[x.ndim() - 1]);
-    let offset = sk as i64 - sq as i64;
     let mut data = take_vec::<f32>(x.len());
     match x.as_slice() {
         Some(s) => data.extend_from_slice(s),
         None => data.extend(x.iter().copied()),
     }
+    mask_rows(&mut data, sq, sk);
+    from_vec(OP, x.shape().to_vec(), data)
+}
+
+/// [`causal_mask`] on an operand the caller gives up: masked in its buffer when contiguous.
+pub(crate) fn causal_mask_owned(mut x: ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
+    check_min_rank("causal_mask", x.shape(), 2)?;
+    let (sq, sk) = (x.shape()[x.ndim() - 2], x.shape()[x.ndim() - 1]);
+    match x.as_slice_mut() {
+        Some(data) => {
+            mask_rows(data, sq, sk);
+            Ok(x)
+        }
+        None => causal_mask(&x),
+    }
+}
+
+/// Sets entry (i, j) of every `[sq, sk]` matrix of `data` to -inf where `j > i + (sk - sq)`.
+fn mask_rows(data: &mut [f32], sq: usize, sk: usize) {
+    let offset = sk as i64 - sq as i64;
     if sq * sk > 0 {
         for mat in data.chunks_exact_mut(sq * sk) {
             for (i, row) in mat.chunks_exact_mut(sk).enumerate() {
@@ -95,5 +114,4 @@ pub fn causal_mask(x: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
             }
         }
     }
-    from_vec(OP, x.shape().to_vec(), data)
 }

@@ -2,7 +2,7 @@
 //! Sums and means are accumulated in f64.
 
 use super::pool::take_f32;
-use super::simd::{exp, max_f32, multiversion, sum_f64, sum_sq_dev_f64};
+use super::simd::{exp, max_f32, multiversion, sum_f32, sum_f64, sum_sq_dev_f32, sum_sq_dev_f64};
 use super::{check_axis, check_min_rank, row_major};
 use crate::exec::ExecError;
 use ndarray::{ArrayD, Axis};
@@ -36,6 +36,37 @@ pub fn softmax(x: &ArrayD<f32>, axis: usize) -> Result<ArrayD<f32>, ExecError> {
         lane.mapv_inplace(|v| v / s);
     }
     Ok(out)
+}
+
+/// [`softmax`] on an operand the caller gives up: computed in its buffer when contiguous.
+pub(crate) fn softmax_owned(mut x: ArrayD<f32>, axis: usize) -> Result<ArrayD<f32>, ExecError> {
+    check_axis("softmax", x.ndim(), axis)?;
+    let n = x.shape()[axis];
+    if let (true, Some(xs)) = (axis + 1 == x.ndim() && n > 0, x.as_slice_mut()) {
+        softmax_rows_inplace(xs, n);
+        return Ok(x);
+    }
+    softmax(&x, axis)
+}
+
+/// Softmax of every contiguous row of `n` elements of `xs`, in place.
+#[inline(always)]
+fn softmax_rows_self(xs: &mut [f32], n: usize) {
+    for row in xs.chunks_exact_mut(n) {
+        let m = max_f32(row);
+        for d in row.iter_mut() {
+            *d = exp(*d - m);
+        }
+        let s = sum_f64(row) as f32;
+        for d in row.iter_mut() {
+            *d /= s;
+        }
+    }
+}
+
+multiversion! {
+    /// [`softmax_rows_self`], vectorized.
+    fn softmax_rows_inplace<>(xs: &mut [f32], n: usize) where {} = softmax_rows_self;
 }
 
 /// Softmax of every contiguous row of `n` elements of `xs` into `out`.
@@ -79,8 +110,8 @@ fn check_norm_params(
     Ok(last)
 }
 
-/// Layer norm over the last dim: `(x - mean) / √(var + eps) · scale (+ bias)`, biased variance.
-/// Mean and variance are accumulated in f64, and `x - mean` is formed in f64.
+/// Layer norm over the last dim: `(x - mean) / √(var + eps) · scale (+ bias)`, biased variance,
+/// computed in f32 as numpy does (see [`layernorm_rows_imp`]).
 pub fn layernorm(
     x: &ArrayD<f32>,
     scale: &ArrayD<f32>,
@@ -100,23 +131,25 @@ pub fn layernorm(
     Ok(ArrayD::from_shape_vec(x.raw_dim(), out).expect("same element count"))
 }
 
-/// Layer norm of every contiguous row (of `g.len()` elements) of `xs` into `out`.
+/// Layer norm of every contiguous row (of `g.len()` elements) of `xs` into `out`, in f32 like
+/// numpy's float32 layer norm: the mean, then the mean squared deviation from it (each summed
+/// in 32 f32 lanes, the lanes added in f64), then `(x - mean) · inv · g + b`.
 #[inline(always)]
 fn layernorm_rows_imp(xs: &[f32], out: &mut [f32], g: &[f32], b: Option<&[f32]>, eps: f64) {
     let n = g.len();
     for (row, o) in xs.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let mu = sum_f64(row) / n as f64;
-        let var = sum_sq_dev_f64(row, mu) / n as f64;
-        let inv = 1.0 / (var + eps).sqrt();
+        let mu = (sum_f32(row) / n as f64) as f32;
+        let var = sum_sq_dev_f32(row, mu) / n as f64;
+        let inv = (1.0 / (var + eps).sqrt()) as f32;
         match b {
             Some(b) => {
                 for (((d, &v), &gi), &bi) in o.iter_mut().zip(row).zip(g).zip(b) {
-                    *d = ((v as f64 - mu) * inv) as f32 * gi + bi;
+                    *d = (v - mu) * inv * gi + bi;
                 }
             }
             None => {
                 for ((d, &v), &gi) in o.iter_mut().zip(row).zip(g) {
-                    *d = ((v as f64 - mu) * inv) as f32 * gi;
+                    *d = (v - mu) * inv * gi;
                 }
             }
         }

@@ -14,9 +14,10 @@ use std::cell::RefCell;
 /// Buffers smaller than this (elements) go back to the allocator, which serves them cheaply.
 const MIN_LEN: usize = 1024;
 /// At most this many idle buffers per thread.
-const MAX_BUFFERS: usize = 48;
-/// At most this many idle bytes per thread.
-const MAX_BYTES: usize = 256 << 20;
+const MAX_BUFFERS: usize = 32;
+/// At most this many idle bytes per thread (the pool is not counted in the interpreters' peak
+/// live bytes, so it stays small next to them; larger buffers go back to the allocator).
+const MAX_BYTES: usize = 64 << 20;
 
 thread_local! {
     /// Idle buffers; `len` is how many leading elements are initialized (any f32 bits).

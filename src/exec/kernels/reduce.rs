@@ -31,15 +31,68 @@ pub fn reduce_f32(
     Ok(keep(out, axis, keepdims))
 }
 
+/// `acc = acc ⊕ other` elementwise, where `a ⊕ b` is bitwise `b ⊕ a` (so that the ranks of a
+/// collective that combine the same two partial results agree): sum (mean sums too, as the
+/// collectives do), or max that ignores NaN and prefers +0 to -0.
+/// With `copy`, `other` receives the result too (the next message of a collective, written in
+/// the same pass).
+pub(crate) fn combine_symmetric(acc: &mut [f32], other: &mut [f32], op: ReduceOp, copy: bool) {
+    assert_eq!(acc.len(), other.len(), "combine: lengths");
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => combine_with(acc, other, copy, |a, b| a + b),
+        ReduceOp::Max => combine_with(acc, other, copy, |a, b| {
+            if b > a || a.is_nan() {
+                b
+            } else if a > b || b.is_nan() {
+                a
+            } else {
+                f32::from_bits(a.to_bits() & b.to_bits())
+            }
+        }),
+    }
+}
+
+/// `acc[i] = f(acc[i], other[i])` (and `other[i] = acc[i]` with `copy`), as index loops.
+#[inline(always)]
+fn combine_imp<F: Fn(f32, f32) -> f32 + Copy>(
+    acc: &mut [f32],
+    other: &mut [f32],
+    copy: bool,
+    f: F,
+) {
+    let n = acc.len();
+    let other = &mut other[..n];
+    if copy {
+        for i in 0..n {
+            let v = f(acc[i], other[i]);
+            acc[i] = v;
+            other[i] = v;
+        }
+    } else {
+        for i in 0..n {
+            acc[i] = f(acc[i], other[i]);
+        }
+    }
+}
+
+multiversion! {
+    /// [`combine_imp`], vectorized.
+    fn combine_with<F>(acc: &mut [f32], other: &mut [f32], copy: bool, f: F)
+    where {F: Fn(f32, f32) -> f32 + Copy} = combine_imp;
+}
+
 /// Reduces every contiguous row of `n` elements of `xs`.
 #[inline(always)]
 fn reduce_rows_imp(op: ReduceOp, xs: &[f32], n: usize) -> Vec<f32> {
-    let rows = xs.chunks_exact(n);
-    match op {
-        ReduceOp::Sum => rows.map(|r| sum_f64(r) as f32).collect(),
-        ReduceOp::Mean => rows.map(|r| (sum_f64(r) / n as f64) as f32).collect(),
-        ReduceOp::Max => rows.map(max_f32).collect(),
+    let mut out = vec![0.0f32; xs.len() / n];
+    for (o, r) in out.iter_mut().zip(xs.chunks_exact(n)) {
+        *o = match op {
+            ReduceOp::Sum => sum_f64(r) as f32,
+            ReduceOp::Mean => (sum_f64(r) / n as f64) as f32,
+            ReduceOp::Max => max_f32(r),
+        };
     }
+    out
 }
 
 multiversion! {

@@ -108,21 +108,30 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * s1 * s2
 }
 
-/// Number of lanes of the f64 accumulators.
-const L64: usize = 8;
+/// The accumulator lanes after their loop, through an optimization barrier (an identity).
+/// Without it LLVM's SLP vectorizer shapes the accumulators after the horizontal combine that
+/// follows and keeps them as 2-lane vectors; with it the loop runs on whole registers.
+#[inline(always)]
+fn lanes<T>(acc: T) -> T {
+    std::hint::black_box(acc)
+}
 
-/// Σ x in f64, 8 interleaved partial sums combined in a fixed tree, then the tail in order.
+/// Number of lanes of the f64 accumulators: four AVX-512 registers, so that the adds of a row
+/// are not serialized on one register's latency.
+const L64: usize = 32;
+
+/// Σ x in f64: 32 interleaved partial sums combined in a fixed tree, then the tail in order.
 #[inline(always)]
 pub(crate) fn sum_f64(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; L64];
-    let chunks = x.chunks_exact(L64);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L64>();
     for c in chunks {
         for j in 0..L64 {
             acc[j] += c[j] as f64;
         }
     }
-    let mut s = combine(acc);
+    let mut s = combine(lanes(acc));
     for &v in tail {
         s += v as f64;
     }
@@ -133,15 +142,15 @@ pub(crate) fn sum_f64(x: &[f32]) -> f64 {
 #[inline(always)]
 pub(crate) fn sum_sq_dev_f64(x: &[f32], mu: f64) -> f64 {
     let mut acc = [0.0f64; L64];
-    let chunks = x.chunks_exact(L64);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L64>();
     for c in chunks {
         for j in 0..L64 {
             let d = c[j] as f64 - mu;
             acc[j] += d * d;
         }
     }
-    let mut s = combine(acc);
+    let mut s = combine(lanes(acc));
     for &v in tail {
         let d = v as f64 - mu;
         s += d * d;
@@ -149,10 +158,70 @@ pub(crate) fn sum_sq_dev_f64(x: &[f32], mu: f64) -> f64 {
     s
 }
 
-/// The 8 partial sums added pairwise in a fixed order.
+/// Number of lanes of the f32 accumulators (two AVX-512 registers).
+const L32S: usize = 32;
+
+/// Σ x with 32 interleaved f32 partial sums, added in f64 in a fixed tree, then the tail.
+#[inline(always)]
+pub(crate) fn sum_f32(x: &[f32]) -> f64 {
+    let mut acc = [0.0f32; L32S];
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32S>();
+    for c in chunks {
+        for j in 0..L32S {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = combine(widen(lanes(acc)));
+    for &v in tail {
+        s += v as f64;
+    }
+    s
+}
+
+/// The f32 lanes as f64 (an index loop: `array::map` is not reliably inlined into a
+/// multiversioned kernel).
+#[inline(always)]
+fn widen(a: [f32; L32S]) -> [f64; L64] {
+    let mut w = [0.0f64; L64];
+    for j in 0..L32S {
+        w[j] = a[j] as f64;
+    }
+    w
+}
+
+/// Σ (x - mu)² with the lanes and order of [`sum_f32`].
+#[inline(always)]
+pub(crate) fn sum_sq_dev_f32(x: &[f32], mu: f32) -> f64 {
+    let mut acc = [0.0f32; L32S];
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32S>();
+    for c in chunks {
+        for j in 0..L32S {
+            let d = c[j] - mu;
+            acc[j] += d * d;
+        }
+    }
+    let mut s = combine(widen(lanes(acc)));
+    for &v in tail {
+        let d = (v - mu) as f64;
+        s += d * d;
+    }
+    s
+}
+
+/// The partial sums added in a fixed tree: halves added lane by lane down to 8, then pairwise.
 #[inline(always)]
 fn combine(a: [f64; L64]) -> f64 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+    let mut b = [0.0f64; 16];
+    for j in 0..16 {
+        b[j] = a[j] + a[j + 16];
+    }
+    let mut c = [0.0f64; 8];
+    for j in 0..8 {
+        c[j] = b[j] + b[j + 8];
+    }
+    ((c[0] + c[4]) + (c[2] + c[6])) + ((c[1] + c[5]) + (c[3] + c[7]))
 }
 
 /// Number of lanes of the f32 maximum.
@@ -163,8 +232,8 @@ const L32: usize = 16;
 pub(crate) fn max_f32(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; L32];
     let mut nan = [false; L32];
-    let chunks = x.chunks_exact(L32);
-    let tail = chunks.remainder();
+    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
+    let (chunks, tail) = x.as_chunks::<L32>();
     for c in chunks {
         for j in 0..L32 {
             let v = c[j];
@@ -172,6 +241,7 @@ pub(crate) fn max_f32(x: &[f32]) -> f32 {
             acc[j] = if v > acc[j] { v } else { acc[j] };
         }
     }
+    let (acc, nan) = (lanes(acc), lanes(nan));
     let mut m = f32::NEG_INFINITY;
     let mut any_nan = false;
     for j in 0..L32 {

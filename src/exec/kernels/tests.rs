@@ -302,3 +302,107 @@ fn casts() {
         Tensor::F32(array![16_777_216.0f32].into_dyn())
     );
 }
+
+#[test]
+fn handed_over_operands_give_the_borrowed_results() {
+    use crate::exec::apply::apply_owned;
+    use crate::exec::{apply, Tensor};
+    use crate::ir::Op;
+    use std::borrow::Cow;
+    let t = |shape: &[usize]| Tensor::F32(iota(shape).mapv(|v| v * 0.37 - 3.0));
+    let ops_pairs: Vec<(Op, Vec<Tensor>)> = [
+        (&[2, 3, 4][..], &[2, 3, 4][..]),
+        (&[2, 3, 4], &[]),
+        (&[], &[2, 3, 4]),
+        (&[2, 3, 4], &[4]),
+        (&[4], &[2, 3, 4]),
+        (&[2, 3, 4], &[2, 3, 1]),
+        (&[2, 3, 1], &[2, 3, 4]),
+        (&[2, 1, 4], &[3, 1]),
+    ]
+    .iter()
+    .flat_map(|(a, b)| {
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Div, BinaryOp::Max]
+            .map(|op| (Op::Binary { op }, vec![t(a), t(b)]))
+    })
+    .chain([
+        (Op::Unary { op: UnaryOp::Gelu }, vec![t(&[3, 5])]),
+        (
+            Op::Scalar {
+                op: BinaryOp::Sub,
+                value: 1.5,
+                scalar_lhs: true,
+            },
+            vec![t(&[3, 5])],
+        ),
+        (Op::Softmax { axis: 1 }, vec![t(&[3, 5])]),
+        (Op::Softmax { axis: 0 }, vec![t(&[3, 5])]),
+        (Op::CausalMask, vec![t(&[2, 3, 5])]),
+        (Op::Reshape { shape: vec![5, 3] }, vec![t(&[3, 5])]),
+        (
+            Op::Reshape { shape: vec![4] },
+            vec![Tensor::I32(array![[1, 2], [3, 4]].into_dyn())],
+        ),
+        (Op::Reshape { shape: vec![4] }, vec![t(&[3, 5])]),
+        (Op::MatMul, vec![t(&[3, 5]), t(&[5, 2])]),
+    ])
+    .collect();
+    for (op, args) in ops_pairs {
+        let refs: Vec<&Tensor> = args.iter().collect();
+        let want = apply(&op, &refs);
+        for mask in 0..(1u32 << args.len()) {
+            let handed: Vec<Cow<'_, Tensor>> = args
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    if mask & (1 << i) != 0 {
+                        Cow::Owned(a.clone())
+                    } else {
+                        Cow::Borrowed(a)
+                    }
+                })
+                .collect();
+            let got = apply_owned(&op, handed);
+            match (&want, &got) {
+                (Ok(w), Ok(g)) => {
+                    assert_eq!(w.len(), g.len());
+                    for (w, g) in w.iter().zip(g) {
+                        assert_eq!(w.shape(), g.shape(), "{op:?} mask {mask}");
+                        let bits = |t: &Tensor| -> Vec<u32> {
+                            match t {
+                                Tensor::F32(x) => x.iter().map(|v| v.to_bits()).collect(),
+                                Tensor::I32(x) => x.iter().map(|&v| v as u32).collect(),
+                            }
+                        };
+                        assert_eq!(bits(w), bits(g), "{op:?} mask {mask}");
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                _ => panic!("{op:?} mask {mask}: {want:?} vs {got:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn transposes_match_ndarray() {
+    for (shape, perm) in [
+        (&[3usize, 37, 19][..], &[0usize, 2, 1][..]),
+        (&[40, 33], &[1, 0]),
+        (&[2, 5, 3, 17], &[0, 2, 1, 3]),
+        (&[2, 5, 3, 17], &[3, 1, 0, 2]),
+        (&[2, 1, 64, 32], &[0, 1, 3, 2]),
+        (&[1, 1], &[1, 0]),
+    ] {
+        let x = iota(shape);
+        let want = x
+            .view()
+            .permuted_axes(IxDyn(perm))
+            .as_standard_layout()
+            .into_owned();
+        assert_eq!(transpose(&x, perm).unwrap(), want, "{shape:?} {perm:?}");
+        let xi = x.mapv(|v| v as i32);
+        let wi = want.mapv(|v| v as i32);
+        assert_eq!(transpose(&xi, perm).unwrap(), wi, "{shape:?} {perm:?}");
+    }
+}
