@@ -3,6 +3,7 @@
 //! order fixed by the group alone, so results are bitwise identical whatever the timing. The
 //! thread backend connects ranks of one process by channels; an MPI backend serves the same trait.
 
+use super::kernels::{combine_symmetric, give, take_f32, take_vec};
 use crate::ir::ReduceOp;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -64,13 +65,6 @@ fn bounds(n: usize, k: usize) -> Vec<(usize, usize)> {
     (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
 }
 
-fn combine(acc: &mut [f32], other: &[f32], op: ReduceOp) {
-    match op {
-        ReduceOp::Max => acc.iter_mut().zip(other).for_each(|(a, b)| *a = a.max(*b)),
-        ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(other).for_each(|(a, b)| *a += *b),
-    }
-}
-
 fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommError> {
     if got.len() == want {
         Ok(got)
@@ -83,72 +77,128 @@ fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommE
     }
 }
 
-/// Ring reduce-scatter of `data` over `group`: afterwards this rank's chunk `position` (of
-/// `bounds(len, k)`) holds the reduction; returns that chunk.
+/// A message holding a copy of `src`, in a pooled buffer.
+fn message(src: &[f32]) -> Vec<f32> {
+    let mut m = take_vec::<f32>(src.len());
+    m.extend_from_slice(src);
+    m
+}
+
+/// Ring reduce-scatter of `data` over `group` (chunks `b`, one per position): afterwards this
+/// rank's chunk `position` holds the reduction; the other chunks hold partial results.
 fn ring_reduce_scatter(
     t: &mut dyn Transport,
     group: &[usize],
     data: &mut [f32],
+    b: &[(usize, usize)],
     op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+) -> Result<(), CommError> {
     let k = group.len();
-    let me = position(group, t.rank());
-    let b = bounds(data.len(), k);
     if k == 1 {
-        return Ok(data.to_vec());
+        return Ok(());
     }
+    let me = position(group, t.rank());
     let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
     // Step s: send chunk (me - s - 1) to next, receive chunk (me - s - 2) from prev and reduce
     // into it; after k-1 steps chunk `me` is complete. Every chunk is reduced in ring order.
+    // The chunk reduced at step s is the one sent at step s + 1: its message is the received
+    // buffer, overwritten with the result in the same pass.
+    let (a, e) = b[(me + k - 1) % k];
+    let mut send = message(&data[a..e]);
     for s in 0..k - 1 {
-        let send_c = (me + 2 * k - s - 1) % k;
-        let recv_c = (me + 2 * k - s - 2) % k;
-        let (a, e) = b[send_c];
-        let got = t.exchange(next, data[a..e].to_vec(), prev)?;
-        let (a, e) = b[recv_c];
-        let got = expect_len(got, e - a, prev)?;
-        combine(&mut data[a..e], &got, op);
+        let (a, e) = b[(me + 2 * k - s - 2) % k];
+        let mut got = expect_len(t.exchange(next, send, prev)?, e - a, prev)?;
+        let last = s + 2 == k;
+        combine_symmetric(&mut data[a..e], &mut got, op, !last);
+        if last {
+            give(got);
+            break;
+        }
+        send = got;
     }
-    let (a, e) = b[me];
-    Ok(data[a..e].to_vec())
+    Ok(())
 }
 
-/// Ring all-gather: every rank contributes `mine` (chunk `position` of a buffer of `lens`
-/// chunk lengths); returns the concatenation in group order.
+/// Ring all-gather in place: on entry chunk `position` of `data` (chunks `b`) holds this rank's
+/// part; on return every chunk holds its owner's part.
 fn ring_all_gather(
     t: &mut dyn Transport,
     group: &[usize],
-    mine: &[f32],
-    lens: &[usize],
-) -> Result<Vec<f32>, CommError> {
+    data: &mut [f32],
+    b: &[(usize, usize)],
+) -> Result<(), CommError> {
     let k = group.len();
-    let me = position(group, t.rank());
-    let starts: Vec<usize> = lens
-        .iter()
-        .scan(0, |acc, l| {
-            let s = *acc;
-            *acc += l;
-            Some(s)
-        })
-        .collect();
-    let total: usize = lens.iter().sum();
-    let mut out = vec![0.0f32; total];
-    out[starts[me]..starts[me] + lens[me]].copy_from_slice(mine);
     if k == 1 {
-        return Ok(out);
+        return Ok(());
     }
+    let me = position(group, t.rank());
     let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
+    // Step s receives chunk (me - s - 1) and forwards that same message at step s + 1.
+    let mut send = message(&data[b[me].0..b[me].1]);
     for s in 0..k - 1 {
-        let send_c = (me + k - s) % k;
-        let recv_c = (me + k - s - 1) % k;
-        let chunk = out[starts[send_c]..starts[send_c] + lens[send_c]].to_vec();
-        let got = expect_len(t.exchange(next, chunk, prev)?, lens[recv_c], prev)?;
-        out[starts[recv_c]..starts[recv_c] + lens[recv_c]].copy_from_slice(&got);
+        let (a, e) = b[(me + k - s - 1) % k];
+        let got = expect_len(t.exchange(next, send, prev)?, e - a, prev)?;
+        data[a..e].copy_from_slice(&got);
+        send = got;
     }
-    Ok(out)
+    give(send);
+    Ok(())
 }
 
-/// Reduces `data` over `group` in place (ring: reduce-scatter, then all-gather).
+/// All-reduce over 2^j ranks by recursive halving then doubling (Rabenseifner): in halving
+/// round i a rank exchanges half of its current segment with the rank whose position differs in
+/// bit i and reduces the half it keeps; the doubling rounds gather the segments back in reverse.
+/// 2j rounds (the ring takes 2(k-1)) moving 2(k-1)/k of the data per rank, as the ring does.
+/// Every element is reduced by the same tree, (x0 ⊕ x1) ⊕ (x2 ⊕ x3) ..., on whichever rank
+/// holds it, and `⊕` is symmetric, so all ranks end bitwise equal.
+fn halving_doubling(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    op: ReduceOp,
+) -> Result<(), CommError> {
+    let k = group.len();
+    let me = position(group, t.rank());
+    let (mut lo, mut hi) = (0, data.len());
+    let mut splits = Vec::new();
+    let mut bit = 1;
+    while bit < k {
+        let peer = group[me ^ bit];
+        let mid = lo + (hi - lo) / 2;
+        // The lower position keeps the lower half.
+        let (keep, away) = if me & bit == 0 {
+            ((lo, mid), (mid, hi))
+        } else {
+            ((mid, hi), (lo, mid))
+        };
+        let msg = message(&data[away.0..away.1]);
+        let mut got = expect_len(t.exchange(peer, msg, peer)?, keep.1 - keep.0, peer)?;
+        combine_symmetric(&mut data[keep.0..keep.1], &mut got, op, false);
+        give(got);
+        splits.push((lo, mid, hi));
+        (lo, hi) = keep;
+        bit <<= 1;
+    }
+    while let Some((plo, mid, phi)) = splits.pop() {
+        bit >>= 1;
+        let peer = group[me ^ bit];
+        let other = if me & bit == 0 {
+            (mid, phi)
+        } else {
+            (plo, mid)
+        };
+        let msg = message(&data[lo..hi]);
+        let got = expect_len(t.exchange(peer, msg, peer)?, other.1 - other.0, peer)?;
+        data[other.0..other.1].copy_from_slice(&got);
+        give(got);
+        (lo, hi) = (plo, phi);
+    }
+    Ok(())
+}
+
+/// Reduces `data` over `group` in place: recursive halving and doubling on groups of 2^j ranks,
+/// the ring (reduce-scatter, then all-gather) on others. The reduction order depends on the
+/// group alone, so the result is bitwise the same on every run and every backend.
 pub fn all_reduce(
     t: &mut dyn Transport,
     group: &[usize],
@@ -159,12 +209,12 @@ pub fn all_reduce(
     if k == 1 {
         return Ok(());
     }
+    if k.is_power_of_two() {
+        return halving_doubling(t, group, data, op);
+    }
     let b = bounds(data.len(), k);
-    let mine = ring_reduce_scatter(t, group, data, op)?;
-    let lens: Vec<usize> = b.iter().map(|(a, e)| e - a).collect();
-    let all = ring_all_gather(t, group, &mine, &lens)?;
-    data.copy_from_slice(&all);
-    Ok(())
+    ring_reduce_scatter(t, group, data, &b, op)?;
+    ring_all_gather(t, group, data, &b)
 }
 
 /// Concatenates every rank's `mine` (all the same length) in group order.
@@ -173,18 +223,27 @@ pub fn all_gather(
     group: &[usize],
     mine: &[f32],
 ) -> Result<Vec<f32>, CommError> {
-    ring_all_gather(t, group, mine, &vec![mine.len(); group.len()])
+    let (k, n) = (group.len(), mine.len());
+    let me = position(group, t.rank());
+    let mut out = take_f32(k * n);
+    out[me * n..(me + 1) * n].copy_from_slice(mine);
+    let b: Vec<(usize, usize)> = (0..k).map(|i| (i * n, (i + 1) * n)).collect();
+    ring_all_gather(t, group, &mut out, &b)?;
+    Ok(out)
 }
 
 /// Reduces `data` (k equal contiguous chunks, chunk i for the i-th rank of the group) and returns
-/// this rank's reduced chunk.
+/// this rank's reduced chunk; `data` is left with partial results.
 pub fn reduce_scatter(
     t: &mut dyn Transport,
     group: &[usize],
     data: &mut [f32],
     op: ReduceOp,
 ) -> Result<Vec<f32>, CommError> {
-    ring_reduce_scatter(t, group, data, op)
+    let b = bounds(data.len(), group.len());
+    ring_reduce_scatter(t, group, data, &b, op)?;
+    let (a, e) = b[position(group, t.rank())];
+    Ok(message(&data[a..e]))
 }
 
 /// Sends `chunks[i]` to the i-th rank of the group; returns the chunks received, in group order.
@@ -386,5 +445,70 @@ mod tests {
             all_reduce(t, &[0, 1, 2], &mut d, ReduceOp::Sum)
         });
         assert!(out.iter().all(|r| r.is_err()));
+    }
+
+    /// Runs the all-reduce on every rank of a world of `n` over `group`; the data of
+    /// rank r is `data(r)`. Returns the results of the group's ranks.
+    fn reduce_group(
+        n: usize,
+        group: Vec<usize>,
+        op: ReduceOp,
+        data: fn(usize) -> Vec<f32>,
+    ) -> Vec<Vec<f32>> {
+        let group = &group;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadTransport::world(n)
+                .into_iter()
+                .filter(|t| group.contains(&t.rank()))
+                .map(|mut t| {
+                    s.spawn(move || {
+                        let mut d = data(t.rank());
+                        all_reduce(&mut t, group, &mut d, op).unwrap();
+                        d
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn every_rank_of_a_group_ends_bitwise_equal() {
+        let data = |r: usize| {
+            (0..1000)
+                .map(|i| ((i * 7 + r * 13) % 29) as f32 * 0.1 - 1.3)
+                .collect()
+        };
+        for (n, group) in [
+            (8, vec![0, 1, 2, 3, 4, 5, 6, 7]),
+            (8, vec![1, 3, 5, 7]),
+            (4, vec![2, 3]),
+            (1, vec![0]),
+            (6, vec![0, 2, 4]),
+            (6, vec![0, 1, 2, 3, 4, 5]),
+        ] {
+            let got = reduce_group(n, group.clone(), ReduceOp::Sum, data);
+            for g in &got {
+                assert_eq!(
+                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+            for (i, &g) in got[0].iter().enumerate() {
+                let want: f32 = group.iter().map(|&r| data(r)[i]).sum();
+                assert!((g - want).abs() < 1e-5, "{group:?} at {i}");
+            }
+        }
+        let signed = |r: usize| {
+            vec![
+                if r.is_multiple_of(2) { 0.0 } else { -0.0 },
+                if r == 1 { f32::NAN } else { r as f32 },
+            ]
+        };
+        let got = reduce_group(4, vec![0, 1, 2, 3], ReduceOp::Max, signed);
+        for g in &got {
+            assert_eq!(g[0].to_bits(), 0.0f32.to_bits());
+            assert_eq!(g[1], 3.0);
+        }
     }
 }

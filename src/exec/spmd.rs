@@ -445,13 +445,8 @@ impl Rank<'_> {
                 Some(t) => flat_f32(&t),
                 None => unreachable!("checked above"),
             };
-            let group = &self.groups[a];
-            if group.len().is_power_of_two() {
-                all_reduce_doubling(self.t, group, &mut data, *reduce)
-            } else {
-                comm::all_reduce(self.t, group, &mut data, *reduce)
-            }
-            .map_err(|e| e.to_string())?;
+            comm::all_reduce(self.t, &self.groups[a], &mut data, *reduce)
+                .map_err(|e| e.to_string())?;
             return Ok(vec![from_f32(&shape, data, int)?]);
         }
         let args: Vec<&Tensor> = owned.iter().map(|a| a.as_ref()).collect();
@@ -701,55 +696,6 @@ fn into_flat(x: ArrayD<f32>) -> Vec<f32> {
     v
 }
 
-/// All-reduce by recursive doubling, for a group of 2^j ranks: in round i every rank exchanges
-/// its whole buffer with the rank whose group position differs in bit i and combines the two.
-///
-/// j = log2(k) rounds instead of the ring's 2(k-1): on ranks that share few cores every round
-/// is a round of thread wake-ups, which costs more than the extra bytes moved. Each round is a
-/// pairwise `exchange`, as the ring's steps are. Every rank ends with bitwise the same values:
-/// a round combines the same two partial results on both sides, and the combine is symmetric.
-fn all_reduce_doubling(
-    t: &mut dyn Transport,
-    group: &[usize],
-    data: &mut [f32],
-    op: ReduceOp,
-) -> Result<(), CommError> {
-    let k = group.len();
-    let me = group
-        .iter()
-        .position(|&r| r == t.rank())
-        .expect("a rank belongs to its own groups");
-    if k < 2 {
-        return Ok(());
-    }
-    let mut send = k::take_vec::<f32>(data.len());
-    send.extend_from_slice(data);
-    let mut bit = 1;
-    while bit < k {
-        let peer = group[me ^ bit];
-        let mut got = t.exchange(peer, send, peer)?;
-        if got.len() != data.len() {
-            return Err(CommError::Length {
-                from: peer,
-                got: got.len(),
-                want: data.len(),
-            });
-        }
-        let more = bit * 2 < k;
-        // The received buffer becomes the next round's message, written in the same pass.
-        k::combine_symmetric(data, &mut got, op, more);
-        bit <<= 1;
-        if !more {
-            k::recycle(Tensor::F32(
-                ArrayD::from_shape_vec(IxDyn(&[got.len()]), got).expect("1-D"),
-            ));
-            break;
-        }
-        send = got;
-    }
-    Ok(())
-}
-
 /// True for an i32 tensor.
 fn is_int(t: &Tensor) -> bool {
     matches!(t, Tensor::I32(_))
@@ -822,72 +768,4 @@ fn join(pieces: &[&[f32]], shape: &[usize], dim: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs the doubling all-reduce on every rank of a world of `n` over `group`; the data of
-    /// rank r is `data(r)`. Returns the results of the group's ranks.
-    fn doubling(
-        n: usize,
-        group: Vec<usize>,
-        op: ReduceOp,
-        data: fn(usize) -> Vec<f32>,
-    ) -> Vec<Vec<f32>> {
-        let group = &group;
-        std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadTransport::world(n)
-                .into_iter()
-                .filter(|t| group.contains(&t.rank()))
-                .map(|mut t| {
-                    s.spawn(move || {
-                        let mut d = data(t.rank());
-                        all_reduce_doubling(&mut t, group, &mut d, op).unwrap();
-                        d
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
-
-    #[test]
-    fn doubling_all_reduce_agrees_on_every_rank() {
-        let data = |r: usize| {
-            (0..1000)
-                .map(|i| ((i * 7 + r * 13) % 29) as f32 * 0.1 - 1.3)
-                .collect()
-        };
-        for (n, group) in [
-            (8, vec![0, 1, 2, 3, 4, 5, 6, 7]),
-            (8, vec![1, 3, 5, 7]),
-            (4, vec![2, 3]),
-            (1, vec![0]),
-        ] {
-            let got = doubling(n, group.clone(), ReduceOp::Sum, data);
-            for g in &got {
-                assert_eq!(
-                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                );
-            }
-            for (i, &g) in got[0].iter().enumerate() {
-                let want: f32 = group.iter().map(|&r| data(r)[i]).sum();
-                assert!((g - want).abs() < 1e-5, "{group:?} at {i}");
-            }
-        }
-        let signed = |r: usize| {
-            vec![
-                if r.is_multiple_of(2) { 0.0 } else { -0.0 },
-                if r == 1 { f32::NAN } else { r as f32 },
-            ]
-        };
-        let got = doubling(4, vec![0, 1, 2, 3], ReduceOp::Max, signed);
-        for g in &got {
-            assert_eq!(g[0].to_bits(), 0.0f32.to_bits());
-            assert_eq!(g[1], 3.0);
-        }
-    }
 }
