@@ -40,16 +40,45 @@ pub(crate) fn combine_symmetric(acc: &mut [f32], other: &mut [f32], op: ReduceOp
     assert_eq!(acc.len(), other.len(), "combine: lengths");
     match op {
         ReduceOp::Sum | ReduceOp::Mean => combine_with(acc, other, copy, |a, b| a + b),
-        ReduceOp::Max => combine_with(acc, other, copy, |a, b| {
-            if b > a || a.is_nan() {
-                b
-            } else if a > b || b.is_nan() {
-                a
-            } else {
-                f32::from_bits(a.to_bits() & b.to_bits())
-            }
-        }),
+        ReduceOp::Max => combine_with(acc, other, copy, max_symmetric),
     }
+}
+
+/// `acc = acc ⊕ other` with the symmetric `⊕` of [`combine_symmetric`], reading `other` only.
+pub(crate) fn combine_from(acc: &mut [f32], other: &[f32], op: ReduceOp) {
+    assert_eq!(acc.len(), other.len(), "combine: lengths");
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => combine_read(acc, other, |a, b| a + b),
+        ReduceOp::Max => combine_read(acc, other, max_symmetric),
+    }
+}
+
+/// Max that ignores NaN and prefers +0 to -0, so that `max(a, b)` is bitwise `max(b, a)`.
+#[inline(always)]
+fn max_symmetric(a: f32, b: f32) -> f32 {
+    if b > a || a.is_nan() {
+        b
+    } else if a > b || b.is_nan() {
+        a
+    } else {
+        f32::from_bits(a.to_bits() & b.to_bits())
+    }
+}
+
+/// `acc[i] = f(acc[i], other[i])`, as an index loop.
+#[inline(always)]
+fn combine_read_imp<F: Fn(f32, f32) -> f32 + Copy>(acc: &mut [f32], other: &[f32], f: F) {
+    let n = acc.len();
+    let other = &other[..n];
+    for i in 0..n {
+        acc[i] = f(acc[i], other[i]);
+    }
+}
+
+multiversion! {
+    /// [`combine_read_imp`], vectorized.
+    fn combine_read<F>(acc: &mut [f32], other: &[f32], f: F)
+    where {F: Fn(f32, f32) -> f32 + Copy} = combine_read_imp;
 }
 
 /// `acc[i] = f(acc[i], other[i])` (and `other[i] = acc[i]` with `copy`), as index loops.

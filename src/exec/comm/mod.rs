@@ -1,14 +1,15 @@
 //! Communication between ranks. A backend provides point-to-point messages between the ranks
-//! of one world (`Transport`); the collectives are ring algorithms over it, with a reduction
-//! order fixed by the group alone, so results are bitwise identical whatever the timing. The
-//! thread backend connects ranks of one process by channels; an MPI backend serves the same trait.
+//! of one world (`Transport`); the collectives are ring, doubling and halving-doubling
+//! algorithms over it, with a reduction order fixed by the group and the length alone, so
+//! results are bitwise identical whatever the timing. The thread backend connects ranks of one
+//! process by channels; the MPI backend serves the same trait.
 
-use super::kernels::{combine_symmetric, give, take_f32, take_vec};
+mod thread;
+
+use super::kernels::{combine_from, combine_symmetric, give, take_f32, take_vec};
 use crate::ir::ReduceOp;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+
+pub use thread::ThreadTransport;
 
 /// Why a communication failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -48,8 +49,66 @@ pub trait Transport: Send {
         self.send(to, data)?;
         self.recv(from)
     }
+    /// `exchange` of slices: sends `send` to `to` and puts the next message from `from` into
+    /// `sink` (a message of another length is an error). The default copies through
+    /// `exchange`; a backend that can read the peer's memory in place overrides it.
+    fn exchange_into(
+        &mut self,
+        to: usize,
+        send: &[f32],
+        from: usize,
+        sink: Sink<'_>,
+    ) -> Result<(), CommError> {
+        copy_exchange(self, to, send, from, sink)
+    }
     /// Tells every rank to stop: this rank failed.
     fn abort(&self);
+}
+
+/// Where an exchanged message goes.
+pub enum Sink<'a> {
+    /// Written over the buffer.
+    Write(&'a mut [f32]),
+    /// Combined into the buffer: `buf[i] = buf[i] ⊕ msg[i]`, `⊕` symmetric.
+    Combine(&'a mut [f32], ReduceOp),
+}
+
+impl Sink<'_> {
+    /// The length the message must have.
+    pub fn expected_len(&self) -> usize {
+        match self {
+            Sink::Write(b) | Sink::Combine(b, _) => b.len(),
+        }
+    }
+
+    /// Puts `msg` (of `expected_len` elements) into the buffer.
+    pub fn put(self, msg: &[f32]) {
+        match self {
+            Sink::Write(b) => b.copy_from_slice(msg),
+            Sink::Combine(b, op) => combine_from(b, msg, op),
+        }
+    }
+}
+
+/// [`Transport::exchange_into`] through owned messages: a copy of `send` goes out, the reply is
+/// put into `sink`, and both buffers come from and return to the pool.
+pub(crate) fn copy_exchange<T: Transport + ?Sized>(
+    t: &mut T,
+    to: usize,
+    send: &[f32],
+    from: usize,
+    sink: Sink<'_>,
+) -> Result<(), CommError> {
+    let got = t.exchange(to, message(send), from)?;
+    put_message(got, from, sink)
+}
+
+/// Puts a received message into `sink`, checking its length, and pools its buffer.
+fn put_message(got: Vec<f32>, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
+    let got = expect_len(got, sink.expected_len(), from)?;
+    sink.put(&got);
+    give(got);
+    Ok(())
 }
 
 /// Position of `rank` in `group` (the group lists world ranks in coordinate order).
@@ -84,6 +143,18 @@ fn message(src: &[f32]) -> Vec<f32> {
     m
 }
 
+/// Disjoint borrows of two non-overlapping ranges of `data`: `src` to read, `dst` to write.
+fn split_pair(data: &mut [f32], src: (usize, usize), dst: (usize, usize)) -> (&[f32], &mut [f32]) {
+    if src.1 <= dst.0 {
+        let (a, b) = data.split_at_mut(dst.0);
+        (&a[src.0..src.1], &mut b[..dst.1 - dst.0])
+    } else {
+        assert!(dst.1 <= src.0, "split_pair: ranges overlap");
+        let (a, b) = data.split_at_mut(src.0);
+        (&b[..src.1 - src.0], &mut a[dst.0..dst.1])
+    }
+}
+
 /// Ring reduce-scatter of `data` over `group` (chunks `b`, one per position): afterwards this
 /// rank's chunk `position` holds the reduction; the other chunks hold partial results.
 fn ring_reduce_scatter(
@@ -101,20 +172,11 @@ fn ring_reduce_scatter(
     let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
     // Step s: send chunk (me - s - 1) to next, receive chunk (me - s - 2) from prev and reduce
     // into it; after k-1 steps chunk `me` is complete. Every chunk is reduced in ring order.
-    // The chunk reduced at step s is the one sent at step s + 1: its message is the received
-    // buffer, overwritten with the result in the same pass.
-    let (a, e) = b[(me + k - 1) % k];
-    let mut send = message(&data[a..e]);
     for s in 0..k - 1 {
-        let (a, e) = b[(me + 2 * k - s - 2) % k];
-        let mut got = expect_len(t.exchange(next, send, prev)?, e - a, prev)?;
-        let last = s + 2 == k;
-        combine_symmetric(&mut data[a..e], &mut got, op, !last);
-        if last {
-            give(got);
-            break;
-        }
-        send = got;
+        let src = b[(me + 2 * k - s - 1) % k];
+        let dst = b[(me + 2 * k - s - 2) % k];
+        let (send, acc) = split_pair(data, src, dst);
+        t.exchange_into(next, send, prev, Sink::Combine(acc, op))?;
     }
     Ok(())
 }
@@ -133,15 +195,11 @@ fn ring_all_gather(
     }
     let me = position(group, t.rank());
     let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
-    // Step s receives chunk (me - s - 1) and forwards that same message at step s + 1.
-    let mut send = message(&data[b[me].0..b[me].1]);
+    // Step s forwards chunk (me - s) and receives chunk (me - s - 1).
     for s in 0..k - 1 {
-        let (a, e) = b[(me + k - s - 1) % k];
-        let got = expect_len(t.exchange(next, send, prev)?, e - a, prev)?;
-        data[a..e].copy_from_slice(&got);
-        send = got;
+        let (send, recv) = split_pair(data, b[(me + k - s) % k], b[(me + k - s - 1) % k]);
+        t.exchange_into(next, send, prev, Sink::Write(recv))?;
     }
-    give(send);
     Ok(())
 }
 
@@ -171,10 +229,8 @@ fn halving_doubling(
         } else {
             ((mid, hi), (lo, mid))
         };
-        let msg = message(&data[away.0..away.1]);
-        let mut got = expect_len(t.exchange(peer, msg, peer)?, keep.1 - keep.0, peer)?;
-        combine_symmetric(&mut data[keep.0..keep.1], &mut got, op, false);
-        give(got);
+        let (send, acc) = split_pair(data, away, keep);
+        t.exchange_into(peer, send, peer, Sink::Combine(acc, op))?;
         splits.push((lo, mid, hi));
         (lo, hi) = keep;
         bit <<= 1;
@@ -187,10 +243,8 @@ fn halving_doubling(
         } else {
             (plo, mid)
         };
-        let msg = message(&data[lo..hi]);
-        let got = expect_len(t.exchange(peer, msg, peer)?, other.1 - other.0, peer)?;
-        data[other.0..other.1].copy_from_slice(&got);
-        give(got);
+        let (send, recv) = split_pair(data, (lo, hi), other);
+        t.exchange_into(peer, send, peer, Sink::Write(recv))?;
         (lo, hi) = (plo, phi);
     }
     Ok(())
@@ -304,90 +358,6 @@ pub fn all_to_all(
     Ok(out)
 }
 
-/// How long a blocked receive waits between checks of the abort flag.
-const POLL: Duration = Duration::from_millis(5);
-
-/// The thread backend: ranks of one process connected by channels.
-pub struct ThreadTransport {
-    rank: usize,
-    senders: Vec<Sender<Vec<f32>>>,
-    receivers: Vec<Receiver<Vec<f32>>>,
-    aborted: Arc<AtomicBool>,
-}
-
-impl ThreadTransport {
-    /// A fully connected world of `n` ranks; element `r` is rank `r`'s endpoint.
-    pub fn world(n: usize) -> Vec<ThreadTransport> {
-        let aborted = Arc::new(AtomicBool::new(false));
-        // chans[from][to]
-        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> =
-            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
-            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        for from in 0..n {
-            for to in 0..n {
-                let (s, r) = channel();
-                senders[from][to] = Some(s);
-                receivers[to][from] = Some(r);
-            }
-        }
-        senders
-            .into_iter()
-            .zip(receivers)
-            .enumerate()
-            .map(|(rank, (s, r))| ThreadTransport {
-                rank,
-                senders: s
-                    .into_iter()
-                    .map(|x| x.expect("every pair connected"))
-                    .collect(),
-                receivers: r
-                    .into_iter()
-                    .map(|x| x.expect("every pair connected"))
-                    .collect(),
-                aborted: aborted.clone(),
-            })
-            .collect()
-    }
-}
-
-impl Transport for ThreadTransport {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world(&self) -> usize {
-        self.senders.len()
-    }
-
-    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError> {
-        if self.aborted.load(Ordering::Relaxed) {
-            return Err(CommError::Aborted);
-        }
-        self.senders[to]
-            .send(data)
-            .map_err(|_| CommError::Disconnected(to))
-    }
-
-    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
-        loop {
-            match self.receivers[from].recv_timeout(POLL) {
-                Ok(v) => return Ok(v),
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.aborted.load(Ordering::Relaxed) {
-                        return Err(CommError::Aborted);
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(CommError::Disconnected(from)),
-            }
-        }
-    }
-
-    fn abort(&self) {
-        self.aborted.store(true, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,7 +367,7 @@ mod tests {
         n: usize,
         f: impl Fn(&mut ThreadTransport) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
-        let f = Arc::new(f);
+        let f = std::sync::Arc::new(f);
         let handles: Vec<_> = ThreadTransport::world(n)
             .into_iter()
             .map(|mut t| {
@@ -511,13 +481,11 @@ mod tests {
         })
     }
 
+    type AllReduceFn =
+        fn(&mut dyn Transport, &[usize], &mut [f32], ReduceOp) -> Result<(), CommError>;
+
     /// Runs `algo` on every rank of a world of `n` (one group); rank r holds `data(r, len)`.
-    fn run_algo(
-        n: usize,
-        len: usize,
-        op: ReduceOp,
-        algo: fn(&mut dyn Transport, &[usize], &mut [f32], ReduceOp) -> Result<(), CommError>,
-    ) -> Vec<Vec<u32>> {
+    fn run_algo(n: usize, len: usize, op: ReduceOp, algo: AllReduceFn) -> Vec<Vec<u32>> {
         on_world(n, move |t| {
             let group: Vec<usize> = (0..n).collect();
             let mut d: Vec<f32> = (0..len)
@@ -532,13 +500,35 @@ mod tests {
     }
 
     #[test]
+    fn large_ring_all_reduces_agree_with_the_sum() {
+        for n in [3, 6] {
+            let len = 100_003;
+            let got = on_world(n, move |t| {
+                let group: Vec<usize> = (0..n).collect();
+                let mut d = data(t.rank(), len);
+                all_reduce(t, &group, &mut d, ReduceOp::Sum).unwrap();
+                d
+            });
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| data(r, len)).collect();
+            for (i, &g) in got[0].iter().enumerate() {
+                let want: f32 = inputs.iter().map(|d| d[i]).sum();
+                assert!((g - want).abs() <= want.abs() * 1e-6, "{n} ranks at {i}");
+            }
+            assert!(got.iter().all(|g| g == &got[0]));
+        }
+    }
+
+    #[test]
     fn halving_doubling_gives_the_bits_of_doubling() {
         for n in [2, 4, 8] {
             for len in [0, 1, 5, 7, 64, 1001, 100_003] {
                 for op in [ReduceOp::Sum, ReduceOp::Max] {
                     let a = run_algo(n, len, op, halving_doubling);
                     let b = run_algo(n, len, op, doubling);
-                    assert!(a.iter().all(|r| r == &a[0]), "{n} ranks, {len}: ranks differ");
+                    assert!(
+                        a.iter().all(|r| r == &a[0]),
+                        "{n} ranks, {len}: ranks differ"
+                    );
                     assert_eq!(a, b, "{n} ranks, {len} elements, {op:?}");
                 }
             }
