@@ -1,17 +1,19 @@
 //! The MPI backend (cargo feature `mpi`): `mpirun -n N tpc run ...` runs one rank per process,
 //! and the ranks exchange messages by MPI point-to-point calls on `MPI_COMM_WORLD`.
 //!
-//! Reduction order: the collectives stay `comm`'s ring algorithms, whose reduction order is fixed
-//! by the group alone, run over `MpiTransport::exchange` (one `MPI_Sendrecv` per ring step). MPI's
+//! Reduction order: the collectives stay `comm`'s algorithms (ring, doubling, halving-doubling),
+//! whose reduction order is fixed by the group and the length alone, run over
+//! `MpiTransport::exchange_into` (one `MPI_Sendrecv` per step, into the caller's buffer). MPI's
 //! own `MPI_Allreduce` is deliberately not used: its reduction order is the library's choice (it
-//! varies with the implementation, message size and process count), while the ring's is ours, so
+//! varies with the implementation, message size and process count), while ours is fixed, so
 //! an MPI run is bitwise identical to the thread backend's for the same plan and seed.
 //!
 //! Messages: each message is a length header (one `u64`) followed by the data, sent in pieces of
 //! at most `PIECE` elements (MPI counts are `int`). Errors inside MPI are fatal (MPI's default
 //! error handler aborts the whole job), so no rank is ever left blocked by a failed peer.
 
-use super::comm::{CommError, Transport};
+use super::comm::{CommError, Sink, Transport};
+use super::kernels::{give, take_f32};
 use super::spmd::RankOutput;
 use super::Tensor;
 use mpi::collective::SystemOperation;
@@ -128,6 +130,54 @@ impl MpiTransport<'_> {
         abort_job(code)
     }
 
+    /// Sends this rank's message length to `to` and receives the length of `from`'s
+    /// (one `MPI_Sendrecv`).
+    fn header_exchange(&self, to: usize, len: usize, from: usize) -> Result<usize, CommError> {
+        let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
+        let world = SimpleCommunicator::world();
+        let (dest, src) = (world.process_at_rank(to_r), world.process_at_rank(from_r));
+        let mut got = 0u64;
+        p2p::send_receive_into_with_tags(&(len as u64), &dest, TAG, &mut got, &src, TAG);
+        incoming(got, from)
+    }
+
+    /// After `header_exchange`: sends `data` to `to` and receives `out` (of the announced length)
+    /// from `from`. Step `i` sends piece `i` and receives piece `i`; where one side has no piece
+    /// `i` left, it is a plain blocking send or receive, whose peer is in the same step with its
+    /// matching half posted.
+    fn pieces_exchange(
+        &self,
+        to: usize,
+        data: &[f32],
+        from: usize,
+        out: &mut [f32],
+    ) -> Result<(), CommError> {
+        let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
+        let world = SimpleCommunicator::world();
+        let (dest, src) = (world.process_at_rank(to_r), world.process_at_rank(from_r));
+        let (n_send, n_recv) = (pieces(data.len()), pieces(out.len()));
+        for i in 0..n_send.max(n_recv) {
+            match (i < n_send, i < n_recv) {
+                (true, true) => {
+                    p2p::send_receive_into_with_tags(
+                        piece(data, i),
+                        &dest,
+                        TAG,
+                        piece_mut(out, i),
+                        &src,
+                        TAG,
+                    );
+                }
+                (true, false) => dest.send_with_tag(piece(data, i), TAG),
+                (false, true) => {
+                    src.receive_into_with_tag(piece_mut(out, i), TAG);
+                }
+                (false, false) => {}
+            }
+        }
+        Ok(())
+    }
+
     fn peer(&self, r: usize) -> Result<i32, CommError> {
         if r < self.size {
             Ok(r as i32)
@@ -198,37 +248,43 @@ impl Transport for MpiTransport<'_> {
         Ok(out)
     }
 
-    /// One `MPI_Sendrecv` of the length headers, then one per piece of the data. Step `i` sends
-    /// piece `i` and receives piece `i`; where one side has no piece `i` left, it is a plain
-    /// blocking send or receive, whose peer is in the same step with its matching half posted.
+    /// One `MPI_Sendrecv` of the length headers, then one per piece of the data (see
+    /// [`MpiTransport::pieces_exchange`]).
     fn exchange(&mut self, to: usize, data: Vec<f32>, from: usize) -> Result<Vec<f32>, CommError> {
-        let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
-        let world = SimpleCommunicator::world();
-        let (dest, src) = (world.process_at_rank(to_r), world.process_at_rank(from_r));
-        let mut len = 0u64;
-        p2p::send_receive_into_with_tags(&(data.len() as u64), &dest, TAG, &mut len, &src, TAG);
-        let mut out = vec![0.0f32; incoming(len, from)?];
-        let (n_send, n_recv) = (pieces(data.len()), pieces(out.len()));
-        for i in 0..n_send.max(n_recv) {
-            match (i < n_send, i < n_recv) {
-                (true, true) => {
-                    p2p::send_receive_into_with_tags(
-                        piece(&data, i),
-                        &dest,
-                        TAG,
-                        piece_mut(&mut out, i),
-                        &src,
-                        TAG,
-                    );
-                }
-                (true, false) => dest.send_with_tag(piece(&data, i), TAG),
-                (false, true) => {
-                    src.receive_into_with_tag(piece_mut(&mut out, i), TAG);
-                }
-                (false, false) => {}
+        let n = self.header_exchange(to, data.len(), from)?;
+        let mut out = take_f32(n);
+        self.pieces_exchange(to, &data, from, &mut out)?;
+        give(data);
+        Ok(out)
+    }
+
+    /// As `exchange`, received straight into the sink's buffer (a `Combine` sink through a
+    /// pooled buffer), with no message buffers in between.
+    fn exchange_into(
+        &mut self,
+        to: usize,
+        send: &[f32],
+        from: usize,
+        sink: Sink<'_>,
+    ) -> Result<(), CommError> {
+        let n = self.header_exchange(to, send.len(), from)?;
+        if n != sink.expected_len() {
+            return Err(CommError::Length {
+                from,
+                got: n,
+                want: sink.expected_len(),
+            });
+        }
+        match sink {
+            Sink::Write(buf) => self.pieces_exchange(to, send, from, buf),
+            Sink::Combine(buf, op) => {
+                let mut got = take_f32(n);
+                self.pieces_exchange(to, send, from, &mut got)?;
+                Sink::Combine(buf, op).put(&got);
+                give(got);
+                Ok(())
             }
         }
-        Ok(out)
     }
 
     /// `MPI_Abort` with exit code 1 (a no-op after `with_deferred_abort`).
