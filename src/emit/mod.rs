@@ -9,6 +9,7 @@ pub mod json;
 pub mod plan;
 pub mod plan_dot;
 pub mod plan_json;
+mod regions;
 pub mod text;
 
 use crate::ir::{Graph, Node, Region, RegionId, Value, ValueId};
