@@ -275,23 +275,8 @@ mod tests {
 
     #[test]
     fn dangling_ids_do_not_panic() {
-        let mut g = Graph::new("t.tpl");
-        let x = add1(
-            &mut g,
-            Op::Input { name: "x".into() },
-            vec![],
-            &[2],
-            RegionId(9),
-        );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
-        g.add_output(Output {
-            name: "y".into(),
-            value: ValueId(99),
-            annotation: None,
-            span: at(1, 1),
-        });
         let dot = print_with(
-            &g,
+            &dangling(),
             DotOptions {
                 collapse_repeats: true,
             },

@@ -220,6 +220,34 @@ pub(crate) mod fixtures {
         g
     }
 
+    /// A graph with dangling ids: a node in an unknown region, and an operand, an annotation
+    /// and an output naming missing values.
+    pub(crate) fn dangling() -> Graph {
+        let mut g = Graph::new("t.tpl");
+        let x = add1(
+            &mut g,
+            Op::Input { name: "x".into() },
+            vec![],
+            &[2],
+            RegionId(9),
+        );
+        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
+        g.annotate(
+            ValueId(55),
+            Annotation {
+                spec: spec(&["tp"]),
+                span: at(1, 1),
+            },
+        );
+        g.add_output(Output {
+            name: "y".into(),
+            value: ValueId(99),
+            annotation: None,
+            span: Span::default(),
+        });
+        g
+    }
+
     /// Adds a one-result node and returns its value.
     pub(crate) fn add1(
         g: &mut Graph,

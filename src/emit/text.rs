@@ -272,7 +272,7 @@ pub(crate) fn render(lines: &[Line]) -> String {
 mod tests {
     use super::*;
     use crate::emit::fixtures::*;
-    use crate::ir::{Annotation, Graph, UnaryOp};
+    use crate::ir::{Graph, UnaryOp};
 
     #[test]
     fn prints_small_graph_exactly() {
@@ -335,29 +335,7 @@ output y = %7 : f32[8,8] @ [dp, _]                      # t.tpl:30:1
 
     #[test]
     fn dangling_ids_print_without_panicking() {
-        let mut g = Graph::new("t.tpl");
-        let x = add1(
-            &mut g,
-            Op::Input { name: "x".into() },
-            vec![],
-            &[2],
-            RegionId(9),
-        );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
-        g.annotate(
-            ValueId(55),
-            Annotation {
-                spec: spec(&["tp"]),
-                span: at(1, 1),
-            },
-        );
-        g.add_output(Output {
-            name: "y".into(),
-            value: ValueId(99),
-            annotation: None,
-            span: Span::default(),
-        });
-        let text = print(&g);
+        let text = print(&dangling());
         assert!(text.contains("\nmatmul %0, %77"), "{text}");
         assert!(text.contains("output y = %99 : ?\n"), "{text}");
     }
