@@ -2,9 +2,9 @@
 //! inputs, params and outputs as distinct shapes, edges labelled with the value's type and
 //! annotation. Optionally, long runs of identical instances (96 layers) are drawn once.
 
+use super::regions::{Canvas, Style, Tree};
 use super::{file_name, View};
-use crate::ir::{Graph, Node, NodeId, Op, RegionId, ValueId};
-use std::collections::BTreeSet;
+use crate::ir::{Graph, NodeId, Op, Output, RegionId, ValueId};
 use std::fmt::Write;
 
 /// Runs of at least this many consecutive identical instances are collapsed when
@@ -27,20 +27,13 @@ pub fn print(g: &Graph) -> String {
 /// Prints `g` as DOT with `opts`; deterministic, and panic-free on unverified graphs.
 pub fn print_with(g: &Graph, opts: DotOptions) -> String {
     let view = View::new(g);
-    let tree = Tree::new(&view);
-    let layout = if opts.collapse_repeats {
-        Layout::collapsed(&view, &tree)
-    } else {
-        Layout::full(&view)
-    };
-    let mut w = DotWriter {
-        view: &view,
-        tree: &tree,
-        layout: &layout,
-        out: String::new(),
-    };
-    w.graph();
-    w.out
+    let mut canvas = Canvas::new(&view);
+    if opts.collapse_repeats {
+        canvas.collapse(MIN_COLLAPSED_RUN, |tree, a, b| {
+            same_instance(&view, tree, a, b)
+        });
+    }
+    canvas.draw(&Global, "tpc", file_name(&g.source))
 }
 
 /// Escapes `s` for a double-quoted DOT string: quotes and backslashes are escaped, line breaks
@@ -59,141 +52,8 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-/// The normalized region tree: direct nodes and non-empty children of every region.
-struct Tree {
-    /// Nodes directly in each region, in storage order.
-    direct: Vec<Vec<NodeId>>,
-    /// Children of each region that contain nodes, by id.
-    children: Vec<Vec<RegionId>>,
-    /// Nodes of each region's subtree, in storage order.
-    subtree: Vec<Vec<NodeId>>,
-}
-
-impl Tree {
-    /// Builds the tree of `view`.
-    fn new(view: &View) -> Self {
-        let n = view.regions.len().max(1);
-        let mut t = Tree {
-            direct: vec![Vec::new(); n],
-            children: vec![Vec::new(); n],
-            subtree: vec![Vec::new(); n],
-        };
-        for (i, node) in view.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
-            let chain = view.chain(view.node_region(node));
-            t.direct[chain.last().map_or(0, |r| r.index())].push(id);
-            t.subtree[0].push(id);
-            for r in chain {
-                t.subtree[r.index()].push(id);
-            }
-        }
-        for r in 1..view.regions.len() {
-            let r = RegionId(r as u32);
-            if let Some(p) = view.parent(r).filter(|_| !t.subtree[r.index()].is_empty()) {
-                t.children[p.index()].push(r);
-            }
-        }
-        t
-    }
-}
-
-/// What is drawn: the hidden regions, the node each node is drawn as, and cluster labels.
-struct Layout {
-    /// Regions not drawn (later members of a collapsed run, and everything inside them).
-    hidden: Vec<bool>,
-    /// The node standing for each node (itself unless it lies in a hidden region).
-    rep: Vec<NodeId>,
-    /// Labels of the clusters standing for a collapsed run, by region.
-    run_labels: Vec<Option<String>>,
-}
-
-impl Layout {
-    /// Every region drawn.
-    fn full(view: &View) -> Self {
-        Layout {
-            hidden: vec![false; view.regions.len()],
-            rep: (0..view.nodes.len()).map(|i| NodeId(i as u32)).collect(),
-            run_labels: vec![None; view.regions.len()],
-        }
-    }
-
-    /// Runs of identical sibling instances collapsed into their first member.
-    fn collapsed(view: &View, tree: &Tree) -> Self {
-        let mut l = Layout::full(view);
-        for p in 0..view.regions.len() {
-            if l.hidden[p] {
-                continue;
-            }
-            for run in runs(view, tree, &tree.children[p]) {
-                l.collapse(view, tree, &run);
-            }
-        }
-        l.resolve_reps(view.regions.len());
-        l
-    }
-
-    /// Hides all members of `run` but the first, which stands for their nodes.
-    fn collapse(&mut self, view: &View, tree: &Tree, run: &[RegionId]) {
-        let (first, last) = (run[0], run[run.len() - 1]);
-        let path = |r: RegionId| view.region(r).map_or(String::new(), |x| x.path.clone());
-        let block = view
-            .region(first)
-            .map_or(String::new(), |x| x.block.clone());
-        self.run_labels[first.index()] = Some(format!(
-            "{} … {} ({block}) ×{}",
-            path(first),
-            path(last),
-            run.len()
-        ));
-        let rep_nodes = &tree.subtree[first.index()];
-        for &m in &run[1..] {
-            for (k, &n) in tree.subtree[m.index()].iter().enumerate() {
-                self.rep[n.index()] = rep_nodes[k];
-            }
-        }
-        let members: BTreeSet<RegionId> = run[1..].iter().copied().collect();
-        for r in 0..view.regions.len() {
-            let chain = view.chain(RegionId(r as u32));
-            if chain.iter().any(|c| members.contains(c)) {
-                self.hidden[r] = true;
-            }
-        }
-    }
-
-    /// Follows representative chains (a run inside the first member of another run) to the end.
-    fn resolve_reps(&mut self, max_depth: usize) {
-        for i in 0..self.rep.len() {
-            let mut n = self.rep[i];
-            for _ in 0..=max_depth {
-                let next = self.rep[n.index()];
-                if next == n {
-                    break;
-                }
-                n = next;
-            }
-            self.rep[i] = n;
-        }
-    }
-}
-
-/// The maximal runs of at least [`MIN_COLLAPSED_RUN`] consecutive compatible regions of `sibs`.
-fn runs(view: &View, tree: &Tree, sibs: &[RegionId]) -> Vec<Vec<RegionId>> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < sibs.len() {
-        let mut j = i + 1;
-        while j < sibs.len() && same_instance(view, tree, sibs[i], sibs[j]) {
-            j += 1;
-        }
-        if j - i >= MIN_COLLAPSED_RUN {
-            runs.push(sibs[i..j].to_vec());
-        }
-        i = j;
-    }
-    runs
-}
-
-/// True when `a` and `b` are instances of one body with the same ops in the same order.
+/// True when `a` and `b` are instances of one body with the same ops in the same order (the
+/// layout only asks about instances with as many nodes).
 fn same_instance(view: &View, tree: &Tree, a: RegionId, b: RegionId) -> bool {
     let (Some(ra), Some(rb)) = (view.region(a), view.region(b)) else {
         return false;
@@ -201,7 +61,6 @@ fn same_instance(view: &View, tree: &Tree, a: RegionId, b: RegionId) -> bool {
     let (na, nb) = (&tree.subtree[a.index()], &tree.subtree[b.index()]);
     ra.body == rb.body
         && ra.block == rb.block
-        && na.len() == nb.len()
         && na
             .iter()
             .zip(nb)
@@ -213,148 +72,27 @@ fn same_op(a: &Op, b: &Op) -> bool {
     matches!((a, b), (Op::Param { .. }, Op::Param { .. })) || a == b
 }
 
-/// Writes the DOT text.
-struct DotWriter<'a, 'g> {
-    view: &'a View<'g>,
-    tree: &'a Tree,
-    layout: &'a Layout,
-    out: String,
-}
+/// How the global program is drawn.
+struct Global;
 
-impl DotWriter<'_, '_> {
-    /// Appends one line at nesting `depth`.
-    fn line(&mut self, depth: usize, text: &str) {
-        for _ in 0..depth {
-            self.out.push_str("  ");
-        }
-        self.out.push_str(text);
-        self.out.push('\n');
-    }
-
-    /// The whole `digraph`.
-    fn graph(&mut self) {
-        let title = escape(file_name(&self.view.g.source));
-        self.line(0, "digraph tpc {");
-        self.line(1, &format!("label=\"{title}\";"));
-        self.line(1, "labelloc=t;");
-        self.line(1, "node [fontname=\"Helvetica\", fontsize=10];");
-        self.line(1, "edge [fontname=\"Helvetica\", fontsize=9];");
-        self.region_body(RegionId(0), 1);
-        self.outputs();
-        self.edges();
-        self.line(0, "}");
-    }
-
-    /// The direct nodes of `r` and its visible child clusters, in the order of their first nodes.
-    fn region_body(&mut self, r: RegionId, depth: usize) {
-        let mut items: Vec<(NodeId, Option<RegionId>)> = self.tree.direct[r.index()]
-            .iter()
-            .map(|&n| (n, None))
-            .collect();
-        for &c in &self.tree.children[r.index()] {
-            if !self.layout.hidden[c.index()] {
-                items.push((self.tree.subtree[c.index()][0], Some(c)));
-            }
-        }
-        items.sort();
-        for item in items {
-            match item {
-                (n, None) => {
-                    let stmt = self.node_stmt(n);
-                    self.line(depth, &stmt);
-                }
-                (_, Some(c)) => self.cluster(c, depth),
-            }
-        }
-    }
-
-    /// `subgraph cluster_N { ... }` for region `r`.
-    fn cluster(&mut self, r: RegionId, depth: usize) {
-        let (label, pen) = match &self.layout.run_labels[r.index()] {
-            Some(l) => (l.clone(), 2),
-            None => (self.view.region_label(r), 1),
-        };
-        self.line(depth, &format!("subgraph cluster_{} {{", r.index()));
-        self.line(depth + 1, &format!("label=\"{}\";", escape(&label)));
-        self.line(
-            depth + 1,
-            &format!("style=rounded; color=gray40; penwidth={pen};"),
-        );
-        self.region_body(r, depth + 1);
-        self.line(depth, "}");
-    }
-
-    /// `n5 [label="matmul\n%5 h", shape=ellipse];`
-    fn node_stmt(&self, id: NodeId) -> String {
-        let n = self.view.nodes[id.index()];
+impl Style for Global {
+    /// `n5 [label="matmul\\n%5 h", shape=ellipse];`
+    fn node_stmt(&self, c: &Canvas, id: NodeId) -> String {
+        let n = c.view.nodes[id.index()];
         let shape = match n.op {
             Op::Input { .. } => "shape=invhouse",
             Op::Param { .. } => "shape=box, style=filled, fillcolor=lightyellow",
             _ => "shape=ellipse",
         };
-        let label = format!(
-            "{}\\n{}",
-            escape(&n.op.to_string()),
-            escape(&self.results(n))
-        );
+        let label = format!("{}\\n{}", escape(&n.op.to_string()), escape(&c.results(n)));
         format!("{id} [label=\"{label}\", {shape}];")
     }
 
-    /// `%3 q, %4`: the node's results with their source names.
-    fn results(&self, n: &Node) -> String {
-        let items: Vec<String> = n
-            .outputs
-            .iter()
-            .map(
-                |&v| match self.view.value(v).and_then(|x| x.name.as_deref()) {
-                    Some(name) => format!("{v} {name}"),
-                    None => v.to_string(),
-                },
-            )
-            .collect();
-        items.join(", ")
-    }
-
-    /// One `house` node per program output.
-    fn outputs(&mut self) {
-        for (i, out) in self.view.g.outputs().iter().enumerate() {
-            let label = escape(&format!("output {}", out.name));
-            self.line(1, &format!("out{i} [label=\"{label}\", shape=house];"));
-        }
-    }
-
-    /// All edges: operands into nodes, then values into outputs, without duplicates.
-    fn edges(&mut self) {
-        let mut seen = BTreeSet::new();
-        let mut lines = Vec::new();
-        for (i, n) in self.view.nodes.iter().enumerate() {
-            let dst = NodeId(i as u32);
-            for &v in &n.inputs {
-                if let Some(e) = self.node_edge(v, dst) {
-                    if seen.insert(e.clone()) {
-                        lines.push(e);
-                    }
-                }
-            }
-        }
-        for (i, out) in self.view.g.outputs().iter().enumerate() {
-            if let Some((src, label)) = self.source(out.value) {
-                let spec = out.annotation.as_ref().map(|a| format!(" @ {}", a.spec));
-                let label = format!("{label}{}", spec.unwrap_or_default());
-                lines.push(format!("{src} -> out{i} [label=\"{}\"];", escape(&label)));
-            }
-        }
-        for e in lines {
-            self.line(1, &e);
-        }
-    }
-
-    /// The edge carrying `v` into node `dst`, as drawn; `None` when it is not drawn (dangling, or
-    /// running backwards between members of a collapsed run).
-    fn node_edge(&self, v: ValueId, dst: NodeId) -> Option<String> {
-        let (src, label) = self.source(v)?;
-        let to = self.layout.rep[dst.index()];
-        let from_orig = self.view.value(v)?.node;
+    /// Not drawn when dangling, or running backwards between members of a collapsed run.
+    fn node_edge(&self, c: &Canvas, v: ValueId, dst: NodeId) -> Option<String> {
+        let (src, label) = source(c, v)?;
+        let to = c.layout.rep[dst.index()];
+        let from_orig = c.view.value(v)?.node;
         let mapped = src != from_orig || to != dst;
         if mapped && src.index() >= to.index() {
             return None;
@@ -362,33 +100,37 @@ impl DotWriter<'_, '_> {
         Some(format!("{src} -> {to} [label=\"{}\"];", escape(&label)))
     }
 
-    /// The drawn producer of `v` and the edge label (`%v ` when the producer has several results,
-    /// the type, the annotation).
-    fn source(&self, v: ValueId) -> Option<(NodeId, String)> {
-        let val = self.view.value(v)?;
-        let producer = self.view.nodes.get(val.node.index())?;
-        let mut label = String::new();
-        if producer.outputs.len() > 1 {
-            write!(label, "{v} ").unwrap();
-        }
-        write!(label, "{}", val.ty).unwrap();
-        if let Some(a) = self.view.g.annotation(v) {
-            write!(label, " @ {}", a.spec).unwrap();
-        }
-        Some((self.layout.rep[val.node.index()], label))
+    /// Labelled like a node edge, then the output's annotation.
+    fn output_edge(&self, c: &Canvas, i: usize, out: &Output) -> Option<String> {
+        let (src, label) = source(c, out.value)?;
+        let spec = out.annotation.as_ref().map(|a| format!(" @ {}", a.spec));
+        let label = format!("{label}{}", spec.unwrap_or_default());
+        Some(format!("{src} -> out{i} [label=\"{}\"];", escape(&label)))
     }
+}
+
+/// The drawn producer of `v` and the edge label (`%v ` when the producer has several results,
+/// the type, the annotation).
+fn source(c: &Canvas, v: ValueId) -> Option<(NodeId, String)> {
+    let val = c.view.value(v)?;
+    let producer = c.view.nodes.get(val.node.index())?;
+    let mut label = String::new();
+    if producer.outputs.len() > 1 {
+        write!(label, "{v} ").unwrap();
+    }
+    write!(label, "{}", val.ty).unwrap();
+    if let Some(a) = c.view.g.annotation(v) {
+        write!(label, " @ {}", a.spec).unwrap();
+    }
+    Some((c.layout.rep[val.node.index()], label))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::emit::fixtures::*;
+    use crate::emit::regions::test_util::*;
     use crate::ir::{Annotation, Output, UnaryOp};
-
-    /// The statements of `dot` that mention `needle`.
-    fn lines_with<'a>(dot: &'a str, needle: &str) -> Vec<&'a str> {
-        dot.lines().filter(|l| l.contains(needle)).collect()
-    }
 
     #[test]
     fn draws_nested_clusters_shapes_and_edges() {
@@ -533,23 +275,8 @@ mod tests {
 
     #[test]
     fn dangling_ids_do_not_panic() {
-        let mut g = Graph::new("t.tpl");
-        let x = add1(
-            &mut g,
-            Op::Input { name: "x".into() },
-            vec![],
-            &[2],
-            RegionId(9),
-        );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
-        g.add_output(Output {
-            name: "y".into(),
-            value: ValueId(99),
-            annotation: None,
-            span: at(1, 1),
-        });
         let dot = print_with(
-            &g,
+            &dangling(),
             DotOptions {
                 collapse_repeats: true,
             },
@@ -560,30 +287,10 @@ mod tests {
     /// Runs `dot -Tsvg` on the output when graphviz is installed.
     #[test]
     fn graphviz_accepts_the_output() {
-        use std::io::Write as _;
-        use std::process::{Command, Stdio};
         let opts = DotOptions {
             collapse_repeats: true,
         };
-        for text in [print(&sample()), print_with(&layers(12, 6), opts)] {
-            let Ok(mut child) = Command::new("dot")
-                .arg("-Tsvg")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-            else {
-                return;
-            };
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && err.is_empty(), "{err}\n{text}");
-        }
+        assert_graphviz_accepts(&print(&sample()));
+        assert_graphviz_accepts(&print_with(&layers(12, 6), opts));
     }
 }

@@ -53,11 +53,42 @@ pub enum JsonError {
 
 impl From<serde_json::Error> for JsonError {
     fn from(e: serde_json::Error) -> Self {
+        Self::malformed(e)
+    }
+}
+
+impl DocError for JsonError {
+    fn json(line: usize, column: usize, message: String) -> Self {
         JsonError::Json {
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
+            line,
+            column,
+            message,
         }
+    }
+
+    fn wrong_format(found: String) -> Self {
+        JsonError::WrongFormat { found }
+    }
+
+    fn unsupported_version(found: u32) -> Self {
+        JsonError::UnsupportedVersion { found }
+    }
+}
+
+/// The errors every versioned document loader reports before it reads the body.
+pub(crate) trait DocError: Sized {
+    /// Not valid JSON, or not shaped as expected, at 1-based `line` and `column` (0: unknown).
+    fn json(line: usize, column: usize, message: String) -> Self;
+
+    /// The `format` tag is `found`, not the loader's.
+    fn wrong_format(found: String) -> Self;
+
+    /// The document's version is `found`, which this build cannot read.
+    fn unsupported_version(found: u32) -> Self;
+
+    /// [`Self::json`] from serde_json's error and its position.
+    fn malformed(e: serde_json::Error) -> Self {
+        Self::json(e.line(), e.column(), e.to_string())
     }
 }
 
@@ -67,6 +98,18 @@ impl From<serde_json::Error> for JsonError {
 struct Header {
     format: String,
     version: u32,
+}
+
+/// Checks that `text` is a JSON object tagged `format` at `version`.
+pub(crate) fn check_header<E: DocError>(text: &str, format: &str, version: u32) -> Result<(), E> {
+    let header: Header = serde_json::from_str(text).map_err(E::malformed)?;
+    if header.format != format {
+        return Err(E::wrong_format(header.format));
+    }
+    if header.version != version {
+        return Err(E::unsupported_version(header.version));
+    }
+    Ok(())
 }
 
 /// The document of `g`, pretty-printed.
@@ -81,17 +124,7 @@ pub fn to_json(g: &Graph) -> String {
 
 /// Loads a document written by [`to_json`]; checks the tag, the version and every id.
 pub fn from_json(text: &str) -> Result<Graph, JsonError> {
-    let header: Header = serde_json::from_str(text)?;
-    if header.format != FORMAT {
-        return Err(JsonError::WrongFormat {
-            found: header.format,
-        });
-    }
-    if header.version != VERSION {
-        return Err(JsonError::UnsupportedVersion {
-            found: header.version,
-        });
-    }
+    check_header::<JsonError>(text, FORMAT, VERSION)?;
     let doc: ProgramDoc = serde_json::from_str(text)?;
     check_ids(&doc.graph)?;
     Ok(Graph::from_parts(doc.graph))

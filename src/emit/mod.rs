@@ -9,6 +9,7 @@ pub mod json;
 pub mod plan;
 pub mod plan_dot;
 pub mod plan_json;
+mod regions;
 pub mod text;
 
 use crate::ir::{Graph, Node, Region, RegionId, Value, ValueId};
@@ -215,6 +216,34 @@ pub(crate) mod fixtures {
                 span: at(30, 12),
             }),
             span: at(30, 1),
+        });
+        g
+    }
+
+    /// A graph with dangling ids: a node in an unknown region, and an operand, an annotation
+    /// and an output naming missing values.
+    pub(crate) fn dangling() -> Graph {
+        let mut g = Graph::new("t.tpl");
+        let x = add1(
+            &mut g,
+            Op::Input { name: "x".into() },
+            vec![],
+            &[2],
+            RegionId(9),
+        );
+        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
+        g.annotate(
+            ValueId(55),
+            Annotation {
+                spec: spec(&["tp"]),
+                span: at(1, 1),
+            },
+        );
+        g.add_output(Output {
+            name: "y".into(),
+            value: ValueId(99),
+            annotation: None,
+            span: Span::default(),
         });
         g
     }

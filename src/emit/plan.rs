@@ -2,7 +2,7 @@
 //! type and placement and each collective's provenance, identical repeated block instances shown
 //! once with a count, and the collectives listed by cost, largest first.
 
-use super::text::{join, render, Line};
+use super::text::{join, render, Blocks};
 use super::{file_name, View};
 use crate::ir::{Graph, Node, NodeId, Op, RegionId, ValueId};
 use crate::plan::summary::collective_kind;
@@ -12,48 +12,47 @@ use std::fmt::Write;
 
 /// Prints the plan as text.
 pub fn print(p: &Plan) -> String {
-    let mut lines = Vec::new();
-    let push =
-        |lines: &mut Vec<Line>, code: String, comment: String| lines.push(Line { code, comment });
+    let mut b = Blocks::default();
     let file = file_name(&p.global.source);
-    push(
-        &mut lines,
-        format!(
-            "# tpc plan for {file} on mesh {} ({} devices)",
-            p.mesh,
-            p.mesh.num_devices()
-        ),
-        String::new(),
-    );
+    let (mesh, devices) = (&p.mesh, p.mesh.num_devices());
+    let title = format!("# tpc plan for {file} on mesh {mesh} ({devices} devices)");
+    b.push(title, String::new());
     for l in summary_lines(p) {
-        push(&mut lines, format!("# {l}"), String::new());
+        b.push(format!("# {l}"), String::new());
     }
-    push(&mut lines, String::new(), String::new());
-    Body::new(p, &mut lines).print();
-    push(&mut lines, String::new(), String::new());
+    b.push(String::new(), String::new());
+    Body::new(p, &mut b).print();
+    b.push(String::new(), String::new());
     for o in p.local.outputs() {
-        let pl = p
-            .placements
-            .get(o.value.index())
-            .map(|x| x.display(&p.mesh))
-            .unwrap_or_default();
-        push(
-            &mut lines,
-            format!(
-                "output {} = {} : {} {pl}",
-                o.name,
-                o.value,
-                p.local.ty(o.value)
-            ),
-            String::new(),
-        );
+        let ty = p.local.ty(o.value);
+        let pl = placement(p, o.value);
+        let code = format!("output {} = {} : {ty} {pl}", o.name, o.value);
+        b.push(code, String::new());
     }
-    let mut out = render(&lines);
+    let mut out = render(&b.lines);
     out.push('\n');
     out.push_str(&collectives_table(p));
     out
 }
 
+/// The placement of local value `v` as text; empty when it has none.
+fn placement(p: &Plan, v: ValueId) -> String {
+    let pl = p.placements.get(v.index());
+    pl.map(|x| x.display(&p.mesh)).unwrap_or_default()
+}
+
+/// `Partial(sum) -> Replicate over tp for add at mlp.tpl:11:5 (%7)`: why node `id` is there,
+/// located in `file`.
+fn provenance(p: &Plan, id: NodeId, file: &str) -> Option<String> {
+    p.provenance.get(&id).map(|pr| {
+        format!(
+            "{} for {} at {file}:{}:{} ({})",
+            pr.transition, pr.user, pr.span.line, pr.span.col, pr.value
+        )
+    })
+}
+
+/// The summary lines of the header.
 fn summary_lines(p: &Plan) -> Vec<String> {
     let s = &p.summary;
     let mut v = Vec::new();
@@ -109,35 +108,28 @@ pub fn secs(t: f64) -> String {
 struct Body<'a> {
     p: &'a Plan,
     view: View<'a>,
-    lines: &'a mut Vec<Line>,
-    open: Vec<RegionId>,
+    b: &'a mut Blocks,
     notes: HashMap<RegionId, (usize, RegionId)>,
     signature: HashMap<RegionId, String>,
     ranges: HashMap<RegionId, (usize, usize)>,
 }
 
 impl<'a> Body<'a> {
-    fn new(p: &'a Plan, lines: &'a mut Vec<Line>) -> Self {
+    /// The body of `p`, written into `b`.
+    fn new(p: &'a Plan, b: &'a mut Blocks) -> Self {
         let view = View::new(&p.local);
         Body {
             p,
             view,
-            lines,
-            open: Vec::new(),
+            b,
             notes: HashMap::new(),
             signature: HashMap::new(),
             ranges: HashMap::new(),
         }
     }
 
-    fn push(&mut self, code: String, comment: String) {
-        let indent = "  ".repeat(self.open.len());
-        self.lines.push(Line {
-            code: format!("{indent}{code}"),
-            comment,
-        });
-    }
-
+    /// Writes all nodes in storage order, inside their block groups; instances the same as
+    /// their previous sibling are skipped and noted.
     fn print(&mut self) {
         let n = self.view.nodes.len();
         let mut i = 0;
@@ -145,13 +137,8 @@ impl<'a> Body<'a> {
         while i < n {
             let node = self.view.nodes[i];
             let chain = self.view.chain(self.view.node_region(node));
-            let common = self
-                .open
-                .iter()
-                .zip(&chain)
-                .take_while(|(a, b)| a == b)
-                .count();
-            self.close_to(common);
+            let common = self.b.common(&chain);
+            self.b.close_to(common);
             if let Some(&r) = chain.get(common) {
                 let end = self.region_end(i, r);
                 self.ranges.insert(r, (i, end));
@@ -165,24 +152,13 @@ impl<'a> Body<'a> {
                     }
                 }
                 last_sibling.insert(parent, (r, 1));
-                for &c in &chain[common..] {
-                    let label = self.view.region_label(c);
-                    self.push(format!("block {label} {{"), String::new());
-                    self.open.push(c);
-                }
+                self.b.open(&self.view, &chain[common..]);
             }
             let (code, comment) = self.node_line(NodeId(i as u32), node);
-            self.push(code, comment);
+            self.b.push(code, comment);
             i += 1;
         }
-        self.close_to(0);
-    }
-
-    fn close_to(&mut self, depth: usize) {
-        while self.open.len() > depth {
-            self.open.pop();
-            self.push("}".into(), String::new());
-        }
+        self.b.close_to(0);
     }
 
     /// Index one past the last node (from `start`) inside region `r` or its descendants.
@@ -208,26 +184,24 @@ impl<'a> Body<'a> {
                 .map(|x| x.path.clone())
                 .unwrap_or_default()
         };
-        let indent = "  ".repeat(self.open.len());
         match self.notes.get(&first) {
             Some(&(line, from)) => {
-                self.lines[line].code = format!(
-                    "{indent}# {} … {}: same as {} (×{count} in all)",
+                self.b.lines[line].code = format!(
+                    "{}# {} … {}: same as {} (×{count} in all)",
+                    self.b.indent(),
                     label(from),
                     label(skipped),
                     label(first)
                 )
             }
             None => {
-                self.notes.insert(first, (self.lines.len(), skipped));
-                self.lines.push(Line {
-                    code: format!(
-                        "{indent}# {}: same as {} (×{count} in all)",
-                        label(skipped),
-                        label(first)
-                    ),
-                    comment: String::new(),
-                });
+                self.notes.insert(first, (self.b.lines.len(), skipped));
+                let note = format!(
+                    "# {}: same as {} (×{count} in all)",
+                    label(skipped),
+                    label(first)
+                );
+                self.b.push(note, String::new());
             }
         }
     }
@@ -270,13 +244,7 @@ impl<'a> Body<'a> {
             for &o in &n.outputs {
                 let k = local.len();
                 local.insert(o, k);
-                let pl = self
-                    .p
-                    .placements
-                    .get(o.index())
-                    .map(|x| x.display(&self.p.mesh))
-                    .unwrap_or_default();
-                let _ = write!(s, "{}:{pl};", self.p.local.ty(o));
+                let _ = write!(s, "{}:{};", self.p.local.ty(o), placement(self.p, o));
             }
             let prov = self
                 .p
@@ -294,23 +262,16 @@ impl<'a> Body<'a> {
         let g: &Graph = &self.p.local;
         let outs = join(n.outputs.iter().map(|v| v.to_string()));
         let ins = join(n.inputs.iter().map(|v| v.to_string()));
-        let types = join(n.outputs.iter().map(|&v| {
-            let pl = self
-                .p
-                .placements
-                .get(v.index())
-                .map(|x| x.display(&self.p.mesh))
-                .unwrap_or_default();
-            format!("{} {pl}", g.ty(v))
-        }));
+        let types = join(
+            n.outputs
+                .iter()
+                .map(|&v| format!("{} {}", g.ty(v), placement(self.p, v))),
+        );
         let sep = if ins.is_empty() { "" } else { " " };
         let code = format!("{outs} = {}{sep}{ins} : {types}", n.op);
         let file = file_name(&g.source);
-        let comment = match self.p.provenance.get(&id) {
-            Some(pr) => format!(
-                "{} for {} at {file}:{}:{} ({})",
-                pr.transition, pr.user, pr.span.line, pr.span.col, pr.value
-            ),
+        let comment = match provenance(self.p, id, file) {
+            Some(why) => why,
             None => {
                 let name = n
                     .outputs
@@ -337,16 +298,7 @@ fn collectives_table(p: &Plan) -> String {
         let b = p.local.ty(n.inputs[0]).size_bytes() as f64;
         let (sent, _) = kind.traffic(size, b);
         let t = kind.time(size, b, &p.device);
-        let why = p
-            .provenance
-            .get(&id)
-            .map(|pr| {
-                format!(
-                    "{} for {} at {file}:{}:{} ({})",
-                    pr.transition, pr.user, pr.span.line, pr.span.col, pr.value
-                )
-            })
-            .unwrap_or_default();
+        let why = provenance(p, id, file).unwrap_or_default();
         rows.push((
             t,
             format!(

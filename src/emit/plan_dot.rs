@@ -5,10 +5,11 @@
 
 use super::dot::escape;
 use super::plan::{bytes, secs};
+use super::regions::{Canvas, Style, Tree};
 use super::{file_name, View};
-use crate::ir::{Node, NodeId, Op, RegionId, ValueId};
+use crate::ir::{Node, NodeId, Op, Output, RegionId, ValueId};
 use crate::plan::Plan;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write;
 
 /// Runs of at least this many consecutive identical sibling instances are drawn once.
@@ -27,21 +28,41 @@ pub fn print(p: &Plan) -> String {
 /// The DOT text, with or without collapsing.
 fn render(p: &Plan, collapse: bool) -> String {
     let view = View::new(&p.local);
-    let tree = Tree::new(&view);
-    let layout = if collapse {
-        Layout::collapsed(p, &view, &tree)
+    let mut canvas = Canvas::new(&view);
+    if collapse {
+        let mut sigs = Signatures {
+            p,
+            view: &view,
+            cache: HashMap::new(),
+        };
+        canvas.collapse(MIN_COLLAPSED_RUN, |tree, a, b| sigs.same(tree, a, b));
+    }
+    let title = format!(
+        "{} on mesh {} ({} devices)\n{}",
+        file_name(&p.global.source),
+        p.mesh,
+        p.mesh.num_devices(),
+        summary(p)
+    );
+    canvas.draw(&PlanStyle { p }, "tpc_plan", &title)
+}
+
+/// `all_reduce ×1 (7.0 MiB); est. step 179.3 µs`: the collectives used, bytes sent per
+/// device, and the estimated step time.
+fn summary(p: &Plan) -> String {
+    let s = &p.summary;
+    let used: Vec<String> = s
+        .collectives
+        .iter()
+        .filter(|(_, k)| k.count > 0)
+        .map(|(name, k)| format!("{name} ×{} ({})", k.count, bytes(k.bytes_per_device)))
+        .collect();
+    let used = if used.is_empty() {
+        "no collectives".to_string()
     } else {
-        Layout::full(&view)
+        used.join(", ")
     };
-    let mut w = Writer {
-        p,
-        view: &view,
-        tree: &tree,
-        layout: &layout,
-        out: String::new(),
-    };
-    w.graph();
-    w.out
+    format!("{used}; est. step {}", secs(s.estimated_time_s))
 }
 
 /// The placement as text, or `?` when it does not fit the mesh (never panics).
@@ -55,184 +76,17 @@ fn placement(p: &Plan, v: ValueId) -> String {
     }
 }
 
-/// The normalized region tree of the local program.
-struct Tree {
-    /// Nodes directly in each region, in storage order.
-    direct: Vec<Vec<NodeId>>,
-    /// Children of each region that contain nodes, by id.
-    children: Vec<Vec<RegionId>>,
-    /// Nodes of each region's subtree, in storage order.
-    subtree: Vec<Vec<NodeId>>,
-}
-
-impl Tree {
-    /// Builds the tree of `view`.
-    fn new(view: &View) -> Self {
-        let n = view.regions.len().max(1);
-        let mut t = Tree {
-            direct: vec![Vec::new(); n],
-            children: vec![Vec::new(); n],
-            subtree: vec![Vec::new(); n],
-        };
-        for (i, node) in view.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
-            let chain = view.chain(view.node_region(node));
-            t.direct[chain.last().map_or(0, |r| r.index())].push(id);
-            t.subtree[0].push(id);
-            for r in chain {
-                t.subtree[r.index()].push(id);
-            }
-        }
-        for r in 1..view.regions.len() {
-            let r = RegionId(r as u32);
-            if let Some(p) = view.parent(r).filter(|_| !t.subtree[r.index()].is_empty()) {
-                t.children[p.index()].push(r);
-            }
-        }
-        t
-    }
-}
-
-/// What is drawn: hidden regions, the node standing for each node, run labels and membership.
-struct Layout {
-    /// Regions not drawn (later members of a collapsed run, and everything inside them).
-    hidden: Vec<bool>,
-    /// The node drawn for each node (itself unless it lies in a hidden region).
-    rep: Vec<NodeId>,
-    /// Labels of the clusters standing for a collapsed run, by region.
-    run_labels: Vec<Option<String>>,
-    /// Per node, the collapsed runs containing it, as (run, member index).
-    member: Vec<Vec<(usize, usize)>>,
-    /// Number of runs collapsed so far.
-    runs: usize,
-}
-
-impl Layout {
-    /// Every region drawn.
-    fn full(view: &View) -> Self {
-        Layout {
-            hidden: vec![false; view.regions.len()],
-            rep: (0..view.nodes.len()).map(|i| NodeId(i as u32)).collect(),
-            run_labels: vec![None; view.regions.len()],
-            member: vec![Vec::new(); view.nodes.len()],
-            runs: 0,
-        }
-    }
-
-    /// Runs of identical consecutive sibling instances collapsed into their first member,
-    /// outer runs first, then runs inside the first members.
-    fn collapsed(p: &Plan, view: &View, tree: &Tree) -> Self {
-        let mut l = Layout::full(view);
-        let mut sigs = Signatures {
-            p,
-            view,
-            tree,
-            cache: HashMap::new(),
-        };
-        for r in 0..view.regions.len() {
-            if l.hidden[r] {
-                continue;
-            }
-            for run in sigs.runs(&tree.children[r]) {
-                l.collapse(view, tree, &run);
-            }
-        }
-        l.resolve_reps(view.regions.len());
-        l
-    }
-
-    /// Hides all members of `run` but the first, which stands for their nodes.
-    fn collapse(&mut self, view: &View, tree: &Tree, run: &[RegionId]) {
-        let (first, last) = (run[0], run[run.len() - 1]);
-        let path = |r: RegionId| view.region(r).map_or(String::new(), |x| x.path.clone());
-        let block = view
-            .region(first)
-            .map_or(String::new(), |x| x.block.clone());
-        self.run_labels[first.index()] = Some(format!(
-            "{} … {} ({block}) ×{}",
-            path(first),
-            path(last),
-            run.len()
-        ));
-        let id = self.runs;
-        self.runs += 1;
-        let rep_nodes = &tree.subtree[first.index()];
-        for (m, &r) in run.iter().enumerate() {
-            for (k, &n) in tree.subtree[r.index()].iter().enumerate() {
-                self.member[n.index()].push((id, m));
-                if let Some(&r) = rep_nodes.get(k).filter(|_| m > 0) {
-                    self.rep[n.index()] = r;
-                }
-            }
-        }
-        let members: BTreeSet<RegionId> = run[1..].iter().copied().collect();
-        for r in 1..view.regions.len() {
-            let id = RegionId(r as u32);
-            let parent_hidden = view.parent(id).is_some_and(|p| self.hidden[p.index()]);
-            if members.contains(&id) || parent_hidden {
-                self.hidden[r] = true;
-            }
-        }
-    }
-
-    /// Follows representative chains (a run inside the first member of another run) to the end.
-    fn resolve_reps(&mut self, max_depth: usize) {
-        for i in 0..self.rep.len() {
-            let mut n = self.rep[i];
-            for _ in 0..=max_depth {
-                let next = self.rep[n.index()];
-                if next == n {
-                    break;
-                }
-                n = next;
-            }
-            self.rep[i] = n;
-        }
-    }
-
-    /// True when `a` and `b` lie in different members of one collapsed run (the flow from one
-    /// instance to the next, which the collapsed drawing leaves out).
-    fn crosses_members(&self, a: NodeId, b: NodeId) -> bool {
-        let (ma, mb) = (&self.member[a.index()], &self.member[b.index()]);
-        ma.iter()
-            .any(|&(run, i)| mb.iter().any(|&(r2, j)| r2 == run && j != i))
-    }
-}
-
 /// Region signatures: two sibling instances collapse when theirs are equal.
 struct Signatures<'a, 'g> {
     p: &'a Plan,
     view: &'a View<'g>,
-    tree: &'a Tree,
     cache: HashMap<RegionId, Option<String>>,
 }
 
 impl Signatures<'_, '_> {
-    /// The maximal runs of at least [`MIN_COLLAPSED_RUN`] consecutive identical regions of
-    /// `sibs`.
-    fn runs(&mut self, sibs: &[RegionId]) -> Vec<Vec<RegionId>> {
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < sibs.len() {
-            let mut j = i + 1;
-            while j < sibs.len() && self.same(sibs[i], sibs[j]) {
-                j += 1;
-            }
-            if j - i >= MIN_COLLAPSED_RUN {
-                runs.push(sibs[i..j].to_vec());
-            }
-            i = j;
-        }
-        runs
-    }
-
     /// True when both regions are instances of one body drawing the same way.
-    fn same(&mut self, a: RegionId, b: RegionId) -> bool {
-        let (na, nb) = (&self.tree.subtree[a.index()], &self.tree.subtree[b.index()]);
-        if na.len() != nb.len() {
-            return false;
-        }
-        match (self.sig(a), self.sig(b)) {
+    fn same(&mut self, tree: &Tree, a: RegionId, b: RegionId) -> bool {
+        match (self.sig(tree, a), self.sig(tree, b)) {
             (Some(x), Some(y)) => x == y,
             _ => false,
         }
@@ -241,23 +95,23 @@ impl Signatures<'_, '_> {
     /// What the instance `r` draws, up to its own path: block and body, then per node its
     /// region and op relative to `r`, operands (results of earlier nodes of `r`, or external),
     /// result types and placements, and provenance.
-    fn sig(&mut self, r: RegionId) -> Option<String> {
+    fn sig(&mut self, tree: &Tree, r: RegionId) -> Option<String> {
         if let Some(s) = self.cache.get(&r) {
             return s.clone();
         }
-        let s = self.compute(r);
+        let s = self.compute(tree, r);
         self.cache.insert(r, s.clone());
         s
     }
 
     /// Computes [`Self::sig`].
-    fn compute(&self, r: RegionId) -> Option<String> {
+    fn compute(&self, tree: &Tree, r: RegionId) -> Option<String> {
         let reg = self.view.region(r)?;
         let path = reg.path.as_str();
         let rel = |s: &str| s.strip_prefix(path).unwrap_or(s).to_string();
         let mut s = format!("{} {}\n", reg.block, reg.body);
         let mut local: HashMap<ValueId, usize> = HashMap::new();
-        for &id in &self.tree.subtree[r.index()] {
+        for &id in &tree.subtree[r.index()] {
             let n = self.view.nodes[id.index()];
             let inner = self
                 .view
@@ -301,106 +155,16 @@ impl Signatures<'_, '_> {
     }
 }
 
-/// Writes the DOT text.
-struct Writer<'a, 'g> {
+/// How a plan's local program is drawn.
+struct PlanStyle<'a> {
     p: &'a Plan,
-    view: &'a View<'g>,
-    tree: &'a Tree,
-    layout: &'a Layout,
-    out: String,
 }
 
-impl Writer<'_, '_> {
-    /// Appends one line at nesting `depth`.
-    fn line(&mut self, depth: usize, text: &str) {
-        for _ in 0..depth {
-            self.out.push_str("  ");
-        }
-        self.out.push_str(text);
-        self.out.push('\n');
-    }
-
-    /// The whole `digraph`.
-    fn graph(&mut self) {
-        let title = format!(
-            "{} on mesh {} ({} devices)\n{}",
-            file_name(&self.p.global.source),
-            self.p.mesh,
-            self.p.mesh.num_devices(),
-            self.summary()
-        );
-        self.line(0, "digraph tpc_plan {");
-        self.line(1, &format!("label=\"{}\";", escape(&title)));
-        self.line(1, "labelloc=t;");
-        self.line(1, "node [fontname=\"Helvetica\", fontsize=10];");
-        self.line(1, "edge [fontname=\"Helvetica\", fontsize=9];");
-        self.region_body(RegionId(0), 1);
-        self.outputs();
-        self.edges();
-        self.line(0, "}");
-    }
-
-    /// `all_reduce ×1 (7.0 MiB); est. step 179.3 µs`: the collectives used, bytes sent per
-    /// device, and the estimated step time.
-    fn summary(&self) -> String {
-        let s = &self.p.summary;
-        let used: Vec<String> = s
-            .collectives
-            .iter()
-            .filter(|(_, k)| k.count > 0)
-            .map(|(name, k)| format!("{name} ×{} ({})", k.count, bytes(k.bytes_per_device)))
-            .collect();
-        let used = if used.is_empty() {
-            "no collectives".to_string()
-        } else {
-            used.join(", ")
-        };
-        format!("{used}; est. step {}", secs(s.estimated_time_s))
-    }
-
-    /// The direct nodes of `r` and its visible child clusters, in the order of their first nodes.
-    fn region_body(&mut self, r: RegionId, depth: usize) {
-        let mut items: Vec<(NodeId, Option<RegionId>)> = self.tree.direct[r.index()]
-            .iter()
-            .map(|&n| (n, None))
-            .collect();
-        for &c in &self.tree.children[r.index()] {
-            if !self.layout.hidden[c.index()] {
-                items.push((self.tree.subtree[c.index()][0], Some(c)));
-            }
-        }
-        items.sort();
-        for item in items {
-            match item {
-                (n, None) => {
-                    let stmt = self.node_stmt(n);
-                    self.line(depth, &stmt);
-                }
-                (_, Some(c)) => self.cluster(c, depth),
-            }
-        }
-    }
-
-    /// `subgraph cluster_N { ... }` for region `r`.
-    fn cluster(&mut self, r: RegionId, depth: usize) {
-        let (label, pen) = match &self.layout.run_labels[r.index()] {
-            Some(l) => (l.clone(), 2),
-            None => (self.view.region_label(r), 1),
-        };
-        self.line(depth, &format!("subgraph cluster_{} {{", r.index()));
-        self.line(depth + 1, &format!("label=\"{}\";", escape(&label)));
-        self.line(
-            depth + 1,
-            &format!("style=rounded; color=gray40; penwidth={pen};"),
-        );
-        self.region_body(r, depth + 1);
-        self.line(depth, "}");
-    }
-
+impl Style for PlanStyle<'_> {
     /// The statement drawing node `id`.
-    fn node_stmt(&self, id: NodeId) -> String {
-        let n = self.view.nodes[id.index()];
-        let results = self.results(n);
+    fn node_stmt(&self, c: &Canvas, id: NodeId) -> String {
+        let n = c.view.nodes[id.index()];
+        let results = c.results(n);
         let (label, style) = match &n.op {
             Op::Input { .. } => (format!("{}\n{results}", n.op), "shape=invhouse"),
             Op::Param { .. } => (
@@ -416,6 +180,27 @@ impl Writer<'_, '_> {
         format!("{id} [label=\"{}\", {style}];", escape(&label))
     }
 
+    /// Not drawn when dangling, a loop, the flow between members of a collapsed run, or running
+    /// backwards into one.
+    fn node_edge(&self, c: &Canvas, v: ValueId, dst: NodeId) -> Option<String> {
+        let (from, src, label) = self.source(c, v)?;
+        let to = c.layout.rep[dst.index()];
+        let mapped = src != from || to != dst;
+        if src == to || c.layout.crosses_members(from, dst) || (mapped && src.index() >= to.index())
+        {
+            return None;
+        }
+        Some(format!("{src} -> {to} [label=\"{}\"];", escape(&label)))
+    }
+
+    /// Labelled like a node edge.
+    fn output_edge(&self, c: &Canvas, i: usize, out: &Output) -> Option<String> {
+        let (_, src, label) = self.source(c, out.value)?;
+        Some(format!("{src} -> out{i} [label=\"{}\"];", escape(&label)))
+    }
+}
+
+impl PlanStyle<'_> {
     /// `all_reduce sum over tp`, the transition, the op it is for and where, and the results.
     fn spmd_label(&self, id: NodeId, n: &Node, results: &str) -> String {
         let (head, axis) = headline(&n.op);
@@ -438,77 +223,17 @@ impl Writer<'_, '_> {
         label
     }
 
-    /// `%3 q, %4`: the node's results with their source names.
-    fn results(&self, n: &Node) -> String {
-        let items: Vec<String> = n
-            .outputs
-            .iter()
-            .map(
-                |&v| match self.view.value(v).and_then(|x| x.name.as_deref()) {
-                    Some(name) => format!("{v} {name}"),
-                    None => v.to_string(),
-                },
-            )
-            .collect();
-        items.join(", ")
-    }
-
-    /// One `house` node per program output.
-    fn outputs(&mut self) {
-        for (i, out) in self.view.g.outputs().iter().enumerate() {
-            let label = escape(&format!("output {}", out.name));
-            self.line(1, &format!("out{i} [label=\"{label}\", shape=house];"));
-        }
-    }
-
-    /// All edges as drawn: operands into nodes, then values into outputs, without duplicates.
-    fn edges(&mut self) {
-        let mut seen = BTreeSet::new();
-        let mut lines = Vec::new();
-        for (i, n) in self.view.nodes.iter().enumerate() {
-            let dst = NodeId(i as u32);
-            for &v in &n.inputs {
-                let Some((from, src, label)) = self.source(v) else {
-                    continue;
-                };
-                let to = self.layout.rep[dst.index()];
-                let mapped = src != from || to != dst;
-                if src == to
-                    || self.layout.crosses_members(from, dst)
-                    || (mapped && src.index() >= to.index())
-                {
-                    continue;
-                }
-                let e = format!("{src} -> {to} [label=\"{}\"];", escape(&label));
-                if seen.insert(e.clone()) {
-                    lines.push(e);
-                }
-            }
-        }
-        for (i, out) in self.view.g.outputs().iter().enumerate() {
-            if let Some((_, src, label)) = self.source(out.value) {
-                let e = format!("{src} -> out{i} [label=\"{}\"];", escape(&label));
-                if seen.insert(e.clone()) {
-                    lines.push(e);
-                }
-            }
-        }
-        for e in lines {
-            self.line(1, &e);
-        }
-    }
-
     /// The producer of `v`, the node drawn for it, and the edge label: `%v ` when the producer
     /// has several results, then the local type and placement (`f32[8,128,512] [_, _, tp]`).
-    fn source(&self, v: ValueId) -> Option<(NodeId, NodeId, String)> {
-        let val = self.view.value(v)?;
-        let producer = self.view.nodes.get(val.node.index())?;
+    fn source(&self, c: &Canvas, v: ValueId) -> Option<(NodeId, NodeId, String)> {
+        let val = c.view.value(v)?;
+        let producer = c.view.nodes.get(val.node.index())?;
         let mut label = String::new();
         if producer.outputs.len() > 1 {
             let _ = write!(label, "{v} ");
         }
         let _ = write!(label, "{} {}", val.ty, placement(self.p, v));
-        Some((val.node, self.layout.rep[val.node.index()], label))
+        Some((val.node, c.layout.rep[val.node.index()], label))
     }
 }
 
@@ -544,6 +269,7 @@ fn headline(op: &Op) -> (String, &str) {
 mod tests {
     use super::*;
     use crate::emit::plan_json::test_plans::*;
+    use crate::emit::regions::test_util::*;
     use crate::plan::summary::collective_kind;
 
     /// The number of collectives drawn in `dot`.
@@ -557,11 +283,6 @@ mod tests {
             .nodes()
             .filter_map(|(_, n)| collective_kind(&n.op).map(|(k, _)| k.name()))
             .collect()
-    }
-
-    /// The statements of `dot` that mention `needle`.
-    fn lines_with<'a>(dot: &'a str, needle: &str) -> Vec<&'a str> {
-        dot.lines().filter(|l| l.contains(needle)).collect()
     }
 
     #[test]
@@ -755,31 +476,11 @@ mod tests {
     /// Every plan renders with `dot -Tsvg` without a warning (when graphviz is installed).
     #[test]
     fn graphviz_accepts_every_example() {
-        use std::io::Write as _;
-        use std::process::{Command, Stdio};
         let mut plans = all();
         plans.push(example("gpt", "tp=8", &[("L", 8)]));
         for p in plans {
-            for text in [print(&p), render(&p, false)] {
-                let Ok(mut child) = Command::new("dot")
-                    .arg("-Tsvg")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                else {
-                    return;
-                };
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(text.as_bytes())
-                    .unwrap();
-                let out = child.wait_with_output().unwrap();
-                let err = String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success() && err.is_empty(), "{err}\n{text}");
-            }
+            assert_graphviz_accepts(&print(&p));
+            assert_graphviz_accepts(&render(&p, false));
         }
     }
 }

@@ -9,7 +9,7 @@
 //! failure there is a corrupt document, not a compiler bug). The stored summary is only
 //! shape-checked: the loaded plan gets a summary recomputed from its local program.
 
-use super::json::{check_ids, JsonError};
+use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
 use crate::ir::{Graph, GraphParts, NodeId, Op, ReduceOp, TensorType, ValueId};
@@ -83,19 +83,26 @@ pub enum PlanJsonError {
 
 impl From<serde_json::Error> for PlanJsonError {
     fn from(e: serde_json::Error) -> Self {
-        PlanJsonError::Json {
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
-        }
+        Self::malformed(e)
     }
 }
 
-/// The tag and version, read first so that another format or version is reported as such.
-#[derive(Deserialize)]
-struct Header {
-    format: String,
-    version: u32,
+impl DocError for PlanJsonError {
+    fn json(line: usize, column: usize, message: String) -> Self {
+        PlanJsonError::Json {
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn wrong_format(found: String) -> Self {
+        PlanJsonError::WrongFormat { found }
+    }
+
+    fn unsupported_version(found: u32) -> Self {
+        PlanJsonError::UnsupportedVersion { found }
+    }
 }
 
 /// A plan document as read: the stored summary is only checked for its documented shape.
@@ -155,17 +162,7 @@ pub fn to_json(p: &Plan) -> String {
 
 /// Loads a document written by [`to_json`], validating every part (see the module docs).
 pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
-    let header: Header = serde_json::from_str(text)?;
-    if header.format != FORMAT {
-        return Err(PlanJsonError::WrongFormat {
-            found: header.format,
-        });
-    }
-    if header.version != VERSION {
-        return Err(PlanJsonError::UnsupportedVersion {
-            found: header.version,
-        });
-    }
+    check_header::<PlanJsonError>(text, FORMAT, VERSION)?;
     let doc: Incoming = serde_json::from_str(text)?;
     if let Some(k) = CollectiveKind::ALL
         .iter()

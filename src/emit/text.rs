@@ -35,13 +35,12 @@ pub fn print(g: &crate::ir::Graph) -> String {
     let mut p = Printer {
         view: &view,
         file: file_name(&g.source),
-        lines: Vec::new(),
-        open: Vec::new(),
+        b: Blocks::default(),
     };
     p.header();
     p.body();
     p.outputs();
-    render(&p.lines)
+    render(&p.b.lines)
 }
 
 /// One output line before alignment: code and an optional comment (empty for none).
@@ -50,22 +49,72 @@ pub(crate) struct Line {
     pub(crate) comment: String,
 }
 
-/// Accumulates lines, tracking the stack of open block groups.
+/// Lines inside nested `block <path> (<block>) {` groups, indented by their depth.
+#[derive(Default)]
+pub(crate) struct Blocks {
+    /// The lines so far.
+    pub(crate) lines: Vec<Line>,
+    /// The open groups, outermost first.
+    open: Vec<RegionId>,
+}
+
+impl Blocks {
+    /// The indentation of a line at the current depth.
+    pub(crate) fn indent(&self) -> String {
+        "  ".repeat(self.open.len())
+    }
+
+    /// Adds a line with the current indentation.
+    pub(crate) fn push(&mut self, code: String, comment: String) {
+        let code = format!("{}{code}", self.indent());
+        self.lines.push(Line { code, comment });
+    }
+
+    /// How many of the open groups lead `chain` (regions, outermost first).
+    pub(crate) fn common(&self, chain: &[RegionId]) -> usize {
+        self.open
+            .iter()
+            .zip(chain)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
+    /// Closes groups until `depth` are open.
+    pub(crate) fn close_to(&mut self, depth: usize) {
+        while self.open.len() > depth {
+            self.open.pop();
+            self.push("}".into(), String::new());
+        }
+    }
+
+    /// Opens one group per region of `regions`, outermost first.
+    pub(crate) fn open(&mut self, view: &View, regions: &[RegionId]) {
+        for &r in regions {
+            let label = view.region_label(r);
+            self.push(format!("block {label} {{"), String::new());
+            self.open.push(r);
+        }
+    }
+
+    /// Closes and opens groups so that exactly the regions of `chain` are open.
+    fn enter(&mut self, view: &View, chain: &[RegionId]) {
+        let common = self.common(chain);
+        self.close_to(common);
+        self.open(view, &chain[common..]);
+    }
+}
+
+/// The text IR being written: lines in block groups.
 struct Printer<'a, 'g> {
     view: &'a View<'g>,
     file: &'a str,
-    lines: Vec<Line>,
-    open: Vec<RegionId>,
+    b: Blocks,
 }
 
 impl Printer<'_, '_> {
     /// Adds a line with the current indentation.
     fn push(&mut self, code: String, comment: String) {
-        let indent = "  ".repeat(self.open.len());
-        self.lines.push(Line {
-            code: format!("{indent}{code}"),
-            comment,
-        });
+        self.b.push(code, comment);
     }
 
     /// The provenance comment, mesh axes and dims, then a blank line.
@@ -86,31 +135,12 @@ impl Printer<'_, '_> {
     fn body(&mut self) {
         let view = self.view;
         for n in &view.nodes {
-            self.enter(view.chain(view.node_region(n)));
+            self.b.enter(view, &view.chain(view.node_region(n)));
             let code = self.node_code(n);
             let comment = self.node_comment(n);
             self.push(code, comment);
         }
-        self.enter(Vec::new());
-    }
-
-    /// Closes and opens block groups so that exactly the regions of `chain` are open.
-    fn enter(&mut self, chain: Vec<RegionId>) {
-        let common = self
-            .open
-            .iter()
-            .zip(&chain)
-            .take_while(|(a, b)| a == b)
-            .count();
-        while self.open.len() > common {
-            self.open.pop();
-            self.push("}".into(), String::new());
-        }
-        for &r in &chain[common..] {
-            let label = self.view.region_label(r);
-            self.push(format!("block {label} {{"), String::new());
-            self.open.push(r);
-        }
+        self.b.enter(view, &[]);
     }
 
     /// `%3, %4 = split{axis=1,sizes=[2,2]} %2 : f32[2,2], f32[2,2]`.
@@ -242,7 +272,7 @@ pub(crate) fn render(lines: &[Line]) -> String {
 mod tests {
     use super::*;
     use crate::emit::fixtures::*;
-    use crate::ir::{Annotation, Graph, UnaryOp};
+    use crate::ir::{Graph, UnaryOp};
 
     #[test]
     fn prints_small_graph_exactly() {
@@ -305,29 +335,7 @@ output y = %7 : f32[8,8] @ [dp, _]                      # t.tpl:30:1
 
     #[test]
     fn dangling_ids_print_without_panicking() {
-        let mut g = Graph::new("t.tpl");
-        let x = add1(
-            &mut g,
-            Op::Input { name: "x".into() },
-            vec![],
-            &[2],
-            RegionId(9),
-        );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
-        g.annotate(
-            ValueId(55),
-            Annotation {
-                spec: spec(&["tp"]),
-                span: at(1, 1),
-            },
-        );
-        g.add_output(Output {
-            name: "y".into(),
-            value: ValueId(99),
-            annotation: None,
-            span: Span::default(),
-        });
-        let text = print(&g);
+        let text = print(&dangling());
         assert!(text.contains("\nmatmul %0, %77"), "{text}");
         assert!(text.contains("output y = %99 : ?\n"), "{text}");
     }
