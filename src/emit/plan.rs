@@ -112,12 +112,23 @@ struct Body<'a> {
     notes: HashMap<RegionId, (usize, RegionId)>,
     signature: HashMap<RegionId, String>,
     ranges: HashMap<RegionId, (usize, usize)>,
+    /// Per value, the index of the last node reading it (`usize::MAX` for program outputs).
+    last_use: Vec<usize>,
 }
 
 impl<'a> Body<'a> {
     /// The body of `p`, written into `b`.
     fn new(p: &'a Plan, b: &'a mut Blocks) -> Self {
         let view = View::new(&p.local);
+        let mut last_use = vec![0; view.values.len()];
+        for (i, n) in view.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                last_use[v.index()] = i;
+            }
+        }
+        for o in p.local.outputs() {
+            last_use[o.value.index()] = usize::MAX;
+        }
         Body {
             p,
             view,
@@ -125,6 +136,7 @@ impl<'a> Body<'a> {
             notes: HashMap::new(),
             signature: HashMap::new(),
             ranges: HashMap::new(),
+            last_use,
         }
     }
 
@@ -184,10 +196,11 @@ impl<'a> Body<'a> {
                 .map(|x| x.path.clone())
                 .unwrap_or_default()
         };
+        let returns = self.returns(skipped);
         match self.notes.get(&first) {
             Some(&(line, from)) => {
                 self.b.lines[line].code = format!(
-                    "{}# {} … {}: same as {} (×{count} in all)",
+                    "{}# {} … {}: same as {} (×{count} in all){returns}",
                     self.b.indent(),
                     label(from),
                     label(skipped),
@@ -197,13 +210,30 @@ impl<'a> Body<'a> {
             None => {
                 self.notes.insert(first, (self.b.lines.len(), skipped));
                 let note = format!(
-                    "# {}: same as {} (×{count} in all)",
+                    "# {}: same as {} (×{count} in all){returns}",
                     label(skipped),
                     label(first)
                 );
                 self.b.push(note, String::new());
             }
         }
+    }
+
+    /// `"; <path> defines %a, %b"` for the values of skipped instance `r` that are read after it
+    /// (so that every id the listing references is named somewhere), or "" when none are.
+    fn returns(&self, r: RegionId) -> String {
+        let (start, end) = self.ranges.get(&r).copied().unwrap_or_default();
+        let ids: Vec<String> = self.view.nodes[start..end]
+            .iter()
+            .flat_map(|n| &n.outputs)
+            .filter(|v| self.last_use[v.index()] >= end)
+            .map(|v| v.to_string())
+            .collect();
+        if ids.is_empty() {
+            return String::new();
+        }
+        let path = self.view.region(r).map(|x| x.path.as_str()).unwrap_or("");
+        format!("; {path} defines {}", ids.join(", "))
     }
 
     /// True when the two region instances print the same but for value ids and param prefixes.
