@@ -155,8 +155,36 @@ fn split_pair(data: &mut [f32], src: (usize, usize), dst: (usize, usize)) -> (&[
     }
 }
 
+/// The k-1 steps of a ring over chunks `b` of `data`: step s sends chunk (me - s - shift) to the
+/// next rank and receives chunk (me - s - shift - 1) from the previous one, combining it with
+/// `op` or, without one, writing it.
+fn ring(
+    t: &mut dyn Transport,
+    group: &[usize],
+    data: &mut [f32],
+    b: &[(usize, usize)],
+    shift: usize,
+    op: Option<ReduceOp>,
+) -> Result<(), CommError> {
+    let k = group.len();
+    let me = position(group, t.rank());
+    let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
+    for s in 0..k.saturating_sub(1) {
+        let src = b[(me + 2 * k - s - shift) % k];
+        let dst = b[(me + 2 * k - s - shift - 1) % k];
+        let (send, recv) = split_pair(data, src, dst);
+        let sink = match op {
+            Some(op) => Sink::Combine(recv, op),
+            None => Sink::Write(recv),
+        };
+        t.exchange_into(next, send, prev, sink)?;
+    }
+    Ok(())
+}
+
 /// Ring reduce-scatter of `data` over `group` (chunks `b`, one per position): afterwards this
-/// rank's chunk `position` holds the reduction; the other chunks hold partial results.
+/// rank's chunk `position` holds the reduction (every chunk reduced in ring order); the other
+/// chunks hold partial results.
 fn ring_reduce_scatter(
     t: &mut dyn Transport,
     group: &[usize],
@@ -164,21 +192,7 @@ fn ring_reduce_scatter(
     b: &[(usize, usize)],
     op: ReduceOp,
 ) -> Result<(), CommError> {
-    let k = group.len();
-    if k == 1 {
-        return Ok(());
-    }
-    let me = position(group, t.rank());
-    let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
-    // Step s: send chunk (me - s - 1) to next, receive chunk (me - s - 2) from prev and reduce
-    // into it; after k-1 steps chunk `me` is complete. Every chunk is reduced in ring order.
-    for s in 0..k - 1 {
-        let src = b[(me + 2 * k - s - 1) % k];
-        let dst = b[(me + 2 * k - s - 2) % k];
-        let (send, acc) = split_pair(data, src, dst);
-        t.exchange_into(next, send, prev, Sink::Combine(acc, op))?;
-    }
-    Ok(())
+    ring(t, group, data, b, 1, Some(op))
 }
 
 /// Ring all-gather in place: on entry chunk `position` of `data` (chunks `b`) holds this rank's
@@ -189,18 +203,7 @@ fn ring_all_gather(
     data: &mut [f32],
     b: &[(usize, usize)],
 ) -> Result<(), CommError> {
-    let k = group.len();
-    if k == 1 {
-        return Ok(());
-    }
-    let me = position(group, t.rank());
-    let (next, prev) = (group[(me + 1) % k], group[(me + k - 1) % k]);
-    // Step s forwards chunk (me - s) and receives chunk (me - s - 1).
-    for s in 0..k - 1 {
-        let (send, recv) = split_pair(data, b[(me + k - s) % k], b[(me + k - s - 1) % k]);
-        t.exchange_into(next, send, prev, Sink::Write(recv))?;
-    }
-    Ok(())
+    ring(t, group, data, b, 0, None)
 }
 
 /// All-reduce over 2^j ranks by recursive halving then doubling (Rabenseifner): in halving
