@@ -140,6 +140,9 @@ struct Partitioner<'a> {
 impl<'a> Partitioner<'a> {
     fn new(g: &'a Graph, sh: &'a Sharding) -> Self {
         let mut out = Graph::new(g.source.clone());
+        // The local program is the global one plus its collectives (a few percent more).
+        let (nodes, values) = (g.num_nodes() * 9 / 8 + 16, g.num_values() * 9 / 8 + 16);
+        out.reserve(nodes, values);
         out.mesh_axes = sh.mesh.axes().iter().map(|(a, _)| a.clone()).collect();
         out.dims = g.dims.clone();
         for (_, r) in g.regions().skip(1) {
@@ -156,8 +159,8 @@ impl<'a> Partitioner<'a> {
             mesh: &sh.mesh,
             out,
             table: sh.table.clone(),
-            placements: Vec::with_capacity(g.num_values()),
-            origin: Vec::with_capacity(g.num_values()),
+            placements: Vec::with_capacity(values),
+            origin: Vec::with_capacity(values),
             provenance: BTreeMap::new(),
             home: vec![None; g.num_values()],
             copies: HashMap::new(),
