@@ -234,22 +234,37 @@ impl PlacementTable {
         id
     }
 
+    /// The number of distinct placements.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True when the table holds no placement.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// The placement `id`. Panics on an id from another table.
     pub fn get(&self, id: PlId) -> &Placement {
         &self.list[id as usize]
     }
 }
 
-type FxBuild = BuildHasherDefault<FxHasher>;
+/// Builds `FxHasher`s, for maps keyed by short structured keys that are never iterated.
+pub(crate) type FxBuild = BuildHasherDefault<FxHasher>;
 
-/// A small multiplicative hasher for the short keys of `PlacementTable` (lookups only: nothing
-/// iterates the maps, so their order never shows).
+/// A small multiplicative hasher for short keys (lookups only: nothing iterates the maps, so
+/// their order never shows).
 #[derive(Default)]
-struct FxHasher(u64);
+pub(crate) struct FxHasher(u64);
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        for &b in chunks.remainder() {
             self.write_u64(b as u64);
         }
     }

@@ -5,7 +5,7 @@
 //! a strategy is a candidate only when some operand, annotation or user already splits its
 //! label, so shardings flow from annotations and are never invented.
 
-use super::placement::{AxisPl, PartialOp, PlId, Placement, PlacementTable};
+use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTable};
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
 use crate::ir::{Graph, NodeId, Op, TensorType, ValueId};
@@ -191,13 +191,14 @@ const MAX_PASSES: usize = 6;
 
 /// Propagates the annotations of `g` over `mesh`, choosing by the cost model of `dev`.
 pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, ShardError> {
-    let fixed = fixed_placements(g, mesh)?;
+    let mut table = PlacementTable::default();
+    let fixed = fixed_placements(g, mesh, &mut table)?;
     let free: Vec<bool> = g
         .values()
         .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v.index()].is_none())
         .collect();
     let mut rules: Vec<Rule> = Vec::new();
-    let mut rule_ids: HashMap<Rule, u32> = HashMap::new();
+    let mut rule_ids: HashMap<Rule, u32, FxBuild> = HashMap::default();
     let mut rule_of: Vec<Option<u32>> = Vec::with_capacity(g.num_nodes());
     let mut compute: Vec<f64> = Vec::with_capacity(g.num_nodes());
     let (mut ins, mut outs): (Vec<&TensorType>, Vec<&TensorType>) = (Vec::new(), Vec::new());
@@ -222,6 +223,12 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             dev,
         ));
     }
+    let bytes: Vec<f64> = g.values().map(|(_, v)| v.ty.size_bytes() as f64).collect();
+    let param: Vec<bool> = g
+        .values()
+        .map(|(_, v)| matches!(g.node(v.node).op, Op::Param { .. }))
+        .collect();
+    let edges = Edges::new(g);
     let rank = mesh.rank();
     let mut strategies = vec![Strategy::Replicate; g.num_nodes() * rank];
     let mut states = vec![AxisPl::Replicate; g.num_values() * rank];
@@ -233,10 +240,16 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             n: mesh.axis_size(a),
             dev,
             fixed: &fixed,
+            fixed_axis: (0..table.len() as PlId)
+                .map(|id| table.get(id).axis(a))
+                .collect(),
+            bytes: &bytes,
+            param: &param,
             free: &free,
             rules: &rules,
             rule_of: &rule_of,
             compute: &compute,
+            edges: &edges,
         };
         let (choice, st) = ctx.run(&strategies, rank);
         for (i, s) in choice.into_iter().enumerate() {
@@ -248,11 +261,10 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             states[i * rank + a] = s;
         }
     }
-    let mut table = PlacementTable::default();
     let placement_of = g
         .values()
-        .map(|(v, val)| match &fixed[v.index()] {
-            Some(p) => table.intern(p),
+        .map(|(v, val)| match fixed[v.index()] {
+            Some(id) => id,
             None => table.intern_axes(
                 val.ty.rank(),
                 states[v.index() * rank..(v.index() + 1) * rank]
@@ -273,12 +285,16 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
 }
 
 /// Placements required by annotations; an annotation that does not divide is an error.
-fn fixed_placements(g: &Graph, mesh: &Mesh) -> Result<Vec<Option<Placement>>, ShardError> {
+fn fixed_placements(
+    g: &Graph,
+    mesh: &Mesh,
+    table: &mut PlacementTable,
+) -> Result<Vec<Option<PlId>>, ShardError> {
     let mut fixed = vec![None; g.num_values()];
     for (v, a) in g.annotations() {
         let p = Placement::from_spec(&a.spec, mesh).expect("the mesh includes every declared axis");
         check_divides(g, *v, &p, mesh, a.span)?;
-        fixed[v.index()] = Some(p);
+        fixed[v.index()] = Some(table.intern_owned(p));
     }
     for o in g.outputs() {
         if let Some(a) = &o.annotation {
@@ -327,11 +343,55 @@ struct AxisCtx<'a> {
     a: usize,
     n: u64,
     dev: &'a Device,
-    fixed: &'a [Option<Placement>],
+    fixed: &'a [Option<PlId>],
+    /// Per placement of the table, its state along this axis.
+    fixed_axis: Vec<AxisPl>,
+    /// Per value, its size in bytes.
+    bytes: &'a [f64],
+    /// Per value, whether it is a param.
+    param: &'a [bool],
     free: &'a [bool],
     rules: &'a [Rule],
     rule_of: &'a [Option<u32>],
     compute: &'a [f64],
+    edges: &'a Edges,
+}
+
+/// The operands and results of every node in two flat lists, so that the passes read a few
+/// dense arrays instead of every `Node`.
+struct Edges {
+    ins_at: Vec<u32>,
+    ins: Vec<ValueId>,
+    outs_at: Vec<u32>,
+    outs: Vec<ValueId>,
+}
+
+impl Edges {
+    fn new(g: &Graph) -> Self {
+        let mut e = Edges {
+            ins_at: Vec::with_capacity(g.num_nodes() + 1),
+            ins: Vec::new(),
+            outs_at: Vec::with_capacity(g.num_nodes() + 1),
+            outs: Vec::with_capacity(g.num_values()),
+        };
+        e.ins_at.push(0);
+        e.outs_at.push(0);
+        for (_, n) in g.nodes() {
+            e.ins.extend_from_slice(&n.inputs);
+            e.outs.extend_from_slice(&n.outputs);
+            e.ins_at.push(e.ins.len() as u32);
+            e.outs_at.push(e.outs.len() as u32);
+        }
+        e
+    }
+
+    fn inputs(&self, id: NodeId) -> &[ValueId] {
+        &self.ins[self.ins_at[id.index()] as usize..self.ins_at[id.index() + 1] as usize]
+    }
+
+    fn outputs(&self, id: NodeId) -> &[ValueId] {
+        &self.outs[self.outs_at[id.index()] as usize..self.outs_at[id.index() + 1] as usize]
+    }
 }
 
 /// What each value's users (and the program outputs) require along one axis, sorted and
@@ -377,7 +437,7 @@ impl AxisCtx<'_> {
         let mut cands: Vec<Strategy> = Vec::new();
         for _ in 0..MAX_PASSES {
             let mut changed = false;
-            for (id, node) in g.nodes() {
+            for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
                 let Some(rule) = self.rule(id) else {
                     continue;
                 };
@@ -386,7 +446,7 @@ impl AxisCtx<'_> {
                 let d = have_demand.then_some(&demand);
                 let best = self.choose(id, rule, &st, d, prior, &mut cands);
                 let result = best.result(rule);
-                for &o in &node.outputs {
+                for &o in self.edges.outputs(id) {
                     st[o.index()] = self.fixed_state(o).unwrap_or(result);
                 }
                 if choice[i] != Some(best) {
@@ -405,7 +465,7 @@ impl AxisCtx<'_> {
     }
 
     fn fixed_state(&self, v: ValueId) -> Option<AxisPl> {
-        self.fixed[v.index()].as_ref().map(|p| p.axis(self.a))
+        self.fixed[v.index()].map(|id| self.fixed_axis[id as usize])
     }
 
     /// A free leaf's displayed state: what its first user asked for.
@@ -443,9 +503,9 @@ impl AxisCtx<'_> {
         // Counting sort by value: `start[v + 1]` first counts, then becomes the fill cursor.
         d.start.clear();
         d.start.resize(nv + 1, 0);
-        for (id, node) in g.nodes() {
+        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
             if choice[id.index()].is_some() {
-                for &v in &node.inputs {
+                for &v in self.edges.inputs(id) {
                     d.start[v.index() + 1] += 1;
                 }
             }
@@ -459,10 +519,10 @@ impl AxisCtx<'_> {
         d.list.clear();
         d.list.resize(d.start[nv] as usize, AxisPl::Replicate);
         let mut fill: Vec<u32> = d.start[..nv].to_vec();
-        for (id, node) in g.nodes() {
+        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
             if let Some(s) = choice[id.index()] {
                 let rule = self.rule(id).expect("a chosen node has a rule");
-                for (i, &v) in node.inputs.iter().enumerate() {
+                for (i, &v) in self.edges.inputs(id).iter().enumerate() {
                     d.list[fill[v.index()] as usize] = s.operand(rule, i);
                     fill[v.index()] += 1;
                 }
@@ -524,11 +584,11 @@ impl AxisCtx<'_> {
         earlier: &[Strategy],
         out: &mut Vec<Strategy>,
     ) {
-        let node = self.g.node(id);
+        let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
         out.clear();
         out.push(Strategy::Replicate);
         let wanted = |x: AxisPl| {
-            node.outputs.iter().any(|&o| {
+            outputs.iter().any(|&o| {
                 self.fixed_state(o) == Some(x) || demand.is_some_and(|d| d.of(o).contains(&x))
             })
         };
@@ -548,12 +608,12 @@ impl AxisCtx<'_> {
             let s = Strategy::Split(l);
             let result = s.result(rule);
             let internal = s.internal(rule);
-            let induced = node.inputs.iter().enumerate().any(|(i, v)| {
+            let induced = inputs.iter().enumerate().any(|(i, v)| {
                 let req = s.operand(rule, i);
                 !self.free[v.index()] && st[v.index()] == req && req != AxisPl::Replicate
             }) || (result != AxisPl::Replicate && wanted(result))
                 || (internal
-                    && node.inputs.iter().enumerate().any(|(i, v)| {
+                    && inputs.iter().enumerate().any(|(i, v)| {
                         let req = s.operand(rule, i);
                         st[v.index()] == req && matches!(req, AxisPl::Shard(_))
                     }));
@@ -564,7 +624,7 @@ impl AxisCtx<'_> {
         for (k, set) in rule.linear.iter().enumerate() {
             let any_partial = set
                 .iter()
-                .any(|&i| st[node.inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
+                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
             if any_partial {
                 out.push(Strategy::Linear(k));
             }
@@ -572,7 +632,7 @@ impl AxisCtx<'_> {
     }
 
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
-        let b = self.g.ty(v).size_bytes() as f64;
+        let b = self.bytes[v.index()];
         if matches!(s, AxisPl::Shard(_)) {
             b / self.n as f64
         } else {
@@ -582,7 +642,7 @@ impl AxisCtx<'_> {
 
     /// Seconds to move `v` from state `from` to `to` along this axis (`bytes` of the whole).
     fn reshard(&self, v: ValueId, from: AxisPl, to: AxisPl) -> f64 {
-        let whole = self.g.ty(v).size_bytes() as f64;
+        let whole = self.bytes[v.index()];
         let n = self.n;
         let launch = |k: CollectiveKind, b: f64| k.time(n, b, self.dev);
         match (from, to) {
@@ -609,14 +669,12 @@ impl AxisCtx<'_> {
         st: &[AxisPl],
         demand: Option<&Demands>,
     ) -> f64 {
-        let g = self.g;
-        let node = g.node(id);
+        let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
         let dev = self.dev;
         let mut c = 0.0;
-        for (i, &v) in node.inputs.iter().enumerate() {
+        for (i, &v) in inputs.iter().enumerate() {
             let req = s.operand(rule, i);
-            let is_param = matches!(g.node(g.value(v).node).op, Op::Param { .. });
-            let factor = if is_param {
+            let factor = if self.param[v.index()] {
                 dev.param_state_factor
             } else {
                 1.0
@@ -633,11 +691,11 @@ impl AxisCtx<'_> {
         };
         c += self.compute[id.index()] * frac;
         if s.internal(rule) {
-            let rows = g.ty(node.inputs[1]).size_bytes() as f64;
+            let rows = self.bytes[inputs[1].index()];
             c += 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev);
         }
         let result = s.result(rule);
-        for &o in &node.outputs {
+        for &o in outputs {
             let placed = self.fixed_state(o).unwrap_or(result);
             c += self.reshard(o, result, placed);
             c += match demand {
