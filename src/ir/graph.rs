@@ -89,7 +89,6 @@ pub struct Graph {
     annotations: BTreeMap<ValueId, Annotation>,
     outputs: Vec<Output>,
     uses: Vec<Vec<NodeId>>,
-    dag: DiGraph<NodeId, ValueId>,
 }
 
 impl Graph {
@@ -154,15 +153,11 @@ impl Graph {
                 ValueId(self.values.len() as u32 - 1)
             })
             .collect();
-        let ix = self.dag.add_node(id);
-        debug_assert_eq!(ix.index(), id.index());
         for &v in &inputs {
             if let Some(u) = self.uses.get_mut(v.index()) {
                 if !u.contains(&id) {
                     u.push(id);
                 }
-                let from = NodeIndex::new(self.values[v.index()].node.index());
-                self.dag.add_edge(from, ix, v);
             }
         }
         self.nodes.push(Node {
@@ -173,6 +168,13 @@ impl Graph {
             region,
         });
         id
+    }
+
+    /// Reserves room for `nodes` more nodes and `values` more values.
+    pub fn reserve(&mut self, nodes: usize, values: usize) {
+        self.nodes.reserve(nodes);
+        self.values.reserve(values);
+        self.uses.reserve(values);
     }
 
     /// Sets the readable name of a value.
@@ -283,12 +285,28 @@ impl Graph {
     /// A topological order computed from the edges (independent of storage order); `Err` names a
     /// node on a cycle. Used by the verifier.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, NodeId> {
-        petgraph::algo::toposort(&self.dag, None)
-            .map(|v| v.into_iter().map(|ix| self.dag[ix]).collect())
-            .map_err(|c| self.dag[c.node_id()])
+        let edges = self.nodes.iter().map(|n| n.inputs.len()).sum();
+        let mut dag: DiGraph<NodeId, ValueId> = DiGraph::with_capacity(self.nodes.len(), edges);
+        for i in 0..self.nodes.len() {
+            dag.add_node(NodeId(i as u32));
+        }
+        // Edges in node then operand order, from producers that exist (a stored document may
+        // name values or nodes it lacks; the verifier reports those separately).
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &v in &n.inputs {
+                if let Some(val) = self.values.get(v.index()) {
+                    if val.node.index() < self.nodes.len() {
+                        dag.add_edge(NodeIndex::new(val.node.index()), NodeIndex::new(i), v);
+                    }
+                }
+            }
+        }
+        petgraph::algo::toposort(&dag, None)
+            .map(|v| v.into_iter().map(|ix| dag[ix]).collect())
+            .map_err(|c| dag[c.node_id()])
     }
 
-    /// Rebuilds a graph from its parts (as stored in a document); the edge index is recomputed.
+    /// Rebuilds a graph from its parts (as stored in a document); the user index is recomputed.
     /// The caller must run the verifier on the result.
     pub fn from_parts(parts: GraphParts) -> Graph {
         let mut g = Graph {
@@ -302,20 +320,11 @@ impl Graph {
             ..Default::default()
         };
         g.uses = vec![Vec::new(); g.values.len()];
-        for i in 0..parts.nodes.len() {
-            g.dag.add_node(NodeId(i as u32));
-        }
         for (i, n) in parts.nodes.iter().enumerate() {
             let id = NodeId(i as u32);
             for &v in &n.inputs {
-                if let Some(val) = g.values.get(v.index()) {
-                    if val.node.index() < parts.nodes.len() {
-                        g.dag
-                            .add_edge(NodeIndex::new(val.node.index()), NodeIndex::new(i), v);
-                    }
-                    if !g.uses[v.index()].contains(&id) {
-                        g.uses[v.index()].push(id);
-                    }
+                if v.index() < g.values.len() && !g.uses[v.index()].contains(&id) {
+                    g.uses[v.index()].push(id);
                 }
             }
         }

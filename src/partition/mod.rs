@@ -8,10 +8,11 @@ pub mod reshard;
 use crate::ir::infer::infer;
 use crate::ir::{Graph, NodeId, Op, Output, RegionId, TensorType, ValueId};
 use crate::mesh::Mesh;
+use crate::sharding::placement::{PlId, PlacementTable};
 use crate::sharding::{Placement, Sharding};
 use crate::span::Span;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Why a collective (or local slice) is in the program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,11 +50,9 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
     let mut p = Partitioner::new(g, sh);
     for (id, node) in g.nodes() {
         if node.op.is_leaf() {
-            if !sh.free[node.outputs[0].index()] {
-                p.materialize(
-                    node.outputs[0],
-                    sh.placements[node.outputs[0].index()].clone(),
-                )?;
+            let v = node.outputs[0];
+            if !sh.free[v.index()] {
+                p.materialize(v, sh.placement_of[v.index()])?;
             }
             continue;
         }
@@ -66,12 +65,13 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
             }
             None => Placement::replicated(g.ty(o.value).rank(), sh.mesh.rank()),
         };
+        let want = p.table.intern_owned(want);
         let user = Use {
-            user: format!("output {}", o.name),
+            user: User::Output(&o.name),
             span: o.span,
             region: g.root(),
         };
-        let v = p.get(o.value, &want, &user)?;
+        let v = p.get(o.value, want, &user)?;
         p.out.add_output(Output {
             name: o.name.clone(),
             value: v,
@@ -79,19 +79,46 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
             span: o.span,
         });
     }
+    let placements = p
+        .placements
+        .iter()
+        .map(|&id| p.table.get(id).clone())
+        .collect();
     Ok(Partitioned {
         local: p.out,
-        placements: p.placements,
+        placements,
         origin: p.origin,
         provenance: p.provenance,
     })
 }
 
-/// Who asks for a value, for provenance.
-struct Use {
-    user: String,
+/// Who asks for a value, for provenance (formatted only when a collective records it).
+struct Use<'g> {
+    user: User<'g>,
     span: Span,
     region: RegionId,
+}
+
+/// The kinds of users.
+enum User<'g> {
+    /// An op, by name.
+    Op(&'static str),
+    /// A program output.
+    Output(&'g str),
+    /// The sharding constraint on a (named) value.
+    Constraint(Option<&'g str>),
+}
+
+impl User<'_> {
+    fn describe(&self) -> String {
+        match self {
+            User::Op(name) => name.to_string(),
+            User::Output(name) => format!("output {name}"),
+            User::Constraint(name) => {
+                format!("sharding constraint on {}", name.unwrap_or("value"))
+            }
+        }
+    }
 }
 
 struct Partitioner<'a> {
@@ -99,16 +126,23 @@ struct Partitioner<'a> {
     sh: &'a Sharding,
     mesh: &'a Mesh,
     out: Graph,
-    placements: Vec<Placement>,
+    table: PlacementTable,
+    /// Per local value, its placement in `table`.
+    placements: Vec<PlId>,
     origin: Vec<Option<ValueId>>,
     provenance: BTreeMap<NodeId, Provenance>,
-    home: Vec<Option<(ValueId, Placement)>>,
-    avail: Vec<Vec<(Placement, ValueId)>>,
+    /// Per global value, its home: the first local value holding it, and that placement.
+    home: Vec<Option<(PlId, ValueId)>>,
+    /// The other local values holding a global value, by (global value, placement).
+    copies: HashMap<(ValueId, PlId), ValueId>,
 }
 
 impl<'a> Partitioner<'a> {
     fn new(g: &'a Graph, sh: &'a Sharding) -> Self {
         let mut out = Graph::new(g.source.clone());
+        // The local program is the global one plus its collectives (a few percent more).
+        let (nodes, values) = (g.num_nodes() * 9 / 8 + 16, g.num_values() * 9 / 8 + 16);
+        out.reserve(nodes, values);
         out.mesh_axes = sh.mesh.axes().iter().map(|(a, _)| a.clone()).collect();
         out.dims = g.dims.clone();
         for (_, r) in g.regions().skip(1) {
@@ -124,12 +158,18 @@ impl<'a> Partitioner<'a> {
             sh,
             mesh: &sh.mesh,
             out,
-            placements: Vec::new(),
-            origin: Vec::new(),
+            table: sh.table.clone(),
+            placements: Vec::with_capacity(values),
+            origin: Vec::with_capacity(values),
             provenance: BTreeMap::new(),
             home: vec![None; g.num_values()],
-            avail: vec![Vec::new(); g.num_values()],
+            copies: HashMap::new(),
         }
+    }
+
+    /// Interns a placement built while lowering an op.
+    fn intern(&mut self, p: Placement) -> PlId {
+        self.table.intern_owned(p)
     }
 
     /// Appends a local node; its result types are inferred from the local operand types.
@@ -139,7 +179,7 @@ impl<'a> Partitioner<'a> {
         inputs: Vec<ValueId>,
         span: Span,
         region: RegionId,
-        placement: &Placement,
+        placement: PlId,
         origin: Option<ValueId>,
     ) -> Result<Vec<ValueId>, PartitionError> {
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.out.ty(*v)).collect();
@@ -148,20 +188,21 @@ impl<'a> Partitioner<'a> {
         let id = self.out.add_node(op, inputs, outs, span, region);
         let results = self.out.node(id).outputs.clone();
         for _ in &results {
-            self.placements.push(placement.clone());
+            self.placements.push(placement);
             self.origin.push(origin);
         }
         Ok(results)
     }
 
     /// Loads a leaf (param or input) directly in `pl`: tpc owns its loading, so this moves nothing.
-    fn materialize(&mut self, v: ValueId, pl: Placement) -> Result<ValueId, PartitionError> {
+    fn materialize(&mut self, v: ValueId, pl: PlId) -> Result<ValueId, PartitionError> {
         let node = self.g.node(self.g.value(v).node);
         let ty = self.g.ty(v);
-        let shape = pl.local_shape(ty, self.mesh).ok_or_else(|| {
+        let placement = self.table.get(pl);
+        let shape = placement.local_shape(ty, self.mesh).ok_or_else(|| {
             PartitionError(format!(
                 "{v} {ty} does not divide in {}",
-                pl.display(self.mesh)
+                placement.display(self.mesh)
             ))
         })?;
         let id = self.out.add_node(
@@ -175,34 +216,37 @@ impl<'a> Partitioner<'a> {
         if let Some(name) = &self.g.value(v).name {
             self.out.set_value_name(l, name.clone());
         }
-        self.placements.push(pl.clone());
+        self.placements.push(pl);
         self.origin.push(Some(v));
-        self.home[v.index()] = Some((l, pl.clone()));
-        self.avail[v.index()].push((pl, l));
+        self.home[v.index()] = Some((pl, l));
         Ok(l)
     }
 
     /// The local value holding global `v` in placement `want`, resharding if needed.
-    fn get(&mut self, v: ValueId, want: &Placement, user: &Use) -> Result<ValueId, PartitionError> {
-        if let Some((_, l)) = self.avail[v.index()].iter().find(|(p, _)| p == want) {
-            return Ok(*l);
-        }
-        let Some((l, from)) = self.home[v.index()].clone() else {
+    fn get(&mut self, v: ValueId, want: PlId, user: &Use) -> Result<ValueId, PartitionError> {
+        let Some((from, l)) = self.home[v.index()] else {
             // A free leaf is loaded in the split it is wanted in; partial terms are not data
             // that exists anywhere, so they come from the loaded value by resharding (a
             // Replicate -> Partial(sum) keeps it on the first device only).
-            let mut whole = want.clone();
+            let mut whole = self.table.get(want).clone();
             whole.partial.iter_mut().for_each(|p| *p = None);
-            let l = self.materialize(v, whole.clone())?;
-            if whole == *want {
+            let whole = self.table.intern_owned(whole);
+            let l = self.materialize(v, whole)?;
+            if whole == want {
                 return Ok(l);
             }
-            let r = self.reshard(l, v, &whole, want, user)?;
-            self.avail[v.index()].push((want.clone(), r));
+            let r = self.reshard(l, v, whole, want, user)?;
+            self.copies.insert((v, want), r);
             return Ok(r);
         };
-        let r = self.reshard(l, v, &from, want, user)?;
-        self.avail[v.index()].push((want.clone(), r));
+        if from == want {
+            return Ok(l);
+        }
+        if let Some(&r) = self.copies.get(&(v, want)) {
+            return Ok(r);
+        }
+        let r = self.reshard(l, v, from, want, user)?;
+        self.copies.insert((v, want), r);
         Ok(r)
     }
 
@@ -211,21 +255,26 @@ impl<'a> Partitioner<'a> {
         &mut self,
         l: ValueId,
         v: ValueId,
-        from: &Placement,
-        to: &Placement,
+        from: PlId,
+        to: PlId,
         user: &Use,
     ) -> Result<ValueId, PartitionError> {
         let mut cur = l;
-        for step in reshard::plan_reshard(from, to, self.mesh) {
+        if from == to {
+            return Ok(cur);
+        }
+        let steps = reshard::plan_reshard(self.table.get(from), self.table.get(to), self.mesh);
+        for step in steps {
             let Some(op) = step.op.clone() else { continue };
-            cur = self.emit(op, vec![cur], user.span, user.region, &step.after, Some(v))?[0];
+            let after = self.table.intern(&step.after);
+            cur = self.emit(op, vec![cur], user.span, user.region, after, Some(v))?[0];
             let id = self.out.value(cur).node;
             let value = describe_value(self.g, v);
             self.provenance.insert(
                 id,
                 Provenance {
                     transition: reshard::describe(&step, self.mesh),
-                    user: user.user.clone(),
+                    user: user.user.describe(),
                     span: user.span,
                     value,
                 },
@@ -239,40 +288,36 @@ impl<'a> Partitioner<'a> {
         let g = self.g;
         let node = g.node(id);
         let user = Use {
-            user: node.op.name().to_string(),
+            user: User::Op(node.op.name()),
             span: node.span,
             region: node.region,
         };
         let mut ins = Vec::with_capacity(node.inputs.len());
         let mut reqs = Vec::with_capacity(node.inputs.len());
         for (i, &v) in node.inputs.iter().enumerate() {
-            let req = self.sh.operand_placement(g, id, i);
-            ins.push(self.get(v, &req, &user)?);
+            let req = self.sh.operand_placement(g, id, i, &mut self.table);
+            ins.push(self.get(v, req, &user)?);
             reqs.push(req);
         }
-        let computed = self.sh.computed_placement(g, id);
-        let outs = self.lower_op(id, ins, &reqs, &computed)?;
+        let computed = self.sh.computed_placement(g, id, &mut self.table);
+        let outs = self.lower_op(id, ins, &reqs, computed)?;
         for (&o, l) in node.outputs.iter().zip(outs) {
             self.origin[l.index()] = Some(o);
             if let Some(name) = &g.value(o).name {
                 self.out.set_value_name(l, name.clone());
             }
-            let placed = self.sh.placements[o.index()].clone();
+            let placed = self.sh.placement_of[o.index()];
             let l = if placed != computed {
                 let u = Use {
-                    user: format!(
-                        "sharding constraint on {}",
-                        g.value(o).name.as_deref().unwrap_or("value")
-                    ),
+                    user: User::Constraint(g.value(o).name.as_deref()),
                     span: g.annotation(o).map(|a| a.span).unwrap_or(node.span),
                     region: node.region,
                 };
-                self.reshard(l, o, &computed, &placed, &u)?
+                self.reshard(l, o, computed, placed, &u)?
             } else {
                 l
             };
-            self.home[o.index()] = Some((l, placed.clone()));
-            self.avail[o.index()].push((placed, l));
+            self.home[o.index()] = Some((placed, l));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use super::{PartitionError, Partitioner, Provenance};
 use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, UnaryOp, ValueId};
+use crate::sharding::placement::PlId;
 use crate::sharding::{AxisPl, PartialOp, Placement};
 
 impl Partitioner<'_> {
@@ -13,8 +14,8 @@ impl Partitioner<'_> {
         &mut self,
         id: NodeId,
         ins: Vec<ValueId>,
-        reqs: &[Placement],
-        computed: &Placement,
+        reqs: &[PlId],
+        computed: PlId,
     ) -> Result<Vec<ValueId>, PartitionError> {
         let node = self.g.node(id);
         let origin = node.outputs.first().copied();
@@ -22,6 +23,7 @@ impl Partitioner<'_> {
         let op = match &node.op {
             Op::Reshape { .. } => {
                 let ty = self.g.ty(node.outputs[0]);
+                let computed = self.table.get(computed);
                 let shape = computed.local_shape(ty, self.mesh).ok_or_else(|| {
                     PartitionError(format!(
                         "reshape result {ty} does not divide in {}",
@@ -34,8 +36,8 @@ impl Partitioner<'_> {
                 op: ReduceOp::Mean,
                 axis,
                 keepdims,
-            } if reqs[0].splits(*axis, self.mesh) > 1 => {
-                let k = reqs[0].splits(*axis, self.mesh);
+            } if self.table.get(reqs[0]).splits(*axis, self.mesh) > 1 => {
+                let k = self.table.get(reqs[0]).splits(*axis, self.mesh);
                 let m = self.emit(
                     Op::Reduce {
                         op: ReduceOp::Mean,
@@ -61,8 +63,8 @@ impl Partitioner<'_> {
                     origin,
                 );
             }
-            Op::Embedding if !reqs[1].dims[0].is_empty() => Op::VocabEmbedding {
-                axes: self.axes_of(&reqs[1].dims[0]),
+            Op::Embedding if !self.table.get(reqs[1]).dims[0].is_empty() => Op::VocabEmbedding {
+                axes: self.axes_of(&self.table.get(reqs[1]).dims[0]),
             },
             Op::CrossEntropy => return self.cross_entropy(id, ins, reqs, computed),
             op => op.clone(),
@@ -84,12 +86,17 @@ impl Partitioner<'_> {
         &mut self,
         id: NodeId,
         ins: Vec<ValueId>,
-        reqs: &[Placement],
-        computed: &Placement,
+        reqs: &[PlId],
+        computed: PlId,
     ) -> Result<Vec<ValueId>, PartitionError> {
         let node = self.g.node(id);
         let (span, region, origin) = (node.span, node.region, node.outputs.first().copied());
-        let (logits_pl, labels_pl) = (&reqs[0], &reqs[1]);
+        let logits_id = reqs[0];
+        let (logits_pl, labels_pl) = (
+            self.table.get(reqs[0]).clone(),
+            self.table.get(reqs[1]).clone(),
+        );
+        let labels_pl = &labels_pl;
         let vaxes = logits_pl.dims.last().cloned().unwrap_or_default();
         let pos_blocks: u64 = (0..labels_pl.dims.len())
             .map(|d| labels_pl.splits(d, self.mesh))
@@ -113,6 +120,9 @@ impl Partitioner<'_> {
                 }
                 p
             };
+            let max_keep = self.intern(rows(Some(PartialOp::Max), true));
+            let sum_rows = self.intern(rows(Some(PartialOp::Sum), false));
+            let rows_pl = self.intern(rows(None, false));
             let m = self.emit(
                 Op::Reduce {
                     op: ReduceOp::Max,
@@ -122,7 +132,7 @@ impl Partitioner<'_> {
                 vec![x],
                 span,
                 region,
-                &rows(Some(PartialOp::Max), true),
+                max_keep,
                 None,
             )?[0];
             let m = self.all_reduce(
@@ -131,14 +141,14 @@ impl Partitioner<'_> {
                 ReduceOp::Max,
                 id,
                 "max of the logits",
-                &rows(None, true),
+                rows(None, true),
             )?;
             let z = self.emit(
                 Op::Binary { op: BinaryOp::Sub },
                 vec![x, m],
                 span,
                 region,
-                logits_pl,
+                logits_id,
                 None,
             )?[0];
             let e = self.emit(
@@ -146,7 +156,7 @@ impl Partitioner<'_> {
                 vec![z],
                 span,
                 region,
-                logits_pl,
+                logits_id,
                 None,
             )?[0];
             let se = self.emit(
@@ -158,7 +168,7 @@ impl Partitioner<'_> {
                 vec![e],
                 span,
                 region,
-                &rows(Some(PartialOp::Sum), false),
+                sum_rows,
                 None,
             )?[0];
             let se = self.all_reduce(
@@ -167,7 +177,7 @@ impl Partitioner<'_> {
                 ReduceOp::Sum,
                 id,
                 "sum of exp",
-                &rows(None, false),
+                rows(None, false),
             )?;
             let t = self.emit(
                 Op::TargetLogit {
@@ -176,7 +186,7 @@ impl Partitioner<'_> {
                 vec![z, y],
                 span,
                 region,
-                &rows(Some(PartialOp::Sum), false),
+                sum_rows,
                 None,
             )?[0];
             let t = self.all_reduce(
@@ -185,14 +195,14 @@ impl Partitioner<'_> {
                 ReduceOp::Sum,
                 id,
                 "target logit",
-                &rows(None, false),
+                rows(None, false),
             )?;
             let lse = self.emit(
                 Op::Unary { op: UnaryOp::Log },
                 vec![se],
                 span,
                 region,
-                &rows(None, false),
+                rows_pl,
                 None,
             )?[0];
             let per = self.emit(
@@ -200,7 +210,7 @@ impl Partitioner<'_> {
                 vec![lse, t],
                 span,
                 region,
-                &rows(None, false),
+                rows_pl,
                 None,
             )?[0];
             let n = self.out.ty(per).numel();
@@ -208,6 +218,7 @@ impl Partitioner<'_> {
                 dims: vec![labels_pl.dims.concat()],
                 partial: labels_pl.partial.clone(),
             };
+            let flat_pl = self.intern(flat_pl);
             if self.out.ty(per).rank() == 0 {
                 per
             } else {
@@ -216,7 +227,7 @@ impl Partitioner<'_> {
                     vec![per],
                     span,
                     region,
-                    &flat_pl,
+                    flat_pl,
                     None,
                 )?[0];
                 self.emit(
@@ -258,8 +269,9 @@ impl Partitioner<'_> {
         reduce: ReduceOp,
         id: NodeId,
         what: &str,
-        after: &Placement,
+        after: Placement,
     ) -> Result<ValueId, PartitionError> {
+        let after = self.intern(after);
         let node = self.g.node(id);
         let from = match reduce {
             ReduceOp::Max => AxisPl::Partial(PartialOp::Max),

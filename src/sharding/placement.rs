@@ -5,7 +5,9 @@
 use crate::ir::{Spec, TensorType};
 use crate::mesh::Mesh;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// How the partial terms held by the devices of a group combine into the value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -178,6 +180,113 @@ impl Placement {
             s.push_str(&format!("{{{}}}", partial.join(",")));
         }
         s
+    }
+}
+
+/// Index of a placement in a `PlacementTable`.
+pub type PlId = u32;
+
+/// Interned placements: a program has few distinct ones, so values refer to them by index
+/// instead of each owning a `Placement` (several small heap blocks).
+#[derive(Clone, Debug, Default)]
+pub struct PlacementTable {
+    list: Vec<Placement>,
+    ids: HashMap<Placement, PlId, FxBuild>,
+    by_axes: HashMap<Vec<AxisPl>, PlId, FxBuild>,
+    key: Vec<AxisPl>,
+}
+
+impl PlacementTable {
+    /// The id of `p`, adding it when new.
+    pub fn intern(&mut self, p: &Placement) -> PlId {
+        match self.ids.get(p) {
+            Some(&id) => id,
+            None => self.insert(p.clone()),
+        }
+    }
+
+    /// The id of `p`, adding it when new (without cloning).
+    pub fn intern_owned(&mut self, p: Placement) -> PlId {
+        match self.ids.get(&p) {
+            Some(&id) => id,
+            None => self.insert(p),
+        }
+    }
+
+    fn insert(&mut self, p: Placement) -> PlId {
+        let id = self.list.len() as PlId;
+        self.ids.insert(p.clone(), id);
+        self.list.push(p);
+        id
+    }
+
+    /// The id of `Placement::from_axes(rank, states)`, adding it when new.
+    pub fn intern_axes(&mut self, rank: usize, states: impl IntoIterator<Item = AxisPl>) -> PlId {
+        // The key is the rank (as a `Shard`) followed by the per-axis states.
+        self.key.clear();
+        self.key.push(AxisPl::Shard(rank));
+        self.key.extend(states);
+        if let Some(&id) = self.by_axes.get(self.key.as_slice()) {
+            return id;
+        }
+        let id = self.intern_owned(Placement::from_axes(rank, &self.key[1..]));
+        self.by_axes.insert(self.key.clone(), id);
+        id
+    }
+
+    /// The number of distinct placements.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True when the table holds no placement.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The placement `id`. Panics on an id from another table.
+    pub fn get(&self, id: PlId) -> &Placement {
+        &self.list[id as usize]
+    }
+}
+
+/// Builds `FxHasher`s, for maps keyed by short structured keys that are never iterated.
+pub(crate) type FxBuild = BuildHasherDefault<FxHasher>;
+
+/// A small multiplicative hasher for short keys (lookups only: nothing iterates the maps, so
+/// their order never shows).
+#[derive(Default)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(b as u64);
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

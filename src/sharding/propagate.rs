@@ -5,24 +5,86 @@
 //! a strategy is a candidate only when some operand, annotation or user already splits its
 //! label, so shardings flow from annotations and are never invented.
 
-use super::placement::{AxisPl, PartialOp, Placement};
+use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTable};
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
-use crate::ir::{Graph, NodeId, Op, ValueId};
+use crate::ir::{Graph, NodeId, Op, TensorType, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::span::Span;
+use std::collections::HashMap;
 
-/// How one node runs along one mesh axis.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Strategy {
-    /// Required state of each operand.
-    pub operands: Vec<AxisPl>,
+/// How one node runs along one mesh axis, named by what its `Rule` splits; the operand and
+/// result states are read off the rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every operand and the result replicated.
+    Replicate,
+    /// Label `l` split: operands holding it split there, others replicated; the result split,
+    /// partial, or (internal contraction) replicated.
+    Split(Label),
+    /// The rule's linear operand set `k` Partial(sum), the others replicated; the result
+    /// Partial(sum).
+    Linear(usize),
+}
+
+impl Strategy {
+    /// Required state of operand `i`.
+    pub fn operand(self, rule: &Rule, i: usize) -> AxisPl {
+        match self {
+            Strategy::Replicate => AxisPl::Replicate,
+            Strategy::Split(l) => rule.operands[i]
+                .iter()
+                .position(|&x| x == Some(l))
+                .map(AxisPl::Shard)
+                .unwrap_or(AxisPl::Replicate),
+            Strategy::Linear(k) if rule.linear[k].contains(&i) => AxisPl::Partial(PartialOp::Sum),
+            Strategy::Linear(_) => AxisPl::Replicate,
+        }
+    }
+
     /// State of the results as computed.
-    pub result: AxisPl,
+    pub fn result(self, rule: &Rule) -> AxisPl {
+        match self {
+            Strategy::Replicate => AxisPl::Replicate,
+            Strategy::Split(l) => match rule.result.iter().position(|&x| x == Some(l)) {
+                Some(d) => AxisPl::Shard(d),
+                None => match rule.contracted.iter().find(|(c, _)| *c == l) {
+                    Some((_, Contraction::Partial(op))) => AxisPl::Partial(*op),
+                    _ => AxisPl::Replicate,
+                },
+            },
+            Strategy::Linear(_) => AxisPl::Partial(PartialOp::Sum),
+        }
+    }
+
     /// The split label, if any.
-    pub label: Option<Label>,
-    /// The op reduces a split label with collectives of its own (vocab-parallel loss).
-    pub internal: bool,
+    pub fn label(self) -> Option<Label> {
+        match self {
+            Strategy::Split(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The op reduces the split label with collectives of its own (vocab-parallel loss).
+    pub fn internal(self, rule: &Rule) -> bool {
+        match self {
+            Strategy::Split(l) => {
+                !rule.result.contains(&Some(l))
+                    && matches!(
+                        rule.contracted.iter().find(|(c, _)| *c == l),
+                        Some((_, Contraction::Internal))
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// True when splitting label `l` is a strategy: some operand holds it, and the result holds it
+/// or it may be contracted.
+fn splittable(rule: &Rule, l: Label) -> bool {
+    rule.operands.iter().any(|dims| dims.contains(&Some(l)))
+        && (rule.result.contains(&Some(l)) || rule.contracted.iter().any(|(c, _)| *c == l))
 }
 
 /// The outcome of propagation.
@@ -30,39 +92,72 @@ pub struct Strategy {
 pub struct Sharding {
     /// The mesh it was computed for.
     pub mesh: Mesh,
-    /// Per node, per mesh axis (empty for leaves).
-    pub strategies: Vec<Vec<Strategy>>,
-    /// Per value: its placement (for a free leaf, the one its first user asked for).
-    pub placements: Vec<Placement>,
+    /// The distinct op rules (nodes with equal ops and types share one).
+    pub rules: Vec<Rule>,
+    /// Per node, the index of its rule in `rules` (`None` for leaves).
+    pub rule_of: Vec<Option<u32>>,
+    /// Per node and mesh axis, at `node * mesh.rank() + axis`: its strategy (unused for nodes
+    /// without a rule).
+    pub strategies: Vec<Strategy>,
+    /// The distinct placements, referenced by `placement_of`.
+    pub table: PlacementTable,
+    /// Per value: its placement in `table` (for a free leaf, the one its first user asked for).
+    pub placement_of: Vec<PlId>,
     /// Per value: an unannotated input or param, which tpc loads in whatever placement each
     /// user needs, without communication.
     pub free: Vec<bool>,
 }
 
 impl Sharding {
-    /// The placement node `n` needs its operand `i` in.
-    pub fn operand_placement(&self, g: &Graph, n: NodeId, i: usize) -> Placement {
-        let v = g.node(n).inputs[i];
-        let states: Vec<AxisPl> = self.strategies[n.index()]
-            .iter()
-            .map(|s| s.operands[i])
-            .collect();
-        Placement::from_axes(g.ty(v).rank(), &states)
+    /// The rule of node `n`, if it has one.
+    pub fn rule(&self, n: NodeId) -> Option<&Rule> {
+        self.rule_of[n.index()].map(|r| &self.rules[r as usize])
     }
 
-    /// The placement node `n` computes its results in (before any constraint on them).
-    pub fn computed_placement(&self, g: &Graph, n: NodeId) -> Placement {
+    /// The strategies of node `n`, one per mesh axis (empty for a node without a rule).
+    pub fn strategies(&self, n: NodeId) -> &[Strategy] {
+        if self.rule_of[n.index()].is_none() {
+            return &[];
+        }
+        let r = self.mesh.rank();
+        &self.strategies[n.index() * r..(n.index() + 1) * r]
+    }
+
+    /// The placement of value `v`.
+    pub fn placement(&self, v: ValueId) -> &Placement {
+        self.table.get(self.placement_of[v.index()])
+    }
+
+    /// The placement node `n` needs its operand `i` in, interned in `table`.
+    pub fn operand_placement(
+        &self,
+        g: &Graph,
+        n: NodeId,
+        i: usize,
+        table: &mut PlacementTable,
+    ) -> PlId {
+        let v = g.node(n).inputs[i];
+        let states = self.strategies(n).iter();
+        match self.rule(n) {
+            Some(rule) => table.intern_axes(g.ty(v).rank(), states.map(|s| s.operand(rule, i))),
+            None => table.intern_axes(g.ty(v).rank(), []),
+        }
+    }
+
+    /// The placement node `n` computes its results in (before any constraint on them),
+    /// interned in `table`.
+    pub fn computed_placement(&self, g: &Graph, n: NodeId, table: &mut PlacementTable) -> PlId {
         let rank = g
             .node(n)
             .outputs
             .first()
             .map(|v| g.ty(*v).rank())
             .unwrap_or(0);
-        let states: Vec<AxisPl> = self.strategies[n.index()]
-            .iter()
-            .map(|s| s.result)
-            .collect();
-        Placement::from_axes(rank, &states)
+        let states = self.strategies(n).iter();
+        match self.rule(n) {
+            Some(rule) => table.intern_axes(rank, states.map(|s| s.result(rule))),
+            None => table.intern_axes(rank, []),
+        }
     }
 }
 
@@ -96,34 +191,48 @@ const MAX_PASSES: usize = 6;
 
 /// Propagates the annotations of `g` over `mesh`, choosing by the cost model of `dev`.
 pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, ShardError> {
-    let fixed = fixed_placements(g, mesh)?;
+    let mut table = PlacementTable::default();
+    let fixed = fixed_placements(g, mesh, &mut table)?;
     let free: Vec<bool> = g
         .values()
         .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v.index()].is_none())
         .collect();
-    let rules: Vec<Option<Rule>> = g
-        .nodes()
-        .map(|(_, n)| {
-            let ins: Vec<_> = n.inputs.iter().map(|v| g.ty(*v)).collect();
-            let outs: Vec<_> = n.outputs.iter().map(|v| g.ty(*v)).collect();
-            rule(&n.op, &ins, &outs)
-        })
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut rule_ids: HashMap<Rule, u32, FxBuild> = HashMap::default();
+    let mut rule_of: Vec<Option<u32>> = Vec::with_capacity(g.num_nodes());
+    let mut compute: Vec<f64> = Vec::with_capacity(g.num_nodes());
+    let (mut ins, mut outs): (Vec<&TensorType>, Vec<&TensorType>) = (Vec::new(), Vec::new());
+    for (_, n) in g.nodes() {
+        ins.clear();
+        ins.extend(n.inputs.iter().map(|v| g.ty(*v)));
+        outs.clear();
+        outs.extend(n.outputs.iter().map(|v| g.ty(*v)));
+        rule_of.push(rule(&n.op, &ins, &outs).map(|r| {
+            *rule_ids.entry(r).or_insert_with_key(|r| {
+                rules.push(r.clone());
+                rules.len() as u32 - 1
+            })
+        }));
+        let dtype = outs
+            .first()
+            .map(|t| t.dtype)
+            .unwrap_or(crate::ir::Dtype::F32);
+        compute.push(cost::compute_time(
+            cost::flops(&n.op, &ins, &outs),
+            dtype,
+            dev,
+        ));
+    }
+    let bytes: Vec<f64> = g.values().map(|(_, v)| v.ty.size_bytes() as f64).collect();
+    let param: Vec<bool> = g
+        .values()
+        .map(|(_, v)| matches!(g.node(v.node).op, Op::Param { .. }))
         .collect();
-    let compute: Vec<f64> = g
-        .nodes()
-        .map(|(_, n)| {
-            let ins: Vec<_> = n.inputs.iter().map(|v| g.ty(*v)).collect();
-            let outs: Vec<_> = n.outputs.iter().map(|v| g.ty(*v)).collect();
-            let dtype = outs
-                .first()
-                .map(|t| t.dtype)
-                .unwrap_or(crate::ir::Dtype::F32);
-            cost::compute_time(cost::flops(&n.op, &ins, &outs), dtype, dev)
-        })
-        .collect();
-    let mut strategies: Vec<Vec<Strategy>> = vec![Vec::new(); g.num_nodes()];
-    let mut states: Vec<Vec<AxisPl>> = vec![Vec::new(); g.num_values()];
-    for a in 0..mesh.rank() {
+    let edges = Edges::new(g);
+    let rank = mesh.rank();
+    let mut strategies = vec![Strategy::Replicate; g.num_nodes() * rank];
+    let mut states = vec![AxisPl::Replicate; g.num_values() * rank];
+    for a in 0..rank {
         let ctx = AxisCtx {
             g,
             mesh,
@@ -131,43 +240,61 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             n: mesh.axis_size(a),
             dev,
             fixed: &fixed,
+            fixed_axis: (0..table.len() as PlId)
+                .map(|id| table.get(id).axis(a))
+                .collect(),
+            bytes: &bytes,
+            param: &param,
             free: &free,
             rules: &rules,
+            rule_of: &rule_of,
             compute: &compute,
+            edges: &edges,
         };
-        let (choice, st) = ctx.run(&strategies);
+        let (choice, st) = ctx.run(&strategies, rank);
         for (i, s) in choice.into_iter().enumerate() {
             if let Some(s) = s {
-                strategies[i].push(s);
+                strategies[i * rank + a] = s;
             }
         }
         for (i, s) in st.into_iter().enumerate() {
-            states[i].push(s);
+            states[i * rank + a] = s;
         }
     }
-    let placements = g
+    let placement_of = g
         .values()
-        .map(|(v, val)| {
-            fixed[v.index()]
-                .clone()
-                .unwrap_or_else(|| Placement::from_axes(val.ty.rank(), &states[v.index()]))
+        .map(|(v, val)| match fixed[v.index()] {
+            Some(id) => id,
+            None => table.intern_axes(
+                val.ty.rank(),
+                states[v.index() * rank..(v.index() + 1) * rank]
+                    .iter()
+                    .copied(),
+            ),
         })
         .collect();
     Ok(Sharding {
         mesh: mesh.clone(),
+        rules,
+        rule_of,
         strategies,
-        placements,
+        table,
+        placement_of,
         free,
     })
 }
 
 /// Placements required by annotations; an annotation that does not divide is an error.
-fn fixed_placements(g: &Graph, mesh: &Mesh) -> Result<Vec<Option<Placement>>, ShardError> {
+fn fixed_placements(
+    g: &Graph,
+    mesh: &Mesh,
+    table: &mut PlacementTable,
+) -> Result<Vec<Option<PlId>>, ShardError> {
     let mut fixed = vec![None; g.num_values()];
     for (v, a) in g.annotations() {
         let p = Placement::from_spec(&a.spec, mesh).expect("the mesh includes every declared axis");
         check_divides(g, *v, &p, mesh, a.span)?;
-        fixed[v.index()] = Some(p);
+        fixed[v.index()] = Some(table.intern_owned(p));
     }
     for o in g.outputs() {
         if let Some(a) = &o.annotation {
@@ -216,15 +343,79 @@ struct AxisCtx<'a> {
     a: usize,
     n: u64,
     dev: &'a Device,
-    fixed: &'a [Option<Placement>],
+    fixed: &'a [Option<PlId>],
+    /// Per placement of the table, its state along this axis.
+    fixed_axis: Vec<AxisPl>,
+    /// Per value, its size in bytes.
+    bytes: &'a [f64],
+    /// Per value, whether it is a param.
+    param: &'a [bool],
     free: &'a [bool],
-    rules: &'a [Option<Rule>],
+    rules: &'a [Rule],
+    rule_of: &'a [Option<u32>],
     compute: &'a [f64],
+    edges: &'a Edges,
+}
+
+/// The operands and results of every node in two flat lists, so that the passes read a few
+/// dense arrays instead of every `Node`.
+struct Edges {
+    ins_at: Vec<u32>,
+    ins: Vec<ValueId>,
+    outs_at: Vec<u32>,
+    outs: Vec<ValueId>,
+}
+
+impl Edges {
+    fn new(g: &Graph) -> Self {
+        let mut e = Edges {
+            ins_at: Vec::with_capacity(g.num_nodes() + 1),
+            ins: Vec::new(),
+            outs_at: Vec::with_capacity(g.num_nodes() + 1),
+            outs: Vec::with_capacity(g.num_values()),
+        };
+        e.ins_at.push(0);
+        e.outs_at.push(0);
+        for (_, n) in g.nodes() {
+            e.ins.extend_from_slice(&n.inputs);
+            e.outs.extend_from_slice(&n.outputs);
+            e.ins_at.push(e.ins.len() as u32);
+            e.outs_at.push(e.outs.len() as u32);
+        }
+        e
+    }
+
+    fn inputs(&self, id: NodeId) -> &[ValueId] {
+        &self.ins[self.ins_at[id.index()] as usize..self.ins_at[id.index() + 1] as usize]
+    }
+
+    fn outputs(&self, id: NodeId) -> &[ValueId] {
+        &self.outs[self.outs_at[id.index()] as usize..self.outs_at[id.index() + 1] as usize]
+    }
+}
+
+/// What each value's users (and the program outputs) require along one axis, sorted and
+/// deduplicated: value `v`'s states are `list[start[v]..start[v + 1]]`.
+#[derive(Default)]
+struct Demands {
+    start: Vec<u32>,
+    list: Vec<AxisPl>,
+}
+
+impl Demands {
+    fn of(&self, v: ValueId) -> &[AxisPl] {
+        &self.list[self.start[v.index()] as usize..self.start[v.index() + 1] as usize]
+    }
 }
 
 impl AxisCtx<'_> {
-    /// Chosen strategy per node and state per value along this axis.
-    fn run(&self, earlier: &[Vec<Strategy>]) -> (Vec<Option<Strategy>>, Vec<AxisPl>) {
+    fn rule(&self, id: NodeId) -> Option<&Rule> {
+        self.rule_of[id.index()].map(|r| &self.rules[r as usize])
+    }
+
+    /// Chosen strategy per node and state per value along this axis; `earlier` holds the
+    /// strategies of the previous axes (`rank` per node).
+    fn run(&self, earlier: &[Strategy], rank: usize) -> (Vec<Option<Strategy>>, Vec<AxisPl>) {
         let g = self.g;
         let mut st: Vec<AxisPl> = (0..g.num_values())
             .map(|v| {
@@ -234,45 +425,47 @@ impl AxisCtx<'_> {
             .collect();
         let mut choice: Vec<Option<Strategy>> = vec![None; g.num_nodes()];
         if self.n == 1 {
-            for (i, r) in self.rules.iter().enumerate() {
-                if let Some(r) = r {
-                    choice[i] = Some(Strategy {
-                        operands: vec![AxisPl::Replicate; r.operands.len()],
-                        result: AxisPl::Replicate,
-                        label: None,
-                        internal: false,
-                    });
+            for (i, r) in self.rule_of.iter().enumerate() {
+                if r.is_some() {
+                    choice[i] = Some(Strategy::Replicate);
                 }
             }
             return (choice, st);
         }
-        let mut demand: Option<Vec<Vec<AxisPl>>> = None;
+        let mut demand = Demands::default();
+        let mut have_demand = false;
+        let mut cands: Vec<Strategy> = Vec::new();
         for _ in 0..MAX_PASSES {
             let mut changed = false;
-            for (id, node) in g.nodes() {
-                let Some(rule) = &self.rules[id.index()] else {
+            for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
+                let Some(rule) = self.rule(id) else {
                     continue;
                 };
-                let best = self.choose(id, rule, &st, demand.as_deref(), &earlier[id.index()]);
-                for &o in &node.outputs {
-                    st[o.index()] = self.fixed_state(o).unwrap_or(best.result);
+                let i = id.index();
+                let prior = &earlier[i * rank..i * rank + self.a];
+                let d = have_demand.then_some(&demand);
+                let best = self.choose(id, rule, &st, d, prior, &mut cands);
+                let result = best.result(rule);
+                for &o in self.edges.outputs(id) {
+                    st[o.index()] = self.fixed_state(o).unwrap_or(result);
                 }
-                if choice[id.index()].as_ref() != Some(&best) {
+                if choice[i] != Some(best) {
                     changed = true;
-                    choice[id.index()] = Some(best);
+                    choice[i] = Some(best);
                 }
             }
             self.free_leaf_states(&choice, &mut st);
-            if !changed && demand.is_some() {
+            if !changed && have_demand {
                 break;
             }
-            demand = Some(self.demands(&choice));
+            self.demands(&choice, &mut demand);
+            have_demand = true;
         }
         (choice, st)
     }
 
     fn fixed_state(&self, v: ValueId) -> Option<AxisPl> {
-        self.fixed[v.index()].as_ref().map(|p| p.axis(self.a))
+        self.fixed[v.index()].map(|id| self.fixed_axis[id as usize])
     }
 
     /// A free leaf's displayed state: what its first user asked for.
@@ -282,38 +475,78 @@ impl AxisCtx<'_> {
                 continue;
             }
             let first = self.g.users(v).iter().find_map(|&u| {
-                let s = choice[u.index()].as_ref()?;
+                let s = choice[u.index()]?;
                 let i = self.g.node(u).inputs.iter().position(|&x| x == v)?;
-                Some(s.operands[i])
+                Some(s.operand(self.rule(u)?, i))
             });
             st[v.index()] = first.unwrap_or(AxisPl::Replicate);
         }
     }
 
-    /// What each value's users (and the program outputs) require, sorted and deduplicated.
-    fn demands(&self, choice: &[Option<Strategy>]) -> Vec<Vec<AxisPl>> {
-        let mut d: Vec<Vec<AxisPl>> = vec![Vec::new(); self.g.num_values()];
-        for (id, node) in self.g.nodes() {
-            if let Some(s) = &choice[id.index()] {
-                for (i, &v) in node.inputs.iter().enumerate() {
-                    d[v.index()].push(s.operands[i]);
+    /// Fills `d` with what each value's users (and the program outputs) require.
+    fn demands(&self, choice: &[Option<Strategy>], d: &mut Demands) {
+        let g = self.g;
+        let nv = g.num_values();
+        let outputs: Vec<(ValueId, AxisPl)> = g
+            .outputs()
+            .iter()
+            .map(|o| {
+                let want = o
+                    .annotation
+                    .as_ref()
+                    .and_then(|a| Placement::from_spec(&a.spec, self.mesh))
+                    .map(|p| p.axis(self.a))
+                    .unwrap_or(AxisPl::Replicate);
+                (o.value, want)
+            })
+            .collect();
+        // Counting sort by value: `start[v + 1]` first counts, then becomes the fill cursor.
+        d.start.clear();
+        d.start.resize(nv + 1, 0);
+        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
+            if choice[id.index()].is_some() {
+                for &v in self.edges.inputs(id) {
+                    d.start[v.index() + 1] += 1;
                 }
             }
         }
-        for o in self.g.outputs() {
-            let want = o
-                .annotation
-                .as_ref()
-                .and_then(|a| Placement::from_spec(&a.spec, self.mesh))
-                .map(|p| p.axis(self.a))
-                .unwrap_or(AxisPl::Replicate);
-            d[o.value.index()].push(want);
+        for (v, _) in &outputs {
+            d.start[v.index() + 1] += 1;
         }
-        for x in &mut d {
-            x.sort();
-            x.dedup();
+        for v in 0..nv {
+            d.start[v + 1] += d.start[v];
         }
-        d
+        d.list.clear();
+        d.list.resize(d.start[nv] as usize, AxisPl::Replicate);
+        let mut fill: Vec<u32> = d.start[..nv].to_vec();
+        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
+            if let Some(s) = choice[id.index()] {
+                let rule = self.rule(id).expect("a chosen node has a rule");
+                for (i, &v) in self.edges.inputs(id).iter().enumerate() {
+                    d.list[fill[v.index()] as usize] = s.operand(rule, i);
+                    fill[v.index()] += 1;
+                }
+            }
+        }
+        for &(v, want) in &outputs {
+            d.list[fill[v.index()] as usize] = want;
+            fill[v.index()] += 1;
+        }
+        // Sort and deduplicate each value's run, compacting the list in place.
+        let mut w = 0usize;
+        for v in 0..nv {
+            let (lo, hi) = (d.start[v] as usize, d.start[v + 1] as usize);
+            d.list[lo..hi].sort();
+            d.start[v] = w as u32;
+            for r in lo..hi {
+                if r == lo || d.list[r] != d.list[r - 1] {
+                    d.list[w] = d.list[r];
+                    w += 1;
+                }
+            }
+        }
+        d.start[nv] = w as u32;
+        d.list.truncate(w);
     }
 
     fn choose(
@@ -321,12 +554,14 @@ impl AxisCtx<'_> {
         id: NodeId,
         rule: &Rule,
         st: &[AxisPl],
-        demand: Option<&[Vec<AxisPl>]>,
+        demand: Option<&Demands>,
         earlier: &[Strategy],
+        cands: &mut Vec<Strategy>,
     ) -> Strategy {
+        self.candidates(id, rule, st, demand, earlier, cands);
         let mut best: Option<(f64, Strategy)> = None;
-        for s in self.candidates(id, rule, st, demand, earlier) {
-            let c = self.cost(id, &s, st, demand);
+        for &s in cands.iter() {
+            let c = self.cost(id, rule, s, st, demand);
             if best
                 .as_ref()
                 .is_none_or(|(bc, _)| c < *bc * (1.0 - 1e-9) - 1e-18)
@@ -338,84 +573,66 @@ impl AxisCtx<'_> {
             .expect("Replicate is always a candidate")
     }
 
-    /// Replicate, then each label some operand, annotation or user splits (if it divides), then
-    /// pass-through of Partial operands through linear ops.
+    /// Into `out`: Replicate, then each label some operand, annotation or user splits (if it
+    /// divides), then pass-through of Partial operands through linear ops.
     fn candidates(
         &self,
         id: NodeId,
         rule: &Rule,
         st: &[AxisPl],
-        demand: Option<&[Vec<AxisPl>]>,
+        demand: Option<&Demands>,
         earlier: &[Strategy],
-    ) -> Vec<Strategy> {
-        let node = self.g.node(id);
-        let nops = rule.operands.len();
-        let mut out = vec![Strategy {
-            operands: vec![AxisPl::Replicate; nops],
-            result: AxisPl::Replicate,
-            label: None,
-            internal: false,
-        }];
-        let mut wanted: Vec<AxisPl> = Vec::new();
-        for &o in &node.outputs {
-            wanted.extend(self.fixed_state(o));
-            if let Some(d) = demand {
-                wanted.extend(d[o.index()].iter().copied());
-            }
-        }
+        out: &mut Vec<Strategy>,
+    ) {
+        let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
+        out.clear();
+        out.push(Strategy::Replicate);
+        let wanted = |x: AxisPl| {
+            outputs.iter().any(|&o| {
+                self.fixed_state(o) == Some(x) || demand.is_some_and(|d| d.of(o).contains(&x))
+            })
+        };
         for l in 0..rule.sizes.len() {
             let prior: u64 = earlier
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.label == Some(l))
+                .filter(|(_, s)| s.label() == Some(l))
                 .map(|(a, _)| self.mesh.axis_size(a))
                 .product();
             if !rule.sizes[l].is_multiple_of(self.n * prior) {
                 continue;
             }
-            let Some(s) = label_strategy(rule, l) else {
+            if !splittable(rule, l) {
                 continue;
-            };
-            let induced = node.inputs.iter().enumerate().any(|(i, v)| {
-                !self.free[v.index()]
-                    && st[v.index()] == s.operands[i]
-                    && s.operands[i] != AxisPl::Replicate
-            }) || (s.result != AxisPl::Replicate && wanted.contains(&s.result))
-                || (s.internal
-                    && node.inputs.iter().enumerate().any(|(i, v)| {
-                        st[v.index()] == s.operands[i] && matches!(s.operands[i], AxisPl::Shard(_))
+            }
+            let s = Strategy::Split(l);
+            let result = s.result(rule);
+            let internal = s.internal(rule);
+            let induced = inputs.iter().enumerate().any(|(i, v)| {
+                let req = s.operand(rule, i);
+                !self.free[v.index()] && st[v.index()] == req && req != AxisPl::Replicate
+            }) || (result != AxisPl::Replicate && wanted(result))
+                || (internal
+                    && inputs.iter().enumerate().any(|(i, v)| {
+                        let req = s.operand(rule, i);
+                        st[v.index()] == req && matches!(req, AxisPl::Shard(_))
                     }));
             if induced {
                 out.push(s);
             }
         }
-        for set in &rule.linear {
+        for (k, set) in rule.linear.iter().enumerate() {
             let any_partial = set
                 .iter()
-                .any(|&i| st[node.inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
+                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
             if any_partial {
-                let operands = (0..nops)
-                    .map(|i| {
-                        if set.contains(&i) {
-                            AxisPl::Partial(PartialOp::Sum)
-                        } else {
-                            AxisPl::Replicate
-                        }
-                    })
-                    .collect();
-                out.push(Strategy {
-                    operands,
-                    result: AxisPl::Partial(PartialOp::Sum),
-                    label: None,
-                    internal: false,
-                });
+                out.push(Strategy::Linear(k));
             }
         }
-        out
     }
 
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
-        let b = self.g.ty(v).size_bytes() as f64;
+        let b = self.bytes[v.index()];
         if matches!(s, AxisPl::Shard(_)) {
             b / self.n as f64
         } else {
@@ -425,7 +642,7 @@ impl AxisCtx<'_> {
 
     /// Seconds to move `v` from state `from` to `to` along this axis (`bytes` of the whole).
     fn reshard(&self, v: ValueId, from: AxisPl, to: AxisPl) -> f64 {
-        let whole = self.g.ty(v).size_bytes() as f64;
+        let whole = self.bytes[v.index()];
         let n = self.n;
         let launch = |k: CollectiveKind, b: f64| k.time(n, b, self.dev);
         match (from, to) {
@@ -444,15 +661,20 @@ impl AxisCtx<'_> {
 
     /// Objective of running node `id` with strategy `s`: operand reshards, compute, the future
     /// reshards its users need, and memory (params weighted by their training state).
-    fn cost(&self, id: NodeId, s: &Strategy, st: &[AxisPl], demand: Option<&[Vec<AxisPl>]>) -> f64 {
-        let g = self.g;
-        let node = g.node(id);
+    fn cost(
+        &self,
+        id: NodeId,
+        rule: &Rule,
+        s: Strategy,
+        st: &[AxisPl],
+        demand: Option<&Demands>,
+    ) -> f64 {
+        let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
         let dev = self.dev;
         let mut c = 0.0;
-        for (i, &v) in node.inputs.iter().enumerate() {
-            let req = s.operands[i];
-            let is_param = matches!(g.node(g.value(v).node).op, Op::Param { .. });
-            let factor = if is_param {
+        for (i, &v) in inputs.iter().enumerate() {
+            let req = s.operand(rule, i);
+            let factor = if self.param[v.index()] {
                 dev.param_state_factor
             } else {
                 1.0
@@ -462,21 +684,23 @@ impl AxisCtx<'_> {
                 c += self.reshard(v, st[v.index()], req);
             }
         }
-        let frac = if s.label.is_some() {
+        let frac = if s.label().is_some() {
             1.0 / self.n as f64
         } else {
             1.0
         };
         c += self.compute[id.index()] * frac;
-        if s.internal {
-            let rows = g.ty(node.inputs[1]).size_bytes() as f64;
+        if s.internal(rule) {
+            let rows = self.bytes[inputs[1].index()];
             c += 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev);
         }
-        for &o in &node.outputs {
-            let placed = self.fixed_state(o).unwrap_or(s.result);
-            c += self.reshard(o, s.result, placed);
+        let result = s.result(rule);
+        for &o in outputs {
+            let placed = self.fixed_state(o).unwrap_or(result);
+            c += self.reshard(o, result, placed);
             c += match demand {
-                Some(d) => d[o.index()]
+                Some(d) => d
+                    .of(o)
                     .iter()
                     .map(|&want| self.reshard(o, placed, want))
                     .sum::<f64>(),
@@ -489,35 +713,4 @@ impl AxisCtx<'_> {
         }
         c
     }
-}
-
-/// The strategy splitting label `l`: operands holding it are split there, others replicated;
-/// the result is split, partial, or (internal contraction) replicated.
-fn label_strategy(rule: &Rule, l: Label) -> Option<Strategy> {
-    let operands: Vec<AxisPl> = rule
-        .operands
-        .iter()
-        .map(|dims| {
-            dims.iter()
-                .position(|&x| x == Some(l))
-                .map(AxisPl::Shard)
-                .unwrap_or(AxisPl::Replicate)
-        })
-        .collect();
-    if operands.iter().all(|s| *s == AxisPl::Replicate) {
-        return None;
-    }
-    let (result, internal) = match rule.result.iter().position(|&x| x == Some(l)) {
-        Some(d) => (AxisPl::Shard(d), false),
-        None => match rule.contracted.iter().find(|(c, _)| *c == l)?.1 {
-            Contraction::Partial(op) => (AxisPl::Partial(op), false),
-            Contraction::Internal => (AxisPl::Replicate, true),
-        },
-    };
-    Some(Strategy {
-        operands,
-        result,
-        label: Some(l),
-        internal,
-    })
 }

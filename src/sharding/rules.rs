@@ -10,7 +10,7 @@ use crate::ir::{BinaryOp, Op, ReduceOp, TensorType, UnaryOp};
 pub type Label = usize;
 
 /// What splitting a contracted label (one absent from the result) yields.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Contraction {
     /// A partial sum (matmul's k, sum/mean over an axis, vocab-sharded embedding lookup).
     Partial(PartialOp),
@@ -20,7 +20,7 @@ pub enum Contraction {
 }
 
 /// The dimension mapping of one op.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// Per operand, per dim: the label, or `None` when the dim cannot be split.
     pub operands: Vec<Vec<Option<Label>>>,
