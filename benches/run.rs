@@ -628,11 +628,12 @@ fn bench_allreduce() {
         bus(ar_med) / bw(cp_med),
         AR_REPS
     );
-    // Every rank writes the 2(n-1)/n·bytes it receives at least once, and the n ranks share the
-    // machine's cores: together they copy at most at the aggregate rate.
+    // Over point-to-point messages every rank receives at least 2(n-1)/n·bytes (the all-reduce
+    // bandwidth lower bound), and taking in a received byte costs at least a copy; the n ranks
+    // share the machine's cores, so together they copy at most at the aggregate rate.
     let bound = cores as f64 * bw(pa_min) / AR_RANKS as f64;
     println!(
-        "bound with {AR_RANKS} ranks on {cores} cores: bus bandwidth <= aggregate copy rate / ranks = {bound:.2} GB/s = {:.3} × memcpy; all-reduce / bound: {:.2} (best)",
+        "bound for point-to-point algorithms with {AR_RANKS} ranks on {cores} cores: bus bandwidth <= aggregate copy rate / ranks = {bound:.2} GB/s = {:.3} × memcpy; all-reduce / bound: {:.2} (best)",
         bound / bw(cp_min),
         bus(ar_min) / bound
     );
