@@ -3,9 +3,10 @@
 //! embedding (masked lookup) and the vocab-parallel cross-entropy.
 
 use super::{PartitionError, Partitioner, Provenance};
-use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
 use crate::sharding::placement::PlId;
 use crate::sharding::{AxisPl, PartialOp, Placement};
+use crate::span::Span;
 
 impl Partitioner<'_> {
     /// Emits the local form of node `id` on local operands `ins` (already in placements
@@ -91,6 +92,7 @@ impl Partitioner<'_> {
     ) -> Result<Vec<ValueId>, PartitionError> {
         let node = self.g.node(id);
         let (span, region, origin) = (node.span, node.region, node.outputs.first().copied());
+        let at = (span, region);
         let logits_id = reqs[0];
         let (logits_pl, labels_pl) = (
             self.table.get(reqs[0]).clone(),
@@ -123,18 +125,16 @@ impl Partitioner<'_> {
             let max_keep = self.intern(rows(Some(PartialOp::Max), true));
             let sum_rows = self.intern(rows(Some(PartialOp::Sum), false));
             let rows_pl = self.intern(rows(None, false));
-            let m = self.emit(
+            let m = self.emit_at(
+                at,
                 Op::Reduce {
                     op: ReduceOp::Max,
                     axis: last,
                     keepdims: true,
                 },
                 vec![x],
-                span,
-                region,
                 max_keep,
-                None,
-            )?[0];
+            )?;
             let m = self.all_reduce(
                 m,
                 &vaxes,
@@ -143,34 +143,18 @@ impl Partitioner<'_> {
                 "max of the logits",
                 rows(None, true),
             )?;
-            let z = self.emit(
-                Op::Binary { op: BinaryOp::Sub },
-                vec![x, m],
-                span,
-                region,
-                logits_id,
-                None,
-            )?[0];
-            let e = self.emit(
-                Op::Unary { op: UnaryOp::Exp },
-                vec![z],
-                span,
-                region,
-                logits_id,
-                None,
-            )?[0];
-            let se = self.emit(
+            let z = self.emit_at(at, Op::Binary { op: BinaryOp::Sub }, vec![x, m], logits_id)?;
+            let e = self.emit_at(at, Op::Unary { op: UnaryOp::Exp }, vec![z], logits_id)?;
+            let se = self.emit_at(
+                at,
                 Op::Reduce {
                     op: ReduceOp::Sum,
                     axis: last,
                     keepdims: false,
                 },
                 vec![e],
-                span,
-                region,
                 sum_rows,
-                None,
-            )?[0];
+            )?;
             let se = self.all_reduce(
                 se,
                 &vaxes,
@@ -179,16 +163,14 @@ impl Partitioner<'_> {
                 "sum of exp",
                 rows(None, false),
             )?;
-            let t = self.emit(
+            let t = self.emit_at(
+                at,
                 Op::TargetLogit {
                     axes: self.axes_of(&vaxes),
                 },
                 vec![z, y],
-                span,
-                region,
                 sum_rows,
-                None,
-            )?[0];
+            )?;
             let t = self.all_reduce(
                 t,
                 &vaxes,
@@ -197,22 +179,8 @@ impl Partitioner<'_> {
                 "target logit",
                 rows(None, false),
             )?;
-            let lse = self.emit(
-                Op::Unary { op: UnaryOp::Log },
-                vec![se],
-                span,
-                region,
-                rows_pl,
-                None,
-            )?[0];
-            let per = self.emit(
-                Op::Binary { op: BinaryOp::Sub },
-                vec![lse, t],
-                span,
-                region,
-                rows_pl,
-                None,
-            )?[0];
+            let lse = self.emit_at(at, Op::Unary { op: UnaryOp::Log }, vec![se], rows_pl)?;
+            let per = self.emit_at(at, Op::Binary { op: BinaryOp::Sub }, vec![lse, t], rows_pl)?;
             let n = self.out.ty(per).numel();
             let flat_pl = Placement {
                 dims: vec![labels_pl.dims.concat()],
@@ -222,14 +190,7 @@ impl Partitioner<'_> {
             if self.out.ty(per).rank() == 0 {
                 per
             } else {
-                let flat = self.emit(
-                    Op::Reshape { shape: vec![n] },
-                    vec![per],
-                    span,
-                    region,
-                    flat_pl,
-                    None,
-                )?[0];
+                let flat = self.emit_at(at, Op::Reshape { shape: vec![n] }, vec![per], flat_pl)?;
                 self.emit(
                     Op::Reduce {
                         op: ReduceOp::Mean,
@@ -259,6 +220,17 @@ impl Partitioner<'_> {
             )?[0];
         }
         Ok(vec![loss])
+    }
+
+    /// One op of a decomposition at `at` (span and region), with one result placed `pl`.
+    fn emit_at(
+        &mut self,
+        at: (Span, RegionId),
+        op: Op,
+        ins: Vec<ValueId>,
+        pl: PlId,
+    ) -> Result<ValueId, PartitionError> {
+        Ok(self.emit(op, ins, at.0, at.1, pl, None)?[0])
     }
 
     /// All-reduces `v` over each axis of `axes` inside a decomposed op, with provenance.
