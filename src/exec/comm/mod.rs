@@ -459,6 +459,29 @@ mod tests {
         assert!(out.iter().all(|r| r.is_err()));
     }
 
+    #[test]
+    fn abort_during_large_all_reduces_stops_every_rank() {
+        // Large buffers travel as loans; the failing rank stops after a few rounds of a
+        // halving-doubling (4 ranks) or ring (3 ranks) all-reduce, so peers are waiting on it.
+        for n in [3usize, 4] {
+            let out = on_world(n, move |t| {
+                let group: Vec<usize> = (0..n).collect();
+                let mut d = vec![1.0f32; 1 << 20];
+                if t.rank() == 1 {
+                    let r = all_reduce(t, &group, &mut d, ReduceOp::Sum);
+                    assert!(r.is_ok());
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    t.abort();
+                    return Err(CommError::Aborted);
+                }
+                all_reduce(t, &group, &mut d, ReduceOp::Sum)?;
+                assert!(d.iter().all(|&v| v == n as f32));
+                all_reduce(t, &group, &mut d, ReduceOp::Sum)
+            });
+            assert!(out.iter().all(|r| r.is_err()), "{n} ranks: {out:?}");
+        }
+    }
+
     /// Runs the all-reduce on every rank of a world of `n` over `group`; the data of
     /// rank r is `data(r)`. Returns the results of the group's ranks.
     fn reduce_group(
