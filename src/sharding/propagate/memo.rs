@@ -121,8 +121,15 @@ impl AxisCtx<'_> {
         let mut key = Vec::new();
         for &it in inst {
             self.static_key(it, earlier, rank, &mut key, &mut m.watch);
-            let next = classes.len() as u32;
-            m.class.push(*classes.entry(key.clone()).or_insert(next));
+            let class = match classes.get(key.as_slice()) {
+                Some(&c) => c,
+                None => {
+                    let c = classes.len() as u32;
+                    classes.insert(key.clone(), c);
+                    c
+                }
+            };
+            m.class.push(class);
             m.watch_at.push(m.watch.len() as u32);
         }
         m
