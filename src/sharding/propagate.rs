@@ -13,6 +13,8 @@ use crate::mesh::{Device, Mesh};
 use crate::span::Span;
 use std::collections::HashMap;
 
+mod memo;
+
 /// How one node runs along one mesh axis, named by what its `Rule` splits; the operand and
 /// result states are read off the rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +108,10 @@ pub struct Sharding {
     /// Per value: an unannotated input or param, which tpc loads in whatever placement each
     /// user needs, without communication.
     pub free: Vec<bool>,
+    /// The first node of each block instance whose forward-pass choices were copied from an
+    /// earlier instance that read the same inputs, per axis and pass in order (a statistic: the
+    /// outcome is the same as computing them).
+    pub copied_instances: Vec<NodeId>,
 }
 
 impl Sharding {
@@ -191,6 +197,16 @@ const MAX_PASSES: usize = 6;
 
 /// Propagates the annotations of `g` over `mesh`, choosing by the cost model of `dev`.
 pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, ShardError> {
+    propagate_with(g, mesh, dev, true)
+}
+
+/// `propagate`, copying repeated block instances when `reuse` (else every node is computed).
+fn propagate_with(
+    g: &Graph,
+    mesh: &Mesh,
+    dev: &Device,
+    reuse: bool,
+) -> Result<Sharding, ShardError> {
     let mut table = PlacementTable::default();
     let fixed = fixed_placements(g, mesh, &mut table)?;
     let free: Vec<bool> = g
@@ -229,6 +245,12 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
         .map(|(_, v)| matches!(g.node(v.node).op, Op::Param { .. }))
         .collect();
     let edges = Edges::new(g);
+    let instances = if reuse {
+        memo::instances(g)
+    } else {
+        Vec::new()
+    };
+    let mut copied_instances = Vec::new();
     let rank = mesh.rank();
     let mut strategies = vec![Strategy::Replicate; g.num_nodes() * rank];
     let mut states = vec![AxisPl::Replicate; g.num_values() * rank];
@@ -251,7 +273,8 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
             compute: &compute,
             edges: &edges,
         };
-        let (choice, st) = ctx.run(&strategies, rank);
+        let (choice, st, copied) = ctx.run(&strategies, rank, &instances);
+        copied_instances.extend(copied);
         for (i, s) in choice.into_iter().enumerate() {
             if let Some(s) = s {
                 strategies[i * rank + a] = s;
@@ -281,6 +304,7 @@ pub fn propagate(g: &Graph, mesh: &Mesh, dev: &Device) -> Result<Sharding, Shard
         table,
         placement_of,
         free,
+        copied_instances,
     })
 }
 
@@ -413,9 +437,14 @@ impl AxisCtx<'_> {
         self.rule_of[id.index()].map(|r| &self.rules[r as usize])
     }
 
-    /// Chosen strategy per node and state per value along this axis; `earlier` holds the
-    /// strategies of the previous axes (`rank` per node).
-    fn run(&self, earlier: &[Strategy], rank: usize) -> (Vec<Option<Strategy>>, Vec<AxisPl>) {
+    /// Chosen strategy per node and state per value along this axis, and the first nodes of the
+    /// instances copied; `earlier` holds the strategies of the previous axes (`rank` per node).
+    fn run(
+        &self,
+        earlier: &[Strategy],
+        rank: usize,
+        instances: &[memo::Instance],
+    ) -> (Vec<Option<Strategy>>, Vec<AxisPl>, Vec<NodeId>) {
         let g = self.g;
         let mut st: Vec<AxisPl> = (0..g.num_values())
             .map(|v| {
@@ -430,30 +459,14 @@ impl AxisCtx<'_> {
                     choice[i] = Some(Strategy::Replicate);
                 }
             }
-            return (choice, st);
+            return (choice, st, Vec::new());
         }
+        let mut memo = self.memo(instances, earlier, rank);
         let mut demand = Demands::default();
         let mut have_demand = false;
-        let mut cands: Vec<Strategy> = Vec::new();
         for _ in 0..MAX_PASSES {
-            let mut changed = false;
-            for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
-                let Some(rule) = self.rule(id) else {
-                    continue;
-                };
-                let i = id.index();
-                let prior = &earlier[i * rank..i * rank + self.a];
-                let d = have_demand.then_some(&demand);
-                let best = self.choose(id, rule, &st, d, prior, &mut cands);
-                let result = best.result(rule);
-                for &o in self.edges.outputs(id) {
-                    st[o.index()] = self.fixed_state(o).unwrap_or(result);
-                }
-                if choice[i] != Some(best) {
-                    changed = true;
-                    choice[i] = Some(best);
-                }
-            }
+            let d = have_demand.then_some(&demand);
+            let changed = self.forward(&mut memo, &mut st, &mut choice, d, earlier, rank);
             self.free_leaf_states(&choice, &mut st);
             if !changed && have_demand {
                 break;
@@ -461,7 +474,58 @@ impl AxisCtx<'_> {
             self.demands(&choice, &mut demand);
             have_demand = true;
         }
-        (choice, st)
+        (choice, st, memo.copied)
+    }
+
+    /// One forward pass over the nodes in order, copying block instances the memo knows; true
+    /// when some choice changed.
+    fn forward(
+        &self,
+        memo: &mut memo::Memo,
+        st: &mut [AxisPl],
+        choice: &mut [Option<Strategy>],
+        demand: Option<&Demands>,
+        earlier: &[Strategy],
+        rank: usize,
+    ) -> bool {
+        let mut changed = false;
+        let mut cands: Vec<Strategy> = Vec::new();
+        memo.begin_pass();
+        let mut i = 0;
+        while i < self.g.num_nodes() {
+            if let Some(end) = self.copy_instance(memo, i, st, choice, demand, &mut changed) {
+                i = end;
+                continue;
+            }
+            let prior = &earlier[i * rank..i * rank + self.a];
+            changed |= self.step(NodeId(i as u32), st, choice, demand, prior, &mut cands);
+            i += 1;
+        }
+        changed
+    }
+
+    /// Chooses the strategy of node `id` (if it has a rule) and sets its results' states;
+    /// true when its choice changed.
+    fn step(
+        &self,
+        id: NodeId,
+        st: &mut [AxisPl],
+        choice: &mut [Option<Strategy>],
+        demand: Option<&Demands>,
+        prior: &[Strategy],
+        cands: &mut Vec<Strategy>,
+    ) -> bool {
+        let Some(rule) = self.rule(id) else {
+            return false;
+        };
+        let best = self.choose(id, rule, st, demand, prior, cands);
+        let result = best.result(rule);
+        for &o in self.edges.outputs(id) {
+            st[o.index()] = self.fixed_state(o).unwrap_or(result);
+        }
+        let changed = choice[id.index()] != Some(best);
+        choice[id.index()] = Some(best);
+        changed
     }
 
     fn fixed_state(&self, v: ValueId) -> Option<AxisPl> {
