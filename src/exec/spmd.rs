@@ -416,7 +416,7 @@ impl Rank<'_> {
     }
 
     fn node(&mut self, node: &Node, owned: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, String> {
-        if !is_spmd(&node.op) {
+        if !node.op.is_spmd_only() {
             return apply_owned(&node.op, owned).map_err(|e| e.to_string());
         }
         let first = owned.first().ok_or("a collective without an operand")?;
@@ -699,21 +699,6 @@ fn into_flat(x: ArrayD<f32>) -> Vec<f32> {
 /// True for an i32 tensor.
 fn is_int(t: &Tensor) -> bool {
     matches!(t, Tensor::I32(_))
-}
-
-/// True for the ops that only run here (collectives and vocab-parallel ops), not in `apply`.
-fn is_spmd(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::AllReduce { .. }
-            | Op::AllGather { .. }
-            | Op::ReduceScatter { .. }
-            | Op::AllToAll { .. }
-            | Op::ShardSlice { .. }
-            | Op::KeepOnFirst { .. }
-            | Op::VocabEmbedding { .. }
-            | Op::TargetLogit { .. }
-    )
 }
 
 fn map_tensor(

@@ -326,6 +326,19 @@ impl Op {
         )
     }
 
+    /// True for the ops that exist only in partitioned programs and need a rank to run: the
+    /// collectives, local slices and the vocab-parallel ops.
+    pub fn is_spmd_only(&self) -> bool {
+        self.is_collective()
+            || matches!(
+                self,
+                Op::ShardSlice { .. }
+                    | Op::KeepOnFirst { .. }
+                    | Op::VocabEmbedding { .. }
+                    | Op::TargetLogit { .. }
+            )
+    }
+
     /// True for the leaves (`Input`, `Param`).
     pub fn is_leaf(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. })

@@ -338,19 +338,7 @@ pub fn check_plan(plan: &Plan, strict: bool) -> Result<Outcome, String> {
     let mut spmd_ops: Vec<&'static str> = plan
         .local
         .nodes()
-        .filter(|(_, n)| {
-            matches!(
-                n.op,
-                Op::AllReduce { .. }
-                    | Op::AllGather { .. }
-                    | Op::ReduceScatter { .. }
-                    | Op::AllToAll { .. }
-                    | Op::ShardSlice { .. }
-                    | Op::KeepOnFirst { .. }
-                    | Op::VocabEmbedding { .. }
-                    | Op::TargetLogit { .. }
-            )
-        })
+        .filter(|(_, n)| n.op.is_spmd_only())
         .map(|(_, n)| n.op.name())
         .collect();
     spmd_ops.sort();
