@@ -96,6 +96,7 @@ pub fn flops(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> f64 {
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
         | Op::AllToAll { .. }
+        | Op::Redistribute { .. }
         | Op::ShardSlice { .. }
         | Op::KeepOnFirst { .. }
         | Op::VocabEmbedding { .. }

@@ -16,6 +16,7 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
         | Op::AllToAll { .. }
+        | Op::Redistribute { .. }
         | Op::ShardSlice { .. }
         | Op::KeepOnFirst { .. }
         | Op::VocabEmbedding { .. }

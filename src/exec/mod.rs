@@ -13,6 +13,7 @@ pub mod leaves;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod npz;
+pub mod redistribute;
 pub mod reference;
 pub mod spmd;
 mod tensor;

@@ -567,6 +567,11 @@ impl Rank<'_> {
                     )
                 }
             }
+            Op::Redistribute { axes, from, to } => {
+                let spec = super::redistribute::Spec { axes, from, to };
+                super::redistribute::run(self.t, &self.plan.mesh, &self.coords, &spec, args[0])
+                    .map_err(|e| e.to_string())?
+            }
             Op::VocabEmbedding { axes } => self.vocab_embedding(axes, args)?,
             Op::TargetLogit { axes } => self.target_logit(axes, args)?,
             op => {

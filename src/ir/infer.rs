@@ -150,6 +150,10 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
             })?;
             one(resize_dim(name, &y, *concat, |n| n.checked_mul(*size)))
         }
+        Op::Redistribute { axes, from, to } => {
+            let [x] = operands(name, inputs)?;
+            one(redistribute(x, axes, from, to))
+        }
         Op::VocabEmbedding { .. } => {
             let [ids, table] = operands(name, inputs)?;
             one(embedding(ids, table))
@@ -173,6 +177,46 @@ fn resize_dim(
         .ok_or_else(|| attr(op, format!("dim {dim} of {x} does not fit the group size")))?;
     let mut shape = x.shape.clone();
     shape[dim] = n;
+    Ok(x.with_shape(shape))
+}
+
+/// The local type after a redistribute: each dim grows by its `from` splits and shrinks by its
+/// `to` splits; every group axis splits exactly one dim before and one after.
+fn redistribute(
+    x: &TensorType,
+    axes: &[(String, u64)],
+    from: &[Vec<usize>],
+    to: &[Vec<usize>],
+) -> Result<TensorType, InferError> {
+    let op = "redistribute";
+    if from.len() != x.rank() || to.len() != x.rank() {
+        return Err(attr(op, format!("its split lists do not have one entry per dim of {x}")));
+    }
+    for side in [from, to] {
+        let mut seen = vec![0u32; axes.len()];
+        for &a in side.iter().flatten() {
+            match seen.get_mut(a) {
+                Some(n) => *n += 1,
+                None => return Err(attr(op, format!("axis index {a} is not in its group"))),
+            }
+        }
+        if seen.iter().any(|&n| n != 1) {
+            return Err(attr(op, "every group axis must split exactly one dim".to_string()));
+        }
+    }
+    let count = |d: &[usize]| {
+        d.iter()
+            .try_fold(1u64, |n, &a| n.checked_mul(axes[a].1))
+            .filter(|&n| n > 0)
+    };
+    let mut shape = x.shape.clone();
+    for (d, n) in shape.iter_mut().enumerate() {
+        let whole = count(&from[d]).and_then(|k| n.checked_mul(k));
+        *n = match (whole, count(&to[d])) {
+            (Some(w), Some(k)) if w % k == 0 => w / k,
+            _ => return Err(attr(op, format!("dim {d} of {x} does not fit the group"))),
+        };
+    }
     Ok(x.with_shape(shape))
 }
 

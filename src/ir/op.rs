@@ -250,6 +250,17 @@ pub enum Op {
         /// The dim joined after the exchange.
         concat: usize,
     },
+    /// SPMD: moves blocks between the devices of the combined group of `axes` from one split of
+    /// the dims to another; each device sends every peer the part of its block that the peer's
+    /// new block covers (one all-to-all over the group). Shard → Shard on several axes at once.
+    Redistribute {
+        /// The group's mesh axes with their sizes, in mesh order.
+        axes: Vec<(String, u64)>,
+        /// Per dim, the group's axes splitting it before (indices into `axes`, major first).
+        from: Vec<Vec<usize>>,
+        /// Per dim, the group's axes splitting it after (indices into `axes`, major first).
+        to: Vec<Vec<usize>>,
+    },
     /// SPMD, no communication: keeps this device's block of `dim` (its coordinate on `axis`).
     /// Replicate → Shard.
     ShardSlice {
@@ -308,6 +319,7 @@ impl Op {
             Op::AllGather { .. } => "all_gather",
             Op::ReduceScatter { .. } => "reduce_scatter",
             Op::AllToAll { .. } => "all_to_all",
+            Op::Redistribute { .. } => "redistribute",
             Op::ShardSlice { .. } => "shard_slice",
             Op::KeepOnFirst { .. } => "keep_on_first",
             Op::VocabEmbedding { .. } => "vocab_embedding",
@@ -323,6 +335,7 @@ impl Op {
                 | Op::AllGather { .. }
                 | Op::ReduceScatter { .. }
                 | Op::AllToAll { .. }
+                | Op::Redistribute { .. }
         )
     }
 
@@ -348,6 +361,20 @@ impl Op {
 /// Formats a float attribute so that it reads back exactly and integers stay short (`2`, `0.125`).
 fn fmt_f64(v: f64) -> String {
     format!("{v:?}")
+}
+
+/// A split of the dims over a group's axes, spec style: `[dp, (tp,sp), _]`.
+fn group_spec(axes: &[(String, u64)], dims: &[Vec<usize>]) -> String {
+    let name = |a: &usize| axes.get(*a).map_or("?", |(n, _)| n.as_str());
+    let entries: Vec<String> = dims
+        .iter()
+        .map(|d| match d.len() {
+            0 => "_".to_string(),
+            1 => name(&d[0]).to_string(),
+            _ => format!("({})", d.iter().map(name).collect::<Vec<_>>().join(",")),
+        })
+        .collect();
+    format!("[{}]", entries.join(", "))
 }
 
 /// Displays the op with its attributes, as in the text IR: `softmax{axis=3}`.
@@ -410,6 +437,17 @@ impl fmt::Display for Op {
                 f,
                 "all_to_all{{split={split},concat={concat},{axis}={size}}}"
             ),
+            Op::Redistribute { axes, from, to } => {
+                let spec = |dims: &[Vec<usize>]| group_spec(axes, dims);
+                let sizes: Vec<String> = axes.iter().map(|(n, k)| format!("{n}={k}")).collect();
+                write!(
+                    f,
+                    "redistribute{{{} -> {},{}}}",
+                    spec(from),
+                    spec(to),
+                    sizes.join(",")
+                )
+            }
             Op::ShardSlice { axis, size, dim } => {
                 write!(f, "shard_slice{{dim={dim},{axis}={size}}}")
             }

@@ -8,6 +8,8 @@ use crate::ir::{Op, ReduceOp};
 use crate::mesh::Mesh;
 use crate::sharding::{AxisPl, PartialOp, Placement};
 
+mod direct;
+
 /// One step of a reshard: the op to emit (`None` for a relabelling without data movement) and
 /// the placement after it.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +35,10 @@ pub fn plan_reshard(from: &Placement, to: &Placement, mesh: &Mesh) -> Vec<Step> 
         steps.push(step);
     }
     debug_assert_eq!(cur, *to, "reshard did not converge");
-    steps
+    match direct::step(from, to, mesh) {
+        Some(d) if direct::is_cheaper(&d, &steps, mesh) => vec![d],
+        _ => steps,
+    }
 }
 
 fn reduce_of(op: PartialOp) -> ReduceOp {
@@ -163,6 +168,15 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
 
 /// Describes a step's transition for provenance: `Partial(sum) -> Replicate over tp`.
 pub fn describe(step: &Step, mesh: &Mesh) -> String {
+    if let Some(Op::Redistribute { axes, .. }) = &step.op {
+        let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+        return format!(
+            "{} -> {} over ({})",
+            step.before.display(mesh),
+            step.after.display(mesh),
+            names.join(",")
+        );
+    }
     format!(
         "{} -> {} over {}",
         step.before.axis(step.axis),
@@ -228,11 +242,7 @@ mod tests {
             (&[R, P], &[S(0), S(1)], &["reduce_scatter", "shard_slice"]),
             (&[S(0), S(0)], &[R, R], &["all_gather", "all_gather"]),
             (&[S(0), S(0)], &[S(0), R], &["all_gather"]),
-            (
-                &[S(0), S(1)],
-                &[S(1), S(0)],
-                &["all_gather", "all_to_all", "shard_slice"],
-            ),
+            (&[S(0), S(1)], &[S(1), S(0)], &["redistribute"]),
             (&[R, R], &[S(0), S(0)], &["shard_slice", "shard_slice"]),
             (&[S(1), R], &[S(0), S(1)], &["all_to_all", "shard_slice"]),
         ];
@@ -256,10 +266,81 @@ mod tests {
             partial: vec![None, None],
         };
         let steps = plan_reshard(&from, &to, &m);
-        assert_eq!(
-            kinds(&steps),
-            ["all_gather", "all_gather", "shard_slice", "shard_slice"]
-        );
+        assert_eq!(kinds(&steps), ["redistribute"]);
         assert_eq!(steps.last().unwrap().after, to);
+    }
+
+    /// The axis-by-axis path with the direct path disabled: every step is legal and it ends
+    /// at the target.
+    fn stepwise(from: &Placement, to: &Placement, m: &Mesh) -> Vec<Step> {
+        let mut cur = from.clone();
+        let mut steps = Vec::new();
+        while cur != *to {
+            let s = next_step(&cur, to, m);
+            cur = s.after.clone();
+            steps.push(s);
+        }
+        steps
+    }
+
+    fn dims(d: &[&[usize]], axes: usize) -> Placement {
+        Placement {
+            dims: d.iter().map(|x| x.to_vec()).collect(),
+            partial: vec![None; axes],
+        }
+    }
+
+    #[test]
+    fn several_axes_move_in_one_exchange_when_it_sends_less() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        let cases: &[(&[&[usize]], &[&[usize]])] = &[
+            (&[&[0], &[1]], &[&[1], &[0]]),
+            (&[&[0, 1], &[]], &[&[], &[0, 1]]),
+            (&[&[0, 1], &[]], &[&[1, 0], &[]]),
+            (&[&[1], &[0]], &[&[], &[1, 0]]),
+        ];
+        for (f, t) in cases {
+            let (from, to) = (dims(f, 2), dims(t, 2));
+            let steps = plan_reshard(&from, &to, &m);
+            assert_eq!(kinds(&steps), ["redistribute"], "{from:?} -> {to:?}");
+            let old = stepwise(&from, &to, &m);
+            assert!(
+                direct::sent(&steps, &m) < direct::sent(&old, &m),
+                "{from:?} -> {to:?}: {} vs {}",
+                direct::sent(&steps, &m),
+                direct::sent(&old, &m)
+            );
+            assert!(describe(&steps[0], &m).ends_with("over (dp,tp)"));
+        }
+    }
+
+    #[test]
+    fn a_kept_major_axis_stays_out_of_the_group() {
+        let m = Mesh::parse("dp=2,pp=2,tp=2").unwrap();
+        // dp keeps splitting dim 0 (major); pp and tp trade dims under it.
+        let from = dims(&[&[0, 1], &[2]], 3);
+        let to = dims(&[&[0, 2], &[1]], 3);
+        let steps = plan_reshard(&from, &to, &m);
+        assert_eq!(kinds(&steps), ["redistribute"]);
+        let Some(Op::Redistribute { axes, from: f, to: t }) = &steps[0].op else {
+            panic!("{steps:?}")
+        };
+        let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(names, ["pp", "tp"]);
+        assert_eq!((f.clone(), t.clone()), (vec![vec![0], vec![1]], vec![vec![1], vec![0]]));
+    }
+
+    #[test]
+    fn partial_or_gathered_moves_keep_the_axis_by_axis_path() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        // One axis only: the all-to-all is already direct.
+        let steps = plan_reshard(&pl(2, &[S(0), R]), &pl(2, &[S(1), R]), &m);
+        assert_eq!(kinds(&steps), ["all_to_all"]);
+        // A gather to Replicate is not a shard-to-shard move.
+        let steps = plan_reshard(&pl(2, &[S(0), S(1)]), &pl(2, &[R, S(0)]), &m);
+        assert!(!kinds(&steps).contains(&"redistribute"), "{:?}", kinds(&steps));
+        // Partial states differ: reduce first.
+        let steps = plan_reshard(&pl(2, &[S(0), P]), &pl(2, &[S(1), S(0)]), &m);
+        assert!(!kinds(&steps).contains(&"redistribute"), "{:?}", kinds(&steps));
     }
 }

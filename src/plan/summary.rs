@@ -41,8 +41,14 @@ pub fn collective_kind(op: &Op) -> Option<(CollectiveKind, u64)> {
         Op::AllGather { size, .. } => (CollectiveKind::AllGather, *size),
         Op::ReduceScatter { size, .. } => (CollectiveKind::ReduceScatter, *size),
         Op::AllToAll { size, .. } => (CollectiveKind::AllToAll, *size),
+        Op::Redistribute { axes, .. } => (CollectiveKind::AllToAll, group_size(axes)),
         _ => return None,
     })
+}
+
+/// The number of devices in the combined group of `axes`.
+pub fn group_size(axes: &[(String, u64)]) -> u64 {
+    axes.iter().map(|(_, n)| n).product()
 }
 
 impl Summary {

@@ -63,6 +63,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
         | Op::AllToAll { .. }
+        | Op::Redistribute { .. }
         | Op::ShardSlice { .. }
         | Op::KeepOnFirst { .. }
         | Op::VocabEmbedding { .. }
