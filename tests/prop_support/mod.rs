@@ -242,6 +242,8 @@ pub fn listed_collectives(plan: &Plan) -> BTreeMap<String, (u64, u64)> {
             Op::AllGather { size, .. } => (K::AllGather, *size),
             Op::ReduceScatter { size, .. } => (K::ReduceScatter, *size),
             Op::AllToAll { size, .. } => (K::AllToAll, *size),
+            // One all-to-all over the combined group of its axes.
+            Op::Redistribute { axes, .. } => (K::AllToAll, axes.iter().map(|(_, k)| k).product()),
             _ => continue,
         };
         let bytes = plan.local.ty(n.inputs[0]).size_bytes() as f64;
