@@ -58,7 +58,13 @@ fn int_leaves() -> BTreeMap<String, Tensor> {
     let mut m = BTreeMap::new();
     m.insert(
         "ids".into(),
-        ints(&[8, 1024], |i| if i / 1024 == i % 8 { big(i % 1024) } else { 0 }),
+        ints(&[8, 1024], |i| {
+            if i / 1024 == i % 8 {
+                big(i % 1024)
+            } else {
+                0
+            }
+        }),
     );
     m.insert("rep".into(), ints(&[8, 1024], |i| big(i) - (i % 3) as i32));
     m.insert("g".into(), ints(&[8, 4], big));
@@ -82,13 +88,25 @@ fn integers_above_2_pow_24_move_exactly_through_every_collective() {
                 op => op.name().to_string(),
             })
             .collect();
-        for kind in ["all_reduce Sum", "all_reduce Max", "all_to_all", "all_gather", "shard_slice"] {
-            assert!(ops.iter().any(|o| o == kind), "{mesh}: no {kind} in {ops:?}");
+        for kind in [
+            "all_reduce Sum",
+            "all_reduce Max",
+            "all_to_all",
+            "all_gather",
+            "shard_slice",
+        ] {
+            assert!(
+                ops.iter().any(|o| o == kind),
+                "{mesh}: no {kind} in {ops:?}"
+            );
         }
         let leaves = int_leaves();
         let want = reference::run(&plan.global, &leaves, &leaves).unwrap();
         let got = run_threads(&plan, &LeafSource::Arrays(leaves), 1, None).unwrap();
-        assert_eq!(got.outputs, want, "{mesh}: outputs differ from the reference");
+        assert_eq!(
+            got.outputs, want,
+            "{mesh}: outputs differ from the reference"
+        );
         let s = got.outputs["s"].as_i32().unwrap();
         assert_eq!(s[[0]], BIG[0]);
         assert_eq!(s[[1]], BIG[1]);

@@ -163,7 +163,14 @@ fn outputs<E: From<ExecError>>(
 
 /// Names a node in internal errors (`%3 matmul`).
 fn here(node: &Node) -> String {
-    format!("{} {}", node.outputs.first().map(|v| v.to_string()).unwrap_or_default(), node.op.name())
+    format!(
+        "{} {}",
+        node.outputs
+            .first()
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        node.op.name()
+    )
 }
 
 /// Bytes a tensor holds (4 per element for both storage kinds).

@@ -262,7 +262,10 @@ fn incoming(h: [u64; 2], from: usize) -> Result<Header, CommError> {
             want: isize::MAX as usize / 4,
         })?;
     match h[1] {
-        0 | 1 => Ok(Header { len, int: h[1] == 1 }),
+        0 | 1 => Ok(Header {
+            len,
+            int: h[1] == 1,
+        }),
         _ => Err(CommError::Kind {
             from,
             got: "unknown",
@@ -460,11 +463,7 @@ pub fn decode_rank_output(msg: &Message) -> Result<RankOutput, String> {
         let data = w.take(len)?;
         let t = if int {
             Tensor::I32(
-                ArrayD::from_shape_vec(
-                    IxDyn(&shape),
-                    data.to_vec(),
-                )
-                .map_err(|e| e.to_string())?,
+                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).map_err(|e| e.to_string())?,
             )
         } else {
             Tensor::F32(

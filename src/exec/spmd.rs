@@ -202,7 +202,10 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
     };
     let devices = plan.mesh.num_devices();
     if ranks.len() as u64 != devices {
-        return Err(whole(format!("{} ranks for {devices} devices", ranks.len())));
+        return Err(whole(format!(
+            "{} ranks for {devices} devices",
+            ranks.len()
+        )));
     }
     let steps = ranks.first().map(|r| r.step_times.len()).unwrap_or(0);
     let outs = plan.local.outputs();
@@ -363,8 +366,8 @@ fn run_rank_inner(
         })?;
         r.collectives.clear();
         let t0 = Instant::now();
-        let out = core::run(&plan.local, &live, &leaves, &mut r)
-            .map_err(|(id, e)| r.op_error(id, e))?;
+        let out =
+            core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
         step_times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         if step + 1 == steps.max(1) {
@@ -508,7 +511,9 @@ impl Rank<'_> {
         let shape = &plan.global.ty(origin).shape;
         let local = &plan.local.ty(v).shape;
         let ranges = block_ranges(shape, &plan.placements[v.index()], &self.coords, &plan.mesh);
-        if local.len() != shape.len() || ranges.iter().zip(local).any(|(r, &n)| r.end - r.start != n) {
+        if local.len() != shape.len()
+            || ranges.iter().zip(local).any(|(r, &n)| r.end - r.start != n)
+        {
             return None;
         }
         let (mut rest, mut flat) = (p as u64, 0u64);
@@ -545,8 +550,12 @@ impl Rank<'_> {
         let t = match x {
             Cow::Owned(Tensor::F32(a)) => Tensor::F32(self.collective(&node.op, Cow::Owned(a))?),
             Cow::Owned(Tensor::I32(a)) => Tensor::I32(self.collective(&node.op, Cow::Owned(a))?),
-            Cow::Borrowed(Tensor::F32(a)) => Tensor::F32(self.collective(&node.op, Cow::Borrowed(a))?),
-            Cow::Borrowed(Tensor::I32(a)) => Tensor::I32(self.collective(&node.op, Cow::Borrowed(a))?),
+            Cow::Borrowed(Tensor::F32(a)) => {
+                Tensor::F32(self.collective(&node.op, Cow::Borrowed(a))?)
+            }
+            Cow::Borrowed(Tensor::I32(a)) => {
+                Tensor::I32(self.collective(&node.op, Cow::Borrowed(a))?)
+            }
         };
         Ok(vec![t])
     }
@@ -561,7 +570,11 @@ impl Rank<'_> {
 
     /// A data-moving SPMD op on an f32 or i32 block: elements move exactly, integers are summed
     /// and maximized as integers.
-    fn collective<T: Elem>(&mut self, op: &Op, x: Cow<'_, ArrayD<T>>) -> Result<ArrayD<T>, NodeError> {
+    fn collective<T: Elem>(
+        &mut self,
+        op: &Op,
+        x: Cow<'_, ArrayD<T>>,
+    ) -> Result<ArrayD<T>, NodeError> {
         let name = op.name();
         let shape = x.shape().to_vec();
         match op {
@@ -613,7 +626,10 @@ impl Rank<'_> {
                 Ok(array(name, &local, mine)?)
             }
             Op::AllToAll {
-                axis, split, concat, ..
+                axis,
+                split,
+                concat,
+                ..
             } => {
                 let a = self.axis(op, axis)?;
                 let k = self.groups[a].len();
@@ -632,7 +648,9 @@ impl Rank<'_> {
                 let got = comm::all_to_all(self.t, &self.groups[a], chunks)?;
                 let len: usize = pshape.iter().product();
                 if got.iter().any(|g| g.len() != len) {
-                    return Err(ExecError::shape(name, "a received block has the wrong size").into());
+                    return Err(
+                        ExecError::shape(name, "a received block has the wrong size").into(),
+                    );
                 }
                 let pieces: Vec<&[T]> = got.iter().map(|g| &g[..]).collect();
                 let data = join(&pieces, &pshape, *concat);
@@ -656,7 +674,12 @@ impl Rank<'_> {
     }
 
     /// The vocab block `(offset, local rows, vocab)` of this rank along `axes` (major first).
-    fn vocab_block(&self, op: &Op, axes: &[(String, u64)], local: usize) -> Result<(i64, i64, i64), ExecError> {
+    fn vocab_block(
+        &self,
+        op: &Op,
+        axes: &[(String, u64)],
+        local: usize,
+    ) -> Result<(i64, i64, i64), ExecError> {
         let mut b = 0u64;
         let mut k = 1u64;
         for (name, size) in axes {
@@ -670,8 +693,14 @@ impl Rank<'_> {
         ))
     }
 
-    fn vocab_embedding(&self, axes: &[(String, u64)], args: &[Cow<'_, Tensor>]) -> Result<Tensor, ExecError> {
-        let op = Op::VocabEmbedding { axes: axes.to_vec() };
+    fn vocab_embedding(
+        &self,
+        axes: &[(String, u64)],
+        args: &[Cow<'_, Tensor>],
+    ) -> Result<Tensor, ExecError> {
+        let op = Op::VocabEmbedding {
+            axes: axes.to_vec(),
+        };
         let name = "vocab_embedding";
         let [ids, table] = two(name, args)?;
         let ids = ids.as_i32().ok_or_else(|| dtype(name, 0, "i32", ids))?;
@@ -701,16 +730,23 @@ impl Rank<'_> {
                 buf[i * h..(i + 1) * h].copy_from_slice(&t[r * h..(r + 1) * h]);
             }
         }
-        array(name, &shape, buf)
-            .map(Tensor::F32)
+        array(name, &shape, buf).map(Tensor::F32)
     }
 
-    fn target_logit(&self, axes: &[(String, u64)], args: &[Cow<'_, Tensor>]) -> Result<Tensor, ExecError> {
-        let op = Op::TargetLogit { axes: axes.to_vec() };
+    fn target_logit(
+        &self,
+        axes: &[(String, u64)],
+        args: &[Cow<'_, Tensor>],
+    ) -> Result<Tensor, ExecError> {
+        let op = Op::TargetLogit {
+            axes: axes.to_vec(),
+        };
         let name = "target_logit";
         let [x, labels] = two(name, args)?;
         let x = x.as_f32().ok_or_else(|| dtype(name, 0, "f32", x))?;
-        let labels = labels.as_i32().ok_or_else(|| dtype(name, 1, "i32", labels))?;
+        let labels = labels
+            .as_i32()
+            .ok_or_else(|| dtype(name, 1, "i32", labels))?;
         let v = *x
             .shape()
             .last()
@@ -800,7 +836,10 @@ fn check_dim(op: &'static str, shape: &[usize], dim: usize) -> Result<(), ExecEr
     if dim < shape.len() {
         Ok(())
     } else {
-        Err(ExecError::shape(op, format!("dim {dim} out of range for shape {shape:?}")))
+        Err(ExecError::shape(
+            op,
+            format!("dim {dim} out of range for shape {shape:?}"),
+        ))
     }
 }
 
@@ -809,7 +848,10 @@ fn check_split(op: &'static str, shape: &[usize], dim: usize, k: usize) -> Resul
     check_dim(op, shape, dim)?;
     let n = shape[dim];
     if k == 0 || !n.is_multiple_of(k) {
-        return Err(ExecError::shape(op, format!("dim {dim} of size {n} does not split into {k}")));
+        return Err(ExecError::shape(
+            op,
+            format!("dim {dim} of size {n} does not split into {k}"),
+        ));
     }
     Ok(())
 }
@@ -836,4 +878,31 @@ fn join<T: Pooled>(pieces: &[&[T]], shape: &[usize], dim: usize) -> Vec<T> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_stopped_by_another_is_told_by_its_variant() {
+        let op = |error: NodeError| RunError::Op {
+            rank: 1,
+            op: "%3 = all_reduce".into(),
+            location: String::new(),
+            error,
+        };
+        assert!(op(CommError::Aborted.into()).is_secondary());
+        assert!(op(CommError::Disconnected(2).into()).is_secondary());
+        let length = CommError::Length {
+            from: 0,
+            got: 1,
+            want: 2,
+        };
+        assert!(!op(length.into()).is_secondary());
+        // An exec error whose text reads like a secondary one is still the rank's own.
+        let own = ExecError::shape("all_reduce", "rank 2 disconnected");
+        assert!(!op(own.into()).is_secondary());
+        assert!(!RunError::Panicked(0).is_secondary());
+    }
 }

@@ -481,7 +481,12 @@ fn halving_doubling<T: Elem>(
             ((mid, hi), (lo, mid))
         };
         let (send, acc) = split_pair(data, away, keep);
-        t.exchange_into(peer, T::data(send), peer, Sink::Combine(T::data_mut(acc), op))?;
+        t.exchange_into(
+            peer,
+            T::data(send),
+            peer,
+            Sink::Combine(T::data_mut(acc), op),
+        )?;
         splits.push((lo, mid, hi));
         (lo, hi) = keep;
         bit <<= 1;
@@ -517,7 +522,8 @@ fn doubling<T: Elem>(
     let mut bit = 1;
     while bit < k {
         let peer = group[me ^ bit];
-        let mut got: Vec<T> = expect_len(t.exchange(peer, T::message(send), peer)?, data.len(), peer)?;
+        let mut got: Vec<T> =
+            expect_len(t.exchange(peer, T::message(send), peer)?, data.len(), peer)?;
         let more = bit * 2 < k;
         // The received buffer becomes the next round's message, written in the same pass.
         T::combine_symmetric(data, &mut got, op, more);
@@ -693,6 +699,86 @@ mod tests {
         // chunk 1 of [i + r] summed over r = 0..3: (2+3)+(3+4)... per element: 3*i + 3
         assert_eq!(out[1].1, vec![9.0, 12.0]);
         assert_eq!(out[2].2, vec![vec![2.0; 3], vec![12.0; 3], vec![22.0; 3]]);
+    }
+
+    /// Integers that f32 cannot hold (above 2^24), each rank's shifted by its rank.
+    fn big(rank: usize, len: usize) -> Vec<i32> {
+        let base = [16_777_217, i32::MAX - 1, -16_777_217, 16_777_219];
+        (0..len)
+            .map(|i| base[i % 4] - (rank as i32) * (i % 3 == 0) as i32)
+            .collect()
+    }
+
+    #[test]
+    fn integers_move_exactly_through_every_collective() {
+        // Lengths below and above the loan threshold; groups of 2^j (doubling, halving-doubling)
+        // and others (ring).
+        for n in [2usize, 3, 4] {
+            for len in [4usize, 40_000] {
+                let out = on_world(n, move |t| {
+                    let group: Vec<usize> = (0..n).collect();
+                    let r = t.rank();
+                    let mut max = big(r, len);
+                    all_reduce(t, &group, &mut max, ReduceOp::Max).unwrap();
+                    let mut sum: Vec<i32> = big(r, len)
+                        .iter()
+                        .map(|&v| if r == 0 { v } else { (v % 2).abs() })
+                        .collect();
+                    all_reduce(t, &group, &mut sum, ReduceOp::Sum).unwrap();
+                    let gathered = all_gather(t, &group, &big(r, len)).unwrap();
+                    let mut rs = big(r, len * n);
+                    rs.iter_mut().for_each(|v| *v = if r == 0 { *v } else { 0 });
+                    let scattered = reduce_scatter(t, &group, &mut rs, ReduceOp::Sum).unwrap();
+                    let chunks = (0..n).map(|to| big(r + to, len)).collect();
+                    let swapped = all_to_all(t, &group, chunks).unwrap();
+                    (max, sum, gathered, scattered, swapped)
+                });
+                for (r, (max, sum, gathered, scattered, swapped)) in out.iter().enumerate() {
+                    assert_eq!(max, &big(0, len), "{n} ranks, {len}: max");
+                    let want: Vec<i32> = (0..len)
+                        .map(|i| {
+                            let odd: i32 = (1..n).map(|q| (big(q, len)[i] % 2).abs()).sum();
+                            big(0, len)[i].wrapping_add(odd)
+                        })
+                        .collect();
+                    assert_eq!(sum, &want, "{n} ranks, {len}: sum");
+                    let all: Vec<i32> = (0..n).flat_map(|q| big(q, len)).collect();
+                    assert_eq!(gathered, &all, "{n} ranks, {len}: all-gather");
+                    let b = bounds(len * n, n)[r];
+                    assert_eq!(scattered[..], big(0, len * n)[b.0..b.1], "reduce-scatter");
+                    for (from, got) in swapped.iter().enumerate() {
+                        assert_eq!(got, &big(from + r, len), "all-to-all");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_of_the_other_element_type_is_an_error() {
+        let out = on_world(2, |t| {
+            let peer = 1 - t.rank();
+            if t.rank() == 0 {
+                let mut buf = vec![0i32; 3];
+                t.exchange_into(
+                    peer,
+                    Data::I32(&[1, 2, 3]),
+                    peer,
+                    Sink::Write(DataMut::I32(&mut buf)),
+                )
+            } else {
+                let mut buf = vec![0f32; 3];
+                t.exchange_into(
+                    peer,
+                    Data::F32(&[1.0, 2.0, 3.0]),
+                    peer,
+                    Sink::Write(DataMut::F32(&mut buf)),
+                )
+            }
+        });
+        let kind = |from, got, want| Err(CommError::Kind { from, got, want });
+        assert_eq!(out[0], kind(1, "f32", "i32"));
+        assert_eq!(out[1], kind(0, "i32", "f32"));
     }
 
     #[test]

@@ -1,13 +1,13 @@
-//! The thread backend: ranks of one process, each with one mailbox (a channel every rank sends
-//! into), so a world of n ranks holds n channels, not n². Large exchanges are loans: the
+//! The thread backend: ranks of one process, connected by channels created on first use (a
+//! world of n ranks holds the channels its collectives use, not n²). Large exchanges are loans: the
 //! receiver reads the sender's slice in place (one pass over the bytes instead of a copy into a
 //! message and a copy out of it), and the sender waits until it has been read.
 
 use super::{copy_exchange, CommError, Data, Message, Sink, Transport};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -112,16 +112,16 @@ impl<'a> Lent<'a> {
 
     /// Waits until the borrower has read the loan; gives up when the world aborts or the
     /// borrower can no longer read it (its endpoint is gone).
-    fn wait(&self, aborted: &AtomicBool, to: usize) -> Result<(), CommError> {
+    fn wait(&self, world: &World, to: usize) -> Result<(), CommError> {
         let mut state = self.loan.lock();
         loop {
             if *state == LoanState::Done {
                 return Ok(());
             }
-            if aborted.load(Ordering::Relaxed) {
+            if world.aborted.load(Ordering::Relaxed) {
                 return Err(CommError::Aborted);
             }
-            if Arc::strong_count(&self.loan) == 1 {
+            if Arc::strong_count(&self.loan) == 1 || world.gone(to) {
                 return Err(CommError::Disconnected(to));
             }
             state = (self.loan.read)
@@ -141,41 +141,87 @@ impl Drop for Lent<'_> {
     }
 }
 
-/// What the ranks of one world share: a mailbox sender per rank, a gone flag per rank (set when
-/// its endpoint is dropped), and the abort flag.
+/// The end of a channel between two ranks that its owner has not picked up yet.
+enum End {
+    Sender(Sender<Msg>),
+    Receiver(Receiver<Msg>),
+}
+
+/// What the ranks of one world share: the channel ends not yet picked up, by (sender,
+/// receiver); a gone flag per rank (set when its endpoint is dropped); the abort flag.
 struct World {
-    mailboxes: Vec<Sender<(usize, Msg)>>,
+    size: usize,
+    unclaimed: Mutex<HashMap<(usize, usize), End>>,
     gone: Vec<AtomicBool>,
     aborted: AtomicBool,
 }
 
-/// The thread backend: ranks of one process, one mailbox each.
+impl World {
+    /// Rank `from`'s sender to `to`, creating the channel on first use.
+    fn sender(&self, from: usize, to: usize) -> Sender<Msg> {
+        let mut u = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match u.remove(&(from, to)) {
+            Some(End::Sender(s)) => s,
+            _ => {
+                let (s, r) = channel();
+                u.insert((from, to), End::Receiver(r));
+                s
+            }
+        }
+    }
+
+    /// Rank `to`'s receiver from `from`, creating the channel on first use.
+    fn receiver(&self, from: usize, to: usize) -> Receiver<Msg> {
+        let mut u = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match u.remove(&(from, to)) {
+            Some(End::Receiver(r)) => r,
+            _ => {
+                let (s, r) = channel();
+                u.insert((from, to), End::Sender(s));
+                r
+            }
+        }
+    }
+
+    /// True when `rank`'s endpoint was dropped (or `rank` is no rank of the world).
+    fn gone(&self, rank: usize) -> bool {
+        self.gone
+            .get(rank)
+            .is_none_or(|g| g.load(Ordering::Acquire))
+    }
+}
+
+/// The thread backend: ranks of one process, connected by a channel per pair of ranks that
+/// communicate, created on first use, so memory grows with the pairs a plan's groups use (for
+/// a ring or doubling over the world, linearly or as n·log n), not with n².
 pub struct ThreadTransport {
     rank: usize,
     world: Arc<World>,
-    inbox: Receiver<(usize, Msg)>,
-    /// Messages received from ranks other than the one waited for, in arrival order per sender
-    /// (created on first use, so memory stays linear in the ranks).
-    early: HashMap<usize, VecDeque<Msg>>,
+    senders: HashMap<usize, Sender<Msg>>,
+    receivers: HashMap<usize, Receiver<Msg>>,
 }
 
 impl ThreadTransport {
     /// A world of `n` ranks; element `r` is rank `r`'s endpoint.
     pub fn world(n: usize) -> Vec<ThreadTransport> {
-        let (mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| channel()).unzip();
         let world = Arc::new(World {
-            mailboxes,
+            size: n,
+            unclaimed: Mutex::new(HashMap::new()),
             gone: (0..n).map(|_| AtomicBool::new(false)).collect(),
             aborted: AtomicBool::new(false),
         });
-        inboxes
-            .into_iter()
-            .enumerate()
-            .map(|(rank, inbox)| ThreadTransport {
+        (0..n)
+            .map(|rank| ThreadTransport {
                 rank,
                 world: world.clone(),
-                inbox,
-                early: HashMap::new(),
+                senders: HashMap::new(),
+                receivers: HashMap::new(),
             })
             .collect()
     }
@@ -188,53 +234,40 @@ impl ThreadTransport {
         if self.aborted() {
             return Err(CommError::Aborted);
         }
-        self.world
-            .mailboxes
-            .get(to)
-            .ok_or(CommError::Disconnected(to))?
-            .send((self.rank, msg))
+        if to >= self.world.size {
+            return Err(CommError::Disconnected(to));
+        }
+        let (world, rank) = (&self.world, self.rank);
+        self.senders
+            .entry(to)
+            .or_insert_with(|| world.sender(rank, to))
+            .send(msg)
             .map_err(|_| CommError::Disconnected(to))
     }
 
-    /// The next message from `from`; messages from other ranks that arrive first are kept.
+    /// The next message from `from`.
     fn next(&mut self, from: usize) -> Result<Msg, CommError> {
+        if from >= self.world.size {
+            return Err(CommError::Disconnected(from));
+        }
+        let (world, rank) = (&self.world, self.rank);
+        let r = self
+            .receivers
+            .entry(from)
+            .or_insert_with(|| world.receiver(from, rank));
         loop {
-            if let Some(m) = self.early.get_mut(&from).and_then(VecDeque::pop_front) {
-                return Ok(m);
-            }
-            match self.inbox.recv_timeout(POLL) {
-                Ok((f, m)) if f == from => return Ok(m),
-                Ok((f, m)) => self.early.entry(f).or_default().push_back(m),
+            match r.recv_timeout(POLL) {
+                Ok(m) => return Ok(m),
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.aborted() {
+                    if world.aborted.load(Ordering::Relaxed) {
                         return Err(CommError::Aborted);
                     }
-                    if self.peer_gone(from) {
-                        return self.last_from(from);
+                    // Every message `from` sent is in the channel before its gone flag is seen.
+                    if world.gone(from) {
+                        return r.try_recv().map_err(|_| CommError::Disconnected(from));
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(CommError::Disconnected(from)),
-            }
-        }
-    }
-
-    /// True when `from`'s endpoint was dropped (or `from` is no rank of the world).
-    fn peer_gone(&self, from: usize) -> bool {
-        self.world
-            .gone
-            .get(from)
-            .is_none_or(|g| g.load(Ordering::Acquire))
-    }
-
-    /// After `from` is gone: a message it sent before, if any arrived, else `Disconnected`.
-    fn last_from(&mut self, from: usize) -> Result<Msg, CommError> {
-        loop {
-            match self.inbox.try_recv() {
-                Ok((f, m)) if f == from => return Ok(m),
-                Ok((f, m)) => self.early.entry(f).or_default().push_back(m),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
-                    return Err(CommError::Disconnected(from))
-                }
             }
         }
     }
@@ -242,7 +275,6 @@ impl ThreadTransport {
 
 impl Drop for ThreadTransport {
     fn drop(&mut self) {
-        // Every message this rank sent is in its peers' mailboxes before the flag is seen.
         self.world.gone[self.rank].store(true, Ordering::Release);
     }
 }
@@ -253,7 +285,7 @@ impl Transport for ThreadTransport {
     }
 
     fn world(&self) -> usize {
-        self.world.mailboxes.len()
+        self.world.size
     }
 
     fn send(&mut self, to: usize, msg: Message) -> Result<(), CommError> {
@@ -295,7 +327,7 @@ impl Transport for ThreadTransport {
             Ok(Msg::Loan(loan)) => loan.read(from, sink),
             Err(e) => Err(e),
         };
-        let read = lent.wait(&self.world.aborted, to);
+        let read = lent.wait(&self.world, to);
         got.and(read)
     }
 
@@ -320,13 +352,19 @@ mod tests {
         let h = std::thread::spawn(move || {
             let send: Vec<f32> = (0..BIG).map(|i| i as f32).collect();
             let mut acc = vec![1.0f32; BIG];
-            b.exchange_into(0, Data::F32(&send), 0, Sink::Combine(DataMut::F32(&mut acc), ReduceOp::Sum))
-                .unwrap();
+            b.exchange_into(
+                0,
+                Data::F32(&send),
+                0,
+                Sink::Combine(DataMut::F32(&mut acc), ReduceOp::Sum),
+            )
+            .unwrap();
             acc
         });
         let send = vec![2.0f32; BIG];
         let mut got = vec![0.0f32; BIG];
-        a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut got))).unwrap();
+        a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut got)))
+            .unwrap();
         let acc = h.join().unwrap();
         assert!(got.iter().enumerate().all(|(i, &v)| v == i as f32));
         assert!(acc.iter().all(|&v| v == 3.0));
