@@ -172,7 +172,13 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         ));
         t.abort_job(1)
     }
-    let out = assemble(&plan, ranks);
+    let out = match assemble(&plan, ranks) {
+        Ok(out) => out,
+        Err(e) => {
+            say(&format!("error: rank 0: {e}"));
+            t.abort_job(1)
+        }
+    };
     finish(args, &plan, &source, &out)
 }
 

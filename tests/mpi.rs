@@ -323,3 +323,63 @@ fn a_rank_failing_mid_run_aborts_the_job() {
     );
     assert!(took < Duration::from_secs(60), "took {took:?}");
 }
+
+/// An i32 input resharded by all-reduce (sum, max), all-to-all, all-gather and shard slice.
+const INTS: &str = "mesh tp
+dim B = 8, S = 1024
+input ids : i32[B, S] @ [tp, _]
+input g : i32[B, 4] @ [tp, _]
+s = sum(ids, 0)
+m = max(ids, 0)
+a = ids * 1
+output s, m, g
+output a @ [_, tp]
+output ids @ [_, _]
+";
+
+#[test]
+fn integers_above_2_pow_24_move_exactly_under_mpi() {
+    let big = [16_777_217, i32::MAX - 1, 16_777_219, -16_777_217];
+    let src = tmp("ints.tpl");
+    std::fs::write(&src, INTS).unwrap();
+    let arr = |shape: &[usize], f: &dyn Fn(usize) -> i32| {
+        let n: usize = shape.iter().product();
+        Tensor::I32(ndarray::ArrayD::from_shape_vec(shape, (0..n).map(f).collect()).unwrap())
+    };
+    // Each column holds one big id (in row c % 8), so sums and maxima are that id exactly.
+    let ids = arr(&[8, 1024], &|i| {
+        if i / 1024 == i % 8 {
+            big[i % 1024 % 4]
+        } else {
+            0
+        }
+    });
+    let mut arrays = std::collections::BTreeMap::new();
+    arrays.insert("ids".to_string(), ids.clone());
+    arrays.insert("g".to_string(), arr(&[8, 4], &|i| big[i % 4]));
+    let inputs = tmp("ints-in.npz");
+    npz::write(inputs.to_str().unwrap(), &arrays).unwrap();
+    let (t_out, m_out) = (tmp("ints-t.npz"), tmp("ints-m.npz"));
+    let args = [src.to_str().unwrap(), "--degree", "4", "--inputs"];
+    let mut t_args = args.to_vec();
+    t_args.extend([inputs.to_str().unwrap(), "--out", t_out.to_str().unwrap()]);
+    let t = threads(&t_args);
+    assert!(t.status.success(), "{}", text(&t));
+    let mut m_args = args.to_vec();
+    m_args.extend([
+        inputs.to_str().unwrap(),
+        "--out",
+        m_out.to_str().unwrap(),
+        "--check",
+    ]);
+    let (m, _) = mpirun(4, &m_args, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    assert_bitwise_equal(&m_out, &t_out, "integers on 4 MPI ranks");
+    let out = npz::read(m_out.to_str().unwrap()).unwrap();
+    let s = out["s"].as_i32().unwrap();
+    assert_eq!((s[[0]], s[[1]], s[[2]]), (big[0], big[1], big[2]));
+    assert_eq!(out["m"].as_i32().unwrap()[[1]], big[1]);
+    assert_eq!(out["ids"], ids);
+    assert_eq!(out["a"], ids);
+    assert_eq!(out["g"], arrays["g"]);
+}

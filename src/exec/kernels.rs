@@ -27,7 +27,8 @@ pub use pool::recycle;
 pub(crate) use elementwise::{binary_f32_owned, scalar_f32_owned, unary_f32_owned, Operand};
 pub(crate) use lookup::causal_mask_owned;
 pub(crate) use norm::softmax_owned;
-pub(crate) use pool::{give, take_f32, take_vec};
+pub use pool::Pooled;
+pub(crate) use pool::{give, take, take_f32, take_vec};
 pub(crate) use reduce::{combine_from, combine_symmetric};
 pub use reduce::{reduce_f32, reduce_i32};
 

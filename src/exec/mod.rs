@@ -6,6 +6,7 @@
 
 mod apply;
 pub mod comm;
+mod core;
 mod error;
 pub mod init;
 pub mod kernels;

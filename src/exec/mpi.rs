@@ -8,12 +8,13 @@
 //! varies with the implementation, message size and process count), while ours is fixed, so
 //! an MPI run is bitwise identical to the thread backend's for the same plan and seed.
 //!
-//! Messages: each message is a length header (one `u64`) followed by the data, sent in pieces of
-//! at most `PIECE` elements (MPI counts are `int`). Errors inside MPI are fatal (MPI's default
+//! Messages: each message is a header (its length and element type, two `u64`) followed by the
+//! data as `MPI_FLOAT` or `MPI_INT` (integers move exactly), sent in pieces of at most `PIECE`
+//! elements (MPI counts are `int`). Errors inside MPI are fatal (MPI's default
 //! error handler aborts the whole job), so no rank is ever left blocked by a failed peer.
 
-use super::comm::{CommError, Sink, Transport};
-use super::kernels::{give, take_f32};
+use super::comm::{CommError, Data, DataMut, Message, Sink, Transport};
+use super::kernels::take;
 use super::spmd::RankOutput;
 use super::Tensor;
 use mpi::collective::SystemOperation;
@@ -130,27 +131,42 @@ impl MpiTransport<'_> {
         abort_job(code)
     }
 
-    /// Sends this rank's message length to `to` and receives the length of `from`'s
-    /// (one `MPI_Sendrecv`).
-    fn header_exchange(&self, to: usize, len: usize, from: usize) -> Result<usize, CommError> {
+    /// Sends this rank's message header to `to` and receives `from`'s (one `MPI_Sendrecv`).
+    fn header_exchange(&self, to: usize, send: Data<'_>, from: usize) -> Result<Header, CommError> {
         let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
         let world = SimpleCommunicator::world();
         let (dest, src) = (world.process_at_rank(to_r), world.process_at_rank(from_r));
-        let mut got = 0u64;
-        p2p::send_receive_into_with_tags(&(len as u64), &dest, TAG, &mut got, &src, TAG);
+        let mut got = [0u64; 2];
+        p2p::send_receive_into_with_tags(&header(send), &dest, TAG, &mut got, &src, TAG);
         incoming(got, from)
     }
 
-    /// After `header_exchange`: sends `data` to `to` and receives `out` (of the announced length)
-    /// from `from`. Step `i` sends piece `i` and receives piece `i`; where one side has no piece
-    /// `i` left, it is a plain blocking send or receive, whose peer is in the same step with its
-    /// matching half posted.
+    /// After `header_exchange`: sends `data` to `to` and receives `out` (of the announced length
+    /// and type) from `from`. Step `i` sends piece `i` and receives piece `i`; where one side has
+    /// no piece `i` left, it is a plain blocking send or receive, whose peer is in the same step
+    /// with its matching half posted.
     fn pieces_exchange(
         &self,
         to: usize,
-        data: &[f32],
+        data: Data<'_>,
         from: usize,
-        out: &mut [f32],
+        out: DataMut<'_>,
+    ) -> Result<(), CommError> {
+        match (data, out) {
+            (Data::F32(d), DataMut::F32(o)) => self.pieces(to, d, from, o),
+            (Data::F32(d), DataMut::I32(o)) => self.pieces(to, d, from, o),
+            (Data::I32(d), DataMut::F32(o)) => self.pieces(to, d, from, o),
+            (Data::I32(d), DataMut::I32(o)) => self.pieces(to, d, from, o),
+        }
+    }
+
+    /// [`MpiTransport::pieces_exchange`] of typed slices.
+    fn pieces<S: Equivalence, R: Equivalence>(
+        &self,
+        to: usize,
+        data: &[S],
+        from: usize,
+        out: &mut [R],
     ) -> Result<(), CommError> {
         let (to_r, from_r) = (self.peer(to)?, self.peer(from)?);
         let world = SimpleCommunicator::world();
@@ -203,16 +219,67 @@ fn piece_mut<T>(data: &mut [T], i: usize) -> &mut [T] {
     &mut data[(i * PIECE).min(n)..((i + 1) * PIECE).min(n)]
 }
 
-/// A received length header as a buffer length.
-fn incoming(len: u64, from: usize) -> Result<usize, CommError> {
-    usize::try_from(len)
+/// A message header as received: its length and whether it holds integers.
+#[derive(Clone, Copy)]
+struct Header {
+    len: usize,
+    int: bool,
+}
+
+impl Header {
+    /// An owned buffer of the announced length and type, from the pool.
+    fn buffer(self) -> Message {
+        if self.int {
+            Message::I32(take(self.len))
+        } else {
+            Message::F32(take(self.len))
+        }
+    }
+
+    /// The element type's name.
+    fn kind(self) -> &'static str {
+        if self.int {
+            "i32"
+        } else {
+            "f32"
+        }
+    }
+}
+
+/// The header of a message: its length and element type (0 float, 1 integer).
+fn header(d: Data<'_>) -> [u64; 2] {
+    [d.len() as u64, matches!(d, Data::I32(_)) as u64]
+}
+
+/// A received header, checked.
+fn incoming(h: [u64; 2], from: usize) -> Result<Header, CommError> {
+    let len = usize::try_from(h[0])
         .ok()
         .filter(|&n| n <= isize::MAX as usize / 4)
         .ok_or(CommError::Length {
             from,
             got: usize::MAX,
             want: isize::MAX as usize / 4,
-        })
+        })?;
+    match h[1] {
+        0 | 1 => Ok(Header {
+            len,
+            int: h[1] == 1,
+        }),
+        _ => Err(CommError::Kind {
+            from,
+            got: "unknown",
+            want: "f32 or i32",
+        }),
+    }
+}
+
+/// A mutable view of a message's buffer.
+fn buffer_mut(m: &mut Message) -> DataMut<'_> {
+    match m {
+        Message::F32(v) => DataMut::F32(v),
+        Message::I32(v) => DataMut::I32(v),
+    }
 }
 
 impl Transport for MpiTransport<'_> {
@@ -224,37 +291,44 @@ impl Transport for MpiTransport<'_> {
         self.size
     }
 
-    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError> {
+    fn send(&mut self, to: usize, msg: Message) -> Result<(), CommError> {
         let to_r = self.peer(to)?;
         let world = SimpleCommunicator::world();
         let dest = world.process_at_rank(to_r);
-        dest.send_with_tag(&(data.len() as u64), TAG);
-        for i in 0..pieces(data.len()) {
-            dest.send_with_tag(piece(&data, i), TAG);
+        dest.send_with_tag(&header(msg.as_data()), TAG);
+        for i in 0..pieces(msg.len()) {
+            match &msg {
+                Message::F32(v) => dest.send_with_tag(piece(v, i), TAG),
+                Message::I32(v) => dest.send_with_tag(piece(v, i), TAG),
+            }
         }
+        msg.recycle();
         Ok(())
     }
 
-    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+    fn recv(&mut self, from: usize) -> Result<Message, CommError> {
         let from_r = self.peer(from)?;
         let world = SimpleCommunicator::world();
         let src = world.process_at_rank(from_r);
-        let mut len = 0u64;
-        src.receive_into_with_tag(&mut len, TAG);
-        let mut out = vec![0.0f32; incoming(len, from)?];
+        let mut h = [0u64; 2];
+        src.receive_into_with_tag(&mut h, TAG);
+        let mut out = incoming(h, from)?.buffer();
         for i in 0..pieces(out.len()) {
-            src.receive_into_with_tag(piece_mut(&mut out, i), TAG);
+            match &mut out {
+                Message::F32(v) => src.receive_into_with_tag(piece_mut(v, i), TAG),
+                Message::I32(v) => src.receive_into_with_tag(piece_mut(v, i), TAG),
+            };
         }
         Ok(out)
     }
 
-    /// One `MPI_Sendrecv` of the length headers, then one per piece of the data (see
+    /// One `MPI_Sendrecv` of the headers, then one per piece of the data (see
     /// [`MpiTransport::pieces_exchange`]).
-    fn exchange(&mut self, to: usize, data: Vec<f32>, from: usize) -> Result<Vec<f32>, CommError> {
-        let n = self.header_exchange(to, data.len(), from)?;
-        let mut out = take_f32(n);
-        self.pieces_exchange(to, &data, from, &mut out)?;
-        give(data);
+    fn exchange(&mut self, to: usize, msg: Message, from: usize) -> Result<Message, CommError> {
+        let h = self.header_exchange(to, msg.as_data(), from)?;
+        let mut out = h.buffer();
+        self.pieces_exchange(to, msg.as_data(), from, buffer_mut(&mut out))?;
+        msg.recycle();
         Ok(out)
     }
 
@@ -263,26 +337,33 @@ impl Transport for MpiTransport<'_> {
     fn exchange_into(
         &mut self,
         to: usize,
-        send: &[f32],
+        send: Data<'_>,
         from: usize,
         sink: Sink<'_>,
     ) -> Result<(), CommError> {
-        let n = self.header_exchange(to, send.len(), from)?;
-        if n != sink.expected_len() {
+        let h = self.header_exchange(to, send, from)?;
+        if h.len != sink.expected_len() {
             return Err(CommError::Length {
                 from,
-                got: n,
+                got: h.len,
                 want: sink.expected_len(),
+            });
+        }
+        if h.kind() != sink.expected_kind() {
+            return Err(CommError::Kind {
+                from,
+                got: h.kind(),
+                want: sink.expected_kind(),
             });
         }
         match sink {
             Sink::Write(buf) => self.pieces_exchange(to, send, from, buf),
-            Sink::Combine(buf, op) => {
-                let mut got = take_f32(n);
-                self.pieces_exchange(to, send, from, &mut got)?;
-                Sink::Combine(buf, op).put(&got);
-                give(got);
-                Ok(())
+            sink => {
+                let mut got = h.buffer();
+                self.pieces_exchange(to, send, from, buffer_mut(&mut got))?;
+                let r = sink.put(from, got.as_data());
+                got.recycle();
+                r
             }
         }
     }
@@ -295,9 +376,9 @@ impl Transport for MpiTransport<'_> {
     }
 }
 
-/// Flattens a rank's output blocks, step times and peak bytes into one message for rank 0
-/// (every word is carried bit for bit as the payload of an f32).
-pub fn encode_rank_output(o: &RankOutput) -> Vec<f32> {
+/// Flattens a rank's output blocks, step times and peak bytes into one message of 32-bit words
+/// for rank 0 (floats by their bits).
+pub fn encode_rank_output(o: &RankOutput) -> Message {
     let mut w: Vec<u32> = Vec::new();
     let push64 = |w: &mut Vec<u32>, v: u64| {
         w.push(v as u32);
@@ -321,12 +402,12 @@ pub fn encode_rank_output(o: &RankOutput) -> Vec<f32> {
         push64(&mut w, s.to_bits());
     }
     push64(&mut w, o.peak_bytes);
-    w.into_iter().map(f32::from_bits).collect()
+    Message::I32(w.into_iter().map(|v| v as i32).collect())
 }
 
 /// Reads the words of a message in order.
 struct Words<'m> {
-    msg: &'m [f32],
+    msg: &'m [i32],
     at: usize,
 }
 
@@ -337,7 +418,7 @@ impl Words<'_> {
             .get(self.at)
             .ok_or("truncated rank output message")?;
         self.at += 1;
-        Ok(w.to_bits())
+        Ok(*w as u32)
     }
 
     fn next64(&mut self) -> Result<u64, String> {
@@ -346,7 +427,7 @@ impl Words<'_> {
     }
 
     /// The next `n` words, if the message holds them.
-    fn take(&mut self, n: u64) -> Result<&[f32], String> {
+    fn take(&mut self, n: u64) -> Result<&[i32], String> {
         let rest = self.msg.len() - self.at;
         let n = usize::try_from(n)
             .ok()
@@ -359,7 +440,10 @@ impl Words<'_> {
 
 /// Reads back `encode_rank_output`'s message (collective counts are not carried: the run's are
 /// rank 0's).
-pub fn decode_rank_output(msg: &[f32]) -> Result<RankOutput, String> {
+pub fn decode_rank_output(msg: &Message) -> Result<RankOutput, String> {
+    let Message::I32(msg) = msg else {
+        return Err("a rank output message of floats".into());
+    };
     let mut w = Words { msg, at: 0 };
     let n = w.next64()?;
     let mut outputs = Vec::new();
@@ -379,15 +463,15 @@ pub fn decode_rank_output(msg: &[f32]) -> Result<RankOutput, String> {
         let data = w.take(len)?;
         let t = if int {
             Tensor::I32(
-                ArrayD::from_shape_vec(
-                    IxDyn(&shape),
-                    data.iter().map(|v| v.to_bits() as i32).collect(),
-                )
-                .map_err(|e| e.to_string())?,
+                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).map_err(|e| e.to_string())?,
             )
         } else {
             Tensor::F32(
-                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).map_err(|e| e.to_string())?,
+                ArrayD::from_shape_vec(
+                    IxDyn(&shape),
+                    data.iter().map(|&v| f32::from_bits(v as u32)).collect(),
+                )
+                .map_err(|e| e.to_string())?,
             )
         };
         outputs.push(t);
@@ -396,7 +480,7 @@ pub fn decode_rank_output(msg: &[f32]) -> Result<RankOutput, String> {
     let step_times = w
         .take(steps.saturating_mul(2))?
         .chunks(2)
-        .map(|p| f64::from_bits(p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32))
+        .map(|p| f64::from_bits(p[0] as u32 as u64 | (p[1] as u32 as u64) << 32))
         .collect();
     let peak_bytes = w.next64()?;
     if w.at != msg.len() {
@@ -440,8 +524,12 @@ mod tests {
         assert_eq!(d.outputs[1].as_i32().unwrap(), &i);
         assert_eq!(d.step_times, o.step_times);
         assert_eq!(d.peak_bytes, o.peak_bytes);
-        let msg = encode_rank_output(&o);
-        assert!(decode_rank_output(&msg[..msg.len() - 1]).is_err());
-        assert!(decode_rank_output(&[]).is_err());
+        let Message::I32(mut msg) = encode_rank_output(&o) else {
+            panic!("words travel as integers")
+        };
+        msg.pop();
+        assert!(decode_rank_output(&Message::I32(msg)).is_err());
+        assert!(decode_rank_output(&Message::I32(vec![])).is_err());
+        assert!(decode_rank_output(&Message::F32(vec![])).is_err());
     }
 }

@@ -3,8 +3,7 @@
 //! (the tensor as split by the axes outside the group); a device sends each peer the
 //! intersection of its old box with the peer's new box, in a shifted pairwise order.
 
-use super::comm::{CommError, Transport};
-use super::Tensor;
+use super::comm::{CommError, Elem, Transport};
 use crate::mesh::Mesh;
 use ndarray::{ArrayD, ArrayViewD, IxDyn, Slice};
 use std::ops::Range;
@@ -120,30 +119,6 @@ fn insert<T: Copy>(out: &mut ArrayD<T>, b: &[Range<usize>], data: &[T]) {
         .assign(&src);
 }
 
-/// Element types that travel as f32 words, bit for bit.
-trait Word: Copy + Default {
-    fn to_word(self) -> f32;
-    fn from_word(w: f32) -> Self;
-}
-
-impl Word for f32 {
-    fn to_word(self) -> f32 {
-        self
-    }
-    fn from_word(w: f32) -> Self {
-        w
-    }
-}
-
-impl Word for i32 {
-    fn to_word(self) -> f32 {
-        f32::from_bits(self as u32)
-    }
-    fn from_word(w: f32) -> Self {
-        w.to_bits() as i32
-    }
-}
-
 /// The op's attributes.
 pub struct Spec<'a> {
     /// The group's axes with their sizes, in mesh order.
@@ -155,21 +130,8 @@ pub struct Spec<'a> {
 }
 
 /// Runs a redistribute on this device (`coords` on `mesh`): `x` is its old block; returns its
-/// new block. Data moves bit for bit (i32 exactly).
-pub fn run(
-    t: &mut dyn Transport,
-    mesh: &Mesh,
-    coords: &[u64],
-    spec: &Spec<'_>,
-    x: &Tensor,
-) -> Result<Tensor, RedistributeError> {
-    Ok(match x {
-        Tensor::F32(a) => Tensor::F32(move_blocks(t, mesh, coords, spec, a.view())?),
-        Tensor::I32(a) => Tensor::I32(move_blocks(t, mesh, coords, spec, a.view())?),
-    })
-}
-
-fn move_blocks<T: Word>(
+/// new block. Elements move exactly, in their own type.
+pub fn run<T: Elem + Copy + Default>(
     t: &mut dyn Transport,
     mesh: &Mesh,
     coords: &[u64],
@@ -197,9 +159,9 @@ fn move_blocks<T: Word>(
         let send = meet(&my_old, &block(spec.to, &g.sizes, &g.member(to), &new_len))
             .map(|b| extract(&x, &relative(&b, &my_old)))
             .unwrap_or_default();
-        let words: Vec<f32> = send.into_iter().map(Word::to_word).collect();
         let from_rank = g.rank_of(mesh, coords, from);
-        let got = t.exchange(g.rank_of(mesh, coords, to), words, from_rank)?;
+        let msg = t.exchange(g.rank_of(mesh, coords, to), T::message(send), from_rank)?;
+        let got = T::from_message(msg, from_rank)?;
         let want = meet(&block(spec.from, &g.sizes, &g.member(from), &old_len), &my_new);
         let n = want.as_ref().map_or(0, |b| b.iter().map(|r| r.len()).product());
         if got.len() != n {
@@ -211,8 +173,7 @@ fn move_blocks<T: Word>(
             .into());
         }
         if let Some(b) = want {
-            let data: Vec<T> = got.into_iter().map(T::from_word).collect();
-            insert(&mut out, &relative(&b, &my_new), &data);
+            insert(&mut out, &relative(&b, &my_new), &got);
         }
     }
     Ok(out)

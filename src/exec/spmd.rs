@@ -4,17 +4,53 @@
 //! arrays from the ranks' blocks.
 
 use super::apply::apply_owned;
-use super::comm::{self, CommError, ThreadTransport, Transport};
-use super::kernels as k;
+use super::comm::{self, CommError, Elem, ThreadTransport, Transport};
+use super::core::{self, Eval};
+use super::kernels::{self as k, Pooled};
 use super::leaves::{block_ranges, local_leaf, LeafSource};
+use super::redistribute;
 use super::{ExecError, Tensor};
-use crate::ir::{Node, Op, ReduceOp, ValueId};
+use crate::ir::{Dtype, Node, NodeId, Op, ReduceOp, ValueId};
+use crate::plan::liveness::Liveness;
 use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Instant;
+
+/// Why an op failed on a rank: its own evaluation, or the communication with its peers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NodeError {
+    /// The op's evaluation failed (bad data, or an internal inconsistency).
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// A collective's communication failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
+
+impl From<redistribute::RedistributeError> for NodeError {
+    fn from(e: redistribute::RedistributeError) -> Self {
+        match e {
+            redistribute::RedistributeError::Comm(c) => NodeError::Comm(c),
+            redistribute::RedistributeError::Group(m) => {
+                NodeError::Exec(ExecError::shape("redistribute", m))
+            }
+        }
+    }
+}
+
+impl NodeError {
+    /// True for a rank that stopped only because another failed (it was aborted, or a peer's
+    /// endpoint went away): the failing rank's own error is the one to report.
+    pub fn is_secondary(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Comm(CommError::Aborted | CommError::Disconnected(_))
+        )
+    }
+}
 
 /// Why a run failed: the first rank that failed, the op and where it comes from.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -29,7 +65,7 @@ pub enum RunError {
         /// Source location of the op.
         location: String,
         /// What went wrong.
-        error: String,
+        error: NodeError,
     },
     /// A rank could not load its params or inputs.
     #[error("rank {rank}: loading `{leaf}`: {error}")]
@@ -44,6 +80,33 @@ pub enum RunError {
     /// A rank's thread died.
     #[error("rank {0}: the rank's thread panicked (a bug in tpc)")]
     Panicked(usize),
+    /// The machine could not start a thread per rank.
+    #[error(
+        "cannot run {ranks} ranks as threads of one process ({reason}); use fewer devices, or \
+         run one process per rank with MPI (`mpirun -n {ranks} tpc run ...`, built with \
+         `--features mpi`)"
+    )]
+    TooManyRanks {
+        /// Ranks asked for.
+        ranks: usize,
+        /// Why they could not start.
+        reason: String,
+    },
+    /// The ranks' output blocks do not fit together (a backend bug or a corrupt message).
+    #[error("assembling output `{output}`: {detail}")]
+    Assemble {
+        /// The output (or `*` for the run as a whole).
+        output: String,
+        /// What does not fit.
+        detail: String,
+    },
+}
+
+impl RunError {
+    /// True for a rank that stopped only because another failed.
+    pub fn is_secondary(&self) -> bool {
+        matches!(self, RunError::Op { error, .. } if error.is_secondary())
+    }
 }
 
 /// Figures measured on one run.
@@ -78,6 +141,9 @@ pub struct RankOutput {
     pub peak_bytes: u64,
 }
 
+/// The most ranks the thread backend starts: beyond, one process per rank (MPI) is the way.
+pub const MAX_THREAD_RANKS: usize = 4096;
+
 /// Runs `plan` on one thread per device with the thread transport, `steps` times after loading.
 /// `on_step` is called by rank 0 after each step (for progress).
 pub fn run_threads(
@@ -86,26 +152,47 @@ pub fn run_threads(
     steps: usize,
     on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RunOutput, RunError> {
-    let n = plan.mesh.num_devices() as usize;
-    let results: Vec<Result<RankOutput, RunError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ThreadTransport::world(n)
-            .into_iter()
-            .map(|mut t| s.spawn(move || run_rank(plan, &mut t, source, steps, on_step)))
-            .collect();
-        handles
+    let n = usize::try_from(plan.mesh.num_devices()).unwrap_or(usize::MAX);
+    if n > MAX_THREAD_RANKS {
+        return Err(RunError::TooManyRanks {
+            ranks: n,
+            reason: format!("the thread backend starts at most {MAX_THREAD_RANKS}"),
+        });
+    }
+    let (results, spawn_error) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(n);
+        let mut spawn_error = None;
+        for (r, mut t) in ThreadTransport::world(n).into_iter().enumerate() {
+            let rank = std::thread::Builder::new().name(format!("rank {r}"));
+            match rank.spawn_scoped(s, move || run_rank(plan, &mut t, source, steps, on_step)) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The endpoints not started are dropped: the started ranks see their peers
+                    // gone and stop.
+                    spawn_error = Some(format!("starting rank {r}'s thread: {e}"));
+                    break;
+                }
+            }
+        }
+        let results: Vec<Result<RankOutput, RunError>> = handles
             .into_iter()
             .enumerate()
             .map(|(r, h)| h.join().unwrap_or(Err(RunError::Panicked(r))))
-            .collect()
+            .collect();
+        (results, spawn_error)
     });
+    if let Some(reason) = spawn_error {
+        return Err(RunError::TooManyRanks { ranks: n, reason });
+    }
     let mut ranks = Vec::with_capacity(n);
     let mut first_err: Option<RunError> = None;
     for r in results {
         match r {
             Ok(o) => ranks.push(o),
             Err(e) => {
-                if first_err.is_none()
-                    || (!is_secondary(&e) && first_err.as_ref().is_some_and(is_secondary))
+                if first_err
+                    .as_ref()
+                    .is_none_or(|f| f.is_secondary() && !e.is_secondary())
                 {
                     first_err = Some(e);
                 }
@@ -115,18 +202,36 @@ pub fn run_threads(
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(assemble(plan, ranks))
-}
-
-/// True for a rank that stopped only because another failed (it was aborted, or its peer's
-/// channel closed): the failing rank's own error is the one to report.
-fn is_secondary(e: &RunError) -> bool {
-    matches!(e, RunError::Op { error, .. } if error == &CommError::Aborted.to_string() || error.ends_with("disconnected"))
+    assemble(plan, ranks)
 }
 
 /// Combines the ranks' results: global outputs from their blocks, the slowest rank per step.
-pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> RunOutput {
+/// Every rank must bring one block per output, of its placement's shape and the output's kind.
+pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunError> {
+    let whole = |detail: String| RunError::Assemble {
+        output: "*".into(),
+        detail,
+    };
+    let devices = plan.mesh.num_devices();
+    if ranks.len() as u64 != devices {
+        return Err(whole(format!(
+            "{} ranks for {devices} devices",
+            ranks.len()
+        )));
+    }
     let steps = ranks.first().map(|r| r.step_times.len()).unwrap_or(0);
+    let outs = plan.local.outputs();
+    if let Some(r) = ranks
+        .iter()
+        .position(|o| o.step_times.len() != steps || o.outputs.len() != outs.len())
+    {
+        return Err(whole(format!(
+            "rank {r} brought {} outputs and {} step times, expected {} and {steps}",
+            ranks[r].outputs.len(),
+            ranks[r].step_times.len(),
+            outs.len()
+        )));
+    }
     let step_times = (0..steps)
         .map(|i| ranks.iter().map(|r| r.step_times[i]).fold(0.0, f64::max))
         .collect();
@@ -136,55 +241,74 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> RunOutput {
         .map(|r| r.collectives.clone())
         .unwrap_or_default();
     let mut outputs = BTreeMap::new();
-    for (k, o) in plan.local.outputs().iter().enumerate() {
-        let origin = plan.origin[o.value.index()].unwrap_or(o.value);
-        let global_shape: Vec<u64> = plan.global.ty(origin).shape.clone();
-        let pl = &plan.placements[o.value.index()];
-        let blocks: Vec<(Vec<u64>, &Tensor)> = ranks
-            .iter()
-            .enumerate()
-            .map(|(r, ro)| (plan.mesh.coords(r as u64), &ro.outputs[k]))
-            .collect();
-        let t = match blocks[0].1 {
-            Tensor::F32(_) => Tensor::F32(place(&global_shape, &blocks, pl, plan, |t| t.as_f32())),
-            Tensor::I32(_) => Tensor::I32(place(&global_shape, &blocks, pl, plan, |t| t.as_i32())),
-        };
+    for (k, o) in outs.iter().enumerate() {
+        let t = assemble_output(plan, &ranks, k).map_err(|detail| RunError::Assemble {
+            output: o.name.clone(),
+            detail,
+        })?;
         outputs.insert(o.name.clone(), t);
     }
-    RunOutput {
+    Ok(RunOutput {
         outputs,
         stats: RunStats {
             step_times,
             collectives,
             peak_bytes_per_rank: peak,
         },
-    }
+    })
 }
 
+/// The global array of output `k` from every rank's block.
+fn assemble_output(plan: &Plan, ranks: &[RankOutput], k: usize) -> Result<Tensor, String> {
+    let v = plan.local.outputs()[k].value;
+    let origin = plan.origin[v.index()].unwrap_or(v);
+    let global_shape = &plan.global.ty(origin).shape;
+    let pl = &plan.placements[v.index()];
+    let blocks: Vec<(Vec<u64>, &Tensor)> = ranks
+        .iter()
+        .enumerate()
+        .map(|(r, ro)| (plan.mesh.coords(r as u64), &ro.outputs[k]))
+        .collect();
+    Ok(match plan.global.ty(origin).dtype {
+        Dtype::I32 => Tensor::I32(place(global_shape, &blocks, pl, plan, Tensor::as_i32)?),
+        _ => Tensor::F32(place(global_shape, &blocks, pl, plan, Tensor::as_f32)?),
+    })
+}
+
+/// Writes every rank's block into a global array of `shape`; a block of the wrong kind or
+/// shape is an error.
 fn place<T: Clone + Default>(
     shape: &[u64],
     blocks: &[(Vec<u64>, &Tensor)],
     pl: &crate::sharding::Placement,
     plan: &Plan,
     get: impl Fn(&Tensor) -> Option<&ArrayD<T>>,
-) -> ArrayD<T> {
-    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+) -> Result<ArrayD<T>, String> {
+    let dims = shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("dim {d} does not fit usize")))
+        .collect::<Result<Vec<usize>, _>>()?;
     let mut out = ArrayD::<T>::default(IxDyn(&dims));
-    for (coords, t) in blocks {
-        let Some(x) = get(t) else { continue };
+    for (r, (coords, t)) in blocks.iter().enumerate() {
+        let x = get(t).ok_or_else(|| format!("rank {r} sent a block of kind {}", t.kind()))?;
         let ranges = block_ranges(shape, pl, coords, &plan.mesh);
         let mut v = out.view_mut();
         for (d, r) in ranges.iter().enumerate() {
             v.slice_axis_inplace(Axis(d), Slice::from(r.start as usize..r.end as usize));
         }
-        if v.shape() == x.shape() {
-            v.assign(x);
+        if v.shape() != x.shape() {
+            return Err(format!(
+                "rank {r} sent a block of shape {:?}, its placement holds {:?}",
+                x.shape(),
+                v.shape()
+            ));
         }
+        v.assign(x);
     }
-    out
+    Ok(out)
 }
 
-/// One rank's interpreter state.
+/// One rank's op evaluator: global ops by `apply`, SPMD ops with its peers.
 struct Rank<'a> {
     plan: &'a Plan,
     t: &'a mut dyn Transport,
@@ -201,12 +325,10 @@ pub fn run_rank(
     steps: usize,
     on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RankOutput, RunError> {
-    let rank = t.rank();
     let result = run_rank_inner(plan, t, source, steps, on_step);
     if result.is_err() {
         t.abort();
     }
-    let _ = rank;
     result
 }
 
@@ -228,8 +350,13 @@ fn run_rank_inner(
                 .collect()
         })
         .collect();
-    let leaves = load_leaves(plan, &coords, source, rank)?;
-    let leaf_bytes: u64 = leaves.values().map(|t| t.len() as u64 * 4).sum();
+    let loaded = load_leaves(plan, &coords, source, rank)?;
+    let leaf_bytes: u64 = loaded.values().map(core::bytes).sum();
+    let mut leaves = vec![None; plan.local.num_values()];
+    for (v, t) in &loaded {
+        leaves[v.index()] = Some(t);
+    }
+    let live = Liveness::of(&plan.local);
     let world: Vec<usize> = (0..t.world()).collect();
     let mut r = Rank {
         plan,
@@ -238,20 +365,27 @@ fn run_rank_inner(
         groups,
         collectives: BTreeMap::new(),
     };
-    let mut step_times = Vec::with_capacity(steps);
+    let mut step_times = Vec::with_capacity(steps.min(1 << 20));
     let mut outputs = Vec::new();
     let mut peak = 0;
     for step in 0..steps.max(1) {
         let mut sync = [0.0f32];
-        comm::all_reduce(r.t, &world, &mut sync, ReduceOp::Sum)
-            .map_err(|e| op_error(rank, "step barrier", "", &e.to_string()))?;
+        comm::all_reduce(r.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
+            rank,
+            op: "step barrier".into(),
+            location: String::new(),
+            error: e.into(),
+        })?;
         r.collectives.clear();
         let t0 = Instant::now();
-        let (outs, p) = r.step(&leaves)?;
+        let out =
+            core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
         step_times.push(t0.elapsed().as_secs_f64());
-        peak = peak.max(p + leaf_bytes);
+        peak = peak.max(out.peak_bytes + leaf_bytes);
         if step + 1 == steps.max(1) {
-            outputs = outs;
+            outputs = out.outputs;
+        } else {
+            out.outputs.into_iter().for_each(k::recycle);
         }
         if let (0, Some(f)) = (rank, on_step) {
             f(step);
@@ -263,15 +397,6 @@ fn run_rank_inner(
         collectives: r.collectives,
         peak_bytes: peak,
     })
-}
-
-fn op_error(rank: usize, op: &str, location: &str, error: &str) -> RunError {
-    RunError::Op {
-        rank,
-        op: op.to_string(),
-        location: location.to_string(),
-        error: error.to_string(),
-    }
 }
 
 /// Loads (or generates) this rank's block of every leaf of the local program.
@@ -325,148 +450,160 @@ fn load_leaves(
     Ok(out)
 }
 
-fn bytes(t: &Tensor) -> u64 {
-    t.len() as u64 * 4
+impl Eval for Rank<'_> {
+    type Error = NodeError;
+    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, NodeError> {
+        self.node(node, args).map_err(|e| self.globalize(node, e))
+    }
 }
 
 impl Rank<'_> {
-    /// One step: runs every node; returns the local outputs and the peak of live activation bytes.
-    fn step(&mut self, leaves: &BTreeMap<ValueId, Tensor>) -> Result<(Vec<Tensor>, u64), RunError> {
+    /// The run error of node `id` on this rank.
+    fn op_error(&self, id: NodeId, error: NodeError) -> RunError {
         let g = &self.plan.local;
-        let last = self.plan.last_uses();
-        let mut slots: Vec<Option<Tensor>> = vec![None; g.num_values()];
-        let (mut live, mut peak) = (0u64, 0u64);
-        for (id, node) in g.nodes() {
-            if node.op.is_leaf() {
-                continue;
-            }
-            // Operands read for the last time (and only once here) are handed over, so that the
-            // op can reuse their buffers; the rest are borrowed.
-            let mut handed: Vec<Option<Tensor>> = node
-                .inputs
-                .iter()
-                .map(|v| {
-                    let dies = last[v.index()].is_none_or(|l| l <= id.index())
-                        && !leaves.contains_key(v)
-                        && node.inputs.iter().filter(|w| *w == v).count() == 1;
-                    if dies {
-                        slots[v.index()].take()
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            let handed_bytes: u64 = handed.iter().flatten().map(bytes).sum();
-            let args: Vec<Cow<'_, Tensor>> = node
-                .inputs
-                .iter()
-                .zip(handed.iter_mut())
-                .map(|(v, h)| match h.take() {
-                    Some(t) => Cow::Owned(t),
-                    None => Cow::Borrowed(
-                        leaves
-                            .get(v)
-                            .or(slots[v.index()].as_ref())
-                            .expect("operands are computed before use"),
-                    ),
-                })
-                .collect();
-            let results = self.node(node, args).map_err(|e| {
-                let loc = format!(
-                    "{}:{}:{}",
-                    crate::emit::file_name(&g.source),
-                    node.span.line,
-                    node.span.col
-                );
-                op_error(
-                    self.t.rank(),
-                    &format!("{} = {}", node.outputs[0], node.op.name()),
-                    &loc,
-                    &e,
-                )
-            })?;
-            for (&v, t) in node.outputs.iter().zip(results) {
-                live += bytes(&t);
-                slots[v.index()] = Some(t);
-            }
-            peak = peak.max(live);
-            live -= handed_bytes;
-            for &v in node.inputs.iter().chain(&node.outputs) {
-                if last[v.index()].is_none_or(|l| l <= id.index()) {
-                    if let Some(t) = slots[v.index()].take() {
-                        live -= bytes(&t);
-                        // The buffer serves a later kernel's output on this rank.
-                        k::recycle(t);
-                    }
-                }
-            }
+        let node = g.node(id);
+        let location = format!(
+            "{}:{}:{}",
+            crate::emit::file_name(&g.source),
+            node.span.line,
+            node.span.col
+        );
+        let op = match node.outputs.first() {
+            Some(v) => format!("{v} = {}", node.op.name()),
+            None => node.op.name().to_string(),
+        };
+        RunError::Op {
+            rank: self.t.rank(),
+            op,
+            location,
+            error,
         }
-        let outs = g
-            .outputs()
-            .iter()
-            .map(|o| {
-                leaves
-                    .get(&o.value)
-                    .cloned()
-                    .or_else(|| slots[o.value.index()].clone())
-                    .expect("outputs are computed")
-            })
-            .collect();
-        Ok((outs, peak))
     }
 
-    fn node(&mut self, node: &Node, owned: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, String> {
-        if !node.op.is_spmd_only() {
-            return apply_owned(&node.op, owned).map_err(|e| e.to_string());
+    /// An out-of-range id or label with its position in the global ids (or labels) tensor
+    /// instead of this rank's block.
+    fn globalize(&self, node: &Node, e: NodeError) -> NodeError {
+        let operand = match node.op {
+            Op::Embedding | Op::VocabEmbedding { .. } => 0,
+            Op::CrossEntropy | Op::TargetLogit { .. } => 1,
+            _ => return e,
+        };
+        let Some(&v) = node.inputs.get(operand) else {
+            return e;
+        };
+        let global = |p: usize| self.global_position(v, p).unwrap_or(p);
+        match e {
+            NodeError::Exec(ExecError::IdOutOfRange {
+                id,
+                position,
+                vocab,
+            }) => NodeError::Exec(ExecError::IdOutOfRange {
+                id,
+                position: global(position),
+                vocab,
+            }),
+            NodeError::Exec(ExecError::LabelOutOfRange {
+                label,
+                position,
+                classes,
+            }) => NodeError::Exec(ExecError::LabelOutOfRange {
+                label,
+                position: global(position),
+                classes,
+            }),
+            e => e,
         }
-        let first = owned.first().ok_or("a collective without an operand")?;
+    }
+
+    /// The row-major position in the global tensor of element `p` of this rank's block of local
+    /// value `v`; `None` when `v` is not a block of a global value.
+    fn global_position(&self, v: ValueId, p: usize) -> Option<usize> {
+        let plan = self.plan;
+        let origin = plan.origin[v.index()]?;
+        let shape = &plan.global.ty(origin).shape;
+        let local = &plan.local.ty(v).shape;
+        let ranges = block_ranges(shape, &plan.placements[v.index()], &self.coords, &plan.mesh);
+        if local.len() != shape.len()
+            || ranges.iter().zip(local).any(|(r, &n)| r.end - r.start != n)
+        {
+            return None;
+        }
+        let (mut rest, mut flat) = (p as u64, 0u64);
+        let mut stride = 1u64;
+        for ((r, &n), &g) in ranges.iter().zip(local).zip(shape).rev() {
+            let i = rest % n.max(1);
+            rest /= n.max(1);
+            flat += (r.start + i) * stride;
+            stride *= g;
+        }
+        usize::try_from(flat).ok()
+    }
+
+    fn node(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, NodeError> {
+        if !node.op.is_spmd_only() {
+            return Ok(apply_owned(&node.op, args)?);
+        }
+        let name = node.op.name();
+        let first = args
+            .first()
+            .ok_or_else(|| ExecError::shape(name, "an SPMD op without an operand"))?;
         if let Some((kind, size)) = collective_kind(&node.op) {
-            let (sent, _) = kind.traffic(size, bytes(first) as f64);
+            let (sent, _) = kind.traffic(size, core::bytes(first) as f64);
             let e = self.collectives.entry(kind.name().to_string()).or_default();
             e.0 += 1;
             e.1 += sent.round() as u64;
         }
-        let axis = |name: &str| {
-            self.plan
-                .mesh
-                .axis_index(name)
-                .ok_or_else(|| format!("unknown mesh axis `{name}`"))
-        };
-        if let Op::AllReduce {
-            axis: a, reduce, ..
-        } = &node.op
-        {
-            let a = axis(a)?;
-            let shape = first.shape().to_vec();
-            let int = matches!(first.as_ref(), Tensor::I32(_));
-            let mut data = match owned.into_iter().next() {
-                // A dying f32 operand is reduced in its own buffer.
-                Some(Cow::Owned(Tensor::F32(x))) => into_flat(x),
-                Some(t) => flat_f32(&t),
-                None => unreachable!("checked above"),
-            };
-            comm::all_reduce(self.t, &self.groups[a], &mut data, *reduce)
-                .map_err(|e| e.to_string())?;
-            return Ok(vec![from_f32(&shape, data, int)?]);
+        match &node.op {
+            Op::VocabEmbedding { axes } => return Ok(vec![self.vocab_embedding(axes, &args)?]),
+            Op::TargetLogit { axes } => return Ok(vec![self.target_logit(axes, &args)?]),
+            _ => {}
         }
-        let args: Vec<&Tensor> = owned.iter().map(|a| a.as_ref()).collect();
-        let args = &args[..];
-        Ok(vec![match &node.op {
-            Op::AllGather { axis: a, dim, .. } => {
-                let a = axis(a)?;
+        let x = args.into_iter().next().expect("checked above");
+        let t = match x {
+            Cow::Owned(Tensor::F32(a)) => Tensor::F32(self.collective(&node.op, Cow::Owned(a))?),
+            Cow::Owned(Tensor::I32(a)) => Tensor::I32(self.collective(&node.op, Cow::Owned(a))?),
+            Cow::Borrowed(Tensor::F32(a)) => {
+                Tensor::F32(self.collective(&node.op, Cow::Borrowed(a))?)
+            }
+            Cow::Borrowed(Tensor::I32(a)) => {
+                Tensor::I32(self.collective(&node.op, Cow::Borrowed(a))?)
+            }
+        };
+        Ok(vec![t])
+    }
+
+    /// The index of mesh axis `name`.
+    fn axis(&self, op: &Op, name: &str) -> Result<usize, ExecError> {
+        self.plan
+            .mesh
+            .axis_index(name)
+            .ok_or_else(|| ExecError::shape(op.name(), format!("unknown mesh axis `{name}`")))
+    }
+
+    /// A data-moving SPMD op on an f32 or i32 block: elements move exactly, integers are summed
+    /// and maximized as integers.
+    fn collective<T: Elem>(
+        &mut self,
+        op: &Op,
+        x: Cow<'_, ArrayD<T>>,
+    ) -> Result<ArrayD<T>, NodeError> {
+        let name = op.name();
+        let shape = x.shape().to_vec();
+        match op {
+            Op::AllReduce { axis, reduce, .. } => {
+                let a = self.axis(op, axis)?;
+                // A dying operand is reduced in its own buffer.
+                let mut data = into_flat(x);
+                comm::all_reduce(self.t, &self.groups[a], &mut data, *reduce)?;
+                Ok(array(name, &shape, data)?)
+            }
+            Op::AllGather { axis, dim, .. } => {
+                let a = self.axis(op, axis)?;
+                check_dim(name, &shape, *dim)?;
                 let group = &self.groups[a];
                 let k = group.len();
-                let shape = args[0].shape();
-                check_dim(shape, *dim)?;
-                let all = match args[0] {
-                    Tensor::F32(x) if x.is_standard_layout() => {
-                        let mine = x.as_slice().expect("standard layout");
-                        comm::all_gather(self.t, group, mine)
-                    }
-                    t => comm::all_gather(self.t, group, &flat_f32(t)),
-                }
-                .map_err(|e| e.to_string())?;
-                let mut global = shape.to_vec();
+                let all = comm::all_gather(self.t, group, &flat(&x))?;
+                let mut global = shape.clone();
                 global[*dim] *= k;
                 // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the
                 // chunks are already the concatenation.
@@ -474,124 +611,95 @@ impl Rank<'_> {
                     all
                 } else {
                     let len = all.len() / k.max(1);
-                    let pieces: Vec<&[f32]> = all.chunks_exact(len.max(1)).collect();
-                    join(&pieces, shape, *dim)
+                    let pieces: Vec<&[T]> = all.chunks_exact(len.max(1)).collect();
+                    join(&pieces, &shape, *dim)
                 };
-                from_f32(&global, data, is_int(args[0]))?
+                Ok(array(name, &global, data)?)
             }
             Op::ReduceScatter {
-                axis: a,
-                dim,
-                reduce,
-                ..
+                axis, dim, reduce, ..
             } => {
-                let a = axis(a)?;
+                let a = self.axis(op, axis)?;
                 let k = self.groups[a].len();
-                let shape = args[0].shape();
-                check_split(shape, *dim, k)?;
-                let mut flat = flat_f32(args[0]);
+                check_split(name, &shape, *dim, k)?;
+                let mut flat = into_flat(x);
                 if !shape[..*dim].iter().all(|&d| d == 1) {
                     // Piece i (the i-th block along `dim`) must be the i-th contiguous chunk.
-                    let mut pieces = k::take_vec::<f32>(flat.len());
+                    let mut pieces = k::take_vec::<T>(flat.len());
                     for r in 0..k {
-                        piece(&flat, shape, *dim, k, r, &mut pieces);
+                        piece(&flat, &shape, *dim, k, r, &mut pieces);
                     }
-                    k::recycle(Tensor::F32(
-                        ArrayD::from_shape_vec(IxDyn(&[flat.len()]), flat)
-                            .map_err(|e| e.to_string())?,
-                    ));
-                    flat = pieces;
+                    k::give(std::mem::replace(&mut flat, pieces));
                 }
-                let group = &self.groups[a];
-                let mine = comm::reduce_scatter(self.t, group, &mut flat, *reduce)
-                    .map_err(|e| e.to_string())?;
-                let mut local = shape.to_vec();
+                let mine = comm::reduce_scatter(self.t, &self.groups[a], &mut flat, *reduce)?;
+                k::give(flat);
+                let mut local = shape.clone();
                 local[*dim] /= k;
-                from_f32(&local, mine, is_int(args[0]))?
+                Ok(array(name, &local, mine)?)
             }
             Op::AllToAll {
-                axis: a,
+                axis,
                 split,
-                concat: c,
+                concat,
                 ..
             } => {
-                let a = axis(a)?;
+                let a = self.axis(op, axis)?;
                 let k = self.groups[a].len();
-                let shape = args[0].shape();
-                check_split(shape, *split, k)?;
-                check_dim(shape, *c)?;
-                let flat = flat_f32(args[0]);
-                let mut pshape = shape.to_vec();
+                check_split(name, &shape, *split, k)?;
+                check_dim(name, &shape, *concat)?;
+                let flat = flat(&x);
+                let mut pshape = shape.clone();
                 pshape[*split] /= k;
-                let chunks: Vec<Vec<f32>> = (0..k)
+                let chunks: Vec<Vec<T>> = (0..k)
                     .map(|r| {
                         let mut v = Vec::with_capacity(flat.len() / k);
-                        piece(&flat, shape, *split, k, r, &mut v);
+                        piece(&flat, &shape, *split, k, r, &mut v);
                         v
                     })
                     .collect();
-                let group = &self.groups[a];
-                let got = comm::all_to_all(self.t, group, chunks).map_err(|e| e.to_string())?;
+                let got = comm::all_to_all(self.t, &self.groups[a], chunks)?;
                 let len: usize = pshape.iter().product();
                 if got.iter().any(|g| g.len() != len) {
-                    return Err("all_to_all: a received block has the wrong size".into());
+                    return Err(
+                        ExecError::shape(name, "a received block has the wrong size").into(),
+                    );
                 }
-                let pieces: Vec<&[f32]> = got.iter().map(|g| &g[..]).collect();
-                let data = join(&pieces, &pshape, *c);
-                let mut out = pshape.clone();
-                out[*c] *= k;
-                from_f32(&out, data, is_int(args[0]))?
+                let pieces: Vec<&[T]> = got.iter().map(|g| &g[..]).collect();
+                let data = join(&pieces, &pshape, *concat);
+                let mut out = pshape;
+                out[*concat] *= k;
+                Ok(array(name, &out, data)?)
             }
-            Op::ShardSlice { axis: a, size, dim } => {
-                let c = self.coords[axis(a)?];
-                let n = args[0].shape()[*dim] / *size as usize;
-                let r = c as usize * n..(c as usize + 1) * n;
-                let (s, e) = (r.start as u64, r.end as u64);
-                match args[0] {
-                    Tensor::F32(x) => {
-                        Tensor::F32(k::slice(x, *dim, s, e).map_err(|e| e.to_string())?)
-                    }
-                    Tensor::I32(x) => {
-                        Tensor::I32(k::slice(x, *dim, s, e).map_err(|e| e.to_string())?)
-                    }
-                }
+            Op::ShardSlice { axis, size, dim } => {
+                let c = self.coords[self.axis(op, axis)?] as usize;
+                check_dim(name, &shape, *dim)?;
+                let n = shape[*dim] / (*size).max(1) as usize;
+                Ok(k::slice(&x, *dim, (c * n) as u64, ((c + 1) * n) as u64)?)
             }
-            Op::KeepOnFirst { axis: a } => {
-                if self.coords[axis(a)?] == 0 {
-                    args[0].clone()
-                } else {
-                    map_tensor(
-                        args[0],
-                        |x| ArrayD::zeros(x.raw_dim()),
-                        |x| ArrayD::zeros(x.raw_dim()),
-                    )
-                }
-            }
+            Op::KeepOnFirst { axis } => Ok(if self.coords[self.axis(op, axis)?] == 0 {
+                x.into_owned()
+            } else {
+                ArrayD::from_elem(x.raw_dim(), T::default())
+            }),
             Op::Redistribute { axes, from, to } => {
-                let spec = super::redistribute::Spec { axes, from, to };
-                super::redistribute::run(self.t, &self.plan.mesh, &self.coords, &spec, args[0])
-                    .map_err(|e| e.to_string())?
+                let spec = redistribute::Spec { axes, from, to };
+                Ok(redistribute::run(self.t, &self.plan.mesh, &self.coords, &spec, x.view())?)
             }
-            Op::VocabEmbedding { axes } => self.vocab_embedding(axes, args)?,
-            Op::TargetLogit { axes } => self.target_logit(axes, args)?,
-            op => {
-                let refs = args.to_vec();
-                return super::apply(op, &refs).map_err(|e| e.to_string());
-            }
-        }])
+            _ => Err(ExecError::shape(name, "not a collective").into()),
+        }
     }
 
-    /// The vocab block `(offset, local rows)` of this rank along `axes` (major first).
-    fn vocab_block(&self, axes: &[(String, u64)], local: usize) -> Result<(i64, i64, i64), String> {
+    /// The vocab block `(offset, local rows, vocab)` of this rank along `axes` (major first).
+    fn vocab_block(
+        &self,
+        op: &Op,
+        axes: &[(String, u64)],
+        local: usize,
+    ) -> Result<(i64, i64, i64), ExecError> {
         let mut b = 0u64;
         let mut k = 1u64;
         for (name, size) in axes {
-            let a = self
-                .plan
-                .mesh
-                .axis_index(name)
-                .ok_or_else(|| format!("unknown mesh axis `{name}`"))?;
-            b = b * size + self.coords[a];
+            b = b * size + self.coords[self.axis(op, name)?];
             k *= size;
         }
         Ok((
@@ -601,21 +709,29 @@ impl Rank<'_> {
         ))
     }
 
-    fn vocab_embedding(&self, axes: &[(String, u64)], args: &[&Tensor]) -> Result<Tensor, String> {
-        let ids = args[0].as_i32().ok_or("vocab_embedding: ids must be i32")?;
-        let table = args[1]
-            .as_f32()
-            .ok_or("vocab_embedding: the table must be float")?;
+    fn vocab_embedding(
+        &self,
+        axes: &[(String, u64)],
+        args: &[Cow<'_, Tensor>],
+    ) -> Result<Tensor, ExecError> {
+        let op = Op::VocabEmbedding {
+            axes: axes.to_vec(),
+        };
+        let name = "vocab_embedding";
+        let [ids, table] = two(name, args)?;
+        let ids = ids.as_i32().ok_or_else(|| dtype(name, 0, "i32", ids))?;
+        let table = table.as_f32().ok_or_else(|| dtype(name, 1, "f32", table))?;
+        if table.ndim() != 2 {
+            return Err(ExecError::shape(name, "the table must have rank 2"));
+        }
         let (rows, h) = (table.shape()[0], table.shape()[1]);
-        let (off, local, vocab) = self.vocab_block(axes, rows)?;
+        let (off, local, vocab) = self.vocab_block(&op, axes, rows)?;
         let mut shape = ids.shape().to_vec();
         shape.push(h);
         let mut buf = k::take_f32(shape.iter().product());
         buf.fill(0.0);
-        let mut out = ArrayD::from_shape_vec(IxDyn(&shape), buf).map_err(|e| e.to_string())?;
         let table = table.as_standard_layout();
-        let t = table.as_slice().ok_or("table layout")?;
-        let o = out.as_slice_mut().ok_or("output layout")?;
+        let t = table.as_slice().expect("standard layout");
         for (i, &id) in ids.iter().enumerate() {
             let id = id as i64;
             if id < 0 || id >= vocab {
@@ -623,33 +739,49 @@ impl Rank<'_> {
                     id,
                     position: i,
                     vocab: vocab as usize,
-                }
-                .to_string());
+                });
             }
             if id >= off && id < off + local {
                 let r = (id - off) as usize;
-                o[i * h..(i + 1) * h].copy_from_slice(&t[r * h..(r + 1) * h]);
+                buf[i * h..(i + 1) * h].copy_from_slice(&t[r * h..(r + 1) * h]);
             }
         }
-        Ok(Tensor::F32(out))
+        array(name, &shape, buf).map(Tensor::F32)
     }
 
-    fn target_logit(&self, axes: &[(String, u64)], args: &[&Tensor]) -> Result<Tensor, String> {
-        let x = args[0]
-            .as_f32()
-            .ok_or("target_logit: logits must be float")?;
-        let labels = args[1].as_i32().ok_or("target_logit: labels must be i32")?;
-        let v = *x.shape().last().ok_or("target_logit: rank 0 logits")?;
-        let (off, local, vocab) = self.vocab_block(axes, v)?;
+    fn target_logit(
+        &self,
+        axes: &[(String, u64)],
+        args: &[Cow<'_, Tensor>],
+    ) -> Result<Tensor, ExecError> {
+        let op = Op::TargetLogit {
+            axes: axes.to_vec(),
+        };
+        let name = "target_logit";
+        let [x, labels] = two(name, args)?;
+        let x = x.as_f32().ok_or_else(|| dtype(name, 0, "f32", x))?;
+        let labels = labels
+            .as_i32()
+            .ok_or_else(|| dtype(name, 1, "i32", labels))?;
+        let v = *x
+            .shape()
+            .last()
+            .ok_or_else(|| ExecError::shape(name, "rank 0 logits"))?;
+        if x.len() != labels.len() * v {
+            return Err(ExecError::shape(name, "logits and labels do not fit"));
+        }
+        let (off, local, vocab) = self.vocab_block(&op, axes, v)?;
         let x = x.as_standard_layout();
-        let xs = x.as_slice().ok_or("logits layout")?;
+        let xs = x.as_slice().expect("standard layout");
         let mut out = ArrayD::<f32>::zeros(labels.raw_dim());
         for (i, (&l, o)) in labels.iter().zip(out.iter_mut()).enumerate() {
             let l = l as i64;
             if l < 0 || l >= vocab {
-                return Err(format!(
-                    "cross_entropy: label {l} at flat position {i} is out of range [0, {vocab})"
-                ));
+                return Err(ExecError::LabelOutOfRange {
+                    label: l,
+                    position: i,
+                    classes: vocab as usize,
+                });
             }
             if l >= off && l < off + local {
                 *o = xs[i * v + (l - off) as usize];
@@ -659,85 +791,89 @@ impl Rank<'_> {
     }
 }
 
-/// The elements of `t` in row-major order as f32, in a pooled buffer (one copy).
-fn flat_f32(t: &Tensor) -> Vec<f32> {
-    let mut v = k::take_vec::<f32>(t.len());
-    match t {
-        Tensor::F32(x) => match x.as_slice() {
-            Some(s) => v.extend_from_slice(s),
-            None => v.extend(x.iter().copied()),
-        },
-        Tensor::I32(x) => v.extend(x.iter().map(|&e| e as f32)),
+/// The two operands of a binary SPMD op.
+fn two<'a>(op: &'static str, args: &'a [Cow<'_, Tensor>]) -> Result<[&'a Tensor; 2], ExecError> {
+    match args {
+        [a, b] => Ok([a.as_ref(), b.as_ref()]),
+        _ => Err(ExecError::Arity {
+            op,
+            expected: "2",
+            got: args.len(),
+        }),
     }
-    v
 }
 
-/// An array of `shape` from row-major f32 `data`, of the kind of `like` (i32 values travel
-/// exactly as f32 below 2^24).
-fn from_f32(shape: &[usize], data: Vec<f32>, int: bool) -> Result<Tensor, String> {
-    let x = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| e.to_string())?;
-    Ok(if int {
-        let t = Tensor::I32(x.mapv(|v| v as i32));
-        k::recycle(Tensor::F32(x));
-        t
-    } else {
-        Tensor::F32(x)
-    })
-}
-
-/// The elements of an owned array in row-major order, in its own buffer when it is in standard
-/// layout (no copy), else copied.
-fn into_flat(x: ArrayD<f32>) -> Vec<f32> {
-    if !x.is_standard_layout() {
-        return flat_f32(&Tensor::F32(x));
+fn dtype(op: &'static str, index: usize, expected: &'static str, got: &Tensor) -> ExecError {
+    ExecError::Dtype {
+        op,
+        index,
+        expected,
+        got: got.kind(),
     }
-    let len = x.len();
-    let (mut v, offset) = x.into_raw_vec_and_offset();
-    let start = offset.unwrap_or(0);
-    if start > 0 {
-        v.drain(..start);
+}
+
+/// An array of `shape` from row-major `data`.
+fn array<T>(op: &'static str, shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>, ExecError> {
+    ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| ExecError::shape(op, e.to_string()))
+}
+
+/// The elements of `x` in row-major order, borrowed when already contiguous.
+fn flat<'x, T: Pooled>(x: &'x ArrayD<T>) -> Cow<'x, [T]> {
+    match x.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => {
+            let mut v = k::take_vec::<T>(x.len());
+            v.extend(x.iter().copied());
+            Cow::Owned(v)
+        }
     }
-    v.truncate(len);
-    v
 }
 
-/// True for an i32 tensor.
-fn is_int(t: &Tensor) -> bool {
-    matches!(t, Tensor::I32(_))
-}
-
-fn map_tensor(
-    t: &Tensor,
-    f: impl Fn(&ArrayD<f32>) -> ArrayD<f32>,
-    g: impl Fn(&ArrayD<i32>) -> ArrayD<i32>,
-) -> Tensor {
-    match t {
-        Tensor::F32(x) => Tensor::F32(f(x)),
-        Tensor::I32(x) => Tensor::I32(g(x)),
+/// The elements in row-major order as an owned buffer: an owned array's own buffer when in
+/// standard layout (no copy), else a pooled copy.
+fn into_flat<T: Pooled>(x: Cow<'_, ArrayD<T>>) -> Vec<T> {
+    match x {
+        Cow::Owned(x) if x.is_standard_layout() => {
+            let len = x.len();
+            let (mut v, offset) = x.into_raw_vec_and_offset();
+            let start = offset.unwrap_or(0);
+            if start > 0 {
+                v.drain(..start);
+            }
+            v.truncate(len);
+            v
+        }
+        x => flat(&x).into_owned(),
     }
 }
 
 /// An error unless `dim` is a dim of `shape`.
-fn check_dim(shape: &[usize], dim: usize) -> Result<(), String> {
+fn check_dim(op: &'static str, shape: &[usize], dim: usize) -> Result<(), ExecError> {
     if dim < shape.len() {
         Ok(())
     } else {
-        Err(format!("dim {dim} out of range for shape {shape:?}"))
+        Err(ExecError::shape(
+            op,
+            format!("dim {dim} out of range for shape {shape:?}"),
+        ))
     }
 }
 
 /// An error unless dim `dim` of `shape` splits into `k` equal blocks.
-fn check_split(shape: &[usize], dim: usize, k: usize) -> Result<(), String> {
-    check_dim(shape, dim)?;
+fn check_split(op: &'static str, shape: &[usize], dim: usize, k: usize) -> Result<(), ExecError> {
+    check_dim(op, shape, dim)?;
     let n = shape[dim];
     if k == 0 || !n.is_multiple_of(k) {
-        return Err(format!("dim {dim} of size {n} does not split into {k}"));
+        return Err(ExecError::shape(
+            op,
+            format!("dim {dim} of size {n} does not split into {k}"),
+        ));
     }
     Ok(())
 }
 
 /// Pushes block `r` of `k` equal blocks along `dim` of the row-major `src` of `shape`.
-fn piece(src: &[f32], shape: &[usize], dim: usize, k: usize, r: usize, out: &mut Vec<f32>) {
+fn piece<T: Copy>(src: &[T], shape: &[usize], dim: usize, k: usize, r: usize, out: &mut Vec<T>) {
     let outer: usize = shape[..dim].iter().product();
     let inner: usize = shape[dim + 1..].iter().product();
     let size = shape[dim];
@@ -748,14 +884,41 @@ fn piece(src: &[f32], shape: &[usize], dim: usize, k: usize, r: usize, out: &mut
 }
 
 /// The concatenation along `dim` of row-major blocks, each of shape `shape`.
-fn join(pieces: &[&[f32]], shape: &[usize], dim: usize) -> Vec<f32> {
+fn join<T: Pooled>(pieces: &[&[T]], shape: &[usize], dim: usize) -> Vec<T> {
     let outer: usize = shape[..dim].iter().product();
     let block: usize = shape[dim..].iter().product();
-    let mut out = k::take_vec::<f32>(block * outer * pieces.len());
+    let mut out = k::take_vec::<T>(block * outer * pieces.len());
     for o in 0..outer {
         for p in pieces {
             out.extend_from_slice(&p[o * block..(o + 1) * block]);
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_stopped_by_another_is_told_by_its_variant() {
+        let op = |error: NodeError| RunError::Op {
+            rank: 1,
+            op: "%3 = all_reduce".into(),
+            location: String::new(),
+            error,
+        };
+        assert!(op(CommError::Aborted.into()).is_secondary());
+        assert!(op(CommError::Disconnected(2).into()).is_secondary());
+        let length = CommError::Length {
+            from: 0,
+            got: 1,
+            want: 2,
+        };
+        assert!(!op(length.into()).is_secondary());
+        // An exec error whose text reads like a secondary one is still the rank's own.
+        let own = ExecError::shape("all_reduce", "rank 2 disconnected");
+        assert!(!op(own.into()).is_secondary());
+        assert!(!RunError::Panicked(0).is_secondary());
+    }
 }

@@ -1,6 +1,7 @@
 //! The per-device plan: the SPMD program, its placements and provenance, buffer liveness, and a
 //! cost summary (collectives, FLOPs, peak memory, estimated step time).
 
+pub mod liveness;
 pub mod summary;
 
 pub use summary::{KindSummary, Summary};
@@ -73,16 +74,8 @@ impl Plan {
     }
 }
 
-/// Last reading node of each value of `g` (outputs count as read at the end).
+/// Last reading node of each value of `g` (outputs count as read at the end): the
+/// [`liveness::Liveness`] convention.
 pub fn last_uses(g: &Graph) -> Vec<Option<usize>> {
-    let mut last = vec![None; g.num_values()];
-    for (id, n) in g.nodes() {
-        for v in &n.inputs {
-            last[v.index()] = Some(id.index());
-        }
-    }
-    for o in g.outputs() {
-        last[o.value.index()] = Some(g.num_nodes());
-    }
-    last
+    liveness::Liveness::of(g).into_vec()
 }

@@ -6,7 +6,7 @@
 
 mod thread;
 
-use super::kernels::{combine_from, combine_symmetric, give, take_f32, take_vec};
+use super::kernels::{combine_from, combine_symmetric, give, take, take_vec, Pooled};
 use crate::ir::ReduceOp;
 
 pub use thread::ThreadTransport;
@@ -17,7 +17,7 @@ pub enum CommError {
     /// Another rank failed; this one stopped waiting for it.
     #[error("stopped because another rank failed")]
     Aborted,
-    /// The peer is gone (its channel closed).
+    /// The peer is gone (its endpoint was dropped).
     #[error("rank {0} disconnected")]
     Disconnected(usize),
     /// A message of an unexpected length arrived (a corrupt plan or a backend bug).
@@ -30,6 +30,232 @@ pub enum CommError {
         /// Expected length.
         want: usize,
     },
+    /// A message of another element type arrived (a corrupt plan or a backend bug).
+    #[error("message from rank {from} holds {got} elements, expected {want}")]
+    Kind {
+        /// Sender.
+        from: usize,
+        /// Received element type.
+        got: &'static str,
+        /// Expected element type.
+        want: &'static str,
+    },
+}
+
+/// An owned message: its elements keep their type end to end, so integers move exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// Float elements.
+    F32(Vec<f32>),
+    /// Integer elements.
+    I32(Vec<i32>),
+}
+
+/// A borrowed run of elements to send.
+#[derive(Clone, Copy, Debug)]
+pub enum Data<'a> {
+    /// Float elements.
+    F32(&'a [f32]),
+    /// Integer elements.
+    I32(&'a [i32]),
+}
+
+/// A borrowed buffer to receive into.
+#[derive(Debug)]
+pub enum DataMut<'a> {
+    /// Float elements.
+    F32(&'a mut [f32]),
+    /// Integer elements.
+    I32(&'a mut [i32]),
+}
+
+impl Message {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.as_data().len()
+    }
+
+    /// True when the message has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type's name.
+    pub fn kind(&self) -> &'static str {
+        self.as_data().kind()
+    }
+
+    /// The elements, borrowed.
+    pub fn as_data(&self) -> Data<'_> {
+        match self {
+            Message::F32(v) => Data::F32(v),
+            Message::I32(v) => Data::I32(v),
+        }
+    }
+
+    /// Returns the message's buffer to the pool.
+    pub fn recycle(self) {
+        match self {
+            Message::F32(v) => give(v),
+            Message::I32(v) => give(v),
+        }
+    }
+}
+
+impl From<Vec<f32>> for Message {
+    fn from(v: Vec<f32>) -> Self {
+        Message::F32(v)
+    }
+}
+
+impl From<Vec<i32>> for Message {
+    fn from(v: Vec<i32>) -> Self {
+        Message::I32(v)
+    }
+}
+
+impl Data<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(s) => s.len(),
+            Data::I32(s) => s.len(),
+        }
+    }
+
+    /// True when there is no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Data::F32(_) => f32::KIND,
+            Data::I32(_) => i32::KIND,
+        }
+    }
+
+    /// An owned copy, in a pooled buffer.
+    pub fn to_message(&self) -> Message {
+        match *self {
+            Data::F32(s) => Message::F32(copy(s)),
+            Data::I32(s) => Message::I32(copy(s)),
+        }
+    }
+}
+
+impl DataMut<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            DataMut::F32(s) => s.len(),
+            DataMut::I32(s) => s.len(),
+        }
+    }
+
+    /// True when there is no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DataMut::F32(_) => f32::KIND,
+            DataMut::I32(_) => i32::KIND,
+        }
+    }
+}
+
+/// An element type that travels between ranks: f32 or i32. Sums and maxima of integers are
+/// exact (sums wrap as numpy's int32 sums do).
+pub trait Elem: Pooled + PartialEq + std::fmt::Debug {
+    /// The type's name in messages and errors.
+    const KIND: &'static str;
+    /// An owned buffer as a message.
+    fn message(v: Vec<Self>) -> Message;
+    /// A message's buffer, if it holds this type.
+    fn from_message(m: Message, from: usize) -> Result<Vec<Self>, CommError>;
+    /// A slice as data to send.
+    fn data(s: &[Self]) -> Data<'_>;
+    /// A buffer to receive into.
+    fn data_mut(s: &mut [Self]) -> DataMut<'_>;
+    /// `acc = acc ⊕ other` elementwise, `⊕` symmetric bitwise.
+    fn combine_from(acc: &mut [Self], other: &[Self], op: ReduceOp);
+    /// As `combine_from`; with `copy`, `other` receives the result too.
+    fn combine_symmetric(acc: &mut [Self], other: &mut [Self], op: ReduceOp, copy: bool);
+}
+
+impl Elem for f32 {
+    const KIND: &'static str = "f32";
+    fn message(v: Vec<f32>) -> Message {
+        Message::F32(v)
+    }
+    fn from_message(m: Message, from: usize) -> Result<Vec<f32>, CommError> {
+        match m {
+            Message::F32(v) => Ok(v),
+            m => Err(kind_error(from, m.kind(), Self::KIND)),
+        }
+    }
+    fn data(s: &[f32]) -> Data<'_> {
+        Data::F32(s)
+    }
+    fn data_mut(s: &mut [f32]) -> DataMut<'_> {
+        DataMut::F32(s)
+    }
+    fn combine_from(acc: &mut [f32], other: &[f32], op: ReduceOp) {
+        combine_from(acc, other, op)
+    }
+    fn combine_symmetric(acc: &mut [f32], other: &mut [f32], op: ReduceOp, copy: bool) {
+        combine_symmetric(acc, other, op, copy)
+    }
+}
+
+impl Elem for i32 {
+    const KIND: &'static str = "i32";
+    fn message(v: Vec<i32>) -> Message {
+        Message::I32(v)
+    }
+    fn from_message(m: Message, from: usize) -> Result<Vec<i32>, CommError> {
+        match m {
+            Message::I32(v) => Ok(v),
+            m => Err(kind_error(from, m.kind(), Self::KIND)),
+        }
+    }
+    fn data(s: &[i32]) -> Data<'_> {
+        Data::I32(s)
+    }
+    fn data_mut(s: &mut [i32]) -> DataMut<'_> {
+        DataMut::I32(s)
+    }
+    fn combine_from(acc: &mut [i32], other: &[i32], op: ReduceOp) {
+        assert_eq!(acc.len(), other.len(), "combine: lengths");
+        let f = int_op(op);
+        acc.iter_mut().zip(other).for_each(|(a, &b)| *a = f(*a, b));
+    }
+    fn combine_symmetric(acc: &mut [i32], other: &mut [i32], op: ReduceOp, copy: bool) {
+        assert_eq!(acc.len(), other.len(), "combine: lengths");
+        let f = int_op(op);
+        for (a, b) in acc.iter_mut().zip(other.iter_mut()) {
+            *a = f(*a, *b);
+            if copy {
+                *b = *a;
+            }
+        }
+    }
+}
+
+/// The exact integer `⊕` of a reduction: wrapping sum (mean sums too, as for floats) or max.
+fn int_op(op: ReduceOp) -> fn(i32, i32) -> i32 {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => i32::wrapping_add,
+        ReduceOp::Max => std::cmp::max,
+    }
+}
+
+fn kind_error(from: usize, got: &'static str, want: &'static str) -> CommError {
+    CommError::Kind { from, got, want }
 }
 
 /// Point-to-point messaging between the ranks of one world. Messages between a pair of ranks
@@ -39,23 +265,23 @@ pub trait Transport: Send {
     fn rank(&self) -> usize;
     /// Number of ranks in the world.
     fn world(&self) -> usize;
-    /// Sends `data` to rank `to` (does not wait for the receiver).
-    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError>;
+    /// Sends `msg` to rank `to` (does not wait for the receiver).
+    fn send(&mut self, to: usize, msg: Message) -> Result<(), CommError>;
     /// Receives the next message from rank `from`.
-    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError>;
-    /// Sends `data` to `to` and receives the next message from `from`, as one step (MPI's
+    fn recv(&mut self, from: usize) -> Result<Message, CommError>;
+    /// Sends `msg` to `to` and receives the next message from `from`, as one step (MPI's
     /// sendrecv): the ring steps of the collectives, safe when every rank sends at once.
-    fn exchange(&mut self, to: usize, data: Vec<f32>, from: usize) -> Result<Vec<f32>, CommError> {
-        self.send(to, data)?;
+    fn exchange(&mut self, to: usize, msg: Message, from: usize) -> Result<Message, CommError> {
+        self.send(to, msg)?;
         self.recv(from)
     }
     /// `exchange` of slices: sends `send` to `to` and puts the next message from `from` into
-    /// `sink` (a message of another length is an error). The default copies through
+    /// `sink` (a message of another length or type is an error). The default copies through
     /// `exchange`; a backend that can read the peer's memory in place overrides it.
     fn exchange_into(
         &mut self,
         to: usize,
-        send: &[f32],
+        send: Data<'_>,
         from: usize,
         sink: Sink<'_>,
     ) -> Result<(), CommError> {
@@ -68,25 +294,47 @@ pub trait Transport: Send {
 /// Where an exchanged message goes.
 pub enum Sink<'a> {
     /// Written over the buffer.
-    Write(&'a mut [f32]),
+    Write(DataMut<'a>),
     /// Combined into the buffer: `buf[i] = buf[i] ⊕ msg[i]`, `⊕` symmetric.
-    Combine(&'a mut [f32], ReduceOp),
+    Combine(DataMut<'a>, ReduceOp),
 }
 
 impl Sink<'_> {
-    /// The length the message must have.
-    pub fn expected_len(&self) -> usize {
+    /// The buffer.
+    fn buf(&self) -> &DataMut<'_> {
         match self {
-            Sink::Write(b) | Sink::Combine(b, _) => b.len(),
+            Sink::Write(b) | Sink::Combine(b, _) => b,
         }
     }
 
-    /// Puts `msg` (of `expected_len` elements) into the buffer.
-    pub fn put(self, msg: &[f32]) {
-        match self {
-            Sink::Write(b) => b.copy_from_slice(msg),
-            Sink::Combine(b, op) => combine_from(b, msg, op),
+    /// The length the message must have.
+    pub fn expected_len(&self) -> usize {
+        self.buf().len()
+    }
+
+    /// The element type the message must have.
+    pub fn expected_kind(&self) -> &'static str {
+        self.buf().kind()
+    }
+
+    /// Puts `msg` from rank `from` into the buffer; a message of another length or element
+    /// type is an error.
+    pub fn put(self, from: usize, msg: Data<'_>) -> Result<(), CommError> {
+        if msg.len() != self.expected_len() {
+            return Err(CommError::Length {
+                from,
+                got: msg.len(),
+                want: self.expected_len(),
+            });
         }
+        match (self, msg) {
+            (Sink::Write(DataMut::F32(b)), Data::F32(m)) => b.copy_from_slice(m),
+            (Sink::Write(DataMut::I32(b)), Data::I32(m)) => b.copy_from_slice(m),
+            (Sink::Combine(DataMut::F32(b), op), Data::F32(m)) => f32::combine_from(b, m, op),
+            (Sink::Combine(DataMut::I32(b), op), Data::I32(m)) => i32::combine_from(b, m, op),
+            (s, m) => return Err(kind_error(from, m.kind(), s.expected_kind())),
+        }
+        Ok(())
     }
 }
 
@@ -95,20 +343,19 @@ impl Sink<'_> {
 pub(crate) fn copy_exchange<T: Transport + ?Sized>(
     t: &mut T,
     to: usize,
-    send: &[f32],
+    send: Data<'_>,
     from: usize,
     sink: Sink<'_>,
 ) -> Result<(), CommError> {
-    let got = t.exchange(to, message(send), from)?;
+    let got = t.exchange(to, send.to_message(), from)?;
     put_message(got, from, sink)
 }
 
-/// Puts a received message into `sink`, checking its length, and pools its buffer.
-fn put_message(got: Vec<f32>, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
-    let got = expect_len(got, sink.expected_len(), from)?;
-    sink.put(&got);
-    give(got);
-    Ok(())
+/// Puts a received message into `sink`, checking its length and type, and pools its buffer.
+fn put_message(got: Message, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
+    let r = sink.put(from, got.as_data());
+    got.recycle();
+    r
 }
 
 /// Position of `rank` in `group` (the group lists world ranks in coordinate order).
@@ -124,7 +371,8 @@ fn bounds(n: usize, k: usize) -> Vec<(usize, usize)> {
     (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
 }
 
-fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommError> {
+fn expect_len<T: Elem>(got: Message, want: usize, from: usize) -> Result<Vec<T>, CommError> {
+    let got = T::from_message(got, from)?;
     if got.len() == want {
         Ok(got)
     } else {
@@ -136,15 +384,15 @@ fn expect_len(got: Vec<f32>, want: usize, from: usize) -> Result<Vec<f32>, CommE
     }
 }
 
-/// A message holding a copy of `src`, in a pooled buffer.
-fn message(src: &[f32]) -> Vec<f32> {
-    let mut m = take_vec::<f32>(src.len());
+/// A copy of `src`, in a pooled buffer.
+fn copy<T: Pooled>(src: &[T]) -> Vec<T> {
+    let mut m = take_vec::<T>(src.len());
     m.extend_from_slice(src);
     m
 }
 
 /// Disjoint borrows of two non-overlapping ranges of `data`: `src` to read, `dst` to write.
-fn split_pair(data: &mut [f32], src: (usize, usize), dst: (usize, usize)) -> (&[f32], &mut [f32]) {
+fn split_pair<T>(data: &mut [T], src: (usize, usize), dst: (usize, usize)) -> (&[T], &mut [T]) {
     if src.1 <= dst.0 {
         let (a, b) = data.split_at_mut(dst.0);
         (&a[src.0..src.1], &mut b[..dst.1 - dst.0])
@@ -158,10 +406,10 @@ fn split_pair(data: &mut [f32], src: (usize, usize), dst: (usize, usize)) -> (&[
 /// The k-1 steps of a ring over chunks `b` of `data`: step s sends chunk (me - s - shift) to the
 /// next rank and receives chunk (me - s - shift - 1) from the previous one, combining it with
 /// `op` or, without one, writing it.
-fn ring(
+fn ring<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     b: &[(usize, usize)],
     shift: usize,
     op: Option<ReduceOp>,
@@ -174,10 +422,10 @@ fn ring(
         let dst = b[(me + 2 * k - s - shift - 1) % k];
         let (send, recv) = split_pair(data, src, dst);
         let sink = match op {
-            Some(op) => Sink::Combine(recv, op),
-            None => Sink::Write(recv),
+            Some(op) => Sink::Combine(T::data_mut(recv), op),
+            None => Sink::Write(T::data_mut(recv)),
         };
-        t.exchange_into(next, send, prev, sink)?;
+        t.exchange_into(next, T::data(send), prev, sink)?;
     }
     Ok(())
 }
@@ -185,10 +433,10 @@ fn ring(
 /// Ring reduce-scatter of `data` over `group` (chunks `b`, one per position): afterwards this
 /// rank's chunk `position` holds the reduction (every chunk reduced in ring order); the other
 /// chunks hold partial results.
-fn ring_reduce_scatter(
+fn ring_reduce_scatter<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     b: &[(usize, usize)],
     op: ReduceOp,
 ) -> Result<(), CommError> {
@@ -197,10 +445,10 @@ fn ring_reduce_scatter(
 
 /// Ring all-gather in place: on entry chunk `position` of `data` (chunks `b`) holds this rank's
 /// part; on return every chunk holds its owner's part.
-fn ring_all_gather(
+fn ring_all_gather<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     b: &[(usize, usize)],
 ) -> Result<(), CommError> {
     ring(t, group, data, b, 0, None)
@@ -212,10 +460,10 @@ fn ring_all_gather(
 /// 2j rounds (the ring takes 2(k-1)) moving 2(k-1)/k of the data per rank, as the ring does.
 /// Every element is reduced by the same tree, (x0 ⊕ x1) ⊕ (x2 ⊕ x3) ..., on whichever rank
 /// holds it, and `⊕` is symmetric, so all ranks end bitwise equal.
-fn halving_doubling(
+fn halving_doubling<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     op: ReduceOp,
 ) -> Result<(), CommError> {
     let k = group.len();
@@ -233,7 +481,12 @@ fn halving_doubling(
             ((mid, hi), (lo, mid))
         };
         let (send, acc) = split_pair(data, away, keep);
-        t.exchange_into(peer, send, peer, Sink::Combine(acc, op))?;
+        t.exchange_into(
+            peer,
+            T::data(send),
+            peer,
+            Sink::Combine(T::data_mut(acc), op),
+        )?;
         splits.push((lo, mid, hi));
         (lo, hi) = keep;
         bit <<= 1;
@@ -247,7 +500,7 @@ fn halving_doubling(
             (plo, mid)
         };
         let (send, recv) = split_pair(data, (lo, hi), other);
-        t.exchange_into(peer, send, peer, Sink::Write(recv))?;
+        t.exchange_into(peer, T::data(send), peer, Sink::Write(T::data_mut(recv)))?;
         (lo, hi) = (plo, phi);
     }
     Ok(())
@@ -257,22 +510,23 @@ fn halving_doubling(
 /// buffer with the rank whose position differs in bit i and combines the two. j rounds instead
 /// of halving-doubling's 2j, for more bytes: the choice for small buffers, where a round's
 /// wake-ups cost more than its bytes. The same tree as [`halving_doubling`], so the same bits.
-fn doubling(
+fn doubling<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     op: ReduceOp,
 ) -> Result<(), CommError> {
     let k = group.len();
     let me = position(group, t.rank());
-    let mut send = message(data);
+    let mut send = copy(data);
     let mut bit = 1;
     while bit < k {
         let peer = group[me ^ bit];
-        let mut got = expect_len(t.exchange(peer, send, peer)?, data.len(), peer)?;
+        let mut got: Vec<T> =
+            expect_len(t.exchange(peer, T::message(send), peer)?, data.len(), peer)?;
         let more = bit * 2 < k;
         // The received buffer becomes the next round's message, written in the same pass.
-        combine_symmetric(data, &mut got, op, more);
+        T::combine_symmetric(data, &mut got, op, more);
         bit <<= 1;
         if !more {
             give(got);
@@ -292,10 +546,10 @@ const DOUBLING_MAX_BYTES: usize = 256 << 10;
 /// buffers) or halving and doubling (large ones; the same reduction tree), on other groups by
 /// the ring (reduce-scatter, then all-gather). The reduction order depends on the group and the
 /// length alone, so the result is bitwise the same on every run and every backend.
-pub fn all_reduce(
+pub fn all_reduce<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     op: ReduceOp,
 ) -> Result<(), CommError> {
     let k = group.len();
@@ -314,14 +568,14 @@ pub fn all_reduce(
 }
 
 /// Concatenates every rank's `mine` (all the same length) in group order.
-pub fn all_gather(
+pub fn all_gather<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    mine: &[f32],
-) -> Result<Vec<f32>, CommError> {
+    mine: &[T],
+) -> Result<Vec<T>, CommError> {
     let (k, n) = (group.len(), mine.len());
     let me = position(group, t.rank());
-    let mut out = take_f32(k * n);
+    let mut out = take::<T>(k * n);
     out[me * n..(me + 1) * n].copy_from_slice(mine);
     let b: Vec<(usize, usize)> = (0..k).map(|i| (i * n, (i + 1) * n)).collect();
     ring_all_gather(t, group, &mut out, &b)?;
@@ -330,33 +584,34 @@ pub fn all_gather(
 
 /// Reduces `data` (k equal contiguous chunks, chunk i for the i-th rank of the group) and returns
 /// this rank's reduced chunk; `data` is left with partial results.
-pub fn reduce_scatter(
+pub fn reduce_scatter<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    data: &mut [f32],
+    data: &mut [T],
     op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+) -> Result<Vec<T>, CommError> {
     let b = bounds(data.len(), group.len());
     ring_reduce_scatter(t, group, data, &b, op)?;
     let (a, e) = b[position(group, t.rank())];
-    Ok(message(&data[a..e]))
+    Ok(copy(&data[a..e]))
 }
 
 /// Sends `chunks[i]` to the i-th rank of the group; returns the chunks received, in group order.
-pub fn all_to_all(
+pub fn all_to_all<T: Elem>(
     t: &mut dyn Transport,
     group: &[usize],
-    mut chunks: Vec<Vec<f32>>,
-) -> Result<Vec<Vec<f32>>, CommError> {
+    mut chunks: Vec<Vec<T>>,
+) -> Result<Vec<Vec<T>>, CommError> {
     let k = group.len();
     let me = position(group, t.rank());
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); k];
+    let mut out: Vec<Vec<T>> = vec![Vec::new(); k];
     out[me] = std::mem::take(&mut chunks[me]);
     // Shifted pairwise exchange: step s sends to me+s and receives from me-s.
     for s in 1..k {
         let to = (me + s) % k;
         let from = (me + k - s) % k;
-        out[from] = t.exchange(group[to], std::mem::take(&mut chunks[to]), group[from])?;
+        let msg = T::message(std::mem::take(&mut chunks[to]));
+        out[from] = T::from_message(t.exchange(group[to], msg, group[from])?, group[from])?;
     }
     Ok(out)
 }
@@ -444,6 +699,86 @@ mod tests {
         // chunk 1 of [i + r] summed over r = 0..3: (2+3)+(3+4)... per element: 3*i + 3
         assert_eq!(out[1].1, vec![9.0, 12.0]);
         assert_eq!(out[2].2, vec![vec![2.0; 3], vec![12.0; 3], vec![22.0; 3]]);
+    }
+
+    /// Integers that f32 cannot hold (above 2^24), each rank's shifted by its rank.
+    fn big(rank: usize, len: usize) -> Vec<i32> {
+        let base = [16_777_217, i32::MAX - 1, -16_777_217, 16_777_219];
+        (0..len)
+            .map(|i| base[i % 4] - (rank as i32) * (i % 3 == 0) as i32)
+            .collect()
+    }
+
+    #[test]
+    fn integers_move_exactly_through_every_collective() {
+        // Lengths below and above the loan threshold; groups of 2^j (doubling, halving-doubling)
+        // and others (ring).
+        for n in [2usize, 3, 4] {
+            for len in [4usize, 40_000] {
+                let out = on_world(n, move |t| {
+                    let group: Vec<usize> = (0..n).collect();
+                    let r = t.rank();
+                    let mut max = big(r, len);
+                    all_reduce(t, &group, &mut max, ReduceOp::Max).unwrap();
+                    let mut sum: Vec<i32> = big(r, len)
+                        .iter()
+                        .map(|&v| if r == 0 { v } else { (v % 2).abs() })
+                        .collect();
+                    all_reduce(t, &group, &mut sum, ReduceOp::Sum).unwrap();
+                    let gathered = all_gather(t, &group, &big(r, len)).unwrap();
+                    let mut rs = big(r, len * n);
+                    rs.iter_mut().for_each(|v| *v = if r == 0 { *v } else { 0 });
+                    let scattered = reduce_scatter(t, &group, &mut rs, ReduceOp::Sum).unwrap();
+                    let chunks = (0..n).map(|to| big(r + to, len)).collect();
+                    let swapped = all_to_all(t, &group, chunks).unwrap();
+                    (max, sum, gathered, scattered, swapped)
+                });
+                for (r, (max, sum, gathered, scattered, swapped)) in out.iter().enumerate() {
+                    assert_eq!(max, &big(0, len), "{n} ranks, {len}: max");
+                    let want: Vec<i32> = (0..len)
+                        .map(|i| {
+                            let odd: i32 = (1..n).map(|q| (big(q, len)[i] % 2).abs()).sum();
+                            big(0, len)[i].wrapping_add(odd)
+                        })
+                        .collect();
+                    assert_eq!(sum, &want, "{n} ranks, {len}: sum");
+                    let all: Vec<i32> = (0..n).flat_map(|q| big(q, len)).collect();
+                    assert_eq!(gathered, &all, "{n} ranks, {len}: all-gather");
+                    let b = bounds(len * n, n)[r];
+                    assert_eq!(scattered[..], big(0, len * n)[b.0..b.1], "reduce-scatter");
+                    for (from, got) in swapped.iter().enumerate() {
+                        assert_eq!(got, &big(from + r, len), "all-to-all");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_of_the_other_element_type_is_an_error() {
+        let out = on_world(2, |t| {
+            let peer = 1 - t.rank();
+            if t.rank() == 0 {
+                let mut buf = vec![0i32; 3];
+                t.exchange_into(
+                    peer,
+                    Data::I32(&[1, 2, 3]),
+                    peer,
+                    Sink::Write(DataMut::I32(&mut buf)),
+                )
+            } else {
+                let mut buf = vec![0f32; 3];
+                t.exchange_into(
+                    peer,
+                    Data::F32(&[1.0, 2.0, 3.0]),
+                    peer,
+                    Sink::Write(DataMut::F32(&mut buf)),
+                )
+            }
+        });
+        let kind = |from, got, want| Err(CommError::Kind { from, got, want });
+        assert_eq!(out[0], kind(1, "f32", "i32"));
+        assert_eq!(out[1], kind(0, "i32", "f32"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The thread backend: ranks of one process connected by channels. Large exchanges are loans:
-//! the receiver reads the sender's slice in place (one pass over the bytes instead of a copy
-//! into a message and a copy out of it), and the sender waits until it has been read.
+//! The thread backend: ranks of one process, connected by channels created on first use (a
+//! world of n ranks holds the channels its collectives use, not n²). Large exchanges are loans: the
+//! receiver reads the sender's slice in place (one pass over the bytes instead of a copy into a
+//! message and a copy out of it), and the sender waits until it has been read.
 
-use super::{copy_exchange, CommError, Sink, Transport};
-use crate::exec::kernels::take_f32;
+use super::{copy_exchange, CommError, Data, Message, Sink, Transport};
+use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -19,7 +21,7 @@ const LOAN_MIN_BYTES: usize = 64 << 10;
 /// What travels between two ranks.
 enum Msg {
     /// An owned buffer.
-    Data(Vec<f32>),
+    Data(Message),
     /// A slice of the sender's memory, to be read in place.
     Loan(Arc<Loan>),
 }
@@ -32,21 +34,27 @@ enum LoanState {
     Cancelled,
 }
 
+/// The address of a lent slice, with its element type.
+#[derive(Clone, Copy)]
+enum LoanPtr {
+    F32(*const f32),
+    I32(*const i32),
+}
+
 /// A slice lent by a rank blocked in `exchange_into`.
 ///
-/// Invariant: while the state is `Pending` the lender is inside `exchange_into` with the slice
-/// borrowed (shared) and does not return before the state is `Done` or it has set `Cancelled`,
-/// both under the lock. The borrower reads only under the lock while `Pending`, so every read
-/// happens inside the lender's borrow.
+/// Invariant: while the state is `Pending` the slice is borrowed (shared) by a live
+/// [`Lent`], whose drop sets `Cancelled` under the lock. The borrower reads only under the lock
+/// while `Pending`, so every read happens inside the lender's borrow.
 struct Loan {
-    ptr: *const f32,
+    ptr: LoanPtr,
     len: usize,
     state: Mutex<LoanState>,
     read: Condvar,
 }
 
 // SAFETY: the pointer is only dereferenced under the invariant above (a shared borrow that the
-// lender keeps alive while the loan is pending); f32 is Sync.
+// lender keeps alive while the loan is pending); f32 and i32 are Sync.
 unsafe impl Send for Loan {}
 // SAFETY: as for Send; the state is behind a mutex.
 unsafe impl Sync for Loan {}
@@ -56,58 +64,67 @@ impl Loan {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads the lent slice into `sink` (of the same length) unless the lender cancelled.
+    /// Reads the lent slice into `sink` unless the lender cancelled.
     fn read(&self, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
         let mut state = self.lock();
         if *state != LoanState::Pending {
             return Err(CommError::Aborted);
         }
-        let result = if self.len == sink.expected_len() {
-            // SAFETY: the loan is pending and we hold its lock (see the invariant on `Loan`).
-            let src = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
-            sink.put(src);
-            Ok(())
-        } else {
-            Err(CommError::Length {
-                from,
-                got: self.len,
-                want: sink.expected_len(),
-            })
+        // SAFETY: the loan is pending and we hold its lock (see the invariant on `Loan`); the
+        // data is not used past this block.
+        let data = unsafe {
+            match self.ptr {
+                LoanPtr::F32(p) => Data::F32(std::slice::from_raw_parts(p, self.len)),
+                LoanPtr::I32(p) => Data::I32(std::slice::from_raw_parts(p, self.len)),
+            }
         };
+        let result = sink.put(from, data);
         *state = LoanState::Done;
         self.read.notify_all();
         result
     }
 }
 
-/// The lender's side of a loan: waits for the read, and cancels the loan when dropped unread.
-struct Lent(Arc<Loan>);
+/// The lender's side of a loan of a slice borrowed for `'a`: the borrow lasts as long as the
+/// `Lent`, which waits for the read and cancels the loan when dropped unread.
+struct Lent<'a> {
+    loan: Arc<Loan>,
+    _borrow: PhantomData<Data<'a>>,
+}
 
-impl Lent {
-    fn new(src: &[f32]) -> Self {
-        Lent(Arc::new(Loan {
-            ptr: src.as_ptr(),
-            len: src.len(),
+impl<'a> Lent<'a> {
+    fn new(src: Data<'a>) -> Self {
+        let (ptr, len) = match src {
+            Data::F32(s) => (LoanPtr::F32(s.as_ptr()), s.len()),
+            Data::I32(s) => (LoanPtr::I32(s.as_ptr()), s.len()),
+        };
+        let loan = Arc::new(Loan {
+            ptr,
+            len,
             state: Mutex::new(LoanState::Pending),
             read: Condvar::new(),
-        }))
+        });
+        Lent {
+            loan,
+            _borrow: PhantomData,
+        }
     }
 
     /// Waits until the borrower has read the loan; gives up when the world aborts or the
     /// borrower can no longer read it (its endpoint is gone).
-    fn wait(&self, aborted: &AtomicBool, to: usize) -> Result<(), CommError> {
-        let mut state = self.0.lock();
+    fn wait(&self, world: &World, to: usize) -> Result<(), CommError> {
+        let mut state = self.loan.lock();
         loop {
             if *state == LoanState::Done {
                 return Ok(());
             }
-            if aborted.load(Ordering::Relaxed) {
+            if world.aborted.load(Ordering::Relaxed) {
                 return Err(CommError::Aborted);
             }
-            if Arc::strong_count(&self.0) == 1 {
+            if Arc::strong_count(&self.loan) == 1 || world.gone(to) {
                 return Err(CommError::Disconnected(to));
             }
-            state = (self.0.read)
+            state = (self.loan.read)
                 .wait_timeout(state, POLL)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
@@ -115,71 +132,150 @@ impl Lent {
     }
 }
 
-impl Drop for Lent {
+impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
+        let mut state = self.loan.lock();
         if *state == LoanState::Pending {
             *state = LoanState::Cancelled;
         }
     }
 }
 
-/// The thread backend: ranks of one process connected by channels.
+/// The end of a channel between two ranks that its owner has not picked up yet.
+enum End {
+    Sender(Sender<Msg>),
+    Receiver(Receiver<Msg>),
+}
+
+/// What the ranks of one world share: the channel ends not yet picked up, by (sender,
+/// receiver); a gone flag per rank (set when its endpoint is dropped); the abort flag.
+struct World {
+    size: usize,
+    unclaimed: Mutex<HashMap<(usize, usize), End>>,
+    gone: Vec<AtomicBool>,
+    aborted: AtomicBool,
+}
+
+impl World {
+    /// Rank `from`'s sender to `to`, creating the channel on first use.
+    fn sender(&self, from: usize, to: usize) -> Sender<Msg> {
+        let mut u = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match u.remove(&(from, to)) {
+            Some(End::Sender(s)) => s,
+            _ => {
+                let (s, r) = channel();
+                u.insert((from, to), End::Receiver(r));
+                s
+            }
+        }
+    }
+
+    /// Rank `to`'s receiver from `from`, creating the channel on first use.
+    fn receiver(&self, from: usize, to: usize) -> Receiver<Msg> {
+        let mut u = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match u.remove(&(from, to)) {
+            Some(End::Receiver(r)) => r,
+            _ => {
+                let (s, r) = channel();
+                u.insert((from, to), End::Sender(s));
+                r
+            }
+        }
+    }
+
+    /// True when `rank`'s endpoint was dropped (or `rank` is no rank of the world).
+    fn gone(&self, rank: usize) -> bool {
+        self.gone
+            .get(rank)
+            .is_none_or(|g| g.load(Ordering::Acquire))
+    }
+}
+
+/// The thread backend: ranks of one process, connected by a channel per pair of ranks that
+/// communicate, created on first use, so memory grows with the pairs a plan's groups use (for
+/// a ring or doubling over the world, linearly or as n·log n), not with n².
 pub struct ThreadTransport {
     rank: usize,
-    senders: Vec<Sender<Msg>>,
-    receivers: Vec<Receiver<Msg>>,
-    aborted: Arc<AtomicBool>,
+    world: Arc<World>,
+    senders: HashMap<usize, Sender<Msg>>,
+    receivers: HashMap<usize, Receiver<Msg>>,
 }
 
 impl ThreadTransport {
-    /// A fully connected world of `n` ranks; element `r` is rank `r`'s endpoint.
+    /// A world of `n` ranks; element `r` is rank `r`'s endpoint.
     pub fn world(n: usize) -> Vec<ThreadTransport> {
-        let aborted = Arc::new(AtomicBool::new(false));
-        let mut senders: Vec<Vec<Sender<Msg>>> = (0..n).map(|_| Vec::new()).collect();
-        let mut receivers: Vec<Vec<Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
-        // senders[from][to] pairs with receivers[to][from].
-        for sends in senders.iter_mut() {
-            for recvs in receivers.iter_mut() {
-                let (s, r) = channel();
-                sends.push(s);
-                recvs.push(r);
-            }
-        }
-        senders
-            .into_iter()
-            .zip(receivers)
-            .enumerate()
-            .map(|(rank, (senders, receivers))| ThreadTransport {
+        let world = Arc::new(World {
+            size: n,
+            unclaimed: Mutex::new(HashMap::new()),
+            gone: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            aborted: AtomicBool::new(false),
+        });
+        (0..n)
+            .map(|rank| ThreadTransport {
                 rank,
-                senders,
-                receivers,
-                aborted: aborted.clone(),
+                world: world.clone(),
+                senders: HashMap::new(),
+                receivers: HashMap::new(),
             })
             .collect()
     }
 
+    fn aborted(&self) -> bool {
+        self.world.aborted.load(Ordering::Relaxed)
+    }
+
     fn post(&mut self, to: usize, msg: Msg) -> Result<(), CommError> {
-        if self.aborted.load(Ordering::Relaxed) {
+        if self.aborted() {
             return Err(CommError::Aborted);
         }
-        self.senders[to]
+        if to >= self.world.size {
+            return Err(CommError::Disconnected(to));
+        }
+        let (world, rank) = (&self.world, self.rank);
+        self.senders
+            .entry(to)
+            .or_insert_with(|| world.sender(rank, to))
             .send(msg)
             .map_err(|_| CommError::Disconnected(to))
     }
 
+    /// The next message from `from`.
     fn next(&mut self, from: usize) -> Result<Msg, CommError> {
+        if from >= self.world.size {
+            return Err(CommError::Disconnected(from));
+        }
+        let (world, rank) = (&self.world, self.rank);
+        let r = self
+            .receivers
+            .entry(from)
+            .or_insert_with(|| world.receiver(from, rank));
         loop {
-            match self.receivers[from].recv_timeout(POLL) {
+            match r.recv_timeout(POLL) {
                 Ok(m) => return Ok(m),
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.aborted.load(Ordering::Relaxed) {
+                    if world.aborted.load(Ordering::Relaxed) {
                         return Err(CommError::Aborted);
+                    }
+                    // Every message `from` sent is in the channel before its gone flag is seen.
+                    if world.gone(from) {
+                        return r.try_recv().map_err(|_| CommError::Disconnected(from));
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(CommError::Disconnected(from)),
             }
         }
+    }
+}
+
+impl Drop for ThreadTransport {
+    fn drop(&mut self) {
+        self.world.gone[self.rank].store(true, Ordering::Release);
     }
 }
 
@@ -189,20 +285,27 @@ impl Transport for ThreadTransport {
     }
 
     fn world(&self) -> usize {
-        self.senders.len()
+        self.world.size
     }
 
-    fn send(&mut self, to: usize, data: Vec<f32>) -> Result<(), CommError> {
-        self.post(to, Msg::Data(data))
+    fn send(&mut self, to: usize, msg: Message) -> Result<(), CommError> {
+        self.post(to, Msg::Data(msg))
     }
 
-    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+    fn recv(&mut self, from: usize) -> Result<Message, CommError> {
         match self.next(from)? {
-            Msg::Data(v) => Ok(v),
+            Msg::Data(m) => Ok(m),
             Msg::Loan(loan) => {
-                let mut v = take_f32(loan.len);
-                loan.read(from, Sink::Write(&mut v))?;
-                Ok(v)
+                let mut m = match loan.ptr {
+                    LoanPtr::F32(_) => Message::F32(super::take(loan.len)),
+                    LoanPtr::I32(_) => Message::I32(super::take(loan.len)),
+                };
+                let sink = match &mut m {
+                    Message::F32(v) => Sink::Write(super::DataMut::F32(v)),
+                    Message::I32(v) => Sink::Write(super::DataMut::I32(v)),
+                };
+                loan.read(from, sink)?;
+                Ok(m)
             }
         }
     }
@@ -210,7 +313,7 @@ impl Transport for ThreadTransport {
     fn exchange_into(
         &mut self,
         to: usize,
-        send: &[f32],
+        send: Data<'_>,
         from: usize,
         sink: Sink<'_>,
     ) -> Result<(), CommError> {
@@ -218,24 +321,25 @@ impl Transport for ThreadTransport {
             return copy_exchange(self, to, send, from, sink);
         }
         let lent = Lent::new(send);
-        self.post(to, Msg::Loan(lent.0.clone()))?;
+        self.post(to, Msg::Loan(lent.loan.clone()))?;
         let got = match self.next(from) {
-            Ok(Msg::Data(v)) => super::put_message(v, from, sink),
+            Ok(Msg::Data(m)) => super::put_message(m, from, sink),
             Ok(Msg::Loan(loan)) => loan.read(from, sink),
             Err(e) => Err(e),
         };
-        let read = lent.wait(&self.aborted, to);
+        let read = lent.wait(&self.world, to);
         got.and(read)
     }
 
     fn abort(&self) {
-        self.aborted.store(true, Ordering::Relaxed);
+        self.world.aborted.store(true, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::comm::DataMut;
     use crate::ir::ReduceOp;
 
     const BIG: usize = LOAN_MIN_BYTES; // elements: 4x the loan threshold in bytes
@@ -248,13 +352,19 @@ mod tests {
         let h = std::thread::spawn(move || {
             let send: Vec<f32> = (0..BIG).map(|i| i as f32).collect();
             let mut acc = vec![1.0f32; BIG];
-            b.exchange_into(0, &send, 0, Sink::Combine(&mut acc, ReduceOp::Sum))
-                .unwrap();
+            b.exchange_into(
+                0,
+                Data::F32(&send),
+                0,
+                Sink::Combine(DataMut::F32(&mut acc), ReduceOp::Sum),
+            )
+            .unwrap();
             acc
         });
         let send = vec![2.0f32; BIG];
         let mut got = vec![0.0f32; BIG];
-        a.exchange_into(1, &send, 1, Sink::Write(&mut got)).unwrap();
+        a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut got)))
+            .unwrap();
         let acc = h.join().unwrap();
         assert!(got.iter().enumerate().all(|(i, &v)| v == i as f32));
         assert!(acc.iter().all(|&v| v == 3.0));
@@ -273,7 +383,7 @@ mod tests {
             b.abort();
             b
         });
-        let r = a.exchange_into(1, &send, 1, Sink::Write(&mut sink));
+        let r = a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut sink)));
         assert_eq!(r, Err(CommError::Aborted));
         drop(h.join().unwrap());
         // The peer's endpoint is dropped without reading.
@@ -284,7 +394,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             drop(b);
         });
-        let r = a.exchange_into(1, &send, 1, Sink::Write(&mut sink));
+        let r = a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut sink)));
         assert_eq!(r, Err(CommError::Disconnected(1)));
         h.join().unwrap();
     }
@@ -297,11 +407,11 @@ mod tests {
         let h = std::thread::spawn(move || {
             let send = vec![1.0f32; BIG + 1];
             let mut sink = vec![0.0f32; BIG];
-            b.exchange_into(0, &send, 0, Sink::Write(&mut sink))
+            b.exchange_into(0, Data::F32(&send), 0, Sink::Write(DataMut::F32(&mut sink)))
         });
         let send = vec![1.0f32; BIG];
         let mut sink = vec![0.0f32; BIG];
-        let r = a.exchange_into(1, &send, 1, Sink::Write(&mut sink));
+        let r = a.exchange_into(1, Data::F32(&send), 1, Sink::Write(DataMut::F32(&mut sink)));
         assert_eq!(
             r,
             Err(CommError::Length {

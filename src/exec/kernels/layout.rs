@@ -1,13 +1,13 @@
 //! Layout kernels, generic over the element type: transpose, reshape, split, concat, slice.
 //! Results are always in standard (row-major) layout.
 
-use super::pool::take_vec;
+use super::pool::{take_vec, Pooled};
 use super::{check_axis, from_vec, to_usize};
 use crate::exec::ExecError;
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 
 /// Permutes dims: result dim i is operand dim `perm[i]` (numpy `transpose(x, perm)`).
-pub fn transpose<T: Clone>(x: &ArrayD<T>, perm: &[usize]) -> Result<ArrayD<T>, ExecError> {
+pub fn transpose<T: Pooled>(x: &ArrayD<T>, perm: &[usize]) -> Result<ArrayD<T>, ExecError> {
     let mut seen = vec![false; x.ndim()];
     let valid = perm.len() == x.ndim()
         && perm
@@ -139,7 +139,7 @@ fn with_axis(x: &[usize], axis: usize, n: usize) -> Vec<usize> {
 }
 
 /// Row-major reshape to `shape` (same element count).
-pub fn reshape<T: Clone>(x: &ArrayD<T>, shape: &[u64]) -> Result<ArrayD<T>, ExecError> {
+pub fn reshape<T: Pooled>(x: &ArrayD<T>, shape: &[u64]) -> Result<ArrayD<T>, ExecError> {
     const OP: &str = "reshape";
     let shape = shape
         .iter()
@@ -163,7 +163,7 @@ pub fn reshape<T: Clone>(x: &ArrayD<T>, shape: &[u64]) -> Result<ArrayD<T>, Exec
 }
 
 /// Splits `axis` into consecutive pieces of `sizes` (summing to the axis size).
-pub fn split<T: Clone>(
+pub fn split<T: Pooled>(
     x: &ArrayD<T>,
     axis: usize,
     sizes: &[u64],
@@ -206,7 +206,7 @@ pub fn split<T: Clone>(
 }
 
 /// Concatenates `xs` (same rank, equal dims but `axis`) along `axis`.
-pub fn concat<T: Clone>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>, ExecError> {
+pub fn concat<T: Pooled>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>, ExecError> {
     const OP: &str = "concat";
     let first = xs
         .first()
@@ -246,7 +246,7 @@ pub fn concat<T: Clone>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>, Exe
 }
 
 /// Elements `start..end` of `axis` (`start <= end <= size`).
-pub fn slice<T: Clone>(
+pub fn slice<T: Pooled>(
     x: &ArrayD<T>,
     axis: usize,
     start: u64,

@@ -42,51 +42,84 @@ fn best_fit(len: usize) -> Option<Vec<f32>> {
     })
 }
 
-/// A buffer of exactly `len` f32 whose contents are unspecified (stale values or zeros): the
-/// caller must overwrite every element.
-pub(crate) fn take_f32(len: usize) -> Vec<f32> {
-    match best_fit(len) {
-        Some(mut v) => {
-            if v.len() >= len {
-                v.truncate(len);
-            } else {
-                v.resize(len, 0.0);
-            }
-            v
-        }
-        None => vec![0.0; len],
+mod sealed {
+    /// Only the pool's element types implement [`super::Pooled`].
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for i32 {}
+}
+
+/// An element type whose buffers the pool holds: f32 or i32 (sealed). Both have f32's size and
+/// alignment and every bit pattern is valid for both, so a buffer serves either.
+pub trait Pooled: sealed::Sealed + Copy + Default + Send + Sync + 'static {
+    /// A pooled f32 buffer as a buffer of `Self` (same allocation, same initialized length).
+    fn from_pool(v: Vec<f32>) -> Vec<Self>;
+    /// A buffer of `Self` as an f32 buffer for the pool (same allocation).
+    fn to_pool(v: Vec<Self>) -> Vec<f32>;
+}
+
+impl Pooled for f32 {
+    fn from_pool(v: Vec<f32>) -> Vec<f32> {
+        v
+    }
+    fn to_pool(v: Vec<f32>) -> Vec<f32> {
+        v
     }
 }
 
-/// An empty vector with room for `len` elements, from the pool when `T` has the size and
-/// alignment of f32 (f32, i32).
-pub(crate) fn take_vec<T>(len: usize) -> Vec<T> {
-    if !same_layout::<T>() {
-        return Vec::with_capacity(len);
+impl Pooled for i32 {
+    fn from_pool(v: Vec<f32>) -> Vec<i32> {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: i32 has f32's size and alignment, so the allocation is a valid buffer for
+        // `capacity` i32 freed with the same layout; every f32 bit pattern is a valid i32.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<i32>(), v.len(), v.capacity()) }
     }
+    fn to_pool(v: Vec<i32>) -> Vec<f32> {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: as in `from_pool`; every i32 bit pattern is a valid f32.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+    }
+}
+
+/// A buffer of exactly `len` elements whose contents are unspecified (stale values or zeros):
+/// the caller must overwrite every element.
+pub(crate) fn take<T: Pooled>(len: usize) -> Vec<T> {
+    match best_fit(len) {
+        Some(v) => {
+            let mut v = T::from_pool(v);
+            if v.len() >= len {
+                v.truncate(len);
+            } else {
+                v.resize(len, T::default());
+            }
+            v
+        }
+        None => vec![T::default(); len],
+    }
+}
+
+/// A buffer of exactly `len` f32 whose contents are unspecified (see [`take`]).
+pub(crate) fn take_f32(len: usize) -> Vec<f32> {
+    take(len)
+}
+
+/// An empty vector with room for `len` elements, from the pool.
+pub(crate) fn take_vec<T: Pooled>(len: usize) -> Vec<T> {
     match best_fit(len) {
         Some(mut v) => {
             v.clear();
-            let mut v = std::mem::ManuallyDrop::new(v);
-            // SAFETY: the vector is empty and T has f32's size and alignment, so the allocation
-            // (capacity · 4 bytes, align 4) is a valid buffer for `capacity` T's and is freed with
-            // the same layout.
-            unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), 0, v.capacity()) }
+            T::from_pool(v)
         }
         None => Vec::with_capacity(len),
     }
 }
 
-/// True when T can share f32 buffers.
-fn same_layout<T>() -> bool {
-    std::mem::size_of::<T>() == 4 && std::mem::align_of::<T>() == 4
-}
-
 /// Returns a buffer to the pool (or to the allocator when small or the pool is full).
-pub(crate) fn give(v: Vec<f32>) {
+pub(crate) fn give<T: Pooled>(v: Vec<T>) {
     if v.capacity() < MIN_LEN {
         return;
     }
+    let v = T::to_pool(v);
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let mut bytes: usize = p.iter().map(|b| b.capacity() * 4).sum::<usize>();
@@ -102,19 +135,8 @@ pub(crate) fn give(v: Vec<f32>) {
 /// Hands a dead tensor's storage to this thread's pool, for the kernels' next outputs.
 pub fn recycle(t: Tensor) {
     match t {
-        Tensor::F32(a) => {
-            let (v, _) = a.into_raw_vec_and_offset();
-            give(v);
-        }
-        Tensor::I32(a) => {
-            let (v, _) = a.into_raw_vec_and_offset();
-            let mut v = std::mem::ManuallyDrop::new(v);
-            // SAFETY: i32 and f32 have the same size and alignment, and every i32 bit pattern is
-            // a valid f32, so the initialized elements stay initialized.
-            let v =
-                unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
-            give(v);
-        }
+        Tensor::F32(a) => give(a.into_raw_vec_and_offset().0),
+        Tensor::I32(a) => give(a.into_raw_vec_and_offset().0),
     }
 }
 

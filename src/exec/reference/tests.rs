@@ -4,7 +4,7 @@ use super::*;
 use crate::exec::init::{generate_inputs, generate_params};
 use crate::exec::kernels as k;
 use crate::ir::infer::infer;
-use crate::ir::{BinaryOp, Dtype, Output, ReduceOp, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Dtype, Output, ReduceOp, TensorType, UnaryOp, ValueId};
 use crate::span::Span;
 
 /// Builds graphs with inferred result types.
@@ -230,16 +230,16 @@ fn out_of_range_ids_and_labels_are_errors() {
 }
 
 #[test]
-fn last_uses_keep_outputs_and_free_the_rest() {
+fn liveness_keeps_outputs_and_frees_the_rest() {
     let g = tiny_gpt();
-    let last = last_uses(&g);
+    let live = Liveness::of(&g);
     for o in g.outputs() {
-        assert_eq!(last[o.value.index()], usize::MAX);
+        assert_eq!(live.last_use(o.value), Some(g.num_nodes()));
     }
     for (v, val) in g.values() {
         if g.outputs().iter().all(|o| o.value != v) {
-            assert!(last[v.index()] >= val.node.index());
-            assert!(last[v.index()] < g.num_nodes());
+            let dies = (0..g.num_nodes()).find(|&i| live.dies_at(v, i)).unwrap();
+            assert!(dies >= val.node.index());
         }
     }
 }

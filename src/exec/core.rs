@@ -1,0 +1,179 @@
+//! The one executor loop, shared by the reference interpreter (global ops) and every SPMD rank
+//! (which also runs the collectives): nodes run in storage (topological) order, operands read
+//! for the last time are handed over so the op can reuse their buffers, dead values go back to
+//! the buffer pool, and every result is checked against the graph's declared type.
+
+use super::kernels::recycle;
+use super::{ExecError, Tensor};
+use crate::ir::{Graph, Node, NodeId, ValueId};
+use crate::plan::liveness::Liveness;
+use std::borrow::Cow;
+
+/// Evaluates the non-leaf ops of a graph.
+pub(crate) trait Eval {
+    /// What a failed op reports.
+    type Error: From<ExecError>;
+    /// The results of `node` on `args` (owned where the operand dies here).
+    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>)
+        -> Result<Vec<Tensor>, Self::Error>;
+}
+
+/// What one run of a graph gives.
+pub(crate) struct Outcome {
+    /// The program outputs, in the graph's output order.
+    pub outputs: Vec<Tensor>,
+    /// The peak of live non-leaf bytes.
+    pub peak_bytes: u64,
+}
+
+/// Runs every non-leaf node of `g` with `ev`. `leaves[v]` holds each leaf value (borrowed, never
+/// handed over). A failing node is returned with its error.
+pub(crate) fn run<E: Eval>(
+    g: &Graph,
+    live: &Liveness,
+    leaves: &[Option<&Tensor>],
+    ev: &mut E,
+) -> Result<Outcome, (NodeId, E::Error)> {
+    let mut slots: Vec<Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
+    let (mut live_bytes, mut peak) = (0u64, 0u64);
+    for (id, node) in g.nodes() {
+        if node.op.is_leaf() {
+            continue;
+        }
+        let i = id.index();
+        let args = operands(node, live, i, leaves, &mut slots).map_err(|e| (id, e.into()))?;
+        let handed: u64 = args
+            .iter()
+            .filter(|a| matches!(a, Cow::Owned(_)))
+            .map(|a| bytes(a))
+            .sum();
+        let results = ev.eval(node, args).map_err(|e| (id, e))?;
+        check_results(g, id, node, &results).map_err(|e| (id, e.into()))?;
+        for (&v, t) in node.outputs.iter().zip(results) {
+            live_bytes += bytes(&t);
+            slots[v.index()] = Some(t);
+        }
+        peak = peak.max(live_bytes);
+        live_bytes -= handed;
+        for &v in node.inputs.iter().chain(&node.outputs) {
+            if live.dies_at(v, i) {
+                if let Some(t) = slots[v.index()].take() {
+                    live_bytes -= bytes(&t);
+                    // The buffer serves a later kernel's output.
+                    recycle(t);
+                }
+            }
+        }
+    }
+    let outputs = outputs(g, leaves, &mut slots)?;
+    Ok(Outcome {
+        outputs,
+        peak_bytes: peak,
+    })
+}
+
+/// The operands of node `i`: owned when the value dies here, is read once by the node and is
+/// not a leaf (the op may reuse its buffer), else borrowed.
+fn operands<'s>(
+    node: &Node,
+    live: &Liveness,
+    i: usize,
+    leaves: &[Option<&'s Tensor>],
+    slots: &'s mut [Option<Tensor>],
+) -> Result<Vec<Cow<'s, Tensor>>, ExecError> {
+    let once = |v: ValueId| node.inputs.iter().filter(|&&w| w == v).count() == 1;
+    let mut owned: Vec<Option<Tensor>> = node
+        .inputs
+        .iter()
+        .map(|&v| {
+            let hand = live.dies_at(v, i) && leaves[v.index()].is_none() && once(v);
+            hand.then(|| slots[v.index()].take()).flatten()
+        })
+        .collect();
+    let slots: &'s [Option<Tensor>] = slots;
+    node.inputs
+        .iter()
+        .zip(owned.iter_mut())
+        .map(|(v, h)| match h.take() {
+            Some(t) => Ok(Cow::Owned(t)),
+            None => leaves[v.index()]
+                .or(slots[v.index()].as_ref())
+                .map(Cow::Borrowed)
+                .ok_or_else(|| ExecError::Internal {
+                    node: here(node),
+                    detail: format!("operand {v} is not available"),
+                }),
+        })
+        .collect()
+}
+
+/// An error unless `node` gave one result per output, each of its declared type.
+fn check_results(g: &Graph, id: NodeId, node: &Node, results: &[Tensor]) -> Result<(), ExecError> {
+    let detail = if results.len() != node.outputs.len() {
+        format!(
+            "{} results for {} outputs",
+            results.len(),
+            node.outputs.len()
+        )
+    } else if let Some((t, &v)) = results
+        .iter()
+        .zip(&node.outputs)
+        .find(|(t, &v)| !t.matches(g.ty(v)))
+    {
+        let ty = g.ty(v);
+        format!("result {} does not match declared type {ty}", t.describe())
+    } else {
+        return Ok(());
+    };
+    Err(ExecError::Internal {
+        node: format!("{id} {}", node.op.name()),
+        detail,
+    })
+}
+
+/// The program outputs, moved out of their slots (copied when a value is returned twice, or is
+/// a leaf).
+fn outputs<E: From<ExecError>>(
+    g: &Graph,
+    leaves: &[Option<&Tensor>],
+    slots: &mut [Option<Tensor>],
+) -> Result<Vec<Tensor>, (NodeId, E)> {
+    let outs = g.outputs();
+    outs.iter()
+        .enumerate()
+        .map(|(k, o)| {
+            let v = o.value.index();
+            let again = outs[k + 1..].iter().any(|p| p.value == o.value);
+            let t = match leaves[v] {
+                Some(t) => Some(t.clone()),
+                None if again => slots[v].clone(),
+                None => slots[v].take(),
+            };
+            t.ok_or_else(|| {
+                let node = g.value(o.value).node;
+                let e = ExecError::Internal {
+                    node: format!("output `{}`", o.name),
+                    detail: format!("value {} was never computed", o.value),
+                };
+                (node, e.into())
+            })
+        })
+        .collect()
+}
+
+/// Names a node in internal errors (`%3 matmul`).
+fn here(node: &Node) -> String {
+    format!(
+        "{} {}",
+        node.outputs
+            .first()
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        node.op.name()
+    )
+}
+
+/// Bytes a tensor holds (4 per element for both storage kinds).
+pub(crate) fn bytes(t: &Tensor) -> u64 {
+    t.len() as u64 * 4
+}

@@ -1,0 +1,77 @@
+//! Buffer liveness of a graph, the one convention every interpreter and the memory estimate
+//! share: a value is dead after its last reading node; a value never read is dead after the node
+//! that makes it; a program output is read "at the end" (index `num_nodes`) and never dies.
+
+use crate::ir::{Graph, ValueId};
+
+/// For each value of a graph, the index of the node after which it is dead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    last: Vec<Option<usize>>,
+}
+
+impl Liveness {
+    /// The liveness of `g`'s values.
+    pub fn of(g: &Graph) -> Liveness {
+        let mut last = vec![None; g.num_values()];
+        for (id, n) in g.nodes() {
+            for v in &n.inputs {
+                last[v.index()] = Some(id.index());
+            }
+        }
+        for o in g.outputs() {
+            last[o.value.index()] = Some(g.num_nodes());
+        }
+        Liveness { last }
+    }
+
+    /// The index of the last node reading `v` (`num_nodes` for outputs); `None` when unread.
+    pub fn last_use(&self, v: ValueId) -> Option<usize> {
+        self.last[v.index()]
+    }
+
+    /// True when `v` is dead once node `node` has run: `node` is its last reader, or `v` is
+    /// never read (then it dies where it is made).
+    pub fn dies_at(&self, v: ValueId, node: usize) -> bool {
+        self.last[v.index()].is_none_or(|l| l <= node)
+    }
+
+    /// The last use of every value, by value index.
+    pub fn into_vec(self) -> Vec<Option<usize>> {
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dtype, Op, Output, TensorType, UnaryOp};
+    use crate::span::Span;
+
+    #[test]
+    fn outputs_live_to_the_end_and_unread_values_die_where_made() {
+        let mut g = Graph::new("t");
+        let (root, ty) = (g.root(), TensorType::new(Dtype::F32, vec![2]));
+        let node = |g: &mut Graph, op: Op, inputs: Vec<ValueId>| {
+            let n = g.add_node(op, inputs, vec![ty.clone()], Span::default(), root);
+            g.node(n).outputs[0]
+        };
+        let exp = Op::Unary { op: UnaryOp::Exp };
+        let x = node(&mut g, Op::Input { name: "x".into() }, vec![]);
+        let y = node(&mut g, exp.clone(), vec![x]);
+        let unused = node(&mut g, exp, vec![x]);
+        g.add_output(Output {
+            name: "y".into(),
+            value: y,
+            annotation: None,
+            span: Span::default(),
+        });
+        let live = Liveness::of(&g);
+        assert_eq!(live.last_use(x), Some(2));
+        assert!(live.dies_at(x, 2) && !live.dies_at(x, 1));
+        assert_eq!(live.last_use(y), Some(g.num_nodes()));
+        assert!(!live.dies_at(y, g.num_nodes() - 1));
+        assert_eq!(live.last_use(unused), None);
+        assert!(live.dies_at(unused, 2));
+    }
+}
