@@ -19,7 +19,7 @@ pub enum FileError {
         what: String,
     },
     /// The path cannot be written: no such directory, a directory, no permission.
-    #[error("{what} `{path}`: {reason}")]
+    #[error("cannot write {what} `{path}`: {reason}")]
     NotWritable {
         /// The option that named it.
         what: String,

@@ -238,7 +238,7 @@ fn run_rank_inner(
         groups,
         collectives: BTreeMap::new(),
     };
-    let mut step_times = Vec::with_capacity(steps);
+    let mut step_times = Vec::new();
     let mut outputs = Vec::new();
     let mut peak = 0;
     for step in 0..steps.max(1) {
