@@ -65,12 +65,13 @@ pub fn check_writable(what: &str, path: &Path) -> Result<(), FileError> {
     let dir = parent(path);
     match std::fs::metadata(&dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(bad(format!("the directory `{}` does not exist", dir.display())))
+            return Err(bad(format!(
+                "the directory `{}` does not exist",
+                dir.display()
+            )))
         }
         Err(e) => return Err(bad(os_reason(&e))),
-        Ok(m) if !m.is_dir() => {
-            return Err(bad(format!("`{}` is not a directory", dir.display())))
-        }
+        Ok(m) if !m.is_dir() => return Err(bad(format!("`{}` is not a directory", dir.display()))),
         Ok(_) => {}
     }
     // The only reliable test of a directory (permissions, read-only mounts, ACLs): make a file.
@@ -242,5 +243,4 @@ mod tests {
         );
         assert_eq!(failed_path(Path::new("stats")), Path::new("stats.failed"));
     }
-
 }

@@ -157,9 +157,14 @@ fn main() -> ExitCode {
 
 /// Panic messages of an allocation that could not be made (as opposed to a bug).
 fn is_out_of_memory(msg: &str) -> bool {
-    ["capacity overflow", "memory allocation", "out of memory", "Cannot allocate memory"]
-        .iter()
-        .any(|s| msg.contains(s))
+    [
+        "capacity overflow",
+        "memory allocation",
+        "out of memory",
+        "Cannot allocate memory",
+    ]
+    .iter()
+    .any(|s| msg.contains(s))
 }
 
 /// Writes `text` and a newline to stdout. A closed or full stdout is not an error worth dying
@@ -181,7 +186,8 @@ pub(crate) fn say_err(text: &str) {
 /// The OS error without Rust's ` (os error N)` suffix.
 pub(crate) fn os_reason(e: &std::io::Error) -> String {
     let s = e.to_string();
-    s.find(" (os error").map_or(s.clone(), |i| s[..i].to_string())
+    s.find(" (os error")
+        .map_or(s.clone(), |i| s[..i].to_string())
 }
 
 fn run(cli: Cli) -> ExitCode {

@@ -371,7 +371,10 @@ mod tests {
     #[test]
     fn undeclared_axes_are_errors_with_a_suggestion() {
         let tp = vec!["tp".to_string()];
-        let e = Mesh::parse("xx=4").unwrap().check_declared(&tp).unwrap_err();
+        let e = Mesh::parse("xx=4")
+            .unwrap()
+            .check_declared(&tp)
+            .unwrap_err();
         let text = crate::diag::render(&e, None);
         assert!(text.contains("mesh axis `xx` is not declared"), "{text}");
         assert!(text.contains("did you mean `tp`?"), "{text}");

@@ -351,10 +351,13 @@ pub fn write(path: &str, arrays: &BTreeMap<String, Tensor>) -> Result<(), NpzErr
                 Tensor::F32(a) => z.add_array(name.as_str(), a),
                 Tensor::I32(a) => z.add_array(name.as_str(), a),
             };
-            r.map_err(|e| {
+            if let Err(e) = r {
                 failed = Some(name.clone());
-                std::io::Error::other(e.to_string())
-            })?;
+                // Dropping a failed writer would retry the write and print its Debug text; the
+                // temporary it writes to is removed by the caller.
+                std::mem::forget(z);
+                return Err(std::io::Error::other(e.to_string()));
+            }
         }
         z.finish()
             .map(drop)
@@ -430,7 +433,11 @@ fn check_with(
             ));
         }
         if !kind_ok {
-            let numpy = if t.kind() == "i32" { "int32" } else { "float32" };
+            let numpy = if t.kind() == "i32" {
+                "int32"
+            } else {
+                "float32"
+            };
             problems.push(format!(
                 "`{name}` is {numpy}, the program declares {ty} (store {} as {})",
                 ty.dtype,

@@ -52,7 +52,9 @@ impl Verdict {
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Verdict::Close { exact: true, .. } => write!(f, "equal (integers, compared exactly) ok"),
+            Verdict::Close { exact: true, .. } => {
+                write!(f, "equal (integers, compared exactly) ok")
+            }
             Verdict::Close {
                 max_abs, max_rel, ..
             } => write!(
@@ -71,9 +73,12 @@ impl fmt::Display for Verdict {
                      reference {want}",
                     index(at)
                 )?;
+                // A 0 here would read as "no error": shown only when it says something.
                 match max_abs {
-                    Some(m) => write!(f, " (max abs error over the finite elements {m:.3e})"),
-                    None => Ok(()),
+                    Some(m) if *m > 0.0 => {
+                        write!(f, " (max abs error over the finite elements {m:.3e})")
+                    }
+                    _ => Ok(()),
                 }
             }
             Verdict::Mismatch(m) => write!(f, "FAILED: {m}"),
@@ -91,9 +96,11 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: &Tolerance) -> Verdict {
         ));
     }
     match (got, want) {
-        (Tensor::F32(g), Tensor::F32(w)) => {
-            floats(g.iter().zip(w.iter()).map(|(a, b)| (*a, *b)), g.shape(), tol)
-        }
+        (Tensor::F32(g), Tensor::F32(w)) => floats(
+            g.iter().zip(w.iter()).map(|(a, b)| (*a, *b)),
+            g.shape(),
+            tol,
+        ),
         (Tensor::I32(g), Tensor::I32(w)) => ints(g.iter().zip(w.iter()), g.shape()),
         _ => Verdict::Mismatch(format!(
             "the sharded run gave {}, the reference {}",
@@ -237,7 +244,9 @@ mod tests {
         let v = compare(&f(&[1.0, 2.0, inf_f()]), &f(&[1.0, 2.5, 7.0]), &TOL);
         let text = v.to_string();
         assert!(
-            text.starts_with("FAILED: 2 of 3 elements differ; the first at [1]: got 2, reference 2.5"),
+            text.starts_with(
+                "FAILED: 2 of 3 elements differ; the first at [1]: got 2, reference 2.5"
+            ),
             "{text}"
         );
         let v = compare(&f(&[f32::NAN]), &f(&[f32::NAN]), &TOL).to_string();
@@ -264,7 +273,9 @@ mod tests {
 
     #[test]
     fn integers_compare_exactly() {
-        let i = |v: &[i32]| Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[1, v.len()]), v.to_vec()).unwrap());
+        let i = |v: &[i32]| {
+            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[1, v.len()]), v.to_vec()).unwrap())
+        };
         let loose = Tolerance {
             rtol: 1.0,
             atol: 10.0,

@@ -129,7 +129,11 @@ pub fn check_fits(plan: &Plan, args: &RunArgs, ranks: u64) -> Result<(), Failure
 
 /// `1.2 GiB per rank x 8 ranks + 4.0 GiB for the reference`.
 fn breakdown(n: &Need) -> String {
-    let mut parts = vec![format!("{} per rank x {} ranks", human(n.per_rank), n.ranks)];
+    let mut parts = vec![format!(
+        "{} per rank x {} ranks",
+        human(n.per_rank),
+        n.ranks
+    )];
     if n.assembled > 0 {
         parts.push(format!("{} of assembled outputs", human(n.assembled)));
     }
@@ -157,7 +161,10 @@ fn available() -> Option<(u128, &'static str)> {
         let used = read("/sys/fs/cgroup/memory.current").unwrap_or(0);
         (max.saturating_sub(used), "the cgroup's memory.max")
     });
-    [meminfo, cgroup].into_iter().flatten().min_by_key(|(b, _)| *b)
+    [meminfo, cgroup]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(b, _)| *b)
 }
 
 /// Parses `512MiB`, `16GiB`, `1.5GB`, `1000000` (bytes).
