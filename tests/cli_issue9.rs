@@ -456,10 +456,7 @@ fn closed_streams_end_the_program_quietly() {
     assert_eq!(text(&o.stdout).trim(), "0", "{}", text(&o.stderr));
     assert_clean(&text(&o.stderr));
     // Nowhere to report: still the right exit code, no abort.
-    let o = sh(
-        &d,
-        &format!("\"$TPC\" compile missing.tpl 2>/dev/full; echo $?"),
-    );
+    let o = sh(&d, "\"$TPC\" compile missing.tpl 2>/dev/full; echo $?");
     assert_eq!(text(&o.stdout).trim(), "1");
     let o = sh(
         &d,

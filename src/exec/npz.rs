@@ -277,7 +277,7 @@ fn dict_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find(&format!("'{key}'"))
         .or_else(|| text.find(&format!("\"{key}\"")))?;
     let rest = &text[at + key.len() + 2..];
-    Some(rest.trim_start().strip_prefix(':')?)
+    rest.trim_start().strip_prefix(':')
 }
 
 /// `(8, 128)`, `(4,)`, `()` -> dims.

@@ -194,7 +194,7 @@ pub fn parse_size(text: &str) -> Result<u128, String> {
         .parse()
         .map_err(|_| "not a size (write e.g. 512MiB, 16GiB, 2GB or a number of bytes)")?;
     let bytes = n * scale;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e30) {
+    if !((1.0..1e30).contains(&bytes)) {
         return Err("must be at least 1 byte and finite".into());
     }
     Ok(bytes as u128)
