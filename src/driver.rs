@@ -110,6 +110,22 @@ pub fn compile_plan(
     Ok(Plan::build(g, mesh, device)?)
 }
 
+/// Plans the global program `g` by the command line's rules: every axis of `mesh` must be one
+/// the program declares (an undeclared axis is an error with a did-you-mean, where
+/// [`compile_plan`] would replicate over it); declared axes the mesh does not size get size 1,
+/// and no mesh at all means every declared axis at size 1.
+pub fn plan_declared(g: Graph, mesh: Option<Mesh>, device: Device) -> Result<Plan, Error> {
+    let mesh = match mesh {
+        Some(m) => {
+            m.check_declared(&g.mesh_axes)?;
+            m
+        }
+        None => Mesh::new(Vec::new())?,
+    };
+    let mesh = mesh.with_declared(&g.mesh_axes);
+    Ok(Plan::build(g, mesh, device)?)
+}
+
 /// Reads `path` as a UTF-8 source file.
 pub fn read_source(path: &str) -> Result<SourceFile, SourceError> {
     let bytes = std::fs::read(path).map_err(|e| SourceError::Io {

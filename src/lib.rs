@@ -7,6 +7,7 @@ pub mod diag;
 pub mod driver;
 pub mod emit;
 pub mod exec;
+pub mod files;
 pub mod ir;
 pub mod lower;
 pub mod mesh;

@@ -7,7 +7,6 @@ mod run_cmd;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::process::ExitCode;
@@ -85,20 +84,7 @@ impl DeviceArgs {
             mem_weight: self.mem_weight,
             ..Device::default()
         };
-        for (name, v, positive) in [
-            ("--flops", d.flops_f32, true),
-            ("--flops-half", d.flops_half, true),
-            ("--bandwidth", d.bandwidth, true),
-            ("--latency", d.latency, false),
-            ("--mem-weight", d.mem_weight, false),
-        ] {
-            if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
-                anyhow::bail!(
-                    "{name} {v}: must be a finite {} number",
-                    if positive { "positive" } else { "non-negative" }
-                );
-            }
-        }
+        d.check().map_err(|e| anyhow::anyhow!(e))?;
         Ok(d)
     }
 }
@@ -120,19 +106,88 @@ const EXIT_INTERNAL: u8 = 70;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A panic is reported once, below, in words; the default hook's text is for developers.
+    let panicked = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let record = panicked.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if let Ok(mut m) = record.lock() {
+            *m = msg;
+        }
+    }));
     // Deeply nested but valid programs recurse in the parser and lowering: give them room.
     let worker = std::thread::Builder::new()
         .stack_size(256 << 20)
         .spawn(move || run(cli));
-    match worker.map(|h| h.join()) {
-        Ok(Ok(code)) => code,
-        _ => {
-            eprintln!(
-                "internal compiler error: the compiler thread failed; please report this input"
-            );
+    let handle = match worker {
+        Ok(h) => h,
+        Err(e) => {
+            say_err(&format!(
+                "error: cannot start the compiler thread (256 MiB of stack): {}; \
+                 the machine (or a limit such as `ulimit -v`) has too little memory",
+                os_reason(&e)
+            ));
+            return ExitCode::from(EXIT_USER);
+        }
+    };
+    match handle.join() {
+        Ok(code) => code,
+        Err(_) => {
+            let msg = panicked.lock().map(|m| m.clone()).unwrap_or_default();
+            if is_out_of_memory(&msg) {
+                say_err(&format!(
+                    "error: out of memory ({msg}): the program's sizes need more memory than \
+                     this machine has"
+                ));
+                return ExitCode::from(EXIT_USER);
+            }
+            say_err(&format!(
+                "internal compiler error: {msg}\nthis is a bug in tpc; please report it with \
+                 this input"
+            ));
             ExitCode::from(EXIT_INTERNAL)
         }
     }
+}
+
+/// Panic messages of an allocation that could not be made (as opposed to a bug).
+fn is_out_of_memory(msg: &str) -> bool {
+    [
+        "capacity overflow",
+        "memory allocation",
+        "out of memory",
+        "Cannot allocate memory",
+    ]
+    .iter()
+    .any(|s| msg.contains(s))
+}
+
+/// Writes `text` and a newline to stdout. A closed or full stdout is not an error worth dying
+/// for (`tpc run | head`): the write is dropped quietly and the run goes on to its exit code.
+pub(crate) fn say_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(text.as_bytes())
+        .and_then(|_| out.write_all(b"\n"))
+        .and_then(|_| out.flush());
+}
+
+/// Writes `text` and a newline to stderr in one write; a closed stderr leaves nowhere to
+/// complain, so failure is ignored.
+pub(crate) fn say_err(text: &str) {
+    let _ = std::io::stderr().write_all(format!("{text}\n").as_bytes());
+}
+
+/// The OS error without Rust's ` (os error N)` suffix.
+pub(crate) fn os_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.find(" (os error")
+        .map_or(s.clone(), |i| s[..i].to_string())
 }
 
 fn run(cli: Cli) -> ExitCode {
@@ -144,7 +199,7 @@ fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Compile(b)) => {
             let (e, src) = *b;
-            eprint!("{}", e.render(src.as_ref()));
+            say_err(e.render(src.as_ref()).trim_end());
             ExitCode::from(if e.is_internal() {
                 EXIT_INTERNAL
             } else {
@@ -152,7 +207,7 @@ fn run(cli: Cli) -> ExitCode {
             })
         }
         Err(Failure::Other(e)) => {
-            eprintln!("error: {e:#}");
+            say_err(&format!("error: {e:#}"));
             ExitCode::from(EXIT_USER)
         }
     }
@@ -174,6 +229,9 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn compile(args: &CompileArgs) -> Result<(), Failure> {
+    if let Some(p) = &args.output {
+        tpc::files::check_writable("-o", p).map_err(anyhow::Error::from)?;
+    }
     let overrides = args
         .set
         .iter()
@@ -187,9 +245,10 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
-    if let Some(mesh) = mesh {
-        let plan = driver::compile_plan(&src, &overrides, mesh, device)
-            .map_err(|e| fail(e, Some(src.clone())))?;
+    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
+    if mesh.is_some() {
+        let plan =
+            driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))?;
         let text = match args.emit {
             Emit::Text => tpc::emit::plan::print(&plan),
             Emit::Json => tpc::emit::plan_json::to_json(&plan),
@@ -198,7 +257,6 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         write_output(args.output.as_deref(), &text)?;
         return Ok(());
     }
-    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
     let text = match args.emit {
         Emit::Text => tpc::emit::text::print(&g),
         Emit::Json => tpc::emit::json::to_json(&g),
@@ -213,11 +271,11 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes `text` to `path` atomically, or to stdout (where a closed pipe ends the output
+/// quietly, and any other failure, e.g. a full disk, is an error).
 pub(crate) fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
     match path {
-        Some(p) => {
-            std::fs::write(p, text).with_context(|| format!("cannot write `{}`", p.display()))
-        }
+        Some(p) => Ok(tpc::files::write_bytes(p, text.as_bytes())?),
         None => {
             let mut out = std::io::stdout().lock();
             out.write_all(text.as_bytes())
@@ -229,7 +287,7 @@ pub(crate) fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow
                         Err(e)
                     }
                 })
-                .context("cannot write to stdout")
+                .map_err(|e| anyhow::anyhow!("cannot write to stdout: {}", os_reason(&e)))
         }
     }
 }

@@ -38,6 +38,18 @@ pub enum MeshError {
         /// The axis.
         axis: String,
     },
+    /// An axis the program does not declare (it would silently replicate every value over it).
+    #[error("mesh axis `{axis}` is not declared by the program ({declared})")]
+    #[diagnostic(code(tpc::undeclared_axis))]
+    Undeclared {
+        /// The axis.
+        axis: String,
+        /// The program's axes, as a phrase.
+        declared: String,
+        /// A did-you-mean or what to write instead.
+        #[help]
+        hint: Option<String>,
+    },
     /// A mesh with more devices than tpc supports.
     #[error("the mesh has {devices} devices; at most {max} are supported")]
     #[diagnostic(code(tpc::bad_mesh))]
@@ -115,6 +127,42 @@ impl Mesh {
             }
         }
         self
+    }
+
+    /// Checks that every axis of the mesh is one the program declares (`names`): an axis it
+    /// does not declare is an error with a did-you-mean, not a silent replication.
+    pub fn check_declared(&self, names: &[String]) -> Result<(), MeshError> {
+        for (axis, _) in &self.axes {
+            if names.contains(axis) {
+                continue;
+            }
+            let unsized_: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| self.axis_index(n).is_none())
+                .collect();
+            let hint = crate::lower::consts::suggest(axis, unsized_.iter().copied())
+                .or_else(|| match unsized_.as_slice() {
+                    [only] => Some(format!("did you mean `{only}`?")),
+                    _ => None,
+                })
+                .or_else(|| {
+                    names.is_empty().then(|| {
+                        "declare the axes with a `mesh` line, e.g. `mesh tp`, or run without                          --mesh/--degree"
+                            .to_string()
+                    })
+                });
+            let declared = match names {
+                [] => "it declares no mesh axes".to_string(),
+                _ => format!("it declares `mesh {}`", names.join(", ")),
+            };
+            return Err(MeshError::Undeclared {
+                axis: axis.clone(),
+                declared,
+                hint,
+            });
+        }
+        Ok(())
     }
 
     /// Axes with their sizes, in order.
@@ -211,6 +259,45 @@ pub struct Device {
     pub param_state_factor: f64,
 }
 
+impl Device {
+    /// The accepted range of each constant, by flag name: beyond these the cost model's products
+    /// leave the range where its comparisons mean anything (or the value is a typo).
+    pub const RANGES: [(&'static str, f64, f64); 5] = [
+        ("--flops", 1e3, 1e21),
+        ("--flops-half", 1e3, 1e21),
+        ("--bandwidth", 1.0, 1e16),
+        ("--latency", 0.0, 1e3),
+        ("--mem-weight", 0.0, 1e3),
+    ];
+
+    /// Checks every constant against [`Device::RANGES`]; the error names the flag, the value
+    /// and the range.
+    pub fn check(&self) -> Result<(), String> {
+        let values = [
+            self.flops_f32,
+            self.flops_half,
+            self.bandwidth,
+            self.latency,
+            self.mem_weight,
+        ];
+        for ((name, lo, hi), v) in Self::RANGES.iter().zip(values) {
+            if !(v.is_finite() && *lo <= v && v <= *hi) {
+                return Err(format!(
+                    "{name} {v:e}: must be a finite number from {lo:e} to {hi:e}"
+                ));
+            }
+        }
+        if !(self.param_state_factor.is_finite() && (0.0..=1e3).contains(&self.param_state_factor))
+        {
+            return Err(format!(
+                "param state factor {}: must be a finite number from 0 to 1e3",
+                self.param_state_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Device {
     fn default() -> Self {
         Device {
@@ -261,5 +348,41 @@ mod tests {
             Err(MeshError::TooLarge { .. })
         ));
         assert!(matches!(Mesh::degree(0), Err(MeshError::ZeroSize { .. })));
+    }
+
+    #[test]
+    fn device_constants_are_range_checked() {
+        Device::default().check().unwrap();
+        for bad in [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e300] {
+            let d = Device {
+                flops_f32: bad,
+                ..Device::default()
+            };
+            assert!(d.check().unwrap_err().starts_with("--flops "), "{bad}");
+        }
+        let d = Device {
+            latency: 0.0,
+            mem_weight: 0.0,
+            ..Device::default()
+        };
+        d.check().unwrap();
+    }
+
+    #[test]
+    fn undeclared_axes_are_errors_with_a_suggestion() {
+        let tp = vec!["tp".to_string()];
+        let e = Mesh::parse("xx=4")
+            .unwrap()
+            .check_declared(&tp)
+            .unwrap_err();
+        let text = crate::diag::render(&e, None);
+        assert!(text.contains("mesh axis `xx` is not declared"), "{text}");
+        assert!(text.contains("did you mean `tp`?"), "{text}");
+        let dp_tp = vec!["dp".to_string(), "tp".to_string()];
+        let e = Mesh::parse("dp=2,tpp=4").unwrap().check_declared(&dp_tp);
+        assert!(format!("{:?}", e).contains("did you mean `tp`?"));
+        Mesh::parse("tp=2").unwrap().check_declared(&dp_tp).unwrap();
+        let e = Mesh::degree(2).unwrap().check_declared(&[]).unwrap_err();
+        assert!(e.to_string().contains("declares no mesh axes"), "{e}");
     }
 }

@@ -2,15 +2,20 @@
 //! per device (or, built with the `mpi` feature and started by `mpirun`, one process per device),
 //! and optionally check against the unsharded reference.
 
-use crate::{fail, write_output, DeviceArgs, Failure};
-use anyhow::{anyhow, Context};
+use crate::{fail, os_reason, say_err, say_out, write_output, DeviceArgs, Failure};
+use anyhow::anyhow;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpc::driver;
 use tpc::exec::leaves::{global_leaves, LeafSource};
 use tpc::exec::spmd::{run_threads, RunOutput};
-use tpc::exec::{npz, reference, Tensor};
+use tpc::exec::{npz, reference};
+use tpc::files;
 use tpc::mesh::Mesh;
 use tpc::plan::Plan;
+
+mod compare;
+mod memory;
 
 /// Arguments of `tpc run`.
 #[derive(clap::Args)]
@@ -47,6 +52,13 @@ pub struct RunArgs {
     /// Absolute tolerance of --check.
     #[arg(long, default_value_t = 1e-5)]
     atol: f64,
+    /// In --check, count NaN in both outputs at the same place as equal (numpy's equal_nan).
+    #[arg(long)]
+    equal_nan: bool,
+    /// Refuse to start a run that needs more memory than this (e.g. 512MiB, 16GiB, or bytes);
+    /// the machine's available memory is always a limit.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
     /// Run the step K times after loading and report the step times.
     #[arg(long, default_value_t = 1, value_name = "K")]
     repeat: usize,
@@ -64,16 +76,38 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if tpc::exec::mpi::launched_by_mpirun() {
         return run_mpi(args);
     }
-    if args.repeat == 0 {
-        return Err(anyhow!("--repeat must be at least 1").into());
-    }
+    validate(args)?;
     let plan = load_plan(args)?;
+    memory::check_fits(&plan, args, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
     let bar = progress(args.repeat);
     let tick = |_: usize| bar.inc(1);
     let out = run_threads(&plan, &source, args.repeat, Some(&tick)).map_err(|e| anyhow!("{e}"))?;
     bar.finish_and_clear();
     finish(args, &plan, &source, &out)
+}
+
+/// Checks the flags that do not depend on the program, before any work: --repeat, the
+/// tolerances, --max-memory, the device constants, and that every output path can be written.
+fn validate(args: &RunArgs) -> Result<(), Failure> {
+    if args.repeat == 0 {
+        return Err(anyhow!("--repeat must be at least 1").into());
+    }
+    for (name, v) in [("--rtol", args.rtol), ("--atol", args.atol)] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(anyhow!("{name} {v}: a tolerance must be a finite number >= 0").into());
+        }
+    }
+    if let Some(m) = &args.max_memory {
+        memory::parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?;
+    }
+    args.device.device()?;
+    for (what, path) in [("--out", &args.out), ("--stats", &args.stats)] {
+        if let Some(p) = path {
+            files::check_writable(what, Path::new(p)).map_err(|e| anyhow!("{e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Under MPI: every rank compiles (or loads) the plan and its leaves itself, the ranks agree that
@@ -90,10 +124,9 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     let mpi = Mpi::init().map_err(|e| anyhow!("cannot start MPI: {e}"))?;
     let (rank, size) = (mpi.rank(), mpi.size());
     let setup = (|| -> Result<(Plan, LeafSource), Failure> {
-        if args.repeat == 0 {
-            return Err(anyhow!("--repeat must be at least 1").into());
-        }
+        validate(args)?;
         let plan = load_plan(args)?;
+        memory::check_fits(&plan, args, 1)?;
         let devices = plan.mesh.num_devices();
         if devices != size as u64 {
             return Err(anyhow!(
@@ -214,7 +247,8 @@ fn say(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
-/// What follows a run: step times, --out, --stats and --check.
+/// What follows a run: step times, --check, then --out and --stats. A run whose check failed
+/// writes its outputs beside the requested paths (`y.failed.npz`), leaving the last good ones.
 fn finish(
     args: &RunArgs,
     plan: &Plan,
@@ -222,16 +256,52 @@ fn finish(
     out: &RunOutput,
 ) -> Result<(), Failure> {
     report_steps(out);
+    let failed = if args.check {
+        check(args, plan, source, out)?
+    } else {
+        Vec::new()
+    };
+    let place = |p: &str| {
+        if failed.is_empty() {
+            PathBuf::from(p)
+        } else {
+            files::failed_path(Path::new(p))
+        }
+    };
+    let mut written = Vec::new();
     if let Some(path) = &args.out {
-        npz::write(path, &out.outputs).map_err(|e| anyhow!("{e}"))?;
+        let p = place(path);
+        npz::write(&p.to_string_lossy(), &out.outputs).map_err(|e| anyhow!("{e}"))?;
+        written.push((path, p));
     }
     if let Some(path) = &args.stats {
-        write_output(Some(std::path::Path::new(path)), &stats_json(plan, out))?;
+        let p = place(path);
+        write_output(Some(&p), &stats_json(plan, out))?;
+        written.push((path, p));
     }
-    if args.check {
-        check(args, plan, source, out)?;
+    if failed.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    for (asked, p) in written {
+        say_err(&format!(
+            "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
+            p.display()
+        ));
+    }
+    Err(anyhow!(
+        "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
+        failed.join(", "),
+        if failed.len() == 1 { "s" } else { "" },
+        args.rtol,
+        args.atol
+    )
+    .into())
+}
+
+/// True when `bytes` are a plan document rather than a .tpl source: a JSON object (a .tpl file
+/// cannot start with `{`), whatever the file's extension.
+fn is_plan_document(path: &str, bytes: &[u8]) -> bool {
+    path.ends_with(".json") || bytes.trim_ascii_start().starts_with(b"{")
 }
 
 fn load_plan(args: &RunArgs) -> Result<Plan, Failure> {
@@ -240,30 +310,17 @@ fn load_plan(args: &RunArgs) -> Result<Plan, Failure> {
         (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| fail(e, None))?),
         (None, None) => None,
     };
-    if args.file.ends_with(".json") {
-        let text = std::fs::read_to_string(&args.file)
-            .with_context(|| format!("cannot read `{}`", args.file))?;
-        let plan =
-            tpc::emit::plan_json::from_json(&text).map_err(|e| anyhow!("{}: {e}", args.file))?;
-        if !args.set.is_empty() {
-            return Err(anyhow!(
-                "--set applies to .tpl programs; the plan `{}` is already compiled",
-                args.file
-            )
-            .into());
-        }
-        if let Some(m) = mesh {
-            let m = m.with_declared(&plan.global.mesh_axes);
-            if m != plan.mesh {
-                return Err(anyhow!(
-                    "the plan `{}` was compiled for mesh {}, not {m}",
-                    args.file,
-                    plan.mesh
-                )
-                .into());
-            }
-        }
-        return Ok(plan);
+    let bytes = std::fs::read(&args.file).map_err(|e| {
+        fail(
+            driver::SourceError::Io {
+                path: args.file.clone(),
+                reason: os_reason(&e),
+            },
+            None,
+        )
+    })?;
+    if is_plan_document(&args.file, &bytes) {
+        return load_plan_document(args, &bytes, mesh);
     }
     let overrides = args
         .set
@@ -271,10 +328,41 @@ fn load_plan(args: &RunArgs) -> Result<Plan, Failure> {
         .map(|s| driver::parse_set(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(e, None))?;
-    let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
-    let mesh = mesh.unwrap_or(Mesh::degree(1).map_err(|e| fail(e, None))?);
+    let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
     let device = args.device.device()?;
-    driver::compile_plan(&src, &overrides, mesh, device).map_err(|e| fail(e, Some(src.clone())))
+    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
+    driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))
+}
+
+/// Loads a saved plan; --set cannot apply, and a --mesh/--degree must be the plan's mesh.
+fn load_plan_document(args: &RunArgs, bytes: &[u8], mesh: Option<Mesh>) -> Result<Plan, Failure> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| anyhow!("{}: a plan document is UTF-8 JSON text", args.file))?;
+    let plan = tpc::emit::plan_json::from_json(text).map_err(|e| anyhow!("{}: {e}", args.file))?;
+    if !args.set.is_empty() {
+        return Err(anyhow!(
+            "--set applies to .tpl programs; the plan `{}` is already compiled",
+            args.file
+        )
+        .into());
+    }
+    plan.device
+        .check()
+        .map_err(|e| anyhow!("{}: the plan's device constants: {e}", args.file))?;
+    if let Some(m) = mesh {
+        m.check_declared(&plan.global.mesh_axes)
+            .map_err(|e| fail(e, None))?;
+        let m = m.with_declared(&plan.global.mesh_axes);
+        if m != plan.mesh {
+            return Err(anyhow!(
+                "the plan `{}` was compiled for mesh {}, not {m}",
+                args.file,
+                plan.mesh
+            )
+            .into());
+        }
+    }
+    Ok(plan)
 }
 
 /// Seed-generated leaves, with the params and/or inputs replaced by archives when given.
@@ -286,8 +374,7 @@ fn leaf_source(args: &RunArgs, plan: &Plan) -> Result<LeafSource, Failure> {
         global_leaves(&plan.global, &LeafSource::Seed(args.seed)).map_err(|e| anyhow!("{e}"))?;
     for (path, params) in [(&args.params, true), (&args.inputs, false)] {
         if let Some(path) = path {
-            let arrays = npz::read(path).map_err(|e| anyhow!("{e}"))?;
-            npz::check(path, &plan.global, &arrays, params).map_err(|e| anyhow!("{e}"))?;
+            let arrays = npz::load(path, &plan.global, params).map_err(|e| anyhow!("{e}"))?;
             all.extend(arrays);
         }
     }
@@ -310,15 +397,15 @@ fn report_steps(out: &RunOutput) {
         return;
     }
     for (i, s) in t.iter().enumerate() {
-        eprintln!("step {}: {:.3} ms", i + 1, s * 1e3);
+        say_err(&format!("step {}: {:.3} ms", i + 1, s * 1e3));
     }
     let (min, median) = min_median(t);
-    eprintln!(
+    say_err(&format!(
         "step time: min {:.3} ms, median {:.3} ms over {} steps",
         min * 1e3,
         median * 1e3,
         t.len()
-    );
+    ));
 }
 
 fn min_median(t: &[f64]) -> (f64, f64) {
@@ -354,69 +441,36 @@ fn stats_json(plan: &Plan, out: &RunOutput) -> String {
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 
-/// Runs the reference on the same leaves and prints, per output, max abs and rel error.
-fn check(args: &RunArgs, plan: &Plan, source: &LeafSource, out: &RunOutput) -> Result<(), Failure> {
+/// Runs the reference on the same leaves and prints, per output, how the sharded run compares;
+/// returns the outputs that differ.
+fn check(
+    args: &RunArgs,
+    plan: &Plan,
+    source: &LeafSource,
+    out: &RunOutput,
+) -> Result<Vec<String>, Failure> {
     let leaves = global_leaves(&plan.global, source).map_err(|e| anyhow!("{e}"))?;
     let t = Instant::now();
     let want =
         reference::run(&plan.global, &leaves, &leaves).map_err(|e| anyhow!("reference: {e}"))?;
     let ref_time = t.elapsed().as_secs_f64();
+    let tol = compare::Tolerance {
+        rtol: args.rtol,
+        atol: args.atol,
+        equal_nan: args.equal_nan,
+    };
     let mut bad = Vec::new();
     for (name, w) in &want {
         let g = out
             .outputs
             .get(name)
             .ok_or_else(|| anyhow!("output `{name}` missing from the sharded run"))?;
-        let (abs, rel, ok) = compare(g, w, args.rtol, args.atol);
-        println!(
-            "check {name}: max abs error {abs:.3e}, max rel error {rel:.3e} {}",
-            if ok { "ok" } else { "FAILED" }
-        );
-        if !ok {
+        let verdict = compare::compare(g, w, &tol);
+        say_out(&format!("check {name}: {verdict}"));
+        if !verdict.is_close() {
             bad.push(name.clone());
         }
     }
-    eprintln!("reference run: {:.3} ms", ref_time * 1e3);
-    if !bad.is_empty() {
-        return Err(anyhow!(
-            "--check: {} differ from the unsharded reference beyond rtol {} / atol {}",
-            bad.join(", "),
-            args.rtol,
-            args.atol
-        )
-        .into());
-    }
-    Ok(())
-}
-
-/// Max abs error, max rel error, and whether every element is within atol + rtol·|want|.
-fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> (f64, f64, bool) {
-    let pairs: Vec<(f64, f64)> = match (got, want) {
-        (Tensor::F32(g), Tensor::F32(w)) if g.shape() == w.shape() => g
-            .iter()
-            .zip(w.iter())
-            .map(|(a, b)| (*a as f64, *b as f64))
-            .collect(),
-        (Tensor::I32(g), Tensor::I32(w)) if g.shape() == w.shape() => g
-            .iter()
-            .zip(w.iter())
-            .map(|(a, b)| (*a as f64, *b as f64))
-            .collect(),
-        _ => return (f64::INFINITY, f64::INFINITY, false),
-    };
-    let (mut abs, mut rel, mut ok) = (0.0f64, 0.0f64, true);
-    for (a, b) in pairs {
-        if a.is_nan() && b.is_nan() {
-            continue;
-        }
-        let d = (a - b).abs();
-        if d.is_nan() || d.is_infinite() {
-            (abs, rel, ok) = (f64::NAN, f64::NAN, false);
-            continue;
-        }
-        abs = abs.max(d);
-        rel = rel.max(d / b.abs().max(f64::MIN_POSITIVE));
-        ok &= d <= atol + rtol * b.abs();
-    }
-    (abs, rel, ok)
+    say_err(&format!("reference run: {:.3} ms", ref_time * 1e3));
+    Ok(bad)
 }

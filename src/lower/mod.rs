@@ -2,7 +2,7 @@
 //! lowered once per argument signature and stamped per call), and infers shapes.
 
 mod builtins;
-mod consts;
+pub(crate) mod consts;
 mod error;
 mod expr;
 mod scope;

@@ -1,0 +1,293 @@
+//! `--check`'s comparison of a sharded output with the reference, as numpy's `allclose`:
+//! `|got - want| <= atol + rtol * |want|` element by element, equal infinities close, NaN close
+//! to nothing (to NaN with `--equal-nan`); integers compared exactly.
+
+use std::fmt;
+use tpc::exec::Tensor;
+
+/// The tolerances of `--check`.
+pub struct Tolerance {
+    /// Relative tolerance (times |reference|).
+    pub rtol: f64,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// NaN equals NaN.
+    pub equal_nan: bool,
+}
+
+/// How an output compares with the reference.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Every element is close; the largest errors over the finite elements.
+    Close {
+        /// Max |got - want|.
+        max_abs: f64,
+        /// Max |got - want| / |want| over nonzero `want`.
+        max_rel: f64,
+        /// Integers, compared exactly.
+        exact: bool,
+    },
+    /// Some elements are not close.
+    Differ {
+        /// How many elements differ.
+        count: u64,
+        /// How many elements there are.
+        total: u64,
+        /// The first that differs: index, value, reference value.
+        first: (Vec<usize>, String, String),
+        /// Max |got - want| over the finite elements (floats only).
+        max_abs: Option<f64>,
+    },
+    /// The arrays cannot be compared element by element.
+    Mismatch(String),
+}
+
+impl Verdict {
+    /// True when every element is close.
+    pub fn is_close(&self) -> bool {
+        matches!(self, Verdict::Close { .. })
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Close { exact: true, .. } => {
+                write!(f, "equal (integers, compared exactly) ok")
+            }
+            Verdict::Close {
+                max_abs, max_rel, ..
+            } => write!(
+                f,
+                "max abs error {max_abs:.3e}, max rel error {max_rel:.3e} ok"
+            ),
+            Verdict::Differ {
+                count,
+                total,
+                first: (at, got, want),
+                max_abs,
+            } => {
+                write!(
+                    f,
+                    "FAILED: {count} of {total} elements differ; the first at {}: got {got}, \
+                     reference {want}",
+                    index(at)
+                )?;
+                // A 0 here would read as "no error": shown only when it says something.
+                match max_abs {
+                    Some(m) if *m > 0.0 => {
+                        write!(f, " (max abs error over the finite elements {m:.3e})")
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Verdict::Mismatch(m) => write!(f, "FAILED: {m}"),
+        }
+    }
+}
+
+/// Compares `got` with the reference `want`.
+pub fn compare(got: &Tensor, want: &Tensor, tol: &Tolerance) -> Verdict {
+    if got.shape() != want.shape() {
+        return Verdict::Mismatch(format!(
+            "the sharded run has shape {}, the reference {}",
+            index(got.shape()),
+            index(want.shape())
+        ));
+    }
+    match (got, want) {
+        (Tensor::F32(g), Tensor::F32(w)) => floats(
+            g.iter().zip(w.iter()).map(|(a, b)| (*a, *b)),
+            g.shape(),
+            tol,
+        ),
+        (Tensor::I32(g), Tensor::I32(w)) => ints(g.iter().zip(w.iter()), g.shape()),
+        _ => Verdict::Mismatch(format!(
+            "the sharded run gave {}, the reference {}",
+            got.kind(),
+            want.kind()
+        )),
+    }
+}
+
+/// numpy's `isclose` for one pair.
+fn is_close(a: f64, b: f64, tol: &Tolerance) -> bool {
+    if a.is_nan() || b.is_nan() {
+        return tol.equal_nan && a.is_nan() && b.is_nan();
+    }
+    if a == b {
+        return true;
+    }
+    if a.is_infinite() || b.is_infinite() {
+        return false;
+    }
+    (a - b).abs() <= tol.atol + tol.rtol * b.abs()
+}
+
+fn floats(pairs: impl Iterator<Item = (f32, f32)>, shape: &[usize], tol: &Tolerance) -> Verdict {
+    let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
+    let (mut count, mut total, mut first) = (0u64, 0u64, None);
+    for (i, (a, b)) in pairs.enumerate() {
+        total += 1;
+        let (a, b) = (a as f64, b as f64);
+        if a.is_finite() && b.is_finite() {
+            let d = (a - b).abs();
+            max_abs = max_abs.max(d);
+            if b != 0.0 {
+                max_rel = max_rel.max(d / b.abs());
+            }
+        }
+        if !is_close(a, b, tol) {
+            count += 1;
+            first.get_or_insert((i, a, b));
+        }
+    }
+    match first {
+        None => Verdict::Close {
+            max_abs,
+            max_rel,
+            exact: false,
+        },
+        Some((i, a, b)) => Verdict::Differ {
+            count,
+            total,
+            first: (unravel(i, shape), show(a), show(b)),
+            max_abs: Some(max_abs),
+        },
+    }
+}
+
+fn ints<'a>(pairs: impl Iterator<Item = (&'a i32, &'a i32)>, shape: &[usize]) -> Verdict {
+    let (mut count, mut total, mut first) = (0u64, 0u64, None);
+    for (i, (a, b)) in pairs.enumerate() {
+        total += 1;
+        if a != b {
+            count += 1;
+            first.get_or_insert((i, *a, *b));
+        }
+    }
+    match first {
+        None => Verdict::Close {
+            max_abs: 0.0,
+            max_rel: 0.0,
+            exact: true,
+        },
+        Some((i, a, b)) => Verdict::Differ {
+            count,
+            total,
+            first: (unravel(i, shape), a.to_string(), b.to_string()),
+            max_abs: None,
+        },
+    }
+}
+
+/// A float as the user reads it: `inf`, `-inf`, `nan`, or shortest round-trip digits.
+fn show(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else {
+        format!("{}", x as f32)
+    }
+}
+
+/// The row-major index of flat position `i` in `shape`.
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut at = vec![0; shape.len()];
+    for (k, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            at[k] = i % n;
+            i /= n;
+        }
+    }
+    at
+}
+
+/// `[0, 3, 1]`.
+fn index(at: &[usize]) -> String {
+    let parts: Vec<String> = at.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    fn f(v: &[f32]) -> Tensor {
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap())
+    }
+
+    const TOL: Tolerance = Tolerance {
+        rtol: 1e-4,
+        atol: 1e-5,
+        equal_nan: false,
+    };
+
+    #[test]
+    fn follows_allclose_on_non_finite_values() {
+        let inf = f32::INFINITY;
+        assert!(compare(&f(&[inf, -inf, 1.0]), &f(&[inf, -inf, 1.0]), &TOL).is_close());
+        assert!(!compare(&f(&[inf]), &f(&[-inf]), &TOL).is_close());
+        assert!(!compare(&f(&[inf]), &f(&[3e38]), &TOL).is_close());
+        assert!(!compare(&f(&[f32::NAN]), &f(&[f32::NAN]), &TOL).is_close());
+        assert!(!compare(&f(&[1.0]), &f(&[f32::NAN]), &TOL).is_close());
+        let nan_ok = Tolerance {
+            equal_nan: true,
+            ..TOL
+        };
+        assert!(compare(&f(&[f32::NAN]), &f(&[f32::NAN]), &nan_ok).is_close());
+        assert!(!compare(&f(&[1.0]), &f(&[f32::NAN]), &nan_ok).is_close());
+    }
+
+    #[test]
+    fn a_failure_names_the_first_element_and_both_values() {
+        let v = compare(&f(&[1.0, 2.0, inf_f()]), &f(&[1.0, 2.5, 7.0]), &TOL);
+        let text = v.to_string();
+        assert!(
+            text.starts_with(
+                "FAILED: 2 of 3 elements differ; the first at [1]: got 2, reference 2.5"
+            ),
+            "{text}"
+        );
+        let v = compare(&f(&[f32::NAN]), &f(&[f32::NAN]), &TOL).to_string();
+        assert!(v.contains("got nan, reference nan"), "{v}");
+        assert!(!v.contains("error 0"), "{v}");
+    }
+
+    fn inf_f() -> f32 {
+        f32::INFINITY
+    }
+
+    #[test]
+    fn tolerance_is_relative_to_the_reference() {
+        let tol = Tolerance {
+            rtol: 0.1,
+            atol: 0.0,
+            equal_nan: false,
+        };
+        assert!(compare(&f(&[10.9]), &f(&[10.0]), &tol).is_close());
+        assert!(!compare(&f(&[11.1]), &f(&[10.0]), &tol).is_close());
+        // Not symmetric, as numpy: |1 - 10| <= 0.1 * 1 is false, and 0.1 * 10 would be true.
+        assert!(!compare(&f(&[10.0]), &f(&[1.0]), &tol).is_close());
+    }
+
+    #[test]
+    fn integers_compare_exactly() {
+        let i = |v: &[i32]| {
+            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[1, v.len()]), v.to_vec()).unwrap())
+        };
+        let loose = Tolerance {
+            rtol: 1.0,
+            atol: 10.0,
+            equal_nan: false,
+        };
+        let v = compare(&i(&[5, 16777216]), &i(&[5, 16777217]), &loose);
+        assert_eq!(
+            v.to_string(),
+            "FAILED: 1 of 2 elements differ; the first at [0, 1]: got 16777216, reference 16777217"
+        );
+        assert!(compare(&i(&[16777217]), &i(&[16777217]), &TOL).is_close());
+        assert!(!compare(&i(&[1]), &f(&[1.0]), &TOL).is_close());
+        assert!(!compare(&f(&[1.0, 2.0]), &f(&[1.0]), &TOL).is_close());
+    }
+}

@@ -1,0 +1,240 @@
+//! The memory a run will need, from its plan, checked against the machine and `--max-memory`
+//! before anything large is allocated: a run that cannot fit is refused with the figure instead
+//! of dying in the allocator.
+
+use super::RunArgs;
+use crate::Failure;
+use anyhow::anyhow;
+use tpc::ir::{Graph, Op};
+use tpc::plan::Plan;
+
+/// Bytes per element as the executor holds it (every float dtype is computed in f32).
+const ELEM: u128 = 4;
+
+/// What a run holds at once, in bytes.
+#[derive(Debug, Default, PartialEq)]
+pub struct Need {
+    /// One rank: its leaves, its peak of live values and its outputs.
+    pub per_rank: u128,
+    /// Ranks in this process.
+    pub ranks: u128,
+    /// The global outputs assembled from the ranks' blocks.
+    pub assembled: u128,
+    /// Global leaves held whole: arrays loaded from .npz, and the --check reference's leaves,
+    /// peak of live values and outputs.
+    pub global: u128,
+    /// The stored step times (8 bytes per step per rank).
+    pub step_times: u128,
+}
+
+impl Need {
+    /// The total.
+    pub fn total(&self) -> u128 {
+        self.per_rank * self.ranks + self.assembled + self.global + self.step_times
+    }
+}
+
+/// Bytes of one value of `g`.
+fn bytes(g: &Graph, v: tpc::ir::ValueId) -> u128 {
+    g.ty(v)
+        .shape
+        .iter()
+        .fold(ELEM, |acc, &d| acc.saturating_mul(d as u128))
+}
+
+/// Leaves, peak of live non-leaf values (liveness in program order), and outputs of `g`.
+fn program(g: &Graph) -> (u128, u128, u128) {
+    let last = tpc::plan::last_uses(g);
+    let (mut leaves, mut live, mut peak) = (0u128, 0u128, 0u128);
+    let mut dead: Vec<Vec<u128>> = vec![Vec::new(); g.num_nodes() + 1];
+    for (id, n) in g.nodes() {
+        let leaf = matches!(n.op, Op::Param { .. } | Op::Input { .. });
+        for &v in &n.outputs {
+            let b = bytes(g, v);
+            if leaf {
+                leaves = leaves.saturating_add(b);
+                continue;
+            }
+            live = live.saturating_add(b);
+            let end = last[v.index()].unwrap_or(id.index()).min(g.num_nodes());
+            dead[end].push(b);
+        }
+        peak = peak.max(live);
+        for b in dead[id.index()].drain(..) {
+            live = live.saturating_sub(b);
+        }
+    }
+    let outputs = g
+        .outputs()
+        .iter()
+        .fold(0u128, |acc, o| acc.saturating_add(bytes(g, o.value)));
+    (leaves, peak, outputs)
+}
+
+/// The memory `plan` needs with these arguments, `ranks` of it in this process.
+pub fn need(plan: &Plan, args: &RunArgs, ranks: u64) -> Need {
+    let (leaves, peak, outputs) = program(&plan.local);
+    let (g_leaves, g_peak, g_outputs) = program(&plan.global);
+    let mut global = 0u128;
+    if args.params.is_some() || args.inputs.is_some() {
+        global = global.saturating_add(g_leaves);
+    }
+    if args.check {
+        global = global
+            .saturating_add(g_leaves)
+            .saturating_add(g_peak)
+            .saturating_add(g_outputs);
+    }
+    Need {
+        per_rank: leaves.saturating_add(peak).saturating_add(outputs),
+        ranks: ranks as u128,
+        assembled: g_outputs,
+        global,
+        step_times: (args.repeat as u128).saturating_mul(8 * (ranks as u128 + 1)),
+    }
+}
+
+/// Refuses a run whose needs exceed the available memory or `--max-memory`.
+pub fn check_fits(plan: &Plan, args: &RunArgs, ranks: u64) -> Result<(), Failure> {
+    let need = need(plan, args, ranks);
+    let total = need.total();
+    let limit = match &args.max_memory {
+        Some(m) => Some((
+            parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?,
+            format!("--max-memory is {}", human(parse_size(m).unwrap_or(0))),
+        )),
+        None => None,
+    };
+    let avail = available().map(|(b, what)| (b, format!("{} is available ({what})", human(b))));
+    for (max, said) in [limit, avail].into_iter().flatten() {
+        if total > max {
+            let mut fixes = vec!["use a smaller --set", "fewer devices per machine (MPI)"];
+            if args.check {
+                fixes.push("leave out --check");
+            }
+            if need.step_times >= 1 << 20 {
+                fixes.push("a smaller --repeat");
+            }
+            return Err(anyhow!(
+                "this run needs about {} ({}), but {said}: {}",
+                human(total),
+                breakdown(&need),
+                fixes.join(", ")
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// `1.2 GiB per rank x 8 ranks + 4.0 GiB for the reference`.
+fn breakdown(n: &Need) -> String {
+    let mut parts = vec![format!(
+        "{} per rank x {} ranks",
+        human(n.per_rank),
+        n.ranks
+    )];
+    if n.assembled > 0 {
+        parts.push(format!("{} of assembled outputs", human(n.assembled)));
+    }
+    if n.global > 0 {
+        parts.push(format!(
+            "{} of whole arrays for --check and .npz inputs",
+            human(n.global)
+        ));
+    }
+    if n.step_times >= 1 << 20 {
+        parts.push(format!("{} of step times", human(n.step_times)));
+    }
+    parts.join(" + ")
+}
+
+/// The memory this process can still take: the least of MemAvailable and a cgroup's room.
+fn available() -> Option<(u128, &'static str)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some((kb * 1024, "MemAvailable in /proc/meminfo"))
+    });
+    let read = |p: &str| -> Option<u128> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let cgroup = read("/sys/fs/cgroup/memory.max").map(|max| {
+        let used = read("/sys/fs/cgroup/memory.current").unwrap_or(0);
+        (max.saturating_sub(used), "the cgroup's memory.max")
+    });
+    [meminfo, cgroup]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(b, _)| *b)
+}
+
+/// Parses `512MiB`, `16GiB`, `1.5GB`, `1000000` (bytes).
+pub fn parse_size(text: &str) -> Result<u128, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` (write e.g. 512MiB, 16GiB, 2GB or a number of bytes)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "not a size (write e.g. 512MiB, 16GiB, 2GB or a number of bytes)")?;
+    let bytes = n * scale;
+    if !((1.0..1e30).contains(&bytes)) {
+        return Err("must be at least 1 byte and finite".into());
+    }
+    Ok(bytes as u128)
+}
+
+/// `1.5 GiB`, `512 B`.
+pub fn human(b: u128) -> String {
+    const UNITS: [&str; 7] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut x = b as f64 / 1024.0;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    format!("{x:.1} {}", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("1.5 KiB"), Ok(1536));
+        for bad in ["", "0", "-1GiB", "1XB", "GiB", "1e400", "nan"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn figures_read_in_binary_units() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(16 << 30), "16.0 GiB");
+    }
+}
