@@ -19,8 +19,9 @@
 //!    8 virtual CPU devices (`benches/peers/jax_gpt.py`), unrolled and with `lax.scan`; the
 //!    losses are compared. Goal: no slower than JAX.
 //!
-//! Python: `TPC_BENCH_PYTHON` (default `/tmp/benchvenv/bin/python`) with numpy, threadpoolctl
-//! and jax[cpu]; a missing interpreter or package skips that column with a note. The numpy child
+//! Python: `target/benchvenv/bin/python` in the build folder, made by `bash benches/setup_peers.sh`
+//! (numpy, threadpoolctl and jax[cpu] at the versions of `benches/peers/requirements.txt`), or
+//! `TPC_BENCH_PYTHON`; a missing interpreter or package skips that column with a note. The numpy child
 //! runs with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset, so OpenBLAS picks its own kernel.
 
 use ndarray::{ArrayD, IxDyn};
@@ -119,18 +120,32 @@ fn print_machine() {
     println!("load average at start: {}", load.join(" "));
 }
 
+/// The peers' interpreter: `TPC_BENCH_PYTHON`, else `benchvenv/bin/python` in the build folder
+/// (made by `benches/setup_peers.sh`).
 fn python() -> Option<PathBuf> {
-    let p = PathBuf::from(
-        std::env::var("TPC_BENCH_PYTHON").unwrap_or_else(|_| "/tmp/benchvenv/bin/python".into()),
-    );
+    let p = match std::env::var_os("TPC_BENCH_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => target_dir().join("benchvenv/bin/python"),
+    };
     if p.exists() {
         Some(p)
     } else {
         println!(
-            "note: no python at {} (set TPC_BENCH_PYTHON): the numpy and JAX columns are skipped",
+            "note: no python at {}: the numpy and JAX columns are skipped; \
+             run `bash benches/setup_peers.sh` (or set TPC_BENCH_PYTHON)",
             p.display()
         );
         None
+    }
+}
+
+/// The build folder: `CARGO_TARGET_DIR` (relative to the repository) or the repository's
+/// `target/`, as `benches/setup_peers.sh` resolves it.
+fn target_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => root.join(t),
+        None => root.join("target"),
     }
 }
 

@@ -36,15 +36,14 @@
 //!   test profile; `TPC_PROP_CASES=20000` takes about a minute per property on 2 cores).
 //! - `PROPTEST_RNG_SEED=N`: a fixed seed (the default is random).
 //! - `TPC_PROP_VERBOSE=1`: print every generated program.
-//! - `TPC_PROP_STRICT=1`: also run plans that show the signature of a known bug (pinned as an
-//!   ignored test in `tests/regressions.rs`); by default they are counted and skipped, so the
-//!   properties keep hunting for new bugs while a known one is unfixed.
+//!
+//! Every generated plan is run: nothing is skipped as the signature of a known bug.
 //!
 //! Failures print the minimized `.tpl` text and the mesh; pin them in `tests/regressions.rs`.
 
 mod prop_support;
 
-use prop_support::{check_plan, compile, strict, Outcome};
+use prop_support::{check_plan, compile, Outcome};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -1004,7 +1003,6 @@ struct Tally {
     user_errors: AtomicUsize,
     collectives: AtomicUsize,
     ill: AtomicUsize,
-    known: std::sync::Mutex<Vec<&'static str>>,
     /// Per SPMD op, the number of plans using it.
     ops: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
     /// Per error code, the number of user errors.
@@ -1036,9 +1034,6 @@ impl Tally {
                     .to_string();
                 *self.errors.lock().unwrap().entry(code).or_default() += 1;
             }
-            Outcome::KnownBug(name) => {
-                self.known.lock().unwrap().push(name);
-            }
         }
     }
 
@@ -1047,21 +1042,10 @@ impl Tally {
             self.plans.load(Ordering::Relaxed),
             self.user_errors.load(Ordering::Relaxed),
         );
-        let mut known = self.known.lock().unwrap().clone();
-        known.sort();
-        let mut counts: Vec<(&str, usize)> = Vec::new();
-        for k in &known {
-            match counts.last_mut() {
-                Some((n, c)) if n == k => *c += 1,
-                _ => counts.push((k, 1)),
-            }
-        }
         eprintln!(
-            "{what}: {} cases in {secs:.1}s: {p} plans run and checked ({} collectives), {u} user errors, \
-             {} plans skipped with the signature of a known bug {counts:?}",
-            p + u + known.len(),
+            "{what}: {} cases in {secs:.1}s: {p} plans run and checked ({} collectives), {u} user errors",
+            p + u,
             self.collectives.load(Ordering::Relaxed),
-            known.len()
         );
         eprintln!(
             "{what}: plans using each SPMD op: {:?}; user errors by code: {:?}; outputs \
@@ -1107,7 +1091,7 @@ fn random_models_equal_the_reference() {
             )));
         }
         let outcome = compile(&src, mesh, &[]).and_then(|r| match r {
-            Ok(plan) => check_plan(&plan, strict()),
+            Ok(plan) => check_plan(&plan),
             Err(e) => Ok(Outcome::UserError(e)),
         });
         match outcome {
@@ -1360,7 +1344,7 @@ fn random_annotations_of_the_examples_never_panic() {
         }
         let src = SourceFile::new(e.path, text.clone());
         let outcome = compile(&src, mesh, &e.sets).and_then(|r| match r {
-            Ok(plan) => check_plan(&plan, strict()),
+            Ok(plan) => check_plan(&plan),
             Err(e) => Ok(Outcome::UserError(e)),
         });
         match outcome {

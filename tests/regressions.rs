@@ -1,10 +1,10 @@
 //! Pinned cases of the sharding invariant (annotations change cost, never results): hand-written
-//! hard cases, and the minimized failures the property tests (`prop_sharding.rs`) found. A case
-//! marked `#[ignore = "bug: ..."]` is a known compiler bug, kept until it is fixed.
+//! hard cases, and the minimized failures the property tests (`prop_sharding.rs`) found, each
+//! kept running after its fix.
 
 mod prop_support;
 
-use prop_support::{assert_runs, check_text, Outcome};
+use prop_support::{assert_runs, check_text};
 use tpc::ir::Op;
 
 fn count(plan: &tpc::plan::Plan, name: &str) -> usize {
@@ -156,7 +156,7 @@ output y @ [dp, _, _]
 ";
     for mesh in ["dp=2,tp=4", "dp=2,tp=2", "tp=4", "dp=2,tp=3"] {
         // Compiles (or is a user error: 8 heads do not split over tp=3) and matches the reference.
-        assert!(!matches!(check_text(text, mesh), Outcome::KnownBug(_)));
+        check_text(text, mesh);
     }
     assert_runs(text, "dp=2,tp=4");
 }
@@ -337,8 +337,7 @@ output k
 
 /// `sum(x, -1)` and `mean(x, -1)` reduce the last axis, but `max(x, -1)` is read as the
 /// elementwise `maximum(x, -1)` (a negative literal is taken for a tensor operand) and rejected
-/// ("expected a tensor, found a compile-time scalar"). Fixed on main by 29f5f05 (not yet on
-/// this branch): un-ignore after merging main.
+/// ("expected a tensor, found a compile-time scalar"). Fixed by 29f5f05.
 #[test]
 fn max_with_a_negative_positional_axis_is_a_reduction() {
     let text = "
@@ -386,9 +385,9 @@ output y
 }
 
 /// `z = y` names the same value twice; outputting both puts one local value in two outputs.
-/// The SPMD runtime moves the value out of its slot for the first output and panics on the
-/// second (`outputs are computed`, src/exec/spmd.rs), on every mesh, tp=1 included; the
-/// reference runs it. (Outputs that are leaves are cloned and work.)
+/// The SPMD runtime moved the value out of its slot for the first output and panicked on the
+/// second, on every mesh, tp=1 included, while the reference ran it. Fixed; the property tests
+/// no longer skip plans of this shape.
 #[test]
 fn two_outputs_of_one_value() {
     let text = "

@@ -6,7 +6,7 @@ of kernels; attributes (axes, perms, eps) are fixed here and repeated in the Rus
 
 Regenerate (from the repository root):
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install numpy && /tmp/venv/bin/python tests/golden/make_golden.py
+    bash benches/setup_peers.sh && target/benchvenv/bin/python tests/golden/make_golden.py
 
 The files are written uncompressed (the np.savez layout, fixed timestamps) and are committed;
 the output is byte-identical across runs for a given numpy version (fixed seed).

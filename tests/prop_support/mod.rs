@@ -33,44 +33,6 @@ pub enum Outcome {
     },
     /// A user error (rendered).
     UserError(String),
-    /// The plan shows the signature of a known, pinned bug (see `known_bug`); not run.
-    KnownBug(&'static str),
-}
-
-/// True when `TPC_PROP_STRICT=1`: plans with a known bug's signature are run and fail.
-pub fn strict() -> bool {
-    std::env::var("TPC_PROP_STRICT").is_ok_and(|v| v != "0")
-}
-
-/// The signature of a known bug (each pinned as an ignored test in `tests/regressions.rs`) in a
-/// plan, so the property tests can keep hunting for new ones while it is unfixed.
-pub fn known_bug(plan: &Plan) -> Option<&'static str> {
-    // A param or input loaded as a partial sum: every device loads the whole block, so the
-    // value is counted once per device of the group (`free_leaf_loaded_as_partial_sum`).
-    let leaf_partial = plan.local.nodes().any(|(_, n)| {
-        n.op.is_leaf()
-            && plan.placements[n.outputs[0].index()]
-                .partial
-                .iter()
-                .enumerate()
-                .any(|(a, p)| {
-                    *p == Some(tpc::sharding::PartialOp::Sum) && plan.mesh.axis_size(a) > 1
-                })
-    });
-    if leaf_partial {
-        return Some("free_leaf_loaded_as_partial_sum");
-    }
-    // Two outputs of one computed local value: the runtime moves the value out for the first
-    // and panics on the second (`two_outputs_of_one_value`).
-    let outs = plan.local.outputs();
-    let dup = outs.iter().enumerate().any(|(i, o)| {
-        !plan.local.node(plan.local.value(o.value).node).op.is_leaf()
-            && outs[..i].iter().any(|p| p.value == o.value)
-    });
-    if dup {
-        return Some("two_outputs_of_one_value");
-    }
-    None
 }
 
 /// `dp=2,tp=4`, or a bare number for `tp=N`.
@@ -284,11 +246,10 @@ pub fn check_summary(plan: &Plan) -> Result<(), String> {
 
 /// Checks a compiled plan: summary consistency, a threaded run equal to the reference, and the
 /// run's measured collectives equal to the summary's.
-pub fn check_plan(plan: &Plan, strict: bool) -> Result<Outcome, String> {
+/// Every plan runs: there is no filter for known bugs (a bug found is fixed, and pinned in
+/// `tests/regressions.rs`).
+pub fn check_plan(plan: &Plan) -> Result<Outcome, String> {
     check_summary(plan)?;
-    if let (false, Some(bug)) = (strict, known_bug(plan)) {
-        return Ok(Outcome::KnownBug(bug));
-    }
     let source = LeafSource::Seed(7);
     let leaves =
         global_leaves(&plan.global, &source).map_err(|e| format!("generating leaves: {e}"))?;
@@ -357,7 +318,7 @@ pub fn check_plan(plan: &Plan, strict: bool) -> Result<Outcome, String> {
 pub fn check_text(text: &str, mesh_text: &str) -> Outcome {
     let src = SourceFile::new("case.tpl", text);
     let r = compile(&src, mesh_text, &[]).and_then(|r| match r {
-        Ok(plan) => check_plan(&plan, true),
+        Ok(plan) => check_plan(&plan),
         Err(e) => Ok(Outcome::UserError(e)),
     });
     match r {
@@ -371,7 +332,6 @@ pub fn assert_runs(text: &str, mesh_text: &str) -> Plan {
     match check_text(text, mesh_text) {
         Outcome::Ran { .. } => {}
         Outcome::UserError(e) => panic!("on {mesh_text}: unexpected user error:\n{e}"),
-        Outcome::KnownBug(_) => unreachable!("strict"),
     }
     compile_plan(
         &SourceFile::new("case.tpl", text),

@@ -5,7 +5,7 @@
 //! an integer in i32 range is applied in f64 and the result truncated toward zero.
 
 use super::pool::take_f32;
-use super::simd::{exp, multiversion};
+use super::simd::{exp, mul_sigmoid, multiversion};
 use super::{broadcast_shape, from_vec};
 use crate::exec::{ExecError, Tensor};
 use crate::ir::{BinaryOp, Dtype, UnaryOp};
@@ -539,11 +539,12 @@ pub fn scalar_i32(op: BinaryOp, value: f64, scalar_lhs: bool, x: &ArrayD<i32>) -
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 /// gelu, tanh approximation, evaluated as `x · sigmoid(2u)` with `u = √(2/π)(x + 0.044715x³)`:
-/// equal to `0.5·x·(1 + tanh(u))`, but without the cancellation of `1 + tanh(u)` for x ≪ 0.
+/// equal to `0.5·x·(1 + tanh(u))`, but without the cancellation of `1 + tanh(u)` for x ≪ 0,
+/// nor the flush to 0 of its tail below x ≈ -10 ([`mul_sigmoid`]).
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    x / (1.0 + exp(-2.0 * u))
+    mul_sigmoid(x, 2.0 * u)
 }
 
 /// Applies a unary function elementwise (gelu is the tanh approximation). `exp` (also inside
@@ -561,7 +562,7 @@ fn unary_impl(op: UnaryOp, x: Operand<'_>) -> ArrayD<f32> {
     match op {
         UnaryOp::Gelu => map_f32(x, gelu),
         UnaryOp::Relu => map_f32(x, |v| nan_max(v, 0.0)),
-        UnaryOp::Silu => map_f32(x, |v| v / (1.0 + exp(-v))),
+        UnaryOp::Silu => map_f32(x, |v| mul_sigmoid(v, v)),
         UnaryOp::Tanh => map_f32(x, f32::tanh),
         UnaryOp::Exp => map_f32(x, exp),
         UnaryOp::Log => map_f32(x, f32::ln),

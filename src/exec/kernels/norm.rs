@@ -2,7 +2,7 @@
 //! Sums and means are accumulated in f64.
 
 use super::pool::take_f32;
-use super::simd::{exp, max_f32, multiversion, sum_f32, sum_f64, sum_sq_dev_f32, sum_sq_dev_f64};
+use super::simd::{exp, max_f32, multiversion, sum_f64, sum_sq_dev_f64};
 use super::{check_axis, check_min_rank, row_major};
 use crate::exec::ExecError;
 use ndarray::{ArrayD, Axis};
@@ -111,7 +111,7 @@ fn check_norm_params(
 }
 
 /// Layer norm over the last dim: `(x - mean) / √(var + eps) · scale (+ bias)`, biased variance,
-/// computed in f32 as numpy does (see [`layernorm_rows_imp`]).
+/// the mean, variance and normalized values in f64 (see [`layernorm_rows_imp`]).
 pub fn layernorm(
     x: &ArrayD<f32>,
     scale: &ArrayD<f32>,
@@ -131,25 +131,27 @@ pub fn layernorm(
     Ok(ArrayD::from_shape_vec(x.raw_dim(), out).expect("same element count"))
 }
 
-/// Layer norm of every contiguous row (of `g.len()` elements) of `xs` into `out`, in f32 like
-/// numpy's float32 layer norm: the mean, then the mean squared deviation from it (each summed
-/// in 32 f32 lanes, the lanes added in f64), then `(x - mean) · inv · g + b`.
+/// Layer norm of every contiguous row (of `g.len()` elements) of `xs` into `out`. The mean and
+/// the squared deviations from it are summed in f64 (in f32 a large mean loses the spread to
+/// rounding, and squares past 1.8e19 overflow), and `(x - mean) · inv` is formed in f64 and
+/// rounded once before `· g + b`.
 #[inline(always)]
 fn layernorm_rows_imp(xs: &[f32], out: &mut [f32], g: &[f32], b: Option<&[f32]>, eps: f64) {
     let n = g.len();
     for (row, o) in xs.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let mu = (sum_f32(row) / n as f64) as f32;
-        let var = sum_sq_dev_f32(row, mu) / n as f64;
-        let inv = (1.0 / (var + eps).sqrt()) as f32;
+        let mu = sum_f64(row) / n as f64;
+        let var = sum_sq_dev_f64(row, mu) / n as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        let norm = |v: f32| ((v as f64 - mu) * inv) as f32;
         match b {
             Some(b) => {
                 for (((d, &v), &gi), &bi) in o.iter_mut().zip(row).zip(g).zip(b) {
-                    *d = (v - mu) * inv * gi + bi;
+                    *d = norm(v) * gi + bi;
                 }
             }
             None => {
                 for ((d, &v), &gi) in o.iter_mut().zip(row).zip(g) {
-                    *d = (v - mu) * inv * gi;
+                    *d = norm(v) * gi;
                 }
             }
         }

@@ -79,17 +79,25 @@ pub(crate) use multiversion;
 /// gradually to 0 below ~-87.3 (0 below ~-103.9); NaN gives NaN, -inf gives 0, +inf gives +inf.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    exp_scaled(x, 0)
+}
+
+/// `e^x · 2^k` for `k` in `0..=64`, rounded once: [`exp`] with `k` added to the exponent, so
+/// that a result which `exp` would underflow stays normal (`e^-100 · 2^64` is 3.4e-25).
+#[inline(always)]
+pub(crate) fn exp_scaled(x: f32, k: i32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5·2^23: adding it rounds to an integer (ties to even) held in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    // Also maps ±inf into range; NaN stays NaN (every comparison with it is false).
-    let x = x.clamp(-104.0, 89.0);
+    // Also maps ±inf into range; NaN stays NaN (every comparison with it is false). Below -150
+    // even `e^x · 2^64` is 0.
+    let x = x.clamp(-150.0, 89.0);
     let t = x * LOG2E + MAGIC;
     let n = t - MAGIC;
-    // n as an integer in [-150, 129], read from the mantissa (garbage for NaN, whose result is
-    // NaN anyway through `p`).
+    // n (+ k) as an integer in [-217, 193], read from the mantissa (garbage for NaN, whose
+    // result is NaN anyway through `p`).
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_2e-4f32;
@@ -99,13 +107,30 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     p = p * (r * r) + r + 1.0;
-    // 2^n as two normal factors 2^e1 · 2^e2 (each exponent in [-75, 65]), so that the product
-    // overflows or underflows (gradually) exactly once.
+    // 2^(n+k) as two normal factors 2^e1 · 2^e2 (each exponent in [-109, 97]), so that the
+    // product overflows or underflows (gradually) exactly once.
+    let ni = ni.wrapping_add(k);
     let e1 = ni >> 1;
     let e2 = ni.wrapping_sub(e1);
     let s1 = f32::from_bits((e1.wrapping_add(127) as u32) << 23);
     let s2 = f32::from_bits((e2.wrapping_add(127) as u32) << 23);
     p * s1 * s2
+}
+
+/// `x · sigmoid(z)`, without overflow or premature underflow: for `z < 0` it is
+/// `x · e^z / (1 + e^z)` with `e^z` scaled by 2^64 until the last product, so that a result
+/// that is a normal (or subnormal) float is not flushed to 0 when `e^-z` overflows.
+#[inline(always)]
+pub(crate) fn mul_sigmoid(x: f32, z: f32) -> f32 {
+    /// 2^-64.
+    const TWO_M64: f32 = 5.421_011e-20;
+    let t = exp_scaled(-z.abs(), 64);
+    let q = x / (1.0 + t * TWO_M64);
+    if z < 0.0 {
+        (q * t) * TWO_M64
+    } else {
+        q
+    }
 }
 
 /// The accumulator lanes after their loop, through an optimization barrier (an identity).
@@ -153,58 +178,6 @@ pub(crate) fn sum_sq_dev_f64(x: &[f32], mu: f64) -> f64 {
     let mut s = combine(lanes(acc));
     for &v in tail {
         let d = v as f64 - mu;
-        s += d * d;
-    }
-    s
-}
-
-/// Number of lanes of the f32 accumulators (two AVX-512 registers).
-const L32S: usize = 32;
-
-/// Σ x with 32 interleaved f32 partial sums, added in f64 in a fixed tree, then the tail.
-#[inline(always)]
-pub(crate) fn sum_f32(x: &[f32]) -> f64 {
-    let mut acc = [0.0f32; L32S];
-    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
-    let (chunks, tail) = x.as_chunks::<L32S>();
-    for c in chunks {
-        for j in 0..L32S {
-            acc[j] += c[j];
-        }
-    }
-    let mut s = combine(widen(lanes(acc)));
-    for &v in tail {
-        s += v as f64;
-    }
-    s
-}
-
-/// The f32 lanes as f64 (an index loop: `array::map` is not reliably inlined into a
-/// multiversioned kernel).
-#[inline(always)]
-fn widen(a: [f32; L32S]) -> [f64; L64] {
-    let mut w = [0.0f64; L64];
-    for j in 0..L32S {
-        w[j] = a[j] as f64;
-    }
-    w
-}
-
-/// Σ (x - mu)² with the lanes and order of [`sum_f32`].
-#[inline(always)]
-pub(crate) fn sum_sq_dev_f32(x: &[f32], mu: f32) -> f64 {
-    let mut acc = [0.0f32; L32S];
-    // Fixed-size chunks: no per-element bounds checks, so the lanes vectorize as whole registers.
-    let (chunks, tail) = x.as_chunks::<L32S>();
-    for c in chunks {
-        for j in 0..L32S {
-            let d = c[j] - mu;
-            acc[j] += d * d;
-        }
-    }
-    let mut s = combine(widen(lanes(acc)));
-    for &v in tail {
-        let d = (v - mu) as f64;
         s += d * d;
     }
     s
