@@ -102,6 +102,15 @@ pub fn write_atomic(
             what: "output".into(),
         });
     }
+    // A symlink is written through: its target is replaced, the link stays.
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(path).map_err(|e| fail(&e))?;
+            resolved.as_path()
+        }
+        _ => path,
+    };
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         let mut f = OpenOptions::new()
             .write(true)
@@ -233,6 +242,19 @@ mod tests {
             let e = write_bytes(Path::new("/dev/full"), &[0; 1 << 16]).unwrap_err();
             assert!(e.to_string().contains("No space left"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_symlink_is_written_through() {
+        let d = scratch("link");
+        write_bytes(&d.join("real.txt"), b"old").unwrap();
+        std::os::unix::fs::symlink("real.txt", d.join("link.txt")).unwrap();
+        write_bytes(&d.join("link.txt"), b"new").unwrap();
+        assert!(std::fs::symlink_metadata(d.join("link.txt"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(d.join("real.txt")).unwrap(), b"new");
     }
 
     #[test]

@@ -116,12 +116,20 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        if let Ok(mut m) = record.lock() {
+        if std::thread::current().name() != Some(WORKER) {
+            // A rank's thread: its run reports the failure; the message says where.
+            let at = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            say_err(&format!("internal error in a worker thread{at}: {msg}"));
+        } else if let Ok(mut m) = record.lock() {
             *m = msg;
         }
     }));
     // Deeply nested but valid programs recurse in the parser and lowering: give them room.
     let worker = std::thread::Builder::new()
+        .name(WORKER.into())
         .stack_size(256 << 20)
         .spawn(move || run(cli));
     let handle = match worker {
@@ -154,6 +162,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The name of the thread that runs the command.
+const WORKER: &str = "tpc";
 
 /// Panic messages of an allocation that could not be made (as opposed to a bug).
 fn is_out_of_memory(msg: &str) -> bool {

@@ -748,3 +748,31 @@ fn too_little_memory_to_start_is_not_an_internal_error() {
     );
     assert!(text(&o.stderr).contains("memory"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn damaged_archives_never_panic() {
+    let d = scratch("npz-fuzz");
+    let good = d.join("good.npz");
+    good_params(&good);
+    let deflated = npy("<f4", "(2, 3)", &f32_bytes(&[1.0; 6]));
+    zip_with(&d.join("deflated.npz"), "w.npy", &deflated, true);
+    let bad = d.join("bad.npz");
+    for src in [good, d.join("deflated.npz")] {
+        let bytes = std::fs::read(&src).unwrap();
+        // Every truncation, and every byte replaced by a few values, read as an untrusted file.
+        let mut cases: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+        for i in 0..bytes.len() {
+            for v in [0x00, 0xff, bytes[i] ^ 0x01, b'9'] {
+                let mut b = bytes.clone();
+                b[i] = v;
+                cases.push(b);
+            }
+        }
+        for case in cases {
+            std::fs::write(&bad, &case).unwrap();
+            if let Err(e) = tpc::exec::npz::read(bad.to_str().unwrap()) {
+                assert_clean(&e.to_string());
+            }
+        }
+    }
+}
