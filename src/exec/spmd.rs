@@ -53,7 +53,7 @@ pub enum RunError {
         /// Source location of the op.
         location: String,
         /// What went wrong.
-        error: NodeError,
+        error: Box<NodeError>,
     },
     /// A rank could not load its params or inputs.
     #[error("rank {rank}: loading `{leaf}`: {error}")]
@@ -362,7 +362,7 @@ fn run_rank_inner(
             rank,
             op: "step barrier".into(),
             location: String::new(),
-            error: e.into(),
+            error: Box::new(e.into()),
         })?;
         r.collectives.clear();
         let t0 = Instant::now();
@@ -464,7 +464,7 @@ impl Rank<'_> {
             rank: self.t.rank(),
             op,
             location,
-            error,
+            error: Box::new(error),
         }
     }
 
@@ -890,7 +890,7 @@ mod tests {
             rank: 1,
             op: "%3 = all_reduce".into(),
             location: String::new(),
-            error,
+            error: Box::new(error),
         };
         assert!(op(CommError::Aborted.into()).is_secondary());
         assert!(op(CommError::Disconnected(2).into()).is_secondary());
