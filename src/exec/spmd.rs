@@ -65,7 +65,7 @@ pub enum RunError {
         /// Source location of the op.
         location: String,
         /// What went wrong.
-        error: NodeError,
+        error: Box<NodeError>,
     },
     /// A rank could not load its params or inputs.
     #[error("rank {rank}: loading `{leaf}`: {error}")]
@@ -374,7 +374,7 @@ fn run_rank_inner(
             rank,
             op: "step barrier".into(),
             location: String::new(),
-            error: e.into(),
+            error: Box::new(e.into()),
         })?;
         r.collectives.clear();
         let t0 = Instant::now();
@@ -476,7 +476,7 @@ impl Rank<'_> {
             rank: self.t.rank(),
             op,
             location,
-            error,
+            error: Box::new(error),
         }
     }
 
@@ -588,92 +588,29 @@ impl Rank<'_> {
         x: Cow<'_, ArrayD<T>>,
     ) -> Result<ArrayD<T>, NodeError> {
         let name = op.name();
-        let shape = x.shape().to_vec();
         match op {
             Op::AllReduce { axis, reduce, .. } => {
-                let a = self.axis(op, axis)?;
+                let group = &self.groups[self.axis(op, axis)?];
+                let shape = x.shape().to_vec();
                 // A dying operand is reduced in its own buffer.
                 let mut data = into_flat(x);
-                comm::all_reduce(self.t, &self.groups[a], &mut data, *reduce)?;
+                comm::all_reduce(self.t, group, &mut data, *reduce)?;
                 Ok(array(name, &shape, data)?)
             }
-            Op::AllGather { axis, dim, .. } => {
-                let a = self.axis(op, axis)?;
-                check_dim(name, &shape, *dim)?;
-                let group = &self.groups[a];
-                let k = group.len();
-                let all = comm::all_gather(self.t, group, &flat(&x))?;
-                let mut global = shape.clone();
-                global[*dim] *= k;
-                // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the
-                // chunks are already the concatenation.
-                let data = if shape[..*dim].iter().all(|&d| d == 1) {
-                    all
-                } else {
-                    let len = all.len() / k.max(1);
-                    let pieces: Vec<&[T]> = all.chunks_exact(len.max(1)).collect();
-                    join(&pieces, &shape, *dim)
-                };
-                Ok(array(name, &global, data)?)
-            }
+            Op::AllGather { axis, dim, .. } => self.all_gather(op, axis, *dim, &x),
             Op::ReduceScatter {
                 axis, dim, reduce, ..
-            } => {
-                let a = self.axis(op, axis)?;
-                let k = self.groups[a].len();
-                check_split(name, &shape, *dim, k)?;
-                let mut flat = into_flat(x);
-                if !shape[..*dim].iter().all(|&d| d == 1) {
-                    // Piece i (the i-th block along `dim`) must be the i-th contiguous chunk.
-                    let mut pieces = k::take_vec::<T>(flat.len());
-                    for r in 0..k {
-                        piece(&flat, &shape, *dim, k, r, &mut pieces);
-                    }
-                    k::give(std::mem::replace(&mut flat, pieces));
-                }
-                let mine = comm::reduce_scatter(self.t, &self.groups[a], &mut flat, *reduce)?;
-                k::give(flat);
-                let mut local = shape.clone();
-                local[*dim] /= k;
-                Ok(array(name, &local, mine)?)
-            }
+            } => self.reduce_scatter(op, axis, *dim, *reduce, x),
             Op::AllToAll {
                 axis,
                 split,
                 concat,
                 ..
-            } => {
-                let a = self.axis(op, axis)?;
-                let k = self.groups[a].len();
-                check_split(name, &shape, *split, k)?;
-                check_dim(name, &shape, *concat)?;
-                let flat = flat(&x);
-                let mut pshape = shape.clone();
-                pshape[*split] /= k;
-                let chunks: Vec<Vec<T>> = (0..k)
-                    .map(|r| {
-                        let mut v = Vec::with_capacity(flat.len() / k);
-                        piece(&flat, &shape, *split, k, r, &mut v);
-                        v
-                    })
-                    .collect();
-                let got = comm::all_to_all(self.t, &self.groups[a], chunks)?;
-                let len: usize = pshape.iter().product();
-                if got.iter().any(|g| g.len() != len) {
-                    return Err(
-                        ExecError::shape(name, "a received block has the wrong size").into(),
-                    );
-                }
-                let pieces: Vec<&[T]> = got.iter().map(|g| &g[..]).collect();
-                let data = join(&pieces, &pshape, *concat);
-                let mut out = pshape;
-                out[*concat] *= k;
-                Ok(array(name, &out, data)?)
-            }
+            } => self.all_to_all(op, axis, *split, *concat, &x),
             Op::ShardSlice { axis, size, dim } => {
                 let c = self.coords[self.axis(op, axis)?] as usize;
-                check_dim(name, &shape, *dim)?;
-                let n = shape[*dim] / (*size).max(1) as usize;
+                check_dim(name, x.shape(), *dim)?;
+                let n = x.shape()[*dim] / (*size).max(1) as usize;
                 Ok(k::slice(&x, *dim, (c * n) as u64, ((c + 1) * n) as u64)?)
             }
             Op::KeepOnFirst { axis } => Ok(if self.coords[self.axis(op, axis)?] == 0 {
@@ -687,6 +624,98 @@ impl Rank<'_> {
             }
             _ => Err(ExecError::shape(name, "not a collective").into()),
         }
+    }
+
+    /// Concatenates the group's blocks along `dim`.
+    fn all_gather<T: Elem>(
+        &mut self,
+        op: &Op,
+        axis: &str,
+        dim: usize,
+        x: &ArrayD<T>,
+    ) -> Result<ArrayD<T>, NodeError> {
+        let group = &self.groups[self.axis(op, axis)?];
+        let shape = x.shape();
+        check_dim(op.name(), shape, dim)?;
+        let k = group.len();
+        let all = comm::all_gather(self.t, group, &flat(x))?;
+        let mut global = shape.to_vec();
+        global[dim] *= k;
+        // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the chunks are
+        // already the concatenation.
+        let data = if shape[..dim].iter().all(|&d| d == 1) {
+            all
+        } else {
+            let len = all.len() / k.max(1);
+            let pieces: Vec<&[T]> = all.chunks_exact(len.max(1)).collect();
+            join(&pieces, shape, dim)
+        };
+        Ok(array(op.name(), &global, data)?)
+    }
+
+    /// Reduces the group's blocks and keeps this rank's piece along `dim`.
+    fn reduce_scatter<T: Elem>(
+        &mut self,
+        op: &Op,
+        axis: &str,
+        dim: usize,
+        reduce: ReduceOp,
+        x: Cow<'_, ArrayD<T>>,
+    ) -> Result<ArrayD<T>, NodeError> {
+        let group = &self.groups[self.axis(op, axis)?];
+        let k = group.len();
+        let shape = x.shape().to_vec();
+        check_split(op.name(), &shape, dim, k)?;
+        let mut flat = into_flat(x);
+        if !shape[..dim].iter().all(|&d| d == 1) {
+            // Piece i (the i-th block along `dim`) must be the i-th contiguous chunk.
+            let mut pieces = k::take_vec::<T>(flat.len());
+            for r in 0..k {
+                piece(&flat, &shape, dim, k, r, &mut pieces);
+            }
+            k::give(std::mem::replace(&mut flat, pieces));
+        }
+        let mine = comm::reduce_scatter(self.t, group, &mut flat, reduce)?;
+        k::give(flat);
+        let mut local = shape;
+        local[dim] /= k;
+        Ok(array(op.name(), &local, mine)?)
+    }
+
+    /// Splits the block along `split`, exchanges the pieces, joins them along `concat`.
+    fn all_to_all<T: Elem>(
+        &mut self,
+        op: &Op,
+        axis: &str,
+        split: usize,
+        concat: usize,
+        x: &ArrayD<T>,
+    ) -> Result<ArrayD<T>, NodeError> {
+        let group = &self.groups[self.axis(op, axis)?];
+        let k = group.len();
+        let shape = x.shape();
+        check_split(op.name(), shape, split, k)?;
+        check_dim(op.name(), shape, concat)?;
+        let flat = flat(x);
+        let mut pshape = shape.to_vec();
+        pshape[split] /= k;
+        let chunks: Vec<Vec<T>> = (0..k)
+            .map(|r| {
+                let mut v = Vec::with_capacity(flat.len() / k);
+                piece(&flat, shape, split, k, r, &mut v);
+                v
+            })
+            .collect();
+        let got = comm::all_to_all(self.t, group, chunks)?;
+        let len: usize = pshape.iter().product();
+        if got.iter().any(|g| g.len() != len) {
+            return Err(ExecError::shape(op.name(), "a received block has the wrong size").into());
+        }
+        let pieces: Vec<&[T]> = got.iter().map(|g| &g[..]).collect();
+        let data = join(&pieces, &pshape, concat);
+        let mut out = pshape;
+        out[concat] *= k;
+        Ok(array(op.name(), &out, data)?)
     }
 
     /// The vocab block `(offset, local rows, vocab)` of this rank along `axes` (major first).
@@ -906,7 +935,7 @@ mod tests {
             rank: 1,
             op: "%3 = all_reduce".into(),
             location: String::new(),
-            error,
+            error: Box::new(error),
         };
         assert!(op(CommError::Aborted.into()).is_secondary());
         assert!(op(CommError::Disconnected(2).into()).is_secondary());

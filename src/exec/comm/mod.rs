@@ -735,10 +735,11 @@ mod tests {
                 });
                 for (r, (max, sum, gathered, scattered, swapped)) in out.iter().enumerate() {
                     assert_eq!(max, &big(0, len), "{n} ranks, {len}: max");
+                    let inputs: Vec<Vec<i32>> = (0..n).map(|q| big(q, len)).collect();
                     let want: Vec<i32> = (0..len)
                         .map(|i| {
-                            let odd: i32 = (1..n).map(|q| (big(q, len)[i] % 2).abs()).sum();
-                            big(0, len)[i].wrapping_add(odd)
+                            let odd: i32 = inputs[1..].iter().map(|b| (b[i] % 2).abs()).sum();
+                            inputs[0][i].wrapping_add(odd)
                         })
                         .collect();
                     assert_eq!(sum, &want, "{n} ranks, {len}: sum");
