@@ -89,6 +89,7 @@ pub struct Graph {
     annotations: BTreeMap<ValueId, Annotation>,
     outputs: Vec<Output>,
     uses: Vec<Vec<NodeId>>,
+    bytes: u64,
 }
 
 impl Graph {
@@ -143,6 +144,7 @@ impl Graph {
             .into_iter()
             .enumerate()
             .map(|(i, ty)| {
+                self.bytes = self.bytes.saturating_add(ty.size_bytes());
                 self.values.push(Value {
                     ty,
                     node: id,
@@ -155,9 +157,7 @@ impl Graph {
             .collect();
         for &v in &inputs {
             if let Some(u) = self.uses.get_mut(v.index()) {
-                if !u.contains(&id) {
-                    u.push(id);
-                }
+                push_user(u, id);
             }
         }
         self.nodes.push(Node {
@@ -246,6 +246,11 @@ impl Graph {
         self.values.len()
     }
 
+    /// The byte sizes of all values added together (saturating; see `MAX_PROGRAM_BYTES`).
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The nodes that read `v`, each once, in insertion order.
     pub fn users(&self, v: ValueId) -> &[NodeId] {
         &self.uses[v.index()]
@@ -320,11 +325,15 @@ impl Graph {
             ..Default::default()
         };
         g.uses = vec![Vec::new(); g.values.len()];
+        g.bytes = g
+            .values
+            .iter()
+            .fold(0u64, |n, v| n.saturating_add(v.ty.size_bytes()));
         for (i, n) in parts.nodes.iter().enumerate() {
             let id = NodeId(i as u32);
             for &v in &n.inputs {
-                if v.index() < g.values.len() && !g.uses[v.index()].contains(&id) {
-                    g.uses[v.index()].push(id);
+                if let Some(u) = g.uses.get_mut(v.index()) {
+                    push_user(u, id);
                 }
             }
         }
@@ -348,6 +357,14 @@ impl Graph {
                 .collect(),
             outputs: self.outputs.clone(),
         }
+    }
+}
+
+/// Records `id` as a user. Nodes are added in increasing id order, so a repeated operand of the
+/// same node is always the last entry: one comparison keeps the list duplicate-free.
+fn push_user(users: &mut Vec<NodeId>, id: NodeId) {
+    if users.last() != Some(&id) {
+        users.push(id);
     }
 }
 

@@ -6,6 +6,7 @@ mod consts;
 mod error;
 mod expr;
 mod scope;
+mod size;
 mod template;
 
 pub use error::LowerError;
