@@ -388,3 +388,46 @@ pub struct GraphParts {
     /// Outputs in order.
     pub outputs: Vec<Output>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Dtype;
+
+    /// Users stay unique and in node order when one node reads a value several times, in any
+    /// operand position, and when nodes reading other values come in between.
+    #[test]
+    fn users_are_listed_once_per_node_in_order() {
+        let mut g = Graph::new("t");
+        let (root, ty) = (g.root(), TensorType::new(Dtype::F32, vec![2]));
+        let leaf = |g: &mut Graph, name: &str| {
+            let n = g.add_node(
+                Op::Input { name: name.into() },
+                vec![],
+                vec![ty.clone()],
+                Span::default(),
+                root,
+            );
+            g.node(n).outputs[0]
+        };
+        let (x, y) = (leaf(&mut g, "x"), leaf(&mut g, "y"));
+        let concat = |g: &mut Graph, ins: Vec<ValueId>| {
+            let out = TensorType::new(Dtype::F32, vec![2 * ins.len() as u64]);
+            g.add_node(
+                Op::Concat { axis: 0 },
+                ins,
+                vec![out],
+                Span::default(),
+                root,
+            )
+        };
+        let a = concat(&mut g, vec![x, y, x, x]);
+        let b = concat(&mut g, vec![y]);
+        let c = concat(&mut g, vec![y, x, y]);
+        assert_eq!(g.users(x), [a, c]);
+        assert_eq!(g.users(y), [a, b, c]);
+        let back = Graph::from_parts(g.to_parts());
+        assert_eq!((back.users(x), back.users(y)), (g.users(x), g.users(y)));
+        assert_eq!(back.total_bytes(), g.total_bytes());
+    }
+}
