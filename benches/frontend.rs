@@ -5,6 +5,10 @@
 //! - Whole compile as a process: `tpc compile gpt.tpl --degree 8` at H=256, S=64, B=2, NH=8 for
 //!   L = 1, 16, 64, 1024 and at 175B shape, wall time (min of runs) and the child's peak RSS.
 //!
+//! - 10 MB sources, parse + lower + verify: one value read by every statement (fan-out, the case
+//!   that was quadratic in the number of users) beside a chain of the same size where each value
+//!   has one reader (reference), and the fan-out at 1 MB (linearity). `-- big` runs only these.
+//!
 //! Every figure is printed beside a reference measured in the same run: the time of one lowering
 //! at L=1 (linearity) and the time to start the process (`tpc --version`).
 
@@ -98,7 +102,54 @@ fn process(args: &[String], runs: usize) -> (Duration, Option<u64>) {
     (best, rss)
 }
 
+/// A program of about `bytes` bytes of statements `aK = V + V`, where `V` is `x` for every
+/// statement (`fan_out`) or the previous result (a chain).
+fn big_source(bytes: usize, fan_out: bool) -> String {
+    let mut s = String::from("mesh tp\ninput x : f32[4]\n");
+    let mut i = 0usize;
+    while s.len() < bytes {
+        let v = if fan_out || i == 0 {
+            "x".to_string()
+        } else {
+            format!("a{}", i - 1)
+        };
+        s.push_str(&format!("a{i} = {v} + {v}\n"));
+        i += 1;
+    }
+    s.push_str(&format!("output a{}\n", i - 1));
+    s
+}
+
+/// Times the front end on a generated source; returns (MB/s, statements).
+fn front_end_rate(name: &str, text: String) -> (f64, usize) {
+    let (len, stmts) = (text.len(), text.lines().count() - 3);
+    let src = SourceFile::new(name, text);
+    let t = time_n(3, || drop(compile_global(&src, &[]).unwrap()));
+    (len as f64 / t.as_secs_f64() / 1e6, stmts)
+}
+
+/// The 10 MB sources: the fan-out's rate beside the chain's (same size, one reader per value).
+fn big_sources() {
+    println!("\n## 10 MB sources: parse + lower + verify (in process, median of 3)");
+    let (chain, n) = front_end_rate("chain.tpl", big_source(10 << 20, false));
+    println!(
+        "{:<28} {chain:>8.2} MB/s  ({n} statements; reference)",
+        "chain, 10 MB"
+    );
+    for (mb, label) in [(1, "fan-out of x, 1 MB"), (10, "fan-out of x, 10 MB")] {
+        let (r, n) = front_end_rate("fanout.tpl", big_source(mb << 20, true));
+        println!(
+            "{label:<28} {r:>8.2} MB/s  ({n} statements; {:.2}x the chain's rate)",
+            r / chain
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "big") {
+        big_sources();
+        return;
+    }
     let text = std::fs::read_to_string("examples/gpt.tpl").expect("run from the crate root");
     let src = SourceFile::new("examples/gpt.tpl", text);
     println!("cpu: {}", cpu());
@@ -130,6 +181,8 @@ fn main() {
         ms(t),
         ms(t) / ms(base)
     );
+
+    big_sources();
 
     println!("\n## phases at degree 8 (in process, median)");
     for l in [1, 64, 1024] {

@@ -89,6 +89,7 @@ pub struct Graph {
     annotations: BTreeMap<ValueId, Annotation>,
     outputs: Vec<Output>,
     uses: Vec<Vec<NodeId>>,
+    bytes: u64,
 }
 
 impl Graph {
@@ -143,6 +144,7 @@ impl Graph {
             .into_iter()
             .enumerate()
             .map(|(i, ty)| {
+                self.bytes = self.bytes.saturating_add(ty.size_bytes());
                 self.values.push(Value {
                     ty,
                     node: id,
@@ -155,9 +157,7 @@ impl Graph {
             .collect();
         for &v in &inputs {
             if let Some(u) = self.uses.get_mut(v.index()) {
-                if !u.contains(&id) {
-                    u.push(id);
-                }
+                push_user(u, id);
             }
         }
         self.nodes.push(Node {
@@ -246,6 +246,11 @@ impl Graph {
         self.values.len()
     }
 
+    /// The byte sizes of all values added together (saturating; see `MAX_PROGRAM_BYTES`).
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The nodes that read `v`, each once, in insertion order.
     pub fn users(&self, v: ValueId) -> &[NodeId] {
         &self.uses[v.index()]
@@ -320,11 +325,15 @@ impl Graph {
             ..Default::default()
         };
         g.uses = vec![Vec::new(); g.values.len()];
+        g.bytes = g
+            .values
+            .iter()
+            .fold(0u64, |n, v| n.saturating_add(v.ty.size_bytes()));
         for (i, n) in parts.nodes.iter().enumerate() {
             let id = NodeId(i as u32);
             for &v in &n.inputs {
-                if v.index() < g.values.len() && !g.uses[v.index()].contains(&id) {
-                    g.uses[v.index()].push(id);
+                if let Some(u) = g.uses.get_mut(v.index()) {
+                    push_user(u, id);
                 }
             }
         }
@@ -351,6 +360,14 @@ impl Graph {
     }
 }
 
+/// Records `id` as a user. Nodes are added in increasing id order, so a repeated operand of the
+/// same node is always the last entry: one comparison keeps the list duplicate-free.
+fn push_user(users: &mut Vec<NodeId>, id: NodeId) {
+    if users.last() != Some(&id) {
+        users.push(id);
+    }
+}
+
 /// The stored form of a graph (no derived indexes), for the JSON document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GraphParts {
@@ -370,4 +387,47 @@ pub struct GraphParts {
     pub annotations: Vec<(ValueId, Annotation)>,
     /// Outputs in order.
     pub outputs: Vec<Output>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Dtype;
+
+    /// Users stay unique and in node order when one node reads a value several times, in any
+    /// operand position, and when nodes reading other values come in between.
+    #[test]
+    fn users_are_listed_once_per_node_in_order() {
+        let mut g = Graph::new("t");
+        let (root, ty) = (g.root(), TensorType::new(Dtype::F32, vec![2]));
+        let leaf = |g: &mut Graph, name: &str| {
+            let n = g.add_node(
+                Op::Input { name: name.into() },
+                vec![],
+                vec![ty.clone()],
+                Span::default(),
+                root,
+            );
+            g.node(n).outputs[0]
+        };
+        let (x, y) = (leaf(&mut g, "x"), leaf(&mut g, "y"));
+        let concat = |g: &mut Graph, ins: Vec<ValueId>| {
+            let out = TensorType::new(Dtype::F32, vec![2 * ins.len() as u64]);
+            g.add_node(
+                Op::Concat { axis: 0 },
+                ins,
+                vec![out],
+                Span::default(),
+                root,
+            )
+        };
+        let a = concat(&mut g, vec![x, y, x, x]);
+        let b = concat(&mut g, vec![y]);
+        let c = concat(&mut g, vec![y, x, y]);
+        assert_eq!(g.users(x), [a, c]);
+        assert_eq!(g.users(y), [a, b, c]);
+        let back = Graph::from_parts(g.to_parts());
+        assert_eq!((back.users(x), back.users(y)), (g.users(x), g.users(y)));
+        assert_eq!(back.total_bytes(), g.total_bytes());
+    }
 }

@@ -10,4 +10,4 @@ pub mod verify;
 pub use graph::{Annotation, Graph, GraphParts, Node, Output, Region, Value};
 pub use ids::{NodeId, RegionId, ValueId};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
-pub use types::{Dtype, Spec, TensorType};
+pub use types::{Dtype, Spec, TensorType, MAX_PROGRAM_BYTES};

@@ -59,6 +59,14 @@ impl fmt::Display for Dtype {
     }
 }
 
+/// The size limit of a program: the byte sizes of all its values together (each at its dtype's
+/// real width) must not exceed 2^60 bytes (1 EiB). Lowering refuses a declaration or an op whose
+/// result would pass it, so in a lowered graph every element count, byte size and sum of byte
+/// sizes (params, live sets) fits in u64 and i64, and an element count fits in a 64-bit usize;
+/// later passes rely on this and do not re-check. The headroom (2^4 below u64) covers the extra
+/// copies that reshards add to a per-device program.
+pub const MAX_PROGRAM_BYTES: u64 = 1 << 60;
+
 /// A tensor's static type: element type and shape (rank 0 is a scalar).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TensorType {
@@ -79,14 +87,34 @@ impl TensorType {
         self.shape.len()
     }
 
-    /// Number of elements (1 for a scalar).
+    /// Number of elements (1 for a scalar); saturates at `u64::MAX` instead of wrapping (a
+    /// lowered graph's types are within `MAX_PROGRAM_BYTES`, so it never saturates there).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        self.checked_numel().unwrap_or(u64::MAX)
     }
 
-    /// Size in bytes at the dtype's real width.
+    /// Size in bytes at the dtype's real width; saturates like `numel`.
     pub fn size_bytes(&self) -> u64 {
-        self.numel() * self.dtype.size_bytes()
+        self.checked_size_bytes().unwrap_or(u64::MAX)
+    }
+
+    /// Number of elements, `None` when it does not fit in u64.
+    pub fn checked_numel(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+    }
+
+    /// Size in bytes, `None` when it does not fit in u64.
+    pub fn checked_size_bytes(&self) -> Option<u64> {
+        self.checked_numel()?.checked_mul(self.dtype.size_bytes())
+    }
+
+    /// Exact size in bytes, even past u64 (for messages about sizes that do not fit).
+    pub fn wide_size_bytes(&self) -> u128 {
+        let width = u128::from(self.dtype.size_bytes());
+        self.shape
+            .iter()
+            .try_fold(width, |n, &d| n.checked_mul(u128::from(d)))
+            .unwrap_or(u128::MAX)
     }
 
     /// The same dtype with another shape.
@@ -95,6 +123,27 @@ impl TensorType {
             dtype: self.dtype,
             shape,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_never_wrap() {
+        let huge = TensorType::new(Dtype::F32, vec![1 << 32, 1 << 32]);
+        assert_eq!(huge.checked_numel(), None);
+        assert_eq!(huge.checked_size_bytes(), None);
+        assert_eq!(huge.size_bytes(), u64::MAX);
+        assert_eq!(huge.numel(), u64::MAX);
+        assert_eq!(huge.wide_size_bytes(), 1u128 << 66);
+        let bytes_only = TensorType::new(Dtype::F32, vec![1 << 31, 1 << 32]);
+        assert_eq!(bytes_only.checked_numel(), Some(1 << 63));
+        assert_eq!(bytes_only.checked_size_bytes(), None);
+        let ok = TensorType::new(Dtype::Bf16, vec![3, 5]);
+        assert_eq!((ok.numel(), ok.size_bytes()), (15, 30));
+        assert_eq!(TensorType::new(Dtype::I32, vec![]).size_bytes(), 4);
     }
 }
 

@@ -4,7 +4,7 @@ use super::graph::{Annotation, Graph, Node, Value};
 use super::ids::{NodeId, RegionId, ValueId};
 use super::infer::infer;
 use super::op::Op;
-use super::types::TensorType;
+use super::types::{TensorType, MAX_PROGRAM_BYTES};
 use std::collections::HashSet;
 
 /// An internal inconsistency found in a graph.
@@ -90,7 +90,7 @@ fn check_regions(g: &Graph) -> Result<(), String> {
     Ok(())
 }
 
-/// Each value is result `index` of the node it names.
+/// Each value is result `index` of the node it names, and within the size limit.
 fn check_values(g: &Graph) -> Result<(), String> {
     for (id, v) in g.values() {
         if !node_exists(g, v.node) {
@@ -98,6 +98,15 @@ fn check_values(g: &Graph) -> Result<(), String> {
                 "value {id} claims producer {}, which does not exist ({} nodes)",
                 v.node,
                 g.num_nodes()
+            ));
+        }
+        if v.ty
+            .checked_size_bytes()
+            .is_none_or(|b| b > MAX_PROGRAM_BYTES)
+        {
+            return Err(format!(
+                "value {id} has type {}, past the size limit of 2^60 bytes",
+                v.ty
             ));
         }
         let producer = g.node(v.node);
@@ -347,6 +356,20 @@ mod tests {
             verify(&Graph::from_parts(good().to_parts()), "roundtrip"),
             Ok(())
         );
+    }
+
+    #[test]
+    fn rejects_a_value_past_the_size_limit() {
+        let g = from_parts(|p| p.values[0].ty = f(&[1 << 32, 1 << 32]));
+        rejects(
+            &g,
+            "value %0 has type f32[4294967296,4294967296], past the size limit",
+        );
+        let g = from_parts(|p| p.values[0].ty = f(&[(1 << 58) + 1]));
+        rejects(&g, "past the size limit");
+        let mut g = Graph::new("limit");
+        leaf(&mut g, Op::Input { name: "x".into() }, f(&[1 << 58]));
+        assert_eq!(verify(&g, "test"), Ok(()));
     }
 
     #[test]

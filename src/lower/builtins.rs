@@ -430,15 +430,28 @@ fn norm(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, LowerE
     let x = b.tensor(0, s, prog)?;
     let scale = b.tensor(1, s, prog)?;
     if b.name == "rmsnorm" {
-        let eps = b.float(2, s, prog)?.unwrap_or(1e-6);
+        let eps = eps(s, b, 2, prog)?.unwrap_or(1e-6);
         return one(s.apply(Op::RmsNorm { eps }, vec![x, scale], b.span)?);
     }
     let mut inputs = vec![x, scale];
     if b.expr(2).is_some() {
         inputs.push(b.tensor(2, s, prog)?);
     }
-    let eps = b.float(3, s, prog)?.unwrap_or(1e-5);
+    let eps = eps(s, b, 3, prog)?.unwrap_or(1e-5);
     one(s.apply(Op::LayerNorm { eps }, inputs, b.span)?)
+}
+
+/// The `eps` argument in slot `i`, if given: a finite constant >= 0 (a negative one would make
+/// `var + eps` negative, and its square root NaN), else an error at the argument.
+fn eps(s: &mut Scope, b: &Bound, i: usize, prog: &mut Program) -> Result<Option<f64>, LowerError> {
+    let eps = b.float(i, s, prog)?;
+    match (eps, b.expr(i)) {
+        (Some(e), Some(at)) if !(e >= 0.0 && e.is_finite()) => Err(b.bad(
+            format!("`{}`: eps must be a finite number >= 0, got {e}", b.name),
+            at.span(),
+        )),
+        _ => Ok(eps),
+    }
 }
 
 fn transpose(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, LowerError> {

@@ -199,6 +199,21 @@ pub enum LowerError {
         #[help]
         hint: Option<String>,
     },
+    /// A declared or computed tensor past the program size limit (`MAX_PROGRAM_BYTES`).
+    #[error("{message}")]
+    #[diagnostic(
+        code(tpc::too_large),
+        help("a program's tensors may take at most 2^60 bytes (1 EiB) together; check the dims")
+    )]
+    TooLarge {
+        /// The type and its size.
+        message: String,
+        /// The declaration or the op whose result is too large.
+        #[label("{label}")]
+        span: Span,
+        /// Short label.
+        label: String,
+    },
     /// A bad `--set NAME=VALUE` (no source span).
     #[error("bad --set: {message}")]
     #[diagnostic(code(tpc::bad_set))]

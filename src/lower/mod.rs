@@ -6,6 +6,7 @@ pub(crate) mod consts;
 mod error;
 mod expr;
 mod scope;
+mod size;
 mod template;
 
 pub use error::LowerError;

@@ -2,6 +2,7 @@
 
 use super::consts;
 use super::error::LowerError;
+use super::size;
 use super::Program;
 use crate::ir::infer::{infer, InferError};
 use crate::ir::{Annotation, Dtype, Graph, Op, Output, RegionId, Spec, TensorType, ValueId};
@@ -94,6 +95,7 @@ impl<'g> Scope<'g> {
         } else {
             Op::Input { name: name.clone() }
         };
+        size::check_fits(self.g, std::slice::from_ref(&ty), d.span)?;
         let n = self.g.add_node(op, vec![], vec![ty], d.span, self.region);
         let v = self.g.node(n).outputs[0];
         self.g.set_value_name(v, name);
@@ -391,6 +393,7 @@ impl<'g> Scope<'g> {
         }
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.g.ty(*v)).collect();
         let out = infer(&op, &tys).map_err(|e| infer_error(e, span))?;
+        size::check_fits(self.g, &out, span)?;
         let n = self.g.add_node(op, inputs, out, span, self.region);
         Ok(self.g.node(n).outputs.clone())
     }

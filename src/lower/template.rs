@@ -198,7 +198,8 @@ fn stamp(
             .iter()
             .map(|v| map[v.index()].expect("template values are defined before use"))
             .collect();
-        let tys = n.outputs.iter().map(|v| t.graph.ty(*v).clone()).collect();
+        let tys: Vec<TensorType> = n.outputs.iter().map(|v| t.graph.ty(*v).clone()).collect();
+        super::size::check_fits(g, &tys, n.span)?;
         let id = g.add_node(op, inputs, tys, n.span, regions[n.region.index()]);
         for (old, new) in n.outputs.iter().zip(g.node(id).outputs.clone()) {
             map[old.index()] = Some(new);

@@ -67,7 +67,7 @@ impl Summary {
                 let (sent, _) = kind.traffic(size, bytes);
                 let e = collectives.get_mut(kind.name()).expect("all kinds present");
                 e.count += 1;
-                e.bytes_per_device += sent.round() as u64;
+                e.bytes_per_device = e.bytes_per_device.saturating_add(sent.round() as u64);
                 comm += kind.time(size, bytes, dev);
                 continue;
             }
@@ -94,7 +94,8 @@ impl Summary {
     }
 }
 
-/// Param bytes and peak bytes (params + live activations, from liveness in program order).
+/// Param bytes and peak bytes (params + live activations, from liveness in program order). Sums
+/// saturate instead of wrapping; within `MAX_PROGRAM_BYTES` they never reach u64::MAX.
 fn memory(g: &Graph) -> (u64, u64) {
     let last = super::last_uses(g);
     let mut params = 0u64;
@@ -105,17 +106,17 @@ fn memory(g: &Graph) -> (u64, u64) {
         for &v in &n.outputs {
             let b = g.ty(v).size_bytes();
             if matches!(n.op, Op::Param { .. }) {
-                params += b;
+                params = params.saturating_add(b);
                 continue;
             }
-            live += b;
+            live = live.saturating_add(b);
             let end = last[v.index()].unwrap_or(id.index());
             frees[end].push(b);
         }
         peak = peak.max(live);
         for b in frees[id.index()].drain(..) {
-            live -= b;
+            live = live.saturating_sub(b);
         }
     }
-    (params, params + peak)
+    (params, params.saturating_add(peak))
 }

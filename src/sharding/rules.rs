@@ -5,6 +5,7 @@
 
 use super::placement::PartialOp;
 use crate::ir::{BinaryOp, Op, ReduceOp, TensorType, UnaryOp};
+use std::fmt;
 
 /// A dimension label, local to one op's rule.
 pub type Label = usize;
@@ -208,10 +209,139 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             }
         }
     };
-    Some(Rule {
+    let r = Rule {
         sizes: b.sizes,
         ..r
-    })
+    };
+    #[cfg(debug_assertions)]
+    if let Err(e) = r.check(ins, outs, !matches!(op, Op::Reshape { .. })) {
+        panic!("compiler bug: the rule of {op} on {ins:?} is inconsistent: {e}");
+    }
+    Some(r)
+}
+
+impl Rule {
+    /// Checks the rule against the types it was built for: one entry per dim of every operand and
+    /// result, each label at most once per tensor, every label's dims of size `sizes[label]`
+    /// (with `exact` false, a multiple of it: reshape labels a major dim on both sides, whose
+    /// sizes may differ), contracted labels absent from the result, linear sets naming operands.
+    pub fn check(
+        &self,
+        ins: &[&TensorType],
+        outs: &[&TensorType],
+        exact: bool,
+    ) -> Result<(), String> {
+        if self.operands.len() != ins.len() {
+            return Err(format!(
+                "{} operand maps for {} operands",
+                self.operands.len(),
+                ins.len()
+            ));
+        }
+        for (i, (map, ty)) in self.operands.iter().zip(ins).enumerate() {
+            self.check_map(map, &ty.shape, exact)
+                .map_err(|e| format!("operand {i}: {e}"))?;
+        }
+        for (i, ty) in outs.iter().enumerate() {
+            self.check_map(&self.result, &ty.shape, exact)
+                .map_err(|e| format!("result {i}: {e}"))?;
+        }
+        self.check_contracted_and_linear()
+    }
+
+    /// One label list against one shape.
+    fn check_map(&self, map: &[Option<Label>], shape: &[u64], exact: bool) -> Result<(), String> {
+        if map.len() != shape.len() {
+            return Err(format!("{} labels for rank {}", map.len(), shape.len()));
+        }
+        let mut seen = vec![false; self.sizes.len()];
+        for (d, (l, &n)) in map.iter().zip(shape).enumerate() {
+            let Some(l) = *l else { continue };
+            let size = *self
+                .sizes
+                .get(l)
+                .ok_or_else(|| format!("dim {d}: label {l} has no size"))?;
+            if std::mem::replace(&mut seen[l], true) {
+                return Err(format!("label {} labels two dims", letter(l)));
+            }
+            let fits = if exact {
+                n == size
+            } else {
+                size > 0 && n.is_multiple_of(size)
+            };
+            if !fits {
+                return Err(format!("dim {d} has size {n}, label {} {size}", letter(l)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Contracted labels are distinct, used by an operand and absent from the result; linear
+    /// sets name existing operands.
+    fn check_contracted_and_linear(&self) -> Result<(), String> {
+        let in_result = |l: Label| self.result.contains(&Some(l));
+        let in_operand = |l: Label| self.operands.iter().any(|m| m.contains(&Some(l)));
+        for (i, &(l, _)) in self.contracted.iter().enumerate() {
+            if in_result(l) || !in_operand(l) || self.contracted[..i].iter().any(|c| c.0 == l) {
+                return Err(format!("contracted label {} is misplaced", letter(l)));
+            }
+        }
+        match self
+            .linear
+            .iter()
+            .flatten()
+            .find(|&&i| i >= self.operands.len())
+        {
+            Some(i) => Err(format!(
+                "linear set names operand {i}, of {}",
+                self.operands.len()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The einsum letter of a label: `a`..`z`, then `{26}` and so on.
+fn letter(l: Label) -> String {
+    match u8::try_from(l) {
+        Ok(n) if n < 26 => char::from(b'a' + n).to_string(),
+        _ => format!("{{{l}}}"),
+    }
+}
+
+/// Einsum form: `abc,cd->abd` (`_` for a dim that cannot be split), then the contracted labels
+/// with what splitting them gives, and the operand sets the op is linear in (`0+1` jointly, as
+/// add; `0 | 1` in each alone, as matmul): `abc,cd->abd; c: partial sum; linear in 0 | 1`.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let map = |m: &[Option<Label>]| -> String {
+            m.iter()
+                .map(|l| l.map_or("_".to_string(), letter))
+                .collect()
+        };
+        let ops: Vec<String> = self.operands.iter().map(|m| map(m)).collect();
+        write!(f, "{}->{}", ops.join(","), map(&self.result))?;
+        for (l, c) in &self.contracted {
+            match c {
+                Contraction::Partial(p) => write!(f, "; {}: partial {}", letter(*l), p.name())?,
+                Contraction::Internal => write!(f, "; {}: internal collectives", letter(*l))?,
+            }
+        }
+        if !self.linear.is_empty() {
+            let sets: Vec<String> = self
+                .linear
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join("+")
+                })
+                .collect();
+            write!(f, "; linear in {}", sets.join(" | "))?;
+        }
+        Ok(())
+    }
 }
 
 fn elementwise(b: &mut Builder, shape: &[u64], n_operands: usize, linear: bool) -> Rule {
@@ -351,5 +481,67 @@ fn reshape(b: &mut Builder, from: &[u64], to: &[u64]) -> Rule {
         sizes: Vec::new(),
         contracted: vec![],
         linear: vec![vec![0]],
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+    use crate::ir::Dtype;
+
+    fn f(shape: &[u64]) -> TensorType {
+        TensorType::new(Dtype::F32, shape.to_vec())
+    }
+
+    /// matmul f32[4,8] @ f32[8,2]: `ab,bc->ac`.
+    fn matmul_rule() -> (Rule, [TensorType; 3]) {
+        let tys = [f(&[4, 8]), f(&[8, 2]), f(&[4, 2])];
+        let r = rule(&Op::MatMul, &[&tys[0], &tys[1]], &[&tys[2]]).unwrap();
+        (r, tys)
+    }
+
+    fn check(r: &Rule, tys: &[TensorType; 3]) -> Result<(), String> {
+        r.check(&[&tys[0], &tys[1]], &[&tys[2]], true)
+    }
+
+    #[test]
+    fn a_consistent_rule_passes_and_prints_as_einsum() {
+        let (r, tys) = matmul_rule();
+        assert_eq!(check(&r, &tys), Ok(()));
+        assert_eq!(r.to_string(), "ab,bc->ac; b: partial sum; linear in 0 | 1");
+    }
+
+    type Edit = fn(&mut Rule);
+
+    #[test]
+    fn each_broken_invariant_is_reported() {
+        let (good, tys) = matmul_rule();
+        let cases: [(&str, Edit); 7] = [
+            ("label a labels two dims", |r| r.operands[0][1] = Some(0)),
+            ("dim 1 has size 2, label a 4", |r| {
+                r.operands[1][1] = Some(0)
+            }),
+            ("1 labels for rank 2", |r| r.result.truncate(1)),
+            ("label 9 has no size", |r| r.result[0] = Some(9)),
+            ("1 operand maps for 2 operands", |r| r.operands.truncate(1)),
+            ("contracted label b is misplaced", |r| r.result[1] = None),
+            ("linear set names operand 2", |r| r.linear.push(vec![2])),
+        ];
+        for (needle, edit) in cases {
+            let mut r = good.clone();
+            edit(&mut r);
+            if needle.starts_with("contracted") {
+                r.contracted.push((1, Contraction::Internal));
+            }
+            let e = check(&r, &tys).expect_err(needle);
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+        let mut sizes_off = good.clone();
+        sizes_off.sizes[1] = 4;
+        assert!(check(&sizes_off, &tys).is_err());
+        assert_eq!(
+            sizes_off.check(&[&tys[0], &tys[1]], &[&tys[2]], false),
+            Ok(())
+        );
     }
 }
