@@ -69,6 +69,10 @@ impl From<PlanError> for Error {
             PlanError::Shard(e) => Error::Shard(e),
             PlanError::Partition(e) => Error::Partition(e),
             PlanError::Verify(e) => Error::Verify(e),
+            PlanError::PlanVerify(e) => Error::Verify(VerifyError {
+                stage: "partition (plan verifier)",
+                detail: e.to_string(),
+            }),
         }
     }
 }

@@ -84,7 +84,10 @@ fn every_pair_of_placements_on_a_2d_mesh() {
     }
     assert!(direct > 0);
     // The two cases go through one exchange each (per tensor).
-    assert_eq!(run_pair("dp=2,tp=4", &axes, "8, 16", "[dp, tp]", "[tp, dp]"), 2);
+    assert_eq!(
+        run_pair("dp=2,tp=4", &axes, "8, 16", "[dp, tp]", "[tp, dp]"),
+        2
+    );
     assert_eq!(
         run_pair("dp=2,tp=4", &axes, "8, 16", "[(dp,tp), _]", "[_, (dp,tp)]"),
         2
@@ -115,4 +118,44 @@ fn pairs_of_placements_on_a_3d_mesh() {
         ),
         2
     );
+}
+
+/// A plan document whose redistribute claims another move than its placements make is refused by
+/// the loader (the plan verifier), and the untampered one loads.
+#[test]
+fn a_tampered_redistribute_is_refused() {
+    use tpc::emit::plan_json::{from_json, to_json, PlanDoc};
+    // Square blocks on a square mesh: the swapped move has the same local shapes, so only the
+    // placements tell it apart.
+    let text = "mesh dp, tp\ninput x : f32[8, 8] @ [(dp,tp), _]\noutput x @ [_, (tp,dp)]\n";
+    let src = SourceFile::new("rd.tpl", text);
+    let plan = compile_plan(
+        &src,
+        &[],
+        Mesh::parse("dp=2,tp=2").unwrap(),
+        Device::default(),
+    )
+    .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+    let json = to_json(&plan);
+    from_json(&json).unwrap();
+    let mut doc: PlanDoc = serde_json::from_str(&json).unwrap();
+    let node = doc
+        .local
+        .nodes
+        .iter_mut()
+        .find(|n| matches!(n.op, Op::Redistribute { .. }))
+        .expect("a redistribute");
+    let Op::Redistribute { from, to, .. } = &mut node.op else {
+        unreachable!()
+    };
+    // Claim another order of the axes on the new dim: same shapes, other blocks.
+    assert_eq!(
+        (from.clone(), to.clone()),
+        (vec![vec![0, 1], vec![]], vec![vec![], vec![1, 0]])
+    );
+    *to = vec![vec![], vec![0, 1]];
+    let err = from_json(&serde_json::to_string(&doc).unwrap())
+        .err()
+        .expect("a tampered redistribute loaded");
+    assert!(err.to_string().contains("not the move"), "{err}");
 }

@@ -4,20 +4,22 @@
 //! the graphs' [`GraphParts`].
 //!
 //! Loading never panics and trusts nothing: it checks the tag and version, every id of both
-//! graphs, the mesh and device constants, each placement against its value and its origin, the
-//! collectives against the mesh and their placements, and runs the verifier on both graphs (a
-//! failure there is a corrupt document, not a compiler bug). The stored summary is only
+//! graphs, the mesh and device constants, runs the IR verifier on both graphs and the plan
+//! verifier (`plan::verify`: placements, origins, every local op against its origin, the
+//! collectives, the outputs) on the whole (a failure there is a corrupt document, not a
+//! compiler bug). The stored summary is only
 //! shape-checked: the loaded plan gets a summary recomputed from its local program.
 
 use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
-use crate::ir::{Graph, GraphParts, NodeId, Op, ReduceOp, TensorType, ValueId};
+use crate::ir::{Graph, GraphParts, NodeId, Op, TensorType, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
 use crate::plan::summary::collective_kind;
+use crate::plan::verify::{verify as verify_plan, PlanParts};
 use crate::plan::{Plan, Summary};
-use crate::sharding::{AxisPl, PartialOp, Placement};
+use crate::sharding::Placement;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -177,16 +179,14 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     check_device(&doc.device)?;
     let global = load_graph(doc.global, "global")?;
     let local = load_graph(doc.local, "local")?;
-    let names: Vec<&str> = mesh.axes().iter().map(|(a, _)| a.as_str()).collect();
-    if local.mesh_axes != names {
-        return Err(corrupt(format!(
-            "the local program's mesh axes [{}] are not the mesh's [{}]",
-            local.mesh_axes.join(", "),
-            names.join(", ")
-        )));
-    }
-    check_values(&global, &local, &mesh, &doc.placements, &doc.origin)?;
-    check_spmd_ops(&local, &mesh, &doc.placements)?;
+    verify_plan(PlanParts {
+        global: &global,
+        local: &local,
+        mesh: &mesh,
+        placements: &doc.placements,
+        origin: &doc.origin,
+    })
+    .map_err(|e| corrupt(e.to_string()))?;
     let provenance = check_provenance(&local, doc.provenance)?;
     check_traffic(&local)?;
     let summary = Summary::compute(&local, &mesh, &doc.device);
@@ -261,225 +261,6 @@ fn checked_bytes(ty: &TensorType) -> Option<u64> {
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d))?
         .checked_mul(ty.dtype.size_bytes())
-}
-
-/// Placements and origins: one per local value, well formed for the value and the mesh, and
-/// matching the global value they hold a piece of.
-fn check_values(
-    global: &Graph,
-    local: &Graph,
-    mesh: &Mesh,
-    placements: &[Placement],
-    origin: &[Option<ValueId>],
-) -> Result<(), PlanJsonError> {
-    let n = local.num_values();
-    for (what, len) in [("placements", placements.len()), ("origin", origin.len())] {
-        if len != n {
-            return Err(corrupt(format!(
-                "{what} lists {len} entries, but the local program has {n} values"
-            )));
-        }
-    }
-    for (v, val) in local.values() {
-        let pl = &placements[v.index()];
-        let o = origin[v.index()];
-        if let Some(o) = o.filter(|o| o.index() >= global.num_values()) {
-            return Err(corrupt(format!(
-                "the origin of local value {v} is {o}, but the global program has only {} values",
-                global.num_values()
-            )));
-        }
-        // The vocab-parallel loss flattens its per-position terms in the loss's own placement.
-        let rank = match o {
-            Some(o) if in_loss(global, o) && pl.dims.len() == global.ty(o).rank() => pl.dims.len(),
-            _ => val.ty.rank(),
-        };
-        check_placement(pl, rank, mesh)
-            .map_err(|e| corrupt(format!("the placement of local value {v} {}: {e}", val.ty)))?;
-        let Some(o) = o else {
-            continue;
-        };
-        let Some(g) = expected_origin(global, local, v, o) else {
-            continue;
-        };
-        let gty = global.ty(g);
-        let want = if pl.dims.len() == gty.rank() {
-            pl.local_shape(gty, mesh).map(|s| gty.with_shape(s))
-        } else {
-            None
-        };
-        if want.as_ref() != Some(&val.ty) {
-            let placed = match want {
-                Some(t) => format!("is {t}"),
-                None => "does not fit".to_string(),
-            };
-            return Err(corrupt(format!(
-                "local value {v} is {} in {}, but its origin {g} {gty} in that placement {placed}",
-                val.ty,
-                pl.display(mesh)
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// A placement has one entry per dim and per mesh axis, names existing axes, and uses each axis
-/// at most once (splitting one dim, or holding partial terms).
-fn check_placement(pl: &Placement, rank: usize, mesh: &Mesh) -> Result<(), String> {
-    if pl.dims.len() != rank {
-        return Err(format!(
-            "{} dim entries for a rank-{rank} value",
-            pl.dims.len()
-        ));
-    }
-    if pl.partial.len() != mesh.rank() {
-        return Err(format!(
-            "{} partial entries on a mesh of {} axes",
-            pl.partial.len(),
-            mesh.rank()
-        ));
-    }
-    let mut used = vec![false; mesh.rank()];
-    for (d, axes) in pl.dims.iter().enumerate() {
-        for &a in axes {
-            let Some(u) = used.get_mut(a) else {
-                return Err(format!(
-                    "dim {d} is split by mesh axis {a}, but the mesh has {} axes",
-                    mesh.rank()
-                ));
-            };
-            if std::mem::replace(u, true) {
-                return Err(format!("mesh axis {} is used twice", mesh.axis_name(a)));
-            }
-        }
-    }
-    for (a, p) in pl.partial.iter().enumerate() {
-        if p.is_some() && used[a] {
-            return Err(format!(
-                "mesh axis {} both splits a dim and holds partial terms",
-                mesh.axis_name(a)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The global value whose type local `v` (with origin `o`) must match, or `None` when it need
-/// not match one.
-///
-/// Partitioning records the first global result as the origin of every result of a local
-/// multi-result node (`split`): result `k` then stands for the global node's result `k`. The
-/// intermediates of the vocab-parallel cross-entropy have the loss as origin but not its rank.
-fn expected_origin(global: &Graph, local: &Graph, v: ValueId, o: ValueId) -> Option<ValueId> {
-    let gval = global.value(o);
-    let gnode = global.node(gval.node);
-    let k = local.value(v).index as usize;
-    if in_loss(global, o) && local.ty(v).rank() != global.ty(o).rank() {
-        return None;
-    }
-    if k > 0 && gval.index == 0 {
-        if let Some(&g) = gnode.outputs.get(k) {
-            return Some(g);
-        }
-    }
-    Some(o)
-}
-
-/// True when global `o` is a cross-entropy result, whose vocab-parallel form computes
-/// intermediates of other shapes with `o` as their origin.
-fn in_loss(global: &Graph, o: ValueId) -> bool {
-    let node = global.value(o).node;
-    matches!(global.node(node).op, Op::CrossEntropy)
-}
-
-/// The state an SPMD op moves its operand from and to along its mesh axis.
-fn transition(op: &Op) -> Option<(AxisPl, AxisPl)> {
-    let partial = |r: &ReduceOp| {
-        AxisPl::Partial(match r {
-            ReduceOp::Max => PartialOp::Max,
-            ReduceOp::Sum | ReduceOp::Mean => PartialOp::Sum,
-        })
-    };
-    Some(match op {
-        Op::AllReduce { reduce, .. } => (partial(reduce), AxisPl::Replicate),
-        Op::AllGather { dim, .. } => (AxisPl::Shard(*dim), AxisPl::Replicate),
-        Op::ReduceScatter { dim, reduce, .. } => (partial(reduce), AxisPl::Shard(*dim)),
-        Op::AllToAll { split, concat, .. } => (AxisPl::Shard(*concat), AxisPl::Shard(*split)),
-        Op::ShardSlice { dim, .. } => (AxisPl::Replicate, AxisPl::Shard(*dim)),
-        Op::KeepOnFirst { .. } => (AxisPl::Replicate, AxisPl::Partial(PartialOp::Sum)),
-        _ => return None,
-    })
-}
-
-/// The mesh axes an SPMD op names, with the group size it claims (`None`: not stated).
-fn spmd_axes(op: &Op) -> Vec<(&str, Option<u64>)> {
-    match op {
-        Op::AllReduce { axis, size, .. }
-        | Op::AllGather { axis, size, .. }
-        | Op::ReduceScatter { axis, size, .. }
-        | Op::AllToAll { axis, size, .. }
-        | Op::ShardSlice { axis, size, .. } => vec![(axis.as_str(), Some(*size))],
-        Op::KeepOnFirst { axis } => vec![(axis.as_str(), None)],
-        Op::VocabEmbedding { axes } | Op::TargetLogit { axes } => {
-            axes.iter().map(|(a, n)| (a.as_str(), Some(*n))).collect()
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// SPMD ops name mesh axes with their real sizes, and collectives and slices move their operand
-/// from the placement their kind reads to the one it produces (other axes unchanged).
-fn check_spmd_ops(
-    local: &Graph,
-    mesh: &Mesh,
-    placements: &[Placement],
-) -> Result<(), PlanJsonError> {
-    for (id, n) in local.nodes() {
-        let who = || format!("local node {id} ({})", n.op);
-        let mut axis = None;
-        for (name, size) in spmd_axes(&n.op) {
-            let Some(a) = mesh.axis_index(name) else {
-                return Err(corrupt(format!(
-                    "{} names mesh axis {name:?}, which the mesh {mesh} lacks",
-                    who()
-                )));
-            };
-            if let Some(k) = size.filter(|&k| k != mesh.axis_size(a)) {
-                return Err(corrupt(format!(
-                    "{} claims {k} devices along {name}, but the mesh {mesh} has {}",
-                    who(),
-                    mesh.axis_size(a)
-                )));
-            }
-            axis = Some(a);
-        }
-        let (Some(a), Some((from, to))) = (axis, transition(&n.op)) else {
-            continue;
-        };
-        let (Some(&x), Some(&y)) = (n.inputs.first(), n.outputs.first()) else {
-            continue;
-        };
-        let (px, py) = (&placements[x.index()], &placements[y.index()]);
-        let name = mesh.axis_name(a);
-        if px.axis(a) != from || py.axis(a) != to {
-            return Err(corrupt(format!(
-                "{} moves {x} in {} to {y} in {}, but it moves {from} -> {to} over {name}",
-                who(),
-                px.display(mesh),
-                py.display(mesh)
-            )));
-        }
-        if let Some(b) = (0..mesh.rank()).find(|&b| b != a && px.axis(b) != py.axis(b)) {
-            return Err(corrupt(format!(
-                "{} runs over {name}, but its placements {} and {} differ along {}",
-                who(),
-                px.display(mesh),
-                py.display(mesh),
-                mesh.axis_name(b)
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Provenance names distinct collectives or local slices of the local program.
@@ -607,6 +388,8 @@ pub(crate) mod test_plans {
 mod tests {
     use super::test_plans::*;
     use super::*;
+    use crate::ir::ReduceOp;
+    use crate::sharding::PartialOp;
     use serde_json::Value as J;
 
     /// The fields of two plans that must agree after a round trip.
@@ -950,7 +733,7 @@ mod tests {
             ),
             (
                 Box::new(|d| d.placements.swap(7, 8)),
-                "local node n8 (all_reduce{sum:tp=8}) moves %7 in [_, _, _] to %8 in [_, _, _]{sum:tp}, but it moves Partial(sum) -> Replicate over tp",
+                "local node n7 (matmul), origin %8, at 11:5: over tp it reads [Shard(2), Shard(0)] and gives Replicate, which no strategy of its rule does",
             ),
             (
                 Box::new(|d| d.mesh = Mesh::parse("tp=4").unwrap()),
@@ -985,7 +768,8 @@ mod tests {
             ),
         ];
         for (edit, msg) in cases {
-            assert_eq!(corrupt_msg(&edited(&p, edit)), msg);
+            let got = corrupt_msg(&edited(&p, edit));
+            assert!(got.ends_with(msg), "{got}\n does not end with\n{msg}");
         }
         // Collectives must match the mesh.
         let text = edited(&p, |d| {
@@ -997,7 +781,7 @@ mod tests {
         });
         assert_eq!(
             corrupt_msg(&text),
-            "local node n8 (all_reduce{sum:tp=4}) claims 4 devices along tp, but the mesh tp=8 has 8"
+            "local node n8 (all_reduce{sum:tp=4}), origin %8, at 11:5: claims 4 devices along tp, but the mesh tp=8 has 8"
         );
         let text = edited(&p, |d| {
             d.local.nodes[8].op = Op::AllReduce {
@@ -1109,6 +893,10 @@ mod tests {
         assert_same(&p, &from_json(&to_json(&p)).unwrap());
         // Outside the loss, a rank change is still caught.
         let text = edited(&p, |d| d.origin[2] = Some(ValueId(1)));
-        assert!(corrupt_msg(&text).starts_with("local value %2 is f32[8,2048,8192]"));
+        let msg = corrupt_msg(&text);
+        assert!(
+            msg.contains(": local value %2 is f32[8,2048,8192]"),
+            "{msg}"
+        );
     }
 }

@@ -139,7 +139,12 @@ pub fn run<T: Elem + Copy + Default>(
     x: ArrayViewD<'_, T>,
 ) -> Result<ArrayD<T>, RedistributeError> {
     let g = Group::new(mesh, spec.axes)?;
-    let count = |split: &[usize]| split.iter().map(|&a| g.sizes[a] as usize).product::<usize>();
+    let count = |split: &[usize]| {
+        split
+            .iter()
+            .map(|&a| g.sizes[a] as usize)
+            .product::<usize>()
+    };
     let old_len: Vec<usize> = x.shape().to_vec();
     let new_len: Vec<usize> = (0..old_len.len())
         .map(|d| old_len[d] * count(&spec.from[d]) / count(&spec.to[d]))
@@ -162,8 +167,13 @@ pub fn run<T: Elem + Copy + Default>(
         let from_rank = g.rank_of(mesh, coords, from);
         let msg = t.exchange(g.rank_of(mesh, coords, to), T::message(send), from_rank)?;
         let got = T::from_message(msg, from_rank)?;
-        let want = meet(&block(spec.from, &g.sizes, &g.member(from), &old_len), &my_new);
-        let n = want.as_ref().map_or(0, |b| b.iter().map(|r| r.len()).product());
+        let want = meet(
+            &block(spec.from, &g.sizes, &g.member(from), &old_len),
+            &my_new,
+        );
+        let n = want
+            .as_ref()
+            .map_or(0, |b| b.iter().map(|r| r.len()).product());
         if got.len() != n {
             return Err(CommError::Length {
                 from: from_rank,

@@ -620,7 +620,13 @@ impl Rank<'_> {
             }),
             Op::Redistribute { axes, from, to } => {
                 let spec = redistribute::Spec { axes, from, to };
-                Ok(redistribute::run(self.t, &self.plan.mesh, &self.coords, &spec, x.view())?)
+                Ok(redistribute::run(
+                    self.t,
+                    &self.plan.mesh,
+                    &self.coords,
+                    &spec,
+                    x.view(),
+                )?)
             }
             _ => Err(ExecError::shape(name, "not a collective").into()),
         }

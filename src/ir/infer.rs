@@ -190,7 +190,10 @@ fn redistribute(
 ) -> Result<TensorType, InferError> {
     let op = "redistribute";
     if from.len() != x.rank() || to.len() != x.rank() {
-        return Err(attr(op, format!("its split lists do not have one entry per dim of {x}")));
+        return Err(attr(
+            op,
+            format!("its split lists do not have one entry per dim of {x}"),
+        ));
     }
     for side in [from, to] {
         let mut seen = vec![0u32; axes.len()];
@@ -201,7 +204,10 @@ fn redistribute(
             }
         }
         if seen.iter().any(|&n| n != 1) {
-            return Err(attr(op, "every group axis must split exactly one dim".to_string()));
+            return Err(attr(
+                op,
+                "every group axis must split exactly one dim".to_string(),
+            ));
         }
     }
     let count = |d: &[usize]| {

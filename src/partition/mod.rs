@@ -40,10 +40,16 @@ pub struct Partitioned {
     pub provenance: BTreeMap<NodeId, Provenance>,
 }
 
-/// A compiler bug found while partitioning (an op whose local shapes do not infer).
+/// A compiler bug found while partitioning.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("internal compiler error (partition): {0}")]
-pub struct PartitionError(pub String);
+pub enum PartitionError {
+    /// An op whose local shapes do not infer, or a value that does not divide.
+    #[error("internal compiler error (partition): {0}")]
+    Local(String),
+    /// Two placements no sequence of collectives connects.
+    #[error("internal compiler error (partition): {0}")]
+    Reshard(#[from] reshard::ReshardError),
+}
 
 /// Partitions `g` with the placements of `sh`.
 pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError> {
@@ -183,8 +189,9 @@ impl<'a> Partitioner<'a> {
         origin: Option<ValueId>,
     ) -> Result<Vec<ValueId>, PartitionError> {
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.out.ty(*v)).collect();
-        let outs = infer(&op, &tys)
-            .map_err(|e| PartitionError(format!("{op} at {}:{}: {e}", span.line, span.col)))?;
+        let outs = infer(&op, &tys).map_err(|e| {
+            PartitionError::Local(format!("{op} at {}:{}: {e}", span.line, span.col))
+        })?;
         let id = self.out.add_node(op, inputs, outs, span, region);
         let results = self.out.node(id).outputs.clone();
         for _ in &results {
@@ -200,7 +207,7 @@ impl<'a> Partitioner<'a> {
         let ty = self.g.ty(v);
         let placement = self.table.get(pl);
         let shape = placement.local_shape(ty, self.mesh).ok_or_else(|| {
-            PartitionError(format!(
+            PartitionError::Local(format!(
                 "{v} {ty} does not divide in {}",
                 placement.display(self.mesh)
             ))
@@ -263,7 +270,7 @@ impl<'a> Partitioner<'a> {
         if from == to {
             return Ok(cur);
         }
-        let steps = reshard::plan_reshard(self.table.get(from), self.table.get(to), self.mesh);
+        let steps = reshard::plan_reshard(self.table.get(from), self.table.get(to), self.mesh)?;
         for step in steps {
             let Some(op) = step.op.clone() else { continue };
             let after = self.table.intern(&step.after);

@@ -26,7 +26,7 @@ impl Partitioner<'_> {
                 let ty = self.g.ty(node.outputs[0]);
                 let computed = self.table.get(computed);
                 let shape = computed.local_shape(ty, self.mesh).ok_or_else(|| {
-                    PartitionError(format!(
+                    PartitionError::Local(format!(
                         "reshape result {ty} does not divide in {}",
                         computed.display(self.mesh)
                     ))

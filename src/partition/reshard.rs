@@ -24,20 +24,44 @@ pub struct Step {
     pub after: Placement,
 }
 
-/// The steps moving a tensor from `from` to `to` (empty when equal).
-pub fn plan_reshard(from: &Placement, to: &Placement, mesh: &Mesh) -> Vec<Step> {
+/// A reshard that does not reach its target: a compiler bug (or placements that are not well
+/// formed), reported with the placements it was asked to connect and where it stopped.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("reshard from {from:?} to {to:?} does not converge (stuck at {stuck:?})")]
+pub struct ReshardError {
+    /// The placement the value is in.
+    pub from: Placement,
+    /// The placement asked for.
+    pub to: Placement,
+    /// The placement where no further step applies (or the step limit ran out).
+    pub stuck: Placement,
+}
+
+/// The steps moving a tensor from `from` to `to` (empty when equal), or an error when no
+/// sequence of steps reaches `to`.
+pub fn plan_reshard(
+    from: &Placement,
+    to: &Placement,
+    mesh: &Mesh,
+) -> Result<Vec<Step>, ReshardError> {
     let mut cur = from.clone();
     let mut steps = Vec::new();
     let limit = 4 * (mesh.rank() + from.dims.len()) + 4;
-    while cur != *to && steps.len() < limit {
-        let step = next_step(&cur, to, mesh);
+    while cur != *to {
+        let step = (steps.len() < limit)
+            .then(|| next_step(&cur, to, mesh))
+            .flatten()
+            .ok_or_else(|| ReshardError {
+                from: from.clone(),
+                to: to.clone(),
+                stuck: cur.clone(),
+            })?;
         cur = step.after.clone();
         steps.push(step);
     }
-    debug_assert_eq!(cur, *to, "reshard did not converge");
     match direct::step(from, to, mesh) {
-        Some(d) if direct::is_cheaper(&d, &steps, mesh) => vec![d],
-        _ => steps,
+        Some(d) if direct::is_cheaper(&d, &steps, mesh) => Ok(vec![d]),
+        _ => Ok(steps),
     }
 }
 
@@ -53,23 +77,28 @@ fn extends(cur: &[usize], a: usize, target: &[usize]) -> bool {
     target.len() > cur.len() && target[..cur.len()] == *cur && target[cur.len()] == a
 }
 
-fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
+/// The next step from `cur` towards `to`, `None` when none applies. Each step's placement
+/// after is the op's own transition (`Op::transition`) applied by `Placement::moved`.
+fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
     let name = |a: usize| mesh.axis_name(a).to_string();
     let size = |a: usize| mesh.axis_size(a);
-    let mk = |op: Option<Op>, a: usize, after: Placement| Step {
-        op,
-        axis: a,
-        before: cur.clone(),
-        after,
+    let mk = |op: Option<Op>, a: usize, state: AxisPl| {
+        let state = op
+            .as_ref()
+            .and_then(|o| o.transition())
+            .map_or(state, |t| t.2);
+        Some(Step {
+            op,
+            axis: a,
+            before: cur.clone(),
+            after: cur.moved(a, state)?,
+        })
     };
     let axes = 0..mesh.rank();
     // 1. Partial -> Shard: reduce-scatter.
     for a in axes.clone() {
         if let (AxisPl::Partial(p), AxisPl::Shard(d)) = (cur.axis(a), to.axis(a)) {
             if extends(&cur.dims[d], a, &to.dims[d]) {
-                let mut after = cur.clone();
-                after.partial[a] = None;
-                after.dims[d].push(a);
                 return mk(
                     Some(Op::ReduceScatter {
                         axis: name(a),
@@ -78,7 +107,7 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                         reduce: reduce_of(p),
                     }),
                     a,
-                    after,
+                    AxisPl::Shard(d),
                 );
             }
         }
@@ -87,8 +116,6 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
     for a in axes.clone() {
         match (cur.axis(a), to.axis(a)) {
             (AxisPl::Replicate, AxisPl::Shard(d)) if extends(&cur.dims[d], a, &to.dims[d]) => {
-                let mut after = cur.clone();
-                after.dims[d].push(a);
                 return mk(
                     Some(Op::ShardSlice {
                         axis: name(a),
@@ -96,14 +123,12 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                         dim: d,
                     }),
                     a,
-                    after,
+                    AxisPl::Shard(d),
                 );
             }
             (AxisPl::Replicate, AxisPl::Partial(p)) => {
-                let mut after = cur.clone();
-                after.partial[a] = Some(p);
                 let op = (p == PartialOp::Sum).then(|| Op::KeepOnFirst { axis: name(a) });
-                return mk(op, a, after);
+                return mk(op, a, AxisPl::Partial(p));
             }
             _ => {}
         }
@@ -112,9 +137,6 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
     for a in axes.clone() {
         if let (AxisPl::Shard(i), AxisPl::Shard(j)) = (cur.axis(a), to.axis(a)) {
             if i != j && cur.dims[i].last() == Some(&a) && extends(&cur.dims[j], a, &to.dims[j]) {
-                let mut after = cur.clone();
-                after.dims[i].pop();
-                after.dims[j].push(a);
                 return mk(
                     Some(Op::AllToAll {
                         axis: name(a),
@@ -123,7 +145,7 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                         concat: i,
                     }),
                     a,
-                    after,
+                    AxisPl::Shard(j),
                 );
             }
         }
@@ -132,8 +154,6 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
     for a in axes.clone() {
         if let AxisPl::Partial(p) = cur.axis(a) {
             if to.axis(a) != AxisPl::Partial(p) {
-                let mut after = cur.clone();
-                after.partial[a] = None;
                 return mk(
                     Some(Op::AllReduce {
                         axis: name(a),
@@ -141,7 +161,7 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                         reduce: reduce_of(p),
                     }),
                     a,
-                    after,
+                    AxisPl::Replicate,
                 );
             }
         }
@@ -150,8 +170,6 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
     for (d, axs) in cur.dims.iter().enumerate() {
         let ok = to.dims[d].len() >= axs.len() && to.dims[d][..axs.len()] == axs[..];
         if let (false, Some(&a)) = (ok, axs.last()) {
-            let mut after = cur.clone();
-            after.dims[d].pop();
             return mk(
                 Some(Op::AllGather {
                     axis: name(a),
@@ -159,11 +177,11 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Step {
                     dim: d,
                 }),
                 a,
-                after,
+                AxisPl::Replicate,
             );
         }
     }
-    unreachable!("reshard: no step from {cur:?} to {to:?}")
+    None
 }
 
 /// Describes a step's transition for provenance: `Partial(sum) -> Replicate over tp`.
@@ -221,7 +239,7 @@ mod tests {
             (S(1), S(1), &[]),
         ];
         for (from, to, want) in table {
-            let steps = plan_reshard(&pl(2, &[*from]), &pl(2, &[*to]), &m);
+            let steps = plan_reshard(&pl(2, &[*from]), &pl(2, &[*to]), &m).unwrap();
             assert_eq!(kinds(&steps), *want, "{from} -> {to}");
             assert_eq!(
                 steps
@@ -248,7 +266,7 @@ mod tests {
         ];
         for (from, to, want) in table {
             let (f, t) = (pl(2, from), pl(2, to));
-            let steps = plan_reshard(&f, &t, &m);
+            let steps = plan_reshard(&f, &t, &m).unwrap();
             assert_eq!(kinds(&steps), *want, "{from:?} -> {to:?}");
             assert_eq!(steps.last().unwrap().after, t);
         }
@@ -265,7 +283,7 @@ mod tests {
             dims: vec![vec![1, 0], vec![]],
             partial: vec![None, None],
         };
-        let steps = plan_reshard(&from, &to, &m);
+        let steps = plan_reshard(&from, &to, &m).unwrap();
         assert_eq!(kinds(&steps), ["redistribute"]);
         assert_eq!(steps.last().unwrap().after, to);
     }
@@ -276,7 +294,7 @@ mod tests {
         let mut cur = from.clone();
         let mut steps = Vec::new();
         while cur != *to {
-            let s = next_step(&cur, to, m);
+            let s = next_step(&cur, to, m).unwrap();
             cur = s.after.clone();
             steps.push(s);
         }
@@ -301,7 +319,7 @@ mod tests {
         ];
         for (f, t) in cases {
             let (from, to) = (dims(f, 2), dims(t, 2));
-            let steps = plan_reshard(&from, &to, &m);
+            let steps = plan_reshard(&from, &to, &m).unwrap();
             assert_eq!(kinds(&steps), ["redistribute"], "{from:?} -> {to:?}");
             let old = stepwise(&from, &to, &m);
             assert!(
@@ -320,27 +338,76 @@ mod tests {
         // dp keeps splitting dim 0 (major); pp and tp trade dims under it.
         let from = dims(&[&[0, 1], &[2]], 3);
         let to = dims(&[&[0, 2], &[1]], 3);
-        let steps = plan_reshard(&from, &to, &m);
+        let steps = plan_reshard(&from, &to, &m).unwrap();
         assert_eq!(kinds(&steps), ["redistribute"]);
-        let Some(Op::Redistribute { axes, from: f, to: t }) = &steps[0].op else {
+        let Some(Op::Redistribute {
+            axes,
+            from: f,
+            to: t,
+        }) = &steps[0].op
+        else {
             panic!("{steps:?}")
         };
         let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
         assert_eq!(names, ["pp", "tp"]);
-        assert_eq!((f.clone(), t.clone()), (vec![vec![0], vec![1]], vec![vec![1], vec![0]]));
+        assert_eq!(
+            (f.clone(), t.clone()),
+            (vec![vec![0], vec![1]], vec![vec![1], vec![0]])
+        );
     }
 
     #[test]
     fn partial_or_gathered_moves_keep_the_axis_by_axis_path() {
         let m = Mesh::parse("dp=2,tp=4").unwrap();
         // One axis only: the all-to-all is already direct.
-        let steps = plan_reshard(&pl(2, &[S(0), R]), &pl(2, &[S(1), R]), &m);
+        let steps = plan_reshard(&pl(2, &[S(0), R]), &pl(2, &[S(1), R]), &m).unwrap();
         assert_eq!(kinds(&steps), ["all_to_all"]);
         // A gather to Replicate is not a shard-to-shard move.
-        let steps = plan_reshard(&pl(2, &[S(0), S(1)]), &pl(2, &[R, S(0)]), &m);
-        assert!(!kinds(&steps).contains(&"redistribute"), "{:?}", kinds(&steps));
+        let steps = plan_reshard(&pl(2, &[S(0), S(1)]), &pl(2, &[R, S(0)]), &m).unwrap();
+        assert!(
+            !kinds(&steps).contains(&"redistribute"),
+            "{:?}",
+            kinds(&steps)
+        );
         // Partial states differ: reduce first.
-        let steps = plan_reshard(&pl(2, &[S(0), P]), &pl(2, &[S(1), S(0)]), &m);
-        assert!(!kinds(&steps).contains(&"redistribute"), "{:?}", kinds(&steps));
+        let steps = plan_reshard(&pl(2, &[S(0), P]), &pl(2, &[S(1), S(0)]), &m).unwrap();
+        assert!(
+            !kinds(&steps).contains(&"redistribute"),
+            "{:?}",
+            kinds(&steps)
+        );
+    }
+
+    #[test]
+    fn a_target_that_cannot_be_reached_is_an_error() {
+        let m = Mesh::parse("dp=2,tp=4").unwrap();
+        let from = Placement::replicated(2, 2);
+        // Axis dp splitting two dims: no sequence of steps reaches it.
+        let to = Placement {
+            dims: vec![vec![0], vec![0]],
+            partial: vec![None, None],
+        };
+        let err = plan_reshard(&from, &to, &m).unwrap_err();
+        assert_eq!(err.from, from);
+        assert_eq!(err.to, to);
+        assert_eq!(err.stuck.dims, vec![vec![0], vec![]]);
+        assert!(err.to_string().contains("does not converge"), "{err}");
+        // Every step keeps its contract: it starts where the previous one ended and moves one
+        // axis as its op says.
+        let to = Placement {
+            dims: vec![vec![1, 0], vec![]],
+            partial: vec![None, None],
+        };
+        let steps = plan_reshard(&pl(2, &[S(1), P]), &to, &m).unwrap();
+        let mut cur = pl(2, &[S(1), P]);
+        for s in &steps {
+            assert_eq!(s.before, cur);
+            if let Some((_, from, to)) = s.op.as_ref().and_then(|o| o.transition()) {
+                assert_eq!(s.before.axis(s.axis), from);
+                assert_eq!(s.after.axis(s.axis), to);
+            }
+            cur = s.after.clone();
+        }
+        assert_eq!(cur, to);
     }
 }

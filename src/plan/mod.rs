@@ -3,6 +3,7 @@
 
 pub mod liveness;
 pub mod summary;
+pub mod verify;
 
 pub use summary::{KindSummary, Summary};
 
@@ -46,6 +47,10 @@ pub enum PlanError {
     /// A compiler bug caught by the verifier.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A compiler bug caught by the plan verifier (the local program does not compute the
+    /// global one).
+    #[error("internal compiler error (plan verifier, after partition): {0}")]
+    PlanVerify(#[from] verify::PlanVerifyError),
 }
 
 impl Plan {
@@ -54,6 +59,13 @@ impl Plan {
         let sh = propagate(&global, &mesh, &device)?;
         let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;
+        verify::verify(verify::PlanParts {
+            global: &global,
+            local: &part.local,
+            mesh: &mesh,
+            placements: &part.placements,
+            origin: &part.origin,
+        })?;
         let summary = Summary::compute(&part.local, &mesh, &device);
         Ok(Plan {
             mesh,

@@ -152,6 +152,26 @@ impl Placement {
         })
     }
 
+    /// The placement after moving mesh axis `a` to state `to`, other axes unchanged: the axis
+    /// leaves its partial entry or the minor end of the dim it splits, then joins `to` (a split
+    /// at the minor end of its dim). `None` when `a` splits a dim but not at its minor end.
+    pub fn moved(&self, a: usize, to: AxisPl) -> Option<Placement> {
+        let mut p = self.clone();
+        if p.partial[a].take().is_none() {
+            if let Some(d) = p.dims.iter().position(|axes| axes.contains(&a)) {
+                if p.dims[d].pop() != Some(a) {
+                    return None;
+                }
+            }
+        }
+        match to {
+            AxisPl::Replicate => {}
+            AxisPl::Shard(d) => p.dims.get_mut(d)?.push(a),
+            AxisPl::Partial(op) => p.partial[a] = Some(op),
+        }
+        Some(p)
+    }
+
     /// Spec-style display with axis names: `[_, tp]`, plus ` partial(sum: tp)` when partial.
     pub fn display(&self, mesh: &Mesh) -> String {
         let dims: Vec<String> = self

@@ -57,7 +57,9 @@ pub fn step(from: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
 
 /// The fraction of the global tensor one device holds in `p`.
 fn held(p: &Placement, mesh: &Mesh) -> f64 {
-    1.0 / (0..p.dims.len()).map(|d| p.splits(d, mesh) as f64).product::<f64>()
+    1.0 / (0..p.dims.len())
+        .map(|d| p.splits(d, mesh) as f64)
+        .product::<f64>()
 }
 
 /// Bytes each device sends along `steps`, as a fraction of the global tensor's bytes.
