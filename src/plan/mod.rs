@@ -53,8 +53,10 @@ pub enum PlanError {
 }
 
 impl Plan {
-    /// Propagates placements over `mesh`, partitions, verifies and costs `global`.
+    /// Propagates placements over `mesh`, partitions, verifies and costs `global`. Mesh axes
+    /// the program declares but `mesh` lacks are added with size 1 (they split nothing).
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
+        let mesh = mesh.with_declared(&global.mesh_axes);
         let sh = propagate(&global, &mesh, &device)?;
         let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;
