@@ -49,7 +49,13 @@ pub enum PlanError {
     /// A compiler bug caught by the plan verifier (the local program does not compute the
     /// global one).
     #[error("internal compiler error (plan verifier, after partition): {0}")]
-    PlanVerify(#[from] verify::PlanVerifyError),
+    PlanVerify(Box<verify::PlanVerifyError>),
+}
+
+impl From<verify::PlanVerifyError> for PlanError {
+    fn from(e: verify::PlanVerifyError) -> Self {
+        PlanError::PlanVerify(Box::new(e))
+    }
 }
 
 impl Plan {
