@@ -300,3 +300,19 @@ fn tpc_run_refuses_a_tampered_plan() {
     assert!(err.contains("local node n6 (relu)"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn the_library_entry_point_applies_the_declared_mesh() {
+    let path = "examples/mlp_2d.tpl";
+    let src = SourceFile::new(path, std::fs::read_to_string(path).unwrap());
+    let g = tpc::driver::compile_global(&src, &[]).unwrap();
+    assert_eq!(g.mesh_axes, ["dp", "tp"]);
+    // Only tp sized: dp is declared by the program and gets size 1.
+    let p = Plan::build(g.clone(), Mesh::parse("tp=4").unwrap(), Device::default()).unwrap();
+    assert_eq!(p.mesh.axis_size(p.mesh.axis_index("dp").unwrap()), 1);
+    assert_eq!(p.mesh.num_devices(), 4);
+    verify(parts(&p)).unwrap();
+    // The same plan as with the axis given explicitly.
+    let q = Plan::build(g, Mesh::parse("tp=4,dp=1").unwrap(), Device::default()).unwrap();
+    assert_eq!(to_json(&p), to_json(&q));
+}

@@ -48,7 +48,13 @@ pub enum PartitionError {
     Local(String),
     /// Two placements no sequence of collectives connects.
     #[error("internal compiler error (partition): {0}")]
-    Reshard(#[from] reshard::ReshardError),
+    Reshard(Box<reshard::ReshardError>),
+}
+
+impl From<Box<reshard::ReshardError>> for PartitionError {
+    fn from(e: Box<reshard::ReshardError>) -> Self {
+        PartitionError::Reshard(e)
+    }
 }
 
 /// Partitions `g` with the placements of `sh`.

@@ -243,8 +243,8 @@ impl Partitioner<'_> {
         what: &str,
         after: Placement,
     ) -> Result<ValueId, PartitionError> {
-        let after = self.intern(after);
         let node = self.g.node(id);
+        let mut cur = self.placements[v.index()];
         let from = match reduce {
             ReduceOp::Max => AxisPl::Partial(PartialOp::Max),
             _ => AxisPl::Partial(PartialOp::Sum),
@@ -255,7 +255,16 @@ impl Partitioner<'_> {
                 size: self.mesh.axis_size(a),
                 reduce,
             };
-            v = self.emit(op, vec![v], node.span, node.region, after, None)?[0];
+            // Each all-reduce clears its own axis; the last one leaves `after`.
+            let next = self
+                .table
+                .get(cur)
+                .moved(a, AxisPl::Replicate)
+                .ok_or_else(|| {
+                    PartitionError::Local(format!("all-reduce over a split axis {a}"))
+                })?;
+            cur = self.intern(next);
+            v = self.emit(op, vec![v], node.span, node.region, cur, None)?[0];
             let logits = node.inputs[0];
             let value = super::describe_value(self.g, logits);
             self.provenance.insert(
@@ -267,6 +276,13 @@ impl Partitioner<'_> {
                     value,
                 },
             );
+        }
+        if *self.table.get(cur) != after {
+            return Err(PartitionError::Local(format!(
+                "the vocab-parallel {what} ends in {}, not {}",
+                self.table.get(cur).display(self.mesh),
+                after.display(self.mesh)
+            )));
         }
         Ok(v)
     }

@@ -43,7 +43,7 @@ pub fn plan_reshard(
     from: &Placement,
     to: &Placement,
     mesh: &Mesh,
-) -> Result<Vec<Step>, ReshardError> {
+) -> Result<Vec<Step>, Box<ReshardError>> {
     let mut cur = from.clone();
     let mut steps = Vec::new();
     let limit = 4 * (mesh.rank() + from.dims.len()) + 4;
@@ -51,10 +51,12 @@ pub fn plan_reshard(
         let step = (steps.len() < limit)
             .then(|| next_step(&cur, to, mesh))
             .flatten()
-            .ok_or_else(|| ReshardError {
-                from: from.clone(),
-                to: to.clone(),
-                stuck: cur.clone(),
+            .ok_or_else(|| {
+                Box::new(ReshardError {
+                    from: from.clone(),
+                    to: to.clone(),
+                    stuck: cur.clone(),
+                })
             })?;
         cur = step.after.clone();
         steps.push(step);

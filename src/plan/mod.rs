@@ -50,12 +50,20 @@ pub enum PlanError {
     /// A compiler bug caught by the plan verifier (the local program does not compute the
     /// global one).
     #[error("internal compiler error (plan verifier, after partition): {0}")]
-    PlanVerify(#[from] verify::PlanVerifyError),
+    PlanVerify(Box<verify::PlanVerifyError>),
+}
+
+impl From<verify::PlanVerifyError> for PlanError {
+    fn from(e: verify::PlanVerifyError) -> Self {
+        PlanError::PlanVerify(Box::new(e))
+    }
 }
 
 impl Plan {
-    /// Propagates placements over `mesh`, partitions, verifies and costs `global`.
+    /// Propagates placements over `mesh`, partitions, verifies and costs `global`. Mesh axes
+    /// the program declares but `mesh` lacks are added with size 1 (they split nothing).
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
+        let mesh = mesh.with_declared(&global.mesh_axes);
         let sh = propagate(&global, &mesh, &device)?;
         let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;

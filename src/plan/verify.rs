@@ -582,6 +582,26 @@ impl<'a> Verifier<'a> {
         if let Op::TargetLogit { axes } = &n.op {
             return self.check_target_logit(n, axes);
         }
+        if let (Op::Reshape { .. }, &[x], &[y]) = (&n.op, n.inputs.as_slice(), n.outputs.as_slice())
+        {
+            // The loss flattens its per-position terms: the flat dim is split by all their axes.
+            let want = Placement {
+                dims: vec![self.pl(x).dims.concat()],
+                partial: self.pl(x).partial.clone(),
+            };
+            if self.pl(y) != &want {
+                return Err((
+                    Problem::Transition,
+                    format!(
+                        "it flattens {} into {}, not {}",
+                        self.pl(x).display(self.p.mesh),
+                        self.pl(y).display(self.p.mesh),
+                        want.display(self.p.mesh)
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         let ins: Vec<&TensorType> = n.inputs.iter().map(|&v| l.ty(v)).collect();
         let outs: Vec<&TensorType> = n.outputs.iter().map(|&v| l.ty(v)).collect();
         self.check_rule(id, rule(&n.op, &ins, &outs), false)
