@@ -42,6 +42,7 @@ fn kind(op: &Op) -> Option<&'static str> {
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
         | Op::AllToAll { .. }
+        | Op::Redistribute { .. }
         | Op::ShardSlice { .. }
         | Op::KeepOnFirst { .. }
         | Op::VocabEmbedding { .. }
