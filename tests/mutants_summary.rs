@@ -1,0 +1,83 @@
+//! The plan summary's figures, computed by hand for one small plan (kills the mutants of
+//! `src/plan/summary.rs` that the property tests' self-consistency checks cannot see: they
+//! recompute collectives from the same program, but not FLOPs, memory or times).
+
+use tpc::diag::SourceFile;
+use tpc::driver::compile_plan;
+use tpc::mesh::{Device, Mesh};
+use tpc::plan::Plan;
+
+/// `x` row-split over tp=4 and `y` wanted replicated; slow compute makes the matmul run on row
+/// blocks: `x` [16, 256] (16 KiB), `w` [256, 4096] (4 MiB), the matmul [16, 4096] (256 KiB),
+/// then one all-gather to `y` [64, 4096] (1 MiB).
+const PROGRAM: &str = "
+mesh tp
+input x : f32[64, 256] @ [tp, _]
+param w : f32[256, 4096] @ [_, _]
+y = x @ w
+output y @ [_, _]
+";
+
+fn dev() -> Device {
+    Device {
+        flops_f32: 1e12,
+        mem_weight: 0.0,
+        ..Device::default()
+    }
+}
+
+fn plan() -> Plan {
+    let src = SourceFile::new("summary.tpl", PROGRAM);
+    compile_plan(&src, &[], Mesh::degree(4).unwrap(), dev())
+        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))))
+}
+
+#[test]
+fn every_figure_of_the_summary_by_hand() {
+    let plan = plan();
+    let s = &plan.summary;
+    let d = dev();
+    let gather = &s.collectives["all_gather"];
+    assert_eq!(gather.count, 1);
+    // A ring all-gather over 4 sends 3 blocks of 256 KiB from each device.
+    assert_eq!(gather.bytes_per_device, 3 * 262_144);
+    for kind in ["all_reduce", "reduce_scatter", "all_to_all"] {
+        assert_eq!(s.collectives[kind].count, 0, "{kind}");
+        assert_eq!(s.collectives[kind].bytes_per_device, 0, "{kind}");
+    }
+    let flops = 2.0 * 16.0 * 4096.0 * 256.0;
+    assert_eq!(s.flops_per_device, flops);
+    assert_eq!(s.param_bytes_per_device, 4 * 1024 * 1024);
+    // Live at the all-gather: its operand (256 KiB) and its result (1 MiB); `x` died at the
+    // matmul.
+    assert_eq!(
+        s.peak_memory_bytes_per_device,
+        4 * 1024 * 1024 + 262_144 + 1_048_576
+    );
+    let comm = 3.0 * d.latency + 3.0 * 262_144.0 / d.bandwidth;
+    assert!(
+        (s.comm_time_s - comm).abs() <= 1e-12 * comm,
+        "{}",
+        s.comm_time_s
+    );
+    let compute = flops / d.flops_f32;
+    assert!((s.compute_time_s - compute).abs() <= 1e-12 * compute);
+    assert!((s.estimated_time_s - (comm + compute)).abs() <= 1e-12 * (comm + compute));
+}
+
+#[test]
+fn half_precision_compute_is_priced_at_the_half_rate() {
+    let text = PROGRAM.replace("f32", "bf16");
+    let src = SourceFile::new("summary_bf16.tpl", text);
+    let d = dev();
+    let plan = compile_plan(&src, &[], Mesh::degree(4).unwrap(), d)
+        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+    let s = &plan.summary;
+    let want = s.flops_per_device / d.flops_half;
+    assert!(s.flops_per_device > 0.0);
+    assert!(
+        (s.compute_time_s - want).abs() <= 1e-12 * want,
+        "{}",
+        s.compute_time_s
+    );
+}
