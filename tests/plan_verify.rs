@@ -316,3 +316,50 @@ fn the_library_entry_point_applies_the_declared_mesh() {
     let q = Plan::build(g, Mesh::parse("tp=4,dp=1").unwrap(), Device::default()).unwrap();
     assert_eq!(to_json(&p), to_json(&q));
 }
+
+const VOCAB_LOSS: &str = "mesh tp\ndim B = 8, S = 256, H = 1024, V = 65536\n\
+                          input x : f32[B, S, H]\ninput labels : i32[B, S]\n\
+                          param w : f32[H, V] @ [_, tp]\nlogits = x @ w @ [_, _, tp]\n\
+                          loss = cross_entropy(logits, labels)\noutput loss\n";
+
+#[test]
+fn a_tampered_vocab_parallel_loss_is_refused() {
+    let d0 = doc(&plan("ce.tpl", VOCAB_LOSS, "4"));
+    let tl = find(&d0, 0, |op| matches!(op, Op::TargetLogit { .. }));
+    // The target logit read from the raw logits instead of the shifted ones.
+    let mut d = d0.clone();
+    let z = d.local.nodes[tl].inputs[0];
+    let sub = d.local.values[z.index()].node;
+    d.local.nodes[tl].inputs[0] = d.local.nodes[sub.index()].inputs[0];
+    let msg = refused(&d);
+    assert!(msg.contains("not the vocab-parallel form"), "{msg}");
+    // log swapped for exp.
+    let mut d = d0;
+    let log = find(&d, tl, |op| matches!(op, Op::Unary { op: UnaryOp::Log }));
+    d.local.nodes[log].op = Op::Unary { op: UnaryOp::Exp };
+    let msg = refused(&d);
+    assert!(msg.contains("not the vocab-parallel form"), "{msg}");
+}
+
+#[test]
+fn outputs_renamed_or_replaced_are_refused() {
+    let mut d = mlp();
+    d.local.outputs[0].name = "z".into();
+    let msg = refused(&d);
+    assert!(
+        msg.contains("local output z stands where global output y is"),
+        "{msg}"
+    );
+    let mut d = mlp();
+    d.local.outputs.clear();
+    assert!(refused(&d).contains("has 0 outputs"));
+}
+
+#[test]
+fn a_partial_leaf_is_refused() {
+    let mut d = mlp();
+    // b2 claimed to be a partial sum: every device would add its full copy.
+    d.placements[9].partial = vec![Some(PartialOp::Sum)];
+    let msg = refused(&d);
+    assert!(msg.contains("a leaf is never partial"), "{msg}");
+}
