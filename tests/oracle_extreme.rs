@@ -116,12 +116,12 @@ fn unary_tails() {
         for &(name, op) in ops {
             g.check("kernel", name, &k::unary_f32(op, &x));
             let decl = format!("input x : {}", ty(&x));
-            let y = run_program(
-                &decl,
-                &format!("y = {name}(x)"),
-                &[("x", Tensor::F32(x.clone()))],
-            );
+            let leaves = [("x", Tensor::F32(x.clone()))];
+            let y = run_program(&decl, &format!("y = {name}(x)"), &leaves);
             g.check("program", name, &y);
+            // On an operand the program computed: the kernel's in-place path.
+            let y = run_program(&decl, &format!("y = {name}(neg(neg(x)))"), &leaves);
+            g.check("program, in place", name, &y);
         }
     }
 }
@@ -155,6 +155,10 @@ fn softmax_rows() {
         let decl = format!("input x : {}", ty(&x));
         let y = run_program(&decl, "y = softmax(x)", &[("x", Tensor::F32(x.clone()))]);
         g.check("program", key, &y);
+        // An operand the program computed (neg is exact) is normalized in its own buffer.
+        let body = "y = softmax(neg(neg(x)))";
+        let y = run_program(&decl, body, &[("x", Tensor::F32(x.clone()))]);
+        g.check("program, in place", key, &y);
         let y = run_program(
             &format!("input x : {}", ty(&xt)),
             "y = transpose(softmax(x, axis=0))",
