@@ -388,3 +388,26 @@ fn integers_above_2_pow_24_move_exactly_under_mpi() {
     assert_eq!(out["a"], ids);
     assert_eq!(out["g"], arrays["g"]);
 }
+
+/// A program whose outputs need multi-axis redistributes (`[dp, tp] -> [tp, dp]`, f32 and i32).
+const REDISTRIBUTE: &str = "mesh dp, tp\ninput x : f32[8, 16] @ [dp, tp]\n\
+    input ids : i32[8, 16] @ [(dp,tp), _]\ny = gelu(x) @ [tp, dp]\n\
+    output y @ [tp, dp]\noutput ids @ [_, (dp,tp)]\n";
+
+#[test]
+fn redistribute_over_two_axes_is_bitwise_identical_to_threads() {
+    let src = tmp("redistribute.tpl");
+    std::fs::write(&src, REDISTRIBUTE).unwrap();
+    let (t_out, m_out) = (tmp("rd-t.npz"), tmp("rd-m.npz"));
+    let args = [src.to_str().unwrap(), "--mesh", "dp=2,tp=4", "--seed", "5"];
+    let mut t_args = args.to_vec();
+    t_args.extend(["--out", t_out.to_str().unwrap()]);
+    let t = threads(&t_args);
+    assert!(t.status.success(), "{}", text(&t));
+    let mut m_args = args.to_vec();
+    m_args.extend(["--out", m_out.to_str().unwrap(), "--check"]);
+    let (m, _) = mpirun(8, &m_args, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    assert!(!String::from_utf8_lossy(&m.stdout).contains("FAILED"), "{}", text(&m));
+    assert_bitwise_equal(&m_out, &t_out, "redistribute on 8 MPI ranks");
+}
