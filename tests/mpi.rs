@@ -408,6 +408,10 @@ fn redistribute_over_two_axes_is_bitwise_identical_to_threads() {
     m_args.extend(["--out", m_out.to_str().unwrap(), "--check"]);
     let (m, _) = mpirun(8, &m_args, TIMEOUT_S);
     assert!(m.status.success(), "{}", text(&m));
-    assert!(!String::from_utf8_lossy(&m.stdout).contains("FAILED"), "{}", text(&m));
+    assert!(
+        !String::from_utf8_lossy(&m.stdout).contains("FAILED"),
+        "{}",
+        text(&m)
+    );
     assert_bitwise_equal(&m_out, &t_out, "redistribute on 8 MPI ranks");
 }

@@ -367,12 +367,8 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    /// A collective or local slice moves its operand along its axis as `Op::transition` says,
-    /// other axes unchanged, and keeps the operand's origin.
-    fn check_move(&self, id: NodeId) -> Check {
-        let (n, mesh) = (self.p.local.node(id), self.p.mesh);
-        let (name, from, to) = n.op.transition().expect("checked by the caller");
-        let a = mesh.axis_index(name).expect("checked by check_axes");
+    /// The operand and result of a data-moving op: one each, holding the same global value.
+    fn moved_value(&self, n: &crate::ir::Node) -> Result<(ValueId, ValueId), (Problem, String)> {
         let (&[x], &[y]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
             return Err((
                 Problem::Operands,
@@ -385,6 +381,16 @@ impl<'a> Verifier<'a> {
                 format!("its operand {x} holds another value than its result {y}"),
             ));
         }
+        Ok((x, y))
+    }
+
+    /// A collective or local slice moves its operand along its axis as `Op::transition` says,
+    /// other axes unchanged, and keeps the operand's origin.
+    fn check_move(&self, id: NodeId) -> Check {
+        let (n, mesh) = (self.p.local.node(id), self.p.mesh);
+        let (name, from, to) = n.op.transition().expect("checked by the caller");
+        let a = mesh.axis_index(name).expect("checked by check_axes");
+        let (x, y) = self.moved_value(n)?;
         let (px, py) = (self.pl(x), self.pl(y));
         if px.axis(a) != from || py.axis(a) != to {
             return Err((
@@ -419,18 +425,7 @@ impl<'a> Verifier<'a> {
         to: &[Vec<usize>],
     ) -> Check {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
-        let (&[x], &[y]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
-            return Err((
-                Problem::Operands,
-                "it must have one operand and one result".into(),
-            ));
-        };
-        if self.p.origin[x.index()] != self.p.origin[y.index()] {
-            return Err((
-                Problem::Operands,
-                format!("its operand {x} holds another value than its result {y}"),
-            ));
-        }
+        let (x, y) = self.moved_value(n)?;
         let group: Vec<usize> = axes
             .iter()
             .map(|(a, _)| mesh.axis_index(a).expect("checked by check_axes"))
