@@ -102,7 +102,7 @@ fn pairs_of_placements_on_a_3d_mesh() {
     // A deterministic sample of the pairs (every 37th), plus all pairs of one source.
     for (i, from) in all.iter().enumerate() {
         for (j, to) in all.iter().enumerate() {
-            if (i * all.len() + j) % 37 == 0 || i == 5 {
+            if (i * all.len() + j).is_multiple_of(37) || i == 5 {
                 direct += run_pair("dp=2,pp=2,tp=2", &axes, "8, 8, 8", from, to);
             }
         }
@@ -155,7 +155,6 @@ fn a_tampered_redistribute_is_refused() {
     );
     *to = vec![vec![], vec![0, 1]];
     let err = from_json(&serde_json::to_string(&doc).unwrap())
-        .err()
-        .expect("a tampered redistribute loaded");
+        .expect_err("a tampered redistribute loaded");
     assert!(err.to_string().contains("not the move"), "{err}");
 }

@@ -303,6 +303,9 @@ mod tests {
         steps
     }
 
+    /// Per dim, the mesh axes splitting it.
+    type Split<'a> = &'a [&'a [usize]];
+
     fn dims(d: &[&[usize]], axes: usize) -> Placement {
         Placement {
             dims: d.iter().map(|x| x.to_vec()).collect(),
@@ -313,7 +316,7 @@ mod tests {
     #[test]
     fn several_axes_move_in_one_exchange_when_it_sends_less() {
         let m = Mesh::parse("dp=2,tp=4").unwrap();
-        let cases: &[(&[&[usize]], &[&[usize]])] = &[
+        let cases: &[(Split, Split)] = &[
             (&[&[0], &[1]], &[&[1], &[0]]),
             (&[&[0, 1], &[]], &[&[], &[0, 1]]),
             (&[&[0, 1], &[]], &[&[1, 0], &[]]),
