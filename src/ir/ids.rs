@@ -3,6 +3,14 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// An id that names one entry of a dense per-entity table (see `IdVec`).
+pub trait EntityId: Copy {
+    /// The id as an index into its table.
+    fn index(self) -> usize;
+    /// The id of the entry at `index`.
+    fn new(index: usize) -> Self;
+}
+
 macro_rules! entity_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -14,6 +22,15 @@ macro_rules! entity_id {
             /// The id as an index into its graph's table.
             pub fn index(self) -> usize {
                 self.0 as usize
+            }
+        }
+
+        impl EntityId for $name {
+            fn index(self) -> usize {
+                self.0 as usize
+            }
+            fn new(index: usize) -> Self {
+                $name(u32::try_from(index).expect("entity index fits in u32"))
             }
         }
 

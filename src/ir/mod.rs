@@ -2,12 +2,14 @@
 
 mod graph;
 mod ids;
+mod idvec;
 pub mod infer;
 mod op;
 mod types;
 pub mod verify;
 
 pub use graph::{Annotation, Graph, GraphParts, Node, Output, Region, Value};
-pub use ids::{NodeId, RegionId, ValueId};
+pub use ids::{EntityId, NodeId, RegionId, ValueId};
+pub use idvec::{IdVec, LengthMismatch};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use types::{Dtype, Spec, TensorType, MAX_PROGRAM_BYTES};
