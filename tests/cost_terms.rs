@@ -60,7 +60,7 @@ fn choice(dev: Device) -> Choice {
     let total: usize = g.nodes().filter(|(_, n)| n.op.is_collective()).count();
     assert_eq!(total, 1, "one collective");
     let y = matmul.outputs[0];
-    let rows_split = !plan.placements[y.index()].dims[0].is_empty();
+    let rows_split = !plan.placements[y].dims[0].is_empty();
     let gathers_result = gather.inputs[0] == y;
     let gathers_leaf = g.node(g.value(gather.inputs[0]).node).op.is_leaf();
     match (rows_split, gathers_result, gathers_leaf) {

@@ -37,7 +37,7 @@ pub fn print(p: &Plan) -> String {
 
 /// The placement of local value `v` as text; empty when it has none.
 fn placement(p: &Plan, v: ValueId) -> String {
-    let pl = p.placements.get(v.index());
+    let pl = p.placements.get(v);
     pl.map(|x| x.display(&p.mesh)).unwrap_or_default()
 }
 

@@ -68,7 +68,7 @@ fn summary(p: &Plan) -> String {
 /// The placement as text, or `?` when it does not fit the mesh (never panics).
 fn placement(p: &Plan, v: ValueId) -> String {
     let rank = p.mesh.rank();
-    match p.placements.get(v.index()) {
+    match p.placements.get(v) {
         Some(pl) if pl.partial.len() == rank && pl.dims.iter().flatten().all(|&a| a < rank) => {
             pl.display(&p.mesh)
         }
@@ -270,6 +270,7 @@ mod tests {
     use super::*;
     use crate::emit::plan_json::test_plans::*;
     use crate::emit::regions::test_util::*;
+    use crate::ir::IdVec;
     use crate::plan::summary::collective_kind;
 
     /// The number of collectives drawn in `dot`.
@@ -454,8 +455,10 @@ mod tests {
             assert_eq!(bare.matches('"').count() % 2, 0, "{l}");
         }
         // Placements that do not fit the mesh print as `?` rather than panicking.
-        p.placements[0].dims[0] = vec![5];
-        p.placements.truncate(3);
+        p.placements[ValueId(0)].dims[0] = vec![5];
+        let mut short = std::mem::take(&mut p.placements).into_vec();
+        short.truncate(3);
+        p.placements = IdVec::from_vec(short);
         let dot = print(&p);
         assert!(dot.contains("  n0 -> n2 [label=\"f32[8,8] ?\"];"), "{dot}");
         assert!(

@@ -13,7 +13,7 @@
 use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
-use crate::ir::{Graph, GraphParts, NodeId, Op, TensorType, ValueId};
+use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, TensorType, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
 use crate::plan::summary::collective_kind;
@@ -151,8 +151,8 @@ pub fn to_json(p: &Plan) -> String {
         device: p.device,
         global: p.global.to_parts(),
         local: p.local.to_parts(),
-        placements: p.placements.clone(),
-        origin: p.origin.clone(),
+        placements: p.placements.clone().into_vec(),
+        origin: p.origin.clone().into_vec(),
         provenance: p
             .provenance
             .iter()
@@ -179,12 +179,14 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     check_device(&doc.device)?;
     let global = load_graph(doc.global, "global")?;
     let local = load_graph(doc.local, "local")?;
+    let placements = value_table(&local, "placements", doc.placements)?;
+    let origin = value_table(&local, "origin", doc.origin)?;
     verify_plan(PlanParts {
         global: &global,
         local: &local,
         mesh: &mesh,
-        placements: &doc.placements,
-        origin: &doc.origin,
+        placements: &placements,
+        origin: &origin,
     })
     .map_err(|e| corrupt(e.to_string()))?;
     let provenance = check_provenance(&local, doc.provenance)?;
@@ -195,10 +197,24 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
         device: doc.device,
         global,
         local,
-        placements: doc.placements,
-        origin: doc.origin,
+        placements,
+        origin,
         provenance,
         summary,
+    })
+}
+
+/// `items` as the side table `what` of `local`'s values; a length that differs is corrupt.
+fn value_table<V>(
+    local: &Graph,
+    what: &str,
+    items: Vec<V>,
+) -> Result<IdVec<ValueId, V>, PlanJsonError> {
+    IdVec::for_values(local, items).map_err(|e| {
+        corrupt(format!(
+            "{what} lists {} entries, but the local program has {} values",
+            e.got, e.expected
+        ))
     })
 }
 
@@ -850,7 +866,7 @@ mod tests {
             let n = p.placements.len();
             for i in 0..n {
                 for j in i + 1..n {
-                    if p.placements[i] == p.placements[j] {
+                    if p.placements[ValueId(i as u32)] == p.placements[ValueId(j as u32)] {
                         continue;
                     }
                     let text = edited(&p, |d| d.placements.swap(i, j));

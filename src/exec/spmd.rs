@@ -261,9 +261,9 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
 /// The global array of output `k` from every rank's block.
 fn assemble_output(plan: &Plan, ranks: &[RankOutput], k: usize) -> Result<Tensor, String> {
     let v = plan.local.outputs()[k].value;
-    let origin = plan.origin[v.index()].unwrap_or(v);
+    let origin = plan.origin[v].unwrap_or(v);
     let global_shape = &plan.global.ty(origin).shape;
-    let pl = &plan.placements[v.index()];
+    let pl = &plan.placements[v];
     let blocks: Vec<(Vec<u64>, &Tensor)> = ranks
         .iter()
         .enumerate()
@@ -412,7 +412,7 @@ fn load_leaves(
             continue;
         };
         let v = n.outputs[0];
-        let global = plan.origin[v.index()].ok_or_else(|| RunError::Load {
+        let global = plan.origin[v].ok_or_else(|| RunError::Load {
             rank,
             leaf: name.clone(),
             error: ExecError::Internal {
@@ -424,7 +424,7 @@ fn load_leaves(
             &plan.global,
             global,
             name,
-            &plan.placements[v.index()],
+            &plan.placements[v],
             coords,
             &plan.mesh,
             source,
@@ -519,10 +519,10 @@ impl Rank<'_> {
     /// value `v`; `None` when `v` is not a block of a global value.
     fn global_position(&self, v: ValueId, p: usize) -> Option<usize> {
         let plan = self.plan;
-        let origin = plan.origin[v.index()]?;
+        let origin = plan.origin[v]?;
         let shape = &plan.global.ty(origin).shape;
         let local = &plan.local.ty(v).shape;
-        let ranges = block_ranges(shape, &plan.placements[v.index()], &self.coords, &plan.mesh);
+        let ranges = block_ranges(shape, &plan.placements[v], &self.coords, &plan.mesh);
         if local.len() != shape.len()
             || ranges.iter().zip(local).any(|(r, &n)| r.end - r.start != n)
         {

@@ -6,7 +6,7 @@ mod ops;
 pub mod reshard;
 
 use crate::ir::infer::infer;
-use crate::ir::{Graph, NodeId, Op, Output, RegionId, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Op, Output, RegionId, TensorType, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::placement::{PlId, PlacementTable};
 use crate::sharding::{Placement, Sharding};
@@ -33,9 +33,9 @@ pub struct Partitioned {
     /// The SPMD program: local shapes, with collectives.
     pub local: Graph,
     /// Per local value, its placement (how the local array relates to the global tensor).
-    pub placements: Vec<Placement>,
+    pub placements: IdVec<ValueId, Placement>,
     /// Per local value, the global value it holds a piece of, if any.
-    pub origin: Vec<Option<ValueId>>,
+    pub origin: IdVec<ValueId, Option<ValueId>>,
     /// Per collective or slice node, why it is there.
     pub provenance: BTreeMap<NodeId, Provenance>,
 }
@@ -63,8 +63,8 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
     for (id, node) in g.nodes() {
         if node.op.is_leaf() {
             let v = node.outputs[0];
-            if !sh.free[v.index()] {
-                p.materialize(v, sh.placement_of[v.index()])?;
+            if !sh.free[v] {
+                p.materialize(v, sh.placement_of[v])?;
             }
             continue;
         }
@@ -93,7 +93,7 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
     }
     let placements = p
         .placements
-        .iter()
+        .values()
         .map(|&id| p.table.get(id).clone())
         .collect();
     Ok(Partitioned {
@@ -140,11 +140,11 @@ struct Partitioner<'a> {
     out: Graph,
     table: PlacementTable,
     /// Per local value, its placement in `table`.
-    placements: Vec<PlId>,
-    origin: Vec<Option<ValueId>>,
+    placements: IdVec<ValueId, PlId>,
+    origin: IdVec<ValueId, Option<ValueId>>,
     provenance: BTreeMap<NodeId, Provenance>,
     /// Per global value, its home: the first local value holding it, and that placement.
-    home: Vec<Option<(PlId, ValueId)>>,
+    home: IdVec<ValueId, Option<(PlId, ValueId)>>,
     /// The other local values holding a global value, by (global value, placement).
     copies: HashMap<(ValueId, PlId), ValueId>,
 }
@@ -171,10 +171,10 @@ impl<'a> Partitioner<'a> {
             mesh: &sh.mesh,
             out,
             table: sh.table.clone(),
-            placements: Vec::with_capacity(values),
-            origin: Vec::with_capacity(values),
+            placements: IdVec::from_vec(Vec::with_capacity(values)),
+            origin: IdVec::from_vec(Vec::with_capacity(values)),
             provenance: BTreeMap::new(),
-            home: vec![None; g.num_values()],
+            home: IdVec::filled(g.num_values(), None),
             copies: HashMap::new(),
         }
     }
@@ -231,13 +231,13 @@ impl<'a> Partitioner<'a> {
         }
         self.placements.push(pl);
         self.origin.push(Some(v));
-        self.home[v.index()] = Some((pl, l));
+        self.home[v] = Some((pl, l));
         Ok(l)
     }
 
     /// The local value holding global `v` in placement `want`, resharding if needed.
     fn get(&mut self, v: ValueId, want: PlId, user: &Use) -> Result<ValueId, PartitionError> {
-        let Some((from, l)) = self.home[v.index()] else {
+        let Some((from, l)) = self.home[v] else {
             // A free leaf is loaded in the split it is wanted in; partial terms are not data
             // that exists anywhere, so they come from the loaded value by resharding (a
             // Replicate -> Partial(sum) keeps it on the first device only).
@@ -315,11 +315,11 @@ impl<'a> Partitioner<'a> {
         let computed = self.sh.computed_placement(g, id, &mut self.table);
         let outs = self.lower_op(id, ins, &reqs, computed)?;
         for (&o, l) in node.outputs.iter().zip(outs) {
-            self.origin[l.index()] = Some(o);
+            self.origin[l] = Some(o);
             if let Some(name) = &g.value(o).name {
                 self.out.set_value_name(l, name.clone());
             }
-            let placed = self.sh.placement_of[o.index()];
+            let placed = self.sh.placement_of[o];
             let l = if placed != computed {
                 let u = Use {
                     user: User::Constraint(g.value(o).name.as_deref()),
@@ -330,7 +330,7 @@ impl<'a> Partitioner<'a> {
             } else {
                 l
             };
-            self.home[o.index()] = Some((placed, l));
+            self.home[o] = Some((placed, l));
         }
         Ok(())
     }

@@ -244,7 +244,7 @@ impl Partitioner<'_> {
         after: Placement,
     ) -> Result<ValueId, PartitionError> {
         let node = self.g.node(id);
-        let mut cur = self.placements[v.index()];
+        let mut cur = self.placements[v];
         let from = match reduce {
             ReduceOp::Max => AxisPl::Partial(PartialOp::Max),
             _ => AxisPl::Partial(PartialOp::Sum),

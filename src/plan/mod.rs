@@ -8,7 +8,7 @@ pub mod verify;
 pub use summary::{KindSummary, Summary};
 
 use crate::ir::verify::{verify, VerifyError};
-use crate::ir::{Graph, NodeId, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::{partition, PartitionError, Provenance};
 use crate::sharding::{propagate, Placement, ShardError};
@@ -26,9 +26,9 @@ pub struct Plan {
     /// The SPMD program every device runs, on local shapes.
     pub local: Graph,
     /// Per local value, its placement.
-    pub placements: Vec<Placement>,
+    pub placements: IdVec<ValueId, Placement>,
     /// Per local value, the global value it holds a piece of.
-    pub origin: Vec<Option<ValueId>>,
+    pub origin: IdVec<ValueId, Option<ValueId>>,
     /// Why each collective is there.
     pub provenance: BTreeMap<NodeId, Provenance>,
     /// Costs and counts.

@@ -10,7 +10,7 @@
 //! `Plan::build` runs it after partitioning (a failure is a compiler bug) and the plan loader
 //! runs it on every document (a failure is a corrupt document).
 
-use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Graph, IdVec, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::propagate::Strategy;
 use crate::sharding::rules::{rule, Rule};
@@ -83,9 +83,9 @@ pub struct PlanParts<'a> {
     /// The mesh.
     pub mesh: &'a Mesh,
     /// Per local value, its placement.
-    pub placements: &'a [Placement],
+    pub placements: &'a IdVec<ValueId, Placement>,
     /// Per local value, the global value it holds a piece of.
-    pub origin: &'a [Option<ValueId>],
+    pub origin: &'a IdVec<ValueId, Option<ValueId>>,
 }
 
 /// Checks that `p`'s local program computes its global program (see the module docs).
@@ -124,10 +124,10 @@ fn check_tables(p: &PlanParts) -> Result<(), String> {
             ));
         }
     }
-    for (v, o) in p.origin.iter().enumerate() {
+    for (v, o) in p.origin.iter() {
         if let Some(o) = o.filter(|o| o.index() >= p.global.num_values()) {
             return Err(format!(
-                "the origin of local value %{v} is {o}, but the global program has only {} values",
+                "the origin of local value {v} is {o}, but the global program has only {} values",
                 p.global.num_values()
             ));
         }
@@ -236,7 +236,7 @@ impl<'a> Verifier<'a> {
         }
         let mut deferred = Vec::new();
         for (id, n) in local.nodes() {
-            let o = n.outputs.first().and_then(|v| self.p.origin[v.index()]);
+            let o = n.outputs.first().and_then(|&v| self.p.origin[v]);
             if o.is_none() && n.op.transition().is_none() {
                 deferred.push(id);
                 continue;
@@ -262,21 +262,21 @@ impl<'a> Verifier<'a> {
             problem,
             node: Some(id),
             op: n.op.to_string(),
-            origin: n.outputs.first().and_then(|v| self.p.origin[v.index()]),
+            origin: n.outputs.first().and_then(|&v| self.p.origin[v]),
             span: Some(n.span),
             detail,
         }
     }
 
     fn pl(&self, v: ValueId) -> &'a Placement {
-        &self.p.placements[v.index()]
+        &self.p.placements[v]
     }
 
     /// The global value local `v` holds a piece of. A local multi-result node records its
     /// origin's first result for every result: result `k` holds the origin node's result `k`.
     fn held(&self, v: ValueId) -> Option<ValueId> {
         let (g, l) = (self.p.global, self.p.local);
-        let o = self.p.origin[v.index()]?;
+        let o = self.p.origin[v]?;
         let k = l.value(v).index as usize;
         let gval = g.value(o);
         if k > 0 && gval.index == 0 {
@@ -299,7 +299,7 @@ impl<'a> Verifier<'a> {
         let (g, mesh) = (self.p.global, self.p.mesh);
         let ty = self.p.local.ty(v);
         let pl = self.pl(v);
-        let o = self.p.origin[v.index()];
+        let o = self.p.origin[v];
         let loss_term = o.is_some_and(|o| self.in_loss(o) && ty.rank() != g.ty(o).rank());
         let rank = match o {
             Some(o) if loss_term && pl.dims.len() == g.ty(o).rank() => pl.dims.len(),
@@ -330,7 +330,7 @@ impl<'a> Verifier<'a> {
     fn check_node(&mut self, id: NodeId) -> Check {
         let n = self.p.local.node(id);
         self.check_axes(&n.op).map_err(|d| (Problem::MeshAxis, d))?;
-        let o = n.outputs.first().and_then(|v| self.p.origin[v.index()]);
+        let o = n.outputs.first().and_then(|&v| self.p.origin[v]);
         if n.op.transition().is_some() {
             return self.check_move(id);
         }
@@ -375,7 +375,7 @@ impl<'a> Verifier<'a> {
                 "it must have one operand and one result".into(),
             ));
         };
-        if self.p.origin[x.index()] != self.p.origin[y.index()] {
+        if self.p.origin[x] != self.p.origin[y] {
             return Err((
                 Problem::Operands,
                 format!("its operand {x} holds another value than its result {y}"),
@@ -758,7 +758,7 @@ impl<'a> Verifier<'a> {
                 "it must have one operand and one result".into(),
             ));
         };
-        if !self.pending.contains_key(&x) || self.p.origin[x.index()] != self.p.origin[y.index()] {
+        if !self.pending.contains_key(&x) || self.p.origin[x] != self.p.origin[y] {
             return Err((
                 Problem::Op,
                 "a scalar op whose origin is a mean must rescale that mean's local result".into(),
@@ -841,7 +841,7 @@ impl<'a> Verifier<'a> {
             ));
         }
         for &node in &m.nodes {
-            if node != id && self.p.origin[l.node(node).outputs[0].index()].is_some() {
+            if node != id && self.p.origin[l.node(node).outputs[0]].is_some() {
                 return Err((
                     Problem::Op,
                     format!("{node} inside its vocab-parallel loss has an origin"),
@@ -967,7 +967,7 @@ impl Matcher<'_> {
         &mut self,
         per: NodeId,
         mesh: &Mesh,
-        pls: &[Placement],
+        pls: &IdVec<ValueId, Placement>,
     ) -> Result<(ValueId, ValueId, Vec<usize>), (Problem, String)> {
         // The target logit fixes the vocab axes; everything else is matched against them.
         let peek = self
@@ -1018,7 +1018,7 @@ impl Matcher<'_> {
             .ok_or_else(|| self.fail())?;
         let max_ok = matches!(self.l.node(mx).op, Op::Reduce { op: ReduceOp::Max, axis, keepdims: true } if axis == last);
         let sum_ok = matches!(self.l.node(sum).op, Op::Reduce { axis, .. } if axis == last);
-        if !max_ok || !sum_ok || self.input(mx, 0)? != x || pls[x.index()].dims[last] != vaxes {
+        if !max_ok || !sum_ok || self.input(mx, 0)? != x || pls[x].dims[last] != vaxes {
             return Err(self.fail());
         }
         Ok((x, y, vaxes))

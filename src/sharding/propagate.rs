@@ -8,7 +8,7 @@
 use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTable};
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
-use crate::ir::{Graph, NodeId, Op, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Op, TensorType, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::span::Span;
 use std::collections::HashMap;
@@ -97,17 +97,17 @@ pub struct Sharding {
     /// The distinct op rules (nodes with equal ops and types share one).
     pub rules: Vec<Rule>,
     /// Per node, the index of its rule in `rules` (`None` for leaves).
-    pub rule_of: Vec<Option<u32>>,
+    pub rule_of: IdVec<NodeId, Option<u32>>,
     /// Per node and mesh axis, at `node * mesh.rank() + axis`: its strategy (unused for nodes
     /// without a rule).
     pub strategies: Vec<Strategy>,
     /// The distinct placements, referenced by `placement_of`.
     pub table: PlacementTable,
     /// Per value: its placement in `table` (for a free leaf, the one its first user asked for).
-    pub placement_of: Vec<PlId>,
+    pub placement_of: IdVec<ValueId, PlId>,
     /// Per value: an unannotated input or param, which tpc loads in whatever placement each
     /// user needs, without communication.
-    pub free: Vec<bool>,
+    pub free: IdVec<ValueId, bool>,
     /// The first node of each block instance whose forward-pass choices were copied from an
     /// earlier instance that read the same inputs, per axis and pass in order (a statistic: the
     /// outcome is the same as computing them).
@@ -117,12 +117,12 @@ pub struct Sharding {
 impl Sharding {
     /// The rule of node `n`, if it has one.
     pub fn rule(&self, n: NodeId) -> Option<&Rule> {
-        self.rule_of[n.index()].map(|r| &self.rules[r as usize])
+        self.rule_of[n].map(|r| &self.rules[r as usize])
     }
 
     /// The strategies of node `n`, one per mesh axis (empty for a node without a rule).
     pub fn strategies(&self, n: NodeId) -> &[Strategy] {
-        if self.rule_of[n.index()].is_none() {
+        if self.rule_of[n].is_none() {
             return &[];
         }
         let r = self.mesh.rank();
@@ -131,7 +131,7 @@ impl Sharding {
 
     /// The placement of value `v`.
     pub fn placement(&self, v: ValueId) -> &Placement {
-        self.table.get(self.placement_of[v.index()])
+        self.table.get(self.placement_of[v])
     }
 
     /// The placement node `n` needs its operand `i` in, interned in `table`.
@@ -299,11 +299,11 @@ fn propagate_with(
     Ok(Sharding {
         mesh: mesh.clone(),
         rules,
-        rule_of,
+        rule_of: IdVec::from_vec(rule_of),
         strategies,
         table,
         placement_of,
-        free,
+        free: IdVec::from_vec(free),
         copied_instances,
     })
 }
