@@ -4,7 +4,7 @@
 
 use super::text::{join, render, Blocks};
 use super::{file_name, View};
-use crate::ir::{Graph, Node, NodeId, Op, RegionId, ValueId};
+use crate::ir::{Graph, IdVec, Node, NodeId, Op, RegionId, ValueId};
 use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
 use std::collections::HashMap;
@@ -113,21 +113,21 @@ struct Body<'a> {
     signature: HashMap<RegionId, String>,
     ranges: HashMap<RegionId, (usize, usize)>,
     /// Per value, the index of the last node reading it (`usize::MAX` for program outputs).
-    last_use: Vec<usize>,
+    last_use: IdVec<ValueId, usize>,
 }
 
 impl<'a> Body<'a> {
     /// The body of `p`, written into `b`.
     fn new(p: &'a Plan, b: &'a mut Blocks) -> Self {
         let view = View::new(&p.local);
-        let mut last_use = vec![0; view.values.len()];
+        let mut last_use = IdVec::filled(view.values.len(), 0);
         for (i, n) in view.nodes.iter().enumerate() {
             for v in &n.inputs {
-                last_use[v.index()] = i;
+                last_use[*v] = i;
             }
         }
         for o in p.local.outputs() {
-            last_use[o.value.index()] = usize::MAX;
+            last_use[o.value] = usize::MAX;
         }
         Body {
             p,
@@ -226,7 +226,7 @@ impl<'a> Body<'a> {
         let ids: Vec<String> = self.view.nodes[start..end]
             .iter()
             .flat_map(|n| &n.outputs)
-            .filter(|v| self.last_use[v.index()] >= end)
+            .filter(|v| self.last_use[**v] >= end)
             .map(|v| v.to_string())
             .collect();
         if ids.is_empty() {

@@ -5,7 +5,7 @@
 
 use super::kernels::recycle;
 use super::{ExecError, Tensor};
-use crate::ir::{Graph, Node, NodeId, ValueId};
+use crate::ir::{Graph, IdVec, Node, NodeId, ValueId};
 use crate::plan::liveness::Liveness;
 use std::borrow::Cow;
 
@@ -31,10 +31,10 @@ pub(crate) struct Outcome {
 pub(crate) fn run<E: Eval>(
     g: &Graph,
     live: &Liveness,
-    leaves: &[Option<&Tensor>],
+    leaves: &IdVec<ValueId, Option<&Tensor>>,
     ev: &mut E,
 ) -> Result<Outcome, (NodeId, E::Error)> {
-    let mut slots: Vec<Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
+    let mut slots: IdVec<ValueId, Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
     let (mut live_bytes, mut peak) = (0u64, 0u64);
     for (id, node) in g.nodes() {
         if node.op.is_leaf() {
@@ -51,13 +51,13 @@ pub(crate) fn run<E: Eval>(
         check_results(g, id, node, &results).map_err(|e| (id, e.into()))?;
         for (&v, t) in node.outputs.iter().zip(results) {
             live_bytes += bytes(&t);
-            slots[v.index()] = Some(t);
+            slots[v] = Some(t);
         }
         peak = peak.max(live_bytes);
         live_bytes -= handed;
         for &v in node.inputs.iter().chain(&node.outputs) {
             if live.dies_at(v, i) {
-                if let Some(t) = slots[v.index()].take() {
+                if let Some(t) = slots[v].take() {
                     live_bytes -= bytes(&t);
                     // The buffer serves a later kernel's output.
                     recycle(t);
@@ -78,26 +78,26 @@ fn operands<'s>(
     node: &Node,
     live: &Liveness,
     i: usize,
-    leaves: &[Option<&'s Tensor>],
-    slots: &'s mut [Option<Tensor>],
+    leaves: &IdVec<ValueId, Option<&'s Tensor>>,
+    slots: &'s mut IdVec<ValueId, Option<Tensor>>,
 ) -> Result<Vec<Cow<'s, Tensor>>, ExecError> {
     let once = |v: ValueId| node.inputs.iter().filter(|&&w| w == v).count() == 1;
     let mut owned: Vec<Option<Tensor>> = node
         .inputs
         .iter()
         .map(|&v| {
-            let hand = live.dies_at(v, i) && leaves[v.index()].is_none() && once(v);
-            hand.then(|| slots[v.index()].take()).flatten()
+            let hand = live.dies_at(v, i) && leaves[v].is_none() && once(v);
+            hand.then(|| slots[v].take()).flatten()
         })
         .collect();
-    let slots: &'s [Option<Tensor>] = slots;
+    let slots: &'s IdVec<ValueId, Option<Tensor>> = slots;
     node.inputs
         .iter()
         .zip(owned.iter_mut())
         .map(|(v, h)| match h.take() {
             Some(t) => Ok(Cow::Owned(t)),
-            None => leaves[v.index()]
-                .or(slots[v.index()].as_ref())
+            None => leaves[*v]
+                .or(slots[*v].as_ref())
                 .map(Cow::Borrowed)
                 .ok_or_else(|| ExecError::Internal {
                     node: here(node),
@@ -135,14 +135,14 @@ fn check_results(g: &Graph, id: NodeId, node: &Node, results: &[Tensor]) -> Resu
 /// a leaf).
 fn outputs<E: From<ExecError>>(
     g: &Graph,
-    leaves: &[Option<&Tensor>],
-    slots: &mut [Option<Tensor>],
+    leaves: &IdVec<ValueId, Option<&Tensor>>,
+    slots: &mut IdVec<ValueId, Option<Tensor>>,
 ) -> Result<Vec<Tensor>, (NodeId, E)> {
     let outs = g.outputs();
     outs.iter()
         .enumerate()
         .map(|(k, o)| {
-            let v = o.value.index();
+            let v = o.value;
             let again = outs[k + 1..].iter().any(|p| p.value == o.value);
             let t = match leaves[v] {
                 Some(t) => Some(t.clone()),

@@ -4,7 +4,7 @@
 use super::apply::apply_owned;
 use super::core::{self, Eval};
 use super::{ExecError, Tensor};
-use crate::ir::{Graph, Node, Op};
+use crate::ir::{Graph, IdVec, Node, Op, ValueId};
 use crate::plan::liveness::Liveness;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -38,14 +38,14 @@ impl Eval for Global {
     }
 }
 
-/// Each leaf value of `g` (by value index) from the params and inputs, checked against its
+/// Each leaf value of `g` from the params and inputs, checked against its
 /// declared type.
 fn leaves<'a>(
     g: &Graph,
     params: &'a BTreeMap<String, Tensor>,
     inputs: &'a BTreeMap<String, Tensor>,
-) -> Result<Vec<Option<&'a Tensor>>, ExecError> {
-    let mut out = vec![None; g.num_values()];
+) -> Result<IdVec<ValueId, Option<&'a Tensor>>, ExecError> {
+    let mut out = IdVec::filled(g.num_values(), None);
     for (_, node) in g.nodes() {
         let (map, missing): (_, fn(String) -> ExecError) = match &node.op {
             Op::Param { .. } => (params, ExecError::MissingParam),
@@ -64,7 +64,7 @@ fn leaves<'a>(
                 got: t.describe(),
             });
         }
-        out[v.index()] = Some(t);
+        out[v] = Some(t);
     }
     Ok(out)
 }

@@ -10,7 +10,7 @@ use super::kernels::{self as k, Pooled};
 use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::redistribute;
 use super::{ExecError, Tensor};
-use crate::ir::{Dtype, Node, NodeId, Op, ReduceOp, ValueId};
+use crate::ir::{Dtype, IdVec, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::plan::liveness::Liveness;
 use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
@@ -352,9 +352,9 @@ fn run_rank_inner(
         .collect();
     let loaded = load_leaves(plan, &coords, source, rank)?;
     let leaf_bytes: u64 = loaded.values().map(core::bytes).sum();
-    let mut leaves = vec![None; plan.local.num_values()];
+    let mut leaves = IdVec::filled(plan.local.num_values(), None);
     for (v, t) in &loaded {
-        leaves[v.index()] = Some(t);
+        leaves[*v] = Some(t);
     }
     let live = Liveness::of(&plan.local);
     let world: Vec<usize> = (0..t.world()).collect();

@@ -2,42 +2,42 @@
 //! share: a value is dead after its last reading node; a value never read is dead after the node
 //! that makes it; a program output is read "at the end" (index `num_nodes`) and never dies.
 
-use crate::ir::{Graph, ValueId};
+use crate::ir::{Graph, IdVec, ValueId};
 
 /// For each value of a graph, the index of the node after which it is dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Liveness {
-    last: Vec<Option<usize>>,
+    last: IdVec<ValueId, Option<usize>>,
 }
 
 impl Liveness {
     /// The liveness of `g`'s values.
     pub fn of(g: &Graph) -> Liveness {
-        let mut last = vec![None; g.num_values()];
+        let mut last = IdVec::filled(g.num_values(), None);
         for (id, n) in g.nodes() {
             for v in &n.inputs {
-                last[v.index()] = Some(id.index());
+                last[*v] = Some(id.index());
             }
         }
         for o in g.outputs() {
-            last[o.value.index()] = Some(g.num_nodes());
+            last[o.value] = Some(g.num_nodes());
         }
         Liveness { last }
     }
 
     /// The index of the last node reading `v` (`num_nodes` for outputs); `None` when unread.
     pub fn last_use(&self, v: ValueId) -> Option<usize> {
-        self.last[v.index()]
+        self.last[v]
     }
 
     /// True when `v` is dead once node `node` has run: `node` is its last reader, or `v` is
     /// never read (then it dies where it is made).
     pub fn dies_at(&self, v: ValueId, node: usize) -> bool {
-        self.last[v.index()].is_none_or(|l| l <= node)
+        self.last[v].is_none_or(|l| l <= node)
     }
 
-    /// The last use of every value, by value index.
-    pub fn into_vec(self) -> Vec<Option<usize>> {
+    /// The last use of every value.
+    pub fn into_table(self) -> IdVec<ValueId, Option<usize>> {
         self.last
     }
 }

@@ -89,13 +89,13 @@ impl Plan {
 
     /// For each local value, the index of the last node reading it (`num_nodes` for outputs,
     /// which stay live to the end); `None` when never read.
-    pub fn last_uses(&self) -> Vec<Option<usize>> {
+    pub fn last_uses(&self) -> IdVec<ValueId, Option<usize>> {
         last_uses(&self.local)
     }
 }
 
 /// Last reading node of each value of `g` (outputs count as read at the end): the
 /// [`liveness::Liveness`] convention.
-pub fn last_uses(g: &Graph) -> Vec<Option<usize>> {
-    liveness::Liveness::of(g).into_vec()
+pub fn last_uses(g: &Graph) -> IdVec<ValueId, Option<usize>> {
+    liveness::Liveness::of(g).into_table()
 }

@@ -110,7 +110,7 @@ fn memory(g: &Graph) -> (u64, u64) {
                 continue;
             }
             live = live.saturating_add(b);
-            let end = last[v.index()].unwrap_or(id.index());
+            let end = last[v].unwrap_or(id.index());
             frees[end].push(b);
         }
         peak = peak.max(live);

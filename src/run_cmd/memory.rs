@@ -67,7 +67,7 @@ fn program(g: &Graph) -> (u128, u128, u128) {
                 continue;
             }
             live = live.saturating_add(b);
-            let end = last[v.index()].unwrap_or(id.index()).min(g.num_nodes());
+            let end = last[v].unwrap_or(id.index()).min(g.num_nodes());
             dead[end].push(b);
         }
         peak = peak.max(live);
