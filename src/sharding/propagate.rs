@@ -209,14 +209,14 @@ fn propagate_with(
 ) -> Result<Sharding, ShardError> {
     let mut table = PlacementTable::default();
     let fixed = fixed_placements(g, mesh, &mut table)?;
-    let free: Vec<bool> = g
+    let free: IdVec<ValueId, bool> = g
         .values()
-        .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v.index()].is_none())
+        .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v].is_none())
         .collect();
     let mut rules: Vec<Rule> = Vec::new();
     let mut rule_ids: HashMap<Rule, u32, FxBuild> = HashMap::default();
-    let mut rule_of: Vec<Option<u32>> = Vec::with_capacity(g.num_nodes());
-    let mut compute: Vec<f64> = Vec::with_capacity(g.num_nodes());
+    let mut rule_of: IdVec<NodeId, Option<u32>> = IdVec::default();
+    let mut compute: IdVec<NodeId, f64> = IdVec::default();
     let (mut ins, mut outs): (Vec<&TensorType>, Vec<&TensorType>) = (Vec::new(), Vec::new());
     for (_, n) in g.nodes() {
         ins.clear();
@@ -239,8 +239,8 @@ fn propagate_with(
             dev,
         ));
     }
-    let bytes: Vec<f64> = g.values().map(|(_, v)| v.ty.size_bytes() as f64).collect();
-    let param: Vec<bool> = g
+    let bytes: IdVec<ValueId, f64> = g.values().map(|(_, v)| v.ty.size_bytes() as f64).collect();
+    let param: IdVec<ValueId, bool> = g
         .values()
         .map(|(_, v)| matches!(g.node(v.node).op, Op::Param { .. }))
         .collect();
@@ -286,7 +286,7 @@ fn propagate_with(
     }
     let placement_of = g
         .values()
-        .map(|(v, val)| match fixed[v.index()] {
+        .map(|(v, val)| match fixed[v] {
             Some(id) => id,
             None => table.intern_axes(
                 val.ty.rank(),
@@ -299,11 +299,11 @@ fn propagate_with(
     Ok(Sharding {
         mesh: mesh.clone(),
         rules,
-        rule_of: IdVec::from_vec(rule_of),
+        rule_of,
         strategies,
         table,
         placement_of,
-        free: IdVec::from_vec(free),
+        free,
         copied_instances,
     })
 }
@@ -313,12 +313,12 @@ fn fixed_placements(
     g: &Graph,
     mesh: &Mesh,
     table: &mut PlacementTable,
-) -> Result<Vec<Option<PlId>>, ShardError> {
-    let mut fixed = vec![None; g.num_values()];
+) -> Result<IdVec<ValueId, Option<PlId>>, ShardError> {
+    let mut fixed = IdVec::filled(g.num_values(), None);
     for (v, a) in g.annotations() {
         let p = Placement::from_spec(&a.spec, mesh).expect("the mesh includes every declared axis");
         check_divides(g, *v, &p, mesh, a.span)?;
-        fixed[v.index()] = Some(table.intern_owned(p));
+        fixed[*v] = Some(table.intern_owned(p));
     }
     for o in g.outputs() {
         if let Some(a) = &o.annotation {
@@ -367,17 +367,17 @@ struct AxisCtx<'a> {
     a: usize,
     n: u64,
     dev: &'a Device,
-    fixed: &'a [Option<PlId>],
+    fixed: &'a IdVec<ValueId, Option<PlId>>,
     /// Per placement of the table, its state along this axis.
     fixed_axis: Vec<AxisPl>,
     /// Per value, its size in bytes.
-    bytes: &'a [f64],
+    bytes: &'a IdVec<ValueId, f64>,
     /// Per value, whether it is a param.
-    param: &'a [bool],
-    free: &'a [bool],
+    param: &'a IdVec<ValueId, bool>,
+    free: &'a IdVec<ValueId, bool>,
     rules: &'a [Rule],
-    rule_of: &'a [Option<u32>],
-    compute: &'a [f64],
+    rule_of: &'a IdVec<NodeId, Option<u32>>,
+    compute: &'a IdVec<NodeId, f64>,
     edges: &'a Edges,
 }
 
@@ -434,7 +434,7 @@ impl Demands {
 
 impl AxisCtx<'_> {
     fn rule(&self, id: NodeId) -> Option<&Rule> {
-        self.rule_of[id.index()].map(|r| &self.rules[r as usize])
+        self.rule_of[id].map(|r| &self.rules[r as usize])
     }
 
     /// Chosen strategy per node and state per value along this axis, and the first nodes of the
@@ -454,9 +454,9 @@ impl AxisCtx<'_> {
             .collect();
         let mut choice: Vec<Option<Strategy>> = vec![None; g.num_nodes()];
         if self.n == 1 {
-            for (i, r) in self.rule_of.iter().enumerate() {
+            for (i, r) in self.rule_of.iter() {
                 if r.is_some() {
-                    choice[i] = Some(Strategy::Replicate);
+                    choice[i.index()] = Some(Strategy::Replicate);
                 }
             }
             return (choice, st, Vec::new());
@@ -529,13 +529,13 @@ impl AxisCtx<'_> {
     }
 
     fn fixed_state(&self, v: ValueId) -> Option<AxisPl> {
-        self.fixed[v.index()].map(|id| self.fixed_axis[id as usize])
+        self.fixed[v].map(|id| self.fixed_axis[id as usize])
     }
 
     /// A free leaf's displayed state: what its first user asked for.
     fn free_leaf_states(&self, choice: &[Option<Strategy>], st: &mut [AxisPl]) {
         for (v, _) in self.g.values() {
-            if !self.free[v.index()] {
+            if !self.free[v] {
                 continue;
             }
             let first = self.g.users(v).iter().find_map(|&u| {
@@ -674,7 +674,7 @@ impl AxisCtx<'_> {
             let internal = s.internal(rule);
             let induced = inputs.iter().enumerate().any(|(i, v)| {
                 let req = s.operand(rule, i);
-                !self.free[v.index()] && st[v.index()] == req && req != AxisPl::Replicate
+                !self.free[*v] && st[v.index()] == req && req != AxisPl::Replicate
             }) || (result != AxisPl::Replicate && wanted(result))
                 || (internal
                     && inputs.iter().enumerate().any(|(i, v)| {
@@ -696,7 +696,7 @@ impl AxisCtx<'_> {
     }
 
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
-        let b = self.bytes[v.index()];
+        let b = self.bytes[v];
         if matches!(s, AxisPl::Shard(_)) {
             b / self.n as f64
         } else {
@@ -706,7 +706,7 @@ impl AxisCtx<'_> {
 
     /// Seconds to move `v` from state `from` to `to` along this axis (`bytes` of the whole).
     fn reshard(&self, v: ValueId, from: AxisPl, to: AxisPl) -> f64 {
-        let whole = self.bytes[v.index()];
+        let whole = self.bytes[v];
         let n = self.n;
         let launch = |k: CollectiveKind, b: f64| k.time(n, b, self.dev);
         match (from, to) {
@@ -738,13 +738,13 @@ impl AxisCtx<'_> {
         let mut c = 0.0;
         for (i, &v) in inputs.iter().enumerate() {
             let req = s.operand(rule, i);
-            let factor = if self.param[v.index()] {
+            let factor = if self.param[v] {
                 dev.param_state_factor
             } else {
                 1.0
             };
             c += self.bytes(v, req) * factor * dev.mem_weight;
-            if !self.free[v.index()] {
+            if !self.free[v] {
                 c += self.reshard(v, st[v.index()], req);
             }
         }
@@ -753,9 +753,9 @@ impl AxisCtx<'_> {
         } else {
             1.0
         };
-        c += self.compute[id.index()] * frac;
+        c += self.compute[id] * frac;
         if s.internal(rule) {
-            let rows = self.bytes[inputs[1].index()];
+            let rows = self.bytes[inputs[1]];
             c += 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev);
         }
         let result = s.result(rule);

@@ -150,9 +150,9 @@ impl AxisCtx<'_> {
         key.extend([it.body as u64, (it.end - it.start) as u64]);
         for i in it.start as usize..it.end as usize {
             let id = NodeId(i as u32);
-            match self.rule_of[i] {
+            match self.rule_of[id] {
                 Some(r) => {
-                    key.extend([r as u64, self.compute[i].to_bits()]);
+                    key.extend([r as u64, self.compute[id].to_bits()]);
                     let prior = &earlier[i * rank..i * rank + self.a];
                     key.extend(prior.iter().map(|&s| strategy_word(s)));
                 }
@@ -174,8 +174,9 @@ impl AxisCtx<'_> {
             key.extend(self.value_words(e));
         }
         for i in it.start as usize..it.end as usize {
-            if self.rule_of[i].is_none() {
-                watch.extend_from_slice(self.edges.outputs(NodeId(i as u32)));
+            let id = NodeId(i as u32);
+            if self.rule_of[id].is_none() {
+                watch.extend_from_slice(self.edges.outputs(id));
             }
         }
     }
@@ -209,11 +210,10 @@ impl AxisCtx<'_> {
 
     /// The static facts about value `v` the cost model reads.
     fn value_words(&self, v: ValueId) -> [u64; 3] {
-        let i = v.index();
         [
-            self.bytes[i].to_bits(),
-            self.param[i] as u64,
-            self.free[i] as u64,
+            self.bytes[v].to_bits(),
+            self.param[v] as u64,
+            self.free[v] as u64,
         ]
     }
 
@@ -282,7 +282,7 @@ impl AxisCtx<'_> {
         changed: &mut bool,
     ) {
         for (k, dst) in (to.start as usize..to.end as usize).enumerate() {
-            if self.rule_of[dst].is_none() {
+            if self.rule_of[NodeId(dst as u32)].is_none() {
                 continue;
             }
             let src = from + k;
