@@ -27,8 +27,15 @@ pub struct Step {
 /// A reshard that does not reach its target: a compiler bug (or placements that are not well
 /// formed), reported with the placements it was asked to connect and where it stopped.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("reshard from {from:?} to {to:?} does not converge (stuck at {stuck:?})")]
+#[error(
+    "reshard from {} to {} does not converge (stuck at {})",
+    .from.display(.mesh),
+    .to.display(.mesh),
+    .stuck.display(.mesh)
+)]
 pub struct ReshardError {
+    /// The mesh the placements are on.
+    pub mesh: Mesh,
     /// The placement the value is in.
     pub from: Placement,
     /// The placement asked for.
@@ -53,6 +60,7 @@ pub fn plan_reshard(
             .flatten()
             .ok_or_else(|| {
                 Box::new(ReshardError {
+                    mesh: mesh.clone(),
                     from: from.clone(),
                     to: to.clone(),
                     stuck: cur.clone(),
@@ -396,7 +404,10 @@ mod tests {
         assert_eq!(err.from, from);
         assert_eq!(err.to, to);
         assert_eq!(err.stuck.dims, vec![vec![0], vec![]]);
-        assert!(err.to_string().contains("does not converge"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "reshard from [_, _] to [dp, dp] does not converge (stuck at [dp, _])"
+        );
         // Every step keeps its contract: it starts where the previous one ended and moves one
         // axis as its op says.
         let to = Placement {
