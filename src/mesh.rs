@@ -141,14 +141,15 @@ impl Mesh {
                 .map(String::as_str)
                 .filter(|n| self.axis_index(n).is_none())
                 .collect();
-            let hint = crate::lower::consts::suggest(axis, unsized_.iter().copied())
+            let hint = crate::diag::suggest(axis, unsized_.iter().copied())
                 .or_else(|| match unsized_.as_slice() {
                     [only] => Some(format!("did you mean `{only}`?")),
                     _ => None,
                 })
                 .or_else(|| {
                     names.is_empty().then(|| {
-                        "declare the axes with a `mesh` line, e.g. `mesh tp`, or run without                          --mesh/--degree"
+                        "declare the axes with a `mesh` line, e.g. `mesh tp`, or run without \
+                         --mesh/--degree"
                             .to_string()
                     })
                 });
@@ -384,5 +385,7 @@ mod tests {
         Mesh::parse("tp=2").unwrap().check_declared(&dp_tp).unwrap();
         let e = Mesh::degree(2).unwrap().check_declared(&[]).unwrap_err();
         assert!(e.to_string().contains("declares no mesh axes"), "{e}");
+        let text = crate::diag::render(&e, None);
+        assert!(text.contains("or run without --mesh/--degree"), "{text}");
     }
 }

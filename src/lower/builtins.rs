@@ -235,7 +235,7 @@ pub(crate) fn call(
             .iter()
             .map(|(n, _)| *n)
             .chain(prog.blocks.keys().copied());
-        let hint = consts::suggest(&func.name, cands);
+        let hint = crate::diag::suggest(&func.name, cands);
         return Err(LowerError::UnknownName {
             name: func.name.clone(),
             span: func.span,

@@ -2,7 +2,7 @@
 //! lowered once per argument signature and stamped per call), and infers shapes.
 
 mod builtins;
-pub(crate) mod consts;
+mod consts;
 mod error;
 mod expr;
 mod scope;
@@ -187,13 +187,14 @@ impl<'a> Program<'a> {
             if !self.dims.contains_key(name) {
                 let mut known = self.dim_order.clone();
                 known.sort();
-                let hint = consts::suggest(name, known.iter().map(|s| s.as_str())).or_else(|| {
-                    Some(if known.is_empty() {
-                        "the program declares no dims".into()
-                    } else {
-                        format!("dims of this program: {}", known.join(", "))
-                    })
-                });
+                let hint =
+                    crate::diag::suggest(name, known.iter().map(|s| s.as_str())).or_else(|| {
+                        Some(if known.is_empty() {
+                            "the program declares no dims".into()
+                        } else {
+                            format!("dims of this program: {}", known.join(", "))
+                        })
+                    });
                 return Err(LowerError::BadSet {
                     message: format!("the program has no dim `{name}`"),
                     hint,

@@ -252,7 +252,7 @@ impl<'g> Scope<'g> {
         if let Some(d) = prog.dims.get(&id.name) {
             return Ok(Val::Scalar(*d as f64, true));
         }
-        let mut hint = consts::suggest(
+        let mut hint = crate::diag::suggest(
             &id.name,
             self.env
                 .keys()
@@ -314,7 +314,7 @@ impl<'g> Scope<'g> {
                 let hint = if names.is_empty() {
                     format!("declare it first: `mesh {}`", axis.name)
                 } else {
-                    consts::suggest(&axis.name, names.iter().copied())
+                    crate::diag::suggest(&axis.name, names.iter().copied())
                         .unwrap_or_else(|| format!("declared axes: {}", names.join(", ")))
                 };
                 return Err(LowerError::UnknownAxis {
