@@ -49,17 +49,16 @@ pub fn check_writable(what: &str, path: &Path) -> Result<(), FileError> {
     if path.as_os_str().is_empty() {
         return Err(FileError::Empty { what: what.into() });
     }
+    // The write goes through a symlink to its target: check where it will land.
+    let path = &resolve(path).map_err(|e| bad(os_reason(&e)))?;
     if let Ok(m) = std::fs::metadata(path) {
         if m.is_dir() {
             return Err(bad("is a directory".into()));
         }
         if !m.is_file() {
-            // A device or FIFO: written in place; opening it tells whether that works.
-            return OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map(drop)
-                .map_err(|e| bad(os_reason(&e)));
+            // A device or FIFO is written in place. Opening it here would meet (and release) a
+            // FIFO's reader before the real write, which would then wait for another one.
+            return Ok(());
         }
     }
     let dir = parent(path);
@@ -103,15 +102,9 @@ pub fn write_atomic(
         });
     }
     // A symlink is written through: its target is replaced, the link stays.
-    let resolved;
-    let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            resolved = std::fs::canonicalize(path).map_err(|e| fail(&e))?;
-            resolved.as_path()
-        }
-        _ => path,
-    };
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    let path = &resolve(path).map_err(|e| fail(&e))?;
+    let meta = std::fs::metadata(path).ok();
+    if meta.as_ref().is_some_and(|m| !m.is_file() && !m.is_dir()) {
         let mut f = OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -121,7 +114,7 @@ pub fn write_atomic(
     }
     let (tmp, mut f) = create_temp(path).map_err(|e| fail(&e))?;
     let result = (|| {
-        if let Ok(m) = std::fs::metadata(path) {
+        if let Some(m) = &meta {
             f.set_permissions(m.permissions())?;
         }
         write(&mut f)?;
@@ -157,6 +150,14 @@ pub fn failed_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Where a write to `path` lands: the target of a symlink, else `path` itself.
+fn resolve(path: &Path) -> io::Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// The directory a new file at `path` goes in.
 fn parent(path: &Path) -> PathBuf {
     match path.parent() {
@@ -182,7 +183,7 @@ fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
 }
 
 /// The OS error without Rust's ` (os error N)` suffix.
-fn os_reason(e: &io::Error) -> String {
+pub fn os_reason(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),
@@ -199,6 +200,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_fifo_is_checked_without_opening_it() {
+        // Opening a FIFO for writing waits for a reader: the check must not open it.
+        let d = scratch("fifo");
+        let fifo = d.join("out.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            return; // no mkfifo on this system
+        }
+        check_writable("--out", &fifo).unwrap();
+        assert!(!std::fs::metadata(&fifo).unwrap().is_file());
     }
 
     #[test]
