@@ -12,6 +12,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Error};
+use tpc::files::os_reason;
 use tpc::mesh::{Device, Mesh};
 
 /// tpc: a tensor-parallel compiler. Describe a model in .tpl, mark how a few weights are split
@@ -192,13 +193,6 @@ pub(crate) fn say_out(text: &str) {
 /// complain, so failure is ignored.
 pub(crate) fn say_err(text: &str) {
     let _ = std::io::stderr().write_all(format!("{text}\n").as_bytes());
-}
-
-/// The OS error without Rust's ` (os error N)` suffix.
-pub(crate) fn os_reason(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    s.find(" (os error")
-        .map_or(s.clone(), |i| s[..i].to_string())
 }
 
 fn run(cli: Cli) -> ExitCode {

@@ -167,14 +167,14 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         Ok(o) => o,
         Err(e) => {
             bar.finish_and_clear();
-            say(&format!("error: {e}"));
+            crate::say_err(&format!("error: {e}"));
             t.abort_job(1)
         }
     };
     bar.finish_and_clear();
     if rank != 0 {
         if let Err(e) = t.send(0, encode_rank_output(&mine)) {
-            say(&format!(
+            crate::say_err(&format!(
                 "error: rank {rank}: sending the outputs to rank 0: {e}"
             ));
             t.abort_job(1)
@@ -190,7 +190,7 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         {
             Ok(o) => ranks.push(o),
             Err(e) => {
-                say(&format!(
+                crate::say_err(&format!(
                     "error: rank 0: receiving the outputs of rank {r}: {e}"
                 ));
                 t.abort_job(1)
@@ -200,7 +200,7 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     if let Some(bad) = ranks.iter().position(|o| {
         o.outputs.len() != plan.local.outputs().len() || o.step_times.len() != args.repeat
     }) {
-        say(&format!(
+        crate::say_err(&format!(
             "error: rank 0: rank {bad} sent the wrong number of outputs or step times"
         ));
         t.abort_job(1)
@@ -208,7 +208,7 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     let out = match assemble(&plan, ranks) {
         Ok(out) => out,
         Err(e) => {
-            say(&format!("error: rank 0: {e}"));
+            crate::say_err(&format!("error: rank 0: {e}"));
             t.abort_job(1)
         }
     };
@@ -222,7 +222,7 @@ fn report(e: Failure, rank: usize) -> i32 {
     match e {
         Failure::Compile(b) => {
             let (e, src) = *b;
-            say(e.render(src.as_ref()).trim_end());
+            crate::say_err(e.render(src.as_ref()).trim_end());
             if e.is_internal() {
                 70
             } else {
@@ -230,21 +230,14 @@ fn report(e: Failure, rank: usize) -> i32 {
             }
         }
         Failure::Other(e) if rank == 0 => {
-            say(&format!("error: {e:#}"));
+            crate::say_err(&format!("error: {e:#}"));
             1
         }
         Failure::Other(e) => {
-            say(&format!("error: rank {rank}: {e:#}"));
+            crate::say_err(&format!("error: rank {rank}: {e:#}"));
             1
         }
     }
-}
-
-/// Writes `line` to stderr in one write, so a job-wide abort cannot cut it in the middle.
-#[cfg(feature = "mpi")]
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// What follows a run: step times, --check, then --out and --stats. A run whose check failed

@@ -73,7 +73,7 @@ fn read_all(path: &str) -> Result<Contents, NpzError> {
         path: path.into(),
         reason,
     };
-    let f = File::open(path).map_err(|e| file_err(os_reason(&e)))?;
+    let f = File::open(path).map_err(|e| file_err(crate::files::os_reason(&e)))?;
     let file_len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
     let mut z = zip::ZipArchive::new(f).map_err(|e| file_err(archive_reason(path, &e)))?;
     let mut arrays = BTreeMap::new();
@@ -328,15 +328,7 @@ fn data_reason(e: &std::io::Error) -> String {
     } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
         "truncated data: the archive ends inside this array".into()
     } else {
-        format!("corrupt data ({})", os_reason(e))
-    }
-}
-
-fn os_reason(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
+        format!("corrupt data ({})", crate::files::os_reason(e))
     }
 }
 
