@@ -16,7 +16,7 @@ use crate::sharding::propagate::Strategy;
 use crate::sharding::rules::{rule, Rule};
 use crate::sharding::{AxisPl, PartialOp, Placement};
 use crate::span::Span;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 /// The class of an inconsistency found by [`verify`].
@@ -93,7 +93,7 @@ pub fn verify(p: PlanParts) -> Result<(), PlanVerifyError> {
     check_tables(&p).map_err(|d| plain(Problem::Tables, d))?;
     let v = Verifier {
         p,
-        pending: HashMap::new(),
+        pending: BTreeMap::new(),
         covered: HashSet::new(),
     };
     v.run()
@@ -188,8 +188,8 @@ fn check_placement(pl: &Placement, rank: usize, mesh: &Mesh) -> Result<(), Strin
 struct Verifier<'a> {
     p: PlanParts<'a>,
     /// Values computed as a local mean over a split axis (or positions), by the block count their
-    /// only reader must scale them by.
-    pending: HashMap<ValueId, u64>,
+    /// only reader must scale them by; ordered, so the failure `run` reports is deterministic.
+    pending: BTreeMap<ValueId, u64>,
     /// Nodes without an origin recognised as part of a vocab-parallel cross-entropy.
     covered: HashSet<NodeId>,
 }
