@@ -28,6 +28,22 @@ impl CollectiveKind {
         CollectiveKind::AllToAll,
     ];
 
+    /// The kind of a collective op and its group size (a redistribute is an all-to-all over the
+    /// combined group of its axes); `None` for every other op.
+    pub fn of(op: &Op) -> Option<(CollectiveKind, u64)> {
+        Some(match op {
+            Op::AllReduce { size, .. } => (CollectiveKind::AllReduce, *size),
+            Op::AllGather { size, .. } => (CollectiveKind::AllGather, *size),
+            Op::ReduceScatter { size, .. } => (CollectiveKind::ReduceScatter, *size),
+            Op::AllToAll { size, .. } => (CollectiveKind::AllToAll, *size),
+            Op::Redistribute { axes, .. } => (
+                CollectiveKind::AllToAll,
+                axes.iter().map(|(_, n)| n).product(),
+            ),
+            _ => return None,
+        })
+    }
+
     /// snake_case name, as in the JSON summary.
     pub fn name(self) -> &'static str {
         match self {

@@ -4,8 +4,8 @@
 
 use super::text::{join, render, Blocks};
 use super::{file_name, View};
+use crate::cost::CollectiveKind;
 use crate::ir::{Graph, IdVec, Node, NodeId, Op, RegionId, ValueId};
-use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -322,7 +322,7 @@ fn collectives_table(p: &Plan) -> String {
     let mut rows: Vec<(f64, String)> = Vec::new();
     let file = file_name(&p.global.source);
     for (id, n) in p.local.nodes() {
-        let Some((kind, size)) = collective_kind(&n.op) else {
+        let Some((kind, size)) = CollectiveKind::of(&n.op) else {
             continue;
         };
         let b = p.local.ty(n.inputs[0]).size_bytes() as f64;

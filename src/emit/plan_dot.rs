@@ -268,10 +268,10 @@ fn headline(op: &Op) -> (String, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cost::CollectiveKind;
     use crate::emit::plan_json::test_plans::*;
     use crate::emit::regions::test_util::*;
     use crate::ir::IdVec;
-    use crate::plan::summary::collective_kind;
 
     /// The number of collectives drawn in `dot`.
     fn collectives_drawn(dot: &str) -> usize {
@@ -282,7 +282,7 @@ mod tests {
     fn kinds(p: &Plan) -> Vec<&'static str> {
         p.local
             .nodes()
-            .filter_map(|(_, n)| collective_kind(&n.op).map(|(k, _)| k.name()))
+            .filter_map(|(_, n)| CollectiveKind::of(&n.op).map(|(k, _)| k.name()))
             .collect()
     }
 

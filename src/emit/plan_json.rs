@@ -16,7 +16,6 @@ use crate::ir::verify::verify;
 use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, TensorType, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
-use crate::plan::summary::collective_kind;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
 use crate::plan::{Plan, Summary};
 use crate::sharding::Placement;
@@ -309,7 +308,7 @@ fn check_provenance(
 fn check_traffic(local: &Graph) -> Result<(), PlanJsonError> {
     let mut totals: BTreeMap<CollectiveKind, u64> = BTreeMap::new();
     for (id, n) in local.nodes() {
-        let (Some((kind, size)), Some(&x)) = (collective_kind(&n.op), n.inputs.first()) else {
+        let (Some((kind, size)), Some(&x)) = (CollectiveKind::of(&n.op), n.inputs.first()) else {
             continue;
         };
         let (sent, _) = kind.traffic(size, local.ty(x).size_bytes() as f64);

@@ -10,9 +10,9 @@ use super::kernels::{self as k, Pooled};
 use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::redistribute;
 use super::{ExecError, Tensor};
+use crate::cost::CollectiveKind;
 use crate::ir::{Dtype, IdVec, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::plan::liveness::Liveness;
-use crate::plan::summary::collective_kind;
 use crate::plan::Plan;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use std::borrow::Cow;
@@ -547,7 +547,7 @@ impl Rank<'_> {
         let first = args
             .first()
             .ok_or_else(|| ExecError::shape(name, "an SPMD op without an operand"))?;
-        if let Some((kind, size)) = collective_kind(&node.op) {
+        if let Some((kind, size)) = CollectiveKind::of(&node.op) {
             let (sent, _) = kind.traffic(size, core::bytes(first) as f64);
             let e = self.collectives.entry(kind.name().to_string()).or_default();
             e.0 += 1;

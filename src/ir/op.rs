@@ -1,7 +1,6 @@
 //! The closed set of operations. Every pass matches on `Op` exhaustively.
 
 use super::types::Dtype;
-use crate::sharding::{AxisPl, PartialOp};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -356,34 +355,6 @@ impl Op {
     /// True for the leaves (`Input`, `Param`).
     pub fn is_leaf(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. })
-    }
-
-    /// For an SPMD op that moves its operand along one mesh axis: that axis's name and the
-    /// states it moves from and to (other axes unchanged). `None` for every other op.
-    pub fn transition(&self) -> Option<(&str, AxisPl, AxisPl)> {
-        let partial = |r: &ReduceOp| {
-            AxisPl::Partial(match r {
-                ReduceOp::Max => PartialOp::Max,
-                ReduceOp::Sum | ReduceOp::Mean => PartialOp::Sum,
-            })
-        };
-        Some(match self {
-            Op::AllReduce { axis, reduce, .. } => (axis, partial(reduce), AxisPl::Replicate),
-            Op::AllGather { axis, dim, .. } => (axis, AxisPl::Shard(*dim), AxisPl::Replicate),
-            Op::ReduceScatter {
-                axis, dim, reduce, ..
-            } => (axis, partial(reduce), AxisPl::Shard(*dim)),
-            Op::AllToAll {
-                axis,
-                split,
-                concat,
-                ..
-            } => (axis, AxisPl::Shard(*concat), AxisPl::Shard(*split)),
-            Op::ShardSlice { axis, dim, .. } => (axis, AxisPl::Replicate, AxisPl::Shard(*dim)),
-            Op::KeepOnFirst { axis } => (axis, AxisPl::Replicate, AxisPl::Partial(PartialOp::Sum)),
-            _ => return None,
-        })
-        .map(|(a, from, to)| (a.as_str(), from, to))
     }
 
     /// The mesh axes an SPMD op names, with the group size it claims (`None`: not stated);

@@ -6,7 +6,7 @@
 
 use crate::ir::{Op, ReduceOp};
 use crate::mesh::Mesh;
-use crate::sharding::{AxisPl, PartialOp, Placement};
+use crate::sharding::{transition, AxisPl, PartialOp, Placement};
 
 mod direct;
 
@@ -88,15 +88,12 @@ fn extends(cur: &[usize], a: usize, target: &[usize]) -> bool {
 }
 
 /// The next step from `cur` towards `to`, `None` when none applies. Each step's placement
-/// after is the op's own transition (`Op::transition`) applied by `Placement::moved`.
+/// after is the op's own transition (`sharding::transition`) applied by `Placement::moved`.
 fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
     let name = |a: usize| mesh.axis_name(a).to_string();
     let size = |a: usize| mesh.axis_size(a);
     let mk = |op: Option<Op>, a: usize, state: AxisPl| {
-        let state = op
-            .as_ref()
-            .and_then(|o| o.transition())
-            .map_or(state, |t| t.2);
+        let state = op.as_ref().and_then(transition).map_or(state, |t| t.2);
         Some(Step {
             op,
             axis: a,
@@ -418,7 +415,7 @@ mod tests {
         let mut cur = pl(2, &[S(1), P]);
         for s in &steps {
             assert_eq!(s.before, cur);
-            if let Some((_, from, to)) = s.op.as_ref().and_then(|o| o.transition()) {
+            if let Some((_, from, to)) = s.op.as_ref().and_then(transition) {
                 assert_eq!(s.before.axis(s.axis), from);
                 assert_eq!(s.after.axis(s.axis), to);
             }

@@ -34,23 +34,6 @@ pub struct Summary {
     pub estimated_time_s: f64,
 }
 
-/// The kind of a collective op, if it is one.
-pub fn collective_kind(op: &Op) -> Option<(CollectiveKind, u64)> {
-    Some(match op {
-        Op::AllReduce { size, .. } => (CollectiveKind::AllReduce, *size),
-        Op::AllGather { size, .. } => (CollectiveKind::AllGather, *size),
-        Op::ReduceScatter { size, .. } => (CollectiveKind::ReduceScatter, *size),
-        Op::AllToAll { size, .. } => (CollectiveKind::AllToAll, *size),
-        Op::Redistribute { axes, .. } => (CollectiveKind::AllToAll, group_size(axes)),
-        _ => return None,
-    })
-}
-
-/// The number of devices in the combined group of `axes`.
-pub fn group_size(axes: &[(String, u64)]) -> u64 {
-    axes.iter().map(|(_, n)| n).product()
-}
-
 impl Summary {
     /// Computes the summary of the SPMD program `local`.
     pub fn compute(local: &Graph, _mesh: &Mesh, dev: &Device) -> Summary {
@@ -62,7 +45,7 @@ impl Summary {
         for (_, n) in local.nodes() {
             let ins: Vec<_> = n.inputs.iter().map(|v| local.ty(*v)).collect();
             let outs: Vec<_> = n.outputs.iter().map(|v| local.ty(*v)).collect();
-            if let Some((kind, size)) = collective_kind(&n.op) {
+            if let Some((kind, size)) = CollectiveKind::of(&n.op) {
                 let bytes = ins[0].size_bytes() as f64;
                 let (sent, _) = kind.traffic(size, bytes);
                 let e = collectives.get_mut(kind.name()).expect("all kinds present");

@@ -4,7 +4,7 @@
 //! origin's operands) or a sharded form of it (the vocab-split embedding, the rescaled mean over
 //! a split axis, the vocab-parallel cross-entropy); its placements are those a strategy of the
 //! op's rule gives on every mesh axis (so Partial(sum) reaches only ops linear in it); each
-//! collective or local slice moves exactly its own axis (`Op::transition`); every value's local
+//! collective or local slice moves exactly its own axis (`sharding::transition`); every value's local
 //! type is its origin's type in its placement; and the outputs are the global outputs.
 //!
 //! `Plan::build` runs it after partitioning (a failure is a compiler bug) and the plan loader
@@ -14,7 +14,7 @@ use crate::ir::{BinaryOp, Graph, IdVec, NodeId, Op, ReduceOp, TensorType, UnaryO
 use crate::mesh::Mesh;
 use crate::sharding::propagate::Strategy;
 use crate::sharding::rules::{rule, Rule};
-use crate::sharding::{AxisPl, PartialOp, Placement};
+use crate::sharding::{transition, AxisPl, PartialOp, Placement};
 use crate::span::Span;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -237,7 +237,7 @@ impl<'a> Verifier<'a> {
         let mut deferred = Vec::new();
         for (id, n) in local.nodes() {
             let o = n.outputs.first().and_then(|&v| self.p.origin[v]);
-            if o.is_none() && n.op.transition().is_none() {
+            if o.is_none() && transition(&n.op).is_none() {
                 deferred.push(id);
                 continue;
             }
@@ -331,7 +331,7 @@ impl<'a> Verifier<'a> {
         let n = self.p.local.node(id);
         self.check_axes(&n.op).map_err(|d| (Problem::MeshAxis, d))?;
         let o = n.outputs.first().and_then(|&v| self.p.origin[v]);
-        if n.op.transition().is_some() {
+        if transition(&n.op).is_some() {
             return self.check_move(id);
         }
         if let Op::Redistribute { axes, from, to } = &n.op {
@@ -384,11 +384,11 @@ impl<'a> Verifier<'a> {
         Ok((x, y))
     }
 
-    /// A collective or local slice moves its operand along its axis as `Op::transition` says,
+    /// A collective or local slice moves its operand along its axis as `sharding::transition` says,
     /// other axes unchanged, and keeps the operand's origin.
     fn check_move(&self, id: NodeId) -> Check {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
-        let (name, from, to) = n.op.transition().expect("checked by the caller");
+        let (name, from, to) = transition(&n.op).expect("checked by the caller");
         let a = mesh.axis_index(name).expect("checked by check_axes");
         let (x, y) = self.moved_value(n)?;
         let (px, py) = (self.pl(x), self.pl(y));

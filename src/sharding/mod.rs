@@ -4,5 +4,5 @@ pub mod placement;
 pub mod propagate;
 pub mod rules;
 
-pub use placement::{AxisPl, PartialOp, Placement};
+pub use placement::{transition, AxisPl, PartialOp, Placement};
 pub use propagate::{propagate, ShardError, Sharding, Strategy};

@@ -2,7 +2,7 @@
 //! dim, the mesh axes splitting it (major first), plus the axes over which the tensor is a
 //! partial sum or max. The per-axis view (`Shard(d)`, `Replicate`, `Partial`) is derived from it.
 
-use crate::ir::{Spec, TensorType};
+use crate::ir::{Op, ReduceOp, Spec, TensorType};
 use crate::mesh::Mesh;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -201,6 +201,35 @@ impl Placement {
         }
         s
     }
+}
+
+/// For an SPMD op that moves its operand along one mesh axis: that axis's name and the states
+/// it moves from and to (other axes unchanged, as `Placement::moved` applies it). `None` for
+/// every other op.
+pub fn transition(op: &Op) -> Option<(&str, AxisPl, AxisPl)> {
+    let partial = |r: &ReduceOp| {
+        AxisPl::Partial(match r {
+            ReduceOp::Max => PartialOp::Max,
+            ReduceOp::Sum | ReduceOp::Mean => PartialOp::Sum,
+        })
+    };
+    Some(match op {
+        Op::AllReduce { axis, reduce, .. } => (axis, partial(reduce), AxisPl::Replicate),
+        Op::AllGather { axis, dim, .. } => (axis, AxisPl::Shard(*dim), AxisPl::Replicate),
+        Op::ReduceScatter {
+            axis, dim, reduce, ..
+        } => (axis, partial(reduce), AxisPl::Shard(*dim)),
+        Op::AllToAll {
+            axis,
+            split,
+            concat,
+            ..
+        } => (axis, AxisPl::Shard(*concat), AxisPl::Shard(*split)),
+        Op::ShardSlice { axis, dim, .. } => (axis, AxisPl::Replicate, AxisPl::Shard(*dim)),
+        Op::KeepOnFirst { axis } => (axis, AxisPl::Replicate, AxisPl::Partial(PartialOp::Sum)),
+        _ => return None,
+    })
+    .map(|(a, from, to)| (a.as_str(), from, to))
 }
 
 /// Index of a placement in a `PlacementTable`.

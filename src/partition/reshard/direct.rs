@@ -6,7 +6,6 @@ use super::Step;
 use crate::cost::CollectiveKind;
 use crate::ir::Op;
 use crate::mesh::Mesh;
-use crate::plan::summary::collective_kind;
 use crate::sharding::Placement;
 
 /// The one-step direct move from `from` to `to`, when it applies: the partial states agree, and
@@ -67,7 +66,7 @@ pub fn sent(steps: &[Step], mesh: &Mesh) -> f64 {
     steps
         .iter()
         .filter_map(|s| {
-            let (kind, n) = collective_kind(s.op.as_ref()?)?;
+            let (kind, n) = CollectiveKind::of(s.op.as_ref()?)?;
             Some(kind.traffic(n, held(&s.before, mesh)).0)
         })
         .sum()
@@ -77,7 +76,7 @@ pub fn sent(steps: &[Step], mesh: &Mesh) -> f64 {
 pub fn is_cheaper(step: &Step, steps: &[Step], mesh: &Mesh) -> bool {
     let direct = sent(std::slice::from_ref(step), mesh);
     debug_assert!(matches!(
-        step.op.as_ref().and_then(collective_kind),
+        step.op.as_ref().and_then(CollectiveKind::of),
         Some((CollectiveKind::AllToAll, _))
     ));
     direct < sent(steps, mesh)
