@@ -13,7 +13,7 @@
 use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
-use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, TensorType, ValueId};
+use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
@@ -253,7 +253,7 @@ fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
     let g = Graph::from_parts(parts);
     let mut total = 0u64;
     for (v, val) in g.values() {
-        let bytes = checked_bytes(&val.ty).ok_or_else(|| {
+        let bytes = val.ty.checked_size_bytes().ok_or_else(|| {
             corrupt(format!(
                 "the {which} program's value {v} {} is too large (its size overflows 64 bits)",
                 val.ty
@@ -268,14 +268,6 @@ fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
     verify(&g, "load")
         .map_err(|e| corrupt(format!("the {which} program does not verify: {}", e.detail)))?;
     Ok(g)
-}
-
-/// The size of `ty` in bytes, `None` on overflow.
-fn checked_bytes(ty: &TensorType) -> Option<u64> {
-    ty.shape
-        .iter()
-        .try_fold(1u64, |n, &d| n.checked_mul(d))?
-        .checked_mul(ty.dtype.size_bytes())
 }
 
 /// Provenance names distinct collectives or local slices of the local program.
