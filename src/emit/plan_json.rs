@@ -178,8 +178,9 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     check_device(&doc.device)?;
     let global = load_graph(doc.global, "global")?;
     let local = load_graph(doc.local, "local")?;
-    let placements = value_table(&local, "placements", doc.placements)?;
-    let origin = value_table(&local, "origin", doc.origin)?;
+    // The plan verifier checks the tables' lengths first.
+    let placements = IdVec::from_vec(doc.placements);
+    let origin = IdVec::from_vec(doc.origin);
     verify_plan(PlanParts {
         global: &global,
         local: &local,
@@ -200,20 +201,6 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
         origin,
         provenance,
         summary,
-    })
-}
-
-/// `items` as the side table `what` of `local`'s values; a length that differs is corrupt.
-fn value_table<V>(
-    local: &Graph,
-    what: &str,
-    items: Vec<V>,
-) -> Result<IdVec<ValueId, V>, PlanJsonError> {
-    IdVec::for_values(local, items).map_err(|e| {
-        corrupt(format!(
-            "{what} lists {} entries, but the local program has {} values",
-            e.got, e.expected
-        ))
     })
 }
 

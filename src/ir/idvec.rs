@@ -14,28 +14,7 @@ pub struct IdVec<K, V> {
     key: PhantomData<fn(K) -> K>,
 }
 
-/// A table whose length does not match the number of entities it describes.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("table has {got} entries, expected {expected}")]
-pub struct LengthMismatch {
-    /// The number of entities the table must cover.
-    pub expected: usize,
-    /// The table's actual length.
-    pub got: usize,
-}
-
 impl<K: EntityId, V> IdVec<K, V> {
-    /// Wraps `items` after checking it has exactly `expected` entries.
-    pub fn with_len(expected: usize, items: Vec<V>) -> Result<Self, LengthMismatch> {
-        if items.len() != expected {
-            return Err(LengthMismatch {
-                expected,
-                got: items.len(),
-            });
-        }
-        Ok(Self::from_vec(items))
-    }
-
     /// Wraps `items` as is; entry `i` belongs to the entity with index `i`.
     pub fn from_vec(items: Vec<V>) -> Self {
         IdVec {
@@ -89,20 +68,6 @@ impl<K: EntityId, V> IdVec<K, V> {
     }
 }
 
-impl<V> IdVec<super::ValueId, V> {
-    /// Wraps `items` as the table of `g`'s values, checking there is one entry per value.
-    pub fn for_values(g: &super::Graph, items: Vec<V>) -> Result<Self, LengthMismatch> {
-        Self::with_len(g.num_values(), items)
-    }
-}
-
-impl<V> IdVec<super::NodeId, V> {
-    /// Wraps `items` as the table of `g`'s nodes, checking there is one entry per node.
-    pub fn for_nodes(g: &super::Graph, items: Vec<V>) -> Result<Self, LengthMismatch> {
-        Self::with_len(g.num_nodes(), items)
-    }
-}
-
 impl<K: EntityId, V> Default for IdVec<K, V> {
     fn default() -> Self {
         Self::from_vec(Vec::new())
@@ -131,25 +96,17 @@ impl<K: EntityId, V> FromIterator<V> for IdVec<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{NodeId, ValueId};
+    use crate::ir::ValueId;
 
     #[test]
-    fn indexes_by_typed_id_and_checks_length() {
-        let mut t: IdVec<ValueId, u8> = IdVec::with_len(2, vec![1, 2]).unwrap();
+    fn indexes_by_typed_id() {
+        let mut t: IdVec<ValueId, u8> = IdVec::from_vec(vec![1, 2]);
         t[ValueId(1)] = 5;
         assert_eq!(
             t.iter().collect::<Vec<_>>(),
             vec![(ValueId(0), &1), (ValueId(1), &5)]
         );
         assert_eq!(t.get(ValueId(2)), None);
-        let e = IdVec::<NodeId, u8>::with_len(3, vec![1]).unwrap_err();
-        assert_eq!(
-            e,
-            LengthMismatch {
-                expected: 3,
-                got: 1
-            }
-        );
     }
 
     #[test]
