@@ -110,7 +110,6 @@ pub fn compile_plan(
     device: Device,
 ) -> Result<Plan, Error> {
     let g = compile_global(src, overrides)?;
-    let mesh = mesh.with_declared(&g.mesh_axes);
     Ok(Plan::build(g, mesh, device)?)
 }
 
@@ -126,7 +125,6 @@ pub fn plan_declared(g: Graph, mesh: Option<Mesh>, device: Device) -> Result<Pla
         }
         None => Mesh::new(Vec::new())?,
     };
-    let mesh = mesh.with_declared(&g.mesh_axes);
     Ok(Plan::build(g, mesh, device)?)
 }
 

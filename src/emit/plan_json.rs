@@ -328,7 +328,7 @@ pub(crate) mod test_plans {
         let src = SourceFile::new(name, text);
         let sets: Vec<(String, i64)> = overrides.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let g = crate::driver::compile_global(&src, &sets).unwrap();
-        let mesh = Mesh::parse(mesh).unwrap().with_declared(&g.mesh_axes);
+        let mesh = Mesh::parse(mesh).unwrap();
         Plan::build(g, mesh, Device::default()).unwrap()
     }
 
