@@ -44,13 +44,25 @@ pub struct ReshardError {
     pub stuck: Placement,
 }
 
-/// The steps moving a tensor from `from` to `to` (empty when equal), or an error when no
-/// sequence of steps reaches `to`.
+/// The steps moving a tensor from `from` to `to` (empty when equal): the direct move when it
+/// applies and sends fewer bytes, else the axis-by-axis path; an error when no sequence of
+/// steps reaches `to`.
 pub fn plan_reshard(
     from: &Placement,
     to: &Placement,
     mesh: &Mesh,
 ) -> Result<Vec<Step>, Box<ReshardError>> {
+    let steps = stepwise(from, to, mesh)?;
+    match direct::step(from, to, mesh) {
+        Some(d) if direct::sent(std::slice::from_ref(&d), mesh) < direct::sent(&steps, mesh) => {
+            Ok(vec![d])
+        }
+        _ => Ok(steps),
+    }
+}
+
+/// The axis-by-axis path from `from` to `to`, one mesh axis per step.
+fn stepwise(from: &Placement, to: &Placement, mesh: &Mesh) -> Result<Vec<Step>, Box<ReshardError>> {
     let mut cur = from.clone();
     let mut steps = Vec::new();
     let limit = 4 * (mesh.rank() + from.dims.len()) + 4;
@@ -69,10 +81,7 @@ pub fn plan_reshard(
         cur = step.after.clone();
         steps.push(step);
     }
-    match direct::step(from, to, mesh) {
-        Some(d) if direct::is_cheaper(&d, &steps, mesh) => Ok(vec![d]),
-        _ => Ok(steps),
-    }
+    Ok(steps)
 }
 
 fn reduce_of(op: PartialOp) -> ReduceOp {
@@ -295,19 +304,6 @@ mod tests {
         assert_eq!(steps.last().unwrap().after, to);
     }
 
-    /// The axis-by-axis path with the direct path disabled: every step is legal and it ends
-    /// at the target.
-    fn stepwise(from: &Placement, to: &Placement, m: &Mesh) -> Vec<Step> {
-        let mut cur = from.clone();
-        let mut steps = Vec::new();
-        while cur != *to {
-            let s = next_step(&cur, to, m).unwrap();
-            cur = s.after.clone();
-            steps.push(s);
-        }
-        steps
-    }
-
     /// Per dim, the mesh axes splitting it.
     type Split<'a> = &'a [&'a [usize]];
 
@@ -331,7 +327,7 @@ mod tests {
             let (from, to) = (dims(f, 2), dims(t, 2));
             let steps = plan_reshard(&from, &to, &m).unwrap();
             assert_eq!(kinds(&steps), ["redistribute"], "{from:?} -> {to:?}");
-            let old = stepwise(&from, &to, &m);
+            let old = stepwise(&from, &to, &m).unwrap();
             assert!(
                 direct::sent(&steps, &m) < direct::sent(&old, &m),
                 "{from:?} -> {to:?}: {} vs {}",

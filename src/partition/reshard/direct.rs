@@ -71,13 +71,3 @@ pub fn sent(steps: &[Step], mesh: &Mesh) -> f64 {
         })
         .sum()
 }
-
-/// True when the direct `step` sends fewer bytes than the axis-by-axis `steps`.
-pub fn is_cheaper(step: &Step, steps: &[Step], mesh: &Mesh) -> bool {
-    let direct = sent(std::slice::from_ref(step), mesh);
-    debug_assert!(matches!(
-        step.op.as_ref().and_then(CollectiveKind::of),
-        Some((CollectiveKind::AllToAll, _))
-    ));
-    direct < sent(steps, mesh)
-}
