@@ -112,31 +112,21 @@ struct Body<'a> {
     notes: HashMap<RegionId, (usize, RegionId)>,
     signature: HashMap<RegionId, String>,
     ranges: HashMap<RegionId, (usize, usize)>,
-    /// Per value, the index of the last node reading it (`usize::MAX` for program outputs).
-    last_use: IdVec<ValueId, usize>,
+    /// Per value, the index of the last node reading it (`plan::liveness`).
+    last_use: IdVec<ValueId, Option<usize>>,
 }
 
 impl<'a> Body<'a> {
     /// The body of `p`, written into `b`.
     fn new(p: &'a Plan, b: &'a mut Blocks) -> Self {
-        let view = View::new(&p.local);
-        let mut last_use = IdVec::filled(view.values.len(), 0);
-        for (i, n) in view.nodes.iter().enumerate() {
-            for v in &n.inputs {
-                last_use[*v] = i;
-            }
-        }
-        for o in p.local.outputs() {
-            last_use[o.value] = usize::MAX;
-        }
         Body {
             p,
-            view,
+            view: View::new(&p.local),
             b,
             notes: HashMap::new(),
             signature: HashMap::new(),
             ranges: HashMap::new(),
-            last_use,
+            last_use: p.last_uses(),
         }
     }
 
@@ -226,7 +216,7 @@ impl<'a> Body<'a> {
         let ids: Vec<String> = self.view.nodes[start..end]
             .iter()
             .flat_map(|n| &n.outputs)
-            .filter(|v| self.last_use[**v] >= end)
+            .filter(|v| self.last_use[**v].is_some_and(|l| l >= end))
             .map(|v| v.to_string())
             .collect();
         if ids.is_empty() {
