@@ -640,19 +640,7 @@ impl<'a> Verifier<'a> {
         let Some(rule) = rule else {
             return Err((Problem::Op, "its op has no sharding rule".into()));
         };
-        let labels = rule
-            .operands
-            .iter()
-            .chain([&rule.result])
-            .flatten()
-            .flatten()
-            .map(|&l| l + 1)
-            .max()
-            .unwrap_or(0);
-        let strategies: Vec<Strategy> = [Strategy::Replicate]
-            .into_iter()
-            .chain((0..labels).map(Strategy::Split))
-            .chain((0..rule.linear.len()).map(Strategy::Linear))
+        let strategies: Vec<Strategy> = Strategy::all(&rule)
             .filter(|s| !s.internal(&rule))
             .collect();
         let ins: Vec<&Placement> = n.inputs.iter().map(|&v| self.pl(v)).collect();

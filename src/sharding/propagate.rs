@@ -30,6 +30,18 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every strategy of `rule`, in preference order: Replicate, Split(l) for each splittable
+    /// label, Linear(k) for each linear operand set.
+    pub fn all(rule: &Rule) -> impl Iterator<Item = Strategy> + '_ {
+        std::iter::once(Strategy::Replicate)
+            .chain(
+                (0..rule.sizes.len())
+                    .filter(|&l| splittable(rule, l))
+                    .map(Strategy::Split),
+            )
+            .chain((0..rule.linear.len()).map(Strategy::Linear))
+    }
+
     /// Required state of operand `i`.
     pub fn operand(self, rule: &Rule, i: usize) -> AxisPl {
         match self {
@@ -637,8 +649,8 @@ impl AxisCtx<'_> {
             .expect("Replicate is always a candidate")
     }
 
-    /// Into `out`: Replicate, then each label some operand, annotation or user splits (if it
-    /// divides), then pass-through of Partial operands through linear ops.
+    /// Into `out`, of `Strategy::all`: Replicate, each label some operand, annotation or user
+    /// splits (if it divides), and pass-through of Partial operands through linear ops.
     fn candidates(
         &self,
         id: NodeId,
@@ -650,13 +662,12 @@ impl AxisCtx<'_> {
     ) {
         let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
         out.clear();
-        out.push(Strategy::Replicate);
         let wanted = |x: AxisPl| {
             outputs.iter().any(|&o| {
                 self.fixed_state(o) == Some(x) || demand.is_some_and(|d| d.of(o).contains(&x))
             })
         };
-        for l in 0..rule.sizes.len() {
+        let split = |l: Label| {
             let prior: u64 = earlier
                 .iter()
                 .enumerate()
@@ -664,15 +675,12 @@ impl AxisCtx<'_> {
                 .map(|(a, _)| self.mesh.axis_size(a))
                 .product();
             if !rule.sizes[l].is_multiple_of(self.n * prior) {
-                continue;
-            }
-            if !splittable(rule, l) {
-                continue;
+                return false;
             }
             let s = Strategy::Split(l);
             let result = s.result(rule);
             let internal = s.internal(rule);
-            let induced = inputs.iter().enumerate().any(|(i, v)| {
+            inputs.iter().enumerate().any(|(i, v)| {
                 let req = s.operand(rule, i);
                 !self.free[*v] && st[v.index()] == req && req != AxisPl::Replicate
             }) || (result != AxisPl::Replicate && wanted(result))
@@ -680,19 +688,18 @@ impl AxisCtx<'_> {
                     && inputs.iter().enumerate().any(|(i, v)| {
                         let req = s.operand(rule, i);
                         st[v.index()] == req && matches!(req, AxisPl::Shard(_))
-                    }));
-            if induced {
-                out.push(s);
-            }
-        }
-        for (k, set) in rule.linear.iter().enumerate() {
-            let any_partial = set
+                    }))
+        };
+        let partial_in = |k: usize| {
+            rule.linear[k]
                 .iter()
-                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(PartialOp::Sum));
-            if any_partial {
-                out.push(Strategy::Linear(k));
-            }
-        }
+                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(PartialOp::Sum))
+        };
+        out.extend(Strategy::all(rule).filter(|&s| match s {
+            Strategy::Replicate => true,
+            Strategy::Split(l) => split(l),
+            Strategy::Linear(k) => partial_in(k),
+        }));
     }
 
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
