@@ -191,6 +191,11 @@ impl Mesh {
         self.axes[a].1
     }
 
+    /// Names and sizes of axes `axes`, in the order given.
+    pub fn named_axes(&self, axes: &[usize]) -> Vec<(String, u64)> {
+        axes.iter().map(|&a| self.axes[a].clone()).collect()
+    }
+
     /// Total number of devices.
     pub fn num_devices(&self) -> u64 {
         self.axes.iter().map(|(_, n)| n).product()

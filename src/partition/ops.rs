@@ -65,18 +65,12 @@ impl Partitioner<'_> {
                 );
             }
             Op::Embedding if !self.table.get(reqs[1]).dims[0].is_empty() => Op::VocabEmbedding {
-                axes: self.axes_of(&self.table.get(reqs[1]).dims[0]),
+                axes: self.mesh.named_axes(&self.table.get(reqs[1]).dims[0]),
             },
             Op::CrossEntropy => return self.cross_entropy(id, ins, reqs, computed),
             op => op.clone(),
         };
         self.emit(op, ins, span, region, computed, origin)
-    }
-
-    fn axes_of(&self, axes: &[usize]) -> Vec<(String, u64)> {
-        axes.iter()
-            .map(|&a| (self.mesh.axis_name(a).to_string(), self.mesh.axis_size(a)))
-            .collect()
     }
 
     /// Mean softmax cross-entropy. With the vocab split: local max, all-reduce(max), local sum
@@ -100,9 +94,7 @@ impl Partitioner<'_> {
         );
         let labels_pl = &labels_pl;
         let vaxes = logits_pl.dims.last().cloned().unwrap_or_default();
-        let pos_blocks: u64 = (0..labels_pl.dims.len())
-            .map(|d| labels_pl.splits(d, self.mesh))
-            .product();
+        let pos_blocks = labels_pl.blocks(self.mesh);
         let (x, y) = (ins[0], ins[1]);
         let mut loss = if vaxes.is_empty() {
             self.emit(Op::CrossEntropy, vec![x, y], span, region, computed, origin)?[0]
@@ -166,7 +158,7 @@ impl Partitioner<'_> {
             let t = self.emit_at(
                 at,
                 Op::TargetLogit {
-                    axes: self.axes_of(&vaxes),
+                    axes: self.mesh.named_axes(&vaxes),
                 },
                 vec![z, y],
                 sum_rows,

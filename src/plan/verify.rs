@@ -482,7 +482,7 @@ impl<'a> Verifier<'a> {
             (Op::VocabEmbedding { axes }, Op::Embedding) => {
                 self.check_operands(id, gid)?;
                 let table = self.pl(n.inputs[1]);
-                if table.dims[0].is_empty() || *axes != self.axes_of(&table.dims[0]) {
+                if table.dims[0].is_empty() || *axes != self.p.mesh.named_axes(&table.dims[0]) {
                     return Err((
                         Problem::Op,
                         format!("its table is in {}", table.display(self.p.mesh)),
@@ -514,14 +514,6 @@ impl<'a> Verifier<'a> {
                 format!("its origin {o} is computed by {gop}, of which it is not a sharded form"),
             )),
         }
-    }
-
-    /// Names and sizes of mesh axes `axes`.
-    fn axes_of(&self, axes: &[usize]) -> Vec<(String, u64)> {
-        let mesh = self.p.mesh;
-        axes.iter()
-            .map(|&a| (mesh.axis_name(a).to_string(), mesh.axis_size(a)))
-            .collect()
     }
 
     /// The operands of local `id` hold the operands of global `gid`, in order.
@@ -724,12 +716,7 @@ impl<'a> Verifier<'a> {
                 axis,
                 ..
             } => self.pl(n.inputs[0]).splits(*axis, self.p.mesh),
-            Op::CrossEntropy => {
-                let labels = self.pl(n.inputs[1]);
-                (0..labels.dims.len())
-                    .map(|d| labels.splits(d, self.p.mesh))
-                    .product()
-            }
+            Op::CrossEntropy => self.pl(n.inputs[1]).blocks(self.p.mesh),
             _ => 1,
         };
         if k > 1 {

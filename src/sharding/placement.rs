@@ -132,6 +132,11 @@ impl Placement {
         self.dims[d].iter().map(|&a| mesh.axis_size(a)).product()
     }
 
+    /// The number of blocks the tensor is split into (over all its dims).
+    pub fn blocks(&self, mesh: &Mesh) -> u64 {
+        (0..self.dims.len()).map(|d| self.splits(d, mesh)).product()
+    }
+
     /// The per-device shape of a tensor of global type `ty`, or `None` when a split dim does
     /// not divide.
     pub fn local_shape(&self, ty: &TensorType, mesh: &Mesh) -> Option<Vec<u64>> {

@@ -38,13 +38,9 @@ pub fn step(from: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
     let index = |dims: &[Vec<usize>]| -> Vec<Vec<usize>> {
         dims.iter().map(|d| d.iter().map(pos).collect()).collect()
     };
-    let axes = group
-        .iter()
-        .map(|&a| (mesh.axis_name(a).to_string(), mesh.axis_size(a)))
-        .collect();
     Some(Step {
         op: Some(Op::Redistribute {
-            axes,
+            axes: mesh.named_axes(&group),
             from: index(&old),
             to: index(&new),
         }),
@@ -56,9 +52,7 @@ pub fn step(from: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
 
 /// The fraction of the global tensor one device holds in `p`.
 fn held(p: &Placement, mesh: &Mesh) -> f64 {
-    1.0 / (0..p.dims.len())
-        .map(|d| p.splits(d, mesh) as f64)
-        .product::<f64>()
+    1.0 / p.blocks(mesh) as f64
 }
 
 /// Bytes each device sends along `steps`, as a fraction of the global tensor's bytes.
