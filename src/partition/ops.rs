@@ -2,10 +2,11 @@
 //! reshape (local target shape), mean over a split axis (rescaled partial), the vocab-split
 //! embedding (masked lookup) and the vocab-parallel cross-entropy.
 
+use super::reshard::{describe, Step};
 use super::{PartitionError, Partitioner, Provenance};
 use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
 use crate::sharding::placement::PlId;
-use crate::sharding::{AxisPl, PartialOp, Placement};
+use crate::sharding::{transition, PartialOp, Placement};
 use crate::span::Span;
 
 impl Partitioner<'_> {
@@ -237,10 +238,6 @@ impl Partitioner<'_> {
     ) -> Result<ValueId, PartitionError> {
         let node = self.g.node(id);
         let mut cur = self.placements[v];
-        let from = match reduce {
-            ReduceOp::Max => AxisPl::Partial(PartialOp::Max),
-            _ => AxisPl::Partial(PartialOp::Sum),
-        };
         for &a in axes {
             let op = Op::AllReduce {
                 axis: self.mesh.axis_name(a).to_string(),
@@ -248,21 +245,25 @@ impl Partitioner<'_> {
                 reduce,
             };
             // Each all-reduce clears its own axis; the last one leaves `after`.
-            let next = self
-                .table
-                .get(cur)
-                .moved(a, AxisPl::Replicate)
-                .ok_or_else(|| {
-                    PartitionError::Local(format!("all-reduce over a split axis {a}"))
-                })?;
-            cur = self.intern(next);
+            let (_, _, to) = transition(&op).expect("an all-reduce moves one axis");
+            let before = self.table.get(cur).clone();
+            let next = before.moved(a, to).ok_or_else(|| {
+                PartitionError::Local(format!("all-reduce over a split axis {a}"))
+            })?;
+            let step = Step {
+                op: Some(op.clone()),
+                axis: a,
+                before,
+                after: next,
+            };
+            cur = self.table.intern(&step.after);
             v = self.emit(op, vec![v], node.span, node.region, cur, None)?[0];
             let logits = node.inputs[0];
             let value = super::describe_value(self.g, logits);
             self.provenance.insert(
                 self.out.value(v).node,
                 Provenance {
-                    transition: format!("{from} -> Replicate over {}", self.mesh.axis_name(a)),
+                    transition: describe(&step, self.mesh),
                     user: format!("cross_entropy (vocab-parallel: {what})"),
                     span: node.span,
                     value,

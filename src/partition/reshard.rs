@@ -101,13 +101,13 @@ fn extends(cur: &[usize], a: usize, target: &[usize]) -> bool {
 fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
     let name = |a: usize| mesh.axis_name(a).to_string();
     let size = |a: usize| mesh.axis_size(a);
-    let mk = |op: Option<Op>, a: usize, state: AxisPl| {
-        let state = op.as_ref().and_then(transition).map_or(state, |t| t.2);
+    let mk = |op: Op, a: usize| {
+        let (_, _, to) = transition(&op)?;
         Some(Step {
-            op,
+            after: cur.moved(a, to)?,
+            op: Some(op),
             axis: a,
             before: cur.clone(),
-            after: cur.moved(a, state)?,
         })
     };
     let axes = 0..mesh.rank();
@@ -116,14 +116,13 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
         if let (AxisPl::Partial(p), AxisPl::Shard(d)) = (cur.axis(a), to.axis(a)) {
             if extends(&cur.dims[d], a, &to.dims[d]) {
                 return mk(
-                    Some(Op::ReduceScatter {
+                    Op::ReduceScatter {
                         axis: name(a),
                         size: size(a),
                         dim: d,
                         reduce: reduce_of(p),
-                    }),
+                    },
                     a,
-                    AxisPl::Shard(d),
                 );
             }
         }
@@ -133,18 +132,25 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
         match (cur.axis(a), to.axis(a)) {
             (AxisPl::Replicate, AxisPl::Shard(d)) if extends(&cur.dims[d], a, &to.dims[d]) => {
                 return mk(
-                    Some(Op::ShardSlice {
+                    Op::ShardSlice {
                         axis: name(a),
                         size: size(a),
                         dim: d,
-                    }),
+                    },
                     a,
-                    AxisPl::Shard(d),
                 );
             }
+            (AxisPl::Replicate, AxisPl::Partial(PartialOp::Sum)) => {
+                return mk(Op::KeepOnFirst { axis: name(a) }, a);
+            }
+            // Every device's copy is a valid max term: a relabelling, no data moves.
             (AxisPl::Replicate, AxisPl::Partial(p)) => {
-                let op = (p == PartialOp::Sum).then(|| Op::KeepOnFirst { axis: name(a) });
-                return mk(op, a, AxisPl::Partial(p));
+                return Some(Step {
+                    op: None,
+                    axis: a,
+                    before: cur.clone(),
+                    after: cur.moved(a, AxisPl::Partial(p))?,
+                });
             }
             _ => {}
         }
@@ -154,14 +160,13 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
         if let (AxisPl::Shard(i), AxisPl::Shard(j)) = (cur.axis(a), to.axis(a)) {
             if i != j && cur.dims[i].last() == Some(&a) && extends(&cur.dims[j], a, &to.dims[j]) {
                 return mk(
-                    Some(Op::AllToAll {
+                    Op::AllToAll {
                         axis: name(a),
                         size: size(a),
                         split: j,
                         concat: i,
-                    }),
+                    },
                     a,
-                    AxisPl::Shard(j),
                 );
             }
         }
@@ -171,13 +176,12 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
         if let AxisPl::Partial(p) = cur.axis(a) {
             if to.axis(a) != AxisPl::Partial(p) {
                 return mk(
-                    Some(Op::AllReduce {
+                    Op::AllReduce {
                         axis: name(a),
                         size: size(a),
                         reduce: reduce_of(p),
-                    }),
+                    },
                     a,
-                    AxisPl::Replicate,
                 );
             }
         }
@@ -187,13 +191,12 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
         let ok = to.dims[d].len() >= axs.len() && to.dims[d][..axs.len()] == axs[..];
         if let (false, Some(&a)) = (ok, axs.last()) {
             return mk(
-                Some(Op::AllGather {
+                Op::AllGather {
                     axis: name(a),
                     size: size(a),
                     dim: d,
-                }),
+                },
                 a,
-                AxisPl::Replicate,
             );
         }
     }
