@@ -237,18 +237,22 @@ impl PlanStyle<'_> {
     }
 }
 
-/// The first label line of an SPMD op (`all_reduce sum over tp`) and its mesh axis.
-fn headline(op: &Op) -> (String, &str) {
+/// The first label line of an SPMD op (`all_reduce sum over tp`) and its mesh axis (`tp`, or
+/// `(dp,tp)` for a redistribute), as its provenance names it.
+fn headline(op: &Op) -> (String, String) {
     match op {
-        Op::AllReduce { axis, reduce, .. } => {
-            (format!("all_reduce {} over {axis}", reduce.name()), axis)
+        Op::AllReduce { axis, reduce, .. } => (
+            format!("all_reduce {} over {axis}", reduce.name()),
+            axis.clone(),
+        ),
+        Op::AllGather { axis, dim, .. } => {
+            (format!("all_gather dim {dim} over {axis}"), axis.clone())
         }
-        Op::AllGather { axis, dim, .. } => (format!("all_gather dim {dim} over {axis}"), axis),
         Op::ReduceScatter {
             axis, dim, reduce, ..
         } => (
             format!("reduce_scatter {} to dim {dim} over {axis}", reduce.name()),
-            axis,
+            axis.clone(),
         ),
         Op::AllToAll {
             axis,
@@ -257,11 +261,38 @@ fn headline(op: &Op) -> (String, &str) {
             ..
         } => (
             format!("all_to_all dim {concat} to dim {split} over {axis}"),
-            axis,
+            axis.clone(),
         ),
-        Op::ShardSlice { axis, dim, .. } => (format!("shard_slice dim {dim} over {axis}"), axis),
-        Op::KeepOnFirst { axis } => (format!("keep_on_first over {axis}"), axis),
-        op => (op.to_string(), ""),
+        Op::ShardSlice { axis, dim, .. } => {
+            (format!("shard_slice dim {dim} over {axis}"), axis.clone())
+        }
+        Op::KeepOnFirst { axis } => (format!("keep_on_first over {axis}"), axis.clone()),
+        Op::Redistribute { axes, .. } => {
+            let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+            let group = format!("({})", names.join(","));
+            (format!("redistribute over {group}"), group)
+        }
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::MatMul
+        | Op::Binary { .. }
+        | Op::Scalar { .. }
+        | Op::CausalMask
+        | Op::Unary { .. }
+        | Op::Softmax { .. }
+        | Op::LayerNorm { .. }
+        | Op::RmsNorm { .. }
+        | Op::Reduce { .. }
+        | Op::CrossEntropy
+        | Op::Embedding
+        | Op::Transpose { .. }
+        | Op::Reshape { .. }
+        | Op::Split { .. }
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::Cast { .. }
+        | Op::VocabEmbedding { .. }
+        | Op::TargetLogit { .. } => (op.to_string(), String::new()),
     }
 }
 
@@ -413,6 +444,18 @@ mod tests {
         );
         assert!(
             dot.contains("  n4 -> n5 [label=\"f32[8,2048,1] [_, _, _]{max:tp}\"];"),
+            "{dot}"
+        );
+    }
+
+    #[test]
+    fn draws_a_redistribute_with_its_placements_once() {
+        let text = "mesh dp, tp\ninput x : f32[8, 8] @ [dp, tp]\noutput x @ [tp, dp]\n";
+        let dot = print(&plan_of("redist.tpl", text, "dp=2,tp=4", &[]));
+        assert!(
+            dot.contains(
+                "  n1 [label=\"redistribute over (dp,tp)\\n[dp, tp] -> [tp, dp]\\nfor output x at redist.tpl:3:10\\n%1\", shape=doubleoctagon"
+            ),
             "{dot}"
         );
     }
