@@ -30,17 +30,6 @@ pub enum NodeError {
     Comm(#[from] CommError),
 }
 
-impl From<redistribute::RedistributeError> for NodeError {
-    fn from(e: redistribute::RedistributeError) -> Self {
-        match e {
-            redistribute::RedistributeError::Comm(c) => NodeError::Comm(c),
-            redistribute::RedistributeError::Group(m) => {
-                NodeError::Exec(ExecError::shape("redistribute", m))
-            }
-        }
-    }
-}
-
 impl NodeError {
     /// True for a rank that stopped only because another failed (it was aborted, or a peer's
     /// endpoint went away): the failing rank's own error is the one to report.
@@ -619,7 +608,15 @@ impl Rank<'_> {
                 ArrayD::from_elem(x.raw_dim(), T::default())
             }),
             Op::Redistribute { axes, from, to } => {
-                let spec = redistribute::Spec { axes, from, to };
+                let axes = axes
+                    .iter()
+                    .map(|(a, _)| self.axis(op, a))
+                    .collect::<Result<Vec<usize>, _>>()?;
+                let spec = redistribute::Spec {
+                    axes: &axes,
+                    from,
+                    to,
+                };
                 Ok(redistribute::run(
                     self.t,
                     &self.plan.mesh,

@@ -371,17 +371,20 @@ fn bounds(n: usize, k: usize) -> Vec<(usize, usize)> {
     (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
 }
 
+/// An error unless a message of `got` elements from rank `from` has the `want` expected.
+pub(crate) fn check_len(from: usize, got: usize, want: usize) -> Result<(), CommError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CommError::Length { from, got, want })
+    }
+}
+
+/// The buffer of a message from rank `from` that must hold `want` elements of `T`.
 fn expect_len<T: Elem>(got: Message, want: usize, from: usize) -> Result<Vec<T>, CommError> {
     let got = T::from_message(got, from)?;
-    if got.len() == want {
-        Ok(got)
-    } else {
-        Err(CommError::Length {
-            from,
-            got: got.len(),
-            want,
-        })
-    }
+    check_len(from, got.len(), want)?;
+    Ok(got)
 }
 
 /// A copy of `src`, in a pooled buffer.
@@ -602,18 +605,35 @@ pub fn all_to_all<T: Elem>(
     group: &[usize],
     mut chunks: Vec<Vec<T>>,
 ) -> Result<Vec<Vec<T>>, CommError> {
+    let mut out: Vec<Vec<T>> = vec![Vec::new(); group.len()];
+    let make = |to: usize| std::mem::take(&mut chunks[to]);
+    let take = |from: usize, got: Vec<T>| {
+        out[from] = got;
+        Ok(())
+    };
+    all_to_all_with(t, group, make, take)?;
+    Ok(out)
+}
+
+/// An all-to-all over `group`, one block at a time: `make(p)` is the block for the rank at
+/// position `p`, `take(p, block)` receives the block of the rank at position `p` (this rank's
+/// own block first). Shifted pairwise exchange: step s sends to position me+s and receives from
+/// me-s, so every step pairs each rank with one sender and one receiver.
+pub fn all_to_all_with<T: Elem>(
+    t: &mut dyn Transport,
+    group: &[usize],
+    mut make: impl FnMut(usize) -> Vec<T>,
+    mut take: impl FnMut(usize, Vec<T>) -> Result<(), CommError>,
+) -> Result<(), CommError> {
     let k = group.len();
     let me = position(group, t.rank());
-    let mut out: Vec<Vec<T>> = vec![Vec::new(); k];
-    out[me] = std::mem::take(&mut chunks[me]);
-    // Shifted pairwise exchange: step s sends to me+s and receives from me-s.
+    take(me, make(me))?;
     for s in 1..k {
-        let to = (me + s) % k;
-        let from = (me + k - s) % k;
-        let msg = T::message(std::mem::take(&mut chunks[to]));
-        out[from] = T::from_message(t.exchange(group[to], msg, group[from])?, group[from])?;
+        let (to, from) = ((me + s) % k, (me + k - s) % k);
+        let got = t.exchange(group[to], T::message(make(to)), group[from])?;
+        take(from, T::from_message(got, group[from])?)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
