@@ -304,7 +304,6 @@ impl Header {
 
     /// The array from its data bytes.
     fn tensor(&self, kind: Kind, bytes: &[u8]) -> Result<Tensor, String> {
-        let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
         let words = bytes.chunks_exact(4).map(|c| {
             let w = [c[0], c[1], c[2], c[3]];
             if self.big_endian {
@@ -313,26 +312,23 @@ impl Header {
                 u32::from_le_bytes(w)
             }
         });
-        let ix = if self.fortran {
-            IxDyn(&shape).f()
-        } else {
-            IxDyn(&shape).into()
-        };
-        let bad = |e: ndarray::ShapeError| format!("shape {}: {e}", dims(&self.shape));
         Ok(match kind {
-            Kind::F32 => Tensor::F32(
-                ArrayD::from_shape_vec(ix, words.map(f32::from_bits).collect())
-                    .map_err(bad)?
-                    .as_standard_layout()
-                    .into_owned(),
-            ),
-            Kind::I32 => Tensor::I32(
-                ArrayD::from_shape_vec(ix, words.map(|w| w as i32).collect())
-                    .map_err(bad)?
-                    .as_standard_layout()
-                    .into_owned(),
-            ),
+            Kind::F32 => Tensor::F32(self.array(words.map(f32::from_bits).collect())?),
+            Kind::I32 => Tensor::I32(self.array(words.map(|w| w as i32).collect())?),
         })
+    }
+
+    /// The array of the header's shape holding `data` in the header's order, in standard
+    /// layout (a Fortran-order array is copied into it, a C-order one is already in it).
+    fn array<T: Clone>(&self, data: Vec<T>) -> Result<ArrayD<T>, String> {
+        let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
+        let bad = |e: ndarray::ShapeError| format!("shape {}: {e}", dims(&self.shape));
+        if self.fortran {
+            let a = ArrayD::from_shape_vec(IxDyn(&shape).f(), data).map_err(bad)?;
+            Ok(a.as_standard_layout().into_owned())
+        } else {
+            ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(bad)
+        }
     }
 }
 
