@@ -3,7 +3,7 @@
 //! (or generate) only their own blocks of params and inputs; outputs are assembled into global
 //! arrays from the ranks' blocks.
 
-use super::apply::apply_owned;
+use super::apply::{apply_owned, arity, f32_arg, i32_arg};
 use super::comm::{self, CommError, Elem, ThreadTransport, Transport};
 use super::core::{self, Eval};
 use super::kernels::{self as k, Pooled};
@@ -543,8 +543,10 @@ impl Rank<'_> {
             e.1 += sent.round() as u64;
         }
         match &node.op {
-            Op::VocabEmbedding { axes } => return Ok(vec![self.vocab_embedding(axes, &args)?]),
-            Op::TargetLogit { axes } => return Ok(vec![self.target_logit(axes, &args)?]),
+            Op::VocabEmbedding { axes } => {
+                return Ok(vec![self.vocab_embedding(&node.op, axes, &args)?])
+            }
+            Op::TargetLogit { axes } => return Ok(vec![self.target_logit(&node.op, axes, &args)?]),
             _ => {}
         }
         let x = args.into_iter().next().expect("checked above");
@@ -721,49 +723,44 @@ impl Rank<'_> {
         Ok(array(op.name(), &out, data)?)
     }
 
-    /// The vocab block `(offset, local rows, vocab)` of this rank along `axes` (major first).
+    /// The vocab block `(offset, vocab)` of this rank's `local` rows along `axes` (major first).
     fn vocab_block(
         &self,
         op: &Op,
         axes: &[(String, u64)],
         local: usize,
-    ) -> Result<(i64, i64, i64), ExecError> {
+    ) -> Result<(i64, i64), ExecError> {
         let mut b = 0u64;
         let mut k = 1u64;
         for (name, size) in axes {
             b = b * size + self.coords[self.axis(op, name)?];
             k *= size;
         }
-        Ok((
-            b as i64 * local as i64,
-            local as i64,
-            local as i64 * k as i64,
-        ))
+        Ok((b as i64 * local as i64, local as i64 * k as i64))
     }
 
+    /// `op`'s embedding of global `ids` in this rank's rows of the table (zeros elsewhere).
     fn vocab_embedding(
         &self,
+        op: &Op,
         axes: &[(String, u64)],
         args: &[Cow<'_, Tensor>],
     ) -> Result<Tensor, ExecError> {
-        let op = Op::VocabEmbedding {
-            axes: axes.to_vec(),
-        };
-        let name = "vocab_embedding";
-        let [ids, table] = two(name, args)?;
-        let ids = ids.as_i32().ok_or_else(|| dtype(name, 0, "i32", ids))?;
-        let table = table.as_f32().ok_or_else(|| dtype(name, 1, "f32", table))?;
+        let name = op.name();
+        let [ids, table] = arity(name, args)?;
+        let ids = i32_arg(name, 0, ids)?;
+        let table = f32_arg(name, 1, table)?;
         if table.ndim() != 2 {
             return Err(ExecError::shape(name, "the table must have rank 2"));
         }
         let (rows, h) = (table.shape()[0], table.shape()[1]);
-        let (off, local, vocab) = self.vocab_block(&op, axes, rows)?;
+        let (off, vocab) = self.vocab_block(op, axes, rows)?;
+        let local = rows as i64;
         let mut shape = ids.shape().to_vec();
         shape.push(h);
         let mut buf = k::take_f32(shape.iter().product());
         buf.fill(0.0);
-        let table = table.as_standard_layout();
-        let t = table.as_slice().expect("standard layout");
+        let t = flat(table);
         for (i, &id) in ids.iter().enumerate() {
             let id = id as i64;
             if id < 0 || id >= vocab {
@@ -781,20 +778,17 @@ impl Rank<'_> {
         array(name, &shape, buf).map(Tensor::F32)
     }
 
+    /// `op`'s logit of each global label, from this rank's columns (zero elsewhere).
     fn target_logit(
         &self,
+        op: &Op,
         axes: &[(String, u64)],
         args: &[Cow<'_, Tensor>],
     ) -> Result<Tensor, ExecError> {
-        let op = Op::TargetLogit {
-            axes: axes.to_vec(),
-        };
-        let name = "target_logit";
-        let [x, labels] = two(name, args)?;
-        let x = x.as_f32().ok_or_else(|| dtype(name, 0, "f32", x))?;
-        let labels = labels
-            .as_i32()
-            .ok_or_else(|| dtype(name, 1, "i32", labels))?;
+        let name = op.name();
+        let [x, labels] = arity(name, args)?;
+        let x = f32_arg(name, 0, x)?;
+        let labels = i32_arg(name, 1, labels)?;
         let v = *x
             .shape()
             .last()
@@ -802,9 +796,9 @@ impl Rank<'_> {
         if x.len() != labels.len() * v {
             return Err(ExecError::shape(name, "logits and labels do not fit"));
         }
-        let (off, local, vocab) = self.vocab_block(&op, axes, v)?;
-        let x = x.as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
+        let (off, vocab) = self.vocab_block(op, axes, v)?;
+        let local = v as i64;
+        let xs = flat(x);
         let mut out = ArrayD::<f32>::zeros(labels.raw_dim());
         for (i, (&l, o)) in labels.iter().zip(out.iter_mut()).enumerate() {
             let l = l as i64;
@@ -820,27 +814,6 @@ impl Rank<'_> {
             }
         }
         Ok(Tensor::F32(out))
-    }
-}
-
-/// The two operands of a binary SPMD op.
-fn two<'a>(op: &'static str, args: &'a [Cow<'_, Tensor>]) -> Result<[&'a Tensor; 2], ExecError> {
-    match args {
-        [a, b] => Ok([a.as_ref(), b.as_ref()]),
-        _ => Err(ExecError::Arity {
-            op,
-            expected: "2",
-            got: args.len(),
-        }),
-    }
-}
-
-fn dtype(op: &'static str, index: usize, expected: &'static str, got: &Tensor) -> ExecError {
-    ExecError::Dtype {
-        op,
-        index,
-        expected,
-        got: got.kind(),
     }
 }
 
