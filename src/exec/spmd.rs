@@ -586,7 +586,7 @@ impl Rank<'_> {
                 // A dying operand is reduced in its own buffer.
                 let mut data = into_flat(x);
                 comm::all_reduce(self.t, group, &mut data, *reduce)?;
-                Ok(array(name, &shape, data)?)
+                Ok(k::from_vec(name, shape, data)?)
             }
             Op::AllGather { axis, dim, .. } => self.all_gather(op, axis, *dim, &x),
             Op::ReduceScatter {
@@ -600,8 +600,8 @@ impl Rank<'_> {
             } => self.all_to_all(op, axis, *split, *concat, &x),
             Op::ShardSlice { axis, size, dim } => {
                 let c = self.coords[self.axis(op, axis)?] as usize;
-                check_dim(name, x.shape(), *dim)?;
-                let n = x.shape()[*dim] / (*size).max(1) as usize;
+                check_split(name, x.shape(), *dim, *size as usize)?;
+                let n = x.shape()[*dim] / *size as usize;
                 Ok(k::slice(&x, *dim, (c * n) as u64, ((c + 1) * n) as u64)?)
             }
             Op::KeepOnFirst { axis } => Ok(if self.coords[self.axis(op, axis)?] == 0 {
@@ -641,9 +641,9 @@ impl Rank<'_> {
     ) -> Result<ArrayD<T>, NodeError> {
         let group = &self.groups[self.axis(op, axis)?];
         let shape = x.shape();
-        check_dim(op.name(), shape, dim)?;
+        k::check_axis(op.name(), shape.len(), dim)?;
         let k = group.len();
-        let all = comm::all_gather(self.t, group, &flat(x))?;
+        let all = comm::all_gather(self.t, group, &k::row_major(x))?;
         let mut global = shape.to_vec();
         global[dim] *= k;
         // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the chunks are
@@ -655,7 +655,7 @@ impl Rank<'_> {
             let pieces: Vec<&[T]> = all.chunks_exact(len.max(1)).collect();
             join(&pieces, shape, dim)
         };
-        Ok(array(op.name(), &global, data)?)
+        Ok(k::from_vec(op.name(), global, data)?)
     }
 
     /// Reduces the group's blocks and keeps this rank's piece along `dim`.
@@ -684,7 +684,7 @@ impl Rank<'_> {
         k::give(flat);
         let mut local = shape;
         local[dim] /= k;
-        Ok(array(op.name(), &local, mine)?)
+        Ok(k::from_vec(op.name(), local, mine)?)
     }
 
     /// Splits the block along `split`, exchanges the pieces, joins them along `concat`.
@@ -700,8 +700,8 @@ impl Rank<'_> {
         let k = group.len();
         let shape = x.shape();
         check_split(op.name(), shape, split, k)?;
-        check_dim(op.name(), shape, concat)?;
-        let flat = flat(x);
+        k::check_axis(op.name(), shape.len(), concat)?;
+        let flat = k::row_major(x);
         let mut pshape = shape.to_vec();
         pshape[split] /= k;
         let chunks: Vec<Vec<T>> = (0..k)
@@ -720,7 +720,7 @@ impl Rank<'_> {
         let data = join(&pieces, &pshape, concat);
         let mut out = pshape;
         out[concat] *= k;
-        Ok(array(op.name(), &out, data)?)
+        Ok(k::from_vec(op.name(), out, data)?)
     }
 
     /// The vocab block `(offset, vocab)` of this rank's `local` rows along `axes` (major first).
@@ -760,7 +760,7 @@ impl Rank<'_> {
         shape.push(h);
         let mut buf = k::take_f32(shape.iter().product());
         buf.fill(0.0);
-        let t = flat(table);
+        let t = k::row_major(table);
         for (i, &id) in ids.iter().enumerate() {
             let id = id as i64;
             if id < 0 || id >= vocab {
@@ -775,7 +775,7 @@ impl Rank<'_> {
                 buf[i * h..(i + 1) * h].copy_from_slice(&t[r * h..(r + 1) * h]);
             }
         }
-        array(name, &shape, buf).map(Tensor::F32)
+        k::from_vec(name, shape, buf).map(Tensor::F32)
     }
 
     /// `op`'s logit of each global label, from this rank's columns (zero elsewhere).
@@ -798,7 +798,7 @@ impl Rank<'_> {
         }
         let (off, vocab) = self.vocab_block(op, axes, v)?;
         let local = v as i64;
-        let xs = flat(x);
+        let xs = k::row_major(x);
         let mut out = ArrayD::<f32>::zeros(labels.raw_dim());
         for (i, (&l, o)) in labels.iter().zip(out.iter_mut()).enumerate() {
             let l = l as i64;
@@ -817,23 +817,6 @@ impl Rank<'_> {
     }
 }
 
-/// An array of `shape` from row-major `data`.
-fn array<T>(op: &'static str, shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>, ExecError> {
-    ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| ExecError::shape(op, e.to_string()))
-}
-
-/// The elements of `x` in row-major order, borrowed when already contiguous.
-fn flat<'x, T: Pooled>(x: &'x ArrayD<T>) -> Cow<'x, [T]> {
-    match x.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => {
-            let mut v = k::take_vec::<T>(x.len());
-            v.extend(x.iter().copied());
-            Cow::Owned(v)
-        }
-    }
-}
-
 /// The elements in row-major order as an owned buffer: an owned array's own buffer when in
 /// standard layout (no copy), else a pooled copy.
 fn into_flat<T: Pooled>(x: Cow<'_, ArrayD<T>>) -> Vec<T> {
@@ -848,25 +831,13 @@ fn into_flat<T: Pooled>(x: Cow<'_, ArrayD<T>>) -> Vec<T> {
             v.truncate(len);
             v
         }
-        x => flat(&x).into_owned(),
-    }
-}
-
-/// An error unless `dim` is a dim of `shape`.
-fn check_dim(op: &'static str, shape: &[usize], dim: usize) -> Result<(), ExecError> {
-    if dim < shape.len() {
-        Ok(())
-    } else {
-        Err(ExecError::shape(
-            op,
-            format!("dim {dim} out of range for shape {shape:?}"),
-        ))
+        x => k::row_major(&x).into_owned(),
     }
 }
 
 /// An error unless dim `dim` of `shape` splits into `k` equal blocks.
 fn check_split(op: &'static str, shape: &[usize], dim: usize, k: usize) -> Result<(), ExecError> {
-    check_dim(op, shape, dim)?;
+    k::check_axis(op, shape.len(), dim)?;
     let n = shape[dim];
     if k == 0 || !n.is_multiple_of(k) {
         return Err(ExecError::shape(
