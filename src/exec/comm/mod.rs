@@ -93,6 +93,23 @@ impl Message {
         }
     }
 
+    /// A message of `len` elements (integers when `int`) in a pooled buffer, to receive into.
+    pub fn pooled(int: bool, len: usize) -> Message {
+        if int {
+            Message::I32(take(len))
+        } else {
+            Message::F32(take(len))
+        }
+    }
+
+    /// The elements, mutably borrowed.
+    pub fn as_data_mut(&mut self) -> DataMut<'_> {
+        match self {
+            Message::F32(v) => DataMut::F32(v),
+            Message::I32(v) => DataMut::I32(v),
+        }
+    }
+
     /// Returns the message's buffer to the pool.
     pub fn recycle(self) {
         match self {
@@ -317,22 +334,26 @@ impl Sink<'_> {
         self.buf().kind()
     }
 
+    /// An error unless a message from rank `from` of `len` elements of type `kind` fits the
+    /// buffer.
+    pub fn check(&self, from: usize, len: usize, kind: &'static str) -> Result<(), CommError> {
+        check_len(from, len, self.expected_len())?;
+        if kind != self.expected_kind() {
+            return Err(kind_error(from, kind, self.expected_kind()));
+        }
+        Ok(())
+    }
+
     /// Puts `msg` from rank `from` into the buffer; a message of another length or element
     /// type is an error.
     pub fn put(self, from: usize, msg: Data<'_>) -> Result<(), CommError> {
-        if msg.len() != self.expected_len() {
-            return Err(CommError::Length {
-                from,
-                got: msg.len(),
-                want: self.expected_len(),
-            });
-        }
+        self.check(from, msg.len(), msg.kind())?;
         match (self, msg) {
             (Sink::Write(DataMut::F32(b)), Data::F32(m)) => b.copy_from_slice(m),
             (Sink::Write(DataMut::I32(b)), Data::I32(m)) => b.copy_from_slice(m),
             (Sink::Combine(DataMut::F32(b), op), Data::F32(m)) => f32::combine_from(b, m, op),
             (Sink::Combine(DataMut::I32(b), op), Data::I32(m)) => i32::combine_from(b, m, op),
-            (s, m) => return Err(kind_error(from, m.kind(), s.expected_kind())),
+            _ => unreachable!("the kinds were checked"),
         }
         Ok(())
     }
@@ -352,7 +373,7 @@ pub(crate) fn copy_exchange<T: Transport + ?Sized>(
 }
 
 /// Puts a received message into `sink`, checking its length and type, and pools its buffer.
-fn put_message(got: Message, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
+pub(crate) fn put_message(got: Message, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
     let r = sink.put(from, got.as_data());
     got.recycle();
     r
