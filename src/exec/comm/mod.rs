@@ -119,18 +119,6 @@ impl Message {
     }
 }
 
-impl From<Vec<f32>> for Message {
-    fn from(v: Vec<f32>) -> Self {
-        Message::F32(v)
-    }
-}
-
-impl From<Vec<i32>> for Message {
-    fn from(v: Vec<i32>) -> Self {
-        Message::I32(v)
-    }
-}
-
 impl Data<'_> {
     /// Number of elements.
     pub fn len(&self) -> usize {
@@ -248,26 +236,33 @@ impl Elem for i32 {
     }
     fn combine_from(acc: &mut [i32], other: &[i32], op: ReduceOp) {
         assert_eq!(acc.len(), other.len(), "combine: lengths");
-        let f = int_op(op);
-        acc.iter_mut().zip(other).for_each(|(a, &b)| *a = f(*a, b));
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => int_combine(acc, other, i32::wrapping_add),
+            ReduceOp::Max => int_combine(acc, other, std::cmp::max),
+        }
     }
     fn combine_symmetric(acc: &mut [i32], other: &mut [i32], op: ReduceOp, copy: bool) {
         assert_eq!(acc.len(), other.len(), "combine: lengths");
-        let f = int_op(op);
-        for (a, b) in acc.iter_mut().zip(other.iter_mut()) {
-            *a = f(*a, *b);
-            if copy {
-                *b = *a;
-            }
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => int_symmetric(acc, other, copy, i32::wrapping_add),
+            ReduceOp::Max => int_symmetric(acc, other, copy, std::cmp::max),
         }
     }
 }
 
-/// The exact integer `⊕` of a reduction: wrapping sum (mean sums too, as for floats) or max.
-fn int_op(op: ReduceOp) -> fn(i32, i32) -> i32 {
-    match op {
-        ReduceOp::Sum | ReduceOp::Mean => i32::wrapping_add,
-        ReduceOp::Max => std::cmp::max,
+/// `acc[i] = f(acc[i], other[i])`: the exact integer `⊕` of a reduction (wrapping sum, which
+/// mean sums too, as for floats; or max), chosen once by the caller and inlined.
+fn int_combine(acc: &mut [i32], other: &[i32], f: impl Fn(i32, i32) -> i32) {
+    acc.iter_mut().zip(other).for_each(|(a, &b)| *a = f(*a, b));
+}
+
+/// As `int_combine`; with `copy`, `other` receives the result too.
+fn int_symmetric(acc: &mut [i32], other: &mut [i32], copy: bool, f: impl Fn(i32, i32) -> i32) {
+    for (a, b) in acc.iter_mut().zip(other.iter_mut()) {
+        *a = f(*a, *b);
+        if copy {
+            *b = *a;
+        }
     }
 }
 
