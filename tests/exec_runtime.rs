@@ -1,17 +1,56 @@
 //! The SPMD runtime on integer data, bad ids, many ranks and corrupt rank outputs: integers move
 //! exactly through every collective, bad ids are reported at their global position, the thread
 //! backend runs (or refuses cleanly) at 1024 ranks, and output assembly checks every block.
+//! An `.npz` that does not fit the program is refused on its headers, before its data is read.
 
 use ndarray::{ArrayD, IxDyn};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
+use std::io::Write;
 use tpc::diag::SourceFile;
 use tpc::driver::compile_plan;
 use tpc::exec::leaves::{global_leaves, LeafSource};
+use tpc::exec::npz::{self, NpzError};
 use tpc::exec::spmd::{assemble, run_threads, RankOutput, RunError};
 use tpc::exec::{reference, ExecError, Tensor};
 use tpc::ir::Op;
 use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
+
+/// The largest single allocation this test binary grants.
+const ALLOC_CAP: usize = 1 << 30;
+
+/// The system allocator, refusing any single allocation above [`ALLOC_CAP`]: reading what an
+/// untrusted header declares fails here instead of taking the machine's memory.
+struct Capped;
+
+// SAFETY: every call is forwarded to `System` unchanged, or refused with a null pointer.
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Capped = Capped;
 
 /// Ids above 2^24 (not representable in f32) and near i32::MAX.
 const BIG: [i32; 4] = [16_777_217, i32::MAX - 1, 16_777_219, -16_777_217];
@@ -253,4 +292,66 @@ fn assembly_refuses_blocks_of_the_wrong_shape_or_kind() {
         assemble(&plan, one_rank),
         Err(RunError::Assemble { .. })
     ));
+}
+
+/// Writes a compressed archive at `path` whose array `name` honestly holds `n` float32 zeros
+/// (streamed: the file is about n/256 bytes).
+fn zeros_npz(path: &std::path::Path, name: &str, n: u64) {
+    use zip::write::SimpleFileOptions;
+    let opts = SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    z.start_file(format!("{name}.npy"), opts).unwrap();
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n},), }}");
+    let mut header = format!("{dict:<117}").into_bytes();
+    header.push(b'\n');
+    z.write_all(b"\x93NUMPY\x01\x00").unwrap();
+    z.write_all(&(header.len() as u16).to_le_bytes()).unwrap();
+    z.write_all(&header).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = n * 4;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64);
+        z.write_all(&chunk[..k as usize]).unwrap();
+        left -= k;
+    }
+    z.finish().unwrap();
+}
+
+#[test]
+fn an_npz_that_does_not_fit_is_refused_before_its_data_is_read() {
+    // 2^30 float32 zeros: 4 GiB of data, four times what this binary may allocate at once.
+    let big = 1u64 << 30;
+    let dir = std::env::temp_dir().join(format!("tpc-npz-headers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = plan(
+        "mesh tp\nparam w : f32[4]\ninput x : f32[4]\ny = x * w\noutput y\n",
+        "1",
+    )
+    .global;
+    let cases = [
+        (
+            "w",
+            "`w` has shape [1073741824], the program declares f32[4]",
+        ),
+        (
+            "huge",
+            "extra array `huge`: the program has no param of that name",
+        ),
+    ];
+    for (name, problem) in cases {
+        let path = dir.join(format!("{name}.npz"));
+        zeros_npz(&path, name, big);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() < big / 64,
+            "{name}: compressed"
+        );
+        let e = npz::load(path.to_str().unwrap(), &g, true).unwrap_err();
+        let NpzError::Mismatch { problems, .. } = &e else {
+            panic!("{name}: {e}");
+        };
+        assert!(problems.iter().any(|p| p == problem), "{name}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

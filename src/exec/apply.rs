@@ -4,7 +4,7 @@ use super::kernels as k;
 use super::{ExecError, Tensor};
 use crate::ir::{Op, UnaryOp};
 use ndarray::{ArrayD, IxDyn};
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 
 /// Applies a non-leaf `op` to `args` with global (unsharded) semantics; one tensor per result.
 pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
@@ -226,16 +226,17 @@ fn operand(a: Cow<'_, Tensor>) -> k::Operand<'_> {
     }
 }
 
-/// The operands as an array of exactly `N`, or an arity error.
-fn arity<'a, const N: usize>(
+/// The operands (borrowed or owned) as an array of exactly `N`, or an arity error.
+pub(super) fn arity<'a, A: Borrow<Tensor>, const N: usize>(
     op: &'static str,
-    args: &[&'a Tensor],
+    args: &'a [A],
 ) -> Result<[&'a Tensor; N], ExecError> {
-    args.try_into().map_err(|_| ExecError::Arity {
+    let args: &[A; N] = args.try_into().map_err(|_| ExecError::Arity {
         op,
         expected: ["0", "1", "2", "3"].get(N).copied().unwrap_or("?"),
         got: args.len(),
-    })
+    })?;
+    Ok(args.each_ref().map(Borrow::borrow))
 }
 
 /// A storage-kind error for operand `index`.
@@ -249,7 +250,7 @@ fn dtype(op: &'static str, index: usize, expected: &'static str, got: &'static s
 }
 
 /// Operand `index` as f32, or a kind error.
-fn f32_arg<'a>(
+pub(super) fn f32_arg<'a>(
     op: &'static str,
     index: usize,
     t: &'a Tensor,
@@ -258,7 +259,7 @@ fn f32_arg<'a>(
 }
 
 /// Operand `index` as i32, or a kind error.
-fn i32_arg<'a>(
+pub(super) fn i32_arg<'a>(
     op: &'static str,
     index: usize,
     t: &'a Tensor,

@@ -55,21 +55,29 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
         .collect()
 }
 
-/// The elements in row-major order, borrowed when already contiguous.
-fn row_major<T: Clone>(x: &ArrayD<T>) -> Cow<'_, [T]> {
+/// The elements in row-major order, borrowed when already contiguous, else in a pooled buffer.
+pub(crate) fn row_major<T: Pooled>(x: &ArrayD<T>) -> Cow<'_, [T]> {
     match x.as_slice() {
         Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(x.iter().cloned().collect()),
+        None => {
+            let mut v = take_vec::<T>(x.len());
+            v.extend(x.iter().copied());
+            Cow::Owned(v)
+        }
     }
 }
 
 /// Builds an array from a shape and row-major data of the right length.
-fn from_vec<T>(op: &'static str, shape: Vec<usize>, data: Vec<T>) -> Result<ArrayD<T>, ExecError> {
+pub(crate) fn from_vec<T>(
+    op: &'static str,
+    shape: Vec<usize>,
+    data: Vec<T>,
+) -> Result<ArrayD<T>, ExecError> {
     ArrayD::from_shape_vec(shape, data).map_err(|e| ExecError::shape(op, e.to_string()))
 }
 
 /// An error unless `axis < rank`.
-fn check_axis(op: &'static str, rank: usize, axis: usize) -> Result<(), ExecError> {
+pub(crate) fn check_axis(op: &'static str, rank: usize, axis: usize) -> Result<(), ExecError> {
     if axis < rank {
         return Ok(());
     }

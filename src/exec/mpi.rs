@@ -13,8 +13,7 @@
 //! elements (MPI counts are `int`). Errors inside MPI are fatal (MPI's default
 //! error handler aborts the whole job), so no rank is ever left blocked by a failed peer.
 
-use super::comm::{CommError, Data, DataMut, Message, Sink, Transport};
-use super::kernels::take;
+use super::comm::{put_message, CommError, Data, DataMut, Elem, Message, Sink, Transport};
 use super::spmd::RankOutput;
 use super::Tensor;
 use mpi::collective::SystemOperation;
@@ -229,19 +228,15 @@ struct Header {
 impl Header {
     /// An owned buffer of the announced length and type, from the pool.
     fn buffer(self) -> Message {
-        if self.int {
-            Message::I32(take(self.len))
-        } else {
-            Message::F32(take(self.len))
-        }
+        Message::pooled(self.int, self.len)
     }
 
     /// The element type's name.
     fn kind(self) -> &'static str {
         if self.int {
-            "i32"
+            i32::KIND
         } else {
-            "f32"
+            f32::KIND
         }
     }
 }
@@ -271,14 +266,6 @@ fn incoming(h: [u64; 2], from: usize) -> Result<Header, CommError> {
             got: "unknown",
             want: "f32 or i32",
         }),
-    }
-}
-
-/// A mutable view of a message's buffer.
-fn buffer_mut(m: &mut Message) -> DataMut<'_> {
-    match m {
-        Message::F32(v) => DataMut::F32(v),
-        Message::I32(v) => DataMut::I32(v),
     }
 }
 
@@ -327,7 +314,7 @@ impl Transport for MpiTransport<'_> {
     fn exchange(&mut self, to: usize, msg: Message, from: usize) -> Result<Message, CommError> {
         let h = self.header_exchange(to, msg.as_data(), from)?;
         let mut out = h.buffer();
-        self.pieces_exchange(to, msg.as_data(), from, buffer_mut(&mut out))?;
+        self.pieces_exchange(to, msg.as_data(), from, out.as_data_mut())?;
         msg.recycle();
         Ok(out)
     }
@@ -342,28 +329,13 @@ impl Transport for MpiTransport<'_> {
         sink: Sink<'_>,
     ) -> Result<(), CommError> {
         let h = self.header_exchange(to, send, from)?;
-        if h.len != sink.expected_len() {
-            return Err(CommError::Length {
-                from,
-                got: h.len,
-                want: sink.expected_len(),
-            });
-        }
-        if h.kind() != sink.expected_kind() {
-            return Err(CommError::Kind {
-                from,
-                got: h.kind(),
-                want: sink.expected_kind(),
-            });
-        }
+        sink.check(from, h.len, h.kind())?;
         match sink {
             Sink::Write(buf) => self.pieces_exchange(to, send, from, buf),
             sink => {
                 let mut got = h.buffer();
-                self.pieces_exchange(to, send, from, buffer_mut(&mut got))?;
-                let r = sink.put(from, got.as_data());
-                got.recycle();
-                r
+                self.pieces_exchange(to, send, from, got.as_data_mut())?;
+                put_message(got, from, sink)
             }
         }
     }
@@ -379,22 +351,22 @@ impl Transport for MpiTransport<'_> {
 /// Flattens a rank's output blocks, step times and peak bytes into one message of 32-bit words
 /// for rank 0 (floats by their bits).
 pub fn encode_rank_output(o: &RankOutput) -> Message {
-    let mut w: Vec<u32> = Vec::new();
-    let push64 = |w: &mut Vec<u32>, v: u64| {
-        w.push(v as u32);
-        w.push((v >> 32) as u32);
+    let mut w: Vec<i32> = Vec::new();
+    let push64 = |w: &mut Vec<i32>, v: u64| {
+        w.push(v as u32 as i32);
+        w.push((v >> 32) as u32 as i32);
     };
     push64(&mut w, o.outputs.len() as u64);
     for t in &o.outputs {
         let shape = t.shape().to_vec();
-        w.push(matches!(t, Tensor::I32(_)) as u32);
+        w.push(matches!(t, Tensor::I32(_)) as i32);
         push64(&mut w, shape.len() as u64);
         for d in &shape {
             push64(&mut w, *d as u64);
         }
         match t {
-            Tensor::F32(x) => w.extend(x.iter().map(|v| v.to_bits())),
-            Tensor::I32(x) => w.extend(x.iter().map(|v| *v as u32)),
+            Tensor::F32(x) => w.extend(x.iter().map(|v| v.to_bits() as i32)),
+            Tensor::I32(x) => w.extend(x.iter().copied()),
         }
     }
     push64(&mut w, o.step_times.len() as u64);
@@ -402,7 +374,7 @@ pub fn encode_rank_output(o: &RankOutput) -> Message {
         push64(&mut w, s.to_bits());
     }
     push64(&mut w, o.peak_bytes);
-    Message::I32(w.into_iter().map(|v| v as i32).collect())
+    Message::I32(w)
 }
 
 /// Reads the words of a message in order.

@@ -4,12 +4,12 @@
 //! are named, and `numpy.savez_compressed` archives are read. Writes are atomic.
 
 use super::Tensor;
-use crate::ir::{Dtype, Graph};
+use crate::ir::{Dtype, Graph, TensorType};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::NpzWriter;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 
 /// Why an archive could not be read or written, or does not fit the program.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -45,7 +45,9 @@ pub enum NpzError {
 /// Reads every array of the archive at `path`, by name (without the `.npy` suffix). An array of
 /// a dtype other than float32 or int32 is an error (see [`load`] for every problem at once).
 pub fn read(path: &str) -> Result<BTreeMap<String, Tensor>, NpzError> {
-    let (arrays, unsupported) = read_all(path)?;
+    let mut archive = Archive::open(path)?;
+    let (entries, unsupported) = archive.headers()?;
+    let arrays = archive.arrays(&entries)?;
     match unsupported.into_iter().next() {
         Some((name, dtype)) => Err(NpzError::Array {
             path: path.into(),
@@ -57,73 +59,162 @@ pub fn read(path: &str) -> Result<BTreeMap<String, Tensor>, NpzError> {
 }
 
 /// Reads the archive at `path` and checks it against the leaves of `g` that `params` selects:
-/// every problem (missing, extra, wrong shape, wrong or unsupported dtype) in one error.
+/// every problem (missing, extra, wrong shape, wrong or unsupported dtype) in one error. The
+/// arrays' headers are checked before any data is read, so an archive that does not fit never
+/// allocates what its headers declare.
 pub fn load(path: &str, g: &Graph, params: bool) -> Result<BTreeMap<String, Tensor>, NpzError> {
-    let (arrays, unsupported) = read_all(path)?;
-    check_with(path, g, &arrays, &unsupported, params)?;
-    Ok(arrays)
+    let mut archive = Archive::open(path)?;
+    let (entries, unsupported) = archive.headers()?;
+    check(path, g, &entries, &unsupported, params)?;
+    archive.arrays(&entries)
 }
 
-/// The arrays of the archive, and the names and numpy dtypes of those that are neither float32
-/// nor int32.
-type Contents = (BTreeMap<String, Tensor>, Vec<(String, String)>);
+/// The supported arrays of an archive by name, and the names and numpy dtypes of those that
+/// are neither float32 nor int32.
+type Headers = (BTreeMap<String, Entry>, Vec<(String, String)>);
 
-fn read_all(path: &str) -> Result<Contents, NpzError> {
-    let file_err = |reason: String| NpzError::File {
-        path: path.into(),
-        reason,
-    };
-    let f = File::open(path).map_err(|e| file_err(crate::files::os_reason(&e)))?;
-    let file_len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-    let mut z = zip::ZipArchive::new(f).map_err(|e| file_err(archive_reason(path, &e)))?;
-    let mut arrays = BTreeMap::new();
-    let mut unsupported = Vec::new();
-    for i in 0..z.len() {
-        let mut entry = z
-            .by_index(i)
-            .map_err(|e| file_err(archive_reason(path, &e)))?;
-        let full = entry.name().to_string();
-        let name = full.strip_suffix(".npy").unwrap_or(&full).to_string();
-        let arr_err = |reason: String| NpzError::Array {
+/// A float32 or int32 array of an archive, its header read and checked against the archive.
+struct Entry {
+    /// Its index in the archive.
+    index: usize,
+    /// Its header.
+    header: Header,
+    /// Its element type.
+    kind: Kind,
+    /// Bytes of data, as the header declares and the archive holds.
+    data: u64,
+}
+
+/// An open archive.
+struct Archive<'p> {
+    at: Origin<'p>,
+    zip: zip::ZipArchive<File>,
+    /// The file's length: no array is reserved more than that.
+    file_len: u64,
+}
+
+/// Where an archive comes from, for its errors.
+#[derive(Clone, Copy)]
+struct Origin<'p> {
+    path: &'p str,
+    /// The file starts as a zip file does.
+    is_zip: bool,
+}
+
+impl Origin<'_> {
+    /// A zip-level error of the archive.
+    fn file_err(self, e: &zip::result::ZipError) -> NpzError {
+        NpzError::File {
+            path: self.path.into(),
+            reason: archive_reason(self.is_zip, e),
+        }
+    }
+
+    /// An error of array `name`.
+    fn arr_err(self, name: &str, reason: String) -> NpzError {
+        NpzError::Array {
+            path: self.path.into(),
+            name: name.into(),
+            reason,
+        }
+    }
+}
+
+impl<'p> Archive<'p> {
+    /// Opens the archive at `path`.
+    fn open(path: &'p str) -> Result<Archive<'p>, NpzError> {
+        let file_err = |reason: String| NpzError::File {
             path: path.into(),
-            name: name.clone(),
             reason,
         };
-        let size = entry.size();
-        let header = npy_header(&mut entry).map_err(&arr_err)?;
-        let Some(kind) = header.kind else {
-            unsupported.push((name, header.dtype_name()));
-            continue;
-        };
-        let data = header
-            .data_bytes()
-            .filter(|&b| b.checked_add(header.len) == Some(size))
-            .ok_or_else(|| {
-                arr_err(format!(
-                    "the header declares shape {} ({} bytes of data) but the archive holds {} \
-                     bytes for it: the file is corrupt or truncated",
-                    dims(&header.shape),
-                    header
-                        .data_bytes()
-                        .map_or("more than 2^64".to_string(), |b| b.to_string()),
-                    size.saturating_sub(header.len)
-                ))
-            })?;
-        // Never reserve by the header's word: at most what the file itself could hold.
-        let mut buf = Vec::with_capacity(data.min(file_len) as usize);
-        entry
-            .read_to_end(&mut buf)
-            .map_err(|e| arr_err(data_reason(&e)))?;
-        if buf.len() as u64 != data {
-            return Err(arr_err(format!(
-                "truncated: {} of {data} bytes of data",
-                buf.len()
-            )));
-        }
-        let t = header.tensor(kind, &buf).map_err(&arr_err)?;
-        arrays.insert(name, t);
+        let mut f = File::open(path).map_err(|e| file_err(crate::files::os_reason(&e)))?;
+        let file_len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        let mut magic = [0u8; 4];
+        let is_zip = f.read_exact(&mut magic).is_ok()
+            && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06");
+        let zip = f
+            .rewind()
+            .map_err(zip::result::ZipError::Io)
+            .and_then(|()| zip::ZipArchive::new(f))
+            .map_err(|e| file_err(archive_reason(is_zip, &e)))?;
+        Ok(Archive {
+            at: Origin { path, is_zip },
+            zip,
+            file_len,
+        })
     }
-    Ok((arrays, unsupported))
+
+    /// Every array's header, each checked against the bytes the archive holds for it; no data
+    /// is read.
+    fn headers(&mut self) -> Result<Headers, NpzError> {
+        let mut entries = BTreeMap::new();
+        let mut unsupported = Vec::new();
+        for index in 0..self.zip.len() {
+            let mut entry = self.zip.by_index(index).map_err(|e| self.at.file_err(&e))?;
+            let full = entry.name().to_string();
+            let name = full.strip_suffix(".npy").unwrap_or(&full).to_string();
+            let size = entry.size();
+            let header = npy_header(&mut entry);
+            drop(entry);
+            let header = header.map_err(|r| self.at.arr_err(&name, r))?;
+            let Some(kind) = header.kind else {
+                unsupported.push((name, header.dtype_name()));
+                continue;
+            };
+            let data = header
+                .data_bytes()
+                .filter(|&b| b.checked_add(header.len) == Some(size))
+                .ok_or_else(|| self.at.arr_err(&name, header.size_reason(size)))?;
+            let e = Entry {
+                index,
+                header,
+                kind,
+                data,
+            };
+            entries.insert(name, e);
+        }
+        Ok((entries, unsupported))
+    }
+
+    /// The data of every entry, read.
+    fn arrays(
+        &mut self,
+        entries: &BTreeMap<String, Entry>,
+    ) -> Result<BTreeMap<String, Tensor>, NpzError> {
+        entries
+            .iter()
+            .map(|(name, e)| {
+                let entry = self.zip.by_index(e.index).map_err(|z| self.at.file_err(&z));
+                let t =
+                    read_array(entry?, e, self.file_len).map_err(|r| self.at.arr_err(name, r))?;
+                Ok((name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+/// The array of `e` from its archive entry.
+fn read_array(
+    mut entry: zip::read::ZipFile<'_, File>,
+    e: &Entry,
+    file_len: u64,
+) -> Result<Tensor, String> {
+    let skipped = std::io::copy(&mut (&mut entry).take(e.header.len), &mut std::io::sink())
+        .map_err(|io| data_reason(&io))?;
+    if skipped != e.header.len {
+        return Err("truncated data: the archive ends inside this array".into());
+    }
+    // Never reserve by the header's word: at most what the file itself could hold.
+    let mut buf = Vec::with_capacity(e.data.min(file_len) as usize);
+    entry.read_to_end(&mut buf).map_err(|io| data_reason(&io))?;
+    if buf.len() as u64 != e.data {
+        return Err(format!(
+            "truncated: {} of {} bytes of data",
+            buf.len(),
+            e.data
+        ));
+    }
+    e.header.tensor(e.kind, &buf)
 }
 
 /// The element type of a supported array.
@@ -131,6 +222,25 @@ fn read_all(path: &str) -> Result<Contents, NpzError> {
 enum Kind {
     F32,
     I32,
+}
+
+impl Kind {
+    /// The dtype as numpy names it.
+    fn numpy(self) -> &'static str {
+        match self {
+            Kind::F32 => "float32",
+            Kind::I32 => "int32",
+        }
+    }
+
+    /// True when arrays of this kind hold values of dtype `d` (int32 for i32, float32 for
+    /// every float dtype).
+    fn fits(self, d: Dtype) -> bool {
+        matches!(
+            (self, d),
+            (Kind::I32, Dtype::I32) | (Kind::F32, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
+        )
+    }
 }
 
 /// What an `.npy` header says: the dtype, byte order, layout and shape.
@@ -155,6 +265,18 @@ impl Header {
         self.shape
             .iter()
             .try_fold(4u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Why the header's data size disagrees with the `size` bytes the archive holds.
+    fn size_reason(&self, size: u64) -> String {
+        format!(
+            "the header declares shape {} ({} bytes of data) but the archive holds {} bytes for \
+             it: the file is corrupt or truncated",
+            dims(&self.shape),
+            self.data_bytes()
+                .map_or("more than 2^64".to_string(), |b| b.to_string()),
+            size.saturating_sub(self.len)
+        )
     }
 
     /// The dtype as numpy names it (`float64`), or the descriptor itself.
@@ -182,7 +304,6 @@ impl Header {
 
     /// The array from its data bytes.
     fn tensor(&self, kind: Kind, bytes: &[u8]) -> Result<Tensor, String> {
-        let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
         let words = bytes.chunks_exact(4).map(|c| {
             let w = [c[0], c[1], c[2], c[3]];
             if self.big_endian {
@@ -191,26 +312,23 @@ impl Header {
                 u32::from_le_bytes(w)
             }
         });
-        let ix = if self.fortran {
-            IxDyn(&shape).f()
-        } else {
-            IxDyn(&shape).into()
-        };
-        let bad = |e: ndarray::ShapeError| format!("shape {}: {e}", dims(&self.shape));
         Ok(match kind {
-            Kind::F32 => Tensor::F32(
-                ArrayD::from_shape_vec(ix, words.map(f32::from_bits).collect())
-                    .map_err(bad)?
-                    .as_standard_layout()
-                    .into_owned(),
-            ),
-            Kind::I32 => Tensor::I32(
-                ArrayD::from_shape_vec(ix, words.map(|w| w as i32).collect())
-                    .map_err(bad)?
-                    .as_standard_layout()
-                    .into_owned(),
-            ),
+            Kind::F32 => Tensor::F32(self.array(words.map(f32::from_bits).collect())?),
+            Kind::I32 => Tensor::I32(self.array(words.map(|w| w as i32).collect())?),
         })
+    }
+
+    /// The array of the header's shape holding `data` in the header's order, in standard
+    /// layout (a Fortran-order array is copied into it, a C-order one is already in it).
+    fn array<T: Clone>(&self, data: Vec<T>) -> Result<ArrayD<T>, String> {
+        let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
+        let bad = |e: ndarray::ShapeError| format!("shape {}: {e}", dims(&self.shape));
+        if self.fortran {
+            let a = ArrayD::from_shape_vec(IxDyn(&shape).f(), data).map_err(bad)?;
+            Ok(a.as_standard_layout().into_owned())
+        } else {
+            ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(bad)
+        }
     }
 }
 
@@ -299,14 +417,9 @@ fn dims(shape: &[u64]) -> String {
 }
 
 /// What a zip-level error means for the user.
-fn archive_reason(path: &str, e: &zip::result::ZipError) -> String {
+/// `is_zip`: the file starts as a zip file does.
+fn archive_reason(is_zip: bool, e: &zip::result::ZipError) -> String {
     use zip::result::ZipError;
-    let is_zip = std::fs::File::open(path)
-        .and_then(|mut f| {
-            let mut m = [0u8; 4];
-            f.read_exact(&mut m).map(|_| m)
-        })
-        .is_ok_and(|m| m == *b"PK\x03\x04" || m == *b"PK\x05\x06");
     match e {
         ZipError::Io(io) => data_reason(io),
         ZipError::UnsupportedArchive(what) => format!("unsupported archive ({what})"),
@@ -372,22 +485,13 @@ pub fn write(path: &str, arrays: &BTreeMap<String, Tensor>) -> Result<(), NpzErr
     })
 }
 
-/// Checks `arrays` against the leaves of `g` that `params` selects (params or inputs): every
-/// problem (missing, extra, wrong shape, wrong dtype) in one error.
-pub fn check(
+/// Checks the arrays of an archive (their headers) against the leaves of `g` that `params`
+/// selects (params or inputs), with the arrays that could not be read for their dtype (`name`,
+/// numpy dtype): every problem (missing, extra, wrong shape, wrong dtype) in one error.
+fn check(
     path: &str,
     g: &Graph,
-    arrays: &BTreeMap<String, Tensor>,
-    params: bool,
-) -> Result<(), NpzError> {
-    check_with(path, g, arrays, &[], params)
-}
-
-/// `check`, with the arrays that could not be read for their dtype (`name`, numpy dtype).
-fn check_with(
-    path: &str,
-    g: &Graph,
-    arrays: &BTreeMap<String, Tensor>,
+    arrays: &BTreeMap<String, Entry>,
     unsupported: &[(String, String)],
     params: bool,
 ) -> Result<(), NpzError> {
@@ -397,44 +501,17 @@ fn check_with(
         g.inputs().collect()
     };
     let what = if params { "param" } else { "input" };
-    let store = |d: Dtype| if d == Dtype::I32 { "int32" } else { "float32" };
     let mut problems = Vec::new();
     for (name, v) in &leaves {
         let ty = g.ty(*v);
-        if let Some((_, dtype)) = unsupported.iter().find(|(n, _)| n == name) {
-            problems.push(format!(
-                "`{name}` is {dtype}, the program declares {ty} (store {} as {})",
-                ty.dtype,
-                store(ty.dtype)
-            ));
-            continue;
-        }
-        let Some(t) = arrays.get(*name) else {
-            problems.push(format!("missing {what} `{name}` ({ty})"));
-            continue;
+        let dtype = match unsupported.iter().find(|(n, _)| n == name) {
+            Some((_, dtype)) => Err(dtype.as_str()),
+            None => Ok(arrays.get(*name)),
         };
-        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-        let kind_ok = matches!(
-            (t, ty.dtype),
-            (Tensor::I32(_), Dtype::I32) | (Tensor::F32(_), Dtype::F32 | Dtype::Bf16 | Dtype::F16)
-        );
-        if shape != ty.shape {
-            problems.push(format!(
-                "`{name}` has shape {}, the program declares {ty}",
-                dims(&shape)
-            ));
-        }
-        if !kind_ok {
-            let numpy = if t.kind() == "i32" {
-                "int32"
-            } else {
-                "float32"
-            };
-            problems.push(format!(
-                "`{name}` is {numpy}, the program declares {ty} (store {} as {})",
-                ty.dtype,
-                store(ty.dtype)
-            ));
+        match dtype {
+            Ok(Some(e)) => problems.extend(leaf_problems(name, ty, e)),
+            Ok(None) => problems.push(format!("missing {what} `{name}` ({ty})")),
+            Err(dtype) => problems.push(dtype_problem(name, dtype, ty)),
         }
     }
     let names = arrays.keys().chain(unsupported.iter().map(|(n, _)| n));
@@ -453,4 +530,32 @@ fn check_with(
             problems,
         })
     }
+}
+
+/// The problems of array `name` (header `e`) as leaf of type `ty`: its shape, its dtype.
+fn leaf_problems(name: &str, ty: &TensorType, e: &Entry) -> Vec<String> {
+    let mut problems = Vec::new();
+    if e.header.shape != ty.shape {
+        problems.push(format!(
+            "`{name}` has shape {}, the program declares {ty}",
+            dims(&e.header.shape)
+        ));
+    }
+    if !e.kind.fits(ty.dtype) {
+        problems.push(dtype_problem(name, e.kind.numpy(), ty));
+    }
+    problems
+}
+
+/// Array `name` is of numpy `dtype`, which does not store `ty`.
+fn dtype_problem(name: &str, dtype: &str, ty: &TensorType) -> String {
+    let store = if ty.dtype == Dtype::I32 {
+        "int32"
+    } else {
+        "float32"
+    };
+    format!(
+        "`{name}` is {dtype}, the program declares {ty} (store {} as {store})",
+        ty.dtype
+    )
 }

@@ -3,21 +3,11 @@
 //! (the tensor as split by the axes outside the group); a device sends each peer the
 //! intersection of its old box with the peer's new box, in a shifted pairwise order.
 
-use super::comm::{CommError, Elem, Transport};
+use super::comm::{self, CommError, Elem, Transport};
+use super::kernels::give;
 use crate::mesh::Mesh;
 use ndarray::{ArrayD, ArrayViewD, IxDyn, Slice};
 use std::ops::Range;
-
-/// Why a redistribute could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum RedistributeError {
-    /// The op names an axis the mesh lacks or its sizes disagree with the mesh.
-    #[error("redistribute: {0}")]
-    Group(String),
-    /// A message failed.
-    #[error(transparent)]
-    Comm(#[from] CommError),
-}
 
 /// The group of a redistribute as seen by one device.
 struct Group {
@@ -28,23 +18,13 @@ struct Group {
 }
 
 impl Group {
-    /// Resolves the op's axes on `mesh`.
-    fn new(mesh: &Mesh, axes: &[(String, u64)]) -> Result<Group, RedistributeError> {
-        let mut idx = Vec::with_capacity(axes.len());
-        for (name, size) in axes {
-            let a = mesh
-                .axis_index(name)
-                .ok_or_else(|| RedistributeError::Group(format!("no mesh axis `{name}`")))?;
-            if mesh.axis_size(a) != *size {
-                return Err(RedistributeError::Group(format!(
-                    "axis {name} has {} devices, not {size}",
-                    mesh.axis_size(a)
-                )));
-            }
-            idx.push(a);
+    /// The group of mesh axes `axes` (major first).
+    fn new(mesh: &Mesh, axes: &[usize]) -> Group {
+        let sizes = axes.iter().map(|&a| mesh.axis_size(a)).collect();
+        Group {
+            axes: axes.to_vec(),
+            sizes,
         }
-        let sizes = axes.iter().map(|(_, n)| *n).collect();
-        Ok(Group { axes: idx, sizes })
     }
 
     /// Number of devices in the group.
@@ -121,8 +101,8 @@ fn insert<T: Copy>(out: &mut ArrayD<T>, b: &[Range<usize>], data: &[T]) {
 
 /// The op's attributes.
 pub struct Spec<'a> {
-    /// The group's axes with their sizes, in mesh order.
-    pub axes: &'a [(String, u64)],
+    /// The mesh axis index of each group axis, in mesh order.
+    pub axes: &'a [usize],
     /// Per dim, the group axes splitting it before.
     pub from: &'a [Vec<usize>],
     /// Per dim, the group axes splitting it after.
@@ -130,15 +110,15 @@ pub struct Spec<'a> {
 }
 
 /// Runs a redistribute on this device (`coords` on `mesh`): `x` is its old block; returns its
-/// new block. Elements move exactly, in their own type.
-pub fn run<T: Elem + Copy + Default>(
+/// new block. Elements move exactly, in their own type, one peer's block at a time.
+pub fn run<T: Elem>(
     t: &mut dyn Transport,
     mesh: &Mesh,
     coords: &[u64],
     spec: &Spec<'_>,
     x: ArrayViewD<'_, T>,
-) -> Result<ArrayD<T>, RedistributeError> {
-    let g = Group::new(mesh, spec.axes)?;
+) -> Result<ArrayD<T>, CommError> {
+    let g = Group::new(mesh, spec.axes);
     let count = |split: &[usize]| {
         split
             .iter()
@@ -152,21 +132,15 @@ pub fn run<T: Elem + Copy + Default>(
     let mine: Vec<u64> = g.axes.iter().map(|&a| coords[a]).collect();
     let my_old = block(spec.from, &g.sizes, &mine, &old_len);
     let my_new = block(spec.to, &g.sizes, &mine, &new_len);
+    let group: Vec<usize> = (0..g.len()).map(|m| g.rank_of(mesh, coords, m)).collect();
     let mut out = ArrayD::<T>::default(IxDyn(&new_len));
-    if let Some(b) = meet(&my_old, &my_new) {
-        let data = extract(&x, &relative(&b, &my_old));
-        insert(&mut out, &relative(&b, &my_new), &data);
-    }
-    let k = g.len();
-    let me = (0..k).find(|&m| g.member(m) == mine).unwrap_or(0);
-    for s in 1..k {
-        let (to, from) = ((me + s) % k, (me + k - s) % k);
-        let send = meet(&my_old, &block(spec.to, &g.sizes, &g.member(to), &new_len))
+    // To member m: my old box met with m's new one; from member m: m's old box met with mine.
+    let make = |to: usize| {
+        meet(&my_old, &block(spec.to, &g.sizes, &g.member(to), &new_len))
             .map(|b| extract(&x, &relative(&b, &my_old)))
-            .unwrap_or_default();
-        let from_rank = g.rank_of(mesh, coords, from);
-        let msg = t.exchange(g.rank_of(mesh, coords, to), T::message(send), from_rank)?;
-        let got = T::from_message(msg, from_rank)?;
+            .unwrap_or_default()
+    };
+    let take = |from: usize, got: Vec<T>| {
         let want = meet(
             &block(spec.from, &g.sizes, &g.member(from), &old_len),
             &my_new,
@@ -174,17 +148,13 @@ pub fn run<T: Elem + Copy + Default>(
         let n = want
             .as_ref()
             .map_or(0, |b| b.iter().map(|r| r.len()).product());
-        if got.len() != n {
-            return Err(CommError::Length {
-                from: from_rank,
-                got: got.len(),
-                want: n,
-            }
-            .into());
-        }
+        comm::check_len(group[from], got.len(), n)?;
         if let Some(b) = want {
             insert(&mut out, &relative(&b, &my_new), &got);
         }
-    }
+        give(got);
+        Ok(())
+    };
+    comm::all_to_all_with(t, &group, make, take)?;
     Ok(out)
 }

@@ -3,7 +3,7 @@
 //! (or generate) only their own blocks of params and inputs; outputs are assembled into global
 //! arrays from the ranks' blocks.
 
-use super::apply::apply_owned;
+use super::apply::{apply_owned, arity, f32_arg, i32_arg};
 use super::comm::{self, CommError, Elem, ThreadTransport, Transport};
 use super::core::{self, Eval};
 use super::kernels::{self as k, Pooled};
@@ -28,17 +28,6 @@ pub enum NodeError {
     /// A collective's communication failed.
     #[error(transparent)]
     Comm(#[from] CommError),
-}
-
-impl From<redistribute::RedistributeError> for NodeError {
-    fn from(e: redistribute::RedistributeError) -> Self {
-        match e {
-            redistribute::RedistributeError::Comm(c) => NodeError::Comm(c),
-            redistribute::RedistributeError::Group(m) => {
-                NodeError::Exec(ExecError::shape("redistribute", m))
-            }
-        }
-    }
 }
 
 impl NodeError {
@@ -554,8 +543,10 @@ impl Rank<'_> {
             e.1 += sent.round() as u64;
         }
         match &node.op {
-            Op::VocabEmbedding { axes } => return Ok(vec![self.vocab_embedding(axes, &args)?]),
-            Op::TargetLogit { axes } => return Ok(vec![self.target_logit(axes, &args)?]),
+            Op::VocabEmbedding { axes } => {
+                return Ok(vec![self.vocab_embedding(&node.op, axes, &args)?])
+            }
+            Op::TargetLogit { axes } => return Ok(vec![self.target_logit(&node.op, axes, &args)?]),
             _ => {}
         }
         let x = args.into_iter().next().expect("checked above");
@@ -595,7 +586,7 @@ impl Rank<'_> {
                 // A dying operand is reduced in its own buffer.
                 let mut data = into_flat(x);
                 comm::all_reduce(self.t, group, &mut data, *reduce)?;
-                Ok(array(name, &shape, data)?)
+                Ok(k::from_vec(name, shape, data)?)
             }
             Op::AllGather { axis, dim, .. } => self.all_gather(op, axis, *dim, &x),
             Op::ReduceScatter {
@@ -609,8 +600,8 @@ impl Rank<'_> {
             } => self.all_to_all(op, axis, *split, *concat, &x),
             Op::ShardSlice { axis, size, dim } => {
                 let c = self.coords[self.axis(op, axis)?] as usize;
-                check_dim(name, x.shape(), *dim)?;
-                let n = x.shape()[*dim] / (*size).max(1) as usize;
+                check_split(name, x.shape(), *dim, *size as usize)?;
+                let n = x.shape()[*dim] / *size as usize;
                 Ok(k::slice(&x, *dim, (c * n) as u64, ((c + 1) * n) as u64)?)
             }
             Op::KeepOnFirst { axis } => Ok(if self.coords[self.axis(op, axis)?] == 0 {
@@ -619,7 +610,15 @@ impl Rank<'_> {
                 ArrayD::from_elem(x.raw_dim(), T::default())
             }),
             Op::Redistribute { axes, from, to } => {
-                let spec = redistribute::Spec { axes, from, to };
+                let axes = axes
+                    .iter()
+                    .map(|(a, _)| self.axis(op, a))
+                    .collect::<Result<Vec<usize>, _>>()?;
+                let spec = redistribute::Spec {
+                    axes: &axes,
+                    from,
+                    to,
+                };
                 Ok(redistribute::run(
                     self.t,
                     &self.plan.mesh,
@@ -642,9 +641,9 @@ impl Rank<'_> {
     ) -> Result<ArrayD<T>, NodeError> {
         let group = &self.groups[self.axis(op, axis)?];
         let shape = x.shape();
-        check_dim(op.name(), shape, dim)?;
+        k::check_axis(op.name(), shape.len(), dim)?;
         let k = group.len();
-        let all = comm::all_gather(self.t, group, &flat(x))?;
+        let all = comm::all_gather(self.t, group, &k::row_major(x))?;
         let mut global = shape.to_vec();
         global[dim] *= k;
         // Rank i's block is chunk i of `all`; along the outermost non-trivial dim the chunks are
@@ -656,7 +655,7 @@ impl Rank<'_> {
             let pieces: Vec<&[T]> = all.chunks_exact(len.max(1)).collect();
             join(&pieces, shape, dim)
         };
-        Ok(array(op.name(), &global, data)?)
+        Ok(k::from_vec(op.name(), global, data)?)
     }
 
     /// Reduces the group's blocks and keeps this rank's piece along `dim`.
@@ -685,7 +684,7 @@ impl Rank<'_> {
         k::give(flat);
         let mut local = shape;
         local[dim] /= k;
-        Ok(array(op.name(), &local, mine)?)
+        Ok(k::from_vec(op.name(), local, mine)?)
     }
 
     /// Splits the block along `split`, exchanges the pieces, joins them along `concat`.
@@ -701,8 +700,8 @@ impl Rank<'_> {
         let k = group.len();
         let shape = x.shape();
         check_split(op.name(), shape, split, k)?;
-        check_dim(op.name(), shape, concat)?;
-        let flat = flat(x);
+        k::check_axis(op.name(), shape.len(), concat)?;
+        let flat = k::row_major(x);
         let mut pshape = shape.to_vec();
         pshape[split] /= k;
         let chunks: Vec<Vec<T>> = (0..k)
@@ -721,52 +720,47 @@ impl Rank<'_> {
         let data = join(&pieces, &pshape, concat);
         let mut out = pshape;
         out[concat] *= k;
-        Ok(array(op.name(), &out, data)?)
+        Ok(k::from_vec(op.name(), out, data)?)
     }
 
-    /// The vocab block `(offset, local rows, vocab)` of this rank along `axes` (major first).
+    /// The vocab block `(offset, vocab)` of this rank's `local` rows along `axes` (major first).
     fn vocab_block(
         &self,
         op: &Op,
         axes: &[(String, u64)],
         local: usize,
-    ) -> Result<(i64, i64, i64), ExecError> {
+    ) -> Result<(i64, i64), ExecError> {
         let mut b = 0u64;
         let mut k = 1u64;
         for (name, size) in axes {
             b = b * size + self.coords[self.axis(op, name)?];
             k *= size;
         }
-        Ok((
-            b as i64 * local as i64,
-            local as i64,
-            local as i64 * k as i64,
-        ))
+        Ok((b as i64 * local as i64, local as i64 * k as i64))
     }
 
+    /// `op`'s embedding of global `ids` in this rank's rows of the table (zeros elsewhere).
     fn vocab_embedding(
         &self,
+        op: &Op,
         axes: &[(String, u64)],
         args: &[Cow<'_, Tensor>],
     ) -> Result<Tensor, ExecError> {
-        let op = Op::VocabEmbedding {
-            axes: axes.to_vec(),
-        };
-        let name = "vocab_embedding";
-        let [ids, table] = two(name, args)?;
-        let ids = ids.as_i32().ok_or_else(|| dtype(name, 0, "i32", ids))?;
-        let table = table.as_f32().ok_or_else(|| dtype(name, 1, "f32", table))?;
+        let name = op.name();
+        let [ids, table] = arity(name, args)?;
+        let ids = i32_arg(name, 0, ids)?;
+        let table = f32_arg(name, 1, table)?;
         if table.ndim() != 2 {
             return Err(ExecError::shape(name, "the table must have rank 2"));
         }
         let (rows, h) = (table.shape()[0], table.shape()[1]);
-        let (off, local, vocab) = self.vocab_block(&op, axes, rows)?;
+        let (off, vocab) = self.vocab_block(op, axes, rows)?;
+        let local = rows as i64;
         let mut shape = ids.shape().to_vec();
         shape.push(h);
         let mut buf = k::take_f32(shape.iter().product());
         buf.fill(0.0);
-        let table = table.as_standard_layout();
-        let t = table.as_slice().expect("standard layout");
+        let t = k::row_major(table);
         for (i, &id) in ids.iter().enumerate() {
             let id = id as i64;
             if id < 0 || id >= vocab {
@@ -781,23 +775,20 @@ impl Rank<'_> {
                 buf[i * h..(i + 1) * h].copy_from_slice(&t[r * h..(r + 1) * h]);
             }
         }
-        array(name, &shape, buf).map(Tensor::F32)
+        k::from_vec(name, shape, buf).map(Tensor::F32)
     }
 
+    /// `op`'s logit of each global label, from this rank's columns (zero elsewhere).
     fn target_logit(
         &self,
+        op: &Op,
         axes: &[(String, u64)],
         args: &[Cow<'_, Tensor>],
     ) -> Result<Tensor, ExecError> {
-        let op = Op::TargetLogit {
-            axes: axes.to_vec(),
-        };
-        let name = "target_logit";
-        let [x, labels] = two(name, args)?;
-        let x = x.as_f32().ok_or_else(|| dtype(name, 0, "f32", x))?;
-        let labels = labels
-            .as_i32()
-            .ok_or_else(|| dtype(name, 1, "i32", labels))?;
+        let name = op.name();
+        let [x, labels] = arity(name, args)?;
+        let x = f32_arg(name, 0, x)?;
+        let labels = i32_arg(name, 1, labels)?;
         let v = *x
             .shape()
             .last()
@@ -805,9 +796,9 @@ impl Rank<'_> {
         if x.len() != labels.len() * v {
             return Err(ExecError::shape(name, "logits and labels do not fit"));
         }
-        let (off, local, vocab) = self.vocab_block(&op, axes, v)?;
-        let x = x.as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
+        let (off, vocab) = self.vocab_block(op, axes, v)?;
+        let local = v as i64;
+        let xs = k::row_major(x);
         let mut out = ArrayD::<f32>::zeros(labels.raw_dim());
         for (i, (&l, o)) in labels.iter().zip(out.iter_mut()).enumerate() {
             let l = l as i64;
@@ -826,44 +817,6 @@ impl Rank<'_> {
     }
 }
 
-/// The two operands of a binary SPMD op.
-fn two<'a>(op: &'static str, args: &'a [Cow<'_, Tensor>]) -> Result<[&'a Tensor; 2], ExecError> {
-    match args {
-        [a, b] => Ok([a.as_ref(), b.as_ref()]),
-        _ => Err(ExecError::Arity {
-            op,
-            expected: "2",
-            got: args.len(),
-        }),
-    }
-}
-
-fn dtype(op: &'static str, index: usize, expected: &'static str, got: &Tensor) -> ExecError {
-    ExecError::Dtype {
-        op,
-        index,
-        expected,
-        got: got.kind(),
-    }
-}
-
-/// An array of `shape` from row-major `data`.
-fn array<T>(op: &'static str, shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>, ExecError> {
-    ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| ExecError::shape(op, e.to_string()))
-}
-
-/// The elements of `x` in row-major order, borrowed when already contiguous.
-fn flat<'x, T: Pooled>(x: &'x ArrayD<T>) -> Cow<'x, [T]> {
-    match x.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => {
-            let mut v = k::take_vec::<T>(x.len());
-            v.extend(x.iter().copied());
-            Cow::Owned(v)
-        }
-    }
-}
-
 /// The elements in row-major order as an owned buffer: an owned array's own buffer when in
 /// standard layout (no copy), else a pooled copy.
 fn into_flat<T: Pooled>(x: Cow<'_, ArrayD<T>>) -> Vec<T> {
@@ -878,25 +831,13 @@ fn into_flat<T: Pooled>(x: Cow<'_, ArrayD<T>>) -> Vec<T> {
             v.truncate(len);
             v
         }
-        x => flat(&x).into_owned(),
-    }
-}
-
-/// An error unless `dim` is a dim of `shape`.
-fn check_dim(op: &'static str, shape: &[usize], dim: usize) -> Result<(), ExecError> {
-    if dim < shape.len() {
-        Ok(())
-    } else {
-        Err(ExecError::shape(
-            op,
-            format!("dim {dim} out of range for shape {shape:?}"),
-        ))
+        x => k::row_major(&x).into_owned(),
     }
 }
 
 /// An error unless dim `dim` of `shape` splits into `k` equal blocks.
 fn check_split(op: &'static str, shape: &[usize], dim: usize, k: usize) -> Result<(), ExecError> {
-    check_dim(op, shape, dim)?;
+    k::check_axis(op, shape.len(), dim)?;
     let n = shape[dim];
     if k == 0 || !n.is_multiple_of(k) {
         return Err(ExecError::shape(

@@ -93,24 +93,29 @@ impl Message {
         }
     }
 
+    /// A message of `len` elements (integers when `int`) in a pooled buffer, to receive into.
+    pub fn pooled(int: bool, len: usize) -> Message {
+        if int {
+            Message::I32(take(len))
+        } else {
+            Message::F32(take(len))
+        }
+    }
+
+    /// The elements, mutably borrowed.
+    pub fn as_data_mut(&mut self) -> DataMut<'_> {
+        match self {
+            Message::F32(v) => DataMut::F32(v),
+            Message::I32(v) => DataMut::I32(v),
+        }
+    }
+
     /// Returns the message's buffer to the pool.
     pub fn recycle(self) {
         match self {
             Message::F32(v) => give(v),
             Message::I32(v) => give(v),
         }
-    }
-}
-
-impl From<Vec<f32>> for Message {
-    fn from(v: Vec<f32>) -> Self {
-        Message::F32(v)
-    }
-}
-
-impl From<Vec<i32>> for Message {
-    fn from(v: Vec<i32>) -> Self {
-        Message::I32(v)
     }
 }
 
@@ -231,26 +236,33 @@ impl Elem for i32 {
     }
     fn combine_from(acc: &mut [i32], other: &[i32], op: ReduceOp) {
         assert_eq!(acc.len(), other.len(), "combine: lengths");
-        let f = int_op(op);
-        acc.iter_mut().zip(other).for_each(|(a, &b)| *a = f(*a, b));
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => int_combine(acc, other, i32::wrapping_add),
+            ReduceOp::Max => int_combine(acc, other, std::cmp::max),
+        }
     }
     fn combine_symmetric(acc: &mut [i32], other: &mut [i32], op: ReduceOp, copy: bool) {
         assert_eq!(acc.len(), other.len(), "combine: lengths");
-        let f = int_op(op);
-        for (a, b) in acc.iter_mut().zip(other.iter_mut()) {
-            *a = f(*a, *b);
-            if copy {
-                *b = *a;
-            }
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => int_symmetric(acc, other, copy, i32::wrapping_add),
+            ReduceOp::Max => int_symmetric(acc, other, copy, std::cmp::max),
         }
     }
 }
 
-/// The exact integer `⊕` of a reduction: wrapping sum (mean sums too, as for floats) or max.
-fn int_op(op: ReduceOp) -> fn(i32, i32) -> i32 {
-    match op {
-        ReduceOp::Sum | ReduceOp::Mean => i32::wrapping_add,
-        ReduceOp::Max => std::cmp::max,
+/// `acc[i] = f(acc[i], other[i])`: the exact integer `⊕` of a reduction (wrapping sum, which
+/// mean sums too, as for floats; or max), chosen once by the caller and inlined.
+fn int_combine(acc: &mut [i32], other: &[i32], f: impl Fn(i32, i32) -> i32) {
+    acc.iter_mut().zip(other).for_each(|(a, &b)| *a = f(*a, b));
+}
+
+/// As `int_combine`; with `copy`, `other` receives the result too.
+fn int_symmetric(acc: &mut [i32], other: &mut [i32], copy: bool, f: impl Fn(i32, i32) -> i32) {
+    for (a, b) in acc.iter_mut().zip(other.iter_mut()) {
+        *a = f(*a, *b);
+        if copy {
+            *b = *a;
+        }
     }
 }
 
@@ -317,22 +329,26 @@ impl Sink<'_> {
         self.buf().kind()
     }
 
+    /// An error unless a message from rank `from` of `len` elements of type `kind` fits the
+    /// buffer.
+    pub fn check(&self, from: usize, len: usize, kind: &'static str) -> Result<(), CommError> {
+        check_len(from, len, self.expected_len())?;
+        if kind != self.expected_kind() {
+            return Err(kind_error(from, kind, self.expected_kind()));
+        }
+        Ok(())
+    }
+
     /// Puts `msg` from rank `from` into the buffer; a message of another length or element
     /// type is an error.
     pub fn put(self, from: usize, msg: Data<'_>) -> Result<(), CommError> {
-        if msg.len() != self.expected_len() {
-            return Err(CommError::Length {
-                from,
-                got: msg.len(),
-                want: self.expected_len(),
-            });
-        }
+        self.check(from, msg.len(), msg.kind())?;
         match (self, msg) {
             (Sink::Write(DataMut::F32(b)), Data::F32(m)) => b.copy_from_slice(m),
             (Sink::Write(DataMut::I32(b)), Data::I32(m)) => b.copy_from_slice(m),
             (Sink::Combine(DataMut::F32(b), op), Data::F32(m)) => f32::combine_from(b, m, op),
             (Sink::Combine(DataMut::I32(b), op), Data::I32(m)) => i32::combine_from(b, m, op),
-            (s, m) => return Err(kind_error(from, m.kind(), s.expected_kind())),
+            _ => unreachable!("the kinds were checked"),
         }
         Ok(())
     }
@@ -352,7 +368,7 @@ pub(crate) fn copy_exchange<T: Transport + ?Sized>(
 }
 
 /// Puts a received message into `sink`, checking its length and type, and pools its buffer.
-fn put_message(got: Message, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
+pub(crate) fn put_message(got: Message, from: usize, sink: Sink<'_>) -> Result<(), CommError> {
     let r = sink.put(from, got.as_data());
     got.recycle();
     r
@@ -371,17 +387,20 @@ fn bounds(n: usize, k: usize) -> Vec<(usize, usize)> {
     (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
 }
 
+/// An error unless a message of `got` elements from rank `from` has the `want` expected.
+pub(crate) fn check_len(from: usize, got: usize, want: usize) -> Result<(), CommError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CommError::Length { from, got, want })
+    }
+}
+
+/// The buffer of a message from rank `from` that must hold `want` elements of `T`.
 fn expect_len<T: Elem>(got: Message, want: usize, from: usize) -> Result<Vec<T>, CommError> {
     let got = T::from_message(got, from)?;
-    if got.len() == want {
-        Ok(got)
-    } else {
-        Err(CommError::Length {
-            from,
-            got: got.len(),
-            want,
-        })
-    }
+    check_len(from, got.len(), want)?;
+    Ok(got)
 }
 
 /// A copy of `src`, in a pooled buffer.
@@ -602,18 +621,35 @@ pub fn all_to_all<T: Elem>(
     group: &[usize],
     mut chunks: Vec<Vec<T>>,
 ) -> Result<Vec<Vec<T>>, CommError> {
+    let mut out: Vec<Vec<T>> = vec![Vec::new(); group.len()];
+    let make = |to: usize| std::mem::take(&mut chunks[to]);
+    let take = |from: usize, got: Vec<T>| {
+        out[from] = got;
+        Ok(())
+    };
+    all_to_all_with(t, group, make, take)?;
+    Ok(out)
+}
+
+/// An all-to-all over `group`, one block at a time: `make(p)` is the block for the rank at
+/// position `p`, `take(p, block)` receives the block of the rank at position `p` (this rank's
+/// own block first). Shifted pairwise exchange: step s sends to position me+s and receives from
+/// me-s, so every step pairs each rank with one sender and one receiver.
+pub fn all_to_all_with<T: Elem>(
+    t: &mut dyn Transport,
+    group: &[usize],
+    mut make: impl FnMut(usize) -> Vec<T>,
+    mut take: impl FnMut(usize, Vec<T>) -> Result<(), CommError>,
+) -> Result<(), CommError> {
     let k = group.len();
     let me = position(group, t.rank());
-    let mut out: Vec<Vec<T>> = vec![Vec::new(); k];
-    out[me] = std::mem::take(&mut chunks[me]);
-    // Shifted pairwise exchange: step s sends to me+s and receives from me-s.
+    take(me, make(me))?;
     for s in 1..k {
-        let to = (me + s) % k;
-        let from = (me + k - s) % k;
-        let msg = T::message(std::mem::take(&mut chunks[to]));
-        out[from] = T::from_message(t.exchange(group[to], msg, group[from])?, group[from])?;
+        let (to, from) = ((me + s) % k, (me + k - s) % k);
+        let got = t.exchange(group[to], T::message(make(to)), group[from])?;
+        take(from, T::from_message(got, group[from])?)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

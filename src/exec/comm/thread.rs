@@ -296,15 +296,8 @@ impl Transport for ThreadTransport {
         match self.next(from)? {
             Msg::Data(m) => Ok(m),
             Msg::Loan(loan) => {
-                let mut m = match loan.ptr {
-                    LoanPtr::F32(_) => Message::F32(super::take(loan.len)),
-                    LoanPtr::I32(_) => Message::I32(super::take(loan.len)),
-                };
-                let sink = match &mut m {
-                    Message::F32(v) => Sink::Write(super::DataMut::F32(v)),
-                    Message::I32(v) => Sink::Write(super::DataMut::I32(v)),
-                };
-                loan.read(from, sink)?;
+                let mut m = Message::pooled(matches!(loan.ptr, LoanPtr::I32(_)), loan.len);
+                loan.read(from, Sink::Write(m.as_data_mut()))?;
                 Ok(m)
             }
         }
