@@ -5,7 +5,8 @@
 use super::RunArgs;
 use crate::Failure;
 use anyhow::anyhow;
-use tpc::ir::{Graph, Op};
+use tpc::ir::{Graph, Op, ValueId};
+use tpc::plan::liveness::peak_live;
 use tpc::plan::Plan;
 
 /// Bytes per element as the executor holds it (every float dtype is computed in f32).
@@ -45,36 +46,15 @@ impl Need {
     }
 }
 
-/// Bytes of one value of `g`.
-fn bytes(g: &Graph, v: tpc::ir::ValueId) -> u128 {
-    g.ty(v)
-        .shape
-        .iter()
-        .fold(ELEM, |acc, &d| acc.saturating_mul(d as u128))
+/// Bytes of one value of `g` as the executor holds it.
+fn bytes(g: &Graph, v: ValueId) -> u128 {
+    u128::from(g.ty(v).numel()) * ELEM
 }
 
 /// Leaves, peak of live non-leaf values (liveness in program order), and outputs of `g`.
 fn program(g: &Graph) -> (u128, u128, u128) {
-    let last = tpc::plan::last_uses(g);
-    let (mut leaves, mut live, mut peak) = (0u128, 0u128, 0u128);
-    let mut dead: Vec<Vec<u128>> = vec![Vec::new(); g.num_nodes() + 1];
-    for (id, n) in g.nodes() {
-        let leaf = matches!(n.op, Op::Param { .. } | Op::Input { .. });
-        for &v in &n.outputs {
-            let b = bytes(g, v);
-            if leaf {
-                leaves = leaves.saturating_add(b);
-                continue;
-            }
-            live = live.saturating_add(b);
-            let end = last[v].unwrap_or(id.index()).min(g.num_nodes());
-            dead[end].push(b);
-        }
-        peak = peak.max(live);
-        for b in dead[id.index()].drain(..) {
-            live = live.saturating_sub(b);
-        }
-    }
+    let is_leaf = |op: &Op| matches!(op, Op::Param { .. } | Op::Input { .. });
+    let (leaves, peak) = peak_live(g, is_leaf, |v| bytes(g, v));
     let outputs = g
         .outputs()
         .iter()
