@@ -2,7 +2,7 @@
 //! per device (or, built with the `mpi` feature and started by `mpirun`, one process per device),
 //! and optionally check against the unsharded reference.
 
-use crate::{fail, os_reason, say_err, say_out, write_output, DeviceArgs, Failure};
+use crate::{fail, say_err, say_out, write_output, DeviceArgs, Failure};
 use anyhow::anyhow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -312,15 +312,7 @@ fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
         (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| fail(e, None))?),
         (None, None) => None,
     };
-    let bytes = std::fs::read(&args.file).map_err(|e| {
-        fail(
-            driver::SourceError::Io {
-                path: args.file.clone(),
-                reason: os_reason(&e),
-            },
-            None,
-        )
-    })?;
+    let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
     if is_plan_document(&args.file, &bytes) {
         return load_plan_document(args, &bytes, mesh);
     }

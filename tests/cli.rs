@@ -216,6 +216,10 @@ fn missing_file_is_a_user_error() {
     let err = stderr(&o);
     assert!(err.contains("examples/no_such_file.tpl"), "{err}");
     assert!(err.starts_with("error[io]: "), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+    let o = tpc(&["run", "examples/no_such_file.tpl"]);
+    assert_exit(&o, 1);
+    assert_eq!(stderr(&o), err, "compile and run say the same");
 }
 
 #[test]
