@@ -130,11 +130,15 @@ pub fn plan_declared(g: Graph, mesh: Option<Mesh>, device: Device) -> Result<Pla
 
 /// Reads `path` as a UTF-8 source file.
 pub fn read_source(path: &str) -> Result<SourceFile, SourceError> {
-    let bytes = std::fs::read(path).map_err(|e| SourceError::Io {
+    source_from_bytes(path, read_bytes(path)?)
+}
+
+/// Reads the file `path` whole; the error names it and the OS's reason.
+pub fn read_bytes(path: &str) -> Result<Vec<u8>, SourceError> {
+    std::fs::read(path).map_err(|e| SourceError::Io {
         path: path.into(),
-        reason: e.to_string(),
-    })?;
-    source_from_bytes(path, bytes)
+        reason: crate::files::os_reason(&e),
+    })
 }
 
 /// Checks that `bytes` are UTF-8 and wraps them as the source file `name`.

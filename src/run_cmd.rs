@@ -2,7 +2,7 @@
 //! per device (or, built with the `mpi` feature and started by `mpirun`, one process per device),
 //! and optionally check against the unsharded reference.
 
-use crate::{fail, os_reason, say_err, say_out, write_output, DeviceArgs, Failure};
+use crate::{fail, say_err, say_out, write_output, DeviceArgs, Failure};
 use anyhow::anyhow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,7 +11,7 @@ use tpc::exec::leaves::{global_leaves, LeafSource};
 use tpc::exec::spmd::{run_threads, RunOutput};
 use tpc::exec::{npz, reference};
 use tpc::files;
-use tpc::mesh::Mesh;
+use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
 
 mod compare;
@@ -76,9 +76,9 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if tpc::exec::mpi::launched_by_mpirun() {
         return run_mpi(args);
     }
-    validate(args)?;
-    let plan = load_plan(args)?;
-    memory::check_fits(&plan, args, plan.mesh.num_devices())?;
+    let flags = validate(args)?;
+    let plan = load_plan(args, flags.device)?;
+    memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
     let bar = progress(args.repeat);
     let tick = |_: usize| bar.inc(1);
@@ -87,9 +87,17 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     finish(args, &plan, &source, &out)
 }
 
+/// The flags `validate` parsed.
+struct Flags {
+    /// --max-memory in bytes.
+    max_memory: Option<u128>,
+    /// The device constants.
+    device: Device,
+}
+
 /// Checks the flags that do not depend on the program, before any work: --repeat, the
 /// tolerances, --max-memory, the device constants, and that every output path can be written.
-fn validate(args: &RunArgs) -> Result<(), Failure> {
+fn validate(args: &RunArgs) -> Result<Flags, Failure> {
     if args.repeat == 0 {
         return Err(anyhow!("--repeat must be at least 1").into());
     }
@@ -98,16 +106,17 @@ fn validate(args: &RunArgs) -> Result<(), Failure> {
             return Err(anyhow!("{name} {v}: a tolerance must be a finite number >= 0").into());
         }
     }
-    if let Some(m) = &args.max_memory {
-        memory::parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?;
-    }
-    args.device.device()?;
+    let max_memory = match &args.max_memory {
+        Some(m) => Some(memory::parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?),
+        None => None,
+    };
+    let device = args.device.device()?;
     for (what, path) in [("--out", &args.out), ("--stats", &args.stats)] {
         if let Some(p) = path {
             files::check_writable(what, Path::new(p)).map_err(|e| anyhow!("{e}"))?;
         }
     }
-    Ok(())
+    Ok(Flags { max_memory, device })
 }
 
 /// Under MPI: every rank compiles (or loads) the plan and its leaves itself, the ranks agree that
@@ -124,9 +133,9 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     let mpi = Mpi::init().map_err(|e| anyhow!("cannot start MPI: {e}"))?;
     let (rank, size) = (mpi.rank(), mpi.size());
     let setup = (|| -> Result<(Plan, LeafSource), Failure> {
-        validate(args)?;
-        let plan = load_plan(args)?;
-        memory::check_fits(&plan, args, 1)?;
+        let flags = validate(args)?;
+        let plan = load_plan(args, flags.device)?;
+        memory::check_fits(&plan, args, flags.max_memory, 1)?;
         let devices = plan.mesh.num_devices();
         if devices != size as u64 {
             return Err(anyhow!(
@@ -297,21 +306,13 @@ fn is_plan_document(path: &str, bytes: &[u8]) -> bool {
     path.ends_with(".json") || bytes.trim_ascii_start().starts_with(b"{")
 }
 
-fn load_plan(args: &RunArgs) -> Result<Plan, Failure> {
+fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
     let mesh = match (args.degree, &args.mesh) {
         (Some(d), _) => Some(Mesh::degree(d).map_err(|e| fail(e, None))?),
         (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| fail(e, None))?),
         (None, None) => None,
     };
-    let bytes = std::fs::read(&args.file).map_err(|e| {
-        fail(
-            driver::SourceError::Io {
-                path: args.file.clone(),
-                reason: os_reason(&e),
-            },
-            None,
-        )
-    })?;
+    let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
     if is_plan_document(&args.file, &bytes) {
         return load_plan_document(args, &bytes, mesh);
     }
@@ -322,7 +323,6 @@ fn load_plan(args: &RunArgs) -> Result<Plan, Failure> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(e, None))?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
-    let device = args.device.device()?;
     let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
     driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))
 }

@@ -1,45 +1,11 @@
 //! The `tpc` binary: help and version, `compile` with each emitter, `-o`, `--set`, exit codes and
 //! where errors go (stderr, with `file:line:col` and a caret; nothing on stdout).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-/// Runs `tpc args...` from the crate root.
-fn tpc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run tpc")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8(o.stderr.clone()).expect("stderr is UTF-8")
-}
-
-/// Asserts the exit code, showing both streams on failure.
-#[track_caller]
-fn assert_exit(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(o),
-        stderr(o)
-    );
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod cli_support;
+use cli_support::*;
 
 #[test]
 fn help_lists_the_compile_command() {
@@ -71,7 +37,7 @@ fn no_arguments_is_a_usage_error() {
     let o = tpc(&[]);
     assert_ne!(o.status.code(), Some(0));
     assert!(stdout(&o).is_empty());
-    assert!(stderr(&o).contains("Usage"), "{}", stderr(&o));
+    assert_stderr_has(&o, "Usage");
 }
 
 #[test]
@@ -163,7 +129,7 @@ fn output_to_an_unwritable_path_fails() {
     let path = dir.join("no/such/dir/out.txt");
     let o = tpc(&["compile", "examples/mlp.tpl", "-o", path.to_str().unwrap()]);
     assert_exit(&o, 1);
-    assert!(stderr(&o).contains("cannot write"), "{}", stderr(&o));
+    assert_stderr_has(&o, "cannot write");
 }
 
 #[test]
@@ -184,7 +150,7 @@ fn set_changes_shapes() {
         "B= 2",
     ]);
     assert_exit(&o, 0);
-    assert!(stdout(&o).contains("output y = %9 : f32[2,128,256]"));
+    assert_stdout_has(&o, "output y = %9 : f32[2,128,256]");
 }
 
 #[test]
@@ -216,6 +182,10 @@ fn missing_file_is_a_user_error() {
     let err = stderr(&o);
     assert!(err.contains("examples/no_such_file.tpl"), "{err}");
     assert!(err.starts_with("error[io]: "), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+    let o = tpc(&["run", "examples/no_such_file.tpl"]);
+    assert_exit(&o, 1);
+    assert_eq!(stderr(&o), err, "compile and run say the same");
 }
 
 #[test]
@@ -275,7 +245,7 @@ fn every_error_input_exits_with_1() {
 fn degree_1_compiles() {
     let o = tpc(&["compile", "examples/mlp.tpl", "--degree", "1"]);
     assert_exit(&o, 0);
-    assert!(stdout(&o).contains("mlp.tpl"), "{}", stdout(&o));
+    assert_stdout_has(&o, "mlp.tpl");
 }
 
 #[test]
@@ -331,7 +301,7 @@ fn json_of_non_finite_constants_loads_back_or_is_rejected() {
     .unwrap();
     let o = tpc(&["compile", path.to_str().unwrap(), "--emit", "json"]);
     if o.status.code() == Some(1) {
-        assert!(stderr(&o).contains("inf.tpl:"), "{}", stderr(&o));
+        assert_stderr_has(&o, "inf.tpl:");
         return;
     }
     assert_exit(&o, 0);
@@ -347,7 +317,7 @@ fn tpc_limited(args: &[&str], secs: u64) -> (Option<i32>, String) {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("ulimit -v 2000000; exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_tpc"))
+        .arg(TPC)
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())

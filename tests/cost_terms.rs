@@ -11,19 +11,12 @@
 //! Slow compute, fast links or dear memory favour *shard*; the opposite favours *gather*. A sign
 //! error in any term (e.g. compute counted as a gain) inverts one of these tests.
 
-use tpc::diag::SourceFile;
-use tpc::driver::compile_plan;
-use tpc::ir::Op;
-use tpc::mesh::{Device, Mesh};
-use tpc::plan::Plan;
+mod prop_support;
 
-const PROGRAM: &str = "
-mesh tp
-input x : f32[64, 256] @ [tp, _]
-param w : f32[256, 4096] @ [_, _]
-y = x @ w
-output y @ [_, _]
-";
+use prop_support::{plan_of, ROW_SPLIT_MATMUL};
+use tpc::ir::Op;
+use tpc::mesh::Device;
+use tpc::plan::Plan;
 
 /// The plan propagation chose.
 #[derive(Debug, PartialEq)]
@@ -35,9 +28,7 @@ enum Choice {
 }
 
 fn compile(dev: Device) -> Plan {
-    let src = SourceFile::new("cost_terms.tpl", PROGRAM);
-    compile_plan(&src, &[], Mesh::degree(4).unwrap(), dev)
-        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))))
+    plan_of("cost_terms.tpl", ROW_SPLIT_MATMUL, "4", dev)
 }
 
 /// Reads the choice from the plan: the matmul's result placement and what the one all-gather

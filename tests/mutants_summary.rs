@@ -2,22 +2,15 @@
 //! `src/plan/summary.rs` that the property tests' self-consistency checks cannot see: they
 //! recompute collectives from the same program, but not FLOPs, memory or times).
 
-use tpc::diag::SourceFile;
-use tpc::driver::compile_plan;
-use tpc::mesh::{Device, Mesh};
+mod prop_support;
+
+use prop_support::{plan_of, ROW_SPLIT_MATMUL};
+use tpc::mesh::Device;
 use tpc::plan::Plan;
 
-/// `x` row-split over tp=4 and `y` wanted replicated; slow compute makes the matmul run on row
-/// blocks: `x` [16, 256] (16 KiB), `w` [256, 4096] (4 MiB), the matmul [16, 4096] (256 KiB),
-/// then one all-gather to `y` [64, 4096] (1 MiB).
-const PROGRAM: &str = "
-mesh tp
-input x : f32[64, 256] @ [tp, _]
-param w : f32[256, 4096] @ [_, _]
-y = x @ w
-output y @ [_, _]
-";
-
+/// Slow compute: `ROW_SPLIT_MATMUL` (`x` row-split over tp=4, `y` wanted replicated) runs the
+/// matmul on row blocks: `x` [16, 256] (16 KiB), `w` [256, 4096] (4 MiB), the matmul
+/// [16, 4096] (256 KiB), then one all-gather to `y` [64, 4096] (1 MiB).
 fn dev() -> Device {
     Device {
         flops_f32: 1e12,
@@ -27,9 +20,7 @@ fn dev() -> Device {
 }
 
 fn plan() -> Plan {
-    let src = SourceFile::new("summary.tpl", PROGRAM);
-    compile_plan(&src, &[], Mesh::degree(4).unwrap(), dev())
-        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))))
+    plan_of("summary.tpl", ROW_SPLIT_MATMUL, "4", dev())
 }
 
 #[test]
@@ -67,11 +58,9 @@ fn every_figure_of_the_summary_by_hand() {
 
 #[test]
 fn half_precision_compute_is_priced_at_the_half_rate() {
-    let text = PROGRAM.replace("f32", "bf16");
-    let src = SourceFile::new("summary_bf16.tpl", text);
+    let text = ROW_SPLIT_MATMUL.replace("f32", "bf16");
     let d = dev();
-    let plan = compile_plan(&src, &[], Mesh::degree(4).unwrap(), d)
-        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+    let plan = plan_of("summary_bf16.tpl", &text, "4", d);
     let s = &plan.summary;
     let want = s.flops_per_device / d.flops_half;
     assert!(s.flops_per_device > 0.0);

@@ -78,8 +78,9 @@ fn summary_lines(p: &Plan) -> Vec<String> {
 }
 
 /// `12.0 KiB`, `3 B`.
-pub fn bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+pub fn bytes(b: impl Into<u128>) -> String {
+    const UNITS: [&str; 8] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"];
+    let b = b.into();
     let mut x = b as f64;
     let mut u = 0;
     while x >= 1024.0 && u < UNITS.len() - 1 {

@@ -108,12 +108,19 @@ impl TensorType {
         self.checked_numel()?.checked_mul(self.dtype.size_bytes())
     }
 
-    /// Exact size in bytes, even past u64 (for messages about sizes that do not fit).
-    pub fn wide_size_bytes(&self) -> u128 {
-        let width = u128::from(self.dtype.size_bytes());
+    /// Exact number of elements, even past u64; `None` when it does not fit in u128.
+    pub fn wide_numel(&self) -> Option<u128> {
         self.shape
             .iter()
-            .try_fold(width, |n, &d| n.checked_mul(u128::from(d)))
+            .try_fold(1u128, |n, &d| n.checked_mul(u128::from(d)))
+    }
+
+    /// Exact size in bytes, even past u64 (for messages about sizes that do not fit); saturates
+    /// at u128::MAX.
+    pub fn wide_size_bytes(&self) -> u128 {
+        let width = u128::from(self.dtype.size_bytes());
+        self.wide_numel()
+            .and_then(|n| n.checked_mul(width))
             .unwrap_or(u128::MAX)
     }
 

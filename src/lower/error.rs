@@ -209,10 +209,8 @@ pub enum LowerError {
         /// The type and its size.
         message: String,
         /// The declaration or the op whose result is too large.
-        #[label("{label}")]
+        #[label("too large")]
         span: Span,
-        /// Short label.
-        label: String,
     },
     /// A bad `--set NAME=VALUE` (no source span).
     #[error("bad --set: {message}")]

@@ -12,7 +12,7 @@ pub(crate) fn check_fits(g: &Graph, tys: &[TensorType], span: Span) -> Result<()
         let bytes = ty.wide_size_bytes();
         if bytes > u128::from(MAX_PROGRAM_BYTES) {
             return Err(too_large(
-                format!("tensor {ty} is too large: {}", describe(ty, bytes)),
+                format!("tensor {ty} is too large: {}", describe(ty)),
                 span,
             ));
         }
@@ -31,23 +31,16 @@ pub(crate) fn check_fits(g: &Graph, tys: &[TensorType], span: Span) -> Result<()
 }
 
 /// The element count and byte size of `ty`, exact even past u64.
-fn describe(ty: &TensorType, bytes: u128) -> String {
-    let elems = ty
-        .shape
-        .iter()
-        .try_fold(1u128, |n, &d| n.checked_mul(u128::from(d)));
-    match (elems, bytes) {
-        (Some(n), b) if b != u128::MAX => format!("{n} elements, {b} bytes"),
+fn describe(ty: &TensorType) -> String {
+    let width = u128::from(ty.dtype.size_bytes());
+    match ty.wide_numel().map(|n| (n, n.checked_mul(width))) {
+        Some((n, Some(b))) => format!("{n} elements, {b} bytes"),
         _ => "more than 2^128 bytes".to_string(),
     }
 }
 
 fn too_large(message: String, span: Span) -> LowerError {
-    LowerError::TooLarge {
-        message,
-        span,
-        label: "too large".into(),
-    }
+    LowerError::TooLarge { message, span }
 }
 
 #[cfg(test)]
@@ -72,6 +65,10 @@ mod tests {
             Span::default(),
         );
         assert!(e.unwrap_err().to_string().contains("2^128"));
+        let elements_fit = f32s(&[1 << 63, 1 << 63]);
+        assert_eq!(elements_fit.wide_numel(), Some(1 << 126));
+        let e = check_fits(&g, &[elements_fit], Span::default()).unwrap_err();
+        assert!(e.to_string().contains("more than 2^128 bytes"), "{e}");
     }
 
     #[test]

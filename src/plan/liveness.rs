@@ -2,7 +2,7 @@
 //! share: a value is dead after its last reading node; a value never read is dead after the node
 //! that makes it; a program output is read "at the end" (index `num_nodes`) and never dies.
 
-use crate::ir::{Graph, IdVec, ValueId};
+use crate::ir::{Graph, IdVec, Op, ValueId};
 
 /// For each value of a graph, the index of the node after which it is dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +42,36 @@ impl Liveness {
     }
 }
 
+/// Walks `g` in program order and returns the bytes of the leaves (outputs of nodes whose op
+/// `is_leaf` accepts, held for the whole program) and the peak bytes of the other values live at
+/// once, by the [`Liveness`] convention; `size` gives a value's bytes. Sums saturate.
+pub fn peak_live(
+    g: &Graph,
+    is_leaf: impl Fn(&Op) -> bool,
+    size: impl Fn(ValueId) -> u128,
+) -> (u128, u128) {
+    let live_until = Liveness::of(g);
+    let (mut leaves, mut live, mut peak) = (0u128, 0u128, 0u128);
+    let mut frees: Vec<Vec<u128>> = vec![Vec::new(); g.num_nodes() + 1];
+    for (id, n) in g.nodes() {
+        let leaf = is_leaf(&n.op);
+        for &v in &n.outputs {
+            let b = size(v);
+            if leaf {
+                leaves = leaves.saturating_add(b);
+                continue;
+            }
+            live = live.saturating_add(b);
+            frees[live_until.last_use(v).unwrap_or(id.index())].push(b);
+        }
+        peak = peak.max(live);
+        for b in frees[id.index()].drain(..) {
+            live = live.saturating_sub(b);
+        }
+    }
+    (leaves, peak)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +103,8 @@ mod tests {
         assert!(!live.dies_at(y, g.num_nodes() - 1));
         assert_eq!(live.last_use(unused), None);
         assert!(live.dies_at(unused, 2));
+        let input = |op: &Op| matches!(op, Op::Input { .. });
+        assert_eq!(peak_live(&g, input, |_| 8), (8, 16));
+        assert_eq!(peak_live(&g, |_| false, |_| 8), (0, 24));
     }
 }

@@ -78,28 +78,10 @@ impl Summary {
 }
 
 /// Param bytes and peak bytes (params + live activations, from liveness in program order). Sums
-/// saturate instead of wrapping; within `MAX_PROGRAM_BYTES` they never reach u64::MAX.
+/// saturate at u64::MAX; within `MAX_PROGRAM_BYTES` they never reach it.
 fn memory(g: &Graph) -> (u64, u64) {
-    let last = super::last_uses(g);
-    let mut params = 0u64;
-    let mut live = 0u64;
-    let mut peak = 0u64;
-    let mut frees: Vec<Vec<u64>> = vec![Vec::new(); g.num_nodes() + 1];
-    for (id, n) in g.nodes() {
-        for &v in &n.outputs {
-            let b = g.ty(v).size_bytes();
-            if matches!(n.op, Op::Param { .. }) {
-                params = params.saturating_add(b);
-                continue;
-            }
-            live = live.saturating_add(b);
-            let end = last[v].unwrap_or(id.index());
-            frees[end].push(b);
-        }
-        peak = peak.max(live);
-        for b in frees[id.index()].drain(..) {
-            live = live.saturating_sub(b);
-        }
-    }
-    (params, params.saturating_add(peak))
+    let size = |v| u128::from(g.ty(v).size_bytes());
+    let (params, peak) = super::liveness::peak_live(g, |op| matches!(op, Op::Param { .. }), size);
+    let clamp = |b: u128| u64::try_from(b).unwrap_or(u64::MAX);
+    (clamp(params), clamp(params.saturating_add(peak)))
 }

@@ -101,7 +101,9 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: &Tolerance) -> Verdict {
             g.shape(),
             tol,
         ),
-        (Tensor::I32(g), Tensor::I32(w)) => ints(g.iter().zip(w.iter()), g.shape()),
+        (Tensor::I32(g), Tensor::I32(w)) => {
+            ints(g.iter().zip(w.iter()).map(|(a, b)| (*a, *b)), g.shape())
+        }
         _ => Verdict::Mismatch(format!(
             "the sharded run gave {}, the reference {}",
             got.kind(),
@@ -124,12 +126,56 @@ fn is_close(a: f64, b: f64, tol: &Tolerance) -> bool {
     (a - b).abs() <= tol.atol + tol.rtol * b.abs()
 }
 
+/// How many pairs differ, of how many, and the first that does (flat index and both values).
+struct Tally<T> {
+    count: u64,
+    total: u64,
+    first: Option<(usize, T, T)>,
+}
+
+impl<T: Copy> Tally<T> {
+    /// Counts the pairs (value, reference) for which `differ` holds.
+    fn of(pairs: impl Iterator<Item = (T, T)>, mut differ: impl FnMut(T, T) -> bool) -> Self {
+        let mut t = Tally {
+            count: 0,
+            total: 0,
+            first: None,
+        };
+        for (i, (a, b)) in pairs.enumerate() {
+            t.total += 1;
+            if differ(a, b) {
+                t.count += 1;
+                t.first.get_or_insert((i, a, b));
+            }
+        }
+        t
+    }
+
+    /// `close` when no pair differs; else the failure naming the first by its index in `shape`
+    /// and its values as `show` writes them.
+    fn verdict(
+        self,
+        shape: &[usize],
+        show: impl Fn(T) -> String,
+        close: Verdict,
+        max_abs: Option<f64>,
+    ) -> Verdict {
+        match self.first {
+            None => close,
+            Some((i, a, b)) => Verdict::Differ {
+                count: self.count,
+                total: self.total,
+                first: (unravel(i, shape), show(a), show(b)),
+                max_abs,
+            },
+        }
+    }
+}
+
 fn floats(pairs: impl Iterator<Item = (f32, f32)>, shape: &[usize], tol: &Tolerance) -> Verdict {
     let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
-    let (mut count, mut total, mut first) = (0u64, 0u64, None);
-    for (i, (a, b)) in pairs.enumerate() {
-        total += 1;
-        let (a, b) = (a as f64, b as f64);
+    let wide = pairs.map(|(a, b)| (f64::from(a), f64::from(b)));
+    let tally = Tally::of(wide, |a, b| {
         if a.is_finite() && b.is_finite() {
             let d = (a - b).abs();
             max_abs = max_abs.max(d);
@@ -137,48 +183,23 @@ fn floats(pairs: impl Iterator<Item = (f32, f32)>, shape: &[usize], tol: &Tolera
                 max_rel = max_rel.max(d / b.abs());
             }
         }
-        if !is_close(a, b, tol) {
-            count += 1;
-            first.get_or_insert((i, a, b));
-        }
-    }
-    match first {
-        None => Verdict::Close {
-            max_abs,
-            max_rel,
-            exact: false,
-        },
-        Some((i, a, b)) => Verdict::Differ {
-            count,
-            total,
-            first: (unravel(i, shape), show(a), show(b)),
-            max_abs: Some(max_abs),
-        },
-    }
+        !is_close(a, b, tol)
+    });
+    let close = Verdict::Close {
+        max_abs,
+        max_rel,
+        exact: false,
+    };
+    tally.verdict(shape, show, close, Some(max_abs))
 }
 
-fn ints<'a>(pairs: impl Iterator<Item = (&'a i32, &'a i32)>, shape: &[usize]) -> Verdict {
-    let (mut count, mut total, mut first) = (0u64, 0u64, None);
-    for (i, (a, b)) in pairs.enumerate() {
-        total += 1;
-        if a != b {
-            count += 1;
-            first.get_or_insert((i, *a, *b));
-        }
-    }
-    match first {
-        None => Verdict::Close {
-            max_abs: 0.0,
-            max_rel: 0.0,
-            exact: true,
-        },
-        Some((i, a, b)) => Verdict::Differ {
-            count,
-            total,
-            first: (unravel(i, shape), a.to_string(), b.to_string()),
-            max_abs: None,
-        },
-    }
+fn ints(pairs: impl Iterator<Item = (i32, i32)>, shape: &[usize]) -> Verdict {
+    let close = Verdict::Close {
+        max_abs: 0.0,
+        max_rel: 0.0,
+        exact: true,
+    };
+    Tally::of(pairs, |a, b| a != b).verdict(shape, |x| x.to_string(), close, None)
 }
 
 /// A float as the user reads it: `inf`, `-inf`, `nan`, or shortest round-trip digits.
@@ -241,7 +262,7 @@ mod tests {
 
     #[test]
     fn a_failure_names_the_first_element_and_both_values() {
-        let v = compare(&f(&[1.0, 2.0, inf_f()]), &f(&[1.0, 2.5, 7.0]), &TOL);
+        let v = compare(&f(&[1.0, 2.0, f32::INFINITY]), &f(&[1.0, 2.5, 7.0]), &TOL);
         let text = v.to_string();
         assert!(
             text.starts_with(
@@ -252,10 +273,6 @@ mod tests {
         let v = compare(&f(&[f32::NAN]), &f(&[f32::NAN]), &TOL).to_string();
         assert!(v.contains("got nan, reference nan"), "{v}");
         assert!(!v.contains("error 0"), "{v}");
-    }
-
-    fn inf_f() -> f32 {
-        f32::INFINITY
     }
 
     #[test]

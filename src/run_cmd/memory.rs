@@ -5,7 +5,9 @@
 use super::RunArgs;
 use crate::Failure;
 use anyhow::anyhow;
-use tpc::ir::{Graph, Op};
+use tpc::emit::plan::bytes as human;
+use tpc::ir::{Graph, Op, ValueId};
+use tpc::plan::liveness::peak_live;
 use tpc::plan::Plan;
 
 /// Bytes per element as the executor holds it (every float dtype is computed in f32).
@@ -45,36 +47,15 @@ impl Need {
     }
 }
 
-/// Bytes of one value of `g`.
-fn bytes(g: &Graph, v: tpc::ir::ValueId) -> u128 {
-    g.ty(v)
-        .shape
-        .iter()
-        .fold(ELEM, |acc, &d| acc.saturating_mul(d as u128))
+/// Bytes of one value of `g` as the executor holds it.
+fn bytes(g: &Graph, v: ValueId) -> u128 {
+    u128::from(g.ty(v).numel()) * ELEM
 }
 
 /// Leaves, peak of live non-leaf values (liveness in program order), and outputs of `g`.
 fn program(g: &Graph) -> (u128, u128, u128) {
-    let last = tpc::plan::last_uses(g);
-    let (mut leaves, mut live, mut peak) = (0u128, 0u128, 0u128);
-    let mut dead: Vec<Vec<u128>> = vec![Vec::new(); g.num_nodes() + 1];
-    for (id, n) in g.nodes() {
-        let leaf = matches!(n.op, Op::Param { .. } | Op::Input { .. });
-        for &v in &n.outputs {
-            let b = bytes(g, v);
-            if leaf {
-                leaves = leaves.saturating_add(b);
-                continue;
-            }
-            live = live.saturating_add(b);
-            let end = last[v].unwrap_or(id.index()).min(g.num_nodes());
-            dead[end].push(b);
-        }
-        peak = peak.max(live);
-        for b in dead[id.index()].drain(..) {
-            live = live.saturating_sub(b);
-        }
-    }
+    let is_leaf = |op: &Op| matches!(op, Op::Param { .. } | Op::Input { .. });
+    let (leaves, peak) = peak_live(g, is_leaf, |v| bytes(g, v));
     let outputs = g
         .outputs()
         .iter()
@@ -101,17 +82,16 @@ pub fn need(plan: &Plan, args: &RunArgs, ranks: u64) -> Need {
     }
 }
 
-/// Refuses a run whose needs exceed the available memory or `--max-memory`.
-pub fn check_fits(plan: &Plan, args: &RunArgs, ranks: u64) -> Result<(), Failure> {
+/// Refuses a run whose needs exceed the available memory or `max_memory` (`--max-memory`).
+pub fn check_fits(
+    plan: &Plan,
+    args: &RunArgs,
+    max_memory: Option<u128>,
+    ranks: u64,
+) -> Result<(), Failure> {
     let need = need(plan, args, ranks);
     let total = need.total();
-    let limit = match &args.max_memory {
-        Some(m) => Some((
-            parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?,
-            format!("--max-memory is {}", human(parse_size(m).unwrap_or(0))),
-        )),
-        None => None,
-    };
+    let limit = max_memory.map(|m| (m, format!("--max-memory is {}", human(m))));
     let avail = available().map(|(b, what)| (b, format!("{} is available ({what})", human(b))));
     for (max, said) in [limit, avail].into_iter().flatten() {
         if total > max {
@@ -218,21 +198,6 @@ pub fn parse_size(text: &str) -> Result<u128, String> {
     Ok(bytes as u128)
 }
 
-/// `1.5 GiB`, `512 B`.
-pub fn human(b: u128) -> String {
-    const UNITS: [&str; 7] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"];
-    if b < 1024 {
-        return format!("{b} B");
-    }
-    let mut x = b as f64 / 1024.0;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    format!("{x:.1} {}", UNITS[u])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,8 +216,10 @@ mod tests {
 
     #[test]
     fn figures_read_in_binary_units() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(16 << 30), "16.0 GiB");
+        assert_eq!(human(512u128), "512 B");
+        assert_eq!(human(1536u128), "1.5 KiB");
+        assert_eq!(human(16u128 << 30), "16.0 GiB");
+        assert_eq!(human(3u128 << 60), "3.0 EiB");
+        assert_eq!(human(1u128 << 80), "1024.0 ZiB");
     }
 }

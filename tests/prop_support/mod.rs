@@ -1,4 +1,4 @@
-//! Shared by `prop_sharding.rs` and `regressions.rs`: compile a program on a mesh, run its plan
+//! Shared by `prop_sharding.rs`, `regressions.rs` and the `mutants_*`/`cost_terms` tests: compile a program on a mesh, run its plan
 //! on one thread per device, and check it against the unsharded reference and its own summary.
 
 #![allow(dead_code)]
@@ -42,6 +42,24 @@ pub fn mesh(text: &str) -> Mesh {
     } else {
         Mesh::degree(text.parse().unwrap()).unwrap()
     }
+}
+
+/// `y = x @ w` with `x` row-split over `tp` and `y` wanted replicated: the cost model picks
+/// between an all-gather of `y` after a row-block matmul and an all-gather of `x` before it.
+pub const ROW_SPLIT_MATMUL: &str = "
+mesh tp
+input x : f32[64, 256] @ [tp, _]
+param w : f32[256, 4096] @ [_, _]
+y = x @ w
+output y @ [_, _]
+";
+
+/// Compiles the program `text`, named `name`, on `mesh_text` with `device`; a compile error
+/// fails the test with its rendering.
+pub fn plan_of(name: &str, text: &str, mesh_text: &str, device: Device) -> Plan {
+    let src = SourceFile::new(name, text);
+    compile_plan(&src, &[], mesh(mesh_text), device)
+        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))))
 }
 
 /// Compiles `src` on `mesh_text`: `Ok(Ok(plan))`, `Ok(Err(rendered user error))`, or `Err` for a
@@ -333,11 +351,5 @@ pub fn assert_runs(text: &str, mesh_text: &str) -> Plan {
         Outcome::Ran { .. } => {}
         Outcome::UserError(e) => panic!("on {mesh_text}: unexpected user error:\n{e}"),
     }
-    compile_plan(
-        &SourceFile::new("case.tpl", text),
-        &[],
-        mesh(mesh_text),
-        Device::default(),
-    )
-    .unwrap()
+    plan_of("case.tpl", text, mesh_text, Device::default())
 }
