@@ -454,7 +454,7 @@ mod tests {
         let dot = print(&plan_of("redist.tpl", text, "dp=2,tp=4", &[]));
         assert!(
             dot.contains(
-                "  n1 [label=\"redistribute over (dp,tp)\\n[dp, tp] -> [tp, dp]\\nfor output x at redist.tpl:3:10\\n%1\", shape=doubleoctagon"
+                "  n1 [label=\"redistribute over (dp,tp)\\n[dp, tp] -> [tp, dp]\\nfor output x at redist.tpl:3:8\\n%1\", shape=doubleoctagon"
             ),
             "{dot}"
         );
