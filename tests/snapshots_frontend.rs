@@ -154,9 +154,11 @@ const ERROR_INPUTS: &[&str] = &[
     "rank_mismatch",
     "recursive_block",
     "redefinition",
+    "second_train",
     "shape_mismatch",
     "spec_rank",
     "syntax_error",
+    "train_not_scalar",
     "unexpected_eof",
     "unknown_axis",
     "unknown_dtype",
@@ -241,6 +243,18 @@ fn error_duplicate_axis() {
 fn error_conflicting_annotations() {
     let out = error_snapshot("conflicting_spec", "conflicting_spec");
     assert_eq!(location(&out), "tests/errors/conflicting_spec.tpl:7:9");
+}
+
+#[test]
+fn error_train_loss_not_scalar() {
+    let out = error_snapshot("train_not_scalar", "invalid");
+    assert_eq!(location(&out), "tests/errors/train_not_scalar.tpl:7:7");
+}
+
+#[test]
+fn error_second_train() {
+    let out = error_snapshot("second_train", "second_train");
+    assert!(out.contains("first `train` here"), "{out}");
 }
 
 /// What does work in the three errors above: the class, the message and both labels.

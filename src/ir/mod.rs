@@ -5,6 +5,7 @@ mod ids;
 mod idvec;
 pub mod infer;
 mod op;
+mod train;
 mod types;
 pub mod verify;
 
@@ -12,4 +13,5 @@ pub use graph::{Annotation, Graph, GraphParts, Node, Output, Region, Value};
 pub use ids::{EntityId, NodeId, RegionId, ValueId};
 pub use idvec::IdVec;
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
+pub use train::{Optimizer, Training};
 pub use types::{Dtype, Spec, TensorType, MAX_PROGRAM_BYTES};

@@ -66,7 +66,7 @@ fn usage(name: &str, sig: &[&str]) -> String {
 }
 
 /// Arguments of one built-in call, bound to the signature's slots.
-struct Bound<'e> {
+pub(super) struct Bound<'e> {
     name: &'static str,
     slots: Vec<Option<&'e Expr>>,
     extra: Vec<&'e Expr>,
@@ -74,7 +74,8 @@ struct Bound<'e> {
     usage: String,
 }
 
-fn bind<'e>(
+/// Binds `args` to the slots of signature `sig` (names, `?` for optional ones) of call `name`.
+pub(super) fn bind<'e>(
     name: &'static str,
     sig: &[&str],
     args: &'e [Arg],
@@ -133,7 +134,8 @@ fn bind<'e>(
 }
 
 impl Bound<'_> {
-    fn bad(&self, message: String, span: Span) -> LowerError {
+    /// An error at `span` with the call's usage as the hint.
+    pub(super) fn bad(&self, message: String, span: Span) -> LowerError {
         LowerError::BadOp {
             message,
             span,
@@ -141,7 +143,8 @@ impl Bound<'_> {
         }
     }
 
-    fn expr(&self, i: usize) -> Option<&Expr> {
+    /// The argument in slot `i`, if given.
+    pub(super) fn expr(&self, i: usize) -> Option<&Expr> {
         self.slots[i]
     }
 
@@ -164,7 +167,8 @@ impl Bound<'_> {
             .transpose()
     }
 
-    fn float(
+    /// The constant in slot `i`, if given.
+    pub(super) fn float(
         &self,
         i: usize,
         s: &mut Scope,

@@ -31,6 +31,20 @@ pub enum LowerError {
         #[label("first defined here")]
         first: Span,
     },
+    /// A second `train` statement.
+    #[error("a program has at most one `train` statement")]
+    #[diagnostic(
+        code(tpc::second_train),
+        help("one training step minimises one loss: sum the losses into one scalar")
+    )]
+    SecondTrain {
+        /// The second statement.
+        #[label(primary, "second `train`")]
+        span: Span,
+        /// The first one.
+        #[label("first `train` here")]
+        first: Span,
+    },
     /// Operand shapes that do not fit the op.
     #[error("{message}")]
     #[diagnostic(code(tpc::shape_mismatch))]

@@ -8,10 +8,11 @@ mod expr;
 mod scope;
 mod size;
 mod template;
+mod train;
 
 pub use error::LowerError;
 
-use crate::ir::{Graph, TensorType};
+use crate::ir::{Graph, TensorType, Training};
 use crate::span::Span;
 use crate::syntax::ast::{BlockDef, Item, Module};
 use scope::Scope;
@@ -19,13 +20,33 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use template::Template;
 
-/// Lowers a parsed module to a verified-shape global program. `overrides` replace dim values
+/// A lowered program: the global forward graph and, when the program has a `train` statement,
+/// what it trains.
+#[derive(Clone, Debug)]
+pub struct Lowered {
+    /// The forward program.
+    pub graph: Graph,
+    /// The resolved `train` statement.
+    pub training: Option<Training>,
+}
+
+/// Lowers a parsed module to its verified-shape global forward program (a `train` statement is
+/// checked, then left out: see [`lower_program`]). `overrides` replace dim values
 /// (`--set H=4096`); naming a dim the program does not declare is an error.
 pub fn lower(
     module: &Module,
     source: &str,
     overrides: &[(String, i64)],
 ) -> Result<Graph, LowerError> {
+    lower_program(module, source, overrides).map(|l| l.graph)
+}
+
+/// Lowers a parsed module to its forward program and what it trains.
+pub fn lower_program(
+    module: &Module,
+    source: &str,
+    overrides: &[(String, i64)],
+) -> Result<Lowered, LowerError> {
     let mut prog = Program::new(module, overrides)?;
     let mut g = Graph::new(source);
     g.mesh_axes = prog.mesh_axes.iter().map(|(a, _)| a.clone()).collect();
@@ -39,6 +60,15 @@ pub fn lower(
     for item in &module.items {
         scope.item(item, &mut prog)?;
     }
+    let training = scope
+        .training
+        .take()
+        .map(|(loss, optimizer, span)| Training {
+            loss,
+            optimizer,
+            frozen: std::mem::take(&mut scope.frozen),
+            span,
+        });
     if g.outputs().is_empty() {
         let end = module.items.last().map(item_span).unwrap_or_default();
         return Err(LowerError::Invalid {
@@ -52,7 +82,7 @@ pub fn lower(
             hint: Some("declare what the program returns with `output NAME`".into()),
         });
     }
-    Ok(g)
+    Ok(Lowered { graph: g, training })
 }
 
 fn item_span(item: &Item) -> Span {
@@ -66,6 +96,7 @@ fn item_span(item: &Item) -> Span {
         Item::Output(outs) => outs.first().map(|o| o.name.span).unwrap_or_default(),
         Item::Assign(a) => a.span,
         Item::Block(b) => b.span,
+        Item::Train(t) => t.span,
     }
 }
 

@@ -5,10 +5,12 @@ use super::error::LowerError;
 use super::size;
 use super::Program;
 use crate::ir::infer::{infer, InferError};
-use crate::ir::{Annotation, Dtype, Graph, Op, Output, RegionId, Spec, TensorType, ValueId};
+use crate::ir::{
+    Annotation, Dtype, Graph, Op, Optimizer, Output, RegionId, Spec, TensorType, ValueId,
+};
 use crate::span::Span;
-use crate::syntax::ast::{Assign, Decl, Expr, Ident, Item, OutputItem, SpecExpr, TypeExpr};
-use std::collections::HashMap;
+use crate::syntax::ast::{Assign, Decl, Expr, Ident, Item, OutputItem, SpecExpr, Train, TypeExpr};
+use std::collections::{BTreeSet, HashMap};
 
 /// What an expression evaluates to: a tensor in the graph, or a compile-time scalar.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +45,10 @@ pub(crate) struct Scope<'g> {
     call_totals: HashMap<String, usize>,
     call_next: HashMap<String, usize>,
     outputs: HashMap<String, Span>,
+    /// Params declared `frozen`, named relative to this scope's graph.
+    pub(crate) frozen: BTreeSet<String>,
+    /// The `train` statement's loss and optimizer, and the statement's span.
+    pub(crate) training: Option<(ValueId, Optimizer, Span)>,
 }
 
 impl<'g> Scope<'g> {
@@ -72,6 +78,8 @@ impl<'g> Scope<'g> {
             call_totals: totals,
             call_next: HashMap::new(),
             outputs: HashMap::new(),
+            frozen: BTreeSet::new(),
+            training: None,
         }
     }
 
@@ -83,13 +91,30 @@ impl<'g> Scope<'g> {
             Item::Param(d) => self.leaf(d, true, prog),
             Item::Assign(a) => self.assign(a, prog),
             Item::Output(outs) => outs.iter().try_for_each(|o| self.output(o, prog)),
+            Item::Train(t) => self.train(t, prog),
         }
+    }
+
+    /// Records the program's one `train` statement.
+    fn train(&mut self, t: &Train, prog: &mut Program) -> Result<(), LowerError> {
+        if let Some((_, _, first)) = self.training {
+            return Err(LowerError::SecondTrain {
+                span: t.span,
+                first,
+            });
+        }
+        let (loss, opt) = super::train::resolve(self, t, prog)?;
+        self.training = Some((loss, opt, t.span));
+        Ok(())
     }
 
     fn leaf(&mut self, d: &Decl, is_param: bool, prog: &Program) -> Result<(), LowerError> {
         let ty = self.eval_type(&d.ty, prog)?;
         self.check_fresh(&d.name, prog)?;
         let name = d.name.name.clone();
+        if d.frozen.is_some() {
+            self.frozen.insert(name.clone());
+        }
         let op = if is_param {
             Op::Param { name: name.clone() }
         } else {

@@ -18,6 +18,8 @@ pub(crate) struct Template {
     args: Vec<ValueId>,
     ret: ValueId,
     body: u32,
+    /// Its params declared `frozen`, by relative name.
+    frozen: Vec<String>,
 }
 
 /// Instantiates block `name` on `args` in scope `s`; returns the block's result value.
@@ -68,7 +70,10 @@ pub(crate) fn instantiate(
     };
     let path = s.next_instance(name);
     let region = s.region;
-    stamp(&tpl, s.g, region, &path, name, args)
+    let ret = stamp(&tpl, s.g, region, &path, name, args)?;
+    s.frozen
+        .extend(tpl.frozen.iter().map(|p| format!("{path}.{p}")));
+    Ok(ret)
 }
 
 fn signature(b: &BlockDef) -> String {
@@ -103,7 +108,7 @@ fn build(
     prog.next_body += 1;
     let mut g = Graph::new("");
     let root = g.root();
-    let (args, ret) = {
+    let (args, ret, frozen) = {
         let mut scope = Scope::new(&mut g, root, true, &block.body, Some(&block.ret), prog);
         let mut args = Vec::new();
         for ((id, _), ty) in block.args.iter().zip(tys) {
@@ -137,7 +142,7 @@ fn build(
                 });
             }
         }
-        (args, ret)
+        (args, ret, std::mem::take(&mut scope.frozen))
     };
     prog.stack.pop();
     Ok(Template {
@@ -145,6 +150,7 @@ fn build(
         args,
         ret,
         body,
+        frozen: frozen.into_iter().collect(),
     })
 }
 

@@ -35,6 +35,21 @@ pub enum Item {
     Assign(Assign),
     /// `block name(args) -> type { ... }`.
     Block(BlockDef),
+    /// `train loss with adamw(lr=1e-3)`: the program is a training step.
+    Train(Train),
+}
+
+/// `train LOSS with OPTIMIZER(args)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Train {
+    /// The scalar loss to minimise.
+    pub loss: Ident,
+    /// The optimizer's name (`sgd`, `adamw`).
+    pub optimizer: Ident,
+    /// The optimizer's arguments as written.
+    pub args: Vec<Arg>,
+    /// Span of the whole statement.
+    pub span: Span,
 }
 
 /// One `NAME = expr` of a `dim` statement.
@@ -55,6 +70,8 @@ pub struct Decl {
     pub ty: TypeExpr,
     /// Optional sharding annotation.
     pub spec: Option<SpecExpr>,
+    /// Where `frozen` was written (params only): the param is not trained.
+    pub frozen: Option<Span>,
     /// Span of the whole declaration.
     pub span: Span,
 }

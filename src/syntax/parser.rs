@@ -7,7 +7,7 @@
 
 use super::ast::{
     Arg, Assign, BinOp, BlockDef, Decl, DimDef, Expr, Ident, Item, Module, OutputItem, SpecExpr,
-    TypeExpr,
+    Train, TypeExpr,
 };
 use crate::span::{LineIndex, Span};
 use pest::error::{ErrorVariant, InputLocation};
@@ -315,6 +315,10 @@ fn describe(rule: Rule) -> &'static str {
         Rule::output_stmt | Rule::kw_output => "`output`",
         Rule::block_stmt | Rule::kw_block => "`block`",
         Rule::return_stmt | Rule::kw_return => "`return`",
+        Rule::train_stmt | Rule::kw_train => "`train`",
+        Rule::kw_with => "`with`",
+        Rule::kw_frozen => "`frozen`",
+        Rule::leaf_tail => "`frozen` or '@'",
         Rule::assign_stmt => "assignment",
         Rule::dim_def => "dim definition",
         Rule::output_item => "output name",
@@ -464,6 +468,8 @@ fn is_punct(rule: Rule) -> bool {
             | Rule::kw_output
             | Rule::kw_block
             | Rule::kw_return
+            | Rule::kw_train
+            | Rule::kw_with
             | Rule::matmul
             | Rule::lparen
             | Rule::rparen
@@ -533,7 +539,7 @@ impl Conv<'_, '_> {
             Rule::dim_stmt => {
                 Item::Dims(parts(inner).map(|p| self.dim_def(p)).collect::<Res<_>>()?)
             }
-            Rule::input_stmt => Item::Input(self.decl(inner)?),
+            Rule::input_stmt => Item::Input(not_frozen(self.decl(inner)?)?),
             Rule::param_stmt => Item::Param(self.decl(inner)?),
             Rule::output_stmt => Item::Output(
                 parts(inner)
@@ -542,6 +548,7 @@ impl Conv<'_, '_> {
             ),
             Rule::assign_stmt => Item::Assign(self.assign(inner)?),
             Rule::block_stmt => Item::Block(self.block(inner)?),
+            Rule::train_stmt => Item::Train(self.train(inner)?),
             Rule::return_stmt => return Ok(Stmt::Return(self.expr(take(&mut parts(inner))?)?)),
             _ => return Err(internal_error()),
         };
@@ -562,11 +569,36 @@ impl Conv<'_, '_> {
         let mut it = parts(pair);
         let name = self.ident(take(&mut it)?);
         let ty = self.type_expr(take(&mut it)?)?;
-        let spec = it.next().map(|p| self.spec(p)).transpose()?;
+        let (mut spec, mut frozen) = (None, None);
+        for p in it {
+            match p.as_rule() {
+                Rule::spec => spec = Some(self.spec(p)?),
+                Rule::kw_frozen => frozen = Some(self.span(&p)),
+                _ => return Err(internal_error()),
+            }
+        }
         Ok(Decl {
             name,
             ty,
             spec,
+            frozen,
+            span,
+        })
+    }
+
+    /// `train LOSS with OPTIMIZER(args)`.
+    fn train(&self, pair: P) -> Res<Train> {
+        let span = self.span(&pair);
+        let mut it = parts(pair);
+        let loss = self.ident(take(&mut it)?);
+        let (call, _) = self.call(take(&mut it)?)?;
+        let Expr::Call { func, args, .. } = call else {
+            return Err(internal_error());
+        };
+        Ok(Train {
+            loss,
+            optimizer: func,
+            args,
             span,
         })
     }
@@ -850,6 +882,19 @@ fn block_body(stmts: Vec<(Span, Stmt)>, close: Span, name: &Ident) -> Res<(Vec<I
     Ok((body, ret))
 }
 
+/// An input declaration, which may not be `frozen` (only params are trained).
+fn not_frozen(d: Decl) -> Res<Decl> {
+    match d.frozen {
+        None => Ok(d),
+        Some(span) => Err(syntax(
+            span,
+            format!("input `{}` cannot be `frozen`", d.name.name),
+            "only params can be frozen",
+            Some("inputs are never trained; `frozen` keeps a `param` out of training".into()),
+        )),
+    }
+}
+
 /// The error for an item that may not appear inside a block.
 fn forbidden_in_block(item: &Item, span: Span) -> ParseError {
     let what = match item {
@@ -858,6 +903,7 @@ fn forbidden_in_block(item: &Item, span: Span) -> ParseError {
         Item::Input(_) => "`input` declarations are",
         Item::Output(_) => "`output` statements are",
         Item::Block(_) => "nested `block` definitions are",
+        Item::Train(_) => "`train` statements are",
         Item::Param(_) | Item::Assign(_) => "this statement is",
     };
     syntax(
