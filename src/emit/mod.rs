@@ -60,7 +60,7 @@ impl<'g> View<'g> {
         if n.region.index() < self.regions.len() {
             n.region
         } else {
-            RegionId(0)
+            RegionId::new(0)
         }
     }
 
@@ -71,7 +71,7 @@ impl<'g> View<'g> {
         }
         match self.regions[r.index()].parent {
             Some(p) if p.index() < r.index() => Some(p),
-            _ => Some(RegionId(0)),
+            _ => Some(RegionId::new(0)),
         }
     }
 
@@ -229,11 +229,17 @@ pub(crate) mod fixtures {
             Op::Input { name: "x".into() },
             vec![],
             &[2],
-            RegionId(9),
+            RegionId::new(9),
         );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
+        g.add_node(
+            Op::MatMul,
+            vec![x, ValueId::new(77)],
+            vec![],
+            at(3, 4),
+            g.root(),
+        );
         g.annotate(
-            ValueId(55),
+            ValueId::new(55),
             Annotation {
                 spec: spec(&["tp"]),
                 span: at(1, 1),
@@ -241,7 +247,7 @@ pub(crate) mod fixtures {
         );
         g.add_output(Output {
             name: "y".into(),
-            value: ValueId(99),
+            value: ValueId::new(99),
             annotation: None,
             span: Span::default(),
         });
@@ -323,26 +329,26 @@ mod tests {
     #[test]
     fn chains_terminate_on_bad_parents() {
         let mut g = Graph::new("t.tpl");
-        let a = g.add_region("a".into(), "blk".into(), RegionId(0), 1);
+        let a = g.add_region("a".into(), "blk".into(), RegionId::new(0), 1);
         let b = g.add_region("a.b".into(), "inner".into(), a, 2);
         // A forward (cyclic) parent and a dangling one both hang under the root.
-        let c = g.add_region("c".into(), "blk".into(), RegionId(7), 1);
-        let d = g.add_region("d".into(), "blk".into(), RegionId(4), 1);
+        let c = g.add_region("c".into(), "blk".into(), RegionId::new(7), 1);
+        let d = g.add_region("d".into(), "blk".into(), RegionId::new(4), 1);
         let ty = TensorType::new(Dtype::F32, vec![2]);
         g.add_node(
             Op::Input { name: "x".into() },
             vec![],
             vec![ty],
             Span::default(),
-            RegionId(42),
+            RegionId::new(42),
         );
         let v = View::new(&g);
         assert_eq!(v.chain(b), vec![a, b]);
         assert_eq!(v.chain(c), vec![c]);
         assert_eq!(v.chain(d), vec![d]);
-        assert_eq!(v.chain(RegionId(0)), vec![]);
-        assert_eq!(v.chain(RegionId(99)), vec![]);
-        assert_eq!(v.node_region(v.nodes[0]), RegionId(0));
+        assert_eq!(v.chain(RegionId::new(0)), vec![]);
+        assert_eq!(v.chain(RegionId::new(99)), vec![]);
+        assert_eq!(v.node_region(v.nodes[0]), RegionId::new(0));
         assert_eq!(v.region_label(b), "a.b (inner)");
     }
 }

@@ -157,7 +157,7 @@ impl<'a> Body<'a> {
                 last_sibling.insert(parent, (r, 1));
                 self.b.open(&self.view, &chain[common..]);
             }
-            let (code, comment) = self.node_line(NodeId(i as u32), node);
+            let (code, comment) = self.node_line(NodeId::new(i), node);
             self.b.push(code, comment);
             i += 1;
         }
@@ -270,7 +270,7 @@ impl<'a> Body<'a> {
             let prov = self
                 .p
                 .provenance
-                .get(&NodeId(i as u32))
+                .get(&NodeId::new(i))
                 .map(|x| format!("{}|{}|{}:{}", x.transition, x.user, x.span.line, x.span.col))
                 .unwrap_or_default();
             let _ = writeln!(s, "{op} {} {prov}", ins.join(","));

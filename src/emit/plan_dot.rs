@@ -382,7 +382,7 @@ mod tests {
         let lnf = p
             .local
             .nodes()
-            .find(|(_, n)| matches!(n.op, Op::LayerNorm { .. }) && n.region == RegionId(0))
+            .find(|(_, n)| matches!(n.op, Op::LayerNorm { .. }) && n.region == RegionId::new(0))
             .map(|(id, _)| id)
             .unwrap();
         assert_eq!(
@@ -498,7 +498,7 @@ mod tests {
             assert_eq!(bare.matches('"').count() % 2, 0, "{l}");
         }
         // Placements that do not fit the mesh print as `?` rather than panicking.
-        p.placements[ValueId(0)].dims[0] = vec![5];
+        p.placements[ValueId::new(0)].dims[0] = vec![5];
         let mut short = std::mem::take(&mut p.placements).into_vec();
         short.truncate(3);
         p.placements = IdVec::from_vec(short);

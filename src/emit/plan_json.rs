@@ -676,11 +676,11 @@ mod tests {
         let p = example("mlp", "tp=8", &[]);
         let cases: Vec<(Edit, &str)> = vec![
             (
-                Box::new(|d| d.local.nodes[4].inputs[0] = ValueId(99)),
+                Box::new(|d| d.local.nodes[4].inputs[0] = ValueId::new(99)),
                 "the local program: node n4 (matmul) refers to %99, but the document has only 11 values",
             ),
             (
-                Box::new(|d| d.global.values[0].node = NodeId(50)),
+                Box::new(|d| d.global.values[0].node = NodeId::new(50)),
                 "the global program: value %0 refers to n50, but the document has only 10 nodes",
             ),
             (
@@ -694,7 +694,7 @@ mod tests {
                 "origin lists 12 entries, but the local program has 11 values",
             ),
             (
-                Box::new(|d| d.origin[4] = Some(ValueId(70))),
+                Box::new(|d| d.origin[4] = Some(ValueId::new(70))),
                 "the origin of local value %4 is %70, but the global program has only 10 values",
             ),
             (
@@ -722,7 +722,7 @@ mod tests {
                 "local value %0 is f32[1024,512] in [tp, _], but its origin %1 f32[1024,4096] in that placement is f32[128,4096]",
             ),
             (
-                Box::new(|d| d.origin[0] = Some(ValueId(0))),
+                Box::new(|d| d.origin[0] = Some(ValueId::new(0))),
                 "local value %0 is f32[1024,512] in [_, tp], but its origin %0 f32[8,128,1024] in that placement does not fit",
             ),
             (
@@ -738,11 +738,11 @@ mod tests {
                 "the local program's mesh axes [tp] are not the mesh's [xp]",
             ),
             (
-                Box::new(|d| d.provenance[0].0 = NodeId(40)),
+                Box::new(|d| d.provenance[0].0 = NodeId::new(40)),
                 "provenance is given for n40, but the local program has only 11 nodes",
             ),
             (
-                Box::new(|d| d.provenance[0].0 = NodeId(4)),
+                Box::new(|d| d.provenance[0].0 = NodeId::new(4)),
                 "provenance is given for n4 (matmul), which is not a collective or local slice",
             ),
             (
@@ -844,7 +844,7 @@ mod tests {
             let n = p.placements.len();
             for i in 0..n {
                 for j in i + 1..n {
-                    if p.placements[ValueId(i as u32)] == p.placements[ValueId(j as u32)] {
+                    if p.placements[ValueId::new(i)] == p.placements[ValueId::new(j)] {
                         continue;
                     }
                     let text = edited(&p, |d| d.placements.swap(i, j));
@@ -886,7 +886,7 @@ mod tests {
             .any(|(_, n)| matches!(n.op, Op::TargetLogit { .. })));
         assert_same(&p, &from_json(&to_json(&p)).unwrap());
         // Outside the loss, a rank change is still caught.
-        let text = edited(&p, |d| d.origin[2] = Some(ValueId(1)));
+        let text = edited(&p, |d| d.origin[2] = Some(ValueId::new(1)));
         let msg = corrupt_msg(&text);
         assert!(
             msg.contains(": local value %2 is f32[8,2048,8192]"),

@@ -28,7 +28,7 @@ impl Tree {
             subtree: vec![Vec::new(); n],
         };
         for (i, node) in view.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             let chain = view.chain(view.node_region(node));
             t.direct[chain.last().map_or(0, |r| r.index())].push(id);
             t.subtree[0].push(id);
@@ -37,7 +37,7 @@ impl Tree {
             }
         }
         for r in 1..view.regions.len() {
-            let r = RegionId(r as u32);
+            let r = RegionId::new(r);
             if let Some(p) = view.parent(r).filter(|_| !t.subtree[r.index()].is_empty()) {
                 t.children[p.index()].push(r);
             }
@@ -65,7 +65,7 @@ impl Layout {
     fn full(view: &View) -> Self {
         Layout {
             hidden: vec![false; view.regions.len()],
-            rep: (0..view.nodes.len()).map(|i| NodeId(i as u32)).collect(),
+            rep: (0..view.nodes.len()).map(NodeId::new).collect(),
             run_labels: vec![None; view.regions.len()],
             member: vec![Vec::new(); view.nodes.len()],
             runs: 0,
@@ -119,7 +119,7 @@ impl Layout {
         let members: BTreeSet<RegionId> = run[1..].iter().copied().collect();
         // Parents precede their children, so a hidden parent is seen before its children.
         for r in 1..view.regions.len() {
-            let id = RegionId(r as u32);
+            let id = RegionId::new(r);
             let parent_hidden = view.parent(id).is_some_and(|p| self.hidden[p.index()]);
             if members.contains(&id) || parent_hidden {
                 self.hidden[r] = true;
@@ -232,7 +232,7 @@ impl<'a, 'g> Canvas<'a, 'g> {
         d.line(1, "labelloc=t;");
         d.line(1, "node [fontname=\"Helvetica\", fontsize=10];");
         d.line(1, "edge [fontname=\"Helvetica\", fontsize=9];");
-        d.region_body(RegionId(0), 1);
+        d.region_body(RegionId::new(0), 1);
         d.outputs();
         for e in self.edges(style) {
             d.line(1, &e);
@@ -246,7 +246,7 @@ impl<'a, 'g> Canvas<'a, 'g> {
         let into_nodes = self.view.nodes.iter().enumerate().flat_map(|(i, n)| {
             n.inputs
                 .iter()
-                .filter_map(move |&v| style.node_edge(self, v, NodeId(i as u32)))
+                .filter_map(move |&v| style.node_edge(self, v, NodeId::new(i)))
         });
         let outputs = self.view.g.outputs().iter().enumerate();
         let into_outputs = outputs.filter_map(|(i, out)| style.output_edge(self, i, out));

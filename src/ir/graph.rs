@@ -110,7 +110,7 @@ impl Graph {
 
     /// The root region.
     pub fn root(&self) -> RegionId {
-        RegionId(0)
+        RegionId::new(0)
     }
 
     /// Adds a region (a block instance) under `parent`.
@@ -127,7 +127,7 @@ impl Graph {
             parent: Some(parent),
             body,
         });
-        RegionId(self.regions.len() as u32 - 1)
+        RegionId::new(self.regions.len() - 1)
     }
 
     /// Appends a node whose results have the given types; returns it. Operands must already exist.
@@ -139,7 +139,7 @@ impl Graph {
         span: Span,
         region: RegionId,
     ) -> NodeId {
-        let id = NodeId(self.nodes.len() as u32);
+        let id = NodeId::new(self.nodes.len());
         let outputs: Vec<ValueId> = result_types
             .into_iter()
             .enumerate()
@@ -152,7 +152,7 @@ impl Graph {
                     name: None,
                 });
                 self.uses.push(Vec::new());
-                ValueId(self.values.len() as u32 - 1)
+                ValueId::new(self.values.len() - 1)
             })
             .collect();
         for &v in &inputs {
@@ -217,7 +217,7 @@ impl Graph {
         self.nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| (NodeId(i as u32), n))
+            .map(|(i, n)| (NodeId::new(i), n))
     }
 
     /// All values with their ids.
@@ -225,7 +225,7 @@ impl Graph {
         self.values
             .iter()
             .enumerate()
-            .map(|(i, v)| (ValueId(i as u32), v))
+            .map(|(i, v)| (ValueId::new(i), v))
     }
 
     /// All regions with their ids; the root first.
@@ -233,7 +233,7 @@ impl Graph {
         self.regions
             .iter()
             .enumerate()
-            .map(|(i, r)| (RegionId(i as u32), r))
+            .map(|(i, r)| (RegionId::new(i), r))
     }
 
     /// Number of nodes.
@@ -293,7 +293,7 @@ impl Graph {
         let edges = self.nodes.iter().map(|n| n.inputs.len()).sum();
         let mut dag: DiGraph<NodeId, ValueId> = DiGraph::with_capacity(self.nodes.len(), edges);
         for i in 0..self.nodes.len() {
-            dag.add_node(NodeId(i as u32));
+            dag.add_node(NodeId::new(i));
         }
         // Edges in node then operand order, from producers that exist (a stored document may
         // name values or nodes it lacks; the verifier reports those separately).
@@ -330,7 +330,7 @@ impl Graph {
             .iter()
             .fold(0u64, |n, v| n.saturating_add(v.ty.size_bytes()));
         for (i, n) in parts.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             for &v in &n.inputs {
                 if let Some(u) = g.uses.get_mut(v.index()) {
                     push_user(u, id);

@@ -398,14 +398,14 @@ mod tests {
 
     #[test]
     fn rejects_undefined_and_forward_operands() {
-        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId(99));
+        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId::new(99));
         rejects(&g, "n2 (matmul): operand 1 is %99, which is not defined");
-        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId(2));
+        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId::new(2));
         rejects(&g, "does not precede it");
         let g = from_parts(|p| {
             p.nodes.swap(0, 2);
-            p.values[0].node = NodeId(2);
-            p.values[2].node = NodeId(0);
+            p.values[0].node = NodeId::new(2);
+            p.values[2].node = NodeId::new(0);
         });
         rejects(&g, "n0 (matmul): operand 0 is %0, produced by n2");
     }
@@ -414,45 +414,45 @@ mod tests {
     fn rejects_bad_value_bookkeeping() {
         let g = from_parts(|p| p.values[1].index = 1);
         rejects(&g, "value %1 claims to be result 1 of n1");
-        let g = from_parts(|p| p.values[1].node = NodeId(7));
+        let g = from_parts(|p| p.values[1].node = NodeId::new(7));
         rejects(&g, "value %1 claims producer n7");
-        let g = from_parts(|p| p.nodes[0].outputs.push(ValueId(1)));
+        let g = from_parts(|p| p.nodes[0].outputs.push(ValueId::new(1)));
         rejects(&g, "n0 (input x): result 1 is %1");
-        let g = from_parts(|p| p.nodes[0].inputs.push(ValueId(0)));
+        let g = from_parts(|p| p.nodes[0].inputs.push(ValueId::new(0)));
         rejects(&g, "n0 (input x): operand 0 is %0");
     }
 
     #[test]
     fn rejects_bad_leaves_and_regions() {
         let g = from_parts(|p| {
-            p.nodes[1].inputs.push(ValueId(0));
+            p.nodes[1].inputs.push(ValueId::new(0));
         });
         rejects(&g, "leaf n1 (param w) must have no operands");
-        let g = from_parts(|p| p.nodes[2].region = RegionId(9));
+        let g = from_parts(|p| p.nodes[2].region = RegionId::new(9));
         rejects(&g, "region r9, which does not exist");
-        let g = from_parts(|p| p.regions[1].parent = Some(RegionId(1)));
+        let g = from_parts(|p| p.regions[1].parent = Some(RegionId::new(1)));
         rejects(&g, "region r1 (mlp) has parent r1");
-        let g = from_parts(|p| p.regions[0].parent = Some(RegionId(0)));
+        let g = from_parts(|p| p.regions[0].parent = Some(RegionId::new(0)));
         rejects(&g, "root region r0 has a parent");
     }
 
     #[test]
     fn rejects_bad_annotations() {
         let mut g = good();
-        g.annotate(ValueId(0), spec(&[&["dp"]]));
+        g.annotate(ValueId::new(0), spec(&[&["dp"]]));
         rejects(&g, "annotation on %0: spec [dp] has 1 entries");
-        g.annotate(ValueId(0), spec(&[&["pp"], &[]]));
+        g.annotate(ValueId::new(0), spec(&[&["pp"], &[]]));
         rejects(&g, "names axis `pp`, not a mesh axis");
-        g.annotate(ValueId(0), spec(&[&["dp"], &["tp", "dp"]]));
+        g.annotate(ValueId::new(0), spec(&[&["dp"], &["tp", "dp"]]));
         rejects(&g, "uses axis `dp` more than once");
         let mut g = good();
-        g.annotate(ValueId(42), spec(&[]));
+        g.annotate(ValueId::new(42), spec(&[]));
         rejects(&g, "annotation on %42, which is not defined");
     }
 
     #[test]
     fn rejects_bad_outputs() {
-        let g = from_parts(|p| p.outputs[0].value = ValueId(5));
+        let g = from_parts(|p| p.outputs[0].value = ValueId::new(5));
         rejects(&g, "output `y` is %5, which is not defined");
         let g = from_parts(|p| p.outputs[0].annotation = Some(spec(&[&["dp"], &["dp"]])));
         rejects(

@@ -161,7 +161,7 @@ impl<'a> Partitioner<'a> {
             out.add_region(
                 r.path.clone(),
                 r.block.clone(),
-                r.parent.unwrap_or(RegionId(0)),
+                r.parent.unwrap_or(RegionId::new(0)),
                 r.body,
             );
         }
