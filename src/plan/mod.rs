@@ -8,7 +8,7 @@ pub mod verify;
 pub use summary::{KindSummary, Summary};
 
 use crate::ir::verify::{verify, VerifyError};
-use crate::ir::{Graph, IdVec, NodeId, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::{partition, PartitionError, Provenance};
 use crate::sharding::{propagate, Placement, ShardError};
@@ -96,6 +96,6 @@ impl Plan {
 
 /// Last reading node of each value of `g` (outputs count as read at the end): the
 /// [`liveness::Liveness`] convention.
-pub fn last_uses(g: &Graph) -> IdVec<ValueId, Option<usize>> {
+pub fn last_uses<S: Space>(g: &Graph<S>) -> IdVec<ValueId<S>, Option<usize>> {
     liveness::Liveness::of(g).into_table()
 }
