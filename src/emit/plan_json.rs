@@ -13,7 +13,7 @@
 use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
-use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, ValueId};
+use crate::ir::{Graph, GraphParts, IdVec, Local, NodeId, Op, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
@@ -43,13 +43,13 @@ pub struct PlanDoc {
     /// The global program.
     pub global: GraphParts,
     /// The SPMD program every device runs.
-    pub local: GraphParts,
+    pub local: GraphParts<Local>,
     /// Per local value, its placement.
     pub placements: Vec<Placement>,
     /// Per local value, the global value it holds a piece of.
     pub origin: Vec<Option<ValueId>>,
     /// Why each collective or local slice is there, by node, in node order.
-    pub provenance: Vec<(NodeId, Provenance)>,
+    pub provenance: Vec<(NodeId<Local>, Provenance)>,
 }
 
 /// Why a plan document could not be loaded.
@@ -113,10 +113,10 @@ struct Incoming {
     mesh: Mesh,
     device: Device,
     global: GraphParts,
-    local: GraphParts,
+    local: GraphParts<Local>,
     placements: Vec<Placement>,
     origin: Vec<Option<ValueId>>,
-    provenance: Vec<(NodeId, Provenance)>,
+    provenance: Vec<(NodeId<Local>, Provenance)>,
 }
 
 /// The documented shape of the stored summary (other keys are ignored).
@@ -232,7 +232,7 @@ fn check_device(d: &Device) -> Result<(), PlanJsonError> {
 }
 
 /// Checks the ids of `parts`, builds the graph, checks its value sizes and verifies it.
-fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
+fn load_graph<S: Space>(parts: GraphParts<S>, which: &str) -> Result<Graph<S>, PlanJsonError> {
     check_ids(&parts).map_err(|e| match e {
         JsonError::Corrupt(m) => corrupt(format!("the {which} program: {m}")),
         other => corrupt(format!("the {which} program: {other}")),
@@ -259,9 +259,9 @@ fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
 
 /// Provenance names distinct collectives or local slices of the local program.
 fn check_provenance(
-    local: &Graph,
-    list: Vec<(NodeId, Provenance)>,
-) -> Result<BTreeMap<NodeId, Provenance>, PlanJsonError> {
+    local: &Graph<Local>,
+    list: Vec<(NodeId<Local>, Provenance)>,
+) -> Result<BTreeMap<NodeId<Local>, Provenance>, PlanJsonError> {
     let mut map = BTreeMap::new();
     for (n, pr) in list {
         if n.index() >= local.num_nodes() {
@@ -284,7 +284,7 @@ fn check_provenance(
 }
 
 /// The summary's byte counters (per kind) fit in 64 bits.
-fn check_traffic(local: &Graph) -> Result<(), PlanJsonError> {
+fn check_traffic(local: &Graph<Local>) -> Result<(), PlanJsonError> {
     let mut totals: BTreeMap<CollectiveKind, u64> = BTreeMap::new();
     for (id, n) in local.nodes() {
         let (Some((kind, size)), Some(&x)) = (CollectiveKind::of(&n.op), n.inputs.first()) else {
