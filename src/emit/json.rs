@@ -4,6 +4,7 @@
 
 use crate::ir::{Graph, GraphParts, NodeId, RegionId, Space, ValueId};
 use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
 
 /// The `format` tag of a program document.
 pub const FORMAT: &str = "tpc-program";
@@ -137,6 +138,7 @@ pub fn check_ids<S: Space>(parts: &GraphParts<S>) -> Result<(), JsonError> {
         nodes: parts.nodes.len(),
         values: parts.values.len(),
         regions: parts.regions.len(),
+        space: PhantomData::<S>,
     };
     if parts.regions.is_empty() {
         return Err(corrupt("the region table is empty (no root region)"));
@@ -169,26 +171,27 @@ pub fn check_ids<S: Space>(parts: &GraphParts<S>) -> Result<(), JsonError> {
     Ok(())
 }
 
-/// Table sizes, for bounds checks with precise messages.
-struct Ids {
+/// Table sizes of a program of `S`, for bounds checks with precise messages.
+struct Ids<S> {
     nodes: usize,
     values: usize,
     regions: usize,
+    space: PhantomData<S>,
 }
 
-impl Ids {
+impl<S: Space> Ids<S> {
     /// Checks a value id referenced by `what`.
-    fn value<S: Space>(&self, v: ValueId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn value(&self, v: ValueId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(v.index(), self.values, &v, "values", what)
     }
 
     /// Checks a node id referenced by `what`.
-    fn node<S: Space>(&self, n: NodeId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn node(&self, n: NodeId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(n.index(), self.nodes, &n, "nodes", what)
     }
 
     /// Checks a region id referenced by `what`.
-    fn region<S: Space>(&self, r: RegionId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn region(&self, r: RegionId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(r.index(), self.regions, &r, "regions", what)
     }
 }
