@@ -159,7 +159,7 @@ fn gelu_swapped_for_relu_is_refused() {
 fn an_output_pointing_elsewhere_is_refused() {
     let mut d = mlp();
     // %8 has the output's type and placement, but holds the matmul result, not y.
-    d.local.outputs[0].value = ValueId(8);
+    d.local.outputs[0].value = ValueId::new(8);
     let msg = refused(&d);
     assert!(msg.contains("output y is local value %8"), "{msg}");
 }
@@ -241,7 +241,7 @@ fn a_wrong_local_shape_is_refused() {
 fn a_dropped_node_is_refused() {
     // gelu skipped: the second matmul reads its operand.
     let mut d = mlp();
-    d.local.nodes[7].inputs[0] = ValueId(5);
+    d.local.nodes[7].inputs[0] = ValueId::new(5);
     let msg = refused(&d);
     assert!(msg.starts_with("local node n7 (matmul)"), "{msg}");
     assert!(msg.contains("its operand 0 (%5) holds"), "{msg}");
@@ -251,7 +251,7 @@ fn a_dropped_node_is_refused() {
     d.local.values.pop();
     d.placements.pop();
     d.origin.pop();
-    d.local.outputs[0].value = ValueId(8);
+    d.local.outputs[0].value = ValueId::new(8);
     let msg = refused(&d);
     assert!(msg.contains("output y is local value %8"), "{msg}");
 }

@@ -252,7 +252,7 @@ mod tests {
     fn different_bodies_are_not_merged() {
         let mut g = layers(6, 1);
         g.annotate(
-            ValueId(1),
+            ValueId::new(1),
             Annotation {
                 spec: spec(&["_", "tp"]),
                 span: at(1, 1),

@@ -2,8 +2,9 @@
 //! {...}}`, where `graph` is the graph's [`GraphParts`]. Loading checks every id before building
 //! the graph and never panics; the caller still runs the verifier on the result.
 
-use crate::ir::{Graph, GraphParts, NodeId, RegionId, ValueId};
+use crate::ir::{Graph, GraphParts, NodeId, RegionId, Space, ValueId};
 use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
 
 /// The `format` tag of a program document.
 pub const FORMAT: &str = "tpc-program";
@@ -132,11 +133,12 @@ pub fn from_json(text: &str) -> Result<Graph, JsonError> {
 
 /// Checks that every id in `parts` names an existing entity, that the root region exists, and
 /// that every leaf has exactly one result (graph accessors rely on it).
-pub fn check_ids(parts: &GraphParts) -> Result<(), JsonError> {
+pub fn check_ids<S: Space>(parts: &GraphParts<S>) -> Result<(), JsonError> {
     let ids = Ids {
         nodes: parts.nodes.len(),
         values: parts.values.len(),
         regions: parts.regions.len(),
+        space: PhantomData::<S>,
     };
     if parts.regions.is_empty() {
         return Err(corrupt("the region table is empty (no root region)"));
@@ -169,26 +171,27 @@ pub fn check_ids(parts: &GraphParts) -> Result<(), JsonError> {
     Ok(())
 }
 
-/// Table sizes, for bounds checks with precise messages.
-struct Ids {
+/// Table sizes of a program of `S`, for bounds checks with precise messages.
+struct Ids<S> {
     nodes: usize,
     values: usize,
     regions: usize,
+    space: PhantomData<S>,
 }
 
-impl Ids {
+impl<S: Space> Ids<S> {
     /// Checks a value id referenced by `what`.
-    fn value(&self, v: ValueId, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn value(&self, v: ValueId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(v.index(), self.values, &v, "values", what)
     }
 
     /// Checks a node id referenced by `what`.
-    fn node(&self, n: NodeId, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn node(&self, n: NodeId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(n.index(), self.nodes, &n, "nodes", what)
     }
 
     /// Checks a region id referenced by `what`.
-    fn region(&self, r: RegionId, what: &dyn Fn() -> String) -> Result<(), JsonError> {
+    fn region(&self, r: RegionId<S>, what: &dyn Fn() -> String) -> Result<(), JsonError> {
         in_range(r.index(), self.regions, &r, "regions", what)
     }
 }

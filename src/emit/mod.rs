@@ -12,7 +12,7 @@ pub mod plan_json;
 mod regions;
 pub mod text;
 
-use crate::ir::{Graph, Node, Region, RegionId, Value, ValueId};
+use crate::ir::{Global, Graph, Node, Region, RegionId, Space, Value, ValueId};
 
 /// The final path component of `source` (`examples/mlp.tpl` → `mlp.tpl`), so that output does not
 /// depend on the working directory.
@@ -23,20 +23,20 @@ pub(crate) fn file_name(source: &str) -> &str {
 /// A panic-free view of a graph's tables, with the region tree normalized: a region whose parent
 /// is missing, dangling or not earlier than itself hangs under the root, and a node in an unknown
 /// region belongs to the root. Every walk up the tree therefore terminates.
-pub(crate) struct View<'g> {
+pub(crate) struct View<'g, S = Global> {
     /// The graph.
-    pub g: &'g Graph,
+    pub g: &'g Graph<S>,
     /// All values, indexed by id.
-    pub values: Vec<&'g Value>,
+    pub values: Vec<&'g Value<S>>,
     /// All regions, indexed by id.
-    pub regions: Vec<&'g Region>,
+    pub regions: Vec<&'g Region<S>>,
     /// All nodes, indexed by id.
-    pub nodes: Vec<&'g Node>,
+    pub nodes: Vec<&'g Node<S>>,
 }
 
-impl<'g> View<'g> {
+impl<'g, S: Space> View<'g, S> {
     /// Collects the tables of `g`.
-    pub fn new(g: &'g Graph) -> Self {
+    pub fn new(g: &'g Graph<S>) -> Self {
         View {
             g,
             values: g.values().map(|(_, v)| v).collect(),
@@ -46,38 +46,38 @@ impl<'g> View<'g> {
     }
 
     /// The value `v`, if it exists.
-    pub fn value(&self, v: ValueId) -> Option<&'g Value> {
+    pub fn value(&self, v: ValueId<S>) -> Option<&'g Value<S>> {
         self.values.get(v.index()).copied()
     }
 
     /// The region `r`, if it exists.
-    pub fn region(&self, r: RegionId) -> Option<&'g Region> {
+    pub fn region(&self, r: RegionId<S>) -> Option<&'g Region<S>> {
         self.regions.get(r.index()).copied()
     }
 
     /// The normalized region of a node: its own if it exists, the root otherwise.
-    pub fn node_region(&self, n: &Node) -> RegionId {
+    pub fn node_region(&self, n: &Node<S>) -> RegionId<S> {
         if n.region.index() < self.regions.len() {
             n.region
         } else {
-            RegionId(0)
+            RegionId::new(0)
         }
     }
 
     /// The normalized parent of `r`; `None` for the root and unknown ids.
-    pub fn parent(&self, r: RegionId) -> Option<RegionId> {
+    pub fn parent(&self, r: RegionId<S>) -> Option<RegionId<S>> {
         if r.index() == 0 || r.index() >= self.regions.len() {
             return None;
         }
         match self.regions[r.index()].parent {
             Some(p) if p.index() < r.index() => Some(p),
-            _ => Some(RegionId(0)),
+            _ => Some(RegionId::new(0)),
         }
     }
 
     /// The non-root regions enclosing `r`, outermost first, ending with `r` itself (empty for the
     /// root or an unknown id).
-    pub fn chain(&self, r: RegionId) -> Vec<RegionId> {
+    pub fn chain(&self, r: RegionId<S>) -> Vec<RegionId<S>> {
         let mut chain = Vec::new();
         let mut cur = Some(r);
         while let Some(c) = cur.filter(|c| c.index() != 0 && c.index() < self.regions.len()) {
@@ -89,7 +89,7 @@ impl<'g> View<'g> {
     }
 
     /// `layer.0 (layer)`: a region's path and block name.
-    pub fn region_label(&self, r: RegionId) -> String {
+    pub fn region_label(&self, r: RegionId<S>) -> String {
         match self.region(r) {
             Some(reg) => format!("{} ({})", reg.path, reg.block),
             None => format!("{r}"),
@@ -229,11 +229,17 @@ pub(crate) mod fixtures {
             Op::Input { name: "x".into() },
             vec![],
             &[2],
-            RegionId(9),
+            RegionId::new(9),
         );
-        g.add_node(Op::MatMul, vec![x, ValueId(77)], vec![], at(3, 4), g.root());
+        g.add_node(
+            Op::MatMul,
+            vec![x, ValueId::new(77)],
+            vec![],
+            at(3, 4),
+            g.root(),
+        );
         g.annotate(
-            ValueId(55),
+            ValueId::new(55),
             Annotation {
                 spec: spec(&["tp"]),
                 span: at(1, 1),
@@ -241,7 +247,7 @@ pub(crate) mod fixtures {
         );
         g.add_output(Output {
             name: "y".into(),
-            value: ValueId(99),
+            value: ValueId::new(99),
             annotation: None,
             span: Span::default(),
         });
@@ -322,27 +328,27 @@ mod tests {
 
     #[test]
     fn chains_terminate_on_bad_parents() {
-        let mut g = Graph::new("t.tpl");
-        let a = g.add_region("a".into(), "blk".into(), RegionId(0), 1);
+        let mut g: Graph = Graph::new("t.tpl");
+        let a = g.add_region("a".into(), "blk".into(), RegionId::new(0), 1);
         let b = g.add_region("a.b".into(), "inner".into(), a, 2);
         // A forward (cyclic) parent and a dangling one both hang under the root.
-        let c = g.add_region("c".into(), "blk".into(), RegionId(7), 1);
-        let d = g.add_region("d".into(), "blk".into(), RegionId(4), 1);
+        let c = g.add_region("c".into(), "blk".into(), RegionId::new(7), 1);
+        let d = g.add_region("d".into(), "blk".into(), RegionId::new(4), 1);
         let ty = TensorType::new(Dtype::F32, vec![2]);
         g.add_node(
             Op::Input { name: "x".into() },
             vec![],
             vec![ty],
             Span::default(),
-            RegionId(42),
+            RegionId::new(42),
         );
         let v = View::new(&g);
         assert_eq!(v.chain(b), vec![a, b]);
         assert_eq!(v.chain(c), vec![c]);
         assert_eq!(v.chain(d), vec![d]);
-        assert_eq!(v.chain(RegionId(0)), vec![]);
-        assert_eq!(v.chain(RegionId(99)), vec![]);
-        assert_eq!(v.node_region(v.nodes[0]), RegionId(0));
+        assert_eq!(v.chain(RegionId::new(0)), vec![]);
+        assert_eq!(v.chain(RegionId::new(99)), vec![]);
+        assert_eq!(v.node_region(v.nodes[0]), RegionId::new(0));
         assert_eq!(v.region_label(b), "a.b (inner)");
     }
 }

@@ -5,7 +5,7 @@
 use super::text::{join, render, Blocks};
 use super::{file_name, View};
 use crate::cost::CollectiveKind;
-use crate::ir::{Graph, IdVec, Node, NodeId, Op, RegionId, ValueId};
+use crate::ir::{Graph, IdVec, Local, Node, NodeId, Op, RegionId, ValueId};
 use crate::plan::Plan;
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -36,14 +36,14 @@ pub fn print(p: &Plan) -> String {
 }
 
 /// The placement of local value `v` as text; empty when it has none.
-fn placement(p: &Plan, v: ValueId) -> String {
+fn placement(p: &Plan, v: ValueId<Local>) -> String {
     let pl = p.placements.get(v);
     pl.map(|x| x.display(&p.mesh)).unwrap_or_default()
 }
 
 /// `Partial(sum) -> Replicate over tp for add at mlp.tpl:11:5 (%7)`: why node `id` is there,
 /// located in `file`.
-fn provenance(p: &Plan, id: NodeId, file: &str) -> Option<String> {
+fn provenance(p: &Plan, id: NodeId<Local>, file: &str) -> Option<String> {
     p.provenance.get(&id).map(|pr| {
         format!(
             "{} for {} at {file}:{}:{} ({})",
@@ -108,18 +108,18 @@ pub fn secs(t: f64) -> String {
 /// The program body, with block groups and repeat compression.
 struct Body<'a> {
     p: &'a Plan,
-    view: View<'a>,
-    b: &'a mut Blocks,
-    notes: HashMap<RegionId, (usize, RegionId)>,
-    signature: HashMap<RegionId, String>,
-    ranges: HashMap<RegionId, (usize, usize)>,
+    view: View<'a, Local>,
+    b: &'a mut Blocks<Local>,
+    notes: HashMap<RegionId<Local>, (usize, RegionId<Local>)>,
+    signature: HashMap<RegionId<Local>, String>,
+    ranges: HashMap<RegionId<Local>, (usize, usize)>,
     /// Per value, the index of the last node reading it (`plan::liveness`).
-    last_use: IdVec<ValueId, Option<usize>>,
+    last_use: IdVec<ValueId<Local>, Option<usize>>,
 }
 
 impl<'a> Body<'a> {
     /// The body of `p`, written into `b`.
-    fn new(p: &'a Plan, b: &'a mut Blocks) -> Self {
+    fn new(p: &'a Plan, b: &'a mut Blocks<Local>) -> Self {
         Body {
             p,
             view: View::new(&p.local),
@@ -136,7 +136,8 @@ impl<'a> Body<'a> {
     fn print(&mut self) {
         let n = self.view.nodes.len();
         let mut i = 0;
-        let mut last_sibling: HashMap<Option<RegionId>, (RegionId, usize)> = HashMap::new();
+        let mut last_sibling: HashMap<Option<RegionId<Local>>, (RegionId<Local>, usize)> =
+            HashMap::new();
         while i < n {
             let node = self.view.nodes[i];
             let chain = self.view.chain(self.view.node_region(node));
@@ -157,7 +158,7 @@ impl<'a> Body<'a> {
                 last_sibling.insert(parent, (r, 1));
                 self.b.open(&self.view, &chain[common..]);
             }
-            let (code, comment) = self.node_line(NodeId(i as u32), node);
+            let (code, comment) = self.node_line(NodeId::new(i), node);
             self.b.push(code, comment);
             i += 1;
         }
@@ -165,7 +166,7 @@ impl<'a> Body<'a> {
     }
 
     /// Index one past the last node (from `start`) inside region `r` or its descendants.
-    fn region_end(&self, start: usize, r: RegionId) -> usize {
+    fn region_end(&self, start: usize, r: RegionId<Local>) -> usize {
         let mut i = start;
         while i < self.view.nodes.len()
             && self
@@ -180,8 +181,8 @@ impl<'a> Body<'a> {
 
     /// After repeated instances are skipped, one line after the first one's `}` says so; it is
     /// updated as more repeats are found.
-    fn note_repeat(&mut self, first: RegionId, skipped: RegionId, count: usize) {
-        let label = |r: RegionId| {
+    fn note_repeat(&mut self, first: RegionId<Local>, skipped: RegionId<Local>, count: usize) {
+        let label = |r: RegionId<Local>| {
             self.view
                 .region(r)
                 .map(|x| x.path.clone())
@@ -212,7 +213,7 @@ impl<'a> Body<'a> {
 
     /// `"; <path> defines %a, %b"` for the values of skipped instance `r` that are read after it
     /// (so that every id the listing references is named somewhere), or "" when none are.
-    fn returns(&self, r: RegionId) -> String {
+    fn returns(&self, r: RegionId<Local>) -> String {
         let (start, end) = self.ranges.get(&r).copied().unwrap_or_default();
         let ids: Vec<String> = self.view.nodes[start..end]
             .iter()
@@ -228,13 +229,13 @@ impl<'a> Body<'a> {
     }
 
     /// True when the two region instances print the same but for value ids and param prefixes.
-    fn same(&mut self, a: RegionId, b: RegionId) -> bool {
+    fn same(&mut self, a: RegionId<Local>, b: RegionId<Local>) -> bool {
         let sa = self.sig(a);
         let sb = self.sig(b);
         sa == sb
     }
 
-    fn sig(&mut self, r: RegionId) -> String {
+    fn sig(&mut self, r: RegionId<Local>) -> String {
         if let Some(s) = self.signature.get(&r) {
             return s.clone();
         }
@@ -244,7 +245,7 @@ impl<'a> Body<'a> {
             .map(|x| x.path.clone())
             .unwrap_or_default();
         let (start, end) = self.ranges.get(&r).copied().unwrap_or_default();
-        let mut local: HashMap<ValueId, usize> = HashMap::new();
+        let mut local: HashMap<ValueId<Local>, usize> = HashMap::new();
         let mut s = String::new();
         for i in start..end {
             let n = self.view.nodes[i];
@@ -270,7 +271,7 @@ impl<'a> Body<'a> {
             let prov = self
                 .p
                 .provenance
-                .get(&NodeId(i as u32))
+                .get(&NodeId::new(i))
                 .map(|x| format!("{}|{}|{}:{}", x.transition, x.user, x.span.line, x.span.col))
                 .unwrap_or_default();
             let _ = writeln!(s, "{op} {} {prov}", ins.join(","));
@@ -279,8 +280,8 @@ impl<'a> Body<'a> {
         s
     }
 
-    fn node_line(&self, id: NodeId, n: &Node) -> (String, String) {
-        let g: &Graph = &self.p.local;
+    fn node_line(&self, id: NodeId<Local>, n: &Node<Local>) -> (String, String) {
+        let g: &Graph<Local> = &self.p.local;
         let outs = join(n.outputs.iter().map(|v| v.to_string()));
         let ins = join(n.inputs.iter().map(|v| v.to_string()));
         let types = join(

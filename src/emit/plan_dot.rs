@@ -7,7 +7,7 @@ use super::dot::escape;
 use super::plan::{bytes, secs};
 use super::regions::{Canvas, Style, Tree};
 use super::{file_name, View};
-use crate::ir::{Node, NodeId, Op, Output, RegionId, ValueId};
+use crate::ir::{Local, Node, NodeId, Op, Output, RegionId, ValueId};
 use crate::plan::Plan;
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -66,7 +66,7 @@ fn summary(p: &Plan) -> String {
 }
 
 /// The placement as text, or `?` when it does not fit the mesh (never panics).
-fn placement(p: &Plan, v: ValueId) -> String {
+fn placement(p: &Plan, v: ValueId<Local>) -> String {
     let rank = p.mesh.rank();
     match p.placements.get(v) {
         Some(pl) if pl.partial.len() == rank && pl.dims.iter().flatten().all(|&a| a < rank) => {
@@ -79,13 +79,13 @@ fn placement(p: &Plan, v: ValueId) -> String {
 /// Region signatures: two sibling instances collapse when theirs are equal.
 struct Signatures<'a, 'g> {
     p: &'a Plan,
-    view: &'a View<'g>,
-    cache: HashMap<RegionId, Option<String>>,
+    view: &'a View<'g, Local>,
+    cache: HashMap<RegionId<Local>, Option<String>>,
 }
 
 impl Signatures<'_, '_> {
     /// True when both regions are instances of one body drawing the same way.
-    fn same(&mut self, tree: &Tree, a: RegionId, b: RegionId) -> bool {
+    fn same(&mut self, tree: &Tree<Local>, a: RegionId<Local>, b: RegionId<Local>) -> bool {
         match (self.sig(tree, a), self.sig(tree, b)) {
             (Some(x), Some(y)) => x == y,
             _ => false,
@@ -95,7 +95,7 @@ impl Signatures<'_, '_> {
     /// What the instance `r` draws, up to its own path: block and body, then per node its
     /// region and op relative to `r`, operands (results of earlier nodes of `r`, or external),
     /// result types and placements, and provenance.
-    fn sig(&mut self, tree: &Tree, r: RegionId) -> Option<String> {
+    fn sig(&mut self, tree: &Tree<Local>, r: RegionId<Local>) -> Option<String> {
         if let Some(s) = self.cache.get(&r) {
             return s.clone();
         }
@@ -105,12 +105,12 @@ impl Signatures<'_, '_> {
     }
 
     /// Computes [`Self::sig`].
-    fn compute(&self, tree: &Tree, r: RegionId) -> Option<String> {
+    fn compute(&self, tree: &Tree<Local>, r: RegionId<Local>) -> Option<String> {
         let reg = self.view.region(r)?;
         let path = reg.path.as_str();
         let rel = |s: &str| s.strip_prefix(path).unwrap_or(s).to_string();
         let mut s = format!("{} {}\n", reg.block, reg.body);
-        let mut local: HashMap<ValueId, usize> = HashMap::new();
+        let mut local: HashMap<ValueId<Local>, usize> = HashMap::new();
         for &id in &tree.subtree[r.index()] {
             let n = self.view.nodes[id.index()];
             let inner = self
@@ -160,9 +160,9 @@ struct PlanStyle<'a> {
     p: &'a Plan,
 }
 
-impl Style for PlanStyle<'_> {
+impl Style<Local> for PlanStyle<'_> {
     /// The statement drawing node `id`.
-    fn node_stmt(&self, c: &Canvas, id: NodeId) -> String {
+    fn node_stmt(&self, c: &Canvas<'_, '_, Local>, id: NodeId<Local>) -> String {
         let n = c.view.nodes[id.index()];
         let results = c.results(n);
         let (label, style) = match &n.op {
@@ -182,7 +182,12 @@ impl Style for PlanStyle<'_> {
 
     /// Not drawn when dangling, a loop, the flow between members of a collapsed run, or running
     /// backwards into one.
-    fn node_edge(&self, c: &Canvas, v: ValueId, dst: NodeId) -> Option<String> {
+    fn node_edge(
+        &self,
+        c: &Canvas<'_, '_, Local>,
+        v: ValueId<Local>,
+        dst: NodeId<Local>,
+    ) -> Option<String> {
         let (from, src, label) = self.source(c, v)?;
         let to = c.layout.rep[dst.index()];
         let mapped = src != from || to != dst;
@@ -194,7 +199,12 @@ impl Style for PlanStyle<'_> {
     }
 
     /// Labelled like a node edge.
-    fn output_edge(&self, c: &Canvas, i: usize, out: &Output) -> Option<String> {
+    fn output_edge(
+        &self,
+        c: &Canvas<'_, '_, Local>,
+        i: usize,
+        out: &Output<Local>,
+    ) -> Option<String> {
         let (_, src, label) = self.source(c, out.value)?;
         Some(format!("{src} -> out{i} [label=\"{}\"];", escape(&label)))
     }
@@ -202,7 +212,7 @@ impl Style for PlanStyle<'_> {
 
 impl PlanStyle<'_> {
     /// `all_reduce sum over tp`, the transition, the op it is for and where, and the results.
-    fn spmd_label(&self, id: NodeId, n: &Node, results: &str) -> String {
+    fn spmd_label(&self, id: NodeId<Local>, n: &Node<Local>, results: &str) -> String {
         let (head, axis) = headline(&n.op);
         let mut label = head;
         if let Some(pr) = self.p.provenance.get(&id) {
@@ -225,7 +235,11 @@ impl PlanStyle<'_> {
 
     /// The producer of `v`, the node drawn for it, and the edge label: `%v ` when the producer
     /// has several results, then the local type and placement (`f32[8,128,512] [_, _, tp]`).
-    fn source(&self, c: &Canvas, v: ValueId) -> Option<(NodeId, NodeId, String)> {
+    fn source(
+        &self,
+        c: &Canvas<'_, '_, Local>,
+        v: ValueId<Local>,
+    ) -> Option<(NodeId<Local>, NodeId<Local>, String)> {
         let val = c.view.value(v)?;
         let producer = c.view.nodes.get(val.node.index())?;
         let mut label = String::new();
@@ -382,7 +396,7 @@ mod tests {
         let lnf = p
             .local
             .nodes()
-            .find(|(_, n)| matches!(n.op, Op::LayerNorm { .. }) && n.region == RegionId(0))
+            .find(|(_, n)| matches!(n.op, Op::LayerNorm { .. }) && n.region == RegionId::new(0))
             .map(|(id, _)| id)
             .unwrap();
         assert_eq!(
@@ -498,7 +512,7 @@ mod tests {
             assert_eq!(bare.matches('"').count() % 2, 0, "{l}");
         }
         // Placements that do not fit the mesh print as `?` rather than panicking.
-        p.placements[ValueId(0)].dims[0] = vec![5];
+        p.placements[ValueId::new(0)].dims[0] = vec![5];
         let mut short = std::mem::take(&mut p.placements).into_vec();
         short.truncate(3);
         p.placements = IdVec::from_vec(short);

@@ -13,7 +13,7 @@
 use super::json::{check_header, check_ids, DocError, JsonError};
 use crate::cost::CollectiveKind;
 use crate::ir::verify::verify;
-use crate::ir::{Graph, GraphParts, IdVec, NodeId, Op, ValueId};
+use crate::ir::{Graph, GraphParts, IdVec, Local, NodeId, Op, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
@@ -43,13 +43,13 @@ pub struct PlanDoc {
     /// The global program.
     pub global: GraphParts,
     /// The SPMD program every device runs.
-    pub local: GraphParts,
+    pub local: GraphParts<Local>,
     /// Per local value, its placement.
     pub placements: Vec<Placement>,
     /// Per local value, the global value it holds a piece of.
     pub origin: Vec<Option<ValueId>>,
     /// Why each collective or local slice is there, by node, in node order.
-    pub provenance: Vec<(NodeId, Provenance)>,
+    pub provenance: Vec<(NodeId<Local>, Provenance)>,
 }
 
 /// Why a plan document could not be loaded.
@@ -113,10 +113,10 @@ struct Incoming {
     mesh: Mesh,
     device: Device,
     global: GraphParts,
-    local: GraphParts,
+    local: GraphParts<Local>,
     placements: Vec<Placement>,
     origin: Vec<Option<ValueId>>,
-    provenance: Vec<(NodeId, Provenance)>,
+    provenance: Vec<(NodeId<Local>, Provenance)>,
 }
 
 /// The documented shape of the stored summary (other keys are ignored).
@@ -232,7 +232,7 @@ fn check_device(d: &Device) -> Result<(), PlanJsonError> {
 }
 
 /// Checks the ids of `parts`, builds the graph, checks its value sizes and verifies it.
-fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
+fn load_graph<S: Space>(parts: GraphParts<S>, which: &str) -> Result<Graph<S>, PlanJsonError> {
     check_ids(&parts).map_err(|e| match e {
         JsonError::Corrupt(m) => corrupt(format!("the {which} program: {m}")),
         other => corrupt(format!("the {which} program: {other}")),
@@ -259,9 +259,9 @@ fn load_graph(parts: GraphParts, which: &str) -> Result<Graph, PlanJsonError> {
 
 /// Provenance names distinct collectives or local slices of the local program.
 fn check_provenance(
-    local: &Graph,
-    list: Vec<(NodeId, Provenance)>,
-) -> Result<BTreeMap<NodeId, Provenance>, PlanJsonError> {
+    local: &Graph<Local>,
+    list: Vec<(NodeId<Local>, Provenance)>,
+) -> Result<BTreeMap<NodeId<Local>, Provenance>, PlanJsonError> {
     let mut map = BTreeMap::new();
     for (n, pr) in list {
         if n.index() >= local.num_nodes() {
@@ -284,7 +284,7 @@ fn check_provenance(
 }
 
 /// The summary's byte counters (per kind) fit in 64 bits.
-fn check_traffic(local: &Graph) -> Result<(), PlanJsonError> {
+fn check_traffic(local: &Graph<Local>) -> Result<(), PlanJsonError> {
     let mut totals: BTreeMap<CollectiveKind, u64> = BTreeMap::new();
     for (id, n) in local.nodes() {
         let (Some((kind, size)), Some(&x)) = (CollectiveKind::of(&n.op), n.inputs.first()) else {
@@ -676,11 +676,11 @@ mod tests {
         let p = example("mlp", "tp=8", &[]);
         let cases: Vec<(Edit, &str)> = vec![
             (
-                Box::new(|d| d.local.nodes[4].inputs[0] = ValueId(99)),
+                Box::new(|d| d.local.nodes[4].inputs[0] = ValueId::new(99)),
                 "the local program: node n4 (matmul) refers to %99, but the document has only 11 values",
             ),
             (
-                Box::new(|d| d.global.values[0].node = NodeId(50)),
+                Box::new(|d| d.global.values[0].node = NodeId::new(50)),
                 "the global program: value %0 refers to n50, but the document has only 10 nodes",
             ),
             (
@@ -694,7 +694,7 @@ mod tests {
                 "origin lists 12 entries, but the local program has 11 values",
             ),
             (
-                Box::new(|d| d.origin[4] = Some(ValueId(70))),
+                Box::new(|d| d.origin[4] = Some(ValueId::new(70))),
                 "the origin of local value %4 is %70, but the global program has only 10 values",
             ),
             (
@@ -722,7 +722,7 @@ mod tests {
                 "local value %0 is f32[1024,512] in [tp, _], but its origin %1 f32[1024,4096] in that placement is f32[128,4096]",
             ),
             (
-                Box::new(|d| d.origin[0] = Some(ValueId(0))),
+                Box::new(|d| d.origin[0] = Some(ValueId::new(0))),
                 "local value %0 is f32[1024,512] in [_, tp], but its origin %0 f32[8,128,1024] in that placement does not fit",
             ),
             (
@@ -738,11 +738,11 @@ mod tests {
                 "the local program's mesh axes [tp] are not the mesh's [xp]",
             ),
             (
-                Box::new(|d| d.provenance[0].0 = NodeId(40)),
+                Box::new(|d| d.provenance[0].0 = NodeId::new(40)),
                 "provenance is given for n40, but the local program has only 11 nodes",
             ),
             (
-                Box::new(|d| d.provenance[0].0 = NodeId(4)),
+                Box::new(|d| d.provenance[0].0 = NodeId::new(4)),
                 "provenance is given for n4 (matmul), which is not a collective or local slice",
             ),
             (
@@ -844,7 +844,7 @@ mod tests {
             let n = p.placements.len();
             for i in 0..n {
                 for j in i + 1..n {
-                    if p.placements[ValueId(i as u32)] == p.placements[ValueId(j as u32)] {
+                    if p.placements[ValueId::new(i)] == p.placements[ValueId::new(j)] {
                         continue;
                     }
                     let text = edited(&p, |d| d.placements.swap(i, j));
@@ -886,7 +886,7 @@ mod tests {
             .any(|(_, n)| matches!(n.op, Op::TargetLogit { .. })));
         assert_same(&p, &from_json(&to_json(&p)).unwrap());
         // Outside the loss, a rank change is still caught.
-        let text = edited(&p, |d| d.origin[2] = Some(ValueId(1)));
+        let text = edited(&p, |d| d.origin[2] = Some(ValueId::new(1)));
         let msg = corrupt_msg(&text);
         assert!(
             msg.contains(": local value %2 is f32[8,2048,8192]"),

@@ -5,22 +5,22 @@
 
 use super::dot::escape;
 use super::View;
-use crate::ir::{Node, NodeId, Output, RegionId, ValueId};
+use crate::ir::{Global, Node, NodeId, Output, RegionId, Space, ValueId};
 use std::collections::BTreeSet;
 
 /// The normalized region tree: direct nodes and non-empty children of every region.
-pub(crate) struct Tree {
+pub(crate) struct Tree<S = Global> {
     /// Nodes directly in each region, in storage order.
-    direct: Vec<Vec<NodeId>>,
+    direct: Vec<Vec<NodeId<S>>>,
     /// Children of each region that contain nodes, by id.
-    children: Vec<Vec<RegionId>>,
+    children: Vec<Vec<RegionId<S>>>,
     /// Nodes of each region's subtree, in storage order.
-    pub subtree: Vec<Vec<NodeId>>,
+    pub subtree: Vec<Vec<NodeId<S>>>,
 }
 
-impl Tree {
+impl<S: Space> Tree<S> {
     /// Builds the tree of `view`.
-    fn new(view: &View) -> Self {
+    fn new(view: &View<'_, S>) -> Self {
         let n = view.regions.len().max(1);
         let mut t = Tree {
             direct: vec![Vec::new(); n],
@@ -28,7 +28,7 @@ impl Tree {
             subtree: vec![Vec::new(); n],
         };
         for (i, node) in view.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             let chain = view.chain(view.node_region(node));
             t.direct[chain.last().map_or(0, |r| r.index())].push(id);
             t.subtree[0].push(id);
@@ -37,7 +37,7 @@ impl Tree {
             }
         }
         for r in 1..view.regions.len() {
-            let r = RegionId(r as u32);
+            let r = RegionId::new(r);
             if let Some(p) = view.parent(r).filter(|_| !t.subtree[r.index()].is_empty()) {
                 t.children[p.index()].push(r);
             }
@@ -47,11 +47,11 @@ impl Tree {
 }
 
 /// What is drawn: hidden regions, the node standing for each node, run labels and membership.
-pub(crate) struct Layout {
+pub(crate) struct Layout<S = Global> {
     /// Regions not drawn (later members of a collapsed run, and everything inside them).
     hidden: Vec<bool>,
     /// The node drawn for each node (itself unless it lies in a hidden region).
-    pub rep: Vec<NodeId>,
+    pub rep: Vec<NodeId<S>>,
     /// Labels of the clusters standing for a collapsed run, by region.
     run_labels: Vec<Option<String>>,
     /// Per node, the collapsed runs containing it, as (run, member index).
@@ -60,12 +60,12 @@ pub(crate) struct Layout {
     runs: usize,
 }
 
-impl Layout {
+impl<S: Space> Layout<S> {
     /// Every region drawn.
-    fn full(view: &View) -> Self {
+    fn full(view: &View<'_, S>) -> Self {
         Layout {
             hidden: vec![false; view.regions.len()],
-            rep: (0..view.nodes.len()).map(|i| NodeId(i as u32)).collect(),
+            rep: (0..view.nodes.len()).map(NodeId::new).collect(),
             run_labels: vec![None; view.regions.len()],
             member: vec![Vec::new(); view.nodes.len()],
             runs: 0,
@@ -74,10 +74,10 @@ impl Layout {
 
     /// The layout of [`Canvas::collapse`].
     fn collapsed(
-        view: &View,
-        tree: &Tree,
+        view: &View<'_, S>,
+        tree: &Tree<S>,
         min_run: usize,
-        mut same: impl FnMut(RegionId, RegionId) -> bool,
+        mut same: impl FnMut(RegionId<S>, RegionId<S>) -> bool,
     ) -> Self {
         let mut l = Layout::full(view);
         for r in 0..view.regions.len() {
@@ -93,9 +93,9 @@ impl Layout {
     }
 
     /// Hides all members of `run` but the first, which stands for their nodes.
-    fn collapse(&mut self, view: &View, tree: &Tree, run: &[RegionId]) {
+    fn collapse(&mut self, view: &View<'_, S>, tree: &Tree<S>, run: &[RegionId<S>]) {
         let (first, last) = (run[0], run[run.len() - 1]);
-        let path = |r: RegionId| view.region(r).map_or(String::new(), |x| x.path.clone());
+        let path = |r: RegionId<S>| view.region(r).map_or(String::new(), |x| x.path.clone());
         let block = view
             .region(first)
             .map_or(String::new(), |x| x.block.clone());
@@ -116,10 +116,10 @@ impl Layout {
                 }
             }
         }
-        let members: BTreeSet<RegionId> = run[1..].iter().copied().collect();
+        let members: BTreeSet<RegionId<S>> = run[1..].iter().copied().collect();
         // Parents precede their children, so a hidden parent is seen before its children.
         for r in 1..view.regions.len() {
-            let id = RegionId(r as u32);
+            let id = RegionId::new(r);
             let parent_hidden = view.parent(id).is_some_and(|p| self.hidden[p.index()]);
             if members.contains(&id) || parent_hidden {
                 self.hidden[r] = true;
@@ -144,7 +144,7 @@ impl Layout {
 
     /// True when `a` and `b` lie in different members of one collapsed run (the flow from one
     /// instance to the next, which the collapsed drawing leaves out).
-    pub fn crosses_members(&self, a: NodeId, b: NodeId) -> bool {
+    pub fn crosses_members(&self, a: NodeId<S>, b: NodeId<S>) -> bool {
         let (ma, mb) = (&self.member[a.index()], &self.member[b.index()]);
         ma.iter()
             .any(|&(run, i)| mb.iter().any(|&(r2, j)| r2 == run && j != i))
@@ -153,13 +153,13 @@ impl Layout {
 
 /// The maximal runs of at least `min_run` consecutive regions of `sibs` with as many nodes as
 /// the run's first and identical to it by `same`.
-fn runs(
-    tree: &Tree,
-    sibs: &[RegionId],
+fn runs<S: Space>(
+    tree: &Tree<S>,
+    sibs: &[RegionId<S>],
     min_run: usize,
-    same: &mut impl FnMut(RegionId, RegionId) -> bool,
-) -> Vec<Vec<RegionId>> {
-    let size = |r: RegionId| tree.subtree[r.index()].len();
+    same: &mut impl FnMut(RegionId<S>, RegionId<S>) -> bool,
+) -> Vec<Vec<RegionId<S>>> {
+    let size = |r: RegionId<S>| tree.subtree[r.index()].len();
     let mut runs = Vec::new();
     let mut i = 0;
     while i < sibs.len() {
@@ -177,30 +177,30 @@ fn runs(
 
 /// How a DOT printer draws nodes and edges; the document, its clusters, the output nodes and
 /// the edge list are drawn by [`Canvas::draw`].
-pub(crate) trait Style {
+pub(crate) trait Style<S: Space = Global> {
     /// The statement drawing node `id`.
-    fn node_stmt(&self, c: &Canvas, id: NodeId) -> String;
+    fn node_stmt(&self, c: &Canvas<'_, '_, S>, id: NodeId<S>) -> String;
 
     /// The edge statement carrying `v` into node `dst`, or `None` when it is not drawn.
-    fn node_edge(&self, c: &Canvas, v: ValueId, dst: NodeId) -> Option<String>;
+    fn node_edge(&self, c: &Canvas<'_, '_, S>, v: ValueId<S>, dst: NodeId<S>) -> Option<String>;
 
     /// The edge statement into the `i`th output node, or `None` when it is not drawn.
-    fn output_edge(&self, c: &Canvas, i: usize, out: &Output) -> Option<String>;
+    fn output_edge(&self, c: &Canvas<'_, '_, S>, i: usize, out: &Output<S>) -> Option<String>;
 }
 
 /// A graph with its region tree and layout, ready to draw.
-pub(crate) struct Canvas<'a, 'g> {
+pub(crate) struct Canvas<'a, 'g, S = Global> {
     /// The graph drawn.
-    pub view: &'a View<'g>,
+    pub view: &'a View<'g, S>,
     /// Its region tree.
-    pub tree: Tree,
+    pub tree: Tree<S>,
     /// What is drawn of it.
-    pub layout: Layout,
+    pub layout: Layout<S>,
 }
 
-impl<'a, 'g> Canvas<'a, 'g> {
+impl<'a, 'g, S: Space> Canvas<'a, 'g, S> {
     /// `view` with every region drawn.
-    pub fn new(view: &'a View<'g>) -> Self {
+    pub fn new(view: &'a View<'g, S>) -> Self {
         Canvas {
             view,
             tree: Tree::new(view),
@@ -214,14 +214,14 @@ impl<'a, 'g> Canvas<'a, 'g> {
     pub fn collapse(
         &mut self,
         min_run: usize,
-        mut same: impl FnMut(&Tree, RegionId, RegionId) -> bool,
+        mut same: impl FnMut(&Tree<S>, RegionId<S>, RegionId<S>) -> bool,
     ) {
         let tree = &self.tree;
         self.layout = Layout::collapsed(self.view, tree, min_run, |a, b| same(tree, a, b));
     }
 
     /// The whole `digraph name`, labelled `title`, in `style`.
-    pub fn draw(&self, style: &dyn Style, name: &str, title: &str) -> String {
+    pub fn draw(&self, style: &dyn Style<S>, name: &str, title: &str) -> String {
         let mut d = Doc {
             c: self,
             style,
@@ -232,7 +232,7 @@ impl<'a, 'g> Canvas<'a, 'g> {
         d.line(1, "labelloc=t;");
         d.line(1, "node [fontname=\"Helvetica\", fontsize=10];");
         d.line(1, "edge [fontname=\"Helvetica\", fontsize=9];");
-        d.region_body(RegionId(0), 1);
+        d.region_body(RegionId::new(0), 1);
         d.outputs();
         for e in self.edges(style) {
             d.line(1, &e);
@@ -242,11 +242,11 @@ impl<'a, 'g> Canvas<'a, 'g> {
     }
 
     /// All edges as drawn: operands into nodes, then values into outputs, without duplicates.
-    fn edges(&self, style: &dyn Style) -> Vec<String> {
+    fn edges(&self, style: &dyn Style<S>) -> Vec<String> {
         let into_nodes = self.view.nodes.iter().enumerate().flat_map(|(i, n)| {
             n.inputs
                 .iter()
-                .filter_map(move |&v| style.node_edge(self, v, NodeId(i as u32)))
+                .filter_map(move |&v| style.node_edge(self, v, NodeId::new(i)))
         });
         let outputs = self.view.g.outputs().iter().enumerate();
         let into_outputs = outputs.filter_map(|(i, out)| style.output_edge(self, i, out));
@@ -258,7 +258,7 @@ impl<'a, 'g> Canvas<'a, 'g> {
     }
 
     /// `%3 q, %4`: the node's results with their source names.
-    pub fn results(&self, n: &Node) -> String {
+    pub fn results(&self, n: &Node<S>) -> String {
         let items: Vec<String> = n
             .outputs
             .iter()
@@ -274,13 +274,13 @@ impl<'a, 'g> Canvas<'a, 'g> {
 }
 
 /// The DOT text being written.
-struct Doc<'c, 'a, 'g> {
-    c: &'c Canvas<'a, 'g>,
-    style: &'c dyn Style,
+struct Doc<'c, 'a, 'g, S = Global> {
+    c: &'c Canvas<'a, 'g, S>,
+    style: &'c dyn Style<S>,
     out: String,
 }
 
-impl Doc<'_, '_, '_> {
+impl<S: Space> Doc<'_, '_, '_, S> {
     /// Appends one line at nesting `depth`.
     fn line(&mut self, depth: usize, text: &str) {
         for _ in 0..depth {
@@ -291,9 +291,9 @@ impl Doc<'_, '_, '_> {
     }
 
     /// The direct nodes of `r` and its visible child clusters, in the order of their first nodes.
-    fn region_body(&mut self, r: RegionId, depth: usize) {
+    fn region_body(&mut self, r: RegionId<S>, depth: usize) {
         let (tree, layout) = (&self.c.tree, &self.c.layout);
-        let mut items: Vec<(NodeId, Option<RegionId>)> =
+        let mut items: Vec<(NodeId<S>, Option<RegionId<S>>)> =
             tree.direct[r.index()].iter().map(|&n| (n, None)).collect();
         for &c in &tree.children[r.index()] {
             if !layout.hidden[c.index()] {
@@ -313,7 +313,7 @@ impl Doc<'_, '_, '_> {
     }
 
     /// `subgraph cluster_N { ... }` for region `r`.
-    fn cluster(&mut self, r: RegionId, depth: usize) {
+    fn cluster(&mut self, r: RegionId<S>, depth: usize) {
         let (label, pen) = match &self.c.layout.run_labels[r.index()] {
             Some(l) => (l.clone(), 2),
             None => (self.c.view.region_label(r), 1),

@@ -20,7 +20,7 @@
 //! tab stops, so editing one line never realigns the others.
 
 use super::{file_name, View};
-use crate::ir::{Node, Op, Output, RegionId, ValueId};
+use crate::ir::{Global, Node, Op, Output, RegionId, Space, ValueId};
 use crate::span::Span;
 use std::fmt::Write;
 
@@ -50,15 +50,23 @@ pub(crate) struct Line {
 }
 
 /// Lines inside nested `block <path> (<block>) {` groups, indented by their depth.
-#[derive(Default)]
-pub(crate) struct Blocks {
+pub(crate) struct Blocks<S = Global> {
     /// The lines so far.
     pub(crate) lines: Vec<Line>,
     /// The open groups, outermost first.
-    open: Vec<RegionId>,
+    open: Vec<RegionId<S>>,
 }
 
-impl Blocks {
+impl<S> Default for Blocks<S> {
+    fn default() -> Self {
+        Blocks {
+            lines: Vec::new(),
+            open: Vec::new(),
+        }
+    }
+}
+
+impl<S: Space> Blocks<S> {
     /// The indentation of a line at the current depth.
     pub(crate) fn indent(&self) -> String {
         "  ".repeat(self.open.len())
@@ -71,7 +79,7 @@ impl Blocks {
     }
 
     /// How many of the open groups lead `chain` (regions, outermost first).
-    pub(crate) fn common(&self, chain: &[RegionId]) -> usize {
+    pub(crate) fn common(&self, chain: &[RegionId<S>]) -> usize {
         self.open
             .iter()
             .zip(chain)
@@ -88,7 +96,7 @@ impl Blocks {
     }
 
     /// Opens one group per region of `regions`, outermost first.
-    pub(crate) fn open(&mut self, view: &View, regions: &[RegionId]) {
+    pub(crate) fn open(&mut self, view: &View<'_, S>, regions: &[RegionId<S>]) {
         for &r in regions {
             let label = view.region_label(r);
             self.push(format!("block {label} {{"), String::new());
@@ -97,7 +105,7 @@ impl Blocks {
     }
 
     /// Closes and opens groups so that exactly the regions of `chain` are open.
-    fn enter(&mut self, view: &View, chain: &[RegionId]) {
+    fn enter(&mut self, view: &View<'_, S>, chain: &[RegionId<S>]) {
         let common = self.common(chain);
         self.close_to(common);
         self.open(view, &chain[common..]);

@@ -5,17 +5,20 @@
 
 use super::kernels::recycle;
 use super::{ExecError, Tensor};
-use crate::ir::{Graph, IdVec, Node, NodeId, ValueId};
+use crate::ir::{Global, Graph, IdVec, Node, NodeId, Space, ValueId};
 use crate::plan::liveness::Liveness;
 use std::borrow::Cow;
 
 /// Evaluates the non-leaf ops of a graph.
-pub(crate) trait Eval {
+pub(crate) trait Eval<S: Space = Global> {
     /// What a failed op reports.
     type Error: From<ExecError>;
     /// The results of `node` on `args` (owned where the operand dies here).
-    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>)
-        -> Result<Vec<Tensor>, Self::Error>;
+    fn eval(
+        &mut self,
+        node: &Node<S>,
+        args: Vec<Cow<'_, Tensor>>,
+    ) -> Result<Vec<Tensor>, Self::Error>;
 }
 
 /// What one run of a graph gives.
@@ -28,13 +31,13 @@ pub(crate) struct Outcome {
 
 /// Runs every non-leaf node of `g` with `ev`. `leaves[v]` holds each leaf value (borrowed, never
 /// handed over). A failing node is returned with its error.
-pub(crate) fn run<E: Eval>(
-    g: &Graph,
-    live: &Liveness,
-    leaves: &IdVec<ValueId, Option<&Tensor>>,
+pub(crate) fn run<S: Space, E: Eval<S>>(
+    g: &Graph<S>,
+    live: &Liveness<S>,
+    leaves: &IdVec<ValueId<S>, Option<&Tensor>>,
     ev: &mut E,
-) -> Result<Outcome, (NodeId, E::Error)> {
-    let mut slots: IdVec<ValueId, Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
+) -> Result<Outcome, (NodeId<S>, E::Error)> {
+    let mut slots: IdVec<ValueId<S>, Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
     let (mut live_bytes, mut peak) = (0u64, 0u64);
     for (id, node) in g.nodes() {
         if node.op.is_leaf() {
@@ -74,14 +77,14 @@ pub(crate) fn run<E: Eval>(
 
 /// The operands of node `i`: owned when the value dies here, is read once by the node and is
 /// not a leaf (the op may reuse its buffer), else borrowed.
-fn operands<'s>(
-    node: &Node,
-    live: &Liveness,
+fn operands<'s, S: Space>(
+    node: &Node<S>,
+    live: &Liveness<S>,
     i: usize,
-    leaves: &IdVec<ValueId, Option<&'s Tensor>>,
-    slots: &'s mut IdVec<ValueId, Option<Tensor>>,
+    leaves: &IdVec<ValueId<S>, Option<&'s Tensor>>,
+    slots: &'s mut IdVec<ValueId<S>, Option<Tensor>>,
 ) -> Result<Vec<Cow<'s, Tensor>>, ExecError> {
-    let once = |v: ValueId| node.inputs.iter().filter(|&&w| w == v).count() == 1;
+    let once = |v: ValueId<S>| node.inputs.iter().filter(|&&w| w == v).count() == 1;
     let mut owned: Vec<Option<Tensor>> = node
         .inputs
         .iter()
@@ -90,7 +93,7 @@ fn operands<'s>(
             hand.then(|| slots[v].take()).flatten()
         })
         .collect();
-    let slots: &'s IdVec<ValueId, Option<Tensor>> = slots;
+    let slots: &'s IdVec<ValueId<S>, Option<Tensor>> = slots;
     node.inputs
         .iter()
         .zip(owned.iter_mut())
@@ -108,7 +111,12 @@ fn operands<'s>(
 }
 
 /// An error unless `node` gave one result per output, each of its declared type.
-fn check_results(g: &Graph, id: NodeId, node: &Node, results: &[Tensor]) -> Result<(), ExecError> {
+fn check_results<S: Space>(
+    g: &Graph<S>,
+    id: NodeId<S>,
+    node: &Node<S>,
+    results: &[Tensor],
+) -> Result<(), ExecError> {
     let detail = if results.len() != node.outputs.len() {
         format!(
             "{} results for {} outputs",
@@ -133,11 +141,11 @@ fn check_results(g: &Graph, id: NodeId, node: &Node, results: &[Tensor]) -> Resu
 
 /// The program outputs, moved out of their slots (copied when a value is returned twice, or is
 /// a leaf).
-fn outputs<E: From<ExecError>>(
-    g: &Graph,
-    leaves: &IdVec<ValueId, Option<&Tensor>>,
-    slots: &mut IdVec<ValueId, Option<Tensor>>,
-) -> Result<Vec<Tensor>, (NodeId, E)> {
+fn outputs<S: Space, E: From<ExecError>>(
+    g: &Graph<S>,
+    leaves: &IdVec<ValueId<S>, Option<&Tensor>>,
+    slots: &mut IdVec<ValueId<S>, Option<Tensor>>,
+) -> Result<Vec<Tensor>, (NodeId<S>, E)> {
     let outs = g.outputs();
     outs.iter()
         .enumerate()
@@ -162,7 +170,7 @@ fn outputs<E: From<ExecError>>(
 }
 
 /// Names a node in internal errors (`%3 matmul`).
-fn here(node: &Node) -> String {
+fn here<S: Space>(node: &Node<S>) -> String {
     format!(
         "{} {}",
         node.outputs

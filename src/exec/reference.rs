@@ -20,7 +20,7 @@ pub fn run(
     inputs: &BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>, ExecError> {
     let leaves = leaves(g, params, inputs)?;
-    let outcome = core::run(g, &Liveness::of(g), &leaves, &mut Global).map_err(|(_, e)| e)?;
+    let outcome = core::run(g, &Liveness::of(g), &leaves, &mut GlobalOps).map_err(|(_, e)| e)?;
     Ok(g.outputs()
         .iter()
         .map(|o| o.name.clone())
@@ -29,9 +29,9 @@ pub fn run(
 }
 
 /// The global op evaluator.
-struct Global;
+struct GlobalOps;
 
-impl Eval for Global {
+impl Eval for GlobalOps {
     type Error = ExecError;
     fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, ExecError> {
         apply_owned(&node.op, args)

@@ -11,7 +11,7 @@ use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::redistribute;
 use super::{ExecError, Tensor};
 use crate::cost::CollectiveKind;
-use crate::ir::{Dtype, IdVec, Node, NodeId, Op, ReduceOp, ValueId};
+use crate::ir::{Dtype, IdVec, Local, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::plan::liveness::Liveness;
 use crate::plan::Plan;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
@@ -250,7 +250,13 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
 /// The global array of output `k` from every rank's block.
 fn assemble_output(plan: &Plan, ranks: &[RankOutput], k: usize) -> Result<Tensor, String> {
     let v = plan.local.outputs()[k].value;
-    let origin = plan.origin[v].unwrap_or(v);
+    // The plan verifier checks that local output `k` holds global output `k`.
+    let origin = plan
+        .global
+        .outputs()
+        .get(k)
+        .ok_or_else(|| format!("the global program has no output {k}"))?
+        .value;
     let global_shape = &plan.global.ty(origin).shape;
     let pl = &plan.placements[v];
     let blocks: Vec<(Vec<u64>, &Tensor)> = ranks
@@ -394,7 +400,7 @@ fn load_leaves(
     coords: &[u64],
     source: &LeafSource,
     rank: usize,
-) -> Result<BTreeMap<ValueId, Tensor>, RunError> {
+) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
     let mut out = BTreeMap::new();
     for (_, n) in plan.local.nodes() {
         let (Op::Param { name } | Op::Input { name }) = &n.op else {
@@ -439,16 +445,20 @@ fn load_leaves(
     Ok(out)
 }
 
-impl Eval for Rank<'_> {
+impl Eval<Local> for Rank<'_> {
     type Error = NodeError;
-    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, NodeError> {
+    fn eval(
+        &mut self,
+        node: &Node<Local>,
+        args: Vec<Cow<'_, Tensor>>,
+    ) -> Result<Vec<Tensor>, NodeError> {
         self.node(node, args).map_err(|e| self.globalize(node, e))
     }
 }
 
 impl Rank<'_> {
     /// The run error of node `id` on this rank.
-    fn op_error(&self, id: NodeId, error: NodeError) -> RunError {
+    fn op_error(&self, id: NodeId<Local>, error: NodeError) -> RunError {
         let g = &self.plan.local;
         let node = g.node(id);
         let location = format!(
@@ -471,7 +481,7 @@ impl Rank<'_> {
 
     /// An out-of-range id or label with its position in the global ids (or labels) tensor
     /// instead of this rank's block.
-    fn globalize(&self, node: &Node, e: NodeError) -> NodeError {
+    fn globalize(&self, node: &Node<Local>, e: NodeError) -> NodeError {
         let operand = match node.op {
             Op::Embedding | Op::VocabEmbedding { .. } => 0,
             Op::CrossEntropy | Op::TargetLogit { .. } => 1,
@@ -506,7 +516,7 @@ impl Rank<'_> {
 
     /// The row-major position in the global tensor of element `p` of this rank's block of local
     /// value `v`; `None` when `v` is not a block of a global value.
-    fn global_position(&self, v: ValueId, p: usize) -> Option<usize> {
+    fn global_position(&self, v: ValueId<Local>, p: usize) -> Option<usize> {
         let plan = self.plan;
         let origin = plan.origin[v]?;
         let shape = &plan.global.ty(origin).shape;
@@ -528,7 +538,11 @@ impl Rank<'_> {
         usize::try_from(flat).ok()
     }
 
-    fn node(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, NodeError> {
+    fn node(
+        &mut self,
+        node: &Node<Local>,
+        args: Vec<Cow<'_, Tensor>>,
+    ) -> Result<Vec<Tensor>, NodeError> {
         if !node.op.is_spmd_only() {
             return Ok(apply_owned(&node.op, args)?);
         }

@@ -1,7 +1,7 @@
 //! The program graph: nodes, values, regions (block instances), annotations and outputs.
 //! petgraph is an implementation detail of this file and never appears in the public API.
 
-use super::ids::{NodeId, RegionId, ValueId};
+use super::ids::{Global, NodeId, RegionId, Space, ValueId};
 use super::op::Op;
 use super::types::{Spec, TensorType};
 use crate::span::Span;
@@ -11,26 +11,28 @@ use std::collections::BTreeMap;
 
 /// One op application: its operands, its results (in order) and where it came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Node {
+#[serde(bound = "")]
+pub struct Node<S = Global> {
     /// The operation.
     pub op: Op,
     /// Operand values, in the op's order.
-    pub inputs: Vec<ValueId>,
+    pub inputs: Vec<ValueId<S>>,
     /// Result values, in the op's order.
-    pub outputs: Vec<ValueId>,
+    pub outputs: Vec<ValueId<S>>,
     /// Source span of the expression that created the node.
     pub span: Span,
     /// The block instance (or the root) the node belongs to.
-    pub region: RegionId,
+    pub region: RegionId<S>,
 }
 
 /// One SSA value: the result `index` of node `node`, with its static type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Value {
+#[serde(bound = "")]
+pub struct Value<S = Global> {
     /// Element type and shape.
     pub ty: TensorType,
     /// The producing node.
-    pub node: NodeId,
+    pub node: NodeId<S>,
     /// Which result of that node.
     pub index: u32,
     /// The source name it was bound to, if any (for readable output only).
@@ -40,13 +42,14 @@ pub struct Value {
 /// The root program or one instance of a block; instances stamped from the same lowered body
 /// share `body`, and their nodes correspond one to one, in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Region {
+#[serde(bound = "")]
+pub struct Region<S = Global> {
     /// Full dotted instance path (`layer.3.attention`); empty for the root.
     pub path: String,
     /// The block's name; empty for the root.
     pub block: String,
     /// The enclosing region; `None` only for the root.
-    pub parent: Option<RegionId>,
+    pub parent: Option<RegionId<S>>,
     /// Identifies the lowered body this instance was stamped from.
     pub body: u32,
 }
@@ -62,37 +65,56 @@ pub struct Annotation {
 
 /// A program output: a name, the value, and an optional annotation (Replicate when absent).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Output {
+#[serde(bound = "")]
+pub struct Output<S = Global> {
     /// The output's name.
     pub name: String,
     /// The value returned.
-    pub value: ValueId,
+    pub value: ValueId<S>,
     /// Required placement of the output, if annotated.
     pub annotation: Option<Annotation>,
     /// Where the output was declared.
     pub span: Span,
 }
 
-/// A whole program with global semantics. Nodes are stored in a topological order (every operand
-/// is produced by an earlier node); the verifier checks it.
-#[derive(Clone, Debug, Default)]
-pub struct Graph {
+/// A whole program: the global one (the default), or a plan's SPMD program (`Graph<Local>`).
+/// Nodes are stored in a topological order (every operand is produced by an earlier node); the
+/// verifier checks it.
+#[derive(Clone, Debug)]
+pub struct Graph<S = Global> {
     /// Source file name, for provenance.
     pub source: String,
     /// Mesh axes declared by the program, in order.
     pub mesh_axes: Vec<String>,
     /// Resolved dim constants, in declaration order.
     pub dims: Vec<(String, i64)>,
-    nodes: Vec<Node>,
-    values: Vec<Value>,
-    regions: Vec<Region>,
-    annotations: BTreeMap<ValueId, Annotation>,
-    outputs: Vec<Output>,
-    uses: Vec<Vec<NodeId>>,
+    nodes: Vec<Node<S>>,
+    values: Vec<Value<S>>,
+    regions: Vec<Region<S>>,
+    annotations: BTreeMap<ValueId<S>, Annotation>,
+    outputs: Vec<Output<S>>,
+    uses: Vec<Vec<NodeId<S>>>,
     bytes: u64,
 }
 
-impl Graph {
+impl<S> Default for Graph<S> {
+    fn default() -> Self {
+        Graph {
+            source: String::new(),
+            mesh_axes: Vec::new(),
+            dims: Vec::new(),
+            nodes: Vec::new(),
+            values: Vec::new(),
+            regions: Vec::new(),
+            annotations: BTreeMap::new(),
+            outputs: Vec::new(),
+            uses: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<S: Space> Graph<S> {
     /// An empty graph for `source` with only the root region.
     pub fn new(source: impl Into<String>) -> Self {
         let mut g = Graph {
@@ -109,8 +131,8 @@ impl Graph {
     }
 
     /// The root region.
-    pub fn root(&self) -> RegionId {
-        RegionId(0)
+    pub fn root(&self) -> RegionId<S> {
+        RegionId::new(0)
     }
 
     /// Adds a region (a block instance) under `parent`.
@@ -118,29 +140,29 @@ impl Graph {
         &mut self,
         path: String,
         block: String,
-        parent: RegionId,
+        parent: RegionId<S>,
         body: u32,
-    ) -> RegionId {
+    ) -> RegionId<S> {
         self.regions.push(Region {
             path,
             block,
             parent: Some(parent),
             body,
         });
-        RegionId(self.regions.len() as u32 - 1)
+        RegionId::new(self.regions.len() - 1)
     }
 
     /// Appends a node whose results have the given types; returns it. Operands must already exist.
     pub fn add_node(
         &mut self,
         op: Op,
-        inputs: Vec<ValueId>,
+        inputs: Vec<ValueId<S>>,
         result_types: Vec<TensorType>,
         span: Span,
-        region: RegionId,
-    ) -> NodeId {
-        let id = NodeId(self.nodes.len() as u32);
-        let outputs: Vec<ValueId> = result_types
+        region: RegionId<S>,
+    ) -> NodeId<S> {
+        let id = NodeId::new(self.nodes.len());
+        let outputs: Vec<ValueId<S>> = result_types
             .into_iter()
             .enumerate()
             .map(|(i, ty)| {
@@ -152,7 +174,7 @@ impl Graph {
                     name: None,
                 });
                 self.uses.push(Vec::new());
-                ValueId(self.values.len() as u32 - 1)
+                ValueId::new(self.values.len() - 1)
             })
             .collect();
         for &v in &inputs {
@@ -178,62 +200,62 @@ impl Graph {
     }
 
     /// Sets the readable name of a value.
-    pub fn set_value_name(&mut self, v: ValueId, name: impl Into<String>) {
+    pub fn set_value_name(&mut self, v: ValueId<S>, name: impl Into<String>) {
         self.values[v.index()].name = Some(name.into());
     }
 
     /// Records a user annotation on `v`; returns the previous one, if any.
-    pub fn annotate(&mut self, v: ValueId, a: Annotation) -> Option<Annotation> {
+    pub fn annotate(&mut self, v: ValueId<S>, a: Annotation) -> Option<Annotation> {
         self.annotations.insert(v, a)
     }
 
     /// Appends a program output.
-    pub fn add_output(&mut self, out: Output) {
+    pub fn add_output(&mut self, out: Output<S>) {
         self.outputs.push(out);
     }
 
     /// The node `id`. Panics on an id from another graph.
-    pub fn node(&self, id: NodeId) -> &Node {
+    pub fn node(&self, id: NodeId<S>) -> &Node<S> {
         &self.nodes[id.index()]
     }
 
     /// The value `id`. Panics on an id from another graph.
-    pub fn value(&self, id: ValueId) -> &Value {
+    pub fn value(&self, id: ValueId<S>) -> &Value<S> {
         &self.values[id.index()]
     }
 
     /// The value's type.
-    pub fn ty(&self, id: ValueId) -> &TensorType {
+    pub fn ty(&self, id: ValueId<S>) -> &TensorType {
         &self.values[id.index()].ty
     }
 
     /// The region `id`.
-    pub fn region(&self, id: RegionId) -> &Region {
+    pub fn region(&self, id: RegionId<S>) -> &Region<S> {
         &self.regions[id.index()]
     }
 
     /// All nodes with their ids, in topological (insertion) order.
-    pub fn nodes(&self) -> impl ExactSizeIterator<Item = (NodeId, &Node)> + '_ {
+    pub fn nodes(&self) -> impl ExactSizeIterator<Item = (NodeId<S>, &Node<S>)> + '_ {
         self.nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| (NodeId(i as u32), n))
+            .map(|(i, n)| (NodeId::new(i), n))
     }
 
     /// All values with their ids.
-    pub fn values(&self) -> impl ExactSizeIterator<Item = (ValueId, &Value)> + '_ {
+    pub fn values(&self) -> impl ExactSizeIterator<Item = (ValueId<S>, &Value<S>)> + '_ {
         self.values
             .iter()
             .enumerate()
-            .map(|(i, v)| (ValueId(i as u32), v))
+            .map(|(i, v)| (ValueId::new(i), v))
     }
 
     /// All regions with their ids; the root first.
-    pub fn regions(&self) -> impl ExactSizeIterator<Item = (RegionId, &Region)> + '_ {
+    pub fn regions(&self) -> impl ExactSizeIterator<Item = (RegionId<S>, &Region<S>)> + '_ {
         self.regions
             .iter()
             .enumerate()
-            .map(|(i, r)| (RegionId(i as u32), r))
+            .map(|(i, r)| (RegionId::new(i), r))
     }
 
     /// Number of nodes.
@@ -252,27 +274,27 @@ impl Graph {
     }
 
     /// The nodes that read `v`, each once, in insertion order.
-    pub fn users(&self, v: ValueId) -> &[NodeId] {
+    pub fn users(&self, v: ValueId<S>) -> &[NodeId<S>] {
         &self.uses[v.index()]
     }
 
     /// User annotations, sorted by value.
-    pub fn annotations(&self) -> &BTreeMap<ValueId, Annotation> {
+    pub fn annotations(&self) -> &BTreeMap<ValueId<S>, Annotation> {
         &self.annotations
     }
 
     /// The annotation of `v`, if any.
-    pub fn annotation(&self, v: ValueId) -> Option<&Annotation> {
+    pub fn annotation(&self, v: ValueId<S>) -> Option<&Annotation> {
         self.annotations.get(&v)
     }
 
     /// Program outputs in declaration order.
-    pub fn outputs(&self) -> &[Output] {
+    pub fn outputs(&self) -> &[Output<S>] {
         &self.outputs
     }
 
     /// The `Param` leaves with their names, in order.
-    pub fn params(&self) -> impl Iterator<Item = (&str, ValueId)> + '_ {
+    pub fn params(&self) -> impl Iterator<Item = (&str, ValueId<S>)> + '_ {
         self.nodes.iter().filter_map(|n| match &n.op {
             Op::Param { name } => Some((name.as_str(), n.outputs[0])),
             _ => None,
@@ -280,7 +302,7 @@ impl Graph {
     }
 
     /// The `Input` leaves with their names, in order.
-    pub fn inputs(&self) -> impl Iterator<Item = (&str, ValueId)> + '_ {
+    pub fn inputs(&self) -> impl Iterator<Item = (&str, ValueId<S>)> + '_ {
         self.nodes.iter().filter_map(|n| match &n.op {
             Op::Input { name } => Some((name.as_str(), n.outputs[0])),
             _ => None,
@@ -289,11 +311,12 @@ impl Graph {
 
     /// A topological order computed from the edges (independent of storage order); `Err` names a
     /// node on a cycle. Used by the verifier.
-    pub fn topo_order(&self) -> Result<Vec<NodeId>, NodeId> {
+    pub fn topo_order(&self) -> Result<Vec<NodeId<S>>, NodeId<S>> {
         let edges = self.nodes.iter().map(|n| n.inputs.len()).sum();
-        let mut dag: DiGraph<NodeId, ValueId> = DiGraph::with_capacity(self.nodes.len(), edges);
+        let mut dag: DiGraph<NodeId<S>, ValueId<S>> =
+            DiGraph::with_capacity(self.nodes.len(), edges);
         for i in 0..self.nodes.len() {
-            dag.add_node(NodeId(i as u32));
+            dag.add_node(NodeId::new(i));
         }
         // Edges in node then operand order, from producers that exist (a stored document may
         // name values or nodes it lacks; the verifier reports those separately).
@@ -313,7 +336,7 @@ impl Graph {
 
     /// Rebuilds a graph from its parts (as stored in a document); the user index is recomputed.
     /// The caller must run the verifier on the result.
-    pub fn from_parts(parts: GraphParts) -> Graph {
+    pub fn from_parts(parts: GraphParts<S>) -> Self {
         let mut g = Graph {
             source: parts.source,
             mesh_axes: parts.mesh_axes,
@@ -330,7 +353,7 @@ impl Graph {
             .iter()
             .fold(0u64, |n, v| n.saturating_add(v.ty.size_bytes()));
         for (i, n) in parts.nodes.iter().enumerate() {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             for &v in &n.inputs {
                 if let Some(u) = g.uses.get_mut(v.index()) {
                     push_user(u, id);
@@ -342,7 +365,7 @@ impl Graph {
     }
 
     /// Splits the graph into its serializable parts.
-    pub fn to_parts(&self) -> GraphParts {
+    pub fn to_parts(&self) -> GraphParts<S> {
         GraphParts {
             source: self.source.clone(),
             mesh_axes: self.mesh_axes.clone(),
@@ -362,7 +385,7 @@ impl Graph {
 
 /// Records `id` as a user. Nodes are added in increasing id order, so a repeated operand of the
 /// same node is always the last entry: one comparison keeps the list duplicate-free.
-fn push_user(users: &mut Vec<NodeId>, id: NodeId) {
+fn push_user<S>(users: &mut Vec<NodeId<S>>, id: NodeId<S>) {
     if users.last() != Some(&id) {
         users.push(id);
     }
@@ -370,7 +393,8 @@ fn push_user(users: &mut Vec<NodeId>, id: NodeId) {
 
 /// The stored form of a graph (no derived indexes), for the JSON document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GraphParts {
+#[serde(bound = "")]
+pub struct GraphParts<S = Global> {
     /// Source file name.
     pub source: String,
     /// Declared mesh axes.
@@ -378,15 +402,15 @@ pub struct GraphParts {
     /// Resolved dims.
     pub dims: Vec<(String, i64)>,
     /// Nodes in order.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<Node<S>>,
     /// Values in order.
-    pub values: Vec<Value>,
+    pub values: Vec<Value<S>>,
     /// Regions, root first.
-    pub regions: Vec<Region>,
+    pub regions: Vec<Region<S>>,
     /// Annotations sorted by value.
-    pub annotations: Vec<(ValueId, Annotation)>,
+    pub annotations: Vec<(ValueId<S>, Annotation)>,
     /// Outputs in order.
-    pub outputs: Vec<Output>,
+    pub outputs: Vec<Output<S>>,
 }
 
 #[cfg(test)]

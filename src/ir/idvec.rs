@@ -101,12 +101,12 @@ mod tests {
     #[test]
     fn indexes_by_typed_id() {
         let mut t: IdVec<ValueId, u8> = IdVec::from_vec(vec![1, 2]);
-        t[ValueId(1)] = 5;
+        t[ValueId::new(1)] = 5;
         assert_eq!(
             t.iter().collect::<Vec<_>>(),
-            vec![(ValueId(0), &1), (ValueId(1), &5)]
+            vec![(ValueId::new(0), &1), (ValueId::new(1), &5)]
         );
-        assert_eq!(t.get(ValueId(2)), None);
+        assert_eq!(t.get(ValueId::new(2)), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod types;
 pub mod verify;
 
 pub use graph::{Annotation, Graph, GraphParts, Node, Output, Region, Value};
-pub use ids::{EntityId, NodeId, RegionId, ValueId};
+pub use ids::{EntityId, Global, Local, NodeId, RegionId, Space, ValueId};
 pub use idvec::IdVec;
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use train::{Optimizer, Training};

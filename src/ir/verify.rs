@@ -1,7 +1,7 @@
 //! The IR verifier. A failure here is a compiler bug, never a user error.
 
 use super::graph::{Annotation, Graph, Node, Value};
-use super::ids::{NodeId, RegionId, ValueId};
+use super::ids::{NodeId, RegionId, Space, ValueId};
 use super::infer::infer;
 use super::op::Op;
 use super::types::{TensorType, MAX_PROGRAM_BYTES};
@@ -18,12 +18,12 @@ pub struct VerifyError {
 }
 
 /// Checks every structural and typing invariant of `g`; `stage` names the pass that produced it.
-pub fn verify(g: &Graph, stage: &'static str) -> Result<(), VerifyError> {
+pub fn verify<S: Space>(g: &Graph<S>, stage: &'static str) -> Result<(), VerifyError> {
     check_graph(g).map_err(|detail| VerifyError { stage, detail })
 }
 
 /// All checks, structure first so that later checks may index safely.
-fn check_graph(g: &Graph) -> Result<(), String> {
+fn check_graph<S: Space>(g: &Graph<S>) -> Result<(), String> {
     check_regions(g)?;
     check_values(g)?;
     for (id, node) in g.nodes() {
@@ -40,22 +40,22 @@ fn check_graph(g: &Graph) -> Result<(), String> {
 }
 
 /// The value `v`, if it exists.
-fn value(g: &Graph, v: ValueId) -> Option<&Value> {
+fn value<S: Space>(g: &Graph<S>, v: ValueId<S>) -> Option<&Value<S>> {
     (v.index() < g.num_values()).then(|| g.value(v))
 }
 
 /// True when node `n` exists.
-fn node_exists(g: &Graph, n: NodeId) -> bool {
+fn node_exists<S: Space>(g: &Graph<S>, n: NodeId<S>) -> bool {
     n.index() < g.num_nodes()
 }
 
 /// True when region `r` exists.
-fn region_exists(g: &Graph, r: RegionId) -> bool {
+fn region_exists<S: Space>(g: &Graph<S>, r: RegionId<S>) -> bool {
     r.index() < g.regions().len()
 }
 
 /// Names a node with its op for messages: `n7 (softmax{axis=1})`.
-fn describe(id: NodeId, node: &Node) -> String {
+fn describe<S: Space>(id: NodeId<S>, node: &Node<S>) -> String {
     format!("{id} ({})", node.op)
 }
 
@@ -66,7 +66,7 @@ fn types_list<'a>(tys: impl IntoIterator<Item = &'a TensorType>) -> String {
 }
 
 /// The root region exists and has no parent; every other region's parent exists and precedes it.
-fn check_regions(g: &Graph) -> Result<(), String> {
+fn check_regions<S: Space>(g: &Graph<S>) -> Result<(), String> {
     let mut regions = g.regions();
     match regions.next() {
         None => return Err("the graph has no root region".into()),
@@ -91,7 +91,7 @@ fn check_regions(g: &Graph) -> Result<(), String> {
 }
 
 /// Each value is result `index` of the node it names, and within the size limit.
-fn check_values(g: &Graph) -> Result<(), String> {
+fn check_values<S: Space>(g: &Graph<S>) -> Result<(), String> {
     for (id, v) in g.values() {
         if !node_exists(g, v.node) {
             return Err(format!(
@@ -123,13 +123,17 @@ fn check_values(g: &Graph) -> Result<(), String> {
 }
 
 /// Formats a list of value ids as `[%1, %2]`.
-fn ids_list(ids: &[ValueId]) -> String {
+fn ids_list<S: Space>(ids: &[ValueId<S>]) -> String {
     let items: Vec<String> = ids.iter().map(|v| v.to_string()).collect();
     format!("[{}]", items.join(", "))
 }
 
 /// Region, operands (defined by an earlier node), results (owned by this node), leaf shape.
-fn check_node_structure(g: &Graph, id: NodeId, node: &Node) -> Result<(), String> {
+fn check_node_structure<S: Space>(
+    g: &Graph<S>,
+    id: NodeId<S>,
+    node: &Node<S>,
+) -> Result<(), String> {
     let who = describe(id, node);
     if !region_exists(g, node.region) {
         return Err(format!(
@@ -154,7 +158,13 @@ fn check_node_structure(g: &Graph, id: NodeId, node: &Node) -> Result<(), String
 }
 
 /// Operand `i` of node `id` exists and is produced by an earlier node.
-fn check_operand(g: &Graph, id: NodeId, who: &str, i: usize, v: ValueId) -> Result<(), String> {
+fn check_operand<S: Space>(
+    g: &Graph<S>,
+    id: NodeId<S>,
+    who: &str,
+    i: usize,
+    v: ValueId<S>,
+) -> Result<(), String> {
     let Some(val) = value(g, v) else {
         return Err(format!(
             "{who}: operand {i} is {v}, which is not defined ({} values)",
@@ -171,7 +181,13 @@ fn check_operand(g: &Graph, id: NodeId, who: &str, i: usize, v: ValueId) -> Resu
 }
 
 /// Result `i` of node `id` exists and names this node and index as its producer.
-fn check_result(g: &Graph, id: NodeId, who: &str, i: usize, v: ValueId) -> Result<(), String> {
+fn check_result<S: Space>(
+    g: &Graph<S>,
+    id: NodeId<S>,
+    who: &str,
+    i: usize,
+    v: ValueId<S>,
+) -> Result<(), String> {
     let Some(val) = value(g, v) else {
         return Err(format!(
             "{who}: result {i} is {v}, which is not defined ({} values)",
@@ -188,7 +204,7 @@ fn check_result(g: &Graph, id: NodeId, who: &str, i: usize, v: ValueId) -> Resul
 }
 
 /// For non-leaf nodes, re-inferred result types equal the stored ones.
-fn check_node_types(g: &Graph, id: NodeId, node: &Node) -> Result<(), String> {
+fn check_node_types<S: Space>(g: &Graph<S>, id: NodeId<S>, node: &Node<S>) -> Result<(), String> {
     if node.op.is_leaf() {
         return Ok(());
     }
@@ -213,7 +229,7 @@ fn check_node_types(g: &Graph, id: NodeId, node: &Node) -> Result<(), String> {
 }
 
 /// Every annotation is on an existing value and is well formed for its type.
-fn check_annotations(g: &Graph) -> Result<(), String> {
+fn check_annotations<S: Space>(g: &Graph<S>) -> Result<(), String> {
     for (&v, a) in g.annotations() {
         let Some(val) = value(g, v) else {
             return Err(format!("annotation on {v}, which is not defined"));
@@ -224,7 +240,7 @@ fn check_annotations(g: &Graph) -> Result<(), String> {
 }
 
 /// The spec has one entry per dim, names only mesh axes, and no axis twice.
-fn check_spec(g: &Graph, a: &Annotation, ty: &TensorType) -> Result<(), String> {
+fn check_spec<S: Space>(g: &Graph<S>, a: &Annotation, ty: &TensorType) -> Result<(), String> {
     let spec = &a.spec;
     if spec.dims.len() != ty.rank() {
         return Err(format!(
@@ -249,7 +265,7 @@ fn check_spec(g: &Graph, a: &Annotation, ty: &TensorType) -> Result<(), String> 
 }
 
 /// Every output refers to an existing value, with a well-formed annotation.
-fn check_outputs(g: &Graph) -> Result<(), String> {
+fn check_outputs<S: Space>(g: &Graph<S>) -> Result<(), String> {
     for out in g.outputs() {
         let Some(val) = value(g, out.value) else {
             return Err(format!(
@@ -266,7 +282,7 @@ fn check_outputs(g: &Graph) -> Result<(), String> {
 }
 
 /// Param names are unique, and input names are unique.
-fn check_leaf_names(g: &Graph) -> Result<(), String> {
+fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
     let mut params = HashSet::new();
     let mut inputs = HashSet::new();
     for (id, node) in g.nodes() {
@@ -288,6 +304,7 @@ fn check_leaf_names(g: &Graph) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::ir::graph::{GraphParts, Output};
+    use crate::ir::ids::Global;
     use crate::ir::types::{Dtype, Spec};
     use crate::span::Span;
 
@@ -351,7 +368,7 @@ mod tests {
     #[test]
     fn accepts_a_good_graph() {
         assert_eq!(verify(&good(), "test"), Ok(()));
-        assert_eq!(verify(&Graph::new("empty"), "test"), Ok(()));
+        assert_eq!(verify(&Graph::<Global>::new("empty"), "test"), Ok(()));
         assert_eq!(
             verify(&Graph::from_parts(good().to_parts()), "roundtrip"),
             Ok(())
@@ -398,14 +415,14 @@ mod tests {
 
     #[test]
     fn rejects_undefined_and_forward_operands() {
-        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId(99));
+        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId::new(99));
         rejects(&g, "n2 (matmul): operand 1 is %99, which is not defined");
-        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId(2));
+        let g = from_parts(|p| p.nodes[2].inputs[1] = ValueId::new(2));
         rejects(&g, "does not precede it");
         let g = from_parts(|p| {
             p.nodes.swap(0, 2);
-            p.values[0].node = NodeId(2);
-            p.values[2].node = NodeId(0);
+            p.values[0].node = NodeId::new(2);
+            p.values[2].node = NodeId::new(0);
         });
         rejects(&g, "n0 (matmul): operand 0 is %0, produced by n2");
     }
@@ -414,45 +431,45 @@ mod tests {
     fn rejects_bad_value_bookkeeping() {
         let g = from_parts(|p| p.values[1].index = 1);
         rejects(&g, "value %1 claims to be result 1 of n1");
-        let g = from_parts(|p| p.values[1].node = NodeId(7));
+        let g = from_parts(|p| p.values[1].node = NodeId::new(7));
         rejects(&g, "value %1 claims producer n7");
-        let g = from_parts(|p| p.nodes[0].outputs.push(ValueId(1)));
+        let g = from_parts(|p| p.nodes[0].outputs.push(ValueId::new(1)));
         rejects(&g, "n0 (input x): result 1 is %1");
-        let g = from_parts(|p| p.nodes[0].inputs.push(ValueId(0)));
+        let g = from_parts(|p| p.nodes[0].inputs.push(ValueId::new(0)));
         rejects(&g, "n0 (input x): operand 0 is %0");
     }
 
     #[test]
     fn rejects_bad_leaves_and_regions() {
         let g = from_parts(|p| {
-            p.nodes[1].inputs.push(ValueId(0));
+            p.nodes[1].inputs.push(ValueId::new(0));
         });
         rejects(&g, "leaf n1 (param w) must have no operands");
-        let g = from_parts(|p| p.nodes[2].region = RegionId(9));
+        let g = from_parts(|p| p.nodes[2].region = RegionId::new(9));
         rejects(&g, "region r9, which does not exist");
-        let g = from_parts(|p| p.regions[1].parent = Some(RegionId(1)));
+        let g = from_parts(|p| p.regions[1].parent = Some(RegionId::new(1)));
         rejects(&g, "region r1 (mlp) has parent r1");
-        let g = from_parts(|p| p.regions[0].parent = Some(RegionId(0)));
+        let g = from_parts(|p| p.regions[0].parent = Some(RegionId::new(0)));
         rejects(&g, "root region r0 has a parent");
     }
 
     #[test]
     fn rejects_bad_annotations() {
         let mut g = good();
-        g.annotate(ValueId(0), spec(&[&["dp"]]));
+        g.annotate(ValueId::new(0), spec(&[&["dp"]]));
         rejects(&g, "annotation on %0: spec [dp] has 1 entries");
-        g.annotate(ValueId(0), spec(&[&["pp"], &[]]));
+        g.annotate(ValueId::new(0), spec(&[&["pp"], &[]]));
         rejects(&g, "names axis `pp`, not a mesh axis");
-        g.annotate(ValueId(0), spec(&[&["dp"], &["tp", "dp"]]));
+        g.annotate(ValueId::new(0), spec(&[&["dp"], &["tp", "dp"]]));
         rejects(&g, "uses axis `dp` more than once");
         let mut g = good();
-        g.annotate(ValueId(42), spec(&[]));
+        g.annotate(ValueId::new(42), spec(&[]));
         rejects(&g, "annotation on %42, which is not defined");
     }
 
     #[test]
     fn rejects_bad_outputs() {
-        let g = from_parts(|p| p.outputs[0].value = ValueId(5));
+        let g = from_parts(|p| p.outputs[0].value = ValueId::new(5));
         rejects(&g, "output `y` is %5, which is not defined");
         let g = from_parts(|p| p.outputs[0].annotation = Some(spec(&[&["dp"], &["dp"]])));
         rejects(

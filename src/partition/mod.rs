@@ -6,7 +6,7 @@ mod ops;
 pub mod reshard;
 
 use crate::ir::infer::infer;
-use crate::ir::{Graph, IdVec, NodeId, Op, Output, RegionId, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, Local, NodeId, Op, Output, RegionId, TensorType, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::placement::{PlId, PlacementTable};
 use crate::sharding::{Placement, Sharding};
@@ -31,13 +31,13 @@ pub struct Provenance {
 #[derive(Clone, Debug)]
 pub struct Partitioned {
     /// The SPMD program: local shapes, with collectives.
-    pub local: Graph,
+    pub local: Graph<Local>,
     /// Per local value, its placement (how the local array relates to the global tensor).
-    pub placements: IdVec<ValueId, Placement>,
+    pub placements: IdVec<ValueId<Local>, Placement>,
     /// Per local value, the global value it holds a piece of, if any.
-    pub origin: IdVec<ValueId, Option<ValueId>>,
+    pub origin: IdVec<ValueId<Local>, Option<ValueId>>,
     /// Per collective or slice node, why it is there.
-    pub provenance: BTreeMap<NodeId, Provenance>,
+    pub provenance: BTreeMap<NodeId<Local>, Provenance>,
 }
 
 /// A compiler bug found while partitioning.
@@ -81,7 +81,7 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
         let user = Use {
             user: User::Output(&o.name),
             span: o.span,
-            region: g.root(),
+            region: p.out.root(),
         };
         let v = p.get(o.value, want, &user)?;
         p.out.add_output(Output {
@@ -108,7 +108,8 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
 struct Use<'g> {
     user: User<'g>,
     span: Span,
-    region: RegionId,
+    /// The local region the collectives go in.
+    region: RegionId<Local>,
 }
 
 /// The kinds of users.
@@ -137,16 +138,18 @@ struct Partitioner<'a> {
     g: &'a Graph,
     sh: &'a Sharding,
     mesh: &'a Mesh,
-    out: Graph,
+    out: Graph<Local>,
+    /// Per global region, the local region standing for it.
+    regions: IdVec<RegionId, RegionId<Local>>,
     table: PlacementTable,
     /// Per local value, its placement in `table`.
-    placements: IdVec<ValueId, PlId>,
-    origin: IdVec<ValueId, Option<ValueId>>,
-    provenance: BTreeMap<NodeId, Provenance>,
+    placements: IdVec<ValueId<Local>, PlId>,
+    origin: IdVec<ValueId<Local>, Option<ValueId>>,
+    provenance: BTreeMap<NodeId<Local>, Provenance>,
     /// Per global value, its home: the first local value holding it, and that placement.
-    home: IdVec<ValueId, Option<(PlId, ValueId)>>,
+    home: IdVec<ValueId, Option<(PlId, ValueId<Local>)>>,
     /// The other local values holding a global value, by (global value, placement).
-    copies: HashMap<(ValueId, PlId), ValueId>,
+    copies: HashMap<(ValueId, PlId), ValueId<Local>>,
 }
 
 impl<'a> Partitioner<'a> {
@@ -157,19 +160,13 @@ impl<'a> Partitioner<'a> {
         out.reserve(nodes, values);
         out.mesh_axes = sh.mesh.axes().iter().map(|(a, _)| a.clone()).collect();
         out.dims = g.dims.clone();
-        for (_, r) in g.regions().skip(1) {
-            out.add_region(
-                r.path.clone(),
-                r.block.clone(),
-                r.parent.unwrap_or(RegionId(0)),
-                r.body,
-            );
-        }
+        let regions = local_regions(g, &mut out);
         Partitioner {
             g,
             sh,
             mesh: &sh.mesh,
             out,
+            regions,
             table: sh.table.clone(),
             placements: IdVec::from_vec(Vec::with_capacity(values)),
             origin: IdVec::from_vec(Vec::with_capacity(values)),
@@ -188,12 +185,12 @@ impl<'a> Partitioner<'a> {
     fn emit(
         &mut self,
         op: Op,
-        inputs: Vec<ValueId>,
+        inputs: Vec<ValueId<Local>>,
         span: Span,
-        region: RegionId,
+        region: RegionId<Local>,
         placement: PlId,
         origin: Option<ValueId>,
-    ) -> Result<Vec<ValueId>, PartitionError> {
+    ) -> Result<Vec<ValueId<Local>>, PartitionError> {
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.out.ty(*v)).collect();
         let outs = infer(&op, &tys).map_err(|e| {
             PartitionError::Local(format!("{op} at {}:{}: {e}", span.line, span.col))
@@ -208,7 +205,7 @@ impl<'a> Partitioner<'a> {
     }
 
     /// Loads a leaf (param or input) directly in `pl`: tpc owns its loading, so this moves nothing.
-    fn materialize(&mut self, v: ValueId, pl: PlId) -> Result<ValueId, PartitionError> {
+    fn materialize(&mut self, v: ValueId, pl: PlId) -> Result<ValueId<Local>, PartitionError> {
         let node = self.g.node(self.g.value(v).node);
         let ty = self.g.ty(v);
         let placement = self.table.get(pl);
@@ -223,7 +220,7 @@ impl<'a> Partitioner<'a> {
             vec![],
             vec![ty.with_shape(shape)],
             node.span,
-            node.region,
+            self.regions[node.region],
         );
         let l = self.out.node(id).outputs[0];
         if let Some(name) = &self.g.value(v).name {
@@ -236,7 +233,12 @@ impl<'a> Partitioner<'a> {
     }
 
     /// The local value holding global `v` in placement `want`, resharding if needed.
-    fn get(&mut self, v: ValueId, want: PlId, user: &Use) -> Result<ValueId, PartitionError> {
+    fn get(
+        &mut self,
+        v: ValueId,
+        want: PlId,
+        user: &Use,
+    ) -> Result<ValueId<Local>, PartitionError> {
         let Some((from, l)) = self.home[v] else {
             // A free leaf is loaded in the split it is wanted in; partial terms are not data
             // that exists anywhere, so they come from the loaded value by resharding (a
@@ -266,12 +268,12 @@ impl<'a> Partitioner<'a> {
     /// Emits the collectives moving local `l` (global `v`) from `from` to `to`.
     fn reshard(
         &mut self,
-        l: ValueId,
+        l: ValueId<Local>,
         v: ValueId,
         from: PlId,
         to: PlId,
         user: &Use,
-    ) -> Result<ValueId, PartitionError> {
+    ) -> Result<ValueId<Local>, PartitionError> {
         let mut cur = l;
         if from == to {
             return Ok(cur);
@@ -300,10 +302,11 @@ impl<'a> Partitioner<'a> {
     fn node(&mut self, id: NodeId) -> Result<(), PartitionError> {
         let g = self.g;
         let node = g.node(id);
+        let region = self.regions[node.region];
         let user = Use {
             user: User::Op(node.op.name()),
             span: node.span,
-            region: node.region,
+            region,
         };
         let mut ins = Vec::with_capacity(node.inputs.len());
         let mut reqs = Vec::with_capacity(node.inputs.len());
@@ -324,7 +327,7 @@ impl<'a> Partitioner<'a> {
                 let u = Use {
                     user: User::Constraint(g.value(o).name.as_deref()),
                     span: g.annotation(o).map(|a| a.span).unwrap_or(node.span),
-                    region: node.region,
+                    region,
                 };
                 self.reshard(l, o, computed, placed, &u)?
             } else {
@@ -334,6 +337,18 @@ impl<'a> Partitioner<'a> {
         }
         Ok(())
     }
+}
+
+/// Adds a region of `out` for every region of `g` but the root, in order, under the regions
+/// standing for their parents; returns which local region stands for which global one. A
+/// verified `g` lists parents before their children.
+fn local_regions(g: &Graph, out: &mut Graph<Local>) -> IdVec<RegionId, RegionId<Local>> {
+    let mut map = IdVec::from_vec(vec![out.root()]);
+    for (_, r) in g.regions().skip(1) {
+        let parent = map[r.parent.unwrap_or(g.root())];
+        map.push(out.add_region(r.path.clone(), r.block.clone(), parent, r.body));
+    }
+    map
 }
 
 /// `h` for a named value, else `the matmul result` (for provenance).

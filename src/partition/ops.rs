@@ -4,7 +4,7 @@
 
 use super::reshard::{describe, Step};
 use super::{PartitionError, Partitioner, Provenance};
-use crate::ir::{BinaryOp, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Local, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
 use crate::sharding::placement::PlId;
 use crate::sharding::{transition, PartialOp, Placement};
 use crate::span::Span;
@@ -15,13 +15,13 @@ impl Partitioner<'_> {
     pub(super) fn lower_op(
         &mut self,
         id: NodeId,
-        ins: Vec<ValueId>,
+        ins: Vec<ValueId<Local>>,
         reqs: &[PlId],
         computed: PlId,
-    ) -> Result<Vec<ValueId>, PartitionError> {
+    ) -> Result<Vec<ValueId<Local>>, PartitionError> {
         let node = self.g.node(id);
         let origin = node.outputs.first().copied();
-        let (span, region) = (node.span, node.region);
+        let (span, region) = (node.span, self.regions[node.region]);
         let op = match &node.op {
             Op::Reshape { .. } => {
                 let ty = self.g.ty(node.outputs[0]);
@@ -81,12 +81,13 @@ impl Partitioner<'_> {
     fn cross_entropy(
         &mut self,
         id: NodeId,
-        ins: Vec<ValueId>,
+        ins: Vec<ValueId<Local>>,
         reqs: &[PlId],
         computed: PlId,
-    ) -> Result<Vec<ValueId>, PartitionError> {
+    ) -> Result<Vec<ValueId<Local>>, PartitionError> {
         let node = self.g.node(id);
-        let (span, region, origin) = (node.span, node.region, node.outputs.first().copied());
+        let region = self.regions[node.region];
+        let (span, origin) = (node.span, node.outputs.first().copied());
         let at = (span, region);
         let logits_id = reqs[0];
         let (logits_pl, labels_pl) = (
@@ -218,25 +219,26 @@ impl Partitioner<'_> {
     /// One op of a decomposition at `at` (span and region), with one result placed `pl`.
     fn emit_at(
         &mut self,
-        at: (Span, RegionId),
+        at: (Span, RegionId<Local>),
         op: Op,
-        ins: Vec<ValueId>,
+        ins: Vec<ValueId<Local>>,
         pl: PlId,
-    ) -> Result<ValueId, PartitionError> {
+    ) -> Result<ValueId<Local>, PartitionError> {
         Ok(self.emit(op, ins, at.0, at.1, pl, None)?[0])
     }
 
     /// All-reduces `v` over each axis of `axes` inside a decomposed op, with provenance.
     fn all_reduce(
         &mut self,
-        mut v: ValueId,
+        mut v: ValueId<Local>,
         axes: &[usize],
         reduce: ReduceOp,
         id: NodeId,
         what: &str,
         after: Placement,
-    ) -> Result<ValueId, PartitionError> {
+    ) -> Result<ValueId<Local>, PartitionError> {
         let node = self.g.node(id);
+        let region = self.regions[node.region];
         let mut cur = self.placements[v];
         for &a in axes {
             let op = Op::AllReduce {
@@ -257,7 +259,7 @@ impl Partitioner<'_> {
                 after: next,
             };
             cur = self.table.intern(&step.after);
-            v = self.emit(op, vec![v], node.span, node.region, cur, None)?[0];
+            v = self.emit(op, vec![v], node.span, region, cur, None)?[0];
             let logits = node.inputs[0];
             let value = super::describe_value(self.g, logits);
             self.provenance.insert(

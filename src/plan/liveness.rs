@@ -2,17 +2,17 @@
 //! share: a value is dead after its last reading node; a value never read is dead after the node
 //! that makes it; a program output is read "at the end" (index `num_nodes`) and never dies.
 
-use crate::ir::{Graph, IdVec, Op, ValueId};
+use crate::ir::{Global, Graph, IdVec, Op, Space, ValueId};
 
 /// For each value of a graph, the index of the node after which it is dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Liveness {
-    last: IdVec<ValueId, Option<usize>>,
+pub struct Liveness<S = Global> {
+    last: IdVec<ValueId<S>, Option<usize>>,
 }
 
-impl Liveness {
+impl<S: Space> Liveness<S> {
     /// The liveness of `g`'s values.
-    pub fn of(g: &Graph) -> Liveness {
+    pub fn of(g: &Graph<S>) -> Liveness<S> {
         let mut last = IdVec::filled(g.num_values(), None);
         for (id, n) in g.nodes() {
             for v in &n.inputs {
@@ -26,18 +26,18 @@ impl Liveness {
     }
 
     /// The index of the last node reading `v` (`num_nodes` for outputs); `None` when unread.
-    pub fn last_use(&self, v: ValueId) -> Option<usize> {
+    pub fn last_use(&self, v: ValueId<S>) -> Option<usize> {
         self.last[v]
     }
 
     /// True when `v` is dead once node `node` has run: `node` is its last reader, or `v` is
     /// never read (then it dies where it is made).
-    pub fn dies_at(&self, v: ValueId, node: usize) -> bool {
+    pub fn dies_at(&self, v: ValueId<S>, node: usize) -> bool {
         self.last[v].is_none_or(|l| l <= node)
     }
 
     /// The last use of every value.
-    pub fn into_table(self) -> IdVec<ValueId, Option<usize>> {
+    pub fn into_table(self) -> IdVec<ValueId<S>, Option<usize>> {
         self.last
     }
 }
@@ -45,10 +45,10 @@ impl Liveness {
 /// Walks `g` in program order and returns the bytes of the leaves (outputs of nodes whose op
 /// `is_leaf` accepts, held for the whole program) and the peak bytes of the other values live at
 /// once, by the [`Liveness`] convention; `size` gives a value's bytes. Sums saturate.
-pub fn peak_live(
-    g: &Graph,
+pub fn peak_live<S: Space>(
+    g: &Graph<S>,
     is_leaf: impl Fn(&Op) -> bool,
-    size: impl Fn(ValueId) -> u128,
+    size: impl Fn(ValueId<S>) -> u128,
 ) -> (u128, u128) {
     let live_until = Liveness::of(g);
     let (mut leaves, mut live, mut peak) = (0u128, 0u128, 0u128);

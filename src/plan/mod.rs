@@ -8,13 +8,21 @@ pub mod verify;
 pub use summary::{KindSummary, Summary};
 
 use crate::ir::verify::{verify, VerifyError};
-use crate::ir::{Graph, IdVec, NodeId, ValueId};
+use crate::ir::{Graph, IdVec, Local, NodeId, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::{partition, PartitionError, Provenance};
 use crate::sharding::{propagate, Placement, ShardError};
 use std::collections::BTreeMap;
 
-/// A compiled per-device plan.
+/// A compiled per-device plan. Its two programs have distinct id types, so a table of one is
+/// never indexed by an id of the other:
+///
+/// ```compile_fail
+/// fn placement_of_a_global_value(p: &tpc::plan::Plan) {
+///     let v = p.global.outputs()[0].value;
+///     let _ = &p.placements[v]; // placements are per local value
+/// }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// The mesh the plan runs on.
@@ -24,13 +32,13 @@ pub struct Plan {
     /// The global program (what the unsharded reference runs).
     pub global: Graph,
     /// The SPMD program every device runs, on local shapes.
-    pub local: Graph,
+    pub local: Graph<Local>,
     /// Per local value, its placement.
-    pub placements: IdVec<ValueId, Placement>,
+    pub placements: IdVec<ValueId<Local>, Placement>,
     /// Per local value, the global value it holds a piece of.
-    pub origin: IdVec<ValueId, Option<ValueId>>,
+    pub origin: IdVec<ValueId<Local>, Option<ValueId>>,
     /// Why each collective is there.
-    pub provenance: BTreeMap<NodeId, Provenance>,
+    pub provenance: BTreeMap<NodeId<Local>, Provenance>,
     /// Costs and counts.
     pub summary: Summary,
 }
@@ -89,13 +97,13 @@ impl Plan {
 
     /// For each local value, the index of the last node reading it (`num_nodes` for outputs,
     /// which stay live to the end); `None` when never read.
-    pub fn last_uses(&self) -> IdVec<ValueId, Option<usize>> {
+    pub fn last_uses(&self) -> IdVec<ValueId<Local>, Option<usize>> {
         last_uses(&self.local)
     }
 }
 
 /// Last reading node of each value of `g` (outputs count as read at the end): the
 /// [`liveness::Liveness`] convention.
-pub fn last_uses(g: &Graph) -> IdVec<ValueId, Option<usize>> {
+pub fn last_uses<S: Space>(g: &Graph<S>) -> IdVec<ValueId<S>, Option<usize>> {
     liveness::Liveness::of(g).into_table()
 }

@@ -1,7 +1,7 @@
 //! The plan's cost summary, recomputed from the listed program so it always agrees with it.
 
 use crate::cost::{compute_time, flops, CollectiveKind};
-use crate::ir::{Graph, Op};
+use crate::ir::{Graph, Local, Op};
 use crate::mesh::{Device, Mesh};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,7 +36,7 @@ pub struct Summary {
 
 impl Summary {
     /// Computes the summary of the SPMD program `local`.
-    pub fn compute(local: &Graph, _mesh: &Mesh, dev: &Device) -> Summary {
+    pub fn compute(local: &Graph<Local>, _mesh: &Mesh, dev: &Device) -> Summary {
         let mut collectives: BTreeMap<String, KindSummary> = CollectiveKind::ALL
             .iter()
             .map(|k| (k.name().to_string(), KindSummary::default()))
@@ -79,7 +79,7 @@ impl Summary {
 
 /// Param bytes and peak bytes (params + live activations, from liveness in program order). Sums
 /// saturate at u64::MAX; within `MAX_PROGRAM_BYTES` they never reach it.
-fn memory(g: &Graph) -> (u64, u64) {
+fn memory(g: &Graph<Local>) -> (u64, u64) {
     let size = |v| u128::from(g.ty(v).size_bytes());
     let (params, peak) = super::liveness::peak_live(g, |op| matches!(op, Op::Param { .. }), size);
     let clamp = |b: u128| u64::try_from(b).unwrap_or(u64::MAX);

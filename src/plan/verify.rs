@@ -10,7 +10,9 @@
 //! `Plan::build` runs it after partitioning (a failure is a compiler bug) and the plan loader
 //! runs it on every document (a failure is a corrupt document).
 
-use crate::ir::{BinaryOp, Graph, IdVec, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId};
+use crate::ir::{
+    BinaryOp, Graph, IdVec, Local, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId,
+};
 use crate::mesh::Mesh;
 use crate::sharding::propagate::Strategy;
 use crate::sharding::rules::{rule, Rule};
@@ -46,7 +48,7 @@ pub struct PlanVerifyError {
     /// Its class.
     pub problem: Problem,
     /// The local node at fault, if one is.
-    pub node: Option<NodeId>,
+    pub node: Option<NodeId<Local>>,
     /// That node's op, as displayed.
     pub op: String,
     /// The global value the node's results hold a piece of, if any.
@@ -79,13 +81,13 @@ pub struct PlanParts<'a> {
     /// The global program.
     pub global: &'a Graph,
     /// The SPMD program.
-    pub local: &'a Graph,
+    pub local: &'a Graph<Local>,
     /// The mesh.
     pub mesh: &'a Mesh,
     /// Per local value, its placement.
-    pub placements: &'a IdVec<ValueId, Placement>,
+    pub placements: &'a IdVec<ValueId<Local>, Placement>,
     /// Per local value, the global value it holds a piece of.
-    pub origin: &'a IdVec<ValueId, Option<ValueId>>,
+    pub origin: &'a IdVec<ValueId<Local>, Option<ValueId>>,
 }
 
 /// Checks that `p`'s local program computes its global program (see the module docs).
@@ -189,9 +191,9 @@ struct Verifier<'a> {
     p: PlanParts<'a>,
     /// Values computed as a local mean over a split axis (or positions), by the block count their
     /// only reader must scale them by; ordered, so the failure `run` reports is deterministic.
-    pending: BTreeMap<ValueId, u64>,
+    pending: BTreeMap<ValueId<Local>, u64>,
     /// Nodes without an origin recognised as part of a vocab-parallel cross-entropy.
-    covered: HashSet<NodeId>,
+    covered: HashSet<NodeId<Local>>,
 }
 
 /// `p` after a redistribute over the mesh axes `group` from split `from` to split `to` (per dim,
@@ -256,7 +258,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// A typed error at local node `id`.
-    fn error(&self, id: NodeId, problem: Problem, detail: String) -> PlanVerifyError {
+    fn error(&self, id: NodeId<Local>, problem: Problem, detail: String) -> PlanVerifyError {
         let n = self.p.local.node(id);
         PlanVerifyError {
             problem,
@@ -268,13 +270,13 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    fn pl(&self, v: ValueId) -> &'a Placement {
+    fn pl(&self, v: ValueId<Local>) -> &'a Placement {
         &self.p.placements[v]
     }
 
     /// The global value local `v` holds a piece of. A local multi-result node records its
     /// origin's first result for every result: result `k` holds the origin node's result `k`.
-    fn held(&self, v: ValueId) -> Option<ValueId> {
+    fn held(&self, v: ValueId<Local>) -> Option<ValueId> {
         let (g, l) = (self.p.global, self.p.local);
         let o = self.p.origin[v]?;
         let k = l.value(v).index as usize;
@@ -295,7 +297,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// The placement of `v` is well formed, and `v`'s type is its origin's in that placement.
-    fn check_value(&self, v: ValueId) -> Result<(), String> {
+    fn check_value(&self, v: ValueId<Local>) -> Result<(), String> {
         let (g, mesh) = (self.p.global, self.p.mesh);
         let ty = self.p.local.ty(v);
         let pl = self.pl(v);
@@ -327,7 +329,7 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    fn check_node(&mut self, id: NodeId) -> Check {
+    fn check_node(&mut self, id: NodeId<Local>) -> Check {
         let n = self.p.local.node(id);
         self.check_axes(&n.op).map_err(|d| (Problem::MeshAxis, d))?;
         let o = n.outputs.first().and_then(|&v| self.p.origin[v]);
@@ -368,7 +370,10 @@ impl<'a> Verifier<'a> {
     }
 
     /// The operand and result of a data-moving op: one each, holding the same global value.
-    fn moved_value(&self, n: &crate::ir::Node) -> Result<(ValueId, ValueId), (Problem, String)> {
+    fn moved_value(
+        &self,
+        n: &Node<Local>,
+    ) -> Result<(ValueId<Local>, ValueId<Local>), (Problem, String)> {
         let (&[x], &[y]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
             return Err((
                 Problem::Operands,
@@ -386,7 +391,7 @@ impl<'a> Verifier<'a> {
 
     /// A collective or local slice moves its operand along its axis as `sharding::transition` says,
     /// other axes unchanged, and keeps the operand's origin.
-    fn check_move(&self, id: NodeId) -> Check {
+    fn check_move(&self, id: NodeId<Local>) -> Check {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
         let (name, from, to) = transition(&n.op).expect("checked by the caller");
         let a = mesh.axis_index(name).expect("checked by check_axes");
@@ -419,7 +424,7 @@ impl<'a> Verifier<'a> {
     /// axes outside the group (a major prefix of each dim, partial states) stay as they are.
     fn check_redistribute(
         &self,
-        id: NodeId,
+        id: NodeId<Local>,
         axes: &[(String, u64)],
         from: &[Vec<usize>],
         to: &[Vec<usize>],
@@ -446,7 +451,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// A leaf has its origin's op (kind and name), and is loaded whole (never partial).
-    fn check_leaf(&self, id: NodeId, o: ValueId) -> Check {
+    fn check_leaf(&self, id: NodeId<Local>, o: ValueId) -> Check {
         let g = self.p.global;
         let n = self.p.local.node(id);
         let gop = &g.node(g.value(o).node).op;
@@ -460,7 +465,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// A non-leaf op with an origin is the origin's op or one of its sharded forms.
-    fn check_form(&mut self, id: NodeId, o: ValueId) -> Check {
+    fn check_form(&mut self, id: NodeId<Local>, o: ValueId) -> Check {
         let (g, l) = (self.p.global, self.p.local);
         let n = l.node(id);
         let gid = g.value(o).node;
@@ -517,7 +522,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// The operands of local `id` hold the operands of global `gid`, in order.
-    fn check_operands(&self, id: NodeId, gid: NodeId) -> Check {
+    fn check_operands(&self, id: NodeId<Local>, gid: NodeId) -> Check {
         let (n, gn) = (self.p.local.node(id), self.p.global.node(gid));
         if n.inputs.len() != gn.inputs.len() || n.outputs.len() != gn.outputs.len() {
             return Err((
@@ -554,7 +559,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// The placements of local `id` follow a strategy of global `gid`'s rule on every axis.
-    fn check_global_rule(&self, id: NodeId, gid: NodeId) -> Check {
+    fn check_global_rule(&self, id: NodeId<Local>, gid: NodeId) -> Check {
         let g = self.p.global;
         let gn = g.node(gid);
         let ins: Vec<&TensorType> = gn.inputs.iter().map(|&v| g.ty(v)).collect();
@@ -563,7 +568,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// The placements of origin-less `id` follow a strategy of its own rule on every axis.
-    fn check_local_rule(&self, id: NodeId) -> Check {
+    fn check_local_rule(&self, id: NodeId<Local>) -> Check {
         let l = self.p.local;
         let n = l.node(id);
         if let Op::TargetLogit { axes } = &n.op {
@@ -596,7 +601,7 @@ impl<'a> Verifier<'a> {
 
     /// The target logit reads logits split over `axes` on their last dim and gives a partial sum
     /// over those axes, placed as the labels elsewhere.
-    fn check_target_logit(&self, n: &crate::ir::Node, axes: &[(String, u64)]) -> Check {
+    fn check_target_logit(&self, n: &Node<Local>, axes: &[(String, u64)]) -> Check {
         let mesh = self.p.mesh;
         let (&[z, y], &[t]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
             return Err((Problem::Operands, "it must read logits and labels".into()));
@@ -627,7 +632,7 @@ impl<'a> Verifier<'a> {
     /// On every mesh axis, some strategy of `rule` gives the operand and result states of `id`
     /// (a vocab-parallel internal contraction does not count); when `canonical`, the
     /// placements are exactly those states (several axes on one dim in mesh order).
-    fn check_rule(&self, id: NodeId, rule: Option<Rule>, canonical: bool) -> Check {
+    fn check_rule(&self, id: NodeId<Local>, rule: Option<Rule>, canonical: bool) -> Check {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
         let Some(rule) = rule else {
             return Err((Problem::Op, "its op has no sharding rule".into()));
@@ -708,7 +713,7 @@ impl<'a> Verifier<'a> {
 
     /// Records a local mean over split positions, which its only reader must rescale: a mean
     /// over a split axis, or a cross-entropy over split positions.
-    fn note_mean(&mut self, id: NodeId) {
+    fn note_mean(&mut self, id: NodeId<Local>) {
         let n = self.p.local.node(id);
         let k = match &n.op {
             Op::Reduce {
@@ -725,7 +730,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// A scaler of a mean: its operand is a pending local mean of the same origin and placement.
-    fn check_scaler(&mut self, id: NodeId) -> Check {
+    fn check_scaler(&mut self, id: NodeId<Local>) -> Check {
         let n = self.p.local.node(id);
         let (&[x], &[y]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
             return Err((
@@ -749,7 +754,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// A pending local mean `v` over `k` blocks is read once, by `* (1/k)`, and is no output.
-    fn check_scaled(&self, v: ValueId, k: u64) -> Result<(), String> {
+    fn check_scaled(&self, v: ValueId<Local>, k: u64) -> Result<(), String> {
         let l = self.p.local;
         let ok = match l.users(v) {
             [u] => {
@@ -776,7 +781,7 @@ impl<'a> Verifier<'a> {
     /// `per = log(allreduce_sum(sum(exp(z)))) - allreduce_sum(target_logit(z, y))` with
     /// `z = x - allreduce_max(max(x))`, then (for a non-scalar loss) `mean(reshape(per))`.
     /// Marks its origin-less nodes as covered; they are checked by their own rules.
-    fn check_vocab_loss(&mut self, id: NodeId, gid: NodeId) -> Check {
+    fn check_vocab_loss(&mut self, id: NodeId<Local>, gid: NodeId) -> Check {
         let l = self.p.local;
         let gn = self.p.global.node(gid);
         let mut m = Matcher {
@@ -873,10 +878,13 @@ impl<'a> Verifier<'a> {
     }
 }
 
+/// The logits and labels a vocab-parallel loss reads, and its vocab axes.
+type LossTerms = (ValueId<Local>, ValueId<Local>, Vec<usize>);
+
 /// Walks a decomposition backwards, collecting its nodes.
 struct Matcher<'a> {
-    l: &'a Graph,
-    nodes: Vec<NodeId>,
+    l: &'a Graph<Local>,
+    nodes: Vec<NodeId<Local>>,
 }
 
 impl Matcher<'_> {
@@ -894,10 +902,10 @@ impl Matcher<'_> {
     /// The producer of operand `i` of `id`, when its op satisfies `want`.
     fn arg(
         &mut self,
-        id: NodeId,
+        id: NodeId<Local>,
         i: usize,
         want: impl Fn(&Op) -> bool,
-    ) -> Result<NodeId, (Problem, String)> {
+    ) -> Result<NodeId<Local>, (Problem, String)> {
         self.nodes.push(id);
         let p = self
             .l
@@ -910,7 +918,7 @@ impl Matcher<'_> {
     }
 
     /// The value operand `i` of `id` reads.
-    fn input(&self, id: NodeId, i: usize) -> Result<ValueId, (Problem, String)> {
+    fn input(&self, id: NodeId<Local>, i: usize) -> Result<ValueId<Local>, (Problem, String)> {
         self.l
             .node(id)
             .inputs
@@ -923,11 +931,11 @@ impl Matcher<'_> {
     /// producer of `id`'s operand `i`.
     fn all_reduced(
         &mut self,
-        mut id: NodeId,
+        mut id: NodeId<Local>,
         mut i: usize,
         reduce: ReduceOp,
         axes: &[String],
-    ) -> Result<NodeId, (Problem, String)> {
+    ) -> Result<NodeId<Local>, (Problem, String)> {
         for a in axes.iter().rev() {
             id = self.arg(id, i, |op| {
                 matches!(op, Op::AllReduce { axis, reduce: r, .. } if axis == a && *r == reduce)
@@ -940,10 +948,10 @@ impl Matcher<'_> {
     /// Matches `per = log(se) - t` and returns the logits, the labels and the vocab axes.
     fn loss_terms(
         &mut self,
-        per: NodeId,
+        per: NodeId<Local>,
         mesh: &Mesh,
-        pls: &IdVec<ValueId, Placement>,
-    ) -> Result<(ValueId, ValueId, Vec<usize>), (Problem, String)> {
+        pls: &IdVec<ValueId<Local>, Placement>,
+    ) -> Result<LossTerms, (Problem, String)> {
         // The target logit fixes the vocab axes; everything else is matched against them.
         let peek = self
             .l

@@ -6,7 +6,7 @@ use super::RunArgs;
 use crate::Failure;
 use anyhow::anyhow;
 use tpc::emit::plan::bytes as human;
-use tpc::ir::{Graph, Op, ValueId};
+use tpc::ir::{Graph, Op, Space, ValueId};
 use tpc::plan::liveness::peak_live;
 use tpc::plan::Plan;
 
@@ -48,12 +48,12 @@ impl Need {
 }
 
 /// Bytes of one value of `g` as the executor holds it.
-fn bytes(g: &Graph, v: ValueId) -> u128 {
+fn bytes<S: Space>(g: &Graph<S>, v: ValueId<S>) -> u128 {
     u128::from(g.ty(v).numel()) * ELEM
 }
 
 /// Leaves, peak of live non-leaf values (liveness in program order), and outputs of `g`.
-fn program(g: &Graph) -> (u128, u128, u128) {
+fn program<S: Space>(g: &Graph<S>) -> (u128, u128, u128) {
     let is_leaf = |op: &Op| matches!(op, Op::Param { .. } | Op::Input { .. });
     let (leaves, peak) = peak_live(g, is_leaf, |v| bytes(g, v));
     let outputs = g

@@ -460,7 +460,7 @@ impl AxisCtx<'_> {
         let g = self.g;
         let mut st: Vec<AxisPl> = (0..g.num_values())
             .map(|v| {
-                self.fixed_state(ValueId(v as u32))
+                self.fixed_state(ValueId::new(v))
                     .unwrap_or(AxisPl::Replicate)
             })
             .collect();
@@ -510,7 +510,7 @@ impl AxisCtx<'_> {
                 continue;
             }
             let prior = &earlier[i * rank..i * rank + self.a];
-            changed |= self.step(NodeId(i as u32), st, choice, demand, prior, &mut cands);
+            changed |= self.step(NodeId::new(i), st, choice, demand, prior, &mut cands);
             i += 1;
         }
         changed
@@ -579,7 +579,7 @@ impl AxisCtx<'_> {
         // Counting sort by value: `start[v + 1]` first counts, then becomes the fill cursor.
         d.start.clear();
         d.start.resize(nv + 1, 0);
-        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
+        for id in (0..g.num_nodes()).map(NodeId::new) {
             if choice[id.index()].is_some() {
                 for &v in self.edges.inputs(id) {
                     d.start[v.index() + 1] += 1;
@@ -595,7 +595,7 @@ impl AxisCtx<'_> {
         d.list.clear();
         d.list.resize(d.start[nv] as usize, AxisPl::Replicate);
         let mut fill: Vec<u32> = d.start[..nv].to_vec();
-        for id in (0..g.num_nodes()).map(|i| NodeId(i as u32)) {
+        for id in (0..g.num_nodes()).map(NodeId::new) {
             if let Some(s) = choice[id.index()] {
                 let rule = self.rule(id).expect("a chosen node has a rule");
                 for (i, &v) in self.edges.inputs(id).iter().enumerate() {

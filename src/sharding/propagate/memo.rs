@@ -47,7 +47,7 @@ pub(super) fn instances(g: &Graph) -> Vec<Instance> {
         .map(|i| Instance {
             start: lo[i],
             end: hi[i],
-            body: g.region(RegionId(i as u32)).body,
+            body: g.region(RegionId::new(i)).body,
         })
         .collect();
     out.sort_by_key(|x| (x.start, std::cmp::Reverse(x.end)));
@@ -149,7 +149,7 @@ impl AxisCtx<'_> {
         key.clear();
         key.extend([it.body as u64, (it.end - it.start) as u64]);
         for i in it.start as usize..it.end as usize {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             match self.rule_of[id] {
                 Some(r) => {
                     key.extend([r as u64, self.compute[id].to_bits()]);
@@ -174,7 +174,7 @@ impl AxisCtx<'_> {
             key.extend(self.value_words(e));
         }
         for i in it.start as usize..it.end as usize {
-            let id = NodeId(i as u32);
+            let id = NodeId::new(i);
             if self.rule_of[id].is_none() {
                 watch.extend_from_slice(self.edges.outputs(id));
             }
@@ -260,7 +260,7 @@ impl AxisCtx<'_> {
                 Some(&src) if memo.inst[src as usize].end as usize <= i => {
                     let (from, to) = (memo.inst[src as usize], memo.inst[k]);
                     self.copy_nodes(from.start as usize, to, st, choice, changed);
-                    memo.copied.push(NodeId(to.start));
+                    memo.copied.push(NodeId::new(to.start as usize));
                     return Some(to.end as usize);
                 }
                 Some(_) => {}
@@ -282,12 +282,12 @@ impl AxisCtx<'_> {
         changed: &mut bool,
     ) {
         for (k, dst) in (to.start as usize..to.end as usize).enumerate() {
-            if self.rule_of[NodeId(dst as u32)].is_none() {
+            if self.rule_of[NodeId::new(dst)].is_none() {
                 continue;
             }
             let src = from + k;
-            let outs = self.edges.outputs(NodeId(src as u32));
-            for (o, &p) in self.edges.outputs(NodeId(dst as u32)).iter().zip(outs) {
+            let outs = self.edges.outputs(NodeId::new(src));
+            for (o, &p) in self.edges.outputs(NodeId::new(dst)).iter().zip(outs) {
                 st[o.index()] = st[p.index()];
             }
             if choice[dst] != choice[src] {
