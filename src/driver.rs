@@ -1,10 +1,11 @@
 //! The pipeline as plain code: read the source, parse, lower, verify. Each stage's error type is
 //! kept; `Error` only wraps them for the command line.
 
+use crate::autodiff::{differentiate, AutodiffError};
 use crate::diag::{self, SourceFile};
 use crate::ir::verify::{verify, VerifyError};
 use crate::ir::Graph;
-use crate::lower::{lower, LowerError};
+use crate::lower::{lower_program, LowerError};
 use crate::mesh::{Device, Mesh, MeshError};
 use crate::partition::PartitionError;
 use crate::plan::{Plan, PlanError};
@@ -61,6 +62,9 @@ pub enum Error {
     /// A compiler bug in partitioning.
     #[error(transparent)]
     Partition(#[from] PartitionError),
+    /// A program that cannot be differentiated (or a bug in autodiff).
+    #[error(transparent)]
+    Autodiff(#[from] AutodiffError),
 }
 
 impl From<PlanError> for Error {
@@ -80,7 +84,11 @@ impl From<PlanError> for Error {
 impl Error {
     /// True for compiler bugs (as opposed to errors in the user's input).
     pub fn is_internal(&self) -> bool {
-        matches!(self, Error::Verify(_) | Error::Partition(_))
+        match self {
+            Error::Verify(_) | Error::Partition(_) => true,
+            Error::Autodiff(e) => e.is_internal(),
+            _ => false,
+        }
     }
 
     /// Renders the error as text, with a source snippet when it has a span in `src`.
@@ -91,6 +99,8 @@ impl Error {
             Error::Lower(e) => diag::render(e, src),
             Error::Mesh(e) => diag::render(e, None),
             Error::Shard(e) => diag::render(e, src),
+            Error::Autodiff(e) if e.is_internal() => internal(e),
+            Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),
             Error::Partition(e) => internal(e),
         }
@@ -158,12 +168,61 @@ pub fn source_from_bytes(name: &str, bytes: Vec<u8>) -> Result<SourceFile, Sourc
     }
 }
 
-/// Parses, lowers and verifies `src` with the dim overrides: the global program.
+/// Parses, lowers and verifies `src` with the dim overrides: the global program (for a program
+/// with `train`, the training step's forward and backward; see [`compile_program`]).
 pub fn compile_global(src: &SourceFile, overrides: &[(String, i64)]) -> Result<Graph, Error> {
+    compile_program(src, overrides, false).map(|c| c.graph)
+}
+
+/// A compiled global program and what it trains.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// The program to plan and run.
+    pub graph: Graph,
+    /// For a training step: the output holding the loss.
+    pub loss: Option<String>,
+    /// For a training step: per trained param, its name and gradient output's name.
+    pub grads: Vec<(String, String)>,
+    /// Things worth telling the user that do not stop compilation.
+    pub warnings: Vec<String>,
+}
+
+/// Parses, lowers and verifies `src`. A program with `train` compiles to its training step's
+/// forward and backward (gradients as outputs `grad(NAME)`), unless `forward_only`.
+pub fn compile_program(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    forward_only: bool,
+) -> Result<Compiled, Error> {
     let module = parse(&src.text)?;
-    let g = lower(&module, &src.name, overrides)?;
-    verify(&g, "lowering")?;
-    Ok(g)
+    let lowered = lower_program(&module, &src.name, overrides)?;
+    verify(&lowered.graph, "lowering")?;
+    let Some(training) = lowered.training.filter(|_| !forward_only) else {
+        return Ok(Compiled {
+            graph: lowered.graph,
+            loss: None,
+            grads: Vec::new(),
+            warnings: Vec::new(),
+        });
+    };
+    let d = differentiate(&lowered.graph, &training)?;
+    verify(&d.graph, "autodiff")?;
+    let warnings = d
+        .unused
+        .iter()
+        .map(|p| format!("param `{p}` does not affect the loss; it is not trained"))
+        .collect();
+    let grads = d
+        .grads
+        .iter()
+        .map(|(name, _, _)| (name.clone(), crate::autodiff::grad_name(name)))
+        .collect();
+    Ok(Compiled {
+        graph: d.graph,
+        loss: Some(d.loss_output),
+        grads,
+        warnings,
+    })
 }
 
 /// Parses `NAME=VALUE` of `--set` into a dim override.

@@ -292,6 +292,12 @@ fn headline(op: &Op) -> (String, String) {
         | Op::Binary { .. }
         | Op::Scalar { .. }
         | Op::CausalMask
+        | Op::FullLike { .. }
+        | Op::BroadcastTo { .. }
+        | Op::UnaryGrad { .. }
+        | Op::Equal
+        | Op::ScatterAdd { .. }
+        | Op::OneHot { .. }
         | Op::Unary { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm { .. }

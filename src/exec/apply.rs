@@ -116,6 +116,40 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
             let [x] = arity(name, args)?;
             one(k::cast(x, *to))
         }
+        Op::FullLike { value } => {
+            let [x] = arity(name, args)?;
+            let shape = IxDyn(x.shape());
+            one(match x {
+                Tensor::F32(_) => ArrayD::from_elem(shape, *value as f32).into(),
+                Tensor::I32(_) => ArrayD::from_elem(shape, *value as i32).into(),
+            })
+        }
+        Op::BroadcastTo { shape } => layout1(
+            name,
+            args,
+            |x| k::broadcast_to(x, shape),
+            |x| k::broadcast_to(x, shape),
+        ),
+        Op::UnaryGrad { op: u } => {
+            let [x, g] = arity(name, args)?;
+            one(k::unary_grad(*u, f32_arg(name, 0, x)?, f32_arg(name, 1, g)?)?.into())
+        }
+        Op::Equal => {
+            let [x, y] = arity(name, args)?;
+            one(match (x, y) {
+                (Tensor::F32(x), Tensor::F32(y)) => k::equal(x, y)?.into(),
+                (Tensor::I32(x), Tensor::I32(y)) => k::equal(x, y)?.into(),
+                (x, y) => return Err(dtype(name, 1, x.kind(), y.kind())),
+            })
+        }
+        Op::ScatterAdd { rows } => {
+            let [ids, g] = arity(name, args)?;
+            one(k::scatter_add(i32_arg(name, 0, ids)?, f32_arg(name, 1, g)?, *rows)?.into())
+        }
+        Op::OneHot { depth } => {
+            let [labels] = arity(name, args)?;
+            one(k::one_hot(i32_arg(name, 0, labels)?, *depth)?.into())
+        }
     }
 }
 

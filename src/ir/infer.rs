@@ -124,6 +124,33 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
             let [x] = operands(name, inputs)?;
             Ok(vec![TensorType::new(*to, x.shape.clone())])
         }
+        Op::FullLike { .. } => {
+            let [x] = operands(name, inputs)?;
+            Ok(vec![x.clone()])
+        }
+        Op::BroadcastTo { shape } => {
+            let [x] = operands(name, inputs)?;
+            one(broadcast_to(x, shape))
+        }
+        Op::UnaryGrad { .. } => {
+            let [x, g] = operands(name, inputs)?;
+            one(unary_grad(name, x, g))
+        }
+        Op::Equal => {
+            let [a, b] = operands(name, inputs)?;
+            one(binary(name, a, b).map(|t| TensorType::new(Dtype::F32, t.shape)))
+        }
+        Op::ScatterAdd { rows } => {
+            let [ids, g] = operands(name, inputs)?;
+            one(scatter_add(ids, g, *rows))
+        }
+        Op::OneHot { depth } => {
+            let [labels] = operands(name, inputs)?;
+            require_i32(name, labels)?;
+            let mut shape = labels.shape.clone();
+            shape.push(*depth);
+            Ok(vec![TensorType::new(Dtype::F32, shape)])
+        }
         Op::AllReduce { .. } | Op::KeepOnFirst { .. } => {
             let [x] = operands(name, inputs)?;
             Ok(vec![x.clone()])
@@ -647,6 +674,50 @@ fn cross_entropy(logits: &TensorType, labels: &TensorType) -> Result<TensorType,
         return Err(shape_err(OP, logits, labels, detail));
     }
     Ok(TensorType::new(Dtype::F32, Vec::new()))
+}
+
+/// numpy `broadcast_to`: every operand dim, aligned at the end, equals the target's or is 1.
+fn broadcast_to(x: &TensorType, shape: &[u64]) -> Result<TensorType, InferError> {
+    const OP: &str = "broadcast_to";
+    let fits = x.rank() <= shape.len()
+        && x.shape
+            .iter()
+            .rev()
+            .zip(shape.iter().rev())
+            .all(|(&a, &b)| a == b || a == 1);
+    if !fits {
+        return Err(attr(
+            OP,
+            format!("{x} does not broadcast to [{}]", list(shape)),
+        ));
+    }
+    Ok(x.with_shape(shape.to_vec()))
+}
+
+/// g·f'(x): float x and g of one type.
+fn unary_grad(op: &'static str, x: &TensorType, g: &TensorType) -> Result<TensorType, InferError> {
+    require_float(op, x)?;
+    if x != g {
+        return Err(shape_err(
+            op,
+            x,
+            g,
+            ": the cotangent has the operand's type".into(),
+        ));
+    }
+    Ok(x.clone())
+}
+
+/// Sums rows `g[..., :]` into `[rows, H]` by i32 ids `[...]`.
+fn scatter_add(ids: &TensorType, g: &TensorType, rows: u64) -> Result<TensorType, InferError> {
+    const OP: &str = "scatter_add";
+    require_i32(OP, ids)?;
+    require_float(OP, g)?;
+    if g.rank() != ids.rank() + 1 || g.shape[..ids.rank()] != ids.shape[..] {
+        let detail = ": rows must have shape ids + [H]".to_string();
+        return Err(shape_err(OP, ids, g, detail));
+    }
+    Ok(g.with_shape(vec![rows, g.shape[ids.rank()]]))
 }
 
 /// Causal mask over the last two dims of a float operand.

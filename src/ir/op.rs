@@ -76,6 +76,22 @@ impl UnaryOp {
         }
     }
 
+    /// Name of the op computing g·f'(x) in the text IR.
+    pub fn grad_name(self) -> &'static str {
+        match self {
+            UnaryOp::Gelu => "gelu_grad",
+            UnaryOp::Relu => "relu_grad",
+            UnaryOp::Silu => "silu_grad",
+            UnaryOp::Tanh => "tanh_grad",
+            UnaryOp::Exp => "exp_grad",
+            UnaryOp::Log => "log_grad",
+            UnaryOp::Neg => "neg_grad",
+            UnaryOp::Sqrt => "sqrt_grad",
+            UnaryOp::Rsqrt => "rsqrt_grad",
+            UnaryOp::Recip => "recip_grad",
+        }
+    }
+
     /// True when f(a + b) = f(a) + f(b) and f(c·a) = c·f(a): such ops pass Partial(sum) through.
     pub fn is_linear(self) -> bool {
         matches!(self, UnaryOp::Neg)
@@ -207,6 +223,35 @@ pub enum Op {
         /// The result dtype.
         to: Dtype,
     },
+    /// A tensor of the operand's type whose every element is `value` (numpy `full_like`).
+    FullLike {
+        /// The fill value.
+        value: f64,
+    },
+    /// numpy `broadcast_to`: the operand repeated along new leading dims and size-1 dims.
+    BroadcastTo {
+        /// The result shape.
+        shape: Vec<u64>,
+    },
+    /// Backward of an elementwise function: operands x and the cotangent g (same shape, f32);
+    /// result g·f'(x) (relu'(0) = 0).
+    UnaryGrad {
+        /// The function differentiated.
+        op: UnaryOp,
+    },
+    /// 1.0 where the operands (broadcast, same dtype) are equal, else 0.0; result f32.
+    Equal,
+    /// Backward of embedding: operands ids `i32[...]` and rows `f32[..., H]`; result `[rows, H]`
+    /// with row `i` the sum of the rows whose id is `i`.
+    ScatterAdd {
+        /// Rows of the result (the table's vocabulary).
+        rows: u64,
+    },
+    /// Operand labels `i32[...]`; result `f32[..., depth]`, 1.0 at each label's index.
+    OneHot {
+        /// Size of the new last dim.
+        depth: u64,
+    },
     /// SPMD: reduces the operand over the devices of the group along mesh axis `axis` (of `size`
     /// devices); every device gets the result. Partial → Replicate.
     AllReduce {
@@ -315,6 +360,12 @@ impl Op {
             Op::CrossEntropy => "cross_entropy",
             Op::CausalMask => "causal_mask",
             Op::Cast { .. } => "cast",
+            Op::FullLike { .. } => "full_like",
+            Op::BroadcastTo { .. } => "broadcast_to",
+            Op::UnaryGrad { op } => op.grad_name(),
+            Op::Equal => "equal",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::OneHot { .. } => "one_hot",
             Op::AllReduce { .. } => "all_reduce",
             Op::AllGather { .. } => "all_gather",
             Op::ReduceScatter { .. } => "reduce_scatter",
@@ -433,6 +484,10 @@ impl fmt::Display for Op {
                 write!(f, "slice{{axis={axis},start={start},end={end}}}")
             }
             Op::Cast { to } => write!(f, "cast{{to={to}}}"),
+            Op::FullLike { value } => write!(f, "full_like{{value={}}}", fmt_f64(*value)),
+            Op::BroadcastTo { shape } => write!(f, "broadcast_to{{shape=[{}]}}", list(shape)),
+            Op::ScatterAdd { rows } => write!(f, "scatter_add{{rows={rows}}}"),
+            Op::OneHot { depth } => write!(f, "one_hot{{depth={depth}}}"),
             Op::AllReduce { axis, size, reduce } => {
                 write!(f, "all_reduce{{{}:{axis}={size}}}", reduce.name())
             }
@@ -480,7 +535,9 @@ impl fmt::Display for Op {
             | Op::Unary { .. }
             | Op::Embedding
             | Op::CrossEntropy
-            | Op::CausalMask => f.write_str(self.name()),
+            | Op::CausalMask
+            | Op::UnaryGrad { .. }
+            | Op::Equal => f.write_str(self.name()),
         }
     }
 }

@@ -12,7 +12,7 @@ mod train;
 
 pub use error::LowerError;
 
-use crate::ir::{Graph, TensorType, Training};
+use crate::ir::{Graph, Output, TensorType, Training};
 use crate::span::Span;
 use crate::syntax::ast::{BlockDef, Item, Module};
 use scope::Scope;
@@ -69,6 +69,16 @@ pub fn lower_program(
             frozen: std::mem::take(&mut scope.frozen),
             span,
         });
+    if let (true, Some(t)) = (g.outputs().is_empty(), &training) {
+        // A training program returns its loss when it declares nothing else.
+        let name = g.value(t.loss).name.clone().unwrap_or_else(|| "loss".into());
+        g.add_output(Output {
+            name,
+            value: t.loss,
+            annotation: None,
+            span: t.span,
+        });
+    }
     if g.outputs().is_empty() {
         let end = module.items.last().map(item_span).unwrap_or_default();
         return Err(LowerError::Invalid {

@@ -1,5 +1,5 @@
 //! Local forms of the ops. Most ops run unchanged on their local blocks; a few need rewriting:
-//! reshape (local target shape), mean over a split axis (rescaled partial), the vocab-split
+//! reshape and broadcast_to (local target shape), mean over a split axis (rescaled partial), the vocab-split
 //! embedding (masked lookup) and the vocab-parallel cross-entropy.
 
 use super::reshard::{describe, Step};
@@ -23,16 +23,20 @@ impl Partitioner<'_> {
         let origin = node.outputs.first().copied();
         let (span, region) = (node.span, self.regions[node.region]);
         let op = match &node.op {
-            Op::Reshape { .. } => {
+            op @ (Op::Reshape { .. } | Op::BroadcastTo { .. }) => {
                 let ty = self.g.ty(node.outputs[0]);
                 let computed = self.table.get(computed);
                 let shape = computed.local_shape(ty, self.mesh).ok_or_else(|| {
                     PartitionError::Local(format!(
-                        "reshape result {ty} does not divide in {}",
+                        "{} result {ty} does not divide in {}",
+                        op.name(),
                         computed.display(self.mesh)
                     ))
                 })?;
-                Op::Reshape { shape }
+                match op {
+                    Op::Reshape { .. } => Op::Reshape { shape },
+                    _ => Op::BroadcastTo { shape },
+                }
             }
             Op::Reduce {
                 op: ReduceOp::Mean,

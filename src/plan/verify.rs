@@ -498,7 +498,8 @@ impl<'a> Verifier<'a> {
             (Op::Reduce { .. } | Op::Binary { .. }, Op::CrossEntropy) => {
                 self.check_vocab_loss(id, gid)
             }
-            (Op::Reshape { .. }, Op::Reshape { .. }) => {
+            (Op::Reshape { .. }, Op::Reshape { .. })
+            | (Op::BroadcastTo { .. }, Op::BroadcastTo { .. }) => {
                 self.check_operands(id, gid)?;
                 self.check_global_rule(id, gid)
             }

@@ -71,23 +71,33 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
         | Op::TargetLogit { .. } => return None,
         Op::MatMul => matmul(&mut b, &ins[0].shape, &ins[1].shape),
         Op::Binary { op } => {
-            let result = b.labels(out_shape);
-            let operands = ins
-                .iter()
-                .map(|t| broadcast_labels(&t.shape, out_shape, &result))
-                .collect();
             let linear = match op {
                 BinaryOp::Add | BinaryOp::Sub => vec![vec![0, 1]],
                 BinaryOp::Mul => vec![vec![0], vec![1]],
                 BinaryOp::Div => vec![vec![0]],
                 BinaryOp::Max => vec![],
             };
+            broadcasting(&mut b, ins, out_shape, linear)
+        }
+        Op::Equal => broadcasting(&mut b, ins, out_shape, vec![]),
+        Op::BroadcastTo { .. } => broadcasting(&mut b, ins, out_shape, vec![vec![0]]),
+        Op::FullLike { .. } => elementwise(&mut b, out_shape, 1, false),
+        Op::UnaryGrad { .. } => {
+            let mut r = elementwise(&mut b, out_shape, 2, false);
+            r.linear = vec![vec![1]];
+            r
+        }
+        Op::ScatterAdd { .. } => scatter_add(&mut b, &ins[0].shape, *out_shape.last()?),
+        Op::OneHot { .. } => {
+            let pos = b.labels(&ins[0].shape);
+            let mut result = pos.clone();
+            result.push(None);
             Rule {
-                operands,
+                operands: vec![pos],
                 result,
                 sizes: Vec::new(),
                 contracted: vec![],
-                linear,
+                linear: vec![],
             }
         }
         Op::Scalar { op, scalar_lhs, .. } => {
@@ -353,6 +363,48 @@ fn elementwise(b: &mut Builder, shape: &[u64], n_operands: usize, linear: bool) 
         sizes: Vec::new(),
         contracted: vec![],
         linear: if linear { vec![vec![0]] } else { vec![] },
+    }
+}
+
+/// An elementwise op whose operands broadcast to `out`.
+fn broadcasting(
+    b: &mut Builder,
+    ins: &[&TensorType],
+    out: &[u64],
+    linear: Vec<Vec<usize>>,
+) -> Rule {
+    let result = b.labels(out);
+    let operands = ins
+        .iter()
+        .map(|t| broadcast_labels(&t.shape, out, &result))
+        .collect();
+    Rule {
+        operands,
+        result,
+        sizes: Vec::new(),
+        contracted: vec![],
+        linear,
+    }
+}
+
+/// Rows summed by id: splitting the ids' positions gives a partial sum; the table's rows are
+/// never split (each device would need to know which ids fall in its block).
+fn scatter_add(b: &mut Builder, ids: &[u64], h: u64) -> Rule {
+    let pos = b.labels(ids);
+    let h = Some(b.label(h));
+    let mut rows = pos.clone();
+    rows.push(h);
+    let contracted = pos
+        .iter()
+        .flatten()
+        .map(|&l| (l, Contraction::Partial(PartialOp::Sum)))
+        .collect();
+    Rule {
+        operands: vec![pos, rows],
+        result: vec![None, h],
+        sizes: Vec::new(),
+        contracted,
+        linear: vec![vec![1]],
     }
 }
 

@@ -1,0 +1,176 @@
+//! Appends backward ops to the graph: each op's result types are inferred as lowering does, and
+//! each node goes into the backward instance of the forward node being differentiated.
+
+use super::AutodiffError;
+use crate::ir::infer::infer;
+use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RegionId, TensorType, UnaryOp, ValueId};
+use crate::span::Span;
+use std::collections::HashMap;
+
+/// The graph under construction and where its next node goes.
+pub(super) struct Builder {
+    g: Graph,
+    /// Forward region -> its backward instance.
+    backward: HashMap<RegionId, RegionId>,
+    /// Backward bodies are numbered after every forward body.
+    body_offset: u32,
+    region: RegionId,
+    span: Span,
+    /// The forward op being differentiated, for error messages.
+    of: String,
+}
+
+type R<T> = Result<T, AutodiffError>;
+
+impl Builder {
+    /// Starts from the forward graph.
+    pub(super) fn new(g: Graph) -> Self {
+        let body_offset = g.regions().map(|(_, r)| r.body).max().unwrap_or(0) + 1;
+        let root = g.root();
+        Builder {
+            g,
+            backward: HashMap::new(),
+            body_offset,
+            region: root,
+            span: Span::default(),
+            of: String::new(),
+        }
+    }
+
+    /// The finished graph.
+    pub(super) fn into_graph(self) -> Graph {
+        self.g
+    }
+
+    /// The type of `v`.
+    pub(super) fn ty(&self, v: ValueId) -> &TensorType {
+        self.g.ty(v)
+    }
+
+    /// Next nodes differentiate `op` in forward region `region`, written at `span`.
+    pub(super) fn at(&mut self, region: RegionId, span: Span, op: &Op) {
+        self.region = self.backward_of(region);
+        self.span = span;
+        self.of = op.to_string();
+    }
+
+    /// The backward instance of forward region `r` (the root is its own).
+    fn backward_of(&mut self, r: RegionId) -> RegionId {
+        if r == self.g.root() {
+            return r;
+        }
+        if let Some(&b) = self.backward.get(&r) {
+            return b;
+        }
+        let fwd = self.g.region(r).clone();
+        let parent = self.backward_of(fwd.parent.unwrap_or(self.g.root()));
+        let path = format!("{}/backward", fwd.path);
+        let b = self
+            .g
+            .add_region(path, fwd.block, parent, fwd.body + self.body_offset);
+        self.backward.insert(r, b);
+        b
+    }
+
+    /// A compiler bug while differentiating the current op.
+    pub(super) fn bug(&self, detail: impl Into<String>) -> AutodiffError {
+        AutodiffError::Internal {
+            op: self.of.clone(),
+            span: self.span,
+            detail: detail.into(),
+        }
+    }
+
+    /// Appends `op` on `ins`; all its results.
+    pub(super) fn op_n(&mut self, op: Op, ins: Vec<ValueId>) -> R<Vec<ValueId>> {
+        let tys: Vec<&TensorType> = ins.iter().map(|&v| self.g.ty(v)).collect();
+        let out = infer(&op, &tys).map_err(|e| self.bug(e.to_string()))?;
+        let n = self.g.add_node(op, ins, out, self.span, self.region);
+        Ok(self.g.node(n).outputs.clone())
+    }
+
+    /// Appends single-result `op` on `ins`.
+    pub(super) fn op(&mut self, op: Op, ins: Vec<ValueId>) -> R<ValueId> {
+        let out = self.op_n(op, ins)?;
+        out.first().copied().ok_or_else(|| self.bug("no result"))
+    }
+
+    /// a + b.
+    pub(super) fn add(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
+        self.bin(BinaryOp::Add, a, b)
+    }
+
+    /// a `op` b, numpy broadcasting.
+    pub(super) fn bin(&mut self, op: BinaryOp, a: ValueId, b: ValueId) -> R<ValueId> {
+        self.op(Op::Binary { op }, vec![a, b])
+    }
+
+    /// f(x).
+    pub(super) fn unary(&mut self, op: UnaryOp, x: ValueId) -> R<ValueId> {
+        self.op(Op::Unary { op }, vec![x])
+    }
+
+    /// x `op` value (or value `op` x when `lhs`).
+    pub(super) fn scalar(&mut self, op: BinaryOp, x: ValueId, value: f64, lhs: bool) -> R<ValueId> {
+        let op = Op::Scalar {
+            op,
+            value,
+            scalar_lhs: lhs,
+        };
+        self.op(op, vec![x])
+    }
+
+    /// Reduction of `axis`.
+    pub(super) fn reduce(
+        &mut self,
+        op: ReduceOp,
+        x: ValueId,
+        axis: usize,
+        keep: bool,
+    ) -> R<ValueId> {
+        let op = Op::Reduce {
+            op,
+            axis,
+            keepdims: keep,
+        };
+        self.op(op, vec![x])
+    }
+
+    /// Row-major reshape, skipped when the shape is already `shape`.
+    pub(super) fn reshape(&mut self, x: ValueId, shape: &[u64]) -> R<ValueId> {
+        if self.ty(x).shape == shape {
+            return Ok(x);
+        }
+        let op = Op::Reshape {
+            shape: shape.to_vec(),
+        };
+        self.op(op, vec![x])
+    }
+
+    /// Swaps the last two dims.
+    pub(super) fn swap_last(&mut self, x: ValueId) -> R<ValueId> {
+        let r = self.ty(x).rank();
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm.swap(r - 2, r - 1);
+        self.op(Op::Transpose { perm }, vec![x])
+    }
+
+    /// A tensor of `x`'s type filled with `value`.
+    pub(super) fn full_like(&mut self, x: ValueId, value: f64) -> R<ValueId> {
+        self.op(Op::FullLike { value }, vec![x])
+    }
+
+    /// The cotangent `g` of a broadcast result summed back to operand shape `shape`.
+    pub(super) fn unbroadcast(&mut self, g: ValueId, shape: &[u64]) -> R<ValueId> {
+        let mut g = g;
+        while self.ty(g).rank() > shape.len() {
+            g = self.reduce(ReduceOp::Sum, g, 0, false)?;
+        }
+        for (d, &n) in shape.iter().enumerate() {
+            if n == 1 && self.ty(g).shape[d] != 1 {
+                g = self.reduce(ReduceOp::Sum, g, d, true)?;
+            }
+        }
+        Ok(g)
+    }
+}
