@@ -102,3 +102,181 @@ train loss with sgd(lr=0.1)
     );
     assert_eq!(names, ["w", "b"]);
 }
+
+#[test]
+fn matmul_promotes_and_broadcasts() {
+    check(
+        "param v : f32[4]
+param m : f32[4, 3]
+param a : f32[2, 3, 4]
+param c : f32[4, 5]
+param u : f32[3]
+y1 = v @ m
+y2 = a @ c
+y3 = m @ u
+y4 = a @ transpose(a, [0, 2, 1])
+loss = sum(y1 * y1, 0) + sum(sum(sum(y2, 2), 1), 0) + sum(y3 * y3, 0) + mean(mean(mean(y4, 2), 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn batched_matmul_broadcasts_a_weight_over_the_batch() {
+    check(
+        "param q : f32[2, 3, 4, 5]
+param k : f32[3, 5, 4]
+s = q @ k
+loss = sum(sum(sum(sum(s * s, 3), 2), 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn elementwise_binaries_with_broadcasting() {
+    check(
+        "param a : f32[3, 4]
+param b : f32[4]
+param c : f32[3, 1]
+param d : f32[3, 4]
+x = a * b + c - d / (c * c + 2.0)
+y = maximum(a, d) + maximum(b, c)
+loss = sum(sum(x * y, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn scalar_ops_on_both_sides() {
+    check(
+        "param a : f32[3, 4]
+x = (a + 1.5) * 2.0 - 0.5
+y = 3.0 - x / 4.0
+z = 2.0 / (a * a + 1.0)
+loss = sum(sum(x * y + z, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn every_unary_function() {
+    check(
+        "param a : f32[4, 6]
+p = a * a + 0.5
+x = gelu(a) + relu(a) + silu(a) + tanh(a) + exp(a) + neg(a)
+y = log(p) + sqrt(p) + rsqrt(p) + recip(p)
+loss = sum(sum(x * y, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn softmax_on_each_axis_and_the_norms() {
+    check(
+        "param a : f32[3, 5]
+param g : f32[5]
+param b : f32[5]
+s0 = softmax(a, 0)
+s1 = softmax(a)
+l = layernorm(a * 3.0, g, b)
+ln = layernorm(a, g)
+r = rmsnorm(a, g)
+loss = sum(sum((s0 + s1 + r) * l + ln * ln, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn reductions_with_and_without_kept_dims() {
+    check(
+        "param a : f32[3, 4, 5]
+x = sum(a, 1) + mean(a, 1) + max(a, 1)
+y = sum(a, 2, keepdims=true) * mean(a, 0, keepdims=true) + max(a, 2, keepdims=true)
+loss = sum(sum(x * x, 1), 0) + sum(sum(sum(y * y, 2), 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn layout_ops() {
+    check(
+        "param a : f32[2, 3, 4]
+param b : f32[2, 3, 2]
+t = transpose(a, [2, 0, 1])
+r = reshape(a, [6, 4])
+p, q = split(a, [1, 3], axis=2)
+c = concat([a, b], 2)
+s = slice(a, 1, 1, 3)
+loss = sum(sum(sum(t * t, 2), 1), 0) + sum(sum(r * r * r, 1), 0) + sum(sum(sum(q, 2), 1), 0) + sum(sum(sum(c * c, 2), 1), 0) + sum(sum(sum(s * s, 2), 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn a_split_piece_without_a_use_gets_zero_gradient() {
+    check(
+        "param a : f32[4, 6]
+x, y, z = split(a, 3, axis=1)
+loss = sum(sum(y * y, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+}
+
+#[test]
+fn embedding_cross_entropy_and_the_causal_mask() {
+    let names = check(
+        "input tokens : i32[2, 4]
+input labels : i32[2, 4]
+param wte : f32[11, 6]
+param wq : f32[6, 6]
+h = embedding(tokens, wte)
+q = h @ wq
+att = softmax(causal_mask(q @ transpose(h, [0, 2, 1])))
+o = att @ h
+logits = o @ transpose(wte)
+loss = cross_entropy(logits, labels)
+train loss with adamw(lr=0.001)
+",
+    );
+    assert_eq!(names, ["wte", "wq"]);
+}
+
+#[test]
+fn frozen_and_unused_params_get_no_gradient() {
+    let c = compile(
+        "input x : f32[2, 4]
+param w : f32[4, 4]
+param f : f32[4, 4] frozen
+param unused : f32[3]
+y = (x @ w) @ f
+loss = sum(sum(y * y, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+    let names: Vec<&str> = c.grads.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(names, ["w"]);
+    assert_eq!(
+        c.warnings,
+        ["param `unused` does not affect the loss; it is not trained"]
+    );
+}
+
+/// The gpt example with a `train` statement: repeated layers (backward built per instance),
+/// the tied table used twice (embedding and LM head), every op of a transformer.
+#[test]
+fn gpt_with_repeated_layers_and_a_tied_table() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gpt.tpl"))
+        .expect("example")
+        .replace("dim B = 2, S = 16, H = 64, NH = 8, L = 2, V = 4096", "dim B = 2, S = 4, H = 16, NH = 2, L = 2, V = 32")
+        + "train loss with adamw(lr=0.001)\n";
+    let names = check(&text);
+    assert_eq!(names.len(), 4 + 2 * 16);
+}

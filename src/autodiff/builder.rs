@@ -55,19 +55,25 @@ impl Builder {
     }
 
     /// The backward instance of forward region `r` (the root is its own).
+    /// The backward instance of forward region `r`; the root's ops get one too (`backward`), so
+    /// every backward node is in a region marked backward.
     fn backward_of(&mut self, r: RegionId) -> RegionId {
-        if r == self.g.root() {
-            return r;
-        }
         if let Some(&b) = self.backward.get(&r) {
             return b;
         }
         let fwd = self.g.region(r).clone();
-        let parent = self.backward_of(fwd.parent.unwrap_or(self.g.root()));
-        let path = format!("{}/backward", fwd.path);
+        let (path, block, parent) = match fwd.parent {
+            Some(p) => (
+                format!("{}/backward", fwd.path),
+                fwd.block,
+                self.backward_of(p),
+            ),
+            None => ("backward".to_string(), "backward".to_string(), r),
+        };
         let b = self
             .g
-            .add_region(path, fwd.block, parent, fwd.body + self.body_offset);
+            .add_region(path, block, parent, fwd.body + self.body_offset);
+        self.g.set_backward(b);
         self.backward.insert(r, b);
         b
     }

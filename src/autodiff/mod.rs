@@ -138,10 +138,11 @@ fn finish(
     for (name, v) in trained {
         match cot[v] {
             Some(d) => {
+                // A gradient is laid out as its param is: a split weight's gradient stays split.
                 graph.add_output(Output {
                     name: grad_name(&name),
                     value: d,
-                    annotation: None,
+                    annotation: g.annotation(v).cloned(),
                     span: g.node(g.value(v).node).span,
                 });
                 grads.push((name, v, d));

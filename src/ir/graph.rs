@@ -52,6 +52,9 @@ pub struct Region<S = Global> {
     pub parent: Option<RegionId<S>>,
     /// Identifies the lowered body this instance was stamped from.
     pub body: u32,
+    /// True for the backward pass of a block instance (or of the root's ops).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backward: bool,
 }
 
 /// A user sharding annotation on a value, with the span of the spec.
@@ -126,6 +129,7 @@ impl<S: Space> Graph<S> {
             block: String::new(),
             parent: None,
             body: 0,
+            backward: false,
         });
         g
     }
@@ -148,8 +152,16 @@ impl<S: Space> Graph<S> {
             block,
             parent: Some(parent),
             body,
+            backward: false,
         });
         RegionId::new(self.regions.len() - 1)
+    }
+
+    /// Marks region `r` as a backward pass.
+    pub fn set_backward(&mut self, r: RegionId<S>) {
+        if let Some(x) = self.regions.get_mut(r.index()) {
+            x.backward = true;
+        }
     }
 
     /// Appends a node whose results have the given types; returns it. Operands must already exist.

@@ -104,6 +104,21 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
     })
 }
 
+/// The op of the forward pass at each span (the first, when several share one), or nothing
+/// for a program without a backward pass.
+fn forward_ops(g: &Graph) -> HashMap<Span, &'static str> {
+    if !g.regions().any(|(_, r)| r.backward) {
+        return HashMap::new();
+    }
+    let mut m = HashMap::new();
+    for (_, n) in g.nodes() {
+        if !g.region(n.region).backward && !n.op.is_leaf() {
+            m.entry(n.span).or_insert(n.op.name());
+        }
+    }
+    m
+}
+
 /// Who asks for a value, for provenance (formatted only when a collective records it).
 struct Use<'g> {
     user: User<'g>,
@@ -116,6 +131,8 @@ struct Use<'g> {
 enum User<'g> {
     /// An op, by name.
     Op(&'static str),
+    /// An op of the backward pass, by the name of the forward op it differentiates.
+    Backward(&'static str),
     /// A program output.
     Output(&'g str),
     /// The sharding constraint on a (named) value.
@@ -126,6 +143,7 @@ impl User<'_> {
     fn describe(&self) -> String {
         match self {
             User::Op(name) => name.to_string(),
+            User::Backward(name) => format!("backward of {name}"),
             User::Output(name) => format!("output {name}"),
             User::Constraint(name) => {
                 format!("sharding constraint on {}", name.unwrap_or("value"))
@@ -150,6 +168,8 @@ struct Partitioner<'a> {
     home: IdVec<ValueId, Option<(PlId, ValueId<Local>)>>,
     /// The other local values holding a global value, by (global value, placement).
     copies: HashMap<(ValueId, PlId), ValueId<Local>>,
+    /// The forward op written at each span, naming what a backward op differentiates.
+    forward_ops: HashMap<Span, &'static str>,
 }
 
 impl<'a> Partitioner<'a> {
@@ -173,6 +193,7 @@ impl<'a> Partitioner<'a> {
             provenance: BTreeMap::new(),
             home: IdVec::filled(g.num_values(), None),
             copies: HashMap::new(),
+            forward_ops: forward_ops(g),
         }
     }
 
@@ -304,7 +325,11 @@ impl<'a> Partitioner<'a> {
         let node = g.node(id);
         let region = self.regions[node.region];
         let user = Use {
-            user: User::Op(node.op.name()),
+            user: if g.region(node.region).backward {
+                User::Backward(self.forward_ops.get(&node.span).copied().unwrap_or("an op"))
+            } else {
+                User::Op(node.op.name())
+            },
             span: node.span,
             region,
         };
@@ -346,7 +371,11 @@ fn local_regions(g: &Graph, out: &mut Graph<Local>) -> IdVec<RegionId, RegionId<
     let mut map = IdVec::from_vec(vec![out.root()]);
     for (_, r) in g.regions().skip(1) {
         let parent = map[r.parent.unwrap_or(g.root())];
-        map.push(out.add_region(r.path.clone(), r.block.clone(), parent, r.body));
+        let l = out.add_region(r.path.clone(), r.block.clone(), parent, r.body);
+        if r.backward {
+            out.set_backward(l);
+        }
+        map.push(l);
     }
     map
 }
