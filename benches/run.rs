@@ -1,5 +1,5 @@
 //! Execution benchmarks (prints figures; not a timed test). Run: `cargo bench --bench run`, or
-//! one section: `cargo bench --bench run -- matmul|allreduce|gpt`. `-- profile-gpt` runs only
+//! one section: `cargo bench --bench run -- matmul|allreduce|gpt|grad`. `-- profile-gpt` runs only
 //! the sharded gpt forward (20 steps), to profile the bench binary with `perf record`.
 //!
 //! Machines are noisy and differ (AVX2 only or AVX-512), so every figure is printed beside a
@@ -18,6 +18,10 @@
 //!    same function with the same params (written to an npz) and the same Megatron sharding on
 //!    8 virtual CPU devices (`benches/peers/jax_gpt.py`), unrolled and with `lax.scan`; the
 //!    losses are compared. Goal: no slower than JAX.
+//! 4. `grad`: the gradients of gpt.tpl's training step (same shape, L=4), computed by tpc at
+//!    degree 8 on the thread runtime, against `jax.grad` of the same function in float64 on the
+//!    same params (`benches/peers/jax_grad.py`); JAX in float32 is printed beside tpc as the
+//!    error of an f32 implementation. Goal: tpc's error no larger than JAX f32's.
 //!
 //! Python: `target/benchvenv/bin/python` in the build folder, made by `bash benches/setup_peers.sh`
 //! (numpy, threadpoolctl and jax[cpu] at the versions of `benches/peers/requirements.txt`), or
@@ -76,6 +80,9 @@ fn main() {
     }
     if want("gpt") {
         bench_gpt(&plan, python.as_deref());
+    }
+    if want("grad") {
+        bench_grad(python.as_deref());
     }
 }
 
@@ -799,4 +806,109 @@ fn run_jax(python: &Path, leaves: &BTreeMap<String, Tensor>) -> Result<Json, Str
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_gpt.py output: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Gradients against jax.grad
+
+/// Layers of the gradient check (the rest of the shape is `GPT`'s).
+const GRAD_LAYERS: i64 = 4;
+
+fn bench_grad(python: Option<&Path>) {
+    println!("\n## 4. gpt.tpl training step gradients (L={GRAD_LAYERS}), degree {DEGREE}, against jax.grad");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpt.tpl");
+    let text =
+        std::fs::read_to_string(&path).expect("gpt.tpl reads") + "train loss with sgd(lr=0.1)\n";
+    let src = tpc::diag::SourceFile::new("gpt.tpl", text);
+    let mut sets: Vec<(String, i64)> = GPT.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    sets.retain(|(k, _)| k != "L");
+    sets.push(("L".into(), GRAD_LAYERS));
+    let plan = compile_plan(
+        &src,
+        &sets,
+        Mesh::degree(DEGREE).unwrap(),
+        Device::default(),
+    )
+    .unwrap_or_else(|e| panic!("gpt.tpl trains: {}", e.render(Some(&src))));
+    let source = LeafSource::Seed(0);
+    let out = run_threads(&plan, &source, 1, None).expect("tpc run");
+    let grads: BTreeMap<String, Tensor> = out
+        .outputs
+        .iter()
+        .filter_map(|(k, t)| Some((tpc::autodiff::param_of_grad(k)?.to_string(), t.clone())))
+        .collect();
+    let leaves = global_leaves(&plan.global, &source).expect("leaves");
+    let Some(python) = python else {
+        println!("skipped: no python");
+        return;
+    };
+    match run_jax_grad(python, &leaves, &grads) {
+        Err(e) => println!("skipped: {e}"),
+        Ok(j) => {
+            let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| what | max relative error over the {} params | / JAX f32 |",
+                grads.len()
+            );
+            println!("|---|---|---|");
+            println!(
+                "| tpc degree {DEGREE} vs JAX f64 | {:.3e} (worst: {}) | {:.2} |",
+                f("max_rel_tpc"),
+                j["worst_param"].as_str().unwrap_or("?"),
+                f("max_rel_tpc") / f("max_rel_jax_f32")
+            );
+            println!(
+                "| JAX {} f32 vs JAX f64 | {:.3e} | 1 |",
+                j["jax"].as_str().unwrap_or("?"),
+                f("max_rel_jax_f32")
+            );
+            println!(
+                "loss: tpc {:.9}, JAX f64 {:.9}",
+                scalar(&out.outputs, "loss"),
+                f("loss_f64")
+            );
+            println!("error: ||g - g64|| / max(||g64||, 1e-4 ||all of g64||) per param");
+            println!("goal: tpc / JAX f32 <= 1");
+        }
+    }
+}
+
+fn run_jax_grad(
+    python: &Path,
+    leaves: &BTreeMap<String, Tensor>,
+    grads: &BTreeMap<String, Tensor>,
+) -> Result<Json, String> {
+    let tmp = |what: &str| {
+        std::env::temp_dir().join(format!("tpc-bench-{what}-{}.npz", std::process::id()))
+    };
+    let (lp, gp) = (tmp("leaves"), tmp("grads"));
+    let text = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or("temp path is not UTF-8")
+    };
+    let (ls, gs) = (text(&lp)?, text(&gp)?);
+    npz::write(&ls, leaves).map_err(|e| e.to_string())?;
+    npz::write(&gs, grads).map_err(|e| e.to_string())?;
+    let heads = GPT.iter().find(|(k, _)| *k == "NH").unwrap().1;
+    let out = Command::new(python)
+        .arg(bench_dir().join("peers/jax_grad.py"))
+        .args([&ls, &gs])
+        .args([
+            "--layers",
+            &GRAD_LAYERS.to_string(),
+            "--heads",
+            &heads.to_string(),
+        ])
+        .env("JAX_PLATFORMS", "cpu")
+        .output();
+    let _ = std::fs::remove_file(&lp);
+    let _ = std::fs::remove_file(&gp);
+    let out = out.map_err(|e| format!("cannot start {}: {e}", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("jax_grad.py failed: {}", last_line(err.trim())));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_grad.py output: {e}"))
 }

@@ -51,6 +51,9 @@ struct CompileArgs {
     /// An n-D mesh, e.g. dp=2,tp=4.
     #[arg(long)]
     mesh: Option<String>,
+    /// For a program with `train`: compile only its forward pass.
+    #[arg(long)]
+    forward_only: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -230,6 +233,20 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// Compiles `src` (its training step, unless `forward_only`) and prints its warnings.
+pub(crate) fn compile_source(
+    src: &tpc::diag::SourceFile,
+    overrides: &[(String, i64)],
+    forward_only: bool,
+) -> Result<driver::Compiled, Failure> {
+    let c = driver::compile_program(src, overrides, forward_only)
+        .map_err(|e| fail(e, Some(src.clone())))?;
+    for w in &c.warnings {
+        say_err(&format!("warning: {w}"));
+    }
+    Ok(c)
+}
+
 fn compile(args: &CompileArgs) -> Result<(), Failure> {
     if let Some(p) = &args.output {
         tpc::files::check_writable("-o", p).map_err(anyhow::Error::from)?;
@@ -247,7 +264,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
-    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
+    let g = compile_source(&src, &overrides, args.forward_only)?.graph;
     if mesh.is_some() {
         let plan =
             driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))?;

@@ -4,12 +4,14 @@
 
 use crate::{fail, say_err, say_out, write_output, DeviceArgs, Failure};
 use anyhow::anyhow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tpc::autodiff::param_of_grad;
 use tpc::driver;
 use tpc::exec::leaves::{global_leaves, LeafSource};
 use tpc::exec::spmd::{run_threads, RunOutput};
-use tpc::exec::{npz, reference};
+use tpc::exec::{npz, reference, Tensor};
 use tpc::files;
 use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
@@ -65,6 +67,13 @@ pub struct RunArgs {
     /// Write the measured figures as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     stats: Option<String>,
+    /// For a program with `train`: run only its forward pass.
+    #[arg(long)]
+    forward_only: bool,
+    /// For a program with `train`: write each trained param's gradient (global, by the param's
+    /// name) to this .npz archive.
+    #[arg(long, value_name = "G.npz")]
+    grads: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -78,6 +87,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     }
     let flags = validate(args)?;
     let plan = load_plan(args, flags.device)?;
+    check_grads_wanted(args, &plan)?;
     memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
     let bar = progress(args.repeat);
@@ -111,7 +121,11 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
         None => None,
     };
     let device = args.device.device()?;
-    for (what, path) in [("--out", &args.out), ("--stats", &args.stats)] {
+    for (what, path) in [
+        ("--out", &args.out),
+        ("--stats", &args.stats),
+        ("--grads", &args.grads),
+    ] {
         if let Some(p) = path {
             files::check_writable(what, Path::new(p)).map_err(|e| anyhow!("{e}"))?;
         }
@@ -276,6 +290,11 @@ fn finish(
         npz::write(&p.to_string_lossy(), &out.outputs).map_err(|e| anyhow!("{e}"))?;
         written.push((path, p));
     }
+    if let Some(path) = &args.grads {
+        let p = place(path);
+        npz::write(&p.to_string_lossy(), &gradients(&out.outputs)).map_err(|e| anyhow!("{e}"))?;
+        written.push((path, p));
+    }
     if let Some(path) = &args.stats {
         let p = place(path);
         write_output(Some(&p), &stats_json(plan, out))?;
@@ -298,6 +317,36 @@ fn finish(
         args.atol
     )
     .into())
+}
+
+/// The gradient outputs, keyed by their params' names.
+fn gradients(outputs: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    outputs
+        .iter()
+        .filter_map(|(k, t)| Some((param_of_grad(k)?.to_string(), t.clone())))
+        .collect()
+}
+
+/// `--grads` needs a plan with gradient outputs: a program with `train`, not `--forward-only`.
+fn check_grads_wanted(args: &RunArgs, plan: &Plan) -> Result<(), Failure> {
+    let has = plan
+        .global
+        .outputs()
+        .iter()
+        .any(|o| param_of_grad(&o.name).is_some());
+    match (&args.grads, has) {
+        (Some(_), false) => Err(anyhow!(
+            "--grads: `{}` computes no gradients (it needs a `train` statement{})",
+            args.file,
+            if args.forward_only {
+                " and no --forward-only"
+            } else {
+                ""
+            }
+        )
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 /// True when `bytes` are a plan document rather than a .tpl source: a JSON object (a .tpl file
@@ -323,7 +372,7 @@ fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(e, None))?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
-    let g = driver::compile_global(&src, &overrides).map_err(|e| fail(e, Some(src.clone())))?;
+    let g = crate::compile_source(&src, &overrides, args.forward_only)?.graph;
     driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))
 }
 

@@ -275,7 +275,10 @@ train loss with sgd(lr=0.1)
 fn gpt_with_repeated_layers_and_a_tied_table() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gpt.tpl"))
         .expect("example")
-        .replace("dim B = 2, S = 16, H = 64, NH = 8, L = 2, V = 4096", "dim B = 2, S = 4, H = 16, NH = 2, L = 2, V = 32")
+        .replace(
+            "dim B = 2, S = 16, H = 64, NH = 8, L = 2, V = 4096",
+            "dim B = 2, S = 4, H = 16, NH = 2, L = 2, V = 32",
+        )
         + "train loss with adamw(lr=0.001)\n";
     let names = check(&text);
     assert_eq!(names.len(), 4 + 2 * 16);

@@ -35,6 +35,12 @@ fn kind(op: &Op) -> Option<&'static str> {
         Op::CrossEntropy => "cross_entropy",
         Op::CausalMask => "causal_mask",
         Op::Cast { .. } => "cast",
+        Op::FullLike { .. } => "full_like",
+        Op::BroadcastTo { .. } => "broadcast_to",
+        Op::UnaryGrad { .. } => "unary_grad",
+        Op::Equal => "equal",
+        Op::ScatterAdd { .. } => "scatter_add",
+        Op::OneHot { .. } => "one_hot",
         // leaves and the SPMD-only ops have no rule
         Op::Input { .. }
         | Op::Param { .. }
@@ -147,7 +153,21 @@ fn examples() -> Vec<(Op, Vec<TensorType>)> {
         (Op::Embedding, vec![i(&[2, 8]), f(&[32, 16])]),
         (Op::CrossEntropy, vec![f(&[2, 8, 32]), i(&[2, 8])]),
         (Op::CausalMask, vec![f(&[2, 4, 8, 8])]),
-        (Op::Cast { to: Dtype::Bf16 }, vec![bsh]),
+        (Op::Cast { to: Dtype::Bf16 }, vec![bsh.clone()]),
+        (Op::FullLike { value: 1.0 }, vec![f(&[])]),
+        (
+            Op::BroadcastTo {
+                shape: vec![2, 8, 16],
+            },
+            vec![f(&[8, 1])],
+        ),
+        (
+            Op::UnaryGrad { op: UnaryOp::Gelu },
+            vec![bsh.clone(), bsh.clone()],
+        ),
+        (Op::Equal, vec![bsh.clone(), f(&[2, 8, 1])]),
+        (Op::ScatterAdd { rows: 32 }, vec![i(&[2, 8]), bsh]),
+        (Op::OneHot { depth: 32 }, vec![i(&[2, 8])]),
     ]);
     v
 }
@@ -192,6 +212,12 @@ fn every_op_of_the_language_has_an_example() {
         "cross_entropy",
         "causal_mask",
         "cast",
+        "full_like",
+        "broadcast_to",
+        "unary_grad",
+        "equal",
+        "scatter_add",
+        "one_hot",
     ];
     assert_eq!(covered, all.into_iter().collect());
 }

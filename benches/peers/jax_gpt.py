@@ -6,17 +6,7 @@ which writes the params and inputs with `tpc::exec::npz::write`; or by hand:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python jax_gpt.py LEAVES.npz \
       --layers 64 --heads 8 --devices 8 --reps 10
 
-The function (gpt.tpl, with tpc's kernel semantics, src/exec/kernels/):
-  h = wte[tokens] + wpe
-  per layer i (params layer.i.*):
-    a = layernorm(h, ln1_g, ln1_b)                      # eps 1e-5, biased variance
-    q, k, v = (a @ w + b) reshaped [B,S,NH,D], transposed [B,NH,S,D]
-    p = softmax(causal_mask((q @ k^T) * f32(1/sqrt(D))))  # masked entries -inf, softmax on keys
-    h = h + (reshape(transpose(p @ v)) @ wo + bo)
-    m = layernorm(h, ln2_g, ln2_b)
-    h = h + (gelu_tanh(m @ w1 + b1) @ w2 + b2)
-  logits = layernorm(h, lnf_g, lnf_b) @ wte^T           # tied LM head
-  loss = mean(logsumexp(logits) - logits[label])
+The function is gpt.tpl with tpc's kernel semantics: see gpt_fn.py.
 
 Sharding (tp = 8): wq, wk, wv, w1 [_, tp]; bq, bk, bv, b1 [tp]; wo, w2 [tp, _]; wte [tp, _]
 (vocab-parallel, as gpt.tpl); everything else replicated; GSPMD propagates the rest.
@@ -90,63 +80,20 @@ def main():
     tokens = put(arrays["tokens"], (None, None))
     labels = put(arrays["labels"], (None, None))
 
-    def layernorm(x, g, b, eps=1e-5):
-        mu = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-        return (x - mu) * jax.lax.rsqrt(var + eps) * g + b
-
-    def gelu(x):  # tanh approximation
-        return 0.5 * x * (1.0 + jnp.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + 0.044715 * x**3)))
-
-    def layer(h, p):
-        B, S, H = h.shape
-        D = H // NH
-        a = layernorm(h, p["ln1_g"], p["ln1_b"])
-
-        def heads(w, b):
-            return jnp.transpose(jnp.reshape(a @ w + b, (B, S, NH, D)), (0, 2, 1, 3))
-
-        q = heads(p["attention.wq"], p["attention.bq"])
-        k = heads(p["attention.wk"], p["attention.bk"])
-        v = heads(p["attention.wv"], p["attention.bv"])
-        s = (q @ jnp.swapaxes(k, -1, -2)) * np.float32(1.0 / np.sqrt(D))
-        causal = jnp.tril(jnp.ones((S, S), dtype=bool))
-        s = jnp.where(causal, s, -jnp.inf)
-        pr = jax.nn.softmax(s, axis=-1)
-        ctx = jnp.reshape(jnp.transpose(pr @ v, (0, 2, 1, 3)), (B, S, H))
-        h = h + (ctx @ p["attention.wo"] + p["attention.bo"])
-        m = layernorm(h, p["ln2_g"], p["ln2_b"])
-        return h + (gelu(m @ p["mlp.w1"] + p["mlp.b1"]) @ p["mlp.w2"] + p["mlp.b2"])
-
-    def logits_of(h, top):
-        return layernorm(h, top["lnf_g"], top["lnf_b"]) @ top["wte"].T
-
-    def head(h, top, labels):
-        logits = logits_of(h, top)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-        return jnp.mean(lse - tgt)
-
-    def embed(top, tokens):
-        return top["wte"][tokens] + top["wpe"]
+    from gpt_fn import embed, layer, logits_of, loss_scan, loss_unrolled
 
     def fwd_unrolled(top, layers, tokens, labels):
-        h = embed(top, tokens)
-        for p in layers:
-            h = layer(h, p)
-        return head(h, top, labels)
+        return loss_unrolled(top, layers, tokens, labels, NH)
 
     def fwd_scan(top, stacked, tokens, labels):
-        h = embed(top, tokens)
-        h, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), h, stacked)
-        return head(h, top, labels)
+        return loss_scan(top, stacked, tokens, labels, NH)
 
     if args.dump_logits:
 
         def fwd_logits(top, layers, tokens):
             h = embed(top, tokens)
             for p in layers:
-                h = layer(h, p)
+                h = layer(h, p, NH)
             return logits_of(h, top)
 
         np.savez(args.dump_logits, logits=np.asarray(jax.jit(fwd_logits)(top, layers, tokens)))

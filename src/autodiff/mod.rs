@@ -71,6 +71,11 @@ pub fn grad_name(param: &str) -> String {
     format!("grad({param})")
 }
 
+/// The param whose gradient output is named `output` (`grad(w)` -> `w`).
+pub fn param_of_grad(output: &str) -> Option<&str> {
+    output.strip_prefix("grad(")?.strip_suffix(')')
+}
+
 /// Differentiates `t.loss` with respect to every float param of `g` that is not frozen.
 pub fn differentiate(g: &Graph, t: &Training) -> Result<Gradients, AutodiffError> {
     let trained: Vec<(String, ValueId)> = g

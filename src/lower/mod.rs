@@ -71,7 +71,11 @@ pub fn lower_program(
         });
     if let (true, Some(t)) = (g.outputs().is_empty(), &training) {
         // A training program returns its loss when it declares nothing else.
-        let name = g.value(t.loss).name.clone().unwrap_or_else(|| "loss".into());
+        let name = g
+            .value(t.loss)
+            .name
+            .clone()
+            .unwrap_or_else(|| "loss".into());
         g.add_output(Output {
             name,
             value: t.loss,
