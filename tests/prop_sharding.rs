@@ -944,12 +944,24 @@ impl<'m> Gen<'m> {
 
     /// The program text: the first input, the instructions, then the outputs.
     fn program(mesh: &str, header: &[u8], instrs: &[Vec<u8>]) -> String {
+        Self::program_with(mesh, header, instrs, false)
+    }
+
+    /// The program of [`Gen::program`], trained (`train`) on the sum of its outputs' mean
+    /// squares when `train`.
+    fn program_with(mesh: &str, header: &[u8], instrs: &[Vec<u8>], train: bool) -> String {
         let mut g = Gen::new(mesh);
         let mut c = Choices::new(header);
         let rank = [3, 2, 3, 1][c.pick(4)];
         let shape: Vec<u64> = (0..rank).map(|_| c.size()).collect();
         let x = g.input(&mut c, "x", "f32", &shape);
-        g.pool.push(x);
+        if train {
+            // A trained scale on the input, so the loss depends on a param.
+            let w = g.param(&mut c, "tw", &shape);
+            g.assign(&mut c, format!("{} * {w}", x.name), shape.clone());
+        } else {
+            g.pool.push(x);
+        }
         for i in instrs {
             g.step(i);
         }
@@ -963,13 +975,28 @@ impl<'m> Gen<'m> {
                 }
             }
         }
-        let outs: Vec<String> = outs
+        let mut lines: Vec<String> = outs
             .iter()
             .map(|o| {
                 let spec = g.maybe_spec(&mut c, &o.shape, 3);
                 format!("output {}{spec}", o.name)
             })
             .collect();
+        if train {
+            let terms: Vec<String> = outs
+                .iter()
+                .map(|o| {
+                    let mut e = format!("{} * {}", o.name, o.name);
+                    for _ in &o.shape {
+                        e = format!("mean({e}, 0)");
+                    }
+                    e
+                })
+                .collect();
+            lines.push(format!("train_loss = {}", terms.join(" + ")));
+            lines.push("train train_loss with sgd(lr=0.1)".into());
+        }
+        let outs = lines;
         let mut text = format!("# generated on {}\nmesh dp, tp\n", g.mesh);
         for part in [&g.decls, &g.blocks, &g.body, &outs] {
             for l in part {
@@ -1110,6 +1137,48 @@ fn random_models_equal_the_reference() {
     }
     let (plans, errors) = tally.report("random models", secs);
     // The generator is useful only if most cases compile.
+    assert!(
+        plans >= 2 * errors,
+        "too many user errors: {plans} plans, {errors} errors"
+    );
+}
+
+/// Random models trained on their outputs: the sharded training step (forward, backward, the
+/// gradients laid out as their params) equals the reference's. Fewer cases: each runs a
+/// program about three times the forward's size.
+#[test]
+fn random_trainable_models_equal_the_reference() {
+    let tally = Tally::default();
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.cases = (cfg.cases / 3).max(1);
+    let mut runner = TestRunner::new(cfg);
+    let result = runner.run(&program_strategy(), |(m, header, instrs)| {
+        let mesh = MESHES[m];
+        let text = Gen::program_with(mesh, &header, &instrs, true);
+        if verbose() {
+            eprintln!("---- {mesh}\n{text}");
+        }
+        let src = SourceFile::new("gen.tpl", text.clone());
+        let outcome = compile(&src, mesh, &[]).and_then(|r| match r {
+            Ok(plan) => check_plan(&plan),
+            Err(e) => Ok(Outcome::UserError(e)),
+        });
+        match outcome {
+            Ok(o) => {
+                tally.record(&o);
+                Ok(())
+            }
+            Err(msg) => Err(TestCaseError::fail(format!(
+                "mesh {mesh}\n--- program ---\n{text}--- failure ---\n{msg}"
+            ))),
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    if let Err(e) = result {
+        fail_report(e, |v| v.to_string());
+    }
+    let (plans, errors) = tally.report("random trainable models", secs);
     assert!(
         plans >= 2 * errors,
         "too many user errors: {plans} plans, {errors} errors"
