@@ -177,3 +177,38 @@ fn mlp_2d_trains_equal_to_the_reference_on_2d_meshes() {
         assert_runs(&mlp_2d(), mesh);
     }
 }
+
+/// The summary splits the collectives by phase and the memory by kind: gpt_layer's step has 2
+/// all-reduces forward, 2 backward, none in the update; its gradients take the params' bytes
+/// (every param is trained, laid out as its param), and the backward keeps activations alive.
+#[test]
+fn summary_has_phases_and_memory_by_kind() {
+    let plan = assert_runs(&gpt_layer(), "8");
+    let s = &plan.summary;
+    let count = |phase: &str, kind: &str| s.phases[phase].collectives[kind].count;
+    assert_eq!(count("forward", "all_reduce"), 2);
+    assert_eq!(count("backward", "all_reduce"), 2);
+    assert_eq!(count("update", "all_reduce"), 0);
+    for phase in ["forward", "backward", "update"] {
+        assert_eq!(
+            s.phases[phase].collectives.len(),
+            4,
+            "{phase}: every kind listed"
+        );
+    }
+    let m = &s.memory_bytes_per_device;
+    assert_eq!(m.params, s.param_bytes_per_device);
+    assert_eq!(m.grads, m.params);
+    assert!(m.activations > 0 && m.activations < m.peak, "{m:?}");
+    let forward =
+        tpc::driver::compile_program(&tpc::diag::SourceFile::new("t.tpl", gpt_layer()), &[], true)
+            .expect("compiles");
+    let plan = tpc::driver::plan_declared(
+        forward.graph,
+        Some(tpc::mesh::Mesh::degree(8).unwrap()),
+        tpc::mesh::Device::default(),
+    )
+    .expect("plans");
+    let m = &plan.summary.memory_bytes_per_device;
+    assert_eq!((m.grads, m.activations), (0, 0), "a forward program");
+}

@@ -74,6 +74,40 @@ fn summary_lines(p: &Plan) -> Vec<String> {
         secs(s.comm_time_s),
         secs(s.compute_time_s)
     ));
+    if p.local.regions().any(|(_, r)| r.backward) {
+        v.extend(training_lines(s));
+    }
+    v
+}
+
+/// For a training step: the collectives of each phase (kinds in use) and memory by kind.
+fn training_lines(s: &crate::plan::summary::Summary) -> Vec<String> {
+    let mut v = Vec::new();
+    for phase in crate::plan::summary::PHASES {
+        let Some(ps) = s.phases.get(phase) else {
+            continue;
+        };
+        let kinds: Vec<String> = ps
+            .collectives
+            .iter()
+            .filter(|(_, c)| c.count > 0)
+            .map(|(k, c)| format!("{k} {} ({})", c.count, bytes(c.bytes_per_device)))
+            .collect();
+        let kinds = if kinds.is_empty() {
+            "none".to_string()
+        } else {
+            kinds.join(", ")
+        };
+        v.push(format!("{phase} collectives per device: {kinds}"));
+    }
+    let m = &s.memory_bytes_per_device;
+    v.push(format!(
+        "memory per device: params {}, grads {}, optimizer {}, activations kept for the backward {}",
+        bytes(m.params),
+        bytes(m.grads),
+        bytes(m.optimizer),
+        bytes(m.activations)
+    ));
     v
 }
 

@@ -15,6 +15,28 @@ pub struct KindSummary {
     pub bytes_per_device: u64,
 }
 
+/// The collectives of one phase of a training step, every kind listed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSummary {
+    /// Per collective kind, count and bytes sent per device.
+    pub collectives: BTreeMap<String, KindSummary>,
+}
+
+/// Bytes each device holds, by what they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemorySummary {
+    /// The params' blocks.
+    pub params: u64,
+    /// The gradients the step returns (0 for a forward program).
+    pub grads: u64,
+    /// Optimizer state (0 until the update is in the plan).
+    pub optimizer: u64,
+    /// Forward values the backward still needs when it starts (0 without a backward).
+    pub activations: u64,
+    /// Params plus the largest set of live values.
+    pub peak: u64,
+}
+
 /// The cost summary of a plan (per device).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -32,14 +54,35 @@ pub struct Summary {
     pub compute_time_s: f64,
     /// comm_time_s + compute_time_s.
     pub estimated_time_s: f64,
+    /// The collectives of each phase: `forward`, `backward` and `update`.
+    #[serde(default)]
+    pub phases: BTreeMap<String, PhaseSummary>,
+    /// Memory per device by kind.
+    #[serde(default)]
+    pub memory_bytes_per_device: MemorySummary,
+}
+
+/// The phases of a step, in order.
+pub const PHASES: [&str; 3] = ["forward", "backward", "update"];
+
+/// Every collective kind with count 0.
+fn no_collectives() -> BTreeMap<String, KindSummary> {
+    CollectiveKind::ALL
+        .iter()
+        .map(|k| (k.name().to_string(), KindSummary::default()))
+        .collect()
 }
 
 impl Summary {
     /// Computes the summary of the SPMD program `local`.
     pub fn compute(local: &Graph<Local>, _mesh: &Mesh, dev: &Device) -> Summary {
-        let mut collectives: BTreeMap<String, KindSummary> = CollectiveKind::ALL
+        let mut collectives = no_collectives();
+        let mut phases: BTreeMap<String, PhaseSummary> = PHASES
             .iter()
-            .map(|k| (k.name().to_string(), KindSummary::default()))
+            .map(|p| {
+                let collectives = no_collectives();
+                (p.to_string(), PhaseSummary { collectives })
+            })
             .collect();
         let (mut fl, mut comm, mut compute) = (0.0, 0.0, 0.0);
         for (_, n) in local.nodes() {
@@ -48,9 +91,13 @@ impl Summary {
             if let Some((kind, size)) = CollectiveKind::of(&n.op) {
                 let bytes = ins[0].size_bytes() as f64;
                 let (sent, _) = kind.traffic(size, bytes);
-                let e = collectives.get_mut(kind.name()).expect("all kinds present");
-                e.count += 1;
-                e.bytes_per_device = e.bytes_per_device.saturating_add(sent.round() as u64);
+                let phase = PHASES[usize::from(local.region(n.region).backward)];
+                let in_phase = &mut phases.get_mut(phase).expect("every phase").collectives;
+                for e in [&mut collectives, in_phase] {
+                    let e = e.get_mut(kind.name()).expect("all kinds present");
+                    e.count += 1;
+                    e.bytes_per_device = e.bytes_per_device.saturating_add(sent.round() as u64);
+                }
                 comm += kind.time(size, bytes, dev);
                 continue;
             }
@@ -65,6 +112,13 @@ impl Summary {
             );
         }
         let (param_bytes, peak) = memory(local);
+        let memory_bytes_per_device = MemorySummary {
+            params: param_bytes,
+            grads: gradient_bytes(local),
+            optimizer: 0,
+            activations: activation_bytes(local),
+            peak,
+        };
         Summary {
             collectives,
             flops_per_device: fl,
@@ -73,6 +127,8 @@ impl Summary {
             comm_time_s: comm,
             compute_time_s: compute,
             estimated_time_s: comm + compute,
+            phases,
+            memory_bytes_per_device,
         }
     }
 }
@@ -84,4 +140,28 @@ fn memory(g: &Graph<Local>) -> (u64, u64) {
     let (params, peak) = super::liveness::peak_live(g, |op| matches!(op, Op::Param { .. }), size);
     let clamp = |b: u128| u64::try_from(b).unwrap_or(u64::MAX);
     (clamp(params), clamp(params.saturating_add(peak)))
+}
+
+/// Bytes of the gradients the program returns.
+fn gradient_bytes(g: &Graph<Local>) -> u64 {
+    g.outputs()
+        .iter()
+        .filter(|o| crate::autodiff::param_of_grad(&o.name).is_some())
+        .fold(0u64, |acc, o| {
+            acc.saturating_add(g.ty(o.value).size_bytes())
+        })
+}
+
+/// Bytes of the forward's computed values still live when the first backward node runs.
+fn activation_bytes(g: &Graph<Local>) -> u64 {
+    let Some(first) = g.nodes().position(|(_, n)| g.region(n.region).backward) else {
+        return 0;
+    };
+    let live = super::liveness::Liveness::of(g);
+    g.nodes()
+        .take(first)
+        .filter(|(_, n)| !n.op.is_leaf())
+        .flat_map(|(_, n)| n.outputs.iter().copied())
+        .filter(|&v| live.last_use(v).is_some_and(|l| l >= first))
+        .fold(0u64, |acc, v| acc.saturating_add(g.ty(v).size_bytes()))
 }
