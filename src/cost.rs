@@ -112,6 +112,7 @@ pub fn flops(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> f64 {
         Op::Embedding
         | Op::Input { .. }
         | Op::Param { .. }
+        | Op::State { .. }
         | Op::Transpose { .. }
         | Op::Reshape { .. }
         | Op::Split { .. }

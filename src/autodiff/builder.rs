@@ -3,7 +3,7 @@
 
 use super::AutodiffError;
 use crate::ir::infer::infer;
-use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RegionId, TensorType, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Graph, Op, Phase, ReduceOp, RegionId, TensorType, UnaryOp, ValueId};
 use crate::span::Span;
 use std::collections::HashMap;
 
@@ -73,7 +73,7 @@ impl Builder {
         let b = self
             .g
             .add_region(path, block, parent, fwd.body + self.body_offset);
-        self.g.set_backward(b);
+        self.g.set_phase(b, Phase::Backward);
         self.backward.insert(r, b);
         b
     }

@@ -90,6 +90,7 @@ pub(super) fn vjp(
         Op::Split { .. }
         | Op::Input { .. }
         | Op::Param { .. }
+        | Op::State { .. }
         | Op::BroadcastTo { .. }
         | Op::UnaryGrad { .. }
         | Op::Equal

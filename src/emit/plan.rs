@@ -74,7 +74,7 @@ fn summary_lines(p: &Plan) -> Vec<String> {
         secs(s.comm_time_s),
         secs(s.compute_time_s)
     ));
-    if p.local.regions().any(|(_, r)| r.backward) {
+    if p.local.is_training_step() {
         v.extend(training_lines(s));
     }
     v

@@ -288,6 +288,7 @@ fn headline(op: &Op) -> (String, String) {
         }
         Op::Input { .. }
         | Op::Param { .. }
+        | Op::State { .. }
         | Op::MatMul
         | Op::Binary { .. }
         | Op::Scalar { .. }

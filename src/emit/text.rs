@@ -20,7 +20,7 @@
 //! tab stops, so editing one line never realigns the others.
 
 use super::{file_name, View};
-use crate::ir::{Global, Node, Op, Output, RegionId, Space, ValueId};
+use crate::ir::{Global, Node, Output, RegionId, Space, ValueId};
 use crate::span::Span;
 use std::fmt::Write;
 
@@ -183,10 +183,7 @@ impl Printer<'_, '_> {
     /// Source location, then the results' source names (`_` for unnamed ones), if any is named.
     /// A leaf's name equal to its declared name is not repeated.
     fn node_comment(&self, n: &Node) -> String {
-        let leaf_name = match &n.op {
-            Op::Input { name } | Op::Param { name } => Some(name.as_str()),
-            _ => None,
-        };
+        let leaf_name = n.op.leaf_name();
         let names: Vec<Option<&str>> = n
             .outputs
             .iter()

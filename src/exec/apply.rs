@@ -11,7 +11,7 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
     let name = op.name();
     let one = |t: Tensor| Ok(vec![t]);
     match op {
-        Op::Input { .. } | Op::Param { .. } => Err(ExecError::Leaf(name)),
+        Op::Input { .. } | Op::Param { .. } | Op::State { .. } => Err(ExecError::Leaf(name)),
         Op::AllReduce { .. }
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }

@@ -27,6 +27,8 @@ use std::ops::Range;
 pub enum Leaf {
     /// A weight (`Op::Param`).
     Param,
+    /// Optimizer state (`Op::State`): zeros.
+    State,
     /// A program input (`Op::Input`).
     Input,
 }
@@ -68,6 +70,7 @@ fn unit(h: u64) -> f32 {
 fn float_affine(name: &str, ty: &TensorType, kind: Leaf) -> (f32, f32) {
     match kind {
         Leaf::Input => (0.0, 1.0),
+        Leaf::State => (0.0, 0.0),
         Leaf::Param if ty.rank() >= 2 => (0.0, 1.0 / (ty.shape[0].max(1) as f32).sqrt()),
         Leaf::Param if name.ends_with("_g") => (1.0, 0.1),
         Leaf::Param => (0.0, 0.1),

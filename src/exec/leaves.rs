@@ -39,6 +39,7 @@ pub fn int_range(g: &Graph, v: ValueId) -> u64 {
 fn leaf_kind(op: &Op) -> Leaf {
     match op {
         Op::Param { .. } => Leaf::Param,
+        Op::State { .. } => Leaf::State,
         _ => Leaf::Input,
     }
 }
@@ -53,7 +54,7 @@ pub fn global_leaves(
         LeafSource::Seed(seed) => Ok(g
             .nodes()
             .filter_map(|(_, n)| match &n.op {
-                Op::Param { name } | Op::Input { name } => {
+                Op::Param { name } | Op::Input { name } | Op::State { name } => {
                     let v = n.outputs[0];
                     Some((
                         name.clone(),

@@ -48,14 +48,14 @@ fn leaves<'a>(
     let mut out = IdVec::filled(g.num_values(), None);
     for (_, node) in g.nodes() {
         let (map, missing): (_, fn(String) -> ExecError) = match &node.op {
-            Op::Param { .. } => (params, ExecError::MissingParam),
+            Op::Param { .. } | Op::State { .. } => (params, ExecError::MissingParam),
             Op::Input { .. } => (inputs, ExecError::MissingInput),
             _ => continue,
         };
-        let (Op::Param { name } | Op::Input { name }) = &node.op else {
+        let Some(name) = node.op.leaf_name() else {
             continue;
         };
-        let t = map.get(name).ok_or_else(|| missing(name.clone()))?;
+        let t = map.get(name).ok_or_else(|| missing(name.to_string()))?;
         let v = node.outputs[0];
         if !t.matches(g.ty(v)) {
             return Err(ExecError::WrongType {

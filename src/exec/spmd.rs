@@ -403,15 +403,15 @@ fn load_leaves(
 ) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
     let mut out = BTreeMap::new();
     for (_, n) in plan.local.nodes() {
-        let (Op::Param { name } | Op::Input { name }) = &n.op else {
+        let Some(name) = n.op.leaf_name() else {
             continue;
         };
         let v = n.outputs[0];
         let global = plan.origin[v].ok_or_else(|| RunError::Load {
             rank,
-            leaf: name.clone(),
+            leaf: name.to_string(),
             error: ExecError::Internal {
-                node: name.clone(),
+                node: name.to_string(),
                 detail: "a leaf without a global value".into(),
             },
         })?;
@@ -426,15 +426,15 @@ fn load_leaves(
         )
         .map_err(|error| RunError::Load {
             rank,
-            leaf: name.clone(),
+            leaf: name.to_string(),
             error,
         })?;
         if !t.matches(plan.local.ty(v)) {
             return Err(RunError::Load {
                 rank,
-                leaf: name.clone(),
+                leaf: name.to_string(),
                 error: ExecError::WrongType {
-                    what: name.clone(),
+                    what: name.to_string(),
                     expected: plan.local.ty(v).clone(),
                     got: t.describe(),
                 },

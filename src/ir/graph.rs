@@ -52,9 +52,44 @@ pub struct Region<S = Global> {
     pub parent: Option<RegionId<S>>,
     /// Identifies the lowered body this instance was stamped from.
     pub body: u32,
-    /// True for the backward pass of a block instance (or of the root's ops).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub backward: bool,
+    /// The phase of a training step its nodes belong to.
+    #[serde(default, skip_serializing_if = "Phase::is_forward")]
+    pub phase: Phase,
+}
+
+/// The phase of a training step: the forward (every node of a forward program), the backward
+/// (the derivative of the forward), or the optimizer's update.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The forward pass.
+    #[default]
+    Forward,
+    /// The backward pass.
+    Backward,
+    /// The optimizer's update.
+    Update,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 3] = [Phase::Forward, Phase::Backward, Phase::Update];
+
+    /// `forward`, `backward` or `update`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Backward => "backward",
+            Phase::Update => "update",
+        }
+    }
+
+    /// True for the forward.
+    pub fn is_forward(&self) -> bool {
+        *self == Phase::Forward
+    }
 }
 
 /// A user sharding annotation on a value, with the span of the spec.
@@ -129,7 +164,7 @@ impl<S: Space> Graph<S> {
             block: String::new(),
             parent: None,
             body: 0,
-            backward: false,
+            phase: Phase::Forward,
         });
         g
     }
@@ -152,16 +187,21 @@ impl<S: Space> Graph<S> {
             block,
             parent: Some(parent),
             body,
-            backward: false,
+            phase: Phase::Forward,
         });
         RegionId::new(self.regions.len() - 1)
     }
 
-    /// Marks region `r` as a backward pass.
-    pub fn set_backward(&mut self, r: RegionId<S>) {
+    /// Puts region `r` in `phase`.
+    pub fn set_phase(&mut self, r: RegionId<S>, phase: Phase) {
         if let Some(x) = self.regions.get_mut(r.index()) {
-            x.backward = true;
+            x.phase = phase;
         }
+    }
+
+    /// True when some region is not in the forward phase: a training step.
+    pub fn is_training_step(&self) -> bool {
+        self.regions.iter().any(|r| !r.phase.is_forward())
     }
 
     /// Appends a node whose results have the given types; returns it. Operands must already exist.

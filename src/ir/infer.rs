@@ -61,7 +61,9 @@ pub enum InferError {
 pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferError> {
     let name = op.name();
     match op {
-        Op::Input { .. } | Op::Param { .. } => Err(attr(name, "leaf ops have declared types")),
+        Op::Input { .. } | Op::Param { .. } | Op::State { .. } => {
+            Err(attr(name, "leaf ops have declared types"))
+        }
         Op::MatMul => {
             let [a, b] = operands(name, inputs)?;
             one(matmul(a, b))

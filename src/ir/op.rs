@@ -136,6 +136,12 @@ pub enum Op {
         /// Full dotted name, block call path first.
         name: String,
     },
+    /// Optimizer state carried from one training step to the next (`adamw.m(layer.3.w1)`),
+    /// zeros before the first; no operands, one result.
+    State {
+        /// The state's name: the optimizer's slot and the param's full name.
+        name: String,
+    },
     /// numpy matmul: `...mk,...kn->...mn`, batch dims broadcast, 1-D operands promoted then dropped.
     MatMul,
     /// Elementwise binary op with numpy broadcasting; both operands have the same dtype.
@@ -343,6 +349,7 @@ impl Op {
         match self {
             Op::Input { .. } => "input",
             Op::Param { .. } => "param",
+            Op::State { .. } => "state",
             Op::MatMul => "matmul",
             Op::Binary { op } => op.name(),
             Op::Scalar { .. } => "scalar",
@@ -403,9 +410,17 @@ impl Op {
             )
     }
 
-    /// True for the leaves (`Input`, `Param`).
+    /// True for the leaves (`Input`, `Param`, `State`).
     pub fn is_leaf(&self) -> bool {
-        matches!(self, Op::Input { .. } | Op::Param { .. })
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::State { .. })
+    }
+
+    /// The name of a leaf.
+    pub fn leaf_name(&self) -> Option<&str> {
+        match self {
+            Op::Input { name } | Op::Param { name } | Op::State { name } => Some(name),
+            _ => None,
+        }
     }
 
     /// The mesh axes an SPMD op names, with the group size it claims (`None`: not stated);
@@ -457,7 +472,9 @@ impl fmt::Display for Op {
                 .join(",")
         };
         match self {
-            Op::Input { name } | Op::Param { name } => write!(f, "{} {}", self.name(), name),
+            Op::Input { name } | Op::Param { name } | Op::State { name } => {
+                write!(f, "{} {}", self.name(), name)
+            }
             Op::Scalar {
                 op,
                 value,

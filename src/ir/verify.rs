@@ -281,14 +281,16 @@ fn check_outputs<S: Space>(g: &Graph<S>) -> Result<(), String> {
     Ok(())
 }
 
-/// Param names are unique, and input names are unique.
+/// Param names are unique, input names are unique, and state names are unique.
 fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
     let mut params = HashSet::new();
     let mut inputs = HashSet::new();
+    let mut states = HashSet::new();
     for (id, node) in g.nodes() {
         let (kind, name, seen) = match &node.op {
             Op::Param { name } => ("param", name, &mut params),
             Op::Input { name } => ("input", name, &mut inputs),
+            Op::State { name } => ("state", name, &mut states),
             _ => continue,
         };
         if !seen.insert(name.as_str()) {

@@ -6,7 +6,7 @@ mod ops;
 pub mod reshard;
 
 use crate::ir::infer::infer;
-use crate::ir::{Graph, IdVec, Local, NodeId, Op, Output, RegionId, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, Local, NodeId, Op, Output, Phase, RegionId, TensorType, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::placement::{PlId, PlacementTable};
 use crate::sharding::{Placement, Sharding};
@@ -107,12 +107,12 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
 /// The op of the forward pass at each span (the first, when several share one), or nothing
 /// for a program without a backward pass.
 fn forward_ops(g: &Graph) -> HashMap<Span, &'static str> {
-    if !g.regions().any(|(_, r)| r.backward) {
+    if !g.is_training_step() {
         return HashMap::new();
     }
     let mut m = HashMap::new();
     for (_, n) in g.nodes() {
-        if !g.region(n.region).backward && !n.op.is_leaf() {
+        if g.region(n.region).phase.is_forward() && !n.op.is_leaf() {
             m.entry(n.span).or_insert(n.op.name());
         }
     }
@@ -325,7 +325,7 @@ impl<'a> Partitioner<'a> {
         let node = g.node(id);
         let region = self.regions[node.region];
         let user = Use {
-            user: if g.region(node.region).backward {
+            user: if g.region(node.region).phase == Phase::Backward {
                 User::Backward(self.forward_ops.get(&node.span).copied().unwrap_or("an op"))
             } else {
                 User::Op(node.op.name())
@@ -372,9 +372,7 @@ fn local_regions(g: &Graph, out: &mut Graph<Local>) -> IdVec<RegionId, RegionId<
     for (_, r) in g.regions().skip(1) {
         let parent = map[r.parent.unwrap_or(g.root())];
         let l = out.add_region(r.path.clone(), r.block.clone(), parent, r.body);
-        if r.backward {
-            out.set_backward(l);
-        }
+        out.set_phase(l, r.phase);
         map.push(l);
     }
     map

@@ -1,7 +1,7 @@
 //! The plan's cost summary, recomputed from the listed program so it always agrees with it.
 
 use crate::cost::{compute_time, flops, CollectiveKind};
-use crate::ir::{Graph, Local, Op};
+use crate::ir::{Graph, Local, Op, Phase};
 use crate::mesh::{Device, Mesh};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ pub struct MemorySummary {
     pub params: u64,
     /// The gradients the step returns (0 for a forward program).
     pub grads: u64,
-    /// Optimizer state (0 until the update is in the plan).
+    /// Optimizer state (Adam's moments, SGD's momentum).
     pub optimizer: u64,
     /// Forward values the backward still needs when it starts (0 without a backward).
     pub activations: u64,
@@ -63,7 +63,11 @@ pub struct Summary {
 }
 
 /// The phases of a step, in order.
-pub const PHASES: [&str; 3] = ["forward", "backward", "update"];
+pub const PHASES: [&str; 3] = [
+    Phase::ALL[0].name(),
+    Phase::ALL[1].name(),
+    Phase::ALL[2].name(),
+];
 
 /// Every collective kind with count 0.
 fn no_collectives() -> BTreeMap<String, KindSummary> {
@@ -91,7 +95,7 @@ impl Summary {
             if let Some((kind, size)) = CollectiveKind::of(&n.op) {
                 let bytes = ins[0].size_bytes() as f64;
                 let (sent, _) = kind.traffic(size, bytes);
-                let phase = PHASES[usize::from(local.region(n.region).backward)];
+                let phase = local.region(n.region).phase.name();
                 let in_phase = &mut phases.get_mut(phase).expect("every phase").collectives;
                 for e in [&mut collectives, in_phase] {
                     let e = e.get_mut(kind.name()).expect("all kinds present");
@@ -115,7 +119,7 @@ impl Summary {
         let memory_bytes_per_device = MemorySummary {
             params: param_bytes,
             grads: gradient_bytes(local),
-            optimizer: 0,
+            optimizer: state_bytes(local),
             activations: activation_bytes(local),
             peak,
         };
@@ -154,7 +158,10 @@ fn gradient_bytes(g: &Graph<Local>) -> u64 {
 
 /// Bytes of the forward's computed values still live when the first backward node runs.
 fn activation_bytes(g: &Graph<Local>) -> u64 {
-    let Some(first) = g.nodes().position(|(_, n)| g.region(n.region).backward) else {
+    let Some(first) = g
+        .nodes()
+        .position(|(_, n)| g.region(n.region).phase == Phase::Backward)
+    else {
         return 0;
     };
     let live = super::liveness::Liveness::of(g);
@@ -164,4 +171,13 @@ fn activation_bytes(g: &Graph<Local>) -> u64 {
         .flat_map(|(_, n)| n.outputs.iter().copied())
         .filter(|&v| live.last_use(v).is_some_and(|l| l >= first))
         .fold(0u64, |acc, v| acc.saturating_add(g.ty(v).size_bytes()))
+}
+
+/// Bytes of the optimizer state.
+fn state_bytes(g: &Graph<Local>) -> u64 {
+    g.nodes()
+        .filter(|(_, n)| matches!(n.op, Op::State { .. }))
+        .fold(0u64, |acc, (_, n)| {
+            acc.saturating_add(g.ty(n.outputs[0]).size_bytes())
+        })
 }

@@ -54,7 +54,7 @@ fn bytes<S: Space>(g: &Graph<S>, v: ValueId<S>) -> u128 {
 
 /// Leaves, peak of live non-leaf values (liveness in program order), and outputs of `g`.
 fn program<S: Space>(g: &Graph<S>) -> (u128, u128, u128) {
-    let is_leaf = |op: &Op| matches!(op, Op::Param { .. } | Op::Input { .. });
+    let is_leaf = |op: &Op| op.is_leaf();
     let (leaves, peak) = peak_live(g, is_leaf, |v| bytes(g, v));
     let outputs = g
         .outputs()

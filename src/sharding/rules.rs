@@ -60,6 +60,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
     let r = match op {
         Op::Input { .. }
         | Op::Param { .. }
+        | Op::State { .. }
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
