@@ -1,7 +1,7 @@
 //! The pipeline as plain code: read the source, parse, lower, verify. Each stage's error type is
 //! kept; `Error` only wraps them for the command line.
 
-use crate::autodiff::{differentiate, AutodiffError};
+use crate::autodiff::{training_step, AutodiffError, StepOutputs};
 use crate::diag::{self, SourceFile};
 use crate::ir::verify::{verify, VerifyError};
 use crate::ir::Graph;
@@ -183,6 +183,9 @@ pub struct Compiled {
     pub loss: Option<String>,
     /// For a training step: per trained param, its name and gradient output's name.
     pub grads: Vec<(String, String)>,
+    /// For a training step with its update: each carried leaf (params, then optimizer state)
+    /// and the output holding its next value.
+    pub carried: Vec<(String, String)>,
     /// Things worth telling the user that do not stop compilation.
     pub warnings: Vec<String>,
 }
@@ -194,18 +197,48 @@ pub fn compile_program(
     overrides: &[(String, i64)],
     forward_only: bool,
 ) -> Result<Compiled, Error> {
+    let outputs = (!forward_only).then_some(StepOutputs {
+        gradients: true,
+        update: false,
+    });
+    compile_with(src, overrides, outputs)
+}
+
+/// Compiles `src`'s whole training step: forward, backward and the optimizer's update, whose
+/// carried leaves' next values are outputs (and the gradients too when `gradients`). A program
+/// without `train` compiles to its forward.
+pub fn compile_step(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    gradients: bool,
+) -> Result<Compiled, Error> {
+    let outputs = StepOutputs {
+        gradients,
+        update: true,
+    };
+    compile_with(src, overrides, Some(outputs))
+}
+
+/// Compiles `src`: its forward when `outputs` is `None` or it does not train, else its
+/// training step with `outputs`.
+fn compile_with(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    outputs: Option<StepOutputs>,
+) -> Result<Compiled, Error> {
     let module = parse(&src.text)?;
     let lowered = lower_program(&module, &src.name, overrides)?;
     verify(&lowered.graph, "lowering")?;
-    let Some(training) = lowered.training.filter(|_| !forward_only) else {
+    let (Some(training), Some(outputs)) = (lowered.training, outputs) else {
         return Ok(Compiled {
             graph: lowered.graph,
             loss: None,
             grads: Vec::new(),
+            carried: Vec::new(),
             warnings: Vec::new(),
         });
     };
-    let d = differentiate(&lowered.graph, &training)?;
+    let d = training_step(&lowered.graph, &training, outputs)?;
     verify(&d.graph, "autodiff")?;
     let warnings = d
         .unused
@@ -215,12 +248,14 @@ pub fn compile_program(
     let grads = d
         .grads
         .iter()
+        .filter(|_| outputs.gradients)
         .map(|(name, _, _)| (name.clone(), crate::autodiff::grad_name(name)))
         .collect();
     Ok(Compiled {
         graph: d.graph,
         loss: Some(d.loss_output),
         grads,
+        carried: d.carried,
         warnings,
     })
 }

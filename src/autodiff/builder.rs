@@ -18,6 +18,8 @@ pub(super) struct Builder {
     span: Span,
     /// The forward op being differentiated, for error messages.
     of: String,
+    /// The update's region, once made.
+    update: Option<RegionId>,
 }
 
 type R<T> = Result<T, AutodiffError>;
@@ -34,6 +36,7 @@ impl Builder {
             region: root,
             span: Span::default(),
             of: String::new(),
+            update: None,
         }
     }
 
@@ -76,6 +79,39 @@ impl Builder {
         self.g.set_phase(b, Phase::Backward);
         self.backward.insert(r, b);
         b
+    }
+
+    /// Next nodes are the optimizer's update, in region `update` (created once), at `span`.
+    pub(super) fn at_update(&mut self, span: Span) {
+        let root = self.g.root();
+        if self.update.is_none() {
+            let body = self.body_offset * 2;
+            let r = self
+                .g
+                .add_region("update".into(), "update".into(), root, body);
+            self.g.set_phase(r, Phase::Update);
+            self.update = Some(r);
+        }
+        self.region = self.update.unwrap_or(root);
+        self.span = span;
+        self.of = "the update".into();
+    }
+
+    /// Appends a leaf of type `ty` (annotated like `like`, when that has an annotation).
+    pub(super) fn leaf(&mut self, op: Op, ty: TensorType, like: Option<ValueId>) -> ValueId {
+        let n = self
+            .g
+            .add_node(op, vec![], vec![ty], self.span, self.region);
+        let v = self.g.node(n).outputs[0];
+        if let Some(a) = like.and_then(|l| self.g.annotation(l).cloned()) {
+            self.g.annotate(v, a);
+        }
+        v
+    }
+
+    /// The graph so far, to add outputs.
+    pub(super) fn graph_mut(&mut self) -> &mut Graph {
+        &mut self.g
     }
 
     /// A compiler bug while differentiating the current op.

@@ -10,6 +10,7 @@
 //! propagation's memo handles repeated layers once, as it does the forward.
 
 mod builder;
+pub mod optimizer;
 mod vjp;
 
 use crate::ir::{Graph, IdVec, NodeId, Op, Output, Training, ValueId};
@@ -28,6 +29,16 @@ pub enum AutodiffError {
     NothingToTrain {
         /// The `train` statement.
         #[label(primary, "nothing to train")]
+        span: Span,
+    },
+    /// A training feature that is not there yet.
+    #[error("{detail}")]
+    #[diagnostic(code(tpc::unsupported))]
+    Unsupported {
+        /// What is not supported.
+        detail: String,
+        /// Where it was asked for.
+        #[label(primary, "here")]
         span: Span,
     },
     /// A backward op could not be built: a bug in tpc.
@@ -64,6 +75,18 @@ pub struct Gradients {
     pub grads: Vec<(String, ValueId, ValueId)>,
     /// Params neither frozen nor reached by the loss (a warning, not an error).
     pub unused: Vec<String>,
+    /// With the update: each carried leaf (params, then optimizer state) and the output
+    /// holding its next value.
+    pub carried: Vec<(String, String)>,
+}
+
+/// What a training step's program returns besides the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepOutputs {
+    /// Each trained param's gradient, as `grad(NAME)`.
+    pub gradients: bool,
+    /// The optimizer's update: each carried leaf's next value, as `next(NAME)`.
+    pub update: bool,
 }
 
 /// The output name of a param's gradient.
@@ -76,8 +99,23 @@ pub fn param_of_grad(output: &str) -> Option<&str> {
     output.strip_prefix("grad(")?.strip_suffix(')')
 }
 
-/// Differentiates `t.loss` with respect to every float param of `g` that is not frozen.
+/// Differentiates `t.loss` with respect to every float param of `g` that is not frozen; the
+/// gradients are outputs.
 pub fn differentiate(g: &Graph, t: &Training) -> Result<Gradients, AutodiffError> {
+    let outputs = StepOutputs {
+        gradients: true,
+        update: false,
+    };
+    training_step(g, t, outputs)
+}
+
+/// The training step of `g`: its forward, backward and, as `outputs` asks, the gradients and
+/// the optimizer's update.
+pub fn training_step(
+    g: &Graph,
+    t: &Training,
+    outputs: StepOutputs,
+) -> Result<Gradients, AutodiffError> {
     let trained: Vec<(String, ValueId)> = g
         .params()
         .filter(|(name, v)| g.ty(*v).dtype.is_float() && !t.frozen.contains(*name))
@@ -113,17 +151,39 @@ pub fn differentiate(g: &Graph, t: &Training) -> Result<Gradients, AutodiffError
             }
         }
     }
-    finish(b, g, t, trained, &cot)
+    finish(b, g, t, trained, &cot, outputs)
 }
 
-/// Adds the outputs (loss, gradients) and lists the unused params.
+/// Adds the update and the outputs (loss, gradients, next values) and lists the unused params.
 fn finish(
-    b: Builder,
+    mut b: Builder,
     g: &Graph,
     t: &Training,
     trained: Vec<(String, ValueId)>,
     cot: &IdVec<ValueId, Option<ValueId>>,
+    outputs: StepOutputs,
 ) -> Result<Gradients, AutodiffError> {
+    let with_grads: Vec<(String, ValueId, ValueId)> = trained
+        .iter()
+        .filter_map(|(n, v)| Some((n.clone(), *v, cot[*v]?)))
+        .collect();
+    let mut carried = Vec::new();
+    if outputs.update {
+        check_dtypes(g, &with_grads)?;
+        b.at_update(t.span);
+        for (leaf, value, next) in optimizer::update(&mut b, &t.optimizer, &with_grads)? {
+            let name = optimizer::next_name(&leaf);
+            // The next value is laid out as its leaf, so the loop feeds it back without moving.
+            let annotation = b.graph_mut().annotation(value).cloned();
+            b.graph_mut().add_output(Output {
+                name: name.clone(),
+                value: next,
+                annotation,
+                span: t.span,
+            });
+            carried.push((leaf, name));
+        }
+    }
     let mut graph = b.into_graph();
     let loss_output = match g.outputs().iter().find(|o| o.value == t.loss) {
         Some(o) => o.name.clone(),
@@ -142,7 +202,7 @@ fn finish(
     let mut unused = Vec::new();
     for (name, v) in trained {
         match cot[v] {
-            Some(d) => {
+            Some(d) if outputs.gradients => {
                 // A gradient is laid out as its param is: a split weight's gradient stays split.
                 graph.add_output(Output {
                     name: grad_name(&name),
@@ -152,6 +212,7 @@ fn finish(
                 });
                 grads.push((name, v, d));
             }
+            Some(d) => grads.push((name, v, d)),
             None => unused.push(name),
         }
     }
@@ -161,7 +222,27 @@ fn finish(
         loss_output,
         grads,
         unused,
+        carried,
     })
+}
+
+/// The update keeps its state in the param's dtype: only f32 params for now (bf16/f16 need f32
+/// master weights).
+fn check_dtypes(g: &Graph, trained: &[(String, ValueId, ValueId)]) -> Result<(), AutodiffError> {
+    match trained
+        .iter()
+        .find(|(_, v, _)| g.ty(*v).dtype != crate::ir::Dtype::F32)
+    {
+        Some((name, v, _)) => Err(AutodiffError::Unsupported {
+            detail: format!(
+                "param `{name}` is {}: the optimizer updates f32 params only (f32 master \
+                 weights for 16-bit params are not there yet)",
+                g.ty(*v).dtype
+            ),
+            span: g.node(g.value(*v).node).span,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `base`, or `base_2`, `base_3`, ... : the first name no output of `g` has.

@@ -95,7 +95,7 @@ impl Summary {
             if let Some((kind, size)) = CollectiveKind::of(&n.op) {
                 let bytes = ins[0].size_bytes() as f64;
                 let (sent, _) = kind.traffic(size, bytes);
-                let phase = local.region(n.region).phase.name();
+                let phase = moved_phase(local, n.inputs[0]).name();
                 let in_phase = &mut phases.get_mut(phase).expect("every phase").collectives;
                 for e in [&mut collectives, in_phase] {
                     let e = e.get_mut(kind.name()).expect("all kinds present");
@@ -180,4 +180,18 @@ fn state_bytes(g: &Graph<Local>) -> u64 {
         .fold(0u64, |acc, (_, n)| {
             acc.saturating_add(g.ty(n.outputs[0]).size_bytes())
         })
+}
+
+/// The phase a collective moving `v` belongs to: that of the computation that made `v`, found
+/// through any chain of collectives and slices before it (a data-parallel gradient sync is part
+/// of the backward even when the update is what needs it).
+fn moved_phase(g: &Graph<Local>, v: crate::ir::ValueId<Local>) -> Phase {
+    let mut v = v;
+    loop {
+        let n = g.node(g.value(v).node);
+        match n.inputs.first() {
+            Some(&x) if n.op.is_spmd_only() => v = x,
+            _ => return g.region(n.region).phase,
+        }
+    }
 }
