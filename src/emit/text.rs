@@ -277,7 +277,7 @@ pub(crate) fn render(lines: &[Line]) -> String {
 mod tests {
     use super::*;
     use crate::emit::fixtures::*;
-    use crate::ir::{Graph, UnaryOp};
+    use crate::ir::{Graph, Op, UnaryOp};
 
     #[test]
     fn prints_small_graph_exactly() {
