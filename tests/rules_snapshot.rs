@@ -44,6 +44,7 @@ fn kind(op: &Op) -> Option<&'static str> {
         // leaves and the SPMD-only ops have no rule
         Op::Input { .. }
         | Op::Param { .. }
+        | Op::State { .. }
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
