@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpc::autodiff::param_of_grad;
+use tpc::diag::SourceFile;
 use tpc::driver;
 use tpc::exec::leaves::{global_leaves, LeafSource};
 use tpc::exec::spmd::{run_threads, RunOutput};
@@ -18,6 +19,7 @@ use tpc::plan::Plan;
 
 mod compare;
 mod memory;
+mod train;
 
 /// Arguments of `tpc run`.
 #[derive(clap::Args)]
@@ -70,6 +72,12 @@ pub struct RunArgs {
     /// For a program with `train`: run only its forward pass.
     #[arg(long)]
     forward_only: bool,
+    /// For a program with `train`: the number of training steps.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    steps: usize,
+    /// For a program with `train`: write one JSON line per step (`{"step", "loss", "time_s"}`).
+    #[arg(long, value_name = "PATH")]
+    log: Option<String>,
     /// For a program with `train`: write each trained param's gradient (global, by the param's
     /// name) to this .npz archive.
     #[arg(long, value_name = "G.npz")]
@@ -86,6 +94,15 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         return run_mpi(args);
     }
     let flags = validate(args)?;
+    if let Some((c, src, mesh)) = training(args)? {
+        return train::run(args, c, &src, mesh, &flags);
+    }
+    if args.steps != 1 || args.log.is_some() {
+        return Err(anyhow!(
+            "--steps and --log train a program with a `train` statement (without --forward-only)"
+        )
+        .into());
+    }
     let plan = load_plan(args, flags.device)?;
     check_grads_wanted(args, &plan)?;
     memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
@@ -121,10 +138,14 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
         None => None,
     };
     let device = args.device.device()?;
+    if args.steps == 0 {
+        return Err(anyhow!("--steps must be at least 1").into());
+    }
     for (what, path) in [
         ("--out", &args.out),
         ("--stats", &args.stats),
         ("--grads", &args.grads),
+        ("--log", &args.log),
     ] {
         if let Some(p) = path {
             files::check_writable(what, Path::new(p)).map_err(|e| anyhow!("{e}"))?;
@@ -355,22 +376,48 @@ fn is_plan_document(path: &str, bytes: &[u8]) -> bool {
     path.ends_with(".json") || bytes.trim_ascii_start().starts_with(b"{")
 }
 
-fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
-    let mesh = match (args.degree, &args.mesh) {
+/// A .tpl program with `train` (and no --forward-only): its compiled step, source and mesh.
+fn training(
+    args: &RunArgs,
+) -> Result<Option<(driver::Compiled, SourceFile, Option<Mesh>)>, Failure> {
+    if args.forward_only {
+        return Ok(None);
+    }
+    let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
+    if is_plan_document(&args.file, &bytes) {
+        return Ok(None);
+    }
+    let mesh = run_mesh(args)?;
+    let overrides = overrides(args)?;
+    let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
+    Ok(train::compile(args, &src, &overrides)?.map(|c| (c, src, mesh)))
+}
+
+/// The `--degree` / `--mesh` of the run.
+fn run_mesh(args: &RunArgs) -> Result<Option<Mesh>, Failure> {
+    Ok(match (args.degree, &args.mesh) {
         (Some(d), _) => Some(Mesh::degree(d).map_err(|e| fail(e, None))?),
         (None, Some(m)) => Some(Mesh::parse(m).map_err(|e| fail(e, None))?),
         (None, None) => None,
-    };
+    })
+}
+
+/// The `--set` overrides.
+fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
+    args.set
+        .iter()
+        .map(|s| driver::parse_set(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e, None))
+}
+
+fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
+    let mesh = run_mesh(args)?;
     let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
     if is_plan_document(&args.file, &bytes) {
         return load_plan_document(args, &bytes, mesh);
     }
-    let overrides = args
-        .set
-        .iter()
-        .map(|s| driver::parse_set(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(e, None))?;
+    let overrides = overrides(args)?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
     let g = crate::compile_source(&src, &overrides, args.forward_only)?.graph;
     driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))

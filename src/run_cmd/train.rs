@@ -1,0 +1,265 @@
+//! `tpc run` on a program with `train`: N training steps of the compiled step (forward,
+//! backward, update). Each step runs on the ranks with every leaf as a global array: the
+//! params and optimizer state the previous step returned (its `next(NAME)` outputs), the
+//! inputs (from `--inputs`, the same every step, or generated per step from `--seed`). The
+//! carried leaves pass through global arrays between steps (ranks do not keep their blocks
+//! across steps yet). `--check` runs the same steps on the unsharded reference and compares
+//! every step's loss and the final params.
+
+use super::compare::{self, Tolerance};
+use super::{leaf_source, RunArgs};
+use crate::{fail, say_err, say_out, Failure};
+use anyhow::anyhow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tpc::diag::SourceFile;
+use tpc::driver::{self, Compiled};
+use tpc::exec::leaves::{global_leaves, LeafSource};
+use tpc::exec::spmd::run_threads;
+use tpc::exec::{npz, reference, Tensor};
+use tpc::files;
+use tpc::ir::{Graph, Op};
+use tpc::mesh::Mesh;
+use tpc::plan::Plan;
+
+/// One training run's record: per step its loss and seconds, and the final leaves.
+struct Trained {
+    losses: Vec<(f32, f64)>,
+    leaves: BTreeMap<String, Tensor>,
+    first_outputs: BTreeMap<String, Tensor>,
+}
+
+/// The compiled training step of `src`, or `None` when it does not train.
+pub(super) fn compile(
+    args: &RunArgs,
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+) -> Result<Option<Compiled>, Failure> {
+    let c = driver::compile_step(src, overrides, args.grads.is_some())
+        .map_err(|e| fail(e, Some(src.clone())))?;
+    if c.loss.is_none() {
+        return Ok(None);
+    }
+    for w in &c.warnings {
+        say_err(&format!("warning: {w}"));
+    }
+    Ok(Some(c))
+}
+
+/// Plans the step `c` and runs `args.steps` steps.
+pub(super) fn run(
+    args: &RunArgs,
+    c: Compiled,
+    src: &SourceFile,
+    mesh: Option<Mesh>,
+    flags: &super::Flags,
+) -> Result<(), Failure> {
+    if args.repeat != 1 {
+        return Err(anyhow!(
+            "--repeat times one step of a forward program; a training run takes --steps"
+        )
+        .into());
+    }
+    let plan = driver::plan_declared(c.graph.clone(), mesh, flags.device)
+        .map_err(|e| fail(e, Some(src.clone())))?;
+    super::memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
+    let c = &c;
+    let source = leaf_source(args, &plan)?;
+    let start = global_leaves(&plan.global, &source).map_err(|e| anyhow!("{e}"))?;
+    let sharded = steps(args, c, &start, true, |leaves| {
+        let out = run_threads(&plan, &LeafSource::Arrays(leaves.clone()), 1, None)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(out.outputs)
+    })?;
+    let failed = if args.check {
+        check(args, c, &plan, &start, &sharded)?
+    } else {
+        Vec::new()
+    };
+    write_results(args, c, &plan, &sharded, &failed)
+}
+
+/// Runs the steps with `step` (leaves -> outputs), printing each loss when `print`.
+fn steps(
+    args: &RunArgs,
+    c: &Compiled,
+    start: &BTreeMap<String, Tensor>,
+    print: bool,
+    mut step: impl FnMut(&BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, anyhow::Error>,
+) -> Result<Trained, Failure> {
+    let loss_name = c.loss.as_deref().unwrap_or("loss");
+    let mut leaves = start.clone();
+    let mut losses = Vec::with_capacity(args.steps.min(1 << 20));
+    let mut first_outputs = BTreeMap::new();
+    for s in 0..args.steps {
+        reseed_inputs(args, &c.graph, &mut leaves, s);
+        let t = Instant::now();
+        let mut out = step(&leaves)?;
+        let secs = t.elapsed().as_secs_f64();
+        let loss = scalar(&out, loss_name)?;
+        if print {
+            say_out(&format!("step {}: loss {loss:.6}", s + 1));
+        }
+        losses.push((loss, secs));
+        for (leaf, next) in &c.carried {
+            let v = out
+                .remove(next)
+                .ok_or_else(|| anyhow!("the step returned no `{next}`"))?;
+            leaves.insert(leaf.clone(), v);
+        }
+        if s == 0 {
+            first_outputs = out;
+        }
+    }
+    Ok(Trained {
+        losses,
+        leaves,
+        first_outputs,
+    })
+}
+
+/// With `--seed` and no `--inputs`, step `s` reads inputs generated from (name, shape, seed,
+/// step); step 0's are the seed's own.
+fn reseed_inputs(args: &RunArgs, g: &Graph, leaves: &mut BTreeMap<String, Tensor>, s: usize) {
+    if args.inputs.is_some() || s == 0 {
+        return;
+    }
+    let seed = args
+        .seed
+        .wrapping_add((s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for (_, n) in g.nodes() {
+        if let Op::Input { name } = &n.op {
+            let v = n.outputs[0];
+            let kind = tpc::exec::init::Leaf::Input;
+            let range = tpc::exec::leaves::int_range(g, v);
+            let t = tpc::exec::init::generate(name, g.ty(v), seed, kind, range);
+            leaves.insert(name.clone(), t);
+        }
+    }
+}
+
+/// The scalar output `name`.
+fn scalar(out: &BTreeMap<String, Tensor>, name: &str) -> Result<f32, anyhow::Error> {
+    out.get(name)
+        .and_then(|t| t.as_f32())
+        .and_then(|a| a.iter().next().copied())
+        .ok_or_else(|| anyhow!("the step returned no loss `{name}`"))
+}
+
+/// Runs the same steps on the unsharded reference; compares each step's loss and the final
+/// params. Returns what differs.
+fn check(
+    args: &RunArgs,
+    c: &Compiled,
+    plan: &Plan,
+    start: &BTreeMap<String, Tensor>,
+    sharded: &Trained,
+) -> Result<Vec<String>, Failure> {
+    let t = Instant::now();
+    let want = steps(args, c, start, false, |leaves| {
+        reference::run(&plan.global, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
+    })?;
+    let tol = Tolerance {
+        rtol: args.rtol,
+        atol: args.atol,
+        equal_nan: args.equal_nan,
+    };
+    let mut bad = Vec::new();
+    for (s, ((got, _), (w, _))) in sharded.losses.iter().zip(&want.losses).enumerate() {
+        let verdict = compare::compare(&scalar_tensor(*got), &scalar_tensor(*w), &tol);
+        say_out(&format!("check loss at step {}: {verdict}", s + 1));
+        if !verdict.is_close() {
+            bad.push(format!("the loss at step {}", s + 1));
+        }
+    }
+    for (name, _) in c.carried.iter().filter(|(l, _)| is_param(plan, l)) {
+        let (g, w) = (&sharded.leaves[name], &want.leaves[name]);
+        let verdict = compare::compare(g, w, &tol);
+        say_out(&format!("check {name}: {verdict}"));
+        if !verdict.is_close() {
+            bad.push(name.clone());
+        }
+    }
+    say_err(&format!(
+        "reference training: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ));
+    Ok(bad)
+}
+
+fn scalar_tensor(x: f32) -> Tensor {
+    Tensor::from(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), x))
+}
+
+fn is_param(plan: &Plan, name: &str) -> bool {
+    plan.global.params().any(|(n, _)| n == name)
+}
+
+/// Writes `--out` (the trained params), `--grads` (the first step's), `--log` (one JSON line
+/// per step), beside the target when the check failed.
+fn write_results(
+    args: &RunArgs,
+    c: &Compiled,
+    plan: &Plan,
+    t: &Trained,
+    failed: &[String],
+) -> Result<(), Failure> {
+    let place = |p: &str| {
+        if failed.is_empty() {
+            PathBuf::from(p)
+        } else {
+            files::failed_path(Path::new(p))
+        }
+    };
+    let mut written = Vec::new();
+    if let Some(path) = &args.out {
+        let params: BTreeMap<String, Tensor> = t
+            .leaves
+            .iter()
+            .filter(|(n, _)| is_param(plan, n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let p = place(path);
+        npz::write(&p.to_string_lossy(), &params).map_err(|e| anyhow!("{e}"))?;
+        written.push((path, p));
+    }
+    if let Some(path) = &args.grads {
+        let grads: BTreeMap<String, Tensor> = c
+            .grads
+            .iter()
+            .filter_map(|(p, g)| Some((p.clone(), t.first_outputs.get(g)?.clone())))
+            .collect();
+        let p = place(path);
+        npz::write(&p.to_string_lossy(), &grads).map_err(|e| anyhow!("{e}"))?;
+        written.push((path, p));
+    }
+    if let Some(path) = &args.log {
+        let mut text = String::new();
+        for (s, (loss, secs)) in t.losses.iter().enumerate() {
+            let line = serde_json::json!({"step": s + 1, "loss": loss, "time_s": secs});
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let p = place(path);
+        files::write_bytes(&p, text.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+        written.push((path, p));
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    for (asked, p) in written {
+        say_err(&format!(
+            "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
+            p.display()
+        ));
+    }
+    Err(anyhow!(
+        "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
+        failed.join(", "),
+        if failed.len() == 1 { "s" } else { "" },
+        args.rtol,
+        args.atol
+    )
+    .into())
+}

@@ -1,0 +1,159 @@
+//! Training through the binary: `tpc run --steps N` prints each step's loss, `--check` runs
+//! the reference training for the same steps, `--log`, `--out` and `--grads` write what they
+//! promise, and misuse is a clear error.
+
+mod cli_support;
+
+use cli_support::{assert_exit, assert_stderr_has, assert_stdout_has, scratch, stdout, tpc};
+
+const PROGRAM: &str = "mesh dp, tp
+dim B = 8, H = 32
+input x : f32[B, H] @ [dp, _]
+param w1 : f32[H, 4*H] @ [_, tp]
+param w2 : f32[4*H, H] @ [tp, _]
+y = gelu(x @ w1) @ w2
+loss = mean(mean(y * y, 1), 0)
+train loss with adamw(lr=0.01)
+";
+
+fn program(dir: &std::path::Path) -> String {
+    let p = dir.join("t.tpl");
+    std::fs::write(&p, PROGRAM).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn steps_print_losses_and_check_against_the_reference() {
+    let dir = scratch("train_check");
+    let file = program(&dir);
+    let log = dir.join("log.jsonl");
+    let out = dir.join("p.npz");
+    let o = tpc(&[
+        "run",
+        &file,
+        "--mesh",
+        "dp=2,tp=4",
+        "--steps",
+        "4",
+        "--check",
+        "--log",
+        log.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    for s in 1..=4 {
+        assert_stdout_has(&o, &format!("step {s}: loss "));
+        assert_stdout_has(&o, &format!("check loss at step {s}: "));
+    }
+    assert_stdout_has(&o, "check w1: ");
+    assert_eq!(
+        stdout(&o).matches("step 1: loss").count(),
+        1,
+        "the reference prints no steps"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[3]["step"], 4);
+    assert!(lines[0]["loss"].as_f64().unwrap() > 0.0 && lines[0]["time_s"].as_f64().is_some());
+    let z = std::fs::File::open(&out).unwrap();
+    let names: Vec<String> = zip_names(z);
+    assert_eq!(
+        names,
+        ["w1.npy", "w2.npy"],
+        "--out holds the trained params only"
+    );
+}
+
+fn zip_names(f: std::fs::File) -> Vec<String> {
+    let mut z = zip::ZipArchive::new(f).unwrap();
+    let mut v: Vec<String> = (0..z.len())
+        .map(|i| z.by_index(i).unwrap().name().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Training changes the params: the loss after some steps on the same inputs is lower.
+#[test]
+fn the_loss_goes_down_on_fixed_inputs() {
+    let dir = scratch("train_down");
+    let file = program(&dir);
+    let inputs = dir.join("x.npz");
+    let x = ndarray::ArrayD::from_shape_fn(vec![8, 32], |i| {
+        ((i[0] * 7 + i[1] * 3) % 11) as f32 / 5.0 - 1.0
+    });
+    let arrays = std::collections::BTreeMap::from([("x".to_string(), tpc::exec::Tensor::from(x))]);
+    tpc::exec::npz::write(inputs.to_str().unwrap(), &arrays).unwrap();
+    let o = tpc(&[
+        "run",
+        &file,
+        "--degree",
+        "4",
+        "--steps",
+        "20",
+        "--inputs",
+        inputs.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    let losses: Vec<f64> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.split("loss ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert_eq!(losses.len(), 20);
+    assert!(losses[19] < 0.5 * losses[0], "{losses:?}");
+}
+
+#[test]
+fn misuse_is_a_clear_error() {
+    let dir = scratch("train_misuse");
+    let file = program(&dir);
+    let o = tpc(&["run", &file, "--steps", "0"]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "--steps must be at least 1");
+    let o = tpc(&["run", &file, "--steps", "2", "--repeat", "3"]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "a training run takes --steps");
+    let mlp = cli_support::example("mlp.tpl");
+    let o = tpc(&["run", &mlp, "--steps", "2"]);
+    assert_exit(&o, 1);
+    assert_stderr_has(
+        &o,
+        "--steps and --log train a program with a `train` statement",
+    );
+    let o = tpc(&[
+        "run",
+        &file,
+        "--forward-only",
+        "--grads",
+        dir.join("g.npz").to_str().unwrap(),
+    ]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "computes no gradients");
+}
+
+#[test]
+fn grads_of_the_first_step_by_param_name() {
+    let dir = scratch("train_grads");
+    let file = program(&dir);
+    let g = dir.join("g.npz");
+    let o = tpc(&[
+        "run",
+        &file,
+        "--degree",
+        "2",
+        "--steps",
+        "2",
+        "--grads",
+        g.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        zip_names(std::fs::File::open(&g).unwrap()),
+        ["w1.npy", "w2.npy"]
+    );
+}
