@@ -174,12 +174,12 @@ fn finish(
         for (leaf, value, next) in optimizer::update(&mut b, &t.optimizer, &with_grads)? {
             let name = optimizer::next_name(&leaf);
             // The next value is laid out as its leaf, so the loop feeds it back without moving.
-            let annotation = b.graph_mut().annotation(value).cloned();
             b.graph_mut().add_output(Output {
                 name: name.clone(),
                 value: next,
-                annotation,
+                annotation: None,
                 span: t.span,
+                like: Some(value),
             });
             carried.push((leaf, name));
         }
@@ -194,6 +194,7 @@ fn finish(
                 value: t.loss,
                 annotation: None,
                 span: t.span,
+                like: None,
             });
             name
         }
@@ -207,8 +208,9 @@ fn finish(
                 graph.add_output(Output {
                     name: grad_name(&name),
                     value: d,
-                    annotation: g.annotation(v).cloned(),
+                    annotation: None,
                     span: g.node(g.value(v).node).span,
+                    like: Some(v),
                 });
                 grads.push((name, v, d));
             }

@@ -187,6 +187,7 @@ mod tests {
             value: x,
             annotation: None,
             span: at(1, 1),
+            like: None,
         });
         let dot = print(&g);
         assert!(dot.contains(r#"label="b.\"q\" (bl\\k)";"#), "{dot}");

@@ -167,6 +167,11 @@ pub fn check_ids<S: Space>(parts: &GraphParts<S>) -> Result<(), JsonError> {
     }
     for out in &parts.outputs {
         ids.value(out.value, &|| format!("output {:?}", out.name))?;
+        if let Some(l) = out.like {
+            ids.value(l, &|| {
+                format!("output {:?} (the value it is laid out like)", out.name)
+            })?;
+        }
     }
     Ok(())
 }

@@ -216,6 +216,7 @@ pub(crate) mod fixtures {
                 span: at(30, 12),
             }),
             span: at(30, 1),
+            like: None,
         });
         g
     }
@@ -250,6 +251,7 @@ pub(crate) mod fixtures {
             value: ValueId::new(99),
             annotation: None,
             span: Span::default(),
+            like: None,
         });
         g
     }
@@ -306,6 +308,7 @@ pub(crate) mod fixtures {
             value: y,
             annotation: None,
             span: at(2, 1),
+            like: None,
         });
         g
     }

@@ -101,7 +101,9 @@ pub struct Annotation {
     pub span: Span,
 }
 
-/// A program output: a name, the value, and an optional annotation (Replicate when absent).
+/// A program output: a name, the value, and its placement: the annotation's, or the placement
+/// of the value it is `like` (a training step's next param or gradient, laid out as its param),
+/// or Replicate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct Output<S = Global> {
@@ -113,6 +115,9 @@ pub struct Output<S = Global> {
     pub annotation: Option<Annotation>,
     /// Where the output was declared.
     pub span: Span,
+    /// Without an annotation: laid out as this value (a param or optimizer state) is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub like: Option<ValueId<S>>,
 }
 
 /// A whole program: the global one (the default), or a plan's SPMD program (`Graph<Local>`).

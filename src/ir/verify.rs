@@ -351,6 +351,7 @@ mod tests {
             value: y,
             annotation: Some(spec(&[&["dp"], &[]])),
             span: Span::default(),
+            like: None,
         });
         g
     }

@@ -81,6 +81,7 @@ pub fn lower_program(
             value: t.loss,
             annotation: None,
             span: t.span,
+            like: None,
         });
     }
     if g.outputs().is_empty() {

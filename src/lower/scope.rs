@@ -265,6 +265,7 @@ impl<'g> Scope<'g> {
             value: v,
             annotation,
             span: o.name.span,
+            like: None,
         });
         Ok(())
     }

@@ -71,17 +71,25 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
         p.node(id)?;
     }
     for o in g.outputs() {
-        let want = match &o.annotation {
-            Some(a) => {
-                Placement::from_spec(&a.spec, &sh.mesh).expect("axes checked by propagation")
-            }
-            None => Placement::replicated(g.ty(o.value).rank(), sh.mesh.rank()),
-        };
-        let want = p.table.intern_owned(want);
         let user = Use {
             user: User::Output(&o.name),
             span: o.span,
             region: p.out.root(),
+        };
+        let (want, like) = match (&o.annotation, o.like) {
+            (Some(a), _) => {
+                let pl =
+                    Placement::from_spec(&a.spec, &sh.mesh).expect("axes checked by propagation");
+                (p.table.intern_owned(pl), None)
+            }
+            (None, Some(l)) => {
+                let pl = sh.placement_of[l];
+                (pl, Some(p.get(l, pl, &user)?))
+            }
+            (None, None) => {
+                let pl = Placement::replicated(g.ty(o.value).rank(), sh.mesh.rank());
+                (p.table.intern_owned(pl), None)
+            }
         };
         let v = p.get(o.value, want, &user)?;
         p.out.add_output(Output {
@@ -89,6 +97,7 @@ pub fn partition(g: &Graph, sh: &Sharding) -> Result<Partitioned, PartitionError
             value: v,
             annotation: o.annotation.clone(),
             span: o.span,
+            like,
         });
     }
     let placements = p

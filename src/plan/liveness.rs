@@ -95,6 +95,7 @@ mod tests {
             value: y,
             annotation: None,
             span: Span::default(),
+            like: None,
         });
         let live = Liveness::of(&g);
         assert_eq!(live.last_use(x), Some(2));

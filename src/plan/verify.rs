@@ -862,9 +862,16 @@ impl<'a> Verifier<'a> {
                     b.name, b.value, a.value
                 ));
             }
-            let want = match &a.annotation {
-                Some(ann) => Placement::from_spec(&ann.spec, mesh),
-                None => Some(Placement::replicated(g.ty(a.value).rank(), mesh.rank())),
+            if b.annotation != a.annotation || b.like.map(|l| self.held(l)) != a.like.map(Some) {
+                return Err(format!(
+                    "output {} is not laid out as its global output says",
+                    b.name
+                ));
+            }
+            let want = match (&a.annotation, b.like) {
+                (Some(ann), _) => Placement::from_spec(&ann.spec, mesh),
+                (None, Some(l)) => Some(self.pl(l).clone()),
+                (None, None) => Some(Placement::replicated(g.ty(a.value).rank(), mesh.rank())),
             };
             let pl = self.pl(b.value);
             if want.as_ref() != Some(pl) {

@@ -483,7 +483,7 @@ impl AxisCtx<'_> {
             if !changed && have_demand {
                 break;
             }
-            self.demands(&choice, &mut demand);
+            self.demands(&choice, &st, &mut demand);
             have_demand = true;
         }
         (choice, st, memo.copied)
@@ -559,20 +559,22 @@ impl AxisCtx<'_> {
         }
     }
 
-    /// Fills `d` with what each value's users (and the program outputs) require.
-    fn demands(&self, choice: &[Option<Strategy>], d: &mut Demands) {
+    /// Fills `d` with what each value's users (and the program outputs) require: an output
+    /// laid out `like` a value asks for that value's current state.
+    fn demands(&self, choice: &[Option<Strategy>], st: &[AxisPl], d: &mut Demands) {
         let g = self.g;
         let nv = g.num_values();
         let outputs: Vec<(ValueId, AxisPl)> = g
             .outputs()
             .iter()
             .map(|o| {
-                let want = o
+                let annotated = o
                     .annotation
                     .as_ref()
                     .and_then(|a| Placement::from_spec(&a.spec, self.mesh))
-                    .map(|p| p.axis(self.a))
-                    .unwrap_or(AxisPl::Replicate);
+                    .map(|p| p.axis(self.a));
+                let like = o.like.map(|l| st[l.index()]);
+                let want = annotated.or(like).unwrap_or(AxisPl::Replicate);
                 (o.value, want)
             })
             .collect();

@@ -44,6 +44,7 @@ impl B {
             value,
             annotation: None,
             span: Span::default(),
+            like: None,
         });
     }
 }
