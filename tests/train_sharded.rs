@@ -212,3 +212,28 @@ fn summary_has_phases_and_memory_by_kind() {
     let m = &plan.summary.memory_bytes_per_device;
     assert_eq!((m.grads, m.activations), (0, 0), "a forward program");
 }
+
+/// A weight left unannotated that propagation splits (attention's `wo`, row-split after the
+/// head-split QKV) keeps its gradient and next value in that split: no gather for them.
+#[test]
+fn a_free_weight_split_by_propagation_keeps_its_gradient_split() {
+    let text = example(
+        "attention.tpl",
+        ("param wo : f32[H, H] @ [tp, _]", "param wo : f32[H, H]"),
+        Some("y"),
+    );
+    let plan = assert_runs(&text, "8");
+    assert_eq!(count(&plan, "all_gather"), 0, "{:?}", collectives(&plan));
+    let grad = output(&plan, "grad(wo)");
+    assert_eq!(plan.local.ty(grad).shape, [8, 64], "row blocks of wo");
+    let src = tpc::diag::SourceFile::new("t.tpl", text);
+    let step = tpc::driver::compile_step(&src, &[], false).expect("compiles");
+    let plan = tpc::driver::plan_declared(
+        step.graph,
+        Some(tpc::mesh::Mesh::degree(8).unwrap()),
+        tpc::mesh::Device::default(),
+    )
+    .expect("plans");
+    assert_eq!(count(&plan, "all_gather"), 0, "{:?}", collectives(&plan));
+    prop_support::check_plan(&plan).expect("the step equals the reference");
+}
