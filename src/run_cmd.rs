@@ -169,6 +169,13 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     let (rank, size) = (mpi.rank(), mpi.size());
     let setup = (|| -> Result<(Plan, LeafSource), Failure> {
         let flags = validate(args)?;
+        if training(args)?.is_some() || args.steps != 1 || args.log.is_some() {
+            return Err(anyhow!(
+                "training steps run on the thread backend only for now: run without mpirun, \
+                 or with --forward-only"
+            )
+            .into());
+        }
         let plan = load_plan(args, flags.device)?;
         memory::check_fits(&plan, args, flags.max_memory, 1)?;
         let devices = plan.mesh.num_devices();

@@ -415,3 +415,29 @@ fn redistribute_over_two_axes_is_bitwise_identical_to_threads() {
     );
     assert_bitwise_equal(&m_out, &t_out, "redistribute on 8 MPI ranks");
 }
+
+/// Training steps are not run under MPI yet: a program with `train` is refused (exit 1, one
+/// clear message), never run as a single gradient step that ignores `--steps`.
+#[test]
+fn a_training_run_under_mpi_is_refused_clearly() {
+    let file = tmp("train.tpl");
+    std::fs::write(
+        &file,
+        "mesh tp\ninput x : f32[4, 8]\nparam w : f32[8, 8] @ [_, tp]\n\
+         y = x @ w\nloss = mean(mean(y * y, 1), 0)\ntrain loss with sgd(lr=0.1)\n",
+    )
+    .unwrap();
+    let (o, _) = mpirun(
+        2,
+        &[file.to_str().unwrap(), "--mesh", "tp=2", "--steps", "3"],
+        TIMEOUT_S,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("thread backend only"),
+        "{}",
+        text(&o)
+    );
+    let o = threads(&[file.to_str().unwrap(), "--mesh", "tp=2", "--steps", "3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
