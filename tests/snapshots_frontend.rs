@@ -52,7 +52,14 @@ fn dot_collapsed(g: &Graph) -> String {
 // Examples
 
 /// The examples that have snapshot tests below; `every_example_has_snapshots` keeps it complete.
-const EXAMPLES: &[&str] = &["attention", "gpt", "gpt_layer", "mlp", "mlp_2d"];
+const EXAMPLES: &[&str] = &[
+    "attention",
+    "gpt",
+    "gpt_layer",
+    "gpt_train",
+    "mlp",
+    "mlp_2d",
+];
 
 fn example_snapshots(name: &str) {
     let rel = format!("examples/{name}.tpl");
@@ -100,6 +107,11 @@ fn example_gpt() {
 #[test]
 fn example_gpt_layer() {
     example_snapshots("gpt_layer");
+}
+
+#[test]
+fn example_gpt_train() {
+    example_snapshots("gpt_train");
 }
 
 #[test]

@@ -6,7 +6,14 @@ use tpc::diag::SourceFile;
 use tpc::driver::{compile_plan, Error};
 use tpc::mesh::{Device, Mesh};
 
-const EXAMPLES: &[&str] = &["mlp", "mlp_2d", "attention", "gpt_layer", "gpt"];
+const EXAMPLES: &[&str] = &[
+    "mlp",
+    "mlp_2d",
+    "attention",
+    "gpt_layer",
+    "gpt",
+    "gpt_train",
+];
 
 fn source(name: &str) -> SourceFile {
     let path = format!("examples/{name}.tpl");
