@@ -221,3 +221,43 @@ fn gpt_train_learns_and_agrees_across_meshes() {
         }
     }
 }
+
+/// `--inputs` with a leading step axis: step i reads slice i mod K; the run equals the
+/// reference; a step axis of 0 or a wrong shape is named.
+#[test]
+fn inputs_with_a_leading_step_axis() {
+    let dir = scratch("train_stepped");
+    let file = program(&dir);
+    let write = |name: &str, shape: Vec<usize>| {
+        let x = ndarray::ArrayD::from_shape_fn(shape, |i| {
+            (ndarray::Dimension::slice(&i).iter().sum::<usize>() % 7) as f32 / 3.0 - 1.0
+        });
+        let p = dir.join(name);
+        let arrays =
+            std::collections::BTreeMap::from([("x".to_string(), tpc::exec::Tensor::from(x))]);
+        tpc::exec::npz::write(p.to_str().unwrap(), &arrays).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let three = write("x3.npz", vec![3, 8, 32]);
+    let o = tpc(&[
+        "run",
+        &file,
+        "--mesh",
+        "dp=2,tp=2",
+        "--steps",
+        "5",
+        "--inputs",
+        &three,
+        "--check",
+    ]);
+    assert_exit(&o, 0);
+    assert_stdout_has(&o, "check loss at step 5: ");
+    let zero = write("x0.npz", vec![0, 8, 32]);
+    let o = tpc(&["run", &file, "--steps", "2", "--inputs", &zero]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "`x` has a leading step axis of 0 steps");
+    let bad = write("xb.npz", vec![3, 8, 31]);
+    let o = tpc(&["run", &file, "--steps", "2", "--inputs", &bad]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "(or [K, 8, 32] for K steps)");
+}

@@ -65,7 +65,17 @@ pub fn read(path: &str) -> Result<BTreeMap<String, Tensor>, NpzError> {
 pub fn load(path: &str, g: &Graph, params: bool) -> Result<BTreeMap<String, Tensor>, NpzError> {
     let mut archive = Archive::open(path)?;
     let (entries, unsupported) = archive.headers()?;
-    check(path, g, &entries, &unsupported, params)?;
+    check(path, g, &entries, &unsupported, params, false)?;
+    archive.arrays(&entries)
+}
+
+/// [`load`] of the inputs of a training run: an array may also carry one extra leading dim
+/// of K ≥ 1 steps (`tokens: i32[K, B, S]` for `tokens : i32[B, S]`), step i reading slice
+/// `i mod K`.
+pub fn load_step_inputs(path: &str, g: &Graph) -> Result<BTreeMap<String, Tensor>, NpzError> {
+    let mut archive = Archive::open(path)?;
+    let (entries, unsupported) = archive.headers()?;
+    check(path, g, &entries, &unsupported, false, true)?;
     archive.arrays(&entries)
 }
 
@@ -494,6 +504,7 @@ fn check(
     arrays: &BTreeMap<String, Entry>,
     unsupported: &[(String, String)],
     params: bool,
+    steps: bool,
 ) -> Result<(), NpzError> {
     let leaves: BTreeMap<&str, _> = if params {
         g.params().collect()
@@ -509,7 +520,7 @@ fn check(
             None => Ok(arrays.get(*name)),
         };
         match dtype {
-            Ok(Some(e)) => problems.extend(leaf_problems(name, ty, e)),
+            Ok(Some(e)) => problems.extend(leaf_problems(name, ty, e, steps)),
             Ok(None) => problems.push(format!("missing {what} `{name}` ({ty})")),
             Err(dtype) => problems.push(dtype_problem(name, dtype, ty)),
         }
@@ -532,13 +543,26 @@ fn check(
     }
 }
 
-/// The problems of array `name` (header `e`) as leaf of type `ty`: its shape, its dtype.
-fn leaf_problems(name: &str, ty: &TensorType, e: &Entry) -> Vec<String> {
+/// The problems of array `name` (header `e`) as leaf of type `ty`: its shape (with `steps`,
+/// also `[K] + shape` for K ≥ 1), its dtype.
+fn leaf_problems(name: &str, ty: &TensorType, e: &Entry, steps: bool) -> Vec<String> {
     let mut problems = Vec::new();
-    if e.header.shape != ty.shape {
+    let shape = &e.header.shape;
+    let stepped = steps && shape.len() == ty.rank() + 1 && shape[1..] == ty.shape[..];
+    if stepped && shape[0] == 0 {
+        problems.push(format!("`{name}` has a leading step axis of 0 steps"));
+    } else if shape != &ty.shape && !stepped {
+        let also = if steps {
+            format!(
+                " (or [K, {}] for K steps)",
+                dims(&ty.shape).trim_matches(['[', ']'])
+            )
+        } else {
+            String::new()
+        };
         problems.push(format!(
-            "`{name}` has shape {}, the program declares {ty}",
-            dims(&e.header.shape)
+            "`{name}` has shape {}, the program declares {ty}{also}",
+            dims(shape)
         ));
     }
     if !e.kind.fits(ty.dtype) {

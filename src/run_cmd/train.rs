@@ -1,13 +1,14 @@
 //! `tpc run` on a program with `train`: N training steps of the compiled step (forward,
 //! backward, update). Each step runs on the ranks with every leaf as a global array: the
 //! params and optimizer state the previous step returned (its `next(NAME)` outputs), the
-//! inputs (from `--inputs`, the same every step, or generated per step from `--seed`). The
+//! inputs (from `--inputs`: an array with one extra leading dim of K gives step i its slice
+//! `i mod K`, one of the declared shape serves every step; or generated per step from `--seed`). The
 //! carried leaves pass through global arrays between steps (ranks do not keep their blocks
 //! across steps yet). `--check` runs the same steps on the unsharded reference and compares
 //! every step's loss and the final params.
 
 use super::compare::{self, Tolerance};
-use super::{leaf_source, RunArgs};
+use super::RunArgs;
 use crate::{fail, say_err, say_out, Failure};
 use anyhow::anyhow;
 use std::collections::BTreeMap;
@@ -65,26 +66,61 @@ pub(super) fn run(
         .map_err(|e| fail(e, Some(src.clone())))?;
     super::memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let c = &c;
-    let source = leaf_source(args, &plan)?;
-    let start = global_leaves(&plan.global, &source).map_err(|e| anyhow!("{e}"))?;
-    let sharded = steps(args, c, &start, true, |leaves| {
+    let (start, stepped) = start_leaves(args, &plan)?;
+    let sharded = steps(args, c, &start, &stepped, true, |leaves| {
         let out = run_threads(&plan, &LeafSource::Arrays(leaves.clone()), 1, None)
             .map_err(|e| anyhow!("{e}"))?;
         Ok(out.outputs)
     })?;
     let failed = if args.check {
-        check(args, c, &plan, &start, &sharded)?
+        check(args, c, &plan, (&start, &stepped), &sharded)?
     } else {
         Vec::new()
     };
     write_results(args, c, &plan, &sharded, &failed)
 }
 
+/// Leaves by name.
+type Leaves = BTreeMap<String, Tensor>;
+
+/// The first step's leaves (generated from `--seed`, replaced by `--params` and `--inputs`),
+/// and the inputs given with a leading step axis.
+fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<(Leaves, Leaves), Failure> {
+    let g = &plan.global;
+    let mut all = global_leaves(g, &LeafSource::Seed(args.seed)).map_err(|e| anyhow!("{e}"))?;
+    if let Some(p) = &args.params {
+        all.extend(npz::load(p, g, true).map_err(|e| anyhow!("{e}"))?);
+    }
+    let mut stepped = BTreeMap::new();
+    if let Some(p) = &args.inputs {
+        let declared: BTreeMap<&str, usize> =
+            g.inputs().map(|(n, v)| (n, g.ty(v).rank())).collect();
+        for (name, t) in npz::load_step_inputs(p, g).map_err(|e| anyhow!("{e}"))? {
+            if Some(&t.shape().len()) == declared.get(name.as_str()).map(|r| r + 1).as_ref() {
+                stepped.insert(name, t);
+            } else {
+                all.insert(name, t);
+            }
+        }
+    }
+    Ok((all, stepped))
+}
+
+/// Slice `i` of the leading axis of `t`.
+fn step_slice(t: &Tensor, i: usize) -> Tensor {
+    use ndarray::Axis;
+    match t {
+        Tensor::F32(a) => Tensor::F32(a.index_axis(Axis(0), i).to_owned()),
+        Tensor::I32(a) => Tensor::I32(a.index_axis(Axis(0), i).to_owned()),
+    }
+}
+
 /// Runs the steps with `step` (leaves -> outputs), printing each loss when `print`.
 fn steps(
     args: &RunArgs,
     c: &Compiled,
-    start: &BTreeMap<String, Tensor>,
+    start: &Leaves,
+    stepped: &Leaves,
     print: bool,
     mut step: impl FnMut(&BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, anyhow::Error>,
 ) -> Result<Trained, Failure> {
@@ -94,6 +130,10 @@ fn steps(
     let mut first_outputs = BTreeMap::new();
     for s in 0..args.steps {
         reseed_inputs(args, &c.graph, &mut leaves, s);
+        for (name, t) in stepped {
+            let k = t.shape().first().copied().unwrap_or(1).max(1);
+            leaves.insert(name.clone(), step_slice(t, s % k));
+        }
         let t = Instant::now();
         let mut out = step(&leaves)?;
         let secs = t.elapsed().as_secs_f64();
@@ -153,11 +193,11 @@ fn check(
     args: &RunArgs,
     c: &Compiled,
     plan: &Plan,
-    start: &BTreeMap<String, Tensor>,
+    (start, stepped): (&Leaves, &Leaves),
     sharded: &Trained,
 ) -> Result<Vec<String>, Failure> {
     let t = Instant::now();
-    let want = steps(args, c, start, false, |leaves| {
+    let want = steps(args, c, start, stepped, false, |leaves| {
         reference::run(&plan.global, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
     })?;
     let tol = Tolerance {
