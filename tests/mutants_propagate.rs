@@ -1,0 +1,70 @@
+//! Placements propagation must choose, pinned on small programs (found by cargo-mutants on
+//! `src/sharding/propagate.rs`: these choices survived the suite). Each program also runs on
+//! threads against the unsharded reference.
+
+mod prop_support;
+
+use prop_support::assert_runs;
+use tpc::ir::Op;
+use tpc::plan::Plan;
+
+/// The collectives of the plan as (op name, local input shape), in program order.
+fn collectives(p: &Plan) -> Vec<(&'static str, Vec<u64>)> {
+    p.local
+        .nodes()
+        .filter(|(_, n)| n.op.is_collective())
+        .map(|(_, n)| (n.op.name(), p.local.ty(n.inputs[0]).shape.clone()))
+        .collect()
+}
+
+/// A partial sum goes through a matmul with a replicated weight (linear in its first operand)
+/// and is all-reduced once, at the smaller result; the weight stays whole on every device.
+#[test]
+fn a_partial_sum_is_reduced_after_a_linear_matmul() {
+    let text = "
+mesh tp
+input x : f32[8, 256] @ [_, tp]
+param w1 : f32[256, 512] @ [tp, _]
+param w2 : f32[512, 16] @ [_, _]
+h = x @ w1
+y = h @ w2
+output y
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(collectives(&plan), vec![("all_reduce", vec![8, 16])]);
+    let kept = plan
+        .local
+        .nodes()
+        .filter(|(_, n)| matches!(n.op, Op::KeepOnFirst { .. }))
+        .count();
+    assert_eq!(kept, 0);
+}
+
+/// The local shape of the value named `name` in the plan.
+fn local_shape(p: &Plan, name: &str) -> Vec<u64> {
+    let (v, _) = p
+        .local
+        .values()
+        .find(|(_, val)| val.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no local value {name}"));
+    p.local.ty(v).shape.clone()
+}
+
+/// An output's split reaches back one op per pass: propagation repeats its passes until nothing
+/// changes, so every op of the chain runs on row blocks, not only the last one.
+#[test]
+fn an_output_split_flows_back_through_a_chain_to_the_fixpoint() {
+    let text = "
+mesh tp
+input x : f32[64, 32] @ [_, _]
+a = gelu(x)
+b = gelu(a)
+c = gelu(b)
+output c @ [tp, _]
+";
+    let plan = assert_runs(text, "4");
+    for name in ["a", "b", "c"] {
+        assert_eq!(local_shape(&plan, name), vec![16, 32], "{name}");
+    }
+    assert!(collectives(&plan).is_empty());
+}
