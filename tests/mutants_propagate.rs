@@ -5,8 +5,10 @@
 mod prop_support;
 
 use prop_support::assert_runs;
-use tpc::ir::Op;
+use tpc::ir::{Dtype, Op, TensorType};
 use tpc::plan::Plan;
+use tpc::sharding::rules::{rule, Rule};
+use tpc::sharding::Strategy;
 
 /// The collectives of the plan as (op name, local input shape), in program order.
 fn collectives(p: &Plan) -> Vec<(&'static str, Vec<u64>)> {
@@ -67,4 +69,39 @@ output c @ [tp, _]
         assert_eq!(local_shape(&plan, name), vec![16, 32], "{name}");
     }
     assert!(collectives(&plan).is_empty());
+}
+
+/// A vocab-parallel loss pays three all-reduces of the rows: with a vocab of 8 on 4 devices,
+/// gathering the logits once is cheaper, so the loss runs replicated.
+#[test]
+fn a_narrow_vocab_gathers_the_logits_instead_of_the_vocab_parallel_loss() {
+    let text = "
+mesh tp
+input h : f32[64, 16]
+input labels : i32[64]
+param w : f32[16, 8] @ [_, tp]
+loss = cross_entropy(h @ w, labels)
+output loss
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![64, 2])]);
+}
+
+/// A label is a strategy only when an operand holds it and the result keeps it or it may be
+/// contracted: softmax's axis is in no tensor, and a label an operand alone holds is dropped.
+#[test]
+fn only_labels_an_operand_holds_and_the_result_keeps_are_strategies() {
+    let t = TensorType::new(Dtype::F32, vec![4, 8]);
+    let softmax = rule(&Op::Softmax { axis: 1 }, &[&t], &[&t]).unwrap();
+    let all: Vec<Strategy> = Strategy::all(&softmax).collect();
+    assert_eq!(all, vec![Strategy::Replicate, Strategy::Split(0)]);
+    let operand_only = Rule {
+        operands: vec![vec![Some(0)]],
+        result: vec![None],
+        sizes: vec![8],
+        contracted: vec![],
+        linear: vec![],
+    };
+    let all: Vec<Strategy> = Strategy::all(&operand_only).collect();
+    assert_eq!(all, vec![Strategy::Replicate]);
 }
