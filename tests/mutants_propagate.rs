@@ -4,8 +4,9 @@
 
 mod prop_support;
 
-use prop_support::assert_runs;
+use prop_support::{assert_runs, check_plan, plan_of};
 use tpc::ir::{Dtype, Op, TensorType};
+use tpc::mesh::Device;
 use tpc::plan::Plan;
 use tpc::sharding::rules::{rule, Rule};
 use tpc::sharding::Strategy;
@@ -104,4 +105,40 @@ fn only_labels_an_operand_holds_and_the_result_keeps_are_strategies() {
     };
     let all: Vec<Strategy> = Strategy::all(&operand_only).collect();
     assert_eq!(all, vec![Strategy::Replicate]);
+}
+
+/// `y = x + z` with `x` split on rows and `z` on columns: both splits cost the same (one
+/// all-to-all), and a tie keeps the earlier label, so `z` moves to row blocks.
+#[test]
+fn a_tie_between_two_splits_keeps_the_first_label() {
+    let plan = assert_runs(CROSSED_ADD, "4");
+    let want = vec![("all_to_all", vec![8, 4]), ("all_gather", vec![2, 16])];
+    assert_eq!(collectives(&plan), want);
+}
+
+/// Row-split `x` plus column-split `z`, wanted whole.
+const CROSSED_ADD: &str = "
+mesh tp
+input x : f32[8, 16] @ [tp, _]
+input z : f32[8, 16] @ [_, tp]
+y = x + z
+output y
+";
+
+/// On a device where everything is nearly free, the strategies' costs differ by less than the
+/// absolute margin (1e-18 s) a later candidate must win by, so the add stays replicated.
+#[test]
+fn below_the_absolute_margin_the_first_candidate_stays() {
+    let fast = Device {
+        latency: 0.0,
+        mem_weight: 0.0,
+        bandwidth: 1e16,
+        flops_f32: 1e21,
+        flops_half: 1e21,
+        ..Device::default()
+    };
+    let plan = plan_of("case.tpl", CROSSED_ADD, "4", fast);
+    check_plan(&plan).unwrap();
+    let want = vec![("all_gather", vec![2, 16]), ("all_gather", vec![8, 4])];
+    assert_eq!(collectives(&plan), want);
 }
