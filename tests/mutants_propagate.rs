@@ -4,12 +4,14 @@
 
 mod prop_support;
 
-use prop_support::{assert_runs, check_plan, plan_of};
-use tpc::ir::{Dtype, Op, TensorType};
+use prop_support::{assert_runs, check_plan, mesh, plan_of};
+use tpc::diag::SourceFile;
+use tpc::driver::compile_global;
+use tpc::ir::{Dtype, Graph, Op, TensorType, ValueId};
 use tpc::mesh::Device;
 use tpc::plan::Plan;
 use tpc::sharding::rules::{rule, Rule};
-use tpc::sharding::Strategy;
+use tpc::sharding::{propagate, AxisPl, Sharding, Strategy};
 
 /// The collectives of the plan as (op name, local input shape), in program order.
 fn collectives(p: &Plan) -> Vec<(&'static str, Vec<u64>)> {
@@ -141,4 +143,38 @@ fn below_the_absolute_margin_the_first_candidate_stays() {
     check_plan(&plan).unwrap();
     let want = vec![("all_gather", vec![2, 16]), ("all_gather", vec![8, 4])];
     assert_eq!(collectives(&plan), want);
+}
+
+/// The global value named `name` in `g`.
+fn value(g: &Graph, name: &str) -> ValueId {
+    g.values()
+        .find(|(_, v)| v.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no value {name}"))
+        .0
+}
+
+/// Propagation alone on `mesh_text` with the default device: the global graph and its sharding.
+fn sharding(text: &str, mesh_text: &str) -> (Graph, Sharding) {
+    let g = compile_global(&SourceFile::new("case.tpl", text), &[]).unwrap();
+    let m = mesh(mesh_text).with_declared(&g.mesh_axes);
+    let sh = propagate(&g, &m, &Device::default()).unwrap();
+    (g, sh)
+}
+
+/// An unannotated param shows the placement its first user asked for: `w2` after a
+/// column-split `w1` is row blocks; the unannotated input `x` stays whole.
+#[test]
+fn a_free_leaf_shows_the_placement_its_first_user_asked_for() {
+    let text = "
+mesh tp
+input x : f32[8, 32]
+param w1 : f32[32, 64] @ [_, tp]
+param w2 : f32[64, 32]
+y = gelu(x @ w1) @ w2
+output y
+";
+    let (g, sh) = sharding(text, "4");
+    assert!(sh.free[value(&g, "w2")] && sh.free[value(&g, "x")]);
+    assert_eq!(sh.placement(value(&g, "w2")).axis(0), AxisPl::Shard(0));
+    assert_eq!(sh.placement(value(&g, "x")).axis(0), AxisPl::Replicate);
 }
