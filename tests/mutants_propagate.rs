@@ -178,3 +178,30 @@ output y
     assert_eq!(sh.placement(value(&g, "w2")).axis(0), AxisPl::Shard(0));
     assert_eq!(sh.placement(value(&g, "x")).axis(0), AxisPl::Replicate);
 }
+
+/// A device whose compute is so slow that saving any of it beats any collective.
+fn slow_compute() -> Device {
+    Device {
+        flops_f32: 1e3,
+        flops_half: 1e3,
+        ..Device::default()
+    }
+}
+
+/// `h` is wanted whole by an output and in row blocks by `exp`: both demands count, so on slow
+/// compute `h` is computed in row blocks (and gathered for the output), not whole.
+#[test]
+fn every_distinct_demand_of_a_value_counts() {
+    let text = "
+mesh tp
+input x : f32[64, 32]
+h = gelu(x)
+y = exp(h)
+output y @ [tp, _]
+output h
+";
+    let plan = plan_of("case.tpl", text, "4", slow_compute());
+    check_plan(&plan).unwrap();
+    assert_eq!(local_shape(&plan, "h"), vec![16, 32]);
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
+}
