@@ -205,3 +205,21 @@ output h
     assert_eq!(local_shape(&plan, "h"), vec![16, 32]);
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
+
+/// One value output twice, in row blocks and whole: both outputs' demands count, so on slow
+/// compute `h` is computed in row blocks and gathered once for the whole copy.
+#[test]
+fn each_output_of_the_same_value_is_a_demand() {
+    let text = "
+mesh tp
+input x : f32[64, 32]
+h = gelu(x)
+g = h
+output h @ [tp, _]
+output g
+";
+    let plan = plan_of("case.tpl", text, "4", slow_compute());
+    check_plan(&plan).unwrap();
+    assert_eq!(local_shape(&plan, "h"), vec![16, 32]);
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
+}
