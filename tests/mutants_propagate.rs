@@ -223,3 +223,37 @@ output g
     assert_eq!(local_shape(&plan, "h"), vec![16, 32]);
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
+
+/// A free leaf's shown state (its first user's split of `x`) is no reason for another user to
+/// split: shardings are never invented, so `gelu(x)` runs on the whole `x`.
+#[test]
+fn a_free_leaf_split_by_one_user_does_not_split_the_others() {
+    let text = "
+mesh tp
+input x : f32[64, 32]
+param w : f32[32, 64] @ [tp, _]
+a = x @ w
+b = gelu(x)
+output a
+output b
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(local_shape(&plan, "b"), vec![64, 32]);
+}
+
+/// With whole logits, the vocab-parallel loss is not a candidate: nothing splits the vocab, so
+/// the loss runs replicated with no collective and `w` stays whole.
+#[test]
+fn whole_logits_never_start_a_vocab_parallel_loss() {
+    let text = "
+mesh tp
+input h : f32[64, 16]
+input labels : i32[64]
+param w : f32[16, 256]
+loss = cross_entropy(h @ w, labels)
+output loss
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(collectives(&plan), vec![]);
+    assert_eq!(local_shape(&plan, "w"), vec![16, 256]);
+}
