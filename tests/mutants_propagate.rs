@@ -257,3 +257,51 @@ output loss
     assert_eq!(collectives(&plan), vec![]);
     assert_eq!(local_shape(&plan, "w"), vec![16, 256]);
 }
+
+/// A sharded tensor still costs its block in memory: at a memory price just below the break
+/// even, row-splitting `w2` (half of it per device, one all-reduce) loses to gathering `h`.
+#[test]
+fn a_sharded_weight_still_costs_its_block_of_memory() {
+    let text = "
+mesh tp
+input x : f32[64, 256]
+param w1 : f32[256, 256] @ [_, tp]
+param w2 : f32[256, 256]
+y = gelu(x @ w1) @ w2
+output y
+";
+    let dev = Device {
+        mem_weight: 3e-12,
+        ..Device::default()
+    };
+    let plan = plan_of("case.tpl", text, "2", dev);
+    check_plan(&plan).unwrap();
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![64, 128])]);
+}
+
+/// With no latency, gathering `h` costs its bytes: just below the memory price where
+/// row-splitting `w2` pays off the plan gathers `h`, just above it all-reduces `y`.
+#[test]
+fn an_all_gather_costs_the_blocks_it_brings() {
+    let text = "
+mesh tp
+input x : f32[64, 256]
+param w1 : f32[256, 256] @ [_, tp]
+param w2 : f32[256, 256]
+y = gelu(x @ w1) @ w2
+output y
+";
+    for (mem_weight, want) in [
+        (3e-13, ("all_gather", vec![64, 128])),
+        (7e-13, ("all_reduce", vec![64, 256])),
+    ] {
+        let dev = Device {
+            mem_weight,
+            latency: 0.0,
+            ..Device::default()
+        };
+        let plan = plan_of("case.tpl", text, "2", dev);
+        check_plan(&plan).unwrap();
+        assert_eq!(collectives(&plan), vec![want], "memory price {mem_weight}");
+    }
+}
