@@ -305,3 +305,23 @@ output y
         assert_eq!(collectives(&plan), vec![want], "memory price {mem_weight}");
     }
 }
+
+/// With memory free, the only gain of running `gelu` on row blocks is a quarter of the compute:
+/// that is enough to gather `y` after it rather than `x` before it.
+#[test]
+fn a_split_runs_a_fraction_of_the_compute() {
+    let text = "
+mesh tp
+input x : f32[64, 32] @ [tp, _]
+y = gelu(x)
+output y
+";
+    let dev = Device {
+        mem_weight: 0.0,
+        ..Device::default()
+    };
+    let plan = plan_of("case.tpl", text, "4", dev);
+    check_plan(&plan).unwrap();
+    assert_eq!(local_shape(&plan, "y"), vec![16, 32]);
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
+}
