@@ -131,15 +131,7 @@ output y
 /// absolute margin (1e-18 s) a later candidate must win by, so the add stays replicated.
 #[test]
 fn below_the_absolute_margin_the_first_candidate_stays() {
-    let fast = Device {
-        latency: 0.0,
-        mem_weight: 0.0,
-        bandwidth: 1e16,
-        flops_f32: 1e21,
-        flops_half: 1e21,
-        ..Device::default()
-    };
-    let plan = plan_of("case.tpl", CROSSED_ADD, "4", fast);
+    let plan = plan_of("case.tpl", CROSSED_ADD, "4", nearly_free());
     check_plan(&plan).unwrap();
     let want = vec![("all_gather", vec![2, 16]), ("all_gather", vec![8, 4])];
     assert_eq!(collectives(&plan), want);
@@ -323,5 +315,34 @@ output y
     let plan = plan_of("case.tpl", text, "4", dev);
     check_plan(&plan).unwrap();
     assert_eq!(local_shape(&plan, "y"), vec![16, 32]);
+    assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
+}
+
+/// A device on which compute, memory and latency are (nearly) free: only bytes moved count.
+fn nearly_free() -> Device {
+    Device {
+        latency: 0.0,
+        mem_weight: 0.0,
+        bandwidth: 1e16,
+        flops_f32: 1e21,
+        flops_half: 1e21,
+        ..Device::default()
+    }
+}
+
+/// Resharding a result into its constraint is a cost: `h` wanted in column blocks is computed
+/// in them (gathering the small `x` first), not in row blocks moved by an all-to-all.
+#[test]
+fn resharding_into_a_constraint_is_a_cost() {
+    let text = "
+mesh tp
+input x : f32[64, 32] @ [tp, _]
+param w : f32[32, 256]
+h = x @ w @ [_, tp]
+output h @ [_, tp]
+";
+    let plan = plan_of("case.tpl", text, "4", nearly_free());
+    check_plan(&plan).unwrap();
+    assert_eq!(local_shape(&plan, "h"), vec![64, 64]);
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
