@@ -346,3 +346,23 @@ output h @ [_, tp]
     assert_eq!(local_shape(&plan, "h"), vec![64, 64]);
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
+
+/// Before any demand is known, a partial result is priced with the all-reduce it will need:
+/// the partial `h` is reduced once and both of its users run replicated, instead of a
+/// reduce-scatter for `y` and a second all-reduce later.
+#[test]
+fn a_partial_result_is_priced_with_its_all_reduce_before_demands_are_known() {
+    let text = "
+mesh tp
+input x : f32[64, 256] @ [_, tp]
+param w : f32[256, 64] @ [tp, _]
+param v : f32[64, 64]
+h = x @ w
+y = h @ v
+z = neg(y) + h
+output z
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(collectives(&plan), vec![("all_reduce", vec![64, 64])]);
+    assert_eq!(local_shape(&plan, "v"), vec![64, 64]);
+}
