@@ -366,3 +366,21 @@ output z
     assert_eq!(collectives(&plan), vec![("all_reduce", vec![64, 64])]);
     assert_eq!(local_shape(&plan, "v"), vec![64, 64]);
 }
+
+/// Propagation runs until no choice changes, even after a pass in which every choice changed:
+/// `a` first follows its output into column blocks, then (a tie between its two demands) takes
+/// `b`'s row blocks, so the one all-to-all moves the output `a`, not `a` before `exp`.
+#[test]
+fn a_pass_in_which_every_choice_changed_is_not_the_fixpoint() {
+    let text = "
+mesh tp
+input x : f32[64, 32]
+a = gelu(x)
+b = exp(a)
+output a @ [_, tp]
+output b @ [tp, _]
+";
+    let plan = assert_runs(text, "4");
+    assert_eq!(local_shape(&plan, "a"), vec![16, 32]);
+    assert_eq!(collectives(&plan), vec![("all_to_all", vec![16, 32])]);
+}
