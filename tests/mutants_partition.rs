@@ -19,8 +19,7 @@ fn explained(p: &Plan) -> Vec<(&'static str, String, String)> {
         .collect()
 }
 
-/// Provenance names the op or output that asked, and the value moved: by its name, or by the
-/// op that made it when it has none.
+/// Provenance names the asking op or output and the value moved (by name, else by its op).
 #[test]
 fn provenance_names_the_user_and_the_value() {
     let text = "

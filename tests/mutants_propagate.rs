@@ -22,8 +22,7 @@ fn collectives(p: &Plan) -> Vec<(&'static str, Vec<u64>)> {
         .collect()
 }
 
-/// A partial sum goes through a matmul with a replicated weight (linear in its first operand)
-/// and is all-reduced once, at the smaller result; the weight stays whole on every device.
+/// A partial sum passes a linear matmul and is all-reduced once, at the smaller result.
 #[test]
 fn a_partial_sum_is_reduced_after_a_linear_matmul() {
     let text = "
@@ -55,8 +54,7 @@ fn local_shape(p: &Plan, name: &str) -> Vec<u64> {
     p.local.ty(v).shape.clone()
 }
 
-/// An output's split reaches back one op per pass: propagation repeats its passes until nothing
-/// changes, so every op of the chain runs on row blocks, not only the last one.
+/// Passes repeat to the fixpoint, so an output split reaches back through the whole chain.
 #[test]
 fn an_output_split_flows_back_through_a_chain_to_the_fixpoint() {
     let text = "
@@ -74,8 +72,7 @@ output c @ [tp, _]
     assert!(collectives(&plan).is_empty());
 }
 
-/// A vocab-parallel loss pays three all-reduces of the rows: with a vocab of 8 on 4 devices,
-/// gathering the logits once is cheaper, so the loss runs replicated.
+/// The vocab-parallel loss pays 3 row all-reduces: for a vocab of 8, gathering logits is cheaper.
 #[test]
 fn a_narrow_vocab_gathers_the_logits_instead_of_the_vocab_parallel_loss() {
     let text = "
@@ -90,8 +87,7 @@ output loss
     assert_eq!(collectives(&plan), vec![("all_gather", vec![64, 2])]);
 }
 
-/// A label is a strategy only when an operand holds it and the result keeps it or it may be
-/// contracted: softmax's axis is in no tensor, and a label an operand alone holds is dropped.
+/// Only labels an operand holds and the result keeps (or contracts) are split strategies.
 #[test]
 fn only_labels_an_operand_holds_and_the_result_keeps_are_strategies() {
     let t = TensorType::new(Dtype::F32, vec![4, 8]);
@@ -109,8 +105,7 @@ fn only_labels_an_operand_holds_and_the_result_keeps_are_strategies() {
     assert_eq!(all, vec![Strategy::Replicate]);
 }
 
-/// `y = x + z` with `x` split on rows and `z` on columns: both splits cost the same (one
-/// all-to-all), and a tie keeps the earlier label, so `z` moves to row blocks.
+/// Row and column splits of the add cost the same; the tie keeps the first label (rows).
 #[test]
 fn a_tie_between_two_splits_keeps_the_first_label() {
     let plan = assert_runs(CROSSED_ADD, "4");
@@ -127,8 +122,7 @@ y = x + z
 output y
 ";
 
-/// On a device where everything is nearly free, the strategies' costs differ by less than the
-/// absolute margin (1e-18 s) a later candidate must win by, so the add stays replicated.
+/// Near-free costs differ by less than the 1e-18 s margin, so the first candidate stays.
 #[test]
 fn below_the_absolute_margin_the_first_candidate_stays() {
     let plan = plan_of("case.tpl", CROSSED_ADD, "4", nearly_free());
@@ -153,8 +147,7 @@ fn sharding(text: &str, mesh_text: &str) -> (Graph, Sharding) {
     (g, sh)
 }
 
-/// An unannotated param shows the placement its first user asked for: `w2` after a
-/// column-split `w1` is row blocks; the unannotated input `x` stays whole.
+/// A free leaf shows its first user's ask: `w2` row blocks after a column-split `w1`.
 #[test]
 fn a_free_leaf_shows_the_placement_its_first_user_asked_for() {
     let text = "
@@ -180,8 +173,7 @@ fn slow_compute() -> Device {
     }
 }
 
-/// `h` is wanted whole by an output and in row blocks by `exp`: both demands count, so on slow
-/// compute `h` is computed in row blocks (and gathered for the output), not whole.
+/// Both demands on `h` count (whole output, row-block `exp`): on slow compute `h` is split.
 #[test]
 fn every_distinct_demand_of_a_value_counts() {
     let text = "
@@ -198,8 +190,7 @@ output h
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
 
-/// One value output twice, in row blocks and whole: both outputs' demands count, so on slow
-/// compute `h` is computed in row blocks and gathered once for the whole copy.
+/// Two outputs of one value are two demands: on slow compute `h` is split, gathered once.
 #[test]
 fn each_output_of_the_same_value_is_a_demand() {
     let text = "
@@ -216,8 +207,7 @@ output g
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
 
-/// A free leaf's shown state (its first user's split of `x`) is no reason for another user to
-/// split: shardings are never invented, so `gelu(x)` runs on the whole `x`.
+/// A free leaf's shown split invents no split for its other users: `gelu(x)` runs whole.
 #[test]
 fn a_free_leaf_split_by_one_user_does_not_split_the_others() {
     let text = "
@@ -233,8 +223,7 @@ output b
     assert_eq!(local_shape(&plan, "b"), vec![64, 32]);
 }
 
-/// With whole logits, the vocab-parallel loss is not a candidate: nothing splits the vocab, so
-/// the loss runs replicated with no collective and `w` stays whole.
+/// Whole logits never start a vocab-parallel loss: no collective, `w` stays whole.
 #[test]
 fn whole_logits_never_start_a_vocab_parallel_loss() {
     let text = "
@@ -250,8 +239,7 @@ output loss
     assert_eq!(local_shape(&plan, "w"), vec![16, 256]);
 }
 
-/// A sharded tensor still costs its block in memory: at a memory price just below the break
-/// even, row-splitting `w2` (half of it per device, one all-reduce) loses to gathering `h`.
+/// A shard still costs its block of memory: just below break-even, gathering `h` wins.
 #[test]
 fn a_sharded_weight_still_costs_its_block_of_memory() {
     let text = "
@@ -271,8 +259,7 @@ output y
     assert_eq!(collectives(&plan), vec![("all_gather", vec![64, 128])]);
 }
 
-/// With no latency, gathering `h` costs its bytes: just below the memory price where
-/// row-splitting `w2` pays off the plan gathers `h`, just above it all-reduces `y`.
+/// With no latency an all-gather costs its bytes: the gather/all-reduce flip sits between.
 #[test]
 fn an_all_gather_costs_the_blocks_it_brings() {
     let text = "
@@ -298,8 +285,7 @@ output y
     }
 }
 
-/// With memory free, the only gain of running `gelu` on row blocks is a quarter of the compute:
-/// that is enough to gather `y` after it rather than `x` before it.
+/// With memory free, a quarter of the compute is reason enough to split `gelu` and gather `y`.
 #[test]
 fn a_split_runs_a_fraction_of_the_compute() {
     let text = "
@@ -330,8 +316,7 @@ fn nearly_free() -> Device {
     }
 }
 
-/// Resharding a result into its constraint is a cost: `h` wanted in column blocks is computed
-/// in them (gathering the small `x` first), not in row blocks moved by an all-to-all.
+/// Resharding into a constraint costs: `h` is computed in its column blocks, no all-to-all.
 #[test]
 fn resharding_into_a_constraint_is_a_cost() {
     let text = "
@@ -347,9 +332,7 @@ output h @ [_, tp]
     assert_eq!(collectives(&plan), vec![("all_gather", vec![16, 32])]);
 }
 
-/// Before any demand is known, a partial result is priced with the all-reduce it will need:
-/// the partial `h` is reduced once and both of its users run replicated, instead of a
-/// reduce-scatter for `y` and a second all-reduce later.
+/// Before demands exist a partial result pays its all-reduce: `h` is reduced once.
 #[test]
 fn a_partial_result_is_priced_with_its_all_reduce_before_demands_are_known() {
     let text = "
@@ -367,9 +350,7 @@ output z
     assert_eq!(local_shape(&plan, "v"), vec![64, 64]);
 }
 
-/// Propagation runs until no choice changes, even after a pass in which every choice changed:
-/// `a` first follows its output into column blocks, then (a tie between its two demands) takes
-/// `b`'s row blocks, so the one all-to-all moves the output `a`, not `a` before `exp`.
+/// A pass where every choice changed is not the fixpoint: `a` ends in `b`'s row blocks.
 #[test]
 fn a_pass_in_which_every_choice_changed_is_not_the_fixpoint() {
     let text = "
