@@ -233,14 +233,19 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// Compiles `src` (its training step, unless `forward_only`) and prints its warnings.
+/// Compiles `src` and prints its warnings: a program with `train` to its whole training step
+/// (forward, backward, update) unless `forward_only`.
 pub(crate) fn compile_source(
     src: &tpc::diag::SourceFile,
     overrides: &[(String, i64)],
     forward_only: bool,
 ) -> Result<driver::Compiled, Failure> {
-    let c = driver::compile_program(src, overrides, forward_only)
-        .map_err(|e| fail(e, Some(src.clone())))?;
+    let c = if forward_only {
+        driver::compile_program(src, overrides, true)
+    } else {
+        driver::compile_step(src, overrides, false)
+    }
+    .map_err(|e| fail(e, Some(src.clone())))?;
     for w in &c.warnings {
         say_err(&format!("warning: {w}"));
     }

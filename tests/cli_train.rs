@@ -261,3 +261,51 @@ fn inputs_with_a_leading_step_axis() {
     assert_exit(&o, 1);
     assert_stderr_has(&o, "(or [K, 8, 32] for K steps)");
 }
+
+/// `tpc compile` of a training program is the whole step: the plan's outputs are the loss and
+/// every carried leaf's next value, and its memory counts Adam's two moments per param (and
+/// the step count); `--forward-only` is the forward alone.
+#[test]
+fn compile_emits_the_whole_step() {
+    let dir = scratch("train_compile");
+    let file = program(&dir);
+    let json = dir.join("plan.json");
+    let o = tpc(&[
+        "compile",
+        &file,
+        "--mesh",
+        "dp=2,tp=4",
+        "--emit",
+        "json",
+        "-o",
+        json.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let outputs: Vec<&str> = plan["local"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "loss",
+        "next(w1)",
+        "next(w2)",
+        "next(adamw.m(w1))",
+        "next(adamw.v(w2))",
+        "next(step)",
+    ] {
+        assert!(outputs.contains(&name), "{name} missing from {outputs:?}");
+    }
+    let m = &plan["summary"]["memory_bytes_per_device"];
+    let params = m["params"].as_u64().unwrap();
+    assert_eq!(m["grads"].as_u64().unwrap(), params);
+    assert_eq!(m["optimizer"].as_u64().unwrap(), 2 * params + 4);
+    let o = tpc(&["run", json.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let o = tpc(&["compile", &file, "--degree", "4", "--forward-only"]);
+    assert_exit(&o, 0);
+    assert!(!stdout(&o).contains("next("), "{}", stdout(&o));
+}

@@ -27,7 +27,7 @@ pub struct PhaseSummary {
 pub struct MemorySummary {
     /// The params' blocks.
     pub params: u64,
-    /// The gradients the step returns (0 for a forward program).
+    /// The trained params' gradients (0 for a forward program).
     pub grads: u64,
     /// Optimizer state (Adam's moments, SGD's momentum).
     pub optimizer: u64,
@@ -147,13 +147,21 @@ fn memory(g: &Graph<Local>) -> (u64, u64) {
 }
 
 /// Bytes of the gradients the program returns.
+/// Bytes of the trained params' gradients, each the size of its param's block: the params with
+/// a gradient output `grad(NAME)` or a next value `next(NAME)` (counted once).
 fn gradient_bytes(g: &Graph<Local>) -> u64 {
-    g.outputs()
+    use crate::autodiff::{optimizer::leaf_of_next, param_of_grad};
+    let params: std::collections::BTreeMap<&str, u64> =
+        g.params().map(|(n, v)| (n, g.ty(v).size_bytes())).collect();
+    let trained: std::collections::BTreeSet<&str> = g
+        .outputs()
         .iter()
-        .filter(|o| crate::autodiff::param_of_grad(&o.name).is_some())
-        .fold(0u64, |acc, o| {
-            acc.saturating_add(g.ty(o.value).size_bytes())
-        })
+        .filter_map(|o| param_of_grad(&o.name).or_else(|| leaf_of_next(&o.name)))
+        .filter(|n| params.contains_key(n))
+        .collect();
+    trained
+        .iter()
+        .fold(0u64, |acc, n| acc.saturating_add(params[n]))
 }
 
 /// Bytes of the forward's computed values still live when the first backward node runs.
