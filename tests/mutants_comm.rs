@@ -1,5 +1,5 @@
 //! The message types of `src/exec/comm/mod.rs`, pinned where its lib tests do not look
-//! (cargo-mutants candidates: `is_empty`, `kind` and `pooled` are called by backends only).
+//! (cargo-mutants survivors: `len`, `is_empty` and `kind` of messages and their views, which no lib test reads).
 
 use tpc::exec::comm::{Data, DataMut, Message};
 
