@@ -234,16 +234,18 @@ impl From<anyhow::Error> for Failure {
 }
 
 /// Compiles `src` and prints its warnings: a program with `train` to its whole training step
-/// (forward, backward, update) unless `forward_only`.
+/// (forward, backward, update; the gradients as outputs too when `gradients`) unless
+/// `forward_only`.
 pub(crate) fn compile_source(
     src: &tpc::diag::SourceFile,
     overrides: &[(String, i64)],
     forward_only: bool,
+    gradients: bool,
 ) -> Result<driver::Compiled, Failure> {
     let c = if forward_only {
         driver::compile_program(src, overrides, true)
     } else {
-        driver::compile_step(src, overrides, false)
+        driver::compile_step(src, overrides, gradients)
     }
     .map_err(|e| fail(e, Some(src.clone())))?;
     for w in &c.warnings {
@@ -269,7 +271,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
-    let g = compile_source(&src, &overrides, args.forward_only)?.graph;
+    let g = compile_source(&src, &overrides, args.forward_only, false)?.graph;
     if mesh.is_some() {
         let plan =
             driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))?;

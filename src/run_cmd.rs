@@ -94,16 +94,19 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         return run_mpi(args);
     }
     let flags = validate(args)?;
-    if let Some((c, src, mesh)) = training(args)? {
-        return train::run(args, c, &src, mesh, &flags);
-    }
+    let plan = match load(args, flags.device)? {
+        Runnable::Train(t) => {
+            let (c, src, mesh) = *t;
+            return train::run(args, c, &src, mesh, &flags);
+        }
+        Runnable::Plan(plan) => *plan,
+    };
     if args.steps != 1 || args.log.is_some() {
         return Err(anyhow!(
             "--steps and --log train a program with a `train` statement (without --forward-only)"
         )
         .into());
     }
-    let plan = load_plan(args, flags.device)?;
     check_grads_wanted(args, &plan)?;
     memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
@@ -169,14 +172,16 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     let (rank, size) = (mpi.rank(), mpi.size());
     let setup = (|| -> Result<(Plan, LeafSource), Failure> {
         let flags = validate(args)?;
-        if training(args)?.is_some() || args.steps != 1 || args.log.is_some() {
-            return Err(anyhow!(
-                "training steps run on the thread backend only for now: run without mpirun, \
-                 or with --forward-only"
-            )
-            .into());
-        }
-        let plan = load_plan(args, flags.device)?;
+        let plan = match load(args, flags.device)? {
+            Runnable::Plan(plan) if args.steps == 1 && args.log.is_none() => *plan,
+            _ => {
+                return Err(anyhow!(
+                    "training steps run on the thread backend only for now: run without \
+                     mpirun, or with --forward-only"
+                )
+                .into())
+            }
+        };
         memory::check_fits(&plan, args, flags.max_memory, 1)?;
         let devices = plan.mesh.num_devices();
         if devices != size as u64 {
@@ -305,46 +310,87 @@ fn finish(
     } else {
         Vec::new()
     };
-    let place = |p: &str| {
-        if failed.is_empty() {
-            PathBuf::from(p)
-        } else {
-            files::failed_path(Path::new(p))
+    let mut w = Written::new(&failed);
+    w.npz(&args.out, || &out.outputs)?;
+    w.npz(&args.grads, || gradients(&out.outputs))?;
+    w.text(&args.stats, || stats_json(plan, out))?;
+    w.finish(args)
+}
+
+/// The files a run writes: each in place, or, when `--check` failed, beside its target
+/// (`y.failed.npz`), so the last good one stays.
+pub(super) struct Written<'a> {
+    /// What `--check` found different (empty: it passed, or did not run).
+    failed: &'a [String],
+    /// Each file written: the path asked for and the path written.
+    files: Vec<(&'a str, PathBuf)>,
+}
+
+impl<'a> Written<'a> {
+    /// Nothing written yet; `failed` is what the check found different.
+    pub(super) fn new(failed: &'a [String]) -> Self {
+        Written {
+            failed,
+            files: Vec::new(),
         }
-    };
-    let mut written = Vec::new();
-    if let Some(path) = &args.out {
-        let p = place(path);
-        npz::write(&p.to_string_lossy(), &out.outputs).map_err(|e| anyhow!("{e}"))?;
-        written.push((path, p));
     }
-    if let Some(path) = &args.grads {
-        let p = place(path);
-        npz::write(&p.to_string_lossy(), &gradients(&out.outputs)).map_err(|e| anyhow!("{e}"))?;
-        written.push((path, p));
+
+    /// Where a file asked for at `path` goes.
+    fn place(&mut self, path: &'a str) -> PathBuf {
+        let p = if self.failed.is_empty() {
+            PathBuf::from(path)
+        } else {
+            files::failed_path(Path::new(path))
+        };
+        self.files.push((path, p.clone()));
+        p
     }
-    if let Some(path) = &args.stats {
-        let p = place(path);
-        write_output(Some(&p), &stats_json(plan, out))?;
-        written.push((path, p));
+
+    /// Writes `arrays()` as an .npz archive at `asked`, when it is asked for.
+    pub(super) fn npz<M: std::borrow::Borrow<BTreeMap<String, Tensor>>>(
+        &mut self,
+        asked: &'a Option<String>,
+        arrays: impl FnOnce() -> M,
+    ) -> Result<(), Failure> {
+        let Some(path) = asked else { return Ok(()) };
+        let p = self.place(path);
+        npz::write(&p.to_string_lossy(), arrays().borrow()).map_err(|e| anyhow!("{e}"))?;
+        Ok(())
     }
-    if failed.is_empty() {
-        return Ok(());
+
+    /// Writes `text()` at `asked`, when it is asked for.
+    pub(super) fn text(
+        &mut self,
+        asked: &'a Option<String>,
+        text: impl FnOnce() -> String,
+    ) -> Result<(), Failure> {
+        let Some(path) = asked else { return Ok(()) };
+        let p = self.place(path);
+        write_output(Some(&p), &text())?;
+        Ok(())
     }
-    for (asked, p) in written {
-        say_err(&format!(
-            "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
-            p.display()
-        ));
+
+    /// Done when the check passed; else says where each file went and fails naming what
+    /// differs.
+    pub(super) fn finish(self, args: &RunArgs) -> Result<(), Failure> {
+        if self.failed.is_empty() {
+            return Ok(());
+        }
+        for (asked, p) in self.files {
+            say_err(&format!(
+                "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
+                p.display()
+            ));
+        }
+        Err(anyhow!(
+            "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
+            self.failed.join(", "),
+            if self.failed.len() == 1 { "s" } else { "" },
+            args.rtol,
+            args.atol
+        )
+        .into())
     }
-    Err(anyhow!(
-        "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
-        failed.join(", "),
-        if failed.len() == 1 { "s" } else { "" },
-        args.rtol,
-        args.atol
-    )
-    .into())
 }
 
 /// The gradient outputs, keyed by their params' names.
@@ -383,21 +429,32 @@ fn is_plan_document(path: &str, bytes: &[u8]) -> bool {
     path.ends_with(".json") || bytes.trim_ascii_start().starts_with(b"{")
 }
 
-/// A .tpl program with `train` (and no --forward-only): its compiled step, source and mesh.
-fn training(
-    args: &RunArgs,
-) -> Result<Option<(driver::Compiled, SourceFile, Option<Mesh>)>, Failure> {
-    if args.forward_only {
-        return Ok(None);
-    }
+/// What `tpc run` runs.
+enum Runnable {
+    /// The training steps of a .tpl program with `train`: its compiled step, its source (for
+    /// errors) and the mesh asked for.
+    Train(Box<(driver::Compiled, SourceFile, Option<Mesh>)>),
+    /// A forward program, or a saved plan, run as one function.
+    Plan(Box<Plan>),
+}
+
+/// Reads and compiles `args.file` once: a plan document, or a .tpl program compiled to its
+/// training step (without --forward-only) or planned as its forward.
+fn load(args: &RunArgs, device: Device) -> Result<Runnable, Failure> {
+    let mesh = run_mesh(args)?;
     let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
     if is_plan_document(&args.file, &bytes) {
-        return Ok(None);
+        return load_plan_document(args, &bytes, mesh).map(|p| Runnable::Plan(Box::new(p)));
     }
-    let mesh = run_mesh(args)?;
     let overrides = overrides(args)?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
-    Ok(train::compile(args, &src, &overrides)?.map(|c| (c, src, mesh)))
+    let c = crate::compile_source(&src, &overrides, args.forward_only, args.grads.is_some())?;
+    if c.loss.is_some() {
+        return Ok(Runnable::Train(Box::new((c, src, mesh))));
+    }
+    driver::plan_declared(c.graph, mesh, device)
+        .map(|p| Runnable::Plan(Box::new(p)))
+        .map_err(|e| fail(e, Some(src)))
 }
 
 /// The `--degree` / `--mesh` of the run.
@@ -416,18 +473,6 @@ fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
         .map(|s| driver::parse_set(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(e, None))
-}
-
-fn load_plan(args: &RunArgs, device: Device) -> Result<Plan, Failure> {
-    let mesh = run_mesh(args)?;
-    let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
-    if is_plan_document(&args.file, &bytes) {
-        return load_plan_document(args, &bytes, mesh);
-    }
-    let overrides = overrides(args)?;
-    let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
-    let g = crate::compile_source(&src, &overrides, args.forward_only)?.graph;
-    driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))
 }
 
 /// Loads a saved plan; --set cannot apply, and a --mesh/--degree must be the plan's mesh.

@@ -44,27 +44,33 @@ fn leaf_kind(op: &Op) -> Leaf {
     }
 }
 
-/// All params and inputs of `g` as global tensors, by name.
+/// All leaves of `g` (params, inputs, optimizer state) as global tensors, by name.
 pub fn global_leaves(
     g: &Graph,
     source: &LeafSource,
 ) -> Result<BTreeMap<String, Tensor>, ExecError> {
     match source {
         LeafSource::Arrays(a) => Ok(a.clone()),
-        LeafSource::Seed(seed) => Ok(g
-            .nodes()
-            .filter_map(|(_, n)| match &n.op {
-                Op::Param { name } | Op::Input { name } | Op::State { name } => {
-                    let v = n.outputs[0];
-                    Some((
-                        name.clone(),
-                        generate(name, g.ty(v), *seed, leaf_kind(&n.op), int_range(g, v)),
-                    ))
-                }
-                _ => None,
-            })
-            .collect()),
+        LeafSource::Seed(seed) => Ok(seeded(g, *seed, |_| true)),
     }
+}
+
+/// The inputs of `g` generated from `seed`, by name.
+pub fn seeded_inputs(g: &Graph, seed: u64) -> BTreeMap<String, Tensor> {
+    seeded(g, seed, |op| matches!(op, Op::Input { .. }))
+}
+
+/// The leaves of `g` whose op `keep` accepts, generated from `seed`, by name.
+fn seeded(g: &Graph, seed: u64, keep: impl Fn(&Op) -> bool) -> BTreeMap<String, Tensor> {
+    g.nodes()
+        .filter(|(_, n)| keep(&n.op))
+        .filter_map(|(_, n)| {
+            let name = n.op.leaf_name()?;
+            let v = n.outputs[0];
+            let t = generate(name, g.ty(v), seed, leaf_kind(&n.op), int_range(g, v));
+            Some((name.to_string(), t))
+        })
+        .collect()
 }
 
 /// Per dim, the range of global indices that device `coords` holds under `pl`.

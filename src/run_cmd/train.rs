@@ -8,19 +8,17 @@
 //! every step's loss and the final params.
 
 use super::compare::{self, Tolerance};
-use super::RunArgs;
+use super::{RunArgs, Written};
 use crate::{fail, say_err, say_out, Failure};
 use anyhow::anyhow;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Compiled};
-use tpc::exec::leaves::{global_leaves, LeafSource};
+use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
 use tpc::exec::spmd::run_threads;
 use tpc::exec::{npz, reference, Tensor};
-use tpc::files;
-use tpc::ir::{Graph, Op};
+use tpc::ir::Graph;
 use tpc::mesh::Mesh;
 use tpc::plan::Plan;
 
@@ -31,27 +29,10 @@ struct Trained {
     first_outputs: BTreeMap<String, Tensor>,
 }
 
-/// The compiled training step of `src`, or `None` when it does not train.
-pub(super) fn compile(
-    args: &RunArgs,
-    src: &SourceFile,
-    overrides: &[(String, i64)],
-) -> Result<Option<Compiled>, Failure> {
-    let c = driver::compile_step(src, overrides, args.grads.is_some())
-        .map_err(|e| fail(e, Some(src.clone())))?;
-    if c.loss.is_none() {
-        return Ok(None);
-    }
-    for w in &c.warnings {
-        say_err(&format!("warning: {w}"));
-    }
-    Ok(Some(c))
-}
-
 /// Plans the step `c` and runs `args.steps` steps.
 pub(super) fn run(
     args: &RunArgs,
-    c: Compiled,
+    mut c: Compiled,
     src: &SourceFile,
     mesh: Option<Mesh>,
     flags: &super::Flags,
@@ -62,18 +43,20 @@ pub(super) fn run(
         )
         .into());
     }
-    let plan = driver::plan_declared(c.graph.clone(), mesh, flags.device)
-        .map_err(|e| fail(e, Some(src.clone())))?;
+    // The plan holds the program from here on.
+    let graph = std::mem::take(&mut c.graph);
+    let plan =
+        driver::plan_declared(graph, mesh, flags.device).map_err(|e| fail(e, Some(src.clone())))?;
     super::memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let c = &c;
-    let (start, stepped) = start_leaves(args, &plan)?;
-    let sharded = steps(args, c, &start, &stepped, true, |leaves| {
+    let start = start_leaves(args, &plan)?;
+    let sharded = steps(args, c, &plan.global, &start, true, |leaves| {
         let out = run_threads(&plan, &LeafSource::Arrays(leaves.clone()), 1, None)
             .map_err(|e| anyhow!("{e}"))?;
         Ok(out.outputs)
     })?;
     let failed = if args.check {
-        check(args, c, &plan, (&start, &stepped), &sharded)?
+        check(args, c, &plan, &start, &sharded)?
     } else {
         Vec::new()
     };
@@ -83,9 +66,16 @@ pub(super) fn run(
 /// Leaves by name.
 type Leaves = BTreeMap<String, Tensor>;
 
-/// The first step's leaves (generated from `--seed`, replaced by `--params` and `--inputs`),
-/// and the inputs given with a leading step axis.
-fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<(Leaves, Leaves), Failure> {
+/// What the first step starts from.
+struct Start {
+    /// Every leaf: generated from `--seed`, replaced by `--params` and `--inputs`.
+    leaves: Leaves,
+    /// The inputs given with a leading step axis.
+    stepped: Leaves,
+}
+
+/// The first step's leaves and the inputs given per step.
+fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<Start, Failure> {
     let g = &plan.global;
     let mut all = global_leaves(g, &LeafSource::Seed(args.seed)).map_err(|e| anyhow!("{e}"))?;
     if let Some(p) = &args.params {
@@ -103,7 +93,10 @@ fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<(Leaves, Leaves), Failure
             }
         }
     }
-    Ok((all, stepped))
+    Ok(Start {
+        leaves: all,
+        stepped,
+    })
 }
 
 /// Slice `i` of the leading axis of `t`.
@@ -119,18 +112,18 @@ fn step_slice(t: &Tensor, i: usize) -> Tensor {
 fn steps(
     args: &RunArgs,
     c: &Compiled,
-    start: &Leaves,
-    stepped: &Leaves,
+    g: &Graph,
+    start: &Start,
     print: bool,
     mut step: impl FnMut(&BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, anyhow::Error>,
 ) -> Result<Trained, Failure> {
     let loss_name = c.loss.as_deref().unwrap_or("loss");
-    let mut leaves = start.clone();
+    let mut leaves = start.leaves.clone();
     let mut losses = Vec::with_capacity(args.steps.min(1 << 20));
     let mut first_outputs = BTreeMap::new();
     for s in 0..args.steps {
-        reseed_inputs(args, &c.graph, &mut leaves, s);
-        for (name, t) in stepped {
+        reseed_inputs(args, g, &mut leaves, s);
+        for (name, t) in &start.stepped {
             let k = t.shape().first().copied().unwrap_or(1).max(1);
             leaves.insert(name.clone(), step_slice(t, s % k));
         }
@@ -168,15 +161,7 @@ fn reseed_inputs(args: &RunArgs, g: &Graph, leaves: &mut BTreeMap<String, Tensor
     let seed = args
         .seed
         .wrapping_add((s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    for (_, n) in g.nodes() {
-        if let Op::Input { name } = &n.op {
-            let v = n.outputs[0];
-            let kind = tpc::exec::init::Leaf::Input;
-            let range = tpc::exec::leaves::int_range(g, v);
-            let t = tpc::exec::init::generate(name, g.ty(v), seed, kind, range);
-            leaves.insert(name.clone(), t);
-        }
-    }
+    leaves.extend(seeded_inputs(g, seed));
 }
 
 /// The scalar output `name`.
@@ -193,11 +178,11 @@ fn check(
     args: &RunArgs,
     c: &Compiled,
     plan: &Plan,
-    (start, stepped): (&Leaves, &Leaves),
+    start: &Start,
     sharded: &Trained,
 ) -> Result<Vec<String>, Failure> {
     let t = Instant::now();
-    let want = steps(args, c, start, stepped, false, |leaves| {
+    let want = steps(args, c, &plan.global, start, false, |leaves| {
         reference::run(&plan.global, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
     })?;
     let tol = Tolerance {
@@ -245,61 +230,28 @@ fn write_results(
     t: &Trained,
     failed: &[String],
 ) -> Result<(), Failure> {
-    let place = |p: &str| {
-        if failed.is_empty() {
-            PathBuf::from(p)
-        } else {
-            files::failed_path(Path::new(p))
-        }
-    };
-    let mut written = Vec::new();
-    if let Some(path) = &args.out {
-        let params: BTreeMap<String, Tensor> = t
-            .leaves
+    let mut w = Written::new(failed);
+    w.npz(&args.out, || {
+        t.leaves
             .iter()
             .filter(|(n, _)| is_param(plan, n))
             .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        let p = place(path);
-        npz::write(&p.to_string_lossy(), &params).map_err(|e| anyhow!("{e}"))?;
-        written.push((path, p));
-    }
-    if let Some(path) = &args.grads {
-        let grads: BTreeMap<String, Tensor> = c
-            .grads
+            .collect::<Leaves>()
+    })?;
+    w.npz(&args.grads, || {
+        c.grads
             .iter()
             .filter_map(|(p, g)| Some((p.clone(), t.first_outputs.get(g)?.clone())))
-            .collect();
-        let p = place(path);
-        npz::write(&p.to_string_lossy(), &grads).map_err(|e| anyhow!("{e}"))?;
-        written.push((path, p));
-    }
-    if let Some(path) = &args.log {
+            .collect::<Leaves>()
+    })?;
+    w.text(&args.log, || {
         let mut text = String::new();
         for (s, (loss, secs)) in t.losses.iter().enumerate() {
             let line = serde_json::json!({"step": s + 1, "loss": loss, "time_s": secs});
             text.push_str(&line.to_string());
             text.push('\n');
         }
-        let p = place(path);
-        files::write_bytes(&p, text.as_bytes()).map_err(|e| anyhow!("{e}"))?;
-        written.push((path, p));
-    }
-    if failed.is_empty() {
-        return Ok(());
-    }
-    for (asked, p) in written {
-        say_err(&format!(
-            "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
-            p.display()
-        ));
-    }
-    Err(anyhow!(
-        "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
-        failed.join(", "),
-        if failed.len() == 1 { "s" } else { "" },
-        args.rtol,
-        args.atol
-    )
-    .into())
+        text
+    })?;
+    w.finish(args)
 }
