@@ -1100,47 +1100,7 @@ fn fail_report(e: TestError<impl std::fmt::Debug>, describe: impl Fn(&str) -> St
 
 #[test]
 fn random_models_equal_the_reference() {
-    let tally = Tally::default();
-    let t0 = Instant::now();
-    let mut runner = TestRunner::new(config());
-    let result = runner.run(&program_strategy(), |(m, header, instrs)| {
-        let mesh = MESHES[m];
-        let text = Gen::program(mesh, &header, &instrs);
-        if verbose() {
-            eprintln!("---- {mesh}\n{text}");
-        }
-        let src = SourceFile::new("gen.tpl", text.clone());
-        // The generator only writes programs that lower; a lowering error is a generator bug.
-        if let Err(e) = compile_global(&src, &[]) {
-            return Err(TestCaseError::fail(format!(
-                "generator wrote a program that does not lower:\n{text}\n{}",
-                e.render(Some(&src))
-            )));
-        }
-        let outcome = compile(&src, mesh, &[]).and_then(|r| match r {
-            Ok(plan) => check_plan(&plan),
-            Err(e) => Ok(Outcome::UserError(e)),
-        });
-        match outcome {
-            Ok(o) => {
-                tally.record(&o);
-                Ok(())
-            }
-            Err(msg) => Err(TestCaseError::fail(format!(
-                "mesh {mesh}\n--- program ---\n{text}--- failure ---\n{msg}"
-            ))),
-        }
-    });
-    let secs = t0.elapsed().as_secs_f64();
-    if let Err(e) = result {
-        fail_report(e, |v| v.to_string());
-    }
-    let (plans, errors) = tally.report("random models", secs);
-    // The generator is useful only if most cases compile.
-    assert!(
-        plans >= 2 * errors,
-        "too many user errors: {plans} plans, {errors} errors"
-    );
+    random_models("random models", config(), false);
 }
 
 /// Random models trained on their outputs: the sharded training step (forward, backward, the
@@ -1148,18 +1108,33 @@ fn random_models_equal_the_reference() {
 /// program about three times the forward's size.
 #[test]
 fn random_trainable_models_equal_the_reference() {
-    let tally = Tally::default();
-    let t0 = Instant::now();
     let mut cfg = config();
     cfg.cases = (cfg.cases / 3).max(1);
+    random_models("random trainable models", cfg, true);
+}
+
+/// Runs `cfg`'s cases of random programs (trained on their outputs when `train`), each
+/// compiled on its mesh and checked against the reference; reports them as `what`.
+fn random_models(what: &str, cfg: Config, train: bool) {
+    let tally = Tally::default();
+    let t0 = Instant::now();
     let mut runner = TestRunner::new(cfg);
     let result = runner.run(&program_strategy(), |(m, header, instrs)| {
         let mesh = MESHES[m];
-        let text = Gen::program_with(mesh, &header, &instrs, true);
+        let text = Gen::program_with(mesh, &header, &instrs, train);
         if verbose() {
             eprintln!("---- {mesh}\n{text}");
         }
         let src = SourceFile::new("gen.tpl", text.clone());
+        // The generator only writes programs that lower; a lowering error is a generator bug.
+        if !train {
+            if let Err(e) = compile_global(&src, &[]) {
+                return Err(TestCaseError::fail(format!(
+                    "generator wrote a program that does not lower:\n{text}\n{}",
+                    e.render(Some(&src))
+                )));
+            }
+        }
         let outcome = compile(&src, mesh, &[]).and_then(|r| match r {
             Ok(plan) => check_plan(&plan),
             Err(e) => Ok(Outcome::UserError(e)),
@@ -1178,7 +1153,8 @@ fn random_trainable_models_equal_the_reference() {
     if let Err(e) = result {
         fail_report(e, |v| v.to_string());
     }
-    let (plans, errors) = tally.report("random trainable models", secs);
+    let (plans, errors) = tally.report(what, secs);
+    // The generator is useful only if most cases compile.
     assert!(
         plans >= 2 * errors,
         "too many user errors: {plans} plans, {errors} errors"
