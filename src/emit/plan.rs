@@ -83,7 +83,7 @@ fn summary_lines(p: &Plan) -> Vec<String> {
 /// For a training step: the collectives of each phase (kinds in use) and memory by kind.
 fn training_lines(s: &crate::plan::summary::Summary) -> Vec<String> {
     let mut v = Vec::new();
-    for phase in crate::plan::summary::PHASES {
+    for phase in crate::ir::Phase::ALL.map(crate::ir::Phase::name) {
         let Some(ps) = s.phases.get(phase) else {
             continue;
         };

@@ -62,13 +62,6 @@ pub struct Summary {
     pub memory_bytes_per_device: MemorySummary,
 }
 
-/// The phases of a step, in order.
-pub const PHASES: [&str; 3] = [
-    Phase::ALL[0].name(),
-    Phase::ALL[1].name(),
-    Phase::ALL[2].name(),
-];
-
 /// Every collective kind with count 0.
 fn no_collectives() -> BTreeMap<String, KindSummary> {
     CollectiveKind::ALL
@@ -81,11 +74,11 @@ impl Summary {
     /// Computes the summary of the SPMD program `local`.
     pub fn compute(local: &Graph<Local>, _mesh: &Mesh, dev: &Device) -> Summary {
         let mut collectives = no_collectives();
-        let mut phases: BTreeMap<String, PhaseSummary> = PHASES
+        let mut phases: BTreeMap<String, PhaseSummary> = Phase::ALL
             .iter()
             .map(|p| {
                 let collectives = no_collectives();
-                (p.to_string(), PhaseSummary { collectives })
+                (p.name().to_string(), PhaseSummary { collectives })
             })
             .collect();
         let (mut fl, mut comm, mut compute) = (0.0, 0.0, 0.0);

@@ -93,11 +93,7 @@ pub fn scatter_add(
             return Err(ExecError::shape(OP, detail));
         }
     };
-    let len = rows
-        .checked_mul(h)
-        .ok_or_else(|| ExecError::shape(OP, "result size overflows"))?;
-    let mut out = take_vec::<f32>(len);
-    out.resize(len, 0.0);
+    let mut out = zeros(OP, rows, h)?;
     let src = row_major(g);
     for (position, &id) in ids.iter().enumerate() {
         let row = usize::try_from(id).ok().filter(|&r| r < rows);
@@ -119,12 +115,7 @@ pub fn scatter_add(
 pub fn one_hot(labels: &ArrayD<i32>, depth: u64) -> Result<ArrayD<f32>, ExecError> {
     const OP: &str = "one_hot";
     let depth = to_usize(OP, depth)?;
-    let len = labels
-        .len()
-        .checked_mul(depth)
-        .ok_or_else(|| ExecError::shape(OP, "result size overflows"))?;
-    let mut out = take_vec::<f32>(len);
-    out.resize(len, 0.0);
+    let mut out = zeros(OP, labels.len(), depth)?;
     for (position, &label) in labels.iter().enumerate() {
         let k = usize::try_from(label).ok().filter(|&k| k < depth);
         let k = k.ok_or(ExecError::LabelOutOfRange {
@@ -137,4 +128,14 @@ pub fn one_hot(labels: &ArrayD<i32>, depth: u64) -> Result<ArrayD<f32>, ExecErro
     let mut shape = labels.shape().to_vec();
     shape.push(depth);
     from_vec(OP, shape, out)
+}
+
+/// A pooled buffer of `rows · width` zeros, or an error when the count overflows.
+fn zeros(op: &'static str, rows: usize, width: usize) -> Result<Vec<f32>, ExecError> {
+    let len = rows
+        .checked_mul(width)
+        .ok_or_else(|| ExecError::shape(op, "result size overflows"))?;
+    let mut out = take_vec::<f32>(len);
+    out.resize(len, 0.0);
+    Ok(out)
 }
