@@ -1143,4 +1143,55 @@ mod tests {
             ],
         );
     }
+
+    #[test]
+    fn backward_op_rules() {
+        run(
+            &Op::FullLike { value: 1.0 },
+            vec![(vec![i(&[2])], O(vec![i(&[2])])), (vec![], E("arity"))],
+        );
+        let to = Op::BroadcastTo {
+            shape: vec![2, 3, 4],
+        };
+        run(
+            &to,
+            vec![
+                (vec![f(&[3, 1])], O(vec![f(&[2, 3, 4])])),
+                (vec![f(&[])], O(vec![f(&[2, 3, 4])])),
+                (vec![f(&[2, 4])], E("attr")),
+                (vec![f(&[1, 2, 3, 4])], E("attr")),
+            ],
+        );
+        let grad = Op::UnaryGrad { op: UnaryOp::Gelu };
+        run(
+            &grad,
+            vec![
+                (vec![f(&[2, 3]), f(&[2, 3])], O(vec![f(&[2, 3])])),
+                (vec![f(&[2, 3]), f(&[3])], E("shape")),
+                (vec![i(&[2]), i(&[2])], E("dtype")),
+            ],
+        );
+        run(
+            &Op::Equal,
+            vec![
+                (vec![i(&[2, 1]), i(&[3])], O(vec![f(&[2, 3])])),
+                (vec![f(&[2]), i(&[2])], E("dtype")),
+            ],
+        );
+        run(
+            &Op::ScatterAdd { rows: 10 },
+            vec![
+                (vec![i(&[2, 5]), f(&[2, 5, 4])], O(vec![f(&[10, 4])])),
+                (vec![i(&[2, 5]), f(&[2, 4, 4])], E("shape")),
+                (vec![f(&[2]), f(&[2, 4])], E("dtype")),
+            ],
+        );
+        run(
+            &Op::OneHot { depth: 7 },
+            vec![
+                (vec![i(&[2, 5])], O(vec![f(&[2, 5, 7])])),
+                (vec![f(&[2])], E("dtype")),
+            ],
+        );
+    }
 }

@@ -407,3 +407,98 @@ fn transposes_match_ndarray() {
         assert_eq!(transpose(&xi, perm).unwrap(), wi, "{shape:?} {perm:?}");
     }
 }
+
+/// Each g·f'(x) against a central difference of the forward kernel itself (f64 steps on f32
+/// values of moderate size: the difference quotient is good to ~1e-3 relative).
+#[test]
+fn unary_grads_are_the_forward_kernels_slopes() {
+    use UnaryOp::*;
+    let x = ArrayD::from_shape_vec(vec![5], vec![-2.5f32, -0.7, 0.3, 1.1, 3.0]).unwrap();
+    let pos = x.mapv(|v| v.abs() + 0.5);
+    let g = ArrayD::from_elem(IxDyn(&[5]), 2.0f32);
+    for op in [Gelu, Relu, Silu, Tanh, Exp, Log, Neg, Sqrt, Rsqrt, Recip] {
+        let at = if matches!(op, Log | Sqrt | Rsqrt | Recip) {
+            &pos
+        } else {
+            &x
+        };
+        let d = unary_grad(op, at, &g).unwrap();
+        let h = 1e-2f32;
+        let up = unary_f32(op, &at.mapv(|v| v + h));
+        let down = unary_f32(op, &at.mapv(|v| v - h));
+        for k in 0..5 {
+            let slope = 2.0 * (up[k] - down[k]) / (2.0 * h);
+            assert!(
+                (d[k] - slope).abs() <= 2e-3 * slope.abs().max(1.0),
+                "{op:?} at {}: {} vs {slope}",
+                at[k],
+                d[k]
+            );
+        }
+    }
+    assert!(unary_grad(Gelu, &x, &iota(&[4])).is_err(), "shapes differ");
+}
+
+/// A zero cotangent gives 0 even where f' is infinite (log at 0).
+#[test]
+fn a_zero_cotangent_gives_zero() {
+    let zero = ArrayD::from_elem(IxDyn(&[1]), 0.0f32);
+    assert_eq!(unary_grad(UnaryOp::Log, &zero, &zero).unwrap()[0], 0.0);
+}
+
+/// Rows with the same id are summed, others stay 0; an id out of range is named.
+#[test]
+fn scatter_add_sums_rows_by_id() {
+    let ids = ArrayD::from_shape_vec(vec![3], vec![2, 0, 2]).unwrap();
+    let g = iota(&[3, 2]);
+    let t = scatter_add(&ids, &g, 4).unwrap();
+    assert_eq!(
+        t,
+        array![[2.0, 3.0], [0.0, 0.0], [4.0, 6.0], [0.0, 0.0]].into_dyn()
+    );
+    let bad = ArrayD::from_shape_vec(vec![3], vec![2, 4, 2]).unwrap();
+    assert!(matches!(
+        scatter_add(&bad, &g, 4),
+        Err(ExecError::IdOutOfRange {
+            id: 4,
+            position: 1,
+            vocab: 4
+        })
+    ));
+    assert!(
+        scatter_add(&ids, &iota(&[2, 2]), 4).is_err(),
+        "shapes differ"
+    );
+}
+
+/// One 1.0 per label; a label out of range is named.
+#[test]
+fn one_hot_marks_each_label() {
+    let labels = ArrayD::from_shape_vec(vec![2], vec![1, 0]).unwrap();
+    assert_eq!(
+        one_hot(&labels, 3).unwrap(),
+        array![[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]].into_dyn()
+    );
+    let bad = ArrayD::from_shape_vec(vec![2], vec![1, -1]).unwrap();
+    assert!(matches!(
+        one_hot(&bad, 3),
+        Err(ExecError::LabelOutOfRange {
+            label: -1,
+            position: 1,
+            classes: 3
+        })
+    ));
+}
+
+/// Equality broadcasts like the binary ops; broadcast_to refuses a misfit.
+#[test]
+fn equal_and_broadcast_to() {
+    let a = iota(&[2, 1]);
+    let b = ArrayD::from_shape_vec(vec![3], vec![0.0f32, 1.0, 5.0]).unwrap();
+    assert_eq!(
+        equal(&a, &b).unwrap(),
+        array![[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]].into_dyn()
+    );
+    assert_eq!(broadcast_to(&a, &[3, 2, 2]).unwrap().shape(), &[3, 2, 2]);
+    assert!(broadcast_to(&a, &[3]).is_err());
+}
