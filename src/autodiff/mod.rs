@@ -99,16 +99,6 @@ pub fn param_of_grad(output: &str) -> Option<&str> {
     output.strip_prefix("grad(")?.strip_suffix(')')
 }
 
-/// Differentiates `t.loss` with respect to every float param of `g` that is not frozen; the
-/// gradients are outputs.
-pub fn differentiate(g: &Graph, t: &Training) -> Result<Gradients, AutodiffError> {
-    let outputs = StepOutputs {
-        gradients: true,
-        update: false,
-    };
-    training_step(g, t, outputs)
-}
-
 /// The training step of `g`: its forward, backward and, as `outputs` asks, the gradients and
 /// the optimizer's update.
 pub fn training_step(
