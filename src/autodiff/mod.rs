@@ -157,6 +157,12 @@ fn finish(
         .iter()
         .filter_map(|(n, v)| Some((n.clone(), *v, cot[*v]?)))
         .collect();
+    for (n, _, grad) in &with_grads {
+        // Names the gradient for provenance (`... over dp for ... (grad(w1))`).
+        if b.graph_mut().value(*grad).name.is_none() {
+            b.graph_mut().set_value_name(*grad, grad_name(n));
+        }
+    }
     let mut carried = Vec::new();
     if outputs.update {
         check_dtypes(g, &with_grads)?;
