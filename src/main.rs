@@ -76,6 +76,10 @@ pub(crate) struct DeviceArgs {
     /// Price of one byte of per-device memory, in seconds (0: optimize time only).
     #[arg(long, value_name = "SECONDS", default_value_t = Device::default().mem_weight)]
     mem_weight: f64,
+    /// Largest fused gradient all-reduce (bucket) in MiB, as PyTorch DDP's bucket_cap_mb; 0: no
+    /// fusion.
+    #[arg(long, value_name = "MIB", default_value_t = 25.0)]
+    bucket_mb: f64,
 }
 
 impl DeviceArgs {
@@ -86,11 +90,20 @@ impl DeviceArgs {
             bandwidth: self.bandwidth,
             latency: self.latency,
             mem_weight: self.mem_weight,
+            bucket_bytes: bucket_bytes(self.bucket_mb)?,
             ..Device::default()
         };
         d.check().map_err(|e| anyhow::anyhow!(e))?;
         Ok(d)
     }
+}
+
+/// `--bucket-mb` in bytes: a finite number of MiB from 0 to 2^20 (1 TiB).
+fn bucket_bytes(mb: f64) -> anyhow::Result<u64> {
+    if !(mb.is_finite() && (0.0..=(1u64 << 20) as f64).contains(&mb)) {
+        anyhow::bail!("--bucket-mb {mb}: must be a finite number of MiB from 0 to 1048576");
+    }
+    Ok((mb * (1u64 << 20) as f64).round() as u64)
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -263,6 +263,17 @@ pub struct Device {
     pub mem_weight: f64,
     /// Bytes of training state per parameter byte (weights, gradients, optimizer moments).
     pub param_state_factor: f64,
+    /// Largest fused all-reduce of the backward (a gradient bucket), bytes per device; 0: no
+    /// fusion. A planner option carried with the constants the plan was costed with.
+    #[serde(default = "default_bucket_bytes")]
+    pub bucket_bytes: u64,
+}
+
+/// PyTorch DDP's default bucket: 25 MiB.
+pub const DEFAULT_BUCKET_BYTES: u64 = 25 << 20;
+
+fn default_bucket_bytes() -> u64 {
+    DEFAULT_BUCKET_BYTES
 }
 
 impl Device {
@@ -313,6 +324,7 @@ impl Default for Device {
             latency: 2e-6,
             mem_weight: 1e-9,
             param_state_factor: 4.0,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
     }
 }

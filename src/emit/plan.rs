@@ -343,6 +343,14 @@ impl<'a> Body<'a> {
     }
 }
 
+/// The type a collective moves, or for a bucket its size: `bucket of 12`.
+fn moved_type(p: &Plan, n: &Node<Local>) -> String {
+    match n.inputs.as_slice() {
+        [x] => p.local.ty(*x).to_string(),
+        all => format!("bucket of {}", all.len()),
+    }
+}
+
 /// The collectives, largest estimated time first, with provenance.
 fn collectives_table(p: &Plan) -> String {
     let mut rows: Vec<(f64, String)> = Vec::new();
@@ -351,7 +359,11 @@ fn collectives_table(p: &Plan) -> String {
         let Some((kind, size)) = CollectiveKind::of(&n.op) else {
             continue;
         };
-        let b = p.local.ty(n.inputs[0]).size_bytes() as f64;
+        let b = n
+            .inputs
+            .iter()
+            .map(|&v| p.local.ty(v).size_bytes())
+            .sum::<u64>() as f64;
         let (sent, _) = kind.traffic(size, b);
         let t = kind.time(size, b, &p.device);
         let why = provenance(p, id, file).unwrap_or_default();
@@ -362,7 +374,7 @@ fn collectives_table(p: &Plan) -> String {
                 secs(t),
                 kind.name(),
                 bytes(sent.round() as u64),
-                p.local.ty(n.inputs[0]).to_string(),
+                moved_type(p, n),
                 n.outputs[0]
             ),
         ));

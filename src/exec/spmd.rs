@@ -547,11 +547,12 @@ impl Rank<'_> {
             return Ok(apply_owned(&node.op, args)?);
         }
         let name = node.op.name();
-        let first = args
-            .first()
-            .ok_or_else(|| ExecError::shape(name, "an SPMD op without an operand"))?;
+        if args.is_empty() {
+            return Err(ExecError::shape(name, "an SPMD op without an operand").into());
+        }
         if let Some((kind, size)) = CollectiveKind::of(&node.op) {
-            let (sent, _) = kind.traffic(size, core::bytes(first) as f64);
+            let whole: u64 = args.iter().map(|a| core::bytes(a)).sum();
+            let (sent, _) = kind.traffic(size, whole as f64);
             let e = self.collectives.entry(kind.name().to_string()).or_default();
             e.0 += 1;
             e.1 += sent.round() as u64;
@@ -561,6 +562,9 @@ impl Rank<'_> {
                 return Ok(vec![self.vocab_embedding(&node.op, axes, &args)?])
             }
             Op::TargetLogit { axes } => return Ok(vec![self.target_logit(&node.op, axes, &args)?]),
+            Op::AllReduce { axis, reduce, .. } if args.len() > 1 => {
+                return self.bucket(&node.op, axis, *reduce, args)
+            }
             _ => {}
         }
         let x = args.into_iter().next().expect("checked above");
@@ -575,6 +579,36 @@ impl Rank<'_> {
             }
         };
         Ok(vec![t])
+    }
+
+    /// A bucket: its operands packed into one buffer, reduced as one message, unpacked.
+    fn bucket(
+        &mut self,
+        op: &Op,
+        axis: &str,
+        reduce: ReduceOp,
+        args: Vec<Cow<'_, Tensor>>,
+    ) -> Result<Vec<Tensor>, NodeError> {
+        let group = &self.groups[self.axis(op, axis)?];
+        let shapes: Vec<Vec<usize>> = args.iter().map(|a| a.shape().to_vec()).collect();
+        Ok(match &*args[0] {
+            Tensor::F32(_) => {
+                let mut flat = pack(&args, Tensor::as_f32, op)?;
+                comm::all_reduce(self.t, group, &mut flat, reduce)?;
+                unpack(op, flat, &shapes)?
+                    .into_iter()
+                    .map(Tensor::F32)
+                    .collect()
+            }
+            Tensor::I32(_) => {
+                let mut flat = pack(&args, Tensor::as_i32, op)?;
+                comm::all_reduce(self.t, group, &mut flat, reduce)?;
+                unpack(op, flat, &shapes)?
+                    .into_iter()
+                    .map(Tensor::I32)
+                    .collect()
+            }
+        })
     }
 
     /// The index of mesh axis `name`.
@@ -884,6 +918,38 @@ fn join<T: Pooled>(pieces: &[&[T]], shape: &[usize], dim: usize) -> Vec<T> {
         }
     }
     out
+}
+
+/// The elements of a bucket's operands, one after another (all of one kind).
+fn pack<T: Elem>(
+    args: &[Cow<'_, Tensor>],
+    view: impl Fn(&Tensor) -> Option<&ArrayD<T>>,
+    op: &Op,
+) -> Result<Vec<T>, ExecError> {
+    let total = args.iter().map(|a| a.len()).sum();
+    let mut flat = Vec::with_capacity(total);
+    for a in args {
+        let a = view(a).ok_or_else(|| ExecError::shape(op.name(), "a bucket mixes dtypes"))?;
+        flat.extend(a.iter().copied());
+    }
+    Ok(flat)
+}
+
+/// Splits a reduced bucket back into arrays of `shapes`.
+fn unpack<T: Elem>(
+    op: &Op,
+    flat: Vec<T>,
+    shapes: &[Vec<usize>],
+) -> Result<Vec<ArrayD<T>>, ExecError> {
+    let mut out = Vec::with_capacity(shapes.len());
+    let mut at = 0;
+    for shape in shapes {
+        let n: usize = shape.iter().product();
+        let part = flat[at..at + n].to_vec();
+        at += n;
+        out.push(k::from_vec(op.name(), shape.clone(), part)?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -153,7 +153,8 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
             shape.push(*depth);
             Ok(vec![TensorType::new(Dtype::F32, shape)])
         }
-        Op::AllReduce { .. } | Op::KeepOnFirst { .. } => {
+        Op::AllReduce { .. } => bucket(name, inputs),
+        Op::KeepOnFirst { .. } => {
             let [x] = operands(name, inputs)?;
             Ok(vec![x.clone()])
         }
@@ -311,6 +312,28 @@ fn operands<'a, const N: usize>(
         expected: ["0", "1", "2", "3"].get(N).copied().unwrap_or("?"),
         got: inputs.len(),
     })
+}
+
+/// An all-reduce of one operand, or a bucket of several fused into one message: at least one
+/// operand, all of one dtype; each result is its operand's type.
+fn bucket(op: &'static str, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferError> {
+    let Some(first) = inputs.first() else {
+        return Err(InferError::Arity {
+            op,
+            expected: "1 or more",
+            got: 0,
+        });
+    };
+    if let Some(t) = inputs.iter().find(|t| t.dtype != first.dtype) {
+        return Err(attr(
+            op,
+            format!(
+                "a bucket holds one dtype, but has {} and {}",
+                first.dtype, t.dtype
+            ),
+        ));
+    }
+    Ok(inputs.iter().map(|t| (*t).clone()).collect())
 }
 
 /// An attribute error.

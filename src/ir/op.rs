@@ -259,7 +259,8 @@ pub enum Op {
         depth: u64,
     },
     /// SPMD: reduces the operand over the devices of the group along mesh axis `axis` (of `size`
-    /// devices); every device gets the result. Partial → Replicate.
+    /// devices); every device gets the result. Partial → Replicate. Several operands (one
+    /// dtype) are a bucket: reduced as one message, result `k` is operand `k` reduced.
     AllReduce {
         /// The mesh axis.
         axis: String,

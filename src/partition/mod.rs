@@ -25,6 +25,9 @@ pub struct Provenance {
     pub span: Span,
     /// The global value moved (`%12 h`).
     pub value: String,
+    /// For a bucket (an all-reduce of several operands): each operand's own provenance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Provenance>,
 }
 
 /// The per-device program and what relates it to the global one.
@@ -322,6 +325,7 @@ impl<'a> Partitioner<'a> {
                     user: user.user.describe(),
                     span: user.span,
                     value,
+                    members: Vec::new(),
                 },
             );
         }

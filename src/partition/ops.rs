@@ -273,6 +273,7 @@ impl Partitioner<'_> {
                     user: format!("cross_entropy (vocab-parallel: {what})"),
                     span: node.span,
                     value,
+                    members: Vec::new(),
                 },
             );
         }

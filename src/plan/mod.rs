@@ -1,6 +1,7 @@
 //! The per-device plan: the SPMD program, its placements and provenance, buffer liveness, and a
 //! cost summary (collectives, FLOPs, peak memory, estimated step time).
 
+pub mod bucket;
 pub mod liveness;
 pub mod summary;
 pub mod verify;
@@ -73,7 +74,7 @@ impl Plan {
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         let sh = propagate(&global, &mesh, &device)?;
-        let part = partition(&global, &sh)?;
+        let part = bucket::fuse(partition(&global, &sh)?, device.bucket_bytes);
         verify(&part.local, "partition")?;
         verify::verify(verify::PlanParts {
             global: &global,

@@ -86,7 +86,7 @@ impl Summary {
             let ins: Vec<_> = n.inputs.iter().map(|v| local.ty(*v)).collect();
             let outs: Vec<_> = n.outputs.iter().map(|v| local.ty(*v)).collect();
             if let Some((kind, size)) = CollectiveKind::of(&n.op) {
-                let bytes = ins[0].size_bytes() as f64;
+                let bytes = ins.iter().map(|t| t.size_bytes()).sum::<u64>() as f64;
                 let (sent, _) = kind.traffic(size, bytes);
                 let phase = moved_phase(local, n.inputs[0]).name();
                 let in_phase = &mut phases.get_mut(phase).expect("every phase").collectives;
@@ -186,7 +186,7 @@ fn state_bytes(g: &Graph<Local>) -> u64 {
 /// The phase a collective moving `v` belongs to: that of the computation that made `v`, found
 /// through any chain of collectives and slices before it (a data-parallel gradient sync is part
 /// of the backward even when the update is what needs it).
-fn moved_phase(g: &Graph<Local>, v: crate::ir::ValueId<Local>) -> Phase {
+pub(crate) fn moved_phase(g: &Graph<Local>, v: crate::ir::ValueId<Local>) -> Phase {
     let mut v = v;
     loop {
         let n = g.node(g.value(v).node);

@@ -224,6 +224,9 @@ fn redistributed(
     Some(out)
 }
 
+/// An operand and the result holding its value after a data-moving op.
+type Pair = (ValueId<Local>, ValueId<Local>);
+
 /// The result of one node-level check: the detail and its class.
 type Check = Result<(), (Problem, String)>;
 
@@ -380,13 +383,46 @@ impl<'a> Verifier<'a> {
                 "it must have one operand and one result".into(),
             ));
         };
+        self.same_origin(x, y)?;
+        Ok((x, y))
+    }
+
+    fn same_origin(&self, x: ValueId<Local>, y: ValueId<Local>) -> Check {
         if self.p.origin[x] != self.p.origin[y] {
             return Err((
                 Problem::Operands,
                 format!("its operand {x} holds another value than its result {y}"),
             ));
         }
-        Ok((x, y))
+        Ok(())
+    }
+
+    /// The operand/result pairs a data-moving op moves: one, or for an all-reduce bucket one
+    /// per operand, result `k` holding operand `k`'s value.
+    fn moved_pairs(&self, n: &Node<Local>) -> Result<Vec<Pair>, (Problem, String)> {
+        if !matches!(n.op, Op::AllReduce { .. }) || n.inputs.len() < 2 {
+            return Ok(vec![self.moved_value(n)?]);
+        }
+        if n.inputs.len() != n.outputs.len() {
+            return Err((
+                Problem::Operands,
+                format!(
+                    "a bucket of {} operands must have as many results, not {}",
+                    n.inputs.len(),
+                    n.outputs.len()
+                ),
+            ));
+        }
+        let pairs: Vec<_> = n
+            .inputs
+            .iter()
+            .copied()
+            .zip(n.outputs.iter().copied())
+            .collect();
+        for &(x, y) in &pairs {
+            self.same_origin(x, y)?;
+        }
+        Ok(pairs)
     }
 
     /// A collective or local slice moves its operand along its axis as `sharding::transition` says,
@@ -395,7 +431,22 @@ impl<'a> Verifier<'a> {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
         let (name, from, to) = transition(&n.op).expect("checked by the caller");
         let a = mesh.axis_index(name).expect("checked by check_axes");
-        let (x, y) = self.moved_value(n)?;
+        for (x, y) in self.moved_pairs(n)? {
+            self.check_pair(name, a, (from, to), x, y)?;
+        }
+        Ok(())
+    }
+
+    /// One operand/result pair of a data-moving op over axis `a` (`name`) moves `from -> to`.
+    fn check_pair(
+        &self,
+        name: &str,
+        a: usize,
+        (from, to): (AxisPl, AxisPl),
+        x: ValueId<Local>,
+        y: ValueId<Local>,
+    ) -> Check {
+        let mesh = self.p.mesh;
         let (px, py) = (self.pl(x), self.pl(y));
         if px.axis(a) != from || py.axis(a) != to {
             return Err((

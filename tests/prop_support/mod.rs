@@ -226,7 +226,20 @@ pub fn listed_collectives(plan: &Plan) -> BTreeMap<String, (u64, u64)> {
             Op::Redistribute { axes, .. } => (K::AllToAll, axes.iter().map(|(_, k)| k).product()),
             _ => continue,
         };
-        let bytes = plan.local.ty(n.inputs[0]).size_bytes() as f64;
+        // A bucket (an all-reduce of several operands) moves them all as one message.
+        let bytes: u64 = n
+            .inputs
+            .iter()
+            .map(|&v| plan.local.ty(v).size_bytes())
+            .sum();
+        if n.inputs.len() > 1 {
+            assert!(
+                bytes <= plan.device.bucket_bytes,
+                "a bucket of {bytes} bytes exceeds the cap of {}",
+                plan.device.bucket_bytes
+            );
+        }
+        let bytes = bytes as f64;
         let e = m.get_mut(kind.name()).unwrap();
         e.0 += 1;
         e.1 += kind.traffic(size, bytes).0.round() as u64;
