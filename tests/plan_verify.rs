@@ -363,3 +363,55 @@ fn a_partial_leaf_is_refused() {
     let msg = refused(&d);
     assert!(msg.contains("a leaf is never partial"), "{msg}");
 }
+
+/// gpt_train.tpl with its tokens split over dp on `dp=2,tp=4`: its gradient sync is a bucket.
+fn bucketed() -> PlanDoc {
+    let path = "examples/gpt_train.tpl";
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("mesh tp", "mesh dp, tp")
+        .replace(
+            "input tokens : i32[B, S]",
+            "input tokens : i32[B, S] @ [dp, _]",
+        );
+    doc(&plan(path, &text, "dp=2,tp=4"))
+}
+
+fn bucket_index(d: &PlanDoc) -> usize {
+    (0..d.local.nodes.len())
+        .find(|&i| {
+            matches!(d.local.nodes[i].op, Op::AllReduce { .. }) && d.local.nodes[i].inputs.len() > 3
+        })
+        .expect("a bucket")
+}
+
+/// A bucket whose results are swapped (result 0 holding operand 1's value), one missing a
+/// result, or one reduced over another axis is refused; the untampered one loads.
+#[test]
+fn tampered_buckets_are_refused() {
+    let d = bucketed();
+    from_json(&serde_json::to_string(&d).unwrap()).expect("the bucketed plan loads");
+    let b = bucket_index(&d);
+    let mut swapped = d.clone();
+    swapped.local.nodes[b].inputs.swap(0, 1);
+    assert!(
+        refused(&swapped).contains("holds another value"),
+        "{}",
+        refused(&swapped)
+    );
+    let mut short = d.clone();
+    short.local.nodes[b].inputs.pop();
+    assert!(
+        refused(&short).contains("does not verify"),
+        "{}",
+        refused(&short)
+    );
+    let mut other_axis = d.clone();
+    other_axis.local.nodes[b].op = Op::AllReduce {
+        axis: "tp".into(),
+        size: 4,
+        reduce: ReduceOp::Sum,
+    };
+    let msg = refused(&other_axis);
+    assert!(msg.contains("Partial(sum) -> Replicate over tp"), "{msg}");
+}
