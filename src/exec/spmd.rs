@@ -590,24 +590,15 @@ impl Rank<'_> {
         args: Vec<Cow<'_, Tensor>>,
     ) -> Result<Vec<Tensor>, NodeError> {
         let group = &self.groups[self.axis(op, axis)?];
-        let shapes: Vec<Vec<usize>> = args.iter().map(|a| a.shape().to_vec()).collect();
         Ok(match &*args[0] {
-            Tensor::F32(_) => {
-                let mut flat = pack(&args, Tensor::as_f32, op)?;
-                comm::all_reduce(self.t, group, &mut flat, reduce)?;
-                unpack(op, flat, &shapes)?
-                    .into_iter()
-                    .map(Tensor::F32)
-                    .collect()
-            }
-            Tensor::I32(_) => {
-                let mut flat = pack(&args, Tensor::as_i32, op)?;
-                comm::all_reduce(self.t, group, &mut flat, reduce)?;
-                unpack(op, flat, &shapes)?
-                    .into_iter()
-                    .map(Tensor::I32)
-                    .collect()
-            }
+            Tensor::F32(_) => reduce_bucket(self.t, group, &args, Tensor::as_f32, op, reduce)?
+                .into_iter()
+                .map(Tensor::F32)
+                .collect(),
+            Tensor::I32(_) => reduce_bucket(self.t, group, &args, Tensor::as_i32, op, reduce)?
+                .into_iter()
+                .map(Tensor::I32)
+                .collect(),
         })
     }
 
@@ -920,34 +911,33 @@ fn join<T: Pooled>(pieces: &[&[T]], shape: &[usize], dim: usize) -> Vec<T> {
     out
 }
 
-/// The elements of a bucket's operands, one after another (all of one kind).
-fn pack<T: Elem>(
+/// A bucket of one element kind: its operands packed one after another, reduced over `group`
+/// as one message, and split back into arrays of their shapes.
+fn reduce_bucket<T: Elem>(
+    t: &mut dyn Transport,
+    group: &[usize],
     args: &[Cow<'_, Tensor>],
     view: impl Fn(&Tensor) -> Option<&ArrayD<T>>,
     op: &Op,
-) -> Result<Vec<T>, ExecError> {
+    reduce: ReduceOp,
+) -> Result<Vec<ArrayD<T>>, NodeError> {
     let total = args.iter().map(|a| a.len()).sum();
     let mut flat = Vec::with_capacity(total);
     for a in args {
         let a = view(a).ok_or_else(|| ExecError::shape(op.name(), "a bucket mixes dtypes"))?;
         flat.extend(a.iter().copied());
     }
-    Ok(flat)
-}
-
-/// Splits a reduced bucket back into arrays of `shapes`.
-fn unpack<T: Elem>(
-    op: &Op,
-    flat: Vec<T>,
-    shapes: &[Vec<usize>],
-) -> Result<Vec<ArrayD<T>>, ExecError> {
-    let mut out = Vec::with_capacity(shapes.len());
+    comm::all_reduce(t, group, &mut flat, reduce)?;
+    let mut out = Vec::with_capacity(args.len());
     let mut at = 0;
-    for shape in shapes {
-        let n: usize = shape.iter().product();
-        let part = flat[at..at + n].to_vec();
+    for a in args {
+        let n = a.len();
+        out.push(k::from_vec(
+            op.name(),
+            a.shape().to_vec(),
+            flat[at..at + n].to_vec(),
+        )?);
         at += n;
-        out.push(k::from_vec(op.name(), shape.clone(), part)?);
     }
     Ok(out)
 }
