@@ -97,16 +97,11 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let plan = match load(args, flags.device)? {
         Runnable::Train(t) => {
             let (c, src, mesh) = *t;
-            return train::run(args, c, &src, mesh, &flags);
+            return train::run(args, train::prepare(args, c, src, mesh, &flags, None)?);
         }
         Runnable::Plan(plan) => *plan,
     };
-    if args.steps != 1 || args.log.is_some() {
-        return Err(anyhow!(
-            "--steps and --log train a program with a `train` statement (without --forward-only)"
-        )
-        .into());
-    }
+    forward_steps(args)?;
     check_grads_wanted(args, &plan)?;
     memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
@@ -115,6 +110,17 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let out = run_threads(&plan, &source, args.repeat, Some(&tick)).map_err(|e| anyhow!("{e}"))?;
     bar.finish_and_clear();
     finish(args, &plan, &source, &out)
+}
+
+/// An error when a forward program is given --steps or --log.
+fn forward_steps(args: &RunArgs) -> Result<(), Failure> {
+    if args.steps != 1 || args.log.is_some() {
+        return Err(anyhow!(
+            "--steps and --log train a program with a `train` statement (without --forward-only)"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The flags `validate` parsed.
@@ -164,37 +170,11 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
 /// `rank R: ...` and ends the whole job by `MPI_Abort`.
 #[cfg(feature = "mpi")]
 fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
-    use tpc::exec::comm::Transport;
-    use tpc::exec::mpi::{decode_rank_output, encode_rank_output, Mpi};
-    use tpc::exec::spmd::{assemble, run_rank};
+    use tpc::exec::mpi::Mpi;
 
     let mpi = Mpi::init().map_err(|e| anyhow!("cannot start MPI: {e}"))?;
     let (rank, size) = (mpi.rank(), mpi.size());
-    let setup = (|| -> Result<(Plan, LeafSource), Failure> {
-        let flags = validate(args)?;
-        let plan = match load(args, flags.device)? {
-            Runnable::Plan(plan) if args.steps == 1 && args.log.is_none() => *plan,
-            _ => {
-                return Err(anyhow!(
-                    "training steps run on the thread backend only for now: run without \
-                     mpirun, or with --forward-only"
-                )
-                .into())
-            }
-        };
-        memory::check_fits(&plan, args, flags.max_memory, 1)?;
-        let devices = plan.mesh.num_devices();
-        if devices != size as u64 {
-            return Err(anyhow!(
-                "the plan's mesh {} has {devices} devices but MPI started {size} processes: \
-                 run it with `mpirun -n {devices}`",
-                plan.mesh
-            )
-            .into());
-        }
-        let source = leaf_source(args, &plan)?;
-        Ok((plan, source))
-    })();
+    let setup = mpi_job(args, size);
     // Every rank learns whether any failed, so none goes on to wait for a missing peer. The
     // lowest failing rank reports; a barrier keeps the others from exiting (and mpirun from
     // killing the job) before its report is out; then every rank exits non-zero.
@@ -203,7 +183,7 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
     } else {
         u64::MAX
     });
-    let (plan, source) = match setup {
+    let job = match setup {
         Ok(s) if first_failed == u64::MAX => s,
         failed => {
             let code = match failed {
@@ -215,11 +195,71 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
             std::process::exit(code);
         }
     };
-
     let mut t = mpi.transport().with_deferred_abort();
+    match job {
+        MpiJob::Forward(plan, source) => run_mpi_forward(args, &mut t, &plan, &source),
+        MpiJob::Train(job) => train::run_mpi(args, &mut t, *job),
+    }
+}
+
+/// What one MPI process runs.
+#[cfg(feature = "mpi")]
+enum MpiJob {
+    /// A forward plan and where its leaves come from.
+    Forward(Box<Plan>, LeafSource),
+    /// Training steps.
+    Train(Box<train::Job>),
+}
+
+/// Compiles (or loads) the plan and its leaves on this process, as every rank does.
+#[cfg(feature = "mpi")]
+fn mpi_job(args: &RunArgs, size: usize) -> Result<MpiJob, Failure> {
+    let flags = validate(args)?;
+    let job = match load(args, flags.device)? {
+        Runnable::Train(t) => {
+            let (c, src, mesh) = *t;
+            let job = train::prepare(args, c, src, mesh, &flags, Some(1))?;
+            MpiJob::Train(Box::new(job))
+        }
+        Runnable::Plan(plan) => {
+            forward_steps(args)?;
+            memory::check_fits(&plan, args, flags.max_memory, 1)?;
+            let source = leaf_source(args, &plan)?;
+            MpiJob::Forward(plan, source)
+        }
+    };
+    let plan = match &job {
+        MpiJob::Forward(p, _) => &**p,
+        MpiJob::Train(j) => &j.plan,
+    };
+    let devices = plan.mesh.num_devices();
+    if devices != size as u64 {
+        return Err(anyhow!(
+            "the plan's mesh {} has {devices} devices but MPI started {size} processes: \
+             run it with `mpirun -n {devices}`",
+            plan.mesh
+        )
+        .into());
+    }
+    Ok(job)
+}
+
+/// This process's rank of a forward plan; rank 0 gathers the output blocks and does what the
+/// thread run does with them (step times, --out, --stats, --check). A rank that fails during
+/// the run reports `rank R: ...` and ends the whole job by `MPI_Abort`.
+#[cfg(feature = "mpi")]
+fn run_mpi_forward(
+    args: &RunArgs,
+    t: &mut tpc::exec::mpi::MpiTransport<'_>,
+    plan: &Plan,
+    source: &LeafSource,
+) -> Result<(), Failure> {
+    use tpc::exec::mpi::{decode_rank_output, encode_rank_output};
+    use tpc::exec::spmd::{assemble, run_rank};
+    let rank = tpc::exec::comm::Transport::rank(t);
     let bar = progress(if rank == 0 { args.repeat } else { 1 });
     let tick = |_: usize| bar.inc(1);
-    let mine = match run_rank(&plan, &mut t, &source, args.repeat, Some(&tick)) {
+    let mine = match run_rank(plan, t, source, args.repeat, Some(&tick)) {
         Ok(o) => o,
         Err(e) => {
             bar.finish_and_clear();
@@ -228,31 +268,9 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         }
     };
     bar.finish_and_clear();
-    if rank != 0 {
-        if let Err(e) = t.send(0, encode_rank_output(&mine)) {
-            crate::say_err(&format!(
-                "error: rank {rank}: sending the outputs to rank 0: {e}"
-            ));
-            t.abort_job(1)
-        }
+    let Some(ranks) = gather(t, mine, encode_rank_output, decode_rank_output) else {
         return Ok(());
-    }
-    let mut ranks = vec![mine];
-    for r in 1..size {
-        match t
-            .recv(r)
-            .map_err(|e| e.to_string())
-            .and_then(|m| decode_rank_output(&m))
-        {
-            Ok(o) => ranks.push(o),
-            Err(e) => {
-                crate::say_err(&format!(
-                    "error: rank 0: receiving the outputs of rank {r}: {e}"
-                ));
-                t.abort_job(1)
-            }
-        }
-    }
+    };
     if let Some(bad) = ranks.iter().position(|o| {
         o.outputs.len() != plan.local.outputs().len() || o.step_times.len() != args.repeat
     }) {
@@ -261,14 +279,53 @@ fn run_mpi(args: &RunArgs) -> Result<(), Failure> {
         ));
         t.abort_job(1)
     }
-    let out = match assemble(&plan, ranks) {
+    let out = match assemble(plan, ranks) {
         Ok(out) => out,
         Err(e) => {
             crate::say_err(&format!("error: rank 0: {e}"));
             t.abort_job(1)
         }
     };
-    finish(args, &plan, &source, &out)
+    finish(args, plan, source, &out)
+}
+
+/// Every rank's result on rank 0 (its own first), `None` on the others, which send theirs;
+/// a message that cannot be sent or read ends the job.
+#[cfg(feature = "mpi")]
+fn gather<T>(
+    t: &mut tpc::exec::mpi::MpiTransport<'_>,
+    mine: T,
+    encode: fn(&T) -> tpc::exec::comm::Message,
+    decode: fn(&tpc::exec::comm::Message) -> Result<T, String>,
+) -> Option<Vec<T>> {
+    use tpc::exec::comm::Transport;
+    let (rank, size) = (t.rank(), t.world());
+    if rank != 0 {
+        if let Err(e) = t.send(0, encode(&mine)) {
+            crate::say_err(&format!(
+                "error: rank {rank}: sending the outputs to rank 0: {e}"
+            ));
+            t.abort_job(1)
+        }
+        return None;
+    }
+    let mut all = vec![mine];
+    for r in 1..size {
+        match t
+            .recv(r)
+            .map_err(|e| e.to_string())
+            .and_then(|m| decode(&m))
+        {
+            Ok(o) => all.push(o),
+            Err(e) => {
+                crate::say_err(&format!(
+                    "error: rank 0: receiving the outputs of rank {r}: {e}"
+                ));
+                t.abort_job(1)
+            }
+        }
+    }
+    Some(all)
 }
 
 /// Prints a setup failure as `main` would (prefixed by the rank unless it is rank 0); returns the
@@ -467,7 +524,7 @@ fn run_mesh(args: &RunArgs) -> Result<Option<Mesh>, Failure> {
 }
 
 /// The `--set` overrides.
-fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
+pub(super) fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
     args.set
         .iter()
         .map(|s| driver::parse_set(s))

@@ -1,6 +1,7 @@
 //! The MPI backend, end to end: `mpirun -n N tpc run ...` gives outputs bitwise identical to the
-//! thread backend's for every example on 1-D and 2-D meshes, passes `--check`, and fails fast
-//! (non-zero, no hang) on a world-size mismatch or a bad params file.
+//! thread backend's for every example on 1-D and 2-D meshes, and training steps bitwise
+//! identical to the thread backend's, passes `--check`, and fails fast (non-zero, no hang) on a
+//! world-size mismatch, a bad params file or a rank failing mid-run.
 //!
 //! Needs `mpirun` (Open MPI) on the PATH; runs as root with `--allow-run-as-root`.
 #![cfg(feature = "mpi")]
@@ -416,28 +417,112 @@ fn redistribute_over_two_axes_is_bitwise_identical_to_threads() {
     assert_bitwise_equal(&m_out, &t_out, "redistribute on 8 MPI ranks");
 }
 
-/// Training steps are not run under MPI yet: a program with `train` is refused (exit 1, one
-/// clear message), never run as a single gradient step that ignores `--steps`.
-#[test]
-fn a_training_run_under_mpi_is_refused_clearly() {
-    let file = tmp("train.tpl");
-    std::fs::write(
-        &file,
-        "mesh tp\ninput x : f32[4, 8]\nparam w : f32[8, 8] @ [_, tp]\n\
-         y = x @ w\nloss = mean(mean(y * y, 1), 0)\ntrain loss with sgd(lr=0.1)\n",
-    )
-    .unwrap();
-    let (o, _) = mpirun(
-        2,
-        &[file.to_str().unwrap(), "--mesh", "tp=2", "--steps", "3"],
-        TIMEOUT_S,
+/// gpt_train.tpl with its tokens split over dp, on `dp=2,tp=2`.
+fn gpt_train_dp() -> PathBuf {
+    let src = std::fs::read_to_string("examples/gpt_train.tpl").unwrap();
+    let src = src.replace("mesh tp\n", "mesh dp, tp\n").replace(
+        "input tokens : i32[B, S]",
+        "input tokens : i32[B, S] @ [dp, _]",
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("thread backend only"),
-        "{}",
-        text(&o)
+        src.contains("@ [dp, _]"),
+        "the example's tokens line changed"
     );
-    let o = threads(&[file.to_str().unwrap(), "--mesh", "tp=2", "--steps", "3"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let file = tmp("gpt_train_dp.tpl");
+    std::fs::write(&file, src).unwrap();
+    file
+}
+
+/// The losses a `--log` file holds, as written (so equal text is equal bits).
+fn logged_losses(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].to_string()
+        })
+        .collect()
+}
+
+/// Training under MPI: each process keeps its blocks of the params and AdamW state across
+/// steps; the losses, trained params and first gradients are bitwise the thread backend's, and
+/// `--check` against the unsharded reference passes.
+#[test]
+fn training_under_mpi_is_bitwise_identical_to_threads() {
+    let file = gpt_train_dp();
+    let f = file.to_str().unwrap();
+    let paths =
+        |tag: &str| ["log.jsonl", "out.npz", "grads.npz"].map(|n| tmp(&format!("train-{tag}-{n}")));
+    let args = |p: &[PathBuf; 3]| -> Vec<String> {
+        let mut a: Vec<String> = [f, "--mesh", "dp=2,tp=2", "--steps", "4"]
+            .map(String::from)
+            .to_vec();
+        for (flag, path) in ["--log", "--out", "--grads"].iter().zip(p) {
+            a.push(flag.to_string());
+            a.push(path.to_str().unwrap().to_string());
+        }
+        a
+    };
+    let (mp, tp) = (paths("mpi"), paths("threads"));
+    let mut margs = args(&mp);
+    margs.push("--check".into());
+    let margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+    let (m, _) = mpirun(4, &margs, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    let stdout = String::from_utf8_lossy(&m.stdout);
+    let printed = stdout.lines().filter(|l| l.starts_with("step ")).count();
+    assert_eq!(printed, 4, "{}", text(&m));
+    assert!(stdout.contains("check loss at step 4: "), "{}", text(&m));
+    let targs = args(&tp);
+    let targs: Vec<&str> = targs.iter().map(String::as_str).collect();
+    let t = threads(&targs);
+    assert!(t.status.success(), "{}", text(&t));
+    let (ml, tl) = (logged_losses(&mp[0]), logged_losses(&tp[0]));
+    assert_eq!(ml.len(), 4);
+    assert_eq!(ml, tl, "losses under MPI and threads");
+    assert_bitwise_equal(&mp[1], &tp[1], "trained params");
+    assert_bitwise_equal(&mp[2], &tp[2], "first step's gradients");
+}
+
+/// A rank that fails in a later training step (step 2's tokens are past the vocabulary) ends
+/// the whole job quickly, naming the rank and the cause, under MPI and on threads.
+#[test]
+fn a_rank_failing_in_a_later_training_step_aborts_the_job() {
+    let file = gpt_train_dp();
+    let inputs = tmp("train-bad-steps.npz");
+    let mut tokens = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2, 4, 16]), 3i32);
+    tokens.index_axis_mut(ndarray::Axis(0), 1).fill(5000);
+    let arrays = [("tokens".to_string(), Tensor::I32(tokens))].into();
+    npz::write(inputs.to_str().unwrap(), &arrays).unwrap();
+    let args = [
+        file.to_str().unwrap(),
+        "--mesh",
+        "dp=2,tp=2",
+        "--steps",
+        "3",
+        "--inputs",
+        inputs.to_str().unwrap(),
+    ];
+    let (m, took) = mpirun(4, &args, 120);
+    assert!(!m.status.success(), "{}", text(&m));
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert!(
+        stderr.contains("error: rank ") && stderr.contains("out of range"),
+        "{}",
+        text(&m)
+    );
+    assert!(
+        String::from_utf8_lossy(&m.stdout).contains("step 1: loss"),
+        "{}",
+        text(&m)
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let t = threads(&args);
+    assert_eq!(t.status.code(), Some(1), "{}", text(&t));
+    assert!(
+        String::from_utf8_lossy(&t.stderr).contains("out of range"),
+        "{}",
+        text(&t)
+    );
 }

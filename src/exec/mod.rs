@@ -18,6 +18,7 @@ pub mod redistribute;
 pub mod reference;
 pub mod spmd;
 mod tensor;
+pub mod train;
 
 pub use apply::apply;
 pub use error::ExecError;

@@ -15,6 +15,7 @@
 
 use super::comm::{put_message, CommError, Data, DataMut, Elem, Message, Sink, Transport};
 use super::spmd::RankOutput;
+use super::train::TrainedRank;
 use super::Tensor;
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
@@ -347,34 +348,53 @@ impl Transport for MpiTransport<'_> {
         }
     }
 }
-
-/// Flattens a rank's output blocks, step times and peak bytes into one message of 32-bit words
-/// for rank 0 (floats by their bits).
+/// One rank's outputs as a message of words, for rank 0 to assemble (collective counts are
+/// not carried: the run's are rank 0's).
 pub fn encode_rank_output(o: &RankOutput) -> Message {
-    let mut w: Vec<i32> = Vec::new();
-    let push64 = |w: &mut Vec<i32>, v: u64| {
-        w.push(v as u32 as i32);
-        w.push((v >> 32) as u32 as i32);
-    };
-    push64(&mut w, o.outputs.len() as u64);
-    for t in &o.outputs {
-        let shape = t.shape().to_vec();
+    let mut w = Vec::new();
+    put_rank(&mut w, o);
+    Message::I32(w)
+}
+
+/// One rank's training results as a message of words: its last step's outputs and figures,
+/// the kept first-step outputs and each step's loss (bit for bit).
+pub fn encode_trained(o: &TrainedRank) -> Message {
+    let mut w = Vec::new();
+    put_rank(&mut w, &o.rank);
+    put_tensors(&mut w, &o.first);
+    put64(&mut w, o.losses.len() as u64);
+    w.extend(o.losses.iter().map(|l| l.to_bits() as i32));
+    Message::I32(w)
+}
+
+fn put64(w: &mut Vec<i32>, v: u64) {
+    w.push(v as u32 as i32);
+    w.push((v >> 32) as u32 as i32);
+}
+
+fn put_rank(w: &mut Vec<i32>, o: &RankOutput) {
+    put_tensors(w, &o.outputs);
+    put64(w, o.step_times.len() as u64);
+    for s in &o.step_times {
+        put64(w, s.to_bits());
+    }
+    put64(w, o.peak_bytes);
+}
+
+/// A list of tensors: its length, then each one's kind, rank, dims and elements' bits.
+fn put_tensors(w: &mut Vec<i32>, ts: &[Tensor]) {
+    put64(w, ts.len() as u64);
+    for t in ts {
         w.push(matches!(t, Tensor::I32(_)) as i32);
-        push64(&mut w, shape.len() as u64);
-        for d in &shape {
-            push64(&mut w, *d as u64);
+        put64(w, t.shape().len() as u64);
+        for &d in t.shape() {
+            put64(w, d as u64);
         }
         match t {
             Tensor::F32(x) => w.extend(x.iter().map(|v| v.to_bits() as i32)),
             Tensor::I32(x) => w.extend(x.iter().copied()),
         }
     }
-    push64(&mut w, o.step_times.len() as u64);
-    for s in &o.step_times {
-        push64(&mut w, s.to_bits());
-    }
-    push64(&mut w, o.peak_bytes);
-    Message::I32(w)
 }
 
 /// Reads the words of a message in order.
@@ -383,7 +403,15 @@ struct Words<'m> {
     at: usize,
 }
 
-impl Words<'_> {
+impl<'m> Words<'m> {
+    /// The words of an integer message.
+    fn of(msg: &'m Message) -> Result<Self, String> {
+        match msg {
+            Message::I32(msg) => Ok(Words { msg, at: 0 }),
+            _ => Err("a rank output message of floats".into()),
+        }
+    }
+
     fn next(&mut self) -> Result<u32, String> {
         let w = self
             .msg
@@ -399,7 +427,7 @@ impl Words<'_> {
     }
 
     /// The next `n` words, if the message holds them.
-    fn take(&mut self, n: u64) -> Result<&[i32], String> {
+    fn take(&mut self, n: u64) -> Result<&'m [i32], String> {
         let rest = self.msg.len() - self.at;
         let n = usize::try_from(n)
             .ok()
@@ -408,61 +436,91 @@ impl Words<'_> {
         self.at += n;
         Ok(&self.msg[self.at - n..self.at])
     }
-}
 
-/// Reads back `encode_rank_output`'s message (collective counts are not carried: the run's are
-/// rank 0's).
-pub fn decode_rank_output(msg: &Message) -> Result<RankOutput, String> {
-    let Message::I32(msg) = msg else {
-        return Err("a rank output message of floats".into());
-    };
-    let mut w = Words { msg, at: 0 };
-    let n = w.next64()?;
-    let mut outputs = Vec::new();
-    for _ in 0..n {
-        let int = w.next()? != 0;
-        let ndim = w.next64()?;
+    /// An error unless every word was read.
+    fn end(&self) -> Result<(), String> {
+        if self.at != self.msg.len() {
+            return Err("trailing words in a rank output message".into());
+        }
+        Ok(())
+    }
+
+    /// `put_tensors`'s list.
+    fn tensors(&mut self) -> Result<Vec<Tensor>, String> {
+        let n = self.next64()?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.tensor()?);
+        }
+        Ok(out)
+    }
+
+    fn tensor(&mut self) -> Result<Tensor, String> {
+        let int = self.next()? != 0;
+        let ndim = self.next64()?;
         if ndim > 64 {
             return Err(format!("an output block of rank {ndim}"));
         }
         let shape = (0..ndim)
-            .map(|_| w.next64().map(|d| d as usize))
+            .map(|_| self.next64().map(|d| d as usize))
             .collect::<Result<Vec<_>, _>>()?;
         let len = shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
             .ok_or("an output block larger than its message")?;
-        let data = w.take(len)?;
-        let t = if int {
-            Tensor::I32(
-                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).map_err(|e| e.to_string())?,
-            )
+        let data = self.take(len)?;
+        let shape = IxDyn(&shape);
+        Ok(if int {
+            Tensor::I32(ArrayD::from_shape_vec(shape, data.to_vec()).map_err(|e| e.to_string())?)
         } else {
-            Tensor::F32(
-                ArrayD::from_shape_vec(
-                    IxDyn(&shape),
-                    data.iter().map(|&v| f32::from_bits(v as u32)).collect(),
-                )
-                .map_err(|e| e.to_string())?,
-            )
-        };
-        outputs.push(t);
+            let v = data.iter().map(|&v| f32::from_bits(v as u32)).collect();
+            Tensor::F32(ArrayD::from_shape_vec(shape, v).map_err(|e| e.to_string())?)
+        })
     }
-    let steps = w.next64()?;
-    let step_times = w
-        .take(steps.saturating_mul(2))?
-        .chunks(2)
-        .map(|p| f64::from_bits(p[0] as u32 as u64 | (p[1] as u32 as u64) << 32))
+
+    /// `put_rank`'s record.
+    fn rank(&mut self) -> Result<RankOutput, String> {
+        let outputs = self.tensors()?;
+        let steps = self.next64()?;
+        let step_times = self
+            .take(steps.saturating_mul(2))?
+            .chunks(2)
+            .map(|p| f64::from_bits(p[0] as u32 as u64 | (p[1] as u32 as u64) << 32))
+            .collect();
+        let peak_bytes = self.next64()?;
+        Ok(RankOutput {
+            outputs,
+            step_times,
+            collectives: BTreeMap::new(),
+            peak_bytes,
+        })
+    }
+}
+
+/// Reads back `encode_rank_output`'s message.
+pub fn decode_rank_output(msg: &Message) -> Result<RankOutput, String> {
+    let mut w = Words::of(msg)?;
+    let o = w.rank()?;
+    w.end()?;
+    Ok(o)
+}
+
+/// Reads back `encode_trained`'s message.
+pub fn decode_trained(msg: &Message) -> Result<TrainedRank, String> {
+    let mut w = Words::of(msg)?;
+    let rank = w.rank()?;
+    let first = w.tensors()?;
+    let n = w.next64()?;
+    let losses = w
+        .take(n)?
+        .iter()
+        .map(|&b| f32::from_bits(b as u32))
         .collect();
-    let peak_bytes = w.next64()?;
-    if w.at != msg.len() {
-        return Err("trailing words in a rank output message".into());
-    }
-    Ok(RankOutput {
-        outputs,
-        step_times,
-        collectives: BTreeMap::new(),
-        peak_bytes,
+    w.end()?;
+    Ok(TrainedRank {
+        rank,
+        first,
+        losses,
     })
 }
 
@@ -503,5 +561,34 @@ mod tests {
         assert!(decode_rank_output(&Message::I32(msg)).is_err());
         assert!(decode_rank_output(&Message::I32(vec![])).is_err());
         assert!(decode_rank_output(&Message::F32(vec![])).is_err());
+    }
+
+    #[test]
+    fn trained_rank_round_trips_bit_for_bit() {
+        let t = |v: f32| Tensor::F32(ArrayD::from_elem(IxDyn(&[2]), v));
+        let o = TrainedRank {
+            rank: RankOutput {
+                outputs: vec![t(1.5)],
+                step_times: vec![0.5, 0.25],
+                collectives: BTreeMap::new(),
+                peak_bytes: 7,
+            },
+            first: vec![t(-0.0), t(f32::NAN)],
+            losses: vec![5.5, f32::from_bits(0x7f80_0001)],
+        };
+        let d = decode_trained(&encode_trained(&o)).unwrap();
+        let bits = |ls: &[f32]| ls.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&d.losses), bits(&o.losses));
+        assert_eq!(d.first.len(), 2);
+        assert_eq!(
+            d.first[0].as_f32().unwrap()[[0]].to_bits(),
+            (-0.0f32).to_bits()
+        );
+        assert_eq!(d.rank.step_times, o.rank.step_times);
+        let Message::I32(mut msg) = encode_trained(&o) else {
+            panic!("words travel as integers")
+        };
+        msg.push(0);
+        assert!(decode_trained(&Message::I32(msg)).is_err());
     }
 }

@@ -141,6 +141,13 @@ pub fn run_threads(
     steps: usize,
     on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RunOutput, RunError> {
+    let n = thread_ranks(plan)?;
+    let ranks = spawn_ranks(n, |t| run_rank(plan, t, source, steps, on_step))?;
+    assemble(plan, ranks)
+}
+
+/// The number of ranks of `plan`, if the thread backend can start that many.
+pub(crate) fn thread_ranks(plan: &Plan) -> Result<usize, RunError> {
     let n = usize::try_from(plan.mesh.num_devices()).unwrap_or(usize::MAX);
     if n > MAX_THREAD_RANKS {
         return Err(RunError::TooManyRanks {
@@ -148,12 +155,22 @@ pub fn run_threads(
             reason: format!("the thread backend starts at most {MAX_THREAD_RANKS}"),
         });
     }
+    Ok(n)
+}
+
+/// Runs `rank` on one thread per rank of an `n`-rank thread transport and collects their
+/// results; the first failing rank's error (not one that only saw a peer fail) is returned.
+pub(crate) fn spawn_ranks<R: Send>(
+    n: usize,
+    rank: impl Fn(&mut dyn Transport) -> Result<R, RunError> + Sync,
+) -> Result<Vec<R>, RunError> {
+    let rank = &rank;
     let (results, spawn_error) = std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(n);
         let mut spawn_error = None;
         for (r, mut t) in ThreadTransport::world(n).into_iter().enumerate() {
-            let rank = std::thread::Builder::new().name(format!("rank {r}"));
-            match rank.spawn_scoped(s, move || run_rank(plan, &mut t, source, steps, on_step)) {
+            let builder = std::thread::Builder::new().name(format!("rank {r}"));
+            match builder.spawn_scoped(s, move || rank(&mut t)) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     // The endpoints not started are dropped: the started ranks see their peers
@@ -163,7 +180,7 @@ pub fn run_threads(
                 }
             }
         }
-        let results: Vec<Result<RankOutput, RunError>> = handles
+        let results: Vec<Result<R, RunError>> = handles
             .into_iter()
             .enumerate()
             .map(|(r, h)| h.join().unwrap_or(Err(RunError::Panicked(r))))
@@ -191,7 +208,7 @@ pub fn run_threads(
     if let Some(e) = first_err {
         return Err(e);
     }
-    assemble(plan, ranks)
+    Ok(ranks)
 }
 
 /// Combines the ranks' results: global outputs from their blocks, the slowest rank per step.
@@ -231,7 +248,8 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
         .unwrap_or_default();
     let mut outputs = BTreeMap::new();
     for (k, o) in outs.iter().enumerate() {
-        let t = assemble_output(plan, &ranks, k).map_err(|detail| RunError::Assemble {
+        let blocks: Vec<&Tensor> = ranks.iter().map(|r| &r.outputs[k]).collect();
+        let t = assemble_output(plan, &blocks, k).map_err(|detail| RunError::Assemble {
             output: o.name.clone(),
             detail,
         })?;
@@ -247,8 +265,8 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
     })
 }
 
-/// The global array of output `k` from every rank's block.
-fn assemble_output(plan: &Plan, ranks: &[RankOutput], k: usize) -> Result<Tensor, String> {
+/// The global array of output `k` from every rank's block of it (in rank order).
+pub(crate) fn assemble_output(plan: &Plan, blocks: &[&Tensor], k: usize) -> Result<Tensor, String> {
     let v = plan.local.outputs()[k].value;
     // The plan verifier checks that local output `k` holds global output `k`.
     let origin = plan
@@ -259,10 +277,10 @@ fn assemble_output(plan: &Plan, ranks: &[RankOutput], k: usize) -> Result<Tensor
         .value;
     let global_shape = &plan.global.ty(origin).shape;
     let pl = &plan.placements[v];
-    let blocks: Vec<(Vec<u64>, &Tensor)> = ranks
+    let blocks: Vec<(Vec<u64>, &Tensor)> = blocks
         .iter()
         .enumerate()
-        .map(|(r, ro)| (plan.mesh.coords(r as u64), &ro.outputs[k]))
+        .map(|(r, &t)| (plan.mesh.coords(r as u64), t))
         .collect();
     Ok(match plan.global.ty(origin).dtype {
         Dtype::I32 => Tensor::I32(place(global_shape, &blocks, pl, plan, Tensor::as_i32)?),
@@ -304,7 +322,7 @@ fn place<T: Clone + Default>(
 }
 
 /// One rank's op evaluator: global ops by `apply`, SPMD ops with its peers.
-struct Rank<'a> {
+pub(crate) struct Rank<'a> {
     plan: &'a Plan,
     t: &'a mut dyn Transport,
     coords: Vec<u64>,
@@ -335,43 +353,19 @@ fn run_rank_inner(
     on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RankOutput, RunError> {
     let rank = t.rank();
-    let mesh = &plan.mesh;
-    let coords = mesh.coords(rank as u64);
-    let groups = (0..mesh.rank())
-        .map(|a| {
-            mesh.group(rank as u64, a)
-                .into_iter()
-                .map(|d| d as usize)
-                .collect()
-        })
-        .collect();
-    let loaded = load_leaves(plan, &coords, source, rank)?;
+    let loaded = load_leaves(plan, &plan.mesh.coords(rank as u64), source, rank)?;
     let leaf_bytes: u64 = loaded.values().map(core::bytes).sum();
     let mut leaves = IdVec::filled(plan.local.num_values(), None);
     for (v, t) in &loaded {
         leaves[*v] = Some(t);
     }
     let live = Liveness::of(&plan.local);
-    let world: Vec<usize> = (0..t.world()).collect();
-    let mut r = Rank {
-        plan,
-        t,
-        coords,
-        groups,
-        collectives: BTreeMap::new(),
-    };
+    let mut r = Rank::new(plan, t);
     let mut step_times = Vec::with_capacity(steps.min(1 << 20));
     let mut outputs = Vec::new();
     let mut peak = 0;
     for step in 0..steps.max(1) {
-        let mut sync = [0.0f32];
-        comm::all_reduce(r.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
-            rank,
-            op: "step barrier".into(),
-            location: String::new(),
-            error: Box::new(e.into()),
-        })?;
-        r.collectives.clear();
+        r.barrier()?;
         let t0 = Instant::now();
         let out =
             core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
@@ -395,7 +389,7 @@ fn run_rank_inner(
 }
 
 /// Loads (or generates) this rank's block of every leaf of the local program.
-fn load_leaves(
+pub(crate) fn load_leaves(
     plan: &Plan,
     coords: &[u64],
     source: &LeafSource,
@@ -456,9 +450,51 @@ impl Eval<Local> for Rank<'_> {
     }
 }
 
+impl<'a> Rank<'a> {
+    /// The evaluator of the transport's rank of `plan`.
+    pub(crate) fn new(plan: &'a Plan, t: &'a mut dyn Transport) -> Self {
+        let rank = t.rank() as u64;
+        let groups = (0..plan.mesh.rank())
+            .map(|a| {
+                plan.mesh
+                    .group(rank, a)
+                    .into_iter()
+                    .map(|d| d as usize)
+                    .collect()
+            })
+            .collect();
+        Rank {
+            plan,
+            coords: plan.mesh.coords(rank),
+            t,
+            groups,
+            collectives: BTreeMap::new(),
+        }
+    }
+
+    /// Waits for every rank to start the step together, and resets the step's counts.
+    pub(crate) fn barrier(&mut self) -> Result<(), RunError> {
+        let world: Vec<usize> = (0..self.t.world()).collect();
+        let mut sync = [0.0f32];
+        comm::all_reduce(self.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
+            rank: self.t.rank(),
+            op: "step barrier".into(),
+            location: String::new(),
+            error: Box::new(e.into()),
+        })?;
+        self.collectives.clear();
+        Ok(())
+    }
+}
+
 impl Rank<'_> {
+    /// The collective counts and bytes of the last step.
+    pub(crate) fn into_collectives(self) -> BTreeMap<String, (u64, u64)> {
+        self.collectives
+    }
+
     /// The run error of node `id` on this rank.
-    fn op_error(&self, id: NodeId<Local>, error: NodeError) -> RunError {
+    pub(crate) fn op_error(&self, id: NodeId<Local>, error: NodeError) -> RunError {
         let g = &self.plan.local;
         let node = g.node(id);
         let location = format!(

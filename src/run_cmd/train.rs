@@ -1,11 +1,9 @@
 //! `tpc run` on a program with `train`: N training steps of the compiled step (forward,
-//! backward, update). Each step runs on the ranks with every leaf as a global array: the
-//! params and optimizer state the previous step returned (its `next(NAME)` outputs), the
-//! inputs (from `--inputs`: an array with one extra leading dim of K gives step i its slice
-//! `i mod K`, one of the declared shape serves every step; or generated per step from `--seed`). The
-//! carried leaves pass through global arrays between steps (ranks do not keep their blocks
-//! across steps yet). `--check` runs the same steps on the unsharded reference and compares
-//! every step's loss and the final params.
+//! backward, update). The ranks keep their blocks of the params and optimizer state from step
+//! to step (`exec::train`); each step's inputs come from `--inputs` (an array with one extra
+//! leading dim of K gives step i its slice `i mod K`, one of the declared shape serves every
+//! step) or are generated per step from `--seed`. `--check` runs the same steps on the
+//! unsharded reference and compares every step's loss and the final params.
 
 use super::compare::{self, Tolerance};
 use super::{RunArgs, Written};
@@ -16,7 +14,7 @@ use std::time::Instant;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Compiled};
 use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
-use tpc::exec::spmd::run_threads;
+use tpc::exec::train::{self as exec_train, step_seed, train_threads, Steps};
 use tpc::exec::{npz, reference, Tensor};
 use tpc::ir::Graph;
 use tpc::mesh::Mesh;
@@ -27,16 +25,36 @@ struct Trained {
     losses: Vec<(f32, f64)>,
     leaves: BTreeMap<String, Tensor>,
     first_outputs: BTreeMap<String, Tensor>,
+    /// Per param, its largest |gradient| over the steps relative to the step's largest of any
+    /// param (the reference's run only).
+    gradient_scale: BTreeMap<String, f64>,
 }
 
-/// Plans the step `c` and runs `args.steps` steps.
-pub(super) fn run(
+/// A training run ready to start: the step compiled and planned, and where the ranks take
+/// their leaves.
+pub(super) struct Job {
+    /// The compiled step (its graph moved into the plan).
+    c: Compiled,
+    /// Its source, for errors and for the reference's compile.
+    src: SourceFile,
+    /// The planned step.
+    pub(super) plan: Plan,
+    /// The first step's leaves.
+    source: LeafSource,
+    /// The inputs given per step.
+    stepped: Leaves,
+}
+
+/// Plans the step `c` and loads its leaves; `ranks_here` is how many ranks share this
+/// process's memory (all of them when `None`).
+pub(super) fn prepare(
     args: &RunArgs,
     mut c: Compiled,
-    src: &SourceFile,
+    src: SourceFile,
     mesh: Option<Mesh>,
     flags: &super::Flags,
-) -> Result<(), Failure> {
+    ranks_here: Option<u64>,
+) -> Result<Job, Failure> {
     if args.repeat != 1 {
         return Err(anyhow!(
             "--repeat times one step of a forward program; a training run takes --steps"
@@ -47,20 +65,124 @@ pub(super) fn run(
     let graph = std::mem::take(&mut c.graph);
     let plan =
         driver::plan_declared(graph, mesh, flags.device).map_err(|e| fail(e, Some(src.clone())))?;
-    super::memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
-    let c = &c;
-    let start = start_leaves(args, &plan)?;
-    let sharded = steps(args, c, &plan.global, &start, true, |leaves| {
-        let out = run_threads(&plan, &LeafSource::Arrays(leaves.clone()), 1, None)
-            .map_err(|e| anyhow!("{e}"))?;
-        Ok(out.outputs)
-    })?;
+    let here = ranks_here.unwrap_or_else(|| plan.mesh.num_devices());
+    super::memory::check_fits(&plan, args, flags.max_memory, here)?;
+    let (source, stepped) = rank_source(args, &plan)?;
+    Ok(Job {
+        c,
+        src,
+        plan,
+        source,
+        stepped,
+    })
+}
+
+/// Runs `args.steps` steps of `job` on one thread per device.
+pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
+    let bar = super::progress(args.steps);
+    let print = |s: usize, loss: f32| {
+        bar.suspend(|| say_loss(s, loss));
+        bar.inc(1);
+    };
+    let spec = spec(args, &job.c, &job.source, &job.stepped);
+    let out = train_threads(&job.plan, &spec, Some(&print)).map_err(|e| anyhow!("{e}"))?;
+    bar.finish_and_clear();
+    finish(args, &job, trained(&job.c, out))
+}
+
+fn say_loss(s: usize, loss: f32) {
+    say_out(&format!("step {}: loss {loss:.6}", s + 1));
+}
+
+/// Under MPI: this process's rank of `job`'s training; rank 0 gathers the ranks' results and
+/// does what the thread run does with them. A rank that fails ends the job.
+#[cfg(feature = "mpi")]
+pub(super) fn run_mpi(
+    args: &RunArgs,
+    t: &mut tpc::exec::mpi::MpiTransport<'_>,
+    job: Job,
+) -> Result<(), Failure> {
+    use tpc::exec::mpi::{decode_trained, encode_trained};
+    use tpc::exec::train::{assemble_trained, train_rank};
+    let spec = spec(args, &job.c, &job.source, &job.stepped);
+    let print = |s: usize, loss: f32| say_loss(s, loss);
+    let mine = match train_rank(&job.plan, t, &spec, Some(&print)) {
+        Ok(o) => o,
+        Err(e) => {
+            crate::say_err(&format!("error: {e}"));
+            t.abort_job(1)
+        }
+    };
+    let Some(ranks) = super::gather(t, mine, encode_trained, decode_trained) else {
+        return Ok(());
+    };
+    let out = match assemble_trained(&job.plan, &spec, ranks) {
+        Ok(out) => out,
+        Err(e) => {
+            crate::say_err(&format!("error: rank 0: {e}"));
+            t.abort_job(1)
+        }
+    };
+    finish(args, &job, trained(&job.c, out))
+}
+
+/// What follows the sharded run: `--check` against the reference, then the files.
+fn finish(args: &RunArgs, job: &Job, sharded: Trained) -> Result<(), Failure> {
     let failed = if args.check {
-        check(args, c, &plan, &start, &sharded)?
+        let start = start_leaves(args, &job.plan)?;
+        check(args, &job.src, &job.plan, &start, &sharded)?
     } else {
         Vec::new()
     };
-    write_results(args, c, &plan, &sharded, &failed)
+    write_results(args, &job.c, &job.plan, &sharded, &failed)
+}
+
+/// Where the ranks take the first step's leaves (each its own blocks: generated from the seed
+/// when no arrays are given) and the inputs given per step.
+fn rank_source(args: &RunArgs, plan: &Plan) -> Result<(LeafSource, Leaves), Failure> {
+    if args.params.is_none() && args.inputs.is_none() {
+        return Ok((LeafSource::Seed(args.seed), Leaves::new()));
+    }
+    let start = start_leaves(args, plan)?;
+    Ok((LeafSource::Arrays(start.leaves), start.stepped))
+}
+
+/// The steps to run, as the ranks need them.
+fn spec<'a>(
+    args: &RunArgs,
+    c: &'a Compiled,
+    source: &'a LeafSource,
+    stepped: &'a Leaves,
+) -> Steps<'a> {
+    Steps {
+        count: args.steps,
+        start: source,
+        stepped,
+        reseed: args.inputs.is_none().then_some(args.seed),
+        carried: &c.carried,
+        loss: loss_name(c),
+        keep_first: args.grads.is_some(),
+    }
+}
+
+fn loss_name(c: &Compiled) -> &str {
+    c.loss.as_deref().unwrap_or("loss")
+}
+
+/// The run's record from the ranks' results: the final leaves from the last `next(NAME)`s.
+fn trained(c: &Compiled, mut out: exec_train::Trained) -> Trained {
+    let mut leaves = Leaves::new();
+    for (leaf, next) in &c.carried {
+        if let Some(t) = out.last.remove(next) {
+            leaves.insert(leaf.clone(), t);
+        }
+    }
+    Trained {
+        losses: out.losses,
+        leaves,
+        first_outputs: out.first,
+        gradient_scale: BTreeMap::new(),
+    }
 }
 
 /// Leaves by name.
@@ -108,19 +230,19 @@ fn step_slice(t: &Tensor, i: usize) -> Tensor {
     }
 }
 
-/// Runs the steps with `step` (leaves -> outputs), printing each loss when `print`.
+/// Runs the steps with `step` (leaves -> outputs) on global arrays (the reference's loop).
 fn steps(
     args: &RunArgs,
     c: &Compiled,
     g: &Graph,
     start: &Start,
-    print: bool,
     mut step: impl FnMut(&BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, anyhow::Error>,
 ) -> Result<Trained, Failure> {
-    let loss_name = c.loss.as_deref().unwrap_or("loss");
+    let loss_name = loss_name(c);
     let mut leaves = start.leaves.clone();
     let mut losses = Vec::with_capacity(args.steps.min(1 << 20));
     let mut first_outputs = BTreeMap::new();
+    let mut gradient_scale = BTreeMap::new();
     for s in 0..args.steps {
         reseed_inputs(args, g, &mut leaves, s);
         for (name, t) in &start.stepped {
@@ -131,10 +253,8 @@ fn steps(
         let mut out = step(&leaves)?;
         let secs = t.elapsed().as_secs_f64();
         let loss = scalar(&out, loss_name)?;
-        if print {
-            say_out(&format!("step {}: loss {loss:.6}", s + 1));
-        }
         losses.push((loss, secs));
+        note_gradients(c, &out, &mut gradient_scale);
         for (leaf, next) in &c.carried {
             let v = out
                 .remove(next)
@@ -149,8 +269,37 @@ fn steps(
         losses,
         leaves,
         first_outputs,
+        gradient_scale,
     })
 }
+
+/// Keeps, per param, the largest over the steps of its largest |gradient| relative to the
+/// step's largest |gradient| of any param.
+fn note_gradients(c: &Compiled, out: &Leaves, scale: &mut BTreeMap<String, f64>) {
+    let max_abs = |t: &Tensor| {
+        t.as_f32()
+            .map(|a| a.iter().fold(0f64, |m, &x| m.max(f64::from(x.abs()))))
+            .unwrap_or(0.0)
+    };
+    let each: Vec<(&String, f64)> = c
+        .grads
+        .iter()
+        .filter_map(|(p, g)| Some((p, max_abs(out.get(g)?))))
+        .collect();
+    let top = each.iter().fold(0f64, |m, (_, x)| m.max(*x));
+    for (p, x) in each {
+        let r = if top > 0.0 { x / top } else { 0.0 };
+        let e = scale.entry(p.clone()).or_insert(0.0);
+        *e = e.max(r);
+    }
+}
+
+/// A param whose gradient stays within this fraction of the step's largest gradient is
+/// rounding noise: f32 rounds each op's result to ~6e-8 of its size, so a gradient that is
+/// zero in exact arithmetic (a key bias under softmax, say) comes out at ~1e-9 of the largest
+/// (measured on gpt_train.tpl: 2e-9 to 4e-9; its smallest real gradient is 1.6e-2). Such a
+/// param's value after AdamW follows the noise's sign, so two correct runs differ in it.
+const NOISE_GRADIENT: f64 = 1e-6;
 
 /// With `--seed` and no `--inputs`, step `s` reads inputs generated from (name, shape, seed,
 /// step); step 0's are the seed's own.
@@ -158,10 +307,7 @@ fn reseed_inputs(args: &RunArgs, g: &Graph, leaves: &mut BTreeMap<String, Tensor
     if args.inputs.is_some() || s == 0 {
         return;
     }
-    let seed = args
-        .seed
-        .wrapping_add((s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    leaves.extend(seeded_inputs(g, seed));
+    leaves.extend(seeded_inputs(g, step_seed(args.seed, s)));
 }
 
 /// The scalar output `name`.
@@ -176,14 +322,17 @@ fn scalar(out: &BTreeMap<String, Tensor>, name: &str) -> Result<f32, anyhow::Err
 /// params. Returns what differs.
 fn check(
     args: &RunArgs,
-    c: &Compiled,
+    src: &SourceFile,
     plan: &Plan,
     start: &Start,
     sharded: &Trained,
 ) -> Result<Vec<String>, Failure> {
     let t = Instant::now();
-    let want = steps(args, c, &plan.global, start, false, |leaves| {
-        reference::run(&plan.global, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
+    // The same step with its gradients as outputs too, to tell rounding noise from a difference.
+    let c = &driver::compile_step(src, &super::overrides(args)?, true)
+        .map_err(|e| fail(e, Some(src.clone())))?;
+    let want = steps(args, c, &c.graph, start, |leaves| {
+        reference::run(&c.graph, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
     })?;
     let tol = Tolerance {
         rtol: args.rtol,
@@ -201,8 +350,16 @@ fn check(
     for (name, _) in c.carried.iter().filter(|(l, _)| is_param(plan, l)) {
         let (g, w) = (&sharded.leaves[name], &want.leaves[name]);
         let verdict = compare::compare(g, w, &tol);
-        say_out(&format!("check {name}: {verdict}"));
-        if !verdict.is_close() {
+        let noise = want.gradient_scale.get(name).copied();
+        match noise {
+            Some(r) if !verdict.is_close() && r <= NOISE_GRADIENT => say_out(&format!(
+                "check {name}: differs ({}), not a failure: its gradient is rounding noise at \
+                 every step (at most {r:.1e} of the largest), the loss does not depend on it",
+                verdict.to_string().trim_start_matches("FAILED: ")
+            )),
+            _ => say_out(&format!("check {name}: {verdict}")),
+        }
+        if !verdict.is_close() && noise.is_none_or(|r| r > NOISE_GRADIENT) {
             bad.push(name.clone());
         }
     }

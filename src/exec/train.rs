@@ -1,0 +1,378 @@
+//! Training on the ranks: each rank keeps its blocks of the params and optimizer state from one
+//! step to the next (step s's block of `next(NAME)` is step s+1's block of the leaf `NAME`) and
+//! takes each step's inputs as its own blocks. Nothing is gathered between steps; the global
+//! arrays are assembled once, after the last step.
+
+use super::comm::Transport;
+use super::core;
+use super::kernels as k;
+use super::leaves::{block_ranges, local_leaf, LeafSource};
+use super::spmd::{
+    assemble, assemble_output, load_leaves, spawn_ranks, thread_ranks, Rank, RankOutput, RunError,
+    RunStats,
+};
+use super::{ExecError, Tensor};
+use crate::ir::{IdVec, Local, ValueId};
+use crate::plan::liveness::Liveness;
+use crate::plan::Plan;
+use ndarray::{ArrayD, ArrayViewD, Axis, Slice};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// What a training run needs besides the plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Steps<'a> {
+    /// How many steps.
+    pub count: usize,
+    /// The first step's leaves: params, optimizer state and inputs.
+    pub start: &'a LeafSource,
+    /// Inputs given with a leading step axis of K (global): step s reads slice s mod K.
+    pub stepped: &'a BTreeMap<String, Tensor>,
+    /// With a seed and no input arrays: step s > 0 generates its inputs from `step_seed(seed, s)`.
+    pub reseed: Option<u64>,
+    /// Each carried leaf and the output holding its next value.
+    pub carried: &'a [(String, String)],
+    /// The output holding the loss (an f32 scalar).
+    pub loss: &'a str,
+    /// Keep the first step's outputs that are not carried (its gradients).
+    pub keep_first: bool,
+}
+
+/// The seed of step `s`'s generated inputs (step 0's are the run's own seed's).
+pub fn step_seed(seed: u64, s: usize) -> u64 {
+    seed.wrapping_add((s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// What one rank brings back from training.
+pub struct TrainedRank {
+    /// The last step's outputs (its `outputs`), step times, collectives and peak bytes.
+    pub rank: RankOutput,
+    /// The first step's outputs that are not carried, in output order (empty unless kept).
+    pub first: Vec<Tensor>,
+    /// The loss of each step as this rank holds it.
+    pub losses: Vec<f32>,
+}
+
+/// A training run's results, as global arrays.
+#[derive(Clone, Debug)]
+pub struct Trained {
+    /// Per step: the loss and the slowest rank's seconds.
+    pub losses: Vec<(f32, f64)>,
+    /// The first step's outputs that are not carried (empty unless kept), by name.
+    pub first: BTreeMap<String, Tensor>,
+    /// The last step's outputs, by name (the carried `next(NAME)` among them).
+    pub last: BTreeMap<String, Tensor>,
+    /// Measured figures of the last step.
+    pub stats: RunStats,
+}
+
+/// Trains on one thread per device. `on_step(s, loss)` is called by rank 0 after each step.
+pub fn train_threads(
+    plan: &Plan,
+    steps: &Steps<'_>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<Trained, RunError> {
+    let n = thread_ranks(plan)?;
+    let ranks = spawn_ranks(n, |t| train_rank(plan, t, steps, on_step))?;
+    assemble_trained(plan, steps, ranks)
+}
+
+/// Trains on the calling thread as the transport's rank; a failure aborts the peers.
+pub fn train_rank(
+    plan: &Plan,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let result = train_rank_inner(plan, t, steps, on_step);
+    if result.is_err() {
+        t.abort();
+    }
+    result
+}
+
+/// How a step's outputs feed the next step, by local ids and output positions.
+struct Links {
+    /// Each carried leaf's value and the position of its next value among the outputs.
+    carried: Vec<(ValueId<Local>, usize)>,
+    /// The position of the loss among the outputs.
+    loss: usize,
+    /// Each input's value and name.
+    inputs: Vec<(ValueId<Local>, String)>,
+}
+
+impl Links {
+    /// The links of `plan` for `steps`; a name the plan lacks or a carried pair whose blocks
+    /// differ is an internal error (the plan verifier ties `next(NAME)` to `NAME`'s layout).
+    fn of(plan: &Plan, steps: &Steps<'_>) -> Result<Links, ExecError> {
+        let g = &plan.local;
+        let output = |name: &str| {
+            g.outputs()
+                .iter()
+                .position(|o| o.name == name)
+                .ok_or_else(|| internal(format!("the step has no output `{name}`")))
+        };
+        let leaf = |name: &str| {
+            g.nodes()
+                .find(|(_, n)| n.op.leaf_name() == Some(name))
+                .map(|(_, n)| n.outputs[0])
+                .ok_or_else(|| internal(format!("the step has no leaf `{name}`")))
+        };
+        let mut carried = Vec::with_capacity(steps.carried.len());
+        for (l, next) in steps.carried {
+            let (v, k) = (leaf(l)?, output(next)?);
+            let w = g.outputs()[k].value;
+            let global = |v: ValueId<Local>| plan.origin[v].map(|o| plan.global.ty(o));
+            if g.ty(v) != g.ty(w)
+                || global(v) != global(w)
+                || plan.placements[v] != plan.placements[w]
+            {
+                return Err(internal(format!(
+                    "`{next}` is not laid out as `{l}` ({} {} against {} {})",
+                    g.ty(w),
+                    plan.placements[w].display(&plan.mesh),
+                    g.ty(v),
+                    plan.placements[v].display(&plan.mesh)
+                )));
+            }
+            carried.push((v, k));
+        }
+        let inputs = g
+            .nodes()
+            .filter(|(_, n)| matches!(n.op, crate::ir::Op::Input { .. }))
+            .filter_map(|(_, n)| Some((n.outputs[0], n.op.leaf_name()?.to_string())))
+            .collect();
+        Ok(Links {
+            carried,
+            loss: output(steps.loss)?,
+            inputs,
+        })
+    }
+
+    /// The output positions that are not carried, in order.
+    fn kept(&self, outputs: usize) -> Vec<usize> {
+        (0..outputs)
+            .filter(|k| self.carried.iter().all(|&(_, c)| c != *k))
+            .collect()
+    }
+}
+
+fn internal(detail: String) -> ExecError {
+    ExecError::Internal {
+        node: "training step".into(),
+        detail,
+    }
+}
+
+fn train_rank_inner(
+    plan: &Plan,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let rank = t.rank();
+    let load_err = |leaf: &str, error| RunError::Load {
+        rank,
+        leaf: leaf.to_string(),
+        error,
+    };
+    let links = Links::of(plan, steps).map_err(|e| load_err("*", e))?;
+    let coords = plan.mesh.coords(rank as u64);
+    let mut blocks = load_leaves(plan, &coords, steps.start, rank)?;
+    let live = Liveness::of(&plan.local);
+    let kept = links.kept(plan.local.outputs().len());
+    let mut r = Rank::new(plan, t);
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    let (mut first, mut last, mut peak) = (Vec::new(), Vec::new(), 0);
+    for s in 0..steps.count.max(1) {
+        step_inputs(plan, &coords, steps, &links, s, &mut blocks)
+            .map_err(|(l, e)| load_err(&l, e))?;
+        let leaf_bytes: u64 = blocks.values().map(core::bytes).sum();
+        let mut leaves = IdVec::filled(plan.local.num_values(), None);
+        for (v, b) in &blocks {
+            leaves[*v] = Some(b);
+        }
+        r.barrier()?;
+        let t0 = Instant::now();
+        let out =
+            core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
+        times.push(t0.elapsed().as_secs_f64());
+        peak = peak.max(out.peak_bytes + leaf_bytes);
+        let loss = scalar(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
+        losses.push(loss);
+        if let (0, Some(f)) = (rank, on_step) {
+            f(s, loss);
+        }
+        if s == 0 && steps.keep_first {
+            first = kept.iter().map(|&k| out.outputs[k].clone()).collect();
+        }
+        if s + 1 == steps.count.max(1) {
+            last = out.outputs;
+            break;
+        }
+        carry(out.outputs, &links, &mut blocks);
+    }
+    Ok(TrainedRank {
+        rank: RankOutput {
+            outputs: last,
+            step_times: times,
+            collectives: r.into_collectives(),
+            peak_bytes: peak,
+        },
+        first,
+        losses,
+    })
+}
+
+/// The step's carried outputs become the next step's leaf blocks; the rest go back to the pool.
+fn carry(outputs: Vec<Tensor>, links: &Links, blocks: &mut BTreeMap<ValueId<Local>, Tensor>) {
+    let mut outs: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
+    for &(v, k) in &links.carried {
+        if let Some(t) = outs[k].take() {
+            if let Some(old) = blocks.insert(v, t) {
+                k::recycle(old);
+            }
+        }
+    }
+    outs.into_iter().flatten().for_each(k::recycle);
+}
+
+/// The value of a one-element f32 block.
+fn scalar(t: &Tensor) -> Result<f32, ExecError> {
+    match t.as_f32().map(|a| a.iter().copied().collect::<Vec<_>>()) {
+        Some(v) if v.len() == 1 => Ok(v[0]),
+        _ => Err(internal(format!(
+            "the loss is {}, not an f32 scalar",
+            t.describe()
+        ))),
+    }
+}
+
+/// This rank's blocks of step `s`'s inputs: sliced from the stepped arrays, or (after the
+/// first step) generated from the step's seed; other inputs stay as they are.
+fn step_inputs(
+    plan: &Plan,
+    coords: &[u64],
+    steps: &Steps<'_>,
+    links: &Links,
+    s: usize,
+    blocks: &mut BTreeMap<ValueId<Local>, Tensor>,
+) -> Result<(), (String, ExecError)> {
+    for (v, name) in &links.inputs {
+        let fail = |e| (name.clone(), e);
+        let t = if let Some(all) = steps.stepped.get(name) {
+            stepped_block(plan, *v, all, coords, s).map_err(fail)?
+        } else if let Some(seed) = steps.reseed.filter(|_| s > 0) {
+            let global = plan.origin[*v]
+                .ok_or_else(|| fail(internal(format!("input `{name}` has no global value"))))?;
+            let source = LeafSource::Seed(step_seed(seed, s));
+            local_leaf(
+                &plan.global,
+                global,
+                name,
+                &plan.placements[*v],
+                coords,
+                &plan.mesh,
+                &source,
+            )
+            .map_err(fail)?
+        } else {
+            continue;
+        };
+        if !t.matches(plan.local.ty(*v)) {
+            return Err(fail(ExecError::WrongType {
+                what: name.clone(),
+                expected: plan.local.ty(*v).clone(),
+                got: t.describe(),
+            }));
+        }
+        if let Some(old) = blocks.insert(*v, t) {
+            k::recycle(old);
+        }
+    }
+    Ok(())
+}
+
+/// This rank's block of slice `s mod K` of a stepped input `all` (`[K, ...]`) for local `v`.
+fn stepped_block(
+    plan: &Plan,
+    v: ValueId<Local>,
+    all: &Tensor,
+    coords: &[u64],
+    s: usize,
+) -> Result<Tensor, ExecError> {
+    let k = all.shape().first().copied().unwrap_or(0);
+    if k == 0 {
+        return Err(internal("a stepped input with no steps".into()));
+    }
+    let shape: Vec<u64> = all.shape()[1..].iter().map(|&d| d as u64).collect();
+    let ranges = block_ranges(&shape, &plan.placements[v], coords, &plan.mesh);
+    Ok(match all {
+        Tensor::F32(a) => Tensor::F32(block_of(a.view(), s % k, &ranges)),
+        Tensor::I32(a) => Tensor::I32(block_of(a.view(), s % k, &ranges)),
+    })
+}
+
+/// An owned copy of the block `ranges` of slice `i` of `x`'s leading axis.
+fn block_of<T: Clone>(
+    x: ArrayViewD<'_, T>,
+    i: usize,
+    ranges: &[std::ops::Range<u64>],
+) -> ArrayD<T> {
+    let mut x = x.index_axis_move(Axis(0), i);
+    for (d, r) in ranges.iter().enumerate() {
+        x.slice_axis_inplace(Axis(d), Slice::from(r.start as usize..r.end as usize));
+    }
+    x.to_owned()
+}
+
+/// The global results of the ranks' training: rank 0's losses, the slowest rank's times, the
+/// first and last steps' outputs assembled from every rank's blocks.
+pub fn assemble_trained(
+    plan: &Plan,
+    steps: &Steps<'_>,
+    ranks: Vec<TrainedRank>,
+) -> Result<Trained, RunError> {
+    let links = Links::of(plan, steps).map_err(|e| RunError::Assemble {
+        output: "*".into(),
+        detail: e.to_string(),
+    })?;
+    let outs = plan.local.outputs();
+    let kept = links.kept(outs.len());
+    let mut first = BTreeMap::new();
+    if ranks.iter().all(|r| r.first.len() == kept.len()) && steps.keep_first {
+        for (i, &k) in kept.iter().enumerate() {
+            let blocks: Vec<&Tensor> = ranks.iter().map(|r| &r.first[i]).collect();
+            let t = assemble_output(plan, &blocks, k).map_err(|detail| RunError::Assemble {
+                output: outs[k].name.clone(),
+                detail,
+            })?;
+            first.insert(outs[k].name.clone(), t);
+        }
+    }
+    let losses = ranks.first().map(|r| r.losses.clone()).unwrap_or_default();
+    let mut trained = Vec::with_capacity(ranks.len());
+    for r in ranks {
+        if r.losses.len() != losses.len() {
+            return Err(RunError::Assemble {
+                output: steps.loss.into(),
+                detail: format!(
+                    "{} losses from one rank, {} from rank 0",
+                    r.losses.len(),
+                    losses.len()
+                ),
+            });
+        }
+        trained.push(r.rank);
+    }
+    let out = assemble(plan, trained)?;
+    Ok(Trained {
+        losses: losses
+            .into_iter()
+            .zip(out.stats.step_times.iter().copied())
+            .collect(),
+        first,
+        last: out.outputs,
+        stats: out.stats,
+    })
+}
