@@ -222,3 +222,41 @@ fn bad_bucket_sizes_are_refused() {
         .unwrap();
     assert!(ok.status.success());
 }
+
+/// gpt's tied token table (V = 512, tokens over dp): its embedding and LM-head gradient terms
+/// are both partial over dp, and the merge pass adds them before one reduction; so every
+/// param's gradient is reduced over dp exactly once, bucketed or not.
+#[test]
+fn the_tied_table_is_reduced_once() {
+    for cap in [0, 25 << 20] {
+        let plan = plan_of("gpt.tpl", &gpt_dp(), "dp=2,tp=4", device(cap));
+        for (name, _) in plan.global.params() {
+            let grad = tpc::autodiff::grad_name(name);
+            let g = plan
+                .local
+                .outputs()
+                .iter()
+                .find(|o| o.name == grad)
+                .expect("gradient output")
+                .value;
+            assert_eq!(
+                prop_support::dp_reductions(&plan, g),
+                1,
+                "{grad}, cap {cap}"
+            );
+        }
+        let merged = plan
+            .provenance
+            .values()
+            .filter(|p| p.user.starts_with("the sum of 2 partial terms"))
+            .count()
+            + plan
+                .provenance
+                .values()
+                .flat_map(|p| &p.members)
+                .filter(|p| p.user.starts_with("the sum of 2 partial terms"))
+                .count();
+        assert_eq!(merged, 1, "the table's two terms merged once, cap {cap}");
+        check_plan(&plan).expect("equals the reference");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod bucket;
 pub mod liveness;
+pub mod merge;
 pub mod summary;
 pub mod verify;
 
@@ -74,7 +75,8 @@ impl Plan {
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         let sh = propagate(&global, &mesh, &device)?;
-        let part = bucket::fuse(partition(&global, &sh)?, device.bucket_bytes);
+        let part = merge::merge(partition(&global, &sh)?, &mesh);
+        let part = bucket::fuse(part, device.bucket_bytes);
         verify(&part.local, "partition")?;
         verify::verify(verify::PlanParts {
             global: &global,

@@ -366,3 +366,31 @@ pub fn assert_runs(text: &str, mesh_text: &str) -> Plan {
     }
     plan_of("case.tpl", text, mesh_text, Device::default())
 }
+
+/// The dp reductions on the way to `v`: a value made by an all-reduce over dp counts one and
+/// continues through the operand it reduces (result k of a bucket is operand k reduced); a
+/// `full_like` reads only its operand's shape, so the walk stops there.
+#[allow(dead_code)]
+pub fn dp_reductions(p: &Plan, v: tpc::ir::ValueId<tpc::ir::Local>) -> usize {
+    let g = &p.local;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = vec![v];
+    let mut count = 0;
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        let val = g.value(v);
+        let n = g.node(val.node);
+        match &n.op {
+            tpc::ir::Op::AllReduce { axis, .. } if axis == "dp" => {
+                count += 1;
+                stack.push(n.inputs[val.index as usize]);
+            }
+            // Only the operand's shape matters (the loss's cotangent seed).
+            tpc::ir::Op::FullLike { .. } => {}
+            _ => stack.extend(n.inputs.iter().copied()),
+        }
+    }
+    count
+}
