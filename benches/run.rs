@@ -1,5 +1,5 @@
 //! Execution benchmarks (prints figures; not a timed test). Run: `cargo bench --bench run`, or
-//! one section: `cargo bench --bench run -- matmul|allreduce|gpt|grad`. `-- profile-gpt` runs only
+//! one section: `cargo bench --bench run -- matmul|allreduce|gpt|grad|train`. `-- profile-gpt` runs only
 //! the sharded gpt forward (20 steps), to profile the bench binary with `perf record`.
 //!
 //! Machines are noisy and differ (AVX2 only or AVX-512), so every figure is printed beside a
@@ -22,6 +22,11 @@
 //!    degree 8 on the thread runtime, against `jax.grad` of the same function in float64 on the
 //!    same params (`benches/peers/jax_grad.py`); JAX in float32 is printed beside tpc as the
 //!    error of an f32 implementation. Goal: tpc's error no larger than JAX f32's.
+//! 5. `train`: gpt.tpl's training step (same shape, L=16: forward, backward, SGD update) at
+//!    degree 8, the ranks keeping their blocks across steps, against JAX GSPMD's jitted
+//!    `value_and_grad` + the same update with the params donated, on the same params and
+//!    sharding (`benches/peers/jax_train.py`); every step's loss is compared. Goal: no slower
+//!    than JAX.
 //!
 //! Python: `target/benchvenv/bin/python` in the build folder, made by `bash benches/setup_peers.sh`
 //! (numpy, threadpoolctl and jax[cpu] at the versions of `benches/peers/requirements.txt`), or
@@ -83,6 +88,9 @@ fn main() {
     }
     if want("grad") {
         bench_grad(python.as_deref());
+    }
+    if want("train") {
+        bench_train(python.as_deref());
     }
 }
 
@@ -911,4 +919,143 @@ fn run_jax_grad(
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_grad.py output: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Training step time against JAX
+
+/// Layers of the training-step benchmark (the rest of the shape is `GPT`'s).
+const TRAIN_LAYERS: i64 = 16;
+/// Timed steps after one warm-up, for tpc and JAX alike.
+const TRAIN_STEPS: usize = 10;
+/// The SGD learning rate of both.
+const TRAIN_LR: f64 = 0.1;
+
+fn bench_train(python: Option<&Path>) {
+    println!(
+        "\n## 5. gpt.tpl training step (L={TRAIN_LAYERS}, forward + backward + SGD update), degree {DEGREE}: tpc vs JAX GSPMD"
+    );
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpt.tpl");
+    let text = std::fs::read_to_string(&path).expect("gpt.tpl reads")
+        + &format!("train loss with sgd(lr={TRAIN_LR})\n");
+    let src = tpc::diag::SourceFile::new("gpt.tpl", text);
+    let mut sets: Vec<(String, i64)> = GPT.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    sets.retain(|(k, _)| k != "L");
+    sets.push(("L".into(), TRAIN_LAYERS));
+    let mut c = tpc::driver::compile_step(&src, &sets, false)
+        .unwrap_or_else(|e| panic!("gpt.tpl trains: {}", e.render(Some(&src))));
+    let graph = std::mem::take(&mut c.graph);
+    let mesh = Mesh::degree(DEGREE).unwrap();
+    let plan = tpc::driver::plan_declared(graph, Some(mesh), Device::default())
+        .unwrap_or_else(|e| panic!("gpt.tpl plans: {}", e.render(Some(&src))));
+    let source = LeafSource::Seed(0);
+    let stepped = BTreeMap::new();
+    let steps = tpc::exec::train::Steps {
+        count: TRAIN_STEPS + 1,
+        start: &source,
+        stepped: &stepped,
+        reseed: None,
+        carried: &c.carried,
+        loss: "loss",
+        keep_first: false,
+    };
+    let trained = tpc::exec::train::train_threads(&plan, &steps, None).expect("tpc trains");
+    let times: Vec<f64> = trained.losses[1..].iter().map(|l| l.1).collect();
+    let (t_min, t_med) = min_median(&times);
+    let tpc_losses: Vec<f32> = trained.losses.iter().map(|l| l.0).collect();
+
+    let all = global_leaves(&plan.global, &source).expect("leaves");
+    let keep: Vec<&str> = plan
+        .global
+        .params()
+        .map(|(n, _)| n)
+        .chain(plan.global.inputs().map(|(n, _)| n))
+        .collect();
+    let leaves: BTreeMap<String, Tensor> = all
+        .iter()
+        .filter(|(k, _)| keep.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let t = Instant::now();
+    reference::run(&plan.global, &all, &all).expect("reference step");
+    let ref_s = t.elapsed().as_secs_f64();
+    let jax = python.map(|p| run_jax_train(p, &leaves));
+
+    println!();
+    println!("| what | ms per training step, median (min) | tpc / this |");
+    println!("|---|---|---|");
+    println!(
+        "| tpc, degree {DEGREE}, thread runtime, ranks keep their blocks ({TRAIN_STEPS} steps) | {:.1} ({:.1}) | 1 |",
+        t_med * 1e3,
+        t_min * 1e3
+    );
+    println!(
+        "| tpc unsharded reference interpreter (1 step) | {:.1} | {:.2} |",
+        ref_s * 1e3,
+        t_med / ref_s
+    );
+    let mut jax_losses = Vec::new();
+    match &jax {
+        None => println!("| JAX | skipped: no python | – |"),
+        Some(Err(e)) => println!("| JAX | skipped: {e} | – |"),
+        Some(Ok(j)) => {
+            let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| JAX {} GSPMD unrolled, value_and_grad + update, params donated, {} devices ({} steps; compile {:.2} s; {} all-reduce in HLO) | {:.1} ({:.1}) | {:.2} |",
+                j["jax"].as_str().unwrap_or("?"),
+                j["devices"],
+                j["steps"],
+                f("compile_s"),
+                j["all_reduce_ops_in_hlo"],
+                f("median_ms"),
+                f("min_ms"),
+                t_med * 1e3 / f("median_ms"),
+            );
+            jax_losses = j["losses"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+        }
+    }
+    println!();
+    println!("loss per step (tpc degree {DEGREE} | JAX | relative difference):");
+    for (s, l) in tpc_losses.iter().enumerate() {
+        match jax_losses.get(s) {
+            Some(j) => println!(
+                "  step {:>2}: {l:.9} | {j:.9} | {:+.2e}",
+                s + 1,
+                (*l as f64 - j) / j.abs()
+            ),
+            None => println!("  step {:>2}: {l:.9}", s + 1),
+        }
+    }
+    println!("goal: tpc / JAX <= 1 (no slower than JAX)");
+}
+
+fn run_jax_train(python: &Path, leaves: &BTreeMap<String, Tensor>) -> Result<Json, String> {
+    let path = std::env::temp_dir().join(format!("tpc-bench-train-{}.npz", std::process::id()));
+    let path_str = path.to_str().ok_or("temp path is not UTF-8")?.to_string();
+    npz::write(&path_str, leaves).map_err(|e| e.to_string())?;
+    let mut flags = std::env::var("XLA_FLAGS").unwrap_or_default();
+    flags.push_str(&format!(" --xla_force_host_platform_device_count={DEGREE}"));
+    let heads = GPT.iter().find(|(k, _)| *k == "NH").unwrap().1;
+    let out = Command::new(python)
+        .arg(bench_dir().join("peers/jax_train.py"))
+        .arg(&path_str)
+        .args(["--layers", &TRAIN_LAYERS.to_string()])
+        .args(["--heads", &heads.to_string()])
+        .args(["--lr", &TRAIN_LR.to_string()])
+        .args(["--devices", &DEGREE.to_string()])
+        .args(["--steps", &TRAIN_STEPS.to_string()])
+        .env("XLA_FLAGS", flags.trim())
+        .env("JAX_PLATFORMS", "cpu")
+        .output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.map_err(|e| format!("cannot start {}: {e}", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("jax_train.py failed: {}", last_line(err.trim())));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_train.py output: {e}"))
 }

@@ -1,5 +1,6 @@
 """gpt.tpl as a JAX function, with tpc's kernel semantics (src/exec/kernels/): shared by the
-forward benchmark (jax_gpt.py) and the gradient oracle (jax_grad.py).
+forward benchmark (jax_gpt.py), the training-step benchmark (jax_train.py) and the gradient
+oracle (jax_grad.py).
 
   h = wte[tokens] + wpe
   per layer (params layer.i.*):
@@ -23,6 +24,18 @@ LAYER_PARAMS = [
     "mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2",
 ]
 TOP_PARAMS = ["wte", "wpe", "lnf_g", "lnf_b"]
+
+# gpt.tpl's Megatron sharding over one mesh axis "tp" (a PartitionSpec per param).
+LAYER_SPEC = {
+    "ln1_g": (None,), "ln1_b": (None,), "ln2_g": (None,), "ln2_b": (None,),
+    "attention.wq": (None, "tp"), "attention.bq": ("tp",),
+    "attention.wk": (None, "tp"), "attention.bk": ("tp",),
+    "attention.wv": (None, "tp"), "attention.bv": ("tp",),
+    "attention.wo": ("tp", None), "attention.bo": (None,),
+    "mlp.w1": (None, "tp"), "mlp.b1": ("tp",),
+    "mlp.w2": ("tp", None), "mlp.b2": (None,),
+}
+TOP_SPEC = {"wte": ("tp", None), "wpe": (None, None), "lnf_g": (None,), "lnf_b": (None,)}
 
 
 def layernorm(x, g, b, eps=1e-5):

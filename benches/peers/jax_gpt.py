@@ -57,16 +57,8 @@ def main():
     arrays = {k: z[k] for k in z.files}
     L, NH = args.layers, args.heads
 
-    layer_spec = {
-        "ln1_g": (None,), "ln1_b": (None,), "ln2_g": (None,), "ln2_b": (None,),
-        "attention.wq": (None, "tp"), "attention.bq": ("tp",),
-        "attention.wk": (None, "tp"), "attention.bk": ("tp",),
-        "attention.wv": (None, "tp"), "attention.bv": ("tp",),
-        "attention.wo": ("tp", None), "attention.bo": (None,),
-        "mlp.w1": (None, "tp"), "mlp.b1": ("tp",),
-        "mlp.w2": ("tp", None), "mlp.b2": (None,),
-    }
-    top_spec = {"wte": ("tp", None), "wpe": (None, None), "lnf_g": (None,), "lnf_b": (None,)}
+    from gpt_fn import LAYER_SPEC as layer_spec, TOP_SPEC as top_spec
+
     expected = set(top_spec) | {"tokens", "labels"} | {
         f"layer.{i}.{k}" for i in range(L) for k in layer_spec
     }
