@@ -199,6 +199,36 @@ fn tied_table_gradient_is_reduced_once_over_dp() {
     }
 }
 
+/// The activations one more layer keeps for the backward (plan liveness) are Korthikanti et
+/// al.'s (2022) per-layer formula adjusted to f32 and no dropout: per layer `sbh(16 + 48/t) +
+/// 4as²b/t` bytes on t tensor-parallel devices (`64sbh + 4as²b` at t = 1): LN inputs, QKV
+/// input and MLP input replicated (16sbh); Q, K, V, the projection input, GeLU input and
+/// output split (48sbh/t); the softmax output split by heads (4as²b/t).
+#[test]
+fn activation_memory_per_layer_is_korthikantis_in_f32() {
+    let (s, b, h, a) = (16u64, 2u64, 64u64, 8u64);
+    let activations = |layers: u32, t: u64| {
+        let text = gpt().replace("L = 3, V = 4096", &format!("L = {layers}, V = 4096"));
+        let plan = prop_support::plan_of(
+            "gpt.tpl",
+            &text,
+            &t.to_string(),
+            tpc::mesh::Device::default(),
+        );
+        plan.summary.memory_bytes_per_device.activations
+    };
+    for t in [1u64, 2, 4, 8] {
+        let per_layer = activations(3, t) - activations(2, t);
+        let want = s * b * h * (16 + 48 / t) + 4 * a * s * s * b / t;
+        assert_eq!(per_layer, want, "t = {t}");
+        assert_eq!(
+            activations(2, t) - activations(1, t),
+            want,
+            "t = {t}, layer 2"
+        );
+    }
+}
+
 /// Every example's training step equals the reference on 1-D meshes of 1, 2, 4 and 8 devices.
 #[test]
 fn examples_train_equal_to_the_reference_on_1d_meshes() {
