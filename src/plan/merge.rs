@@ -102,8 +102,8 @@ fn merges(g: &Graph<Local>) -> Vec<Merge> {
 fn rewrite(mut p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
     let g = &p.local;
     let mut parts = g.to_parts();
-    let mut placements = std::mem::replace(&mut p.placements, IdVec::from_vec(Vec::new()));
-    let mut origin = std::mem::replace(&mut p.origin, IdVec::from_vec(Vec::new()));
+    let mut placements = std::mem::take(&mut p.placements);
+    let mut origin = std::mem::take(&mut p.origin);
     let mut nodes: Vec<Option<Node<Local>>> = parts.nodes.drain(..).map(Some).collect();
     // Nodes to put right after the add at that index, with their provenance.
     let mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)> = BTreeMap::new();
@@ -248,29 +248,16 @@ fn compact(
     for (v, _) in &mut parts.annotations {
         re(v);
     }
-    let keep = |i: &usize| made[*i];
-    parts.values = std::mem::take(&mut parts.values)
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| keep(i))
-        .map(|(_, v)| v)
-        .collect();
-    let old_pl = std::mem::replace(placements, IdVec::from_vec(Vec::new())).into_vec();
-    *placements = IdVec::from_vec(
-        old_pl
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| keep(i))
-            .map(|(_, v)| v)
-            .collect(),
-    );
-    let old_or = std::mem::replace(origin, IdVec::from_vec(Vec::new())).into_vec();
-    *origin = IdVec::from_vec(
-        old_or
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| keep(i))
-            .map(|(_, v)| v)
-            .collect(),
-    );
+    *placements = IdVec::from_vec(kept(std::mem::take(placements).into_vec(), &made));
+    *origin = IdVec::from_vec(kept(std::mem::take(origin).into_vec(), &made));
+    parts.values = kept(std::mem::take(&mut parts.values), &made);
+}
+
+/// The items of `v` whose flag in `keep` is set, in order.
+fn kept<T>(v: Vec<T>, keep: &[bool]) -> Vec<T> {
+    v.into_iter()
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .map(|(x, _)| x)
+        .collect()
 }
