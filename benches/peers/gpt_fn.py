@@ -13,6 +13,8 @@ oracle (jax_grad.py).
   logits = layernorm(h, lnf_g, lnf_b) @ wte^T           # tied LM head
   loss = mean(logsumexp(logits) - logits[label])
 """
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,19 @@ LAYER_SPEC = {
     "mlp.w2": ("tp", None), "mlp.b2": (None,),
 }
 TOP_SPEC = {"wte": ("tp", None), "wpe": (None, None), "lnf_g": (None,), "lnf_b": (None,)}
+
+
+def tp_mesh(devices):
+    """A one-axis mesh "tp" over the first `devices` devices; exits when JAX sees fewer."""
+    from jax.sharding import Mesh
+
+    devs = jax.devices()
+    if len(devs) < devices:
+        sys.exit(
+            f"need {devices} devices, JAX sees {len(devs)}: set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+        )
+    return Mesh(np.array(devs[:devices]), ("tp",))
 
 
 def layernorm(x, g, b, eps=1e-5):

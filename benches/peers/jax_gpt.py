@@ -42,15 +42,11 @@ def main():
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    devs = jax.devices()
-    if len(devs) < args.devices:
-        sys.exit(
-            f"need {args.devices} devices, JAX sees {len(devs)}: set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}"
-        )
-    mesh = Mesh(np.array(devs[: args.devices]), ("tp",))
+    from gpt_fn import tp_mesh
+
+    mesh = tp_mesh(args.devices)
     shard = lambda *spec: NamedSharding(mesh, P(*spec))
 
     z = np.load(args.npz)

@@ -33,16 +33,12 @@ def main():
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
     from gpt_fn import LAYER_SPEC, TOP_SPEC, loss_unrolled
 
-    devs = jax.devices()
-    if len(devs) < args.devices:
-        sys.exit(
-            f"need {args.devices} devices, JAX sees {len(devs)}: set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}"
-        )
-    mesh = Mesh(np.array(devs[: args.devices]), ("tp",))
+    from gpt_fn import tp_mesh
+
+    mesh = tp_mesh(args.devices)
     shard = lambda spec: NamedSharding(mesh, P(*spec))
     z = np.load(args.npz)
     arrays = {k: z[k] for k in z.files}
