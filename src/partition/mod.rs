@@ -25,7 +25,8 @@ pub struct Provenance {
     pub span: Span,
     /// The global value moved (`%12 h`).
     pub value: String,
-    /// For a bucket (an all-reduce of several operands): each operand's own provenance.
+    /// For a bucket (an all-reduce of several operands): each operand's own provenance; for a
+    /// merged reduction (`plan::merge`), each term's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<Provenance>,
 }

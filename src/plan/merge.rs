@@ -2,13 +2,18 @@
 //! `all_reduce(add(a, b))`, also through a transpose or reshape between a reduction and the add
 //! (they commute with a sum). A value summed from several partial terms (the gradient of a
 //! tied weight, used by the embedding and by the LM head) is then reduced once instead of once
-//! per term: the same bytes per message, one message fewer.
+//! per term: the same bytes per message, one message fewer. (The earlier term's reduction then
+//! waits for the last term; the cost model has no overlap of communication with compute, so
+//! it sees only the message saved.)
 
 use crate::ir::{BinaryOp, Graph, GraphParts, IdVec, Local, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::mesh::Mesh;
 use crate::partition::{Partitioned, Provenance};
-use crate::sharding::PartialOp;
+use crate::sharding::{PartialOp, Placement};
 use std::collections::BTreeMap;
+
+/// How a merged reduction's provenance begins (`the sum of 3 partial terms`).
+const MERGED: &str = "the sum of";
 
 /// One operand of the add: an all-reduce, then perhaps one layout op, each used only by the
 /// next.
@@ -34,9 +39,9 @@ pub fn merge(mut p: Partitioned, mesh: &Mesh) -> Partitioned {
     }
 }
 
-/// The leg ending in `v`, if `v` is one.
-fn leg(g: &Graph<Local>, v: ValueId<Local>) -> Option<Leg> {
-    let single = |v: ValueId<Local>| g.users(v).len() == 1 && !is_output(g, v);
+/// The leg ending in `v`, if `v` is one (`output[v]`: `v` is a program output).
+fn leg(g: &Graph<Local>, v: ValueId<Local>, output: &[bool]) -> Option<Leg> {
+    let single = |v: ValueId<Local>| g.users(v).len() == 1 && !output[v.index()];
     if !single(v) {
         return None;
     }
@@ -69,12 +74,12 @@ fn is_sum_reduce(op: &Op) -> bool {
     )
 }
 
-fn is_output(g: &Graph<Local>, v: ValueId<Local>) -> bool {
-    g.outputs().iter().any(|o| o.value == v)
-}
-
 /// The adds to merge, none sharing a node with another.
 fn merges(g: &Graph<Local>) -> Vec<Merge> {
+    let mut output = vec![false; g.num_values()];
+    for o in g.outputs() {
+        output[o.value.index()] = true;
+    }
     let mut out = Vec::new();
     for (id, n) in g.nodes() {
         if !matches!(n.op, Op::Binary { op: BinaryOp::Add })
@@ -84,7 +89,8 @@ fn merges(g: &Graph<Local>) -> Vec<Merge> {
             continue;
         }
         let same_type = n.inputs.iter().all(|&v| g.ty(v) == g.ty(n.outputs[0]));
-        let (Some(a), Some(b)) = (leg(g, n.inputs[0]), leg(g, n.inputs[1])) else {
+        let (Some(a), Some(b)) = (leg(g, n.inputs[0], &output), leg(g, n.inputs[1], &output))
+        else {
             continue;
         };
         if same_type && g.node(a.reduce).op == g.node(b.reduce).op {
@@ -97,69 +103,113 @@ fn merges(g: &Graph<Local>) -> Vec<Merge> {
     out
 }
 
+/// The tables a rewrite edits: the graph's parts, and per value its placement and origin.
+struct Tables {
+    parts: GraphParts<Local>,
+    placements: IdVec<ValueId<Local>, Placement>,
+    origin: IdVec<ValueId<Local>, Option<ValueId>>,
+}
+
+impl Tables {
+    /// A new value like `v` but a partial sum over mesh axis `a` (named as `v` when `named`).
+    fn partial(&mut self, v: ValueId<Local>, a: usize, named: bool) -> ValueId<Local> {
+        let mut pl = self.placements[v].clone();
+        pl.partial[a] = Some(PartialOp::Sum);
+        let mut val = self.parts.values[v.index()].clone();
+        if !named {
+            val.name = None;
+        }
+        self.parts.values.push(val);
+        self.placements.push(pl);
+        let o = self.origin[v];
+        self.origin.push(o);
+        ValueId::new(self.parts.values.len() - 1)
+    }
+}
+
 /// The program with each merge applied: each leg's layout op reads the reduction's operand,
 /// the add sums the partial terms, and one all-reduce right after it makes the add's old value.
-fn rewrite(mut p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
+fn rewrite(p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
     let g = &p.local;
-    let mut parts = g.to_parts();
-    let mut placements = std::mem::take(&mut p.placements);
-    let mut origin = std::mem::take(&mut p.origin);
-    let mut nodes: Vec<Option<Node<Local>>> = parts.nodes.drain(..).map(Some).collect();
-    // Nodes to put right after the add at that index, with their provenance.
+    let mut t = Tables {
+        parts: g.to_parts(),
+        placements: p.placements.clone(),
+        origin: p.origin.clone(),
+    };
+    let mut nodes: Vec<Option<Node<Local>>> = t.parts.nodes.drain(..).map(Some).collect();
+    // The all-reduce to put right after the add at that index, with its provenance.
     let mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)> = BTreeMap::new();
     for m in found {
-        let axis = match &g.node(m.legs[0].reduce).op {
-            Op::AllReduce { axis, .. } => axis.clone(),
-            _ => unreachable!("a leg starts with an all-reduce"),
-        };
-        let a = mesh
-            .axis_index(&axis)
-            .expect("an all-reduce's axis is the mesh's");
-        let mut partial = |v: ValueId<Local>, parts: &mut GraphParts<Local>| {
-            let mut pl = placements[v].clone();
-            pl.partial[a] = Some(PartialOp::Sum);
-            let mut val = parts.values[v.index()].clone();
-            val.name = None;
-            parts.values.push(val);
-            placements.push(pl);
-            origin.push(origin[v]);
-            ValueId::new(parts.values.len() - 1)
-        };
-        let mut terms = Vec::with_capacity(2);
-        for l in &m.legs {
-            let operand = g.node(l.reduce).inputs[0];
-            nodes[l.reduce.index()] = None;
-            let term = match l.layout {
-                None => operand,
-                Some(t) => {
-                    let node = nodes[t.index()].as_mut().expect("a layout op of one leg");
-                    let v = partial(node.outputs[0], &mut parts);
-                    node.inputs = vec![operand];
-                    node.outputs = vec![v];
-                    v
-                }
-            };
-            terms.push(term);
-        }
-        let add = nodes[m.add.index()].as_mut().expect("one merge per add");
-        let value = add.outputs[0];
-        let summed = partial(value, &mut parts);
-        add.inputs = terms;
-        add.outputs = vec![summed];
-        let reduce = Node {
-            op: g.node(m.legs[0].reduce).op.clone(),
-            inputs: vec![summed],
-            outputs: vec![value],
-            span: add.span,
-            region: add.region,
-        };
+        let reduce = apply(g, m, mesh, &mut nodes, &mut t);
         after.insert(m.add.index(), (reduce, provenance(&p, m)));
     }
-    let mut provenance: BTreeMap<NodeId<Local>, Provenance> = BTreeMap::new();
+    let (order, provenance) = reorder(nodes, after, &p.provenance);
+    t.parts.nodes = order;
+    compact(&mut t);
+    Partitioned {
+        local: Graph::from_parts(t.parts),
+        placements: t.placements,
+        origin: t.origin,
+        provenance,
+    }
+}
+
+/// Rewires merge `m`'s nodes in `nodes`; returns the all-reduce that replaces its two.
+fn apply(
+    g: &Graph<Local>,
+    m: &Merge,
+    mesh: &Mesh,
+    nodes: &mut [Option<Node<Local>>],
+    t: &mut Tables,
+) -> Node<Local> {
+    let op = g.node(m.legs[0].reduce).op.clone();
+    let Op::AllReduce { axis, .. } = &op else {
+        unreachable!("a leg starts with an all-reduce")
+    };
+    let a = mesh
+        .axis_index(axis)
+        .expect("an all-reduce's axis is the mesh's");
+    let mut terms = Vec::with_capacity(2);
+    for l in &m.legs {
+        let operand = g.node(l.reduce).inputs[0];
+        nodes[l.reduce.index()] = None;
+        terms.push(match l.layout {
+            None => operand,
+            Some(id) => {
+                let node = nodes[id.index()].as_mut().expect("a layout op of one leg");
+                let v = t.partial(node.outputs[0], a, true);
+                node.inputs = vec![operand];
+                node.outputs = vec![v];
+                v
+            }
+        });
+    }
+    let add = nodes[m.add.index()].as_mut().expect("one merge per add");
+    let value = add.outputs[0];
+    let summed = t.partial(value, a, false);
+    add.inputs = terms;
+    add.outputs = vec![summed];
+    Node {
+        op,
+        inputs: vec![summed],
+        outputs: vec![value],
+        span: add.span,
+        region: add.region,
+    }
+}
+
+/// The remaining nodes in order, each merged all-reduce right after its add, and the
+/// provenance by the new node ids.
+fn reorder(
+    nodes: Vec<Option<Node<Local>>>,
+    mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)>,
+    old: &BTreeMap<NodeId<Local>, Provenance>,
+) -> (Vec<Node<Local>>, BTreeMap<NodeId<Local>, Provenance>) {
+    let mut provenance = BTreeMap::new();
     let mut order = Vec::with_capacity(nodes.len());
     for (i, n) in nodes.into_iter().enumerate() {
         let Some(n) = n else { continue };
-        if let Some(pr) = p.provenance.get(&NodeId::new(i)) {
+        if let Some(pr) = old.get(&NodeId::new(i)) {
             provenance.insert(NodeId::new(order.len()), pr.clone());
         }
         order.push(n);
@@ -170,28 +220,20 @@ fn rewrite(mut p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
             order.push(r);
         }
     }
-    parts.nodes = order;
-    compact(&mut parts, &mut placements, &mut origin);
-    for (k, n) in parts.nodes.iter().enumerate() {
-        for (i, v) in n.outputs.iter().enumerate() {
-            let val = &mut parts.values[v.index()];
-            val.node = NodeId::new(k);
-            val.index = i as u32;
-        }
-    }
-    p.local = Graph::from_parts(parts);
-    p.placements = placements;
-    p.origin = origin;
-    p.provenance = provenance;
-    p
+    (order, provenance)
 }
 
 /// The merged reduction's provenance: what the add makes, with each term's own reduction.
 fn provenance(p: &Partitioned, m: &Merge) -> Option<Provenance> {
+    // A term that is itself a merge contributes its terms (a sum of three merges twice).
     let members: Vec<Provenance> = m
         .legs
         .iter()
-        .filter_map(|l| p.provenance.get(&l.reduce).cloned())
+        .filter_map(|l| p.provenance.get(&l.reduce))
+        .flat_map(|pr| match pr.user.starts_with(MERGED) {
+            true => pr.members.clone(),
+            false => vec![pr.clone()],
+        })
         .collect();
     let first = members.first()?.clone();
     let g = &p.local;
@@ -203,32 +245,24 @@ fn provenance(p: &Partitioned, m: &Merge) -> Option<Provenance> {
         .unwrap_or_else(|| "the add result".into());
     Some(Provenance {
         transition: first.transition,
-        user: format!("the sum of {} partial terms", members.len()),
+        user: format!("{MERGED} {} partial terms", members.len()),
         span: add.span,
         value,
         members,
     })
 }
 
-/// Drops the values no node makes, renumbering the rest in order.
-fn compact(
-    parts: &mut GraphParts<Local>,
-    placements: &mut IdVec<ValueId<Local>, crate::sharding::Placement>,
-    origin: &mut IdVec<ValueId<Local>, Option<ValueId>>,
-) {
+/// Drops the values no node makes and numbers the rest in node order (each value after the
+/// values its node reads, as partitioning numbers them), pointing each at its node.
+fn compact(t: &mut Tables) {
+    let parts = &mut t.parts;
     let n = parts.values.len();
-    let mut made = vec![false; n];
+    let mut new_id = vec![usize::MAX; n];
+    let mut order = Vec::with_capacity(n);
     for node in &parts.nodes {
         for v in &node.outputs {
-            made[v.index()] = true;
-        }
-    }
-    let mut new_id = vec![usize::MAX; n];
-    let mut k = 0;
-    for (i, m) in made.iter().enumerate() {
-        if *m {
-            new_id[i] = k;
-            k += 1;
+            new_id[v.index()] = order.len();
+            order.push(v.index());
         }
     }
     let re = |v: &mut ValueId<Local>| *v = ValueId::new(new_id[v.index()]);
@@ -244,20 +278,32 @@ fn compact(
             re(l);
         }
     }
-    parts.annotations.retain(|(v, _)| made[v.index()]);
+    parts
+        .annotations
+        .retain(|(v, _)| new_id[v.index()] != usize::MAX);
     for (v, _) in &mut parts.annotations {
         re(v);
     }
-    *placements = IdVec::from_vec(kept(std::mem::take(placements).into_vec(), &made));
-    *origin = IdVec::from_vec(kept(std::mem::take(origin).into_vec(), &made));
-    parts.values = kept(std::mem::take(&mut parts.values), &made);
+    t.placements = IdVec::from_vec(permuted(
+        std::mem::take(&mut t.placements).into_vec(),
+        &order,
+    ));
+    t.origin = IdVec::from_vec(permuted(std::mem::take(&mut t.origin).into_vec(), &order));
+    parts.values = permuted(std::mem::take(&mut parts.values), &order);
+    for (k, node) in parts.nodes.iter().enumerate() {
+        for (i, v) in node.outputs.iter().enumerate() {
+            let val = &mut parts.values[v.index()];
+            val.node = NodeId::new(k);
+            val.index = i as u32;
+        }
+    }
 }
 
-/// The items of `v` whose flag in `keep` is set, in order.
-fn kept<T>(v: Vec<T>, keep: &[bool]) -> Vec<T> {
-    v.into_iter()
-        .zip(keep)
-        .filter(|(_, k)| **k)
-        .map(|(x, _)| x)
+/// The items of `v` at the positions `order` lists, in that order.
+fn permuted<T>(v: Vec<T>, order: &[usize]) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = v.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&i| slots[i].take().expect("each value once"))
         .collect()
 }

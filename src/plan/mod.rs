@@ -75,9 +75,12 @@ impl Plan {
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         let sh = propagate(&global, &mesh, &device)?;
-        let part = merge::merge(partition(&global, &sh)?, &mesh);
-        let part = bucket::fuse(part, device.bucket_bytes);
+        let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;
+        let part = merge::merge(part, &mesh);
+        verify(&part.local, "merge")?;
+        let part = bucket::fuse(part, device.bucket_bytes);
+        verify(&part.local, "bucket")?;
         verify::verify(verify::PlanParts {
             global: &global,
             local: &part.local,
