@@ -93,6 +93,8 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if tpc::exec::mpi::launched_by_mpirun() {
         return run_mpi(args);
     }
+    #[cfg(not(feature = "mpi"))]
+    refuse_mpirun_without_mpi()?;
     let flags = validate(args)?;
     let plan = match load(args, flags.device)? {
         Runnable::Train(t) => {
@@ -110,6 +112,50 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let out = run_threads(&plan, &source, args.repeat, Some(&tick)).map_err(|e| anyhow!("{e}"))?;
     bar.finish_and_clear();
     finish(args, &plan, &source, &out)
+}
+
+/// An error when two output flags name the same file (the second would overwrite the first).
+fn distinct_outputs(outputs: &[(&str, &Option<String>)]) -> Result<(), Failure> {
+    let named: Vec<(&str, PathBuf)> = outputs
+        .iter()
+        .filter_map(|(w, p)| {
+            let p = Path::new(p.as_deref()?);
+            Some((
+                *w,
+                std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+            ))
+        })
+        .collect();
+    for (i, (a, pa)) in named.iter().enumerate() {
+        if let Some((b, _)) = named[i + 1..].iter().find(|(_, pb)| pb == pa) {
+            return Err(anyhow!(
+                "{a} and {b} name the same file `{}`: give each its own path",
+                pa.display()
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Under an MPI launcher with several processes, a build without the `mpi` feature would run
+/// every rank in every process: refused.
+#[cfg(not(feature = "mpi"))]
+fn refuse_mpirun_without_mpi() -> Result<(), Failure> {
+    let size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok()?.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(1);
+    if size > 1 {
+        return Err(anyhow!(
+            "started by an MPI launcher with {size} processes, but this tpc was built without \
+             MPI (each process would run every rank): build with `--features mpi`, or run \
+             without mpirun"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// An error when a forward program is given --steps or --log.
@@ -150,16 +196,18 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
     if args.steps == 0 {
         return Err(anyhow!("--steps must be at least 1").into());
     }
-    for (what, path) in [
+    let outputs = [
         ("--out", &args.out),
         ("--stats", &args.stats),
         ("--grads", &args.grads),
         ("--log", &args.log),
-    ] {
+    ];
+    for (what, path) in outputs {
         if let Some(p) = path {
             files::check_writable(what, Path::new(p)).map_err(|e| anyhow!("{e}"))?;
         }
     }
+    distinct_outputs(&outputs)?;
     Ok(Flags { max_memory, device })
 }
 
@@ -370,7 +418,7 @@ fn finish(
     let mut w = Written::new(&failed);
     w.npz(&args.out, || &out.outputs)?;
     w.npz(&args.grads, || gradients(&out.outputs))?;
-    w.text(&args.stats, || stats_json(plan, out))?;
+    w.text(&args.stats, || stats_json(plan, &out.stats))?;
     w.finish(args)
 }
 
@@ -524,7 +572,7 @@ fn run_mesh(args: &RunArgs) -> Result<Option<Mesh>, Failure> {
 }
 
 /// The `--set` overrides.
-pub(super) fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
+fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
     args.set
         .iter()
         .map(|s| driver::parse_set(s))
@@ -615,12 +663,11 @@ fn min_median(t: &[f64]) -> (f64, f64) {
     )
 }
 
-fn stats_json(plan: &Plan, out: &RunOutput) -> String {
-    let (min, median) = min_median(&out.stats.step_times);
+pub(super) fn stats_json(plan: &Plan, stats: &tpc::exec::spmd::RunStats) -> String {
+    let (min, median) = min_median(&stats.step_times);
     let mut collectives = serde_json::Map::new();
     for kind in tpc::cost::CollectiveKind::ALL {
-        let (count, bytes) = out
-            .stats
+        let (count, bytes) = stats
             .collectives
             .get(kind.name())
             .copied()
@@ -634,7 +681,7 @@ fn stats_json(plan: &Plan, out: &RunOutput) -> String {
         "step_time_s": { "min": min, "median": median },
         "ranks": plan.mesh.num_devices(),
         "collectives": collectives,
-        "peak_bytes_per_rank": out.stats.peak_bytes_per_rank,
+        "peak_bytes_per_rank": stats.peak_bytes_per_rank,
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }

@@ -310,32 +310,87 @@ fn compile_emits_the_whole_step() {
     assert!(!stdout(&o).contains("next("), "{}", stdout(&o));
 }
 
-/// `--check` on gpt_train: the attention's key bias has a gradient that is zero in exact
-/// arithmetic (softmax does not see a shift shared by every key), so AdamW moves it by the
-/// rounding noise's sign; the check names it as noise and passes, while every other param and
-/// every loss is compared.
+/// `--check` on gpt_train with AdamW: the attention's key bias has a gradient that is zero in
+/// exact arithmetic (softmax does not see a shift shared by every key) and some weights have
+/// elements whose gradient is near AdamW's eps; AdamW turns their rounding differences into
+/// visible ones. The check compares each element within the tolerance or within 10x its move
+/// in a reference run perturbed at rounding level, so correct runs pass on every seed and mesh
+/// tried (these seeds failed before), and every loss and param is still compared.
 #[test]
-fn check_tells_rounding_noise_from_a_difference() {
+fn check_allows_each_element_its_rounding_sensitivity() {
+    for (mesh, seed) in [("2", "1"), ("8", "3"), ("4", "2")] {
+        let o = tpc(&[
+            "run",
+            "examples/gpt_train.tpl",
+            "--degree",
+            mesh,
+            "--steps",
+            "5",
+            "--seed",
+            seed,
+            "--check",
+        ]);
+        assert_exit(&o, 0);
+        let out = stdout(&o);
+        let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("check ")).collect();
+        assert_eq!(checks.len(), 5 + 36, "5 losses and 36 params\n{out}");
+        assert!(checks.iter().all(|l| l.ends_with(" ok")), "{out}");
+    }
+}
+
+/// Two output flags naming one file are refused before anything runs (the second would
+/// overwrite the first); `--stats` is written for a training run too.
+#[test]
+fn outputs_must_be_distinct_and_stats_are_written() {
+    let dir = scratch("train_outputs");
+    let file = program(&dir);
+    let same = dir.join("same.npz");
     let o = tpc(&[
         "run",
-        "examples/gpt_train.tpl",
-        "--degree",
-        "4",
+        &file,
         "--steps",
-        "3",
-        "--check",
+        "2",
+        "--out",
+        same.to_str().unwrap(),
+        "--grads",
+        same.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "--out and --grads name the same file");
+    assert!(!same.exists());
+    let stats = dir.join("stats.json");
+    let o = tpc(&[
+        "run",
+        &file,
+        "--mesh",
+        "dp=2,tp=2",
+        "--steps",
+        "2",
+        "--stats",
+        stats.to_str().unwrap(),
     ]);
     assert_exit(&o, 0);
-    let out = stdout(&o);
-    // Whether the noise crosses the tolerance depends on the kernels' rounding (it does on
-    // AVX-512 here): a key bias is either within it or named as noise, nothing else is.
-    for l in out.lines().filter(|l| l.starts_with("check ")) {
-        let bias_noise = l.contains("attention.bk: differs") && l.contains("rounding noise");
-        assert!(l.ends_with(" ok") || bias_noise, "{l}\n{out}");
-    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(doc["ranks"], 4);
     assert!(
-        out.contains("check layer.0.attention.wk: max abs error"),
-        "{out}"
+        doc["collectives"]["all_reduce"]["count"].as_u64().unwrap() > 0,
+        "{doc}"
     );
-    assert_eq!(out.matches("check loss at step").count(), 3, "{out}");
+}
+
+/// A build without MPI started by an MPI launcher with several processes would run every rank
+/// in every process: refused.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn mpirun_without_the_mpi_build_is_refused() {
+    let dir = scratch("train_nompi");
+    let file = program(&dir);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+        .args(["run", &file, "--steps", "2"])
+        .env("OMPI_COMM_WORLD_SIZE", "4")
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "built without MPI");
 }

@@ -517,6 +517,7 @@ fn a_rank_failing_in_a_later_training_step_aborts_the_job() {
         "{}",
         text(&m)
     );
+    assert!(stderr.contains("step 2: "), "names the step\n{}", text(&m));
     assert!(took < Duration::from_secs(60), "took {took:?}");
     let t = threads(&args);
     assert_eq!(t.status.code(), Some(1), "{}", text(&t));

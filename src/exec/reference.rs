@@ -28,6 +28,59 @@ pub fn run(
         .collect())
 }
 
+/// Runs `g` like `run`, but with every float op result scaled elementwise by `1 + rel·u`, `u`
+/// in [-1, 1) a fixed pseudo-random function of `key`, the node and the element: a model of
+/// rounding errors. How far an output moves estimates how far any change of summation order
+/// (such as sharding) can move it: little for a well-conditioned value, a lot for a layernorm
+/// of a nearly constant row, a cancelling sum, or AdamW's step on a gradient near zero.
+pub fn run_perturbed(
+    g: &Graph,
+    leaves: &BTreeMap<String, Tensor>,
+    rel: f32,
+    key: u64,
+) -> Result<BTreeMap<String, Tensor>, ExecError> {
+    let vals = self::leaves(g, leaves, leaves)?;
+    let mut ev = Perturbed { rel, key };
+    let outcome = core::run(g, &Liveness::of(g), &vals, &mut ev).map_err(|(_, e)| e)?;
+    Ok(g.outputs()
+        .iter()
+        .map(|o| o.name.clone())
+        .zip(outcome.outputs)
+        .collect())
+}
+
+/// The global op evaluator that perturbs every float result (see `run_perturbed`).
+struct Perturbed {
+    rel: f32,
+    key: u64,
+}
+
+impl Eval for Perturbed {
+    type Error = ExecError;
+    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, ExecError> {
+        let mut out = apply_owned(&node.op, args)?;
+        let node_key = node.outputs.first().map_or(0, |v| v.index() as u64);
+        for (k, t) in out.iter_mut().enumerate() {
+            if let Tensor::F32(x) = t {
+                let key = self.key ^ (node_key << 8 ^ k as u64).wrapping_mul(0xa076_1d64_78bd_642f);
+                for (i, v) in x.iter_mut().enumerate() {
+                    *v *= 1.0 + self.rel * unit(key, i as u64);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A pseudo-random number in [-1, 1) from `key` and `i` (a splitmix64 finaliser).
+fn unit(key: u64, i: u64) -> f32 {
+    let mut z = key ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
 /// The global op evaluator.
 struct GlobalOps;
 

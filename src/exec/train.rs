@@ -194,8 +194,8 @@ fn train_rank_inner(
         }
         r.barrier()?;
         let t0 = Instant::now();
-        let out =
-            core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
+        let out = core::run(&plan.local, &live, &leaves, &mut r)
+            .map_err(|(id, e)| in_step(r.op_error(id, e), s))?;
         times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         let loss = scalar(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
@@ -235,6 +235,24 @@ fn carry(outputs: Vec<Tensor>, links: &Links, blocks: &mut BTreeMap<ValueId<Loca
         }
     }
     outs.into_iter().flatten().for_each(k::recycle);
+}
+
+/// An op's failure naming the step (`s`, 0-based) it happened in.
+fn in_step(e: RunError, s: usize) -> RunError {
+    match e {
+        RunError::Op {
+            rank,
+            op,
+            location,
+            error,
+        } => RunError::Op {
+            rank,
+            op: format!("step {}: {op}", s + 1),
+            location,
+            error,
+        },
+        e => e,
+    }
 }
 
 /// The value of a one-element f32 block.
@@ -340,7 +358,20 @@ pub fn assemble_trained(
     let outs = plan.local.outputs();
     let kept = links.kept(outs.len());
     let mut first = BTreeMap::new();
-    if ranks.iter().all(|r| r.first.len() == kept.len()) && steps.keep_first {
+    if let Some(r) = ranks
+        .iter()
+        .position(|r| steps.keep_first && r.first.len() != kept.len())
+    {
+        return Err(RunError::Assemble {
+            output: "*".into(),
+            detail: format!(
+                "rank {r} kept {} first-step outputs, expected {}",
+                ranks[r].first.len(),
+                kept.len()
+            ),
+        });
+    }
+    if steps.keep_first {
         for (i, &k) in kept.iter().enumerate() {
             let blocks: Vec<&Tensor> = ranks.iter().map(|r| &r.first[i]).collect();
             let t = assemble_output(plan, &blocks, k).map_err(|detail| RunError::Assemble {
