@@ -935,19 +935,7 @@ fn bench_train(python: Option<&Path>) {
     println!(
         "\n## 5. gpt.tpl training step (L={TRAIN_LAYERS}, forward + backward + SGD update), degree {DEGREE}: tpc vs JAX GSPMD"
     );
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpt.tpl");
-    let text = std::fs::read_to_string(&path).expect("gpt.tpl reads")
-        + &format!("train loss with sgd(lr={TRAIN_LR})\n");
-    let src = tpc::diag::SourceFile::new("gpt.tpl", text);
-    let mut sets: Vec<(String, i64)> = GPT.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    sets.retain(|(k, _)| k != "L");
-    sets.push(("L".into(), TRAIN_LAYERS));
-    let mut c = tpc::driver::compile_step(&src, &sets, false)
-        .unwrap_or_else(|e| panic!("gpt.tpl trains: {}", e.render(Some(&src))));
-    let graph = std::mem::take(&mut c.graph);
-    let mesh = Mesh::degree(DEGREE).unwrap();
-    let plan = tpc::driver::plan_declared(graph, Some(mesh), Device::default())
-        .unwrap_or_else(|e| panic!("gpt.tpl plans: {}", e.render(Some(&src))));
+    let (c, plan) = train_plan();
     let source = LeafSource::Seed(0);
     let stepped = BTreeMap::new();
     let steps = tpc::exec::train::Steps {
@@ -961,62 +949,13 @@ fn bench_train(python: Option<&Path>) {
     };
     let trained = tpc::exec::train::train_threads(&plan, &steps, None).expect("tpc trains");
     let times: Vec<f64> = trained.losses[1..].iter().map(|l| l.1).collect();
-    let (t_min, t_med) = min_median(&times);
     let tpc_losses: Vec<f32> = trained.losses.iter().map(|l| l.0).collect();
-
     let all = global_leaves(&plan.global, &source).expect("leaves");
-    let keep: Vec<&str> = plan
-        .global
-        .params()
-        .map(|(n, _)| n)
-        .chain(plan.global.inputs().map(|(n, _)| n))
-        .collect();
-    let leaves: BTreeMap<String, Tensor> = all
-        .iter()
-        .filter(|(k, _)| keep.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let t = Instant::now();
     reference::run(&plan.global, &all, &all).expect("reference step");
     let ref_s = t.elapsed().as_secs_f64();
-    let jax = python.map(|p| run_jax_train(p, &leaves));
-
-    println!();
-    println!("| what | ms per training step, median (min) | tpc / this |");
-    println!("|---|---|---|");
-    println!(
-        "| tpc, degree {DEGREE}, thread runtime, ranks keep their blocks ({TRAIN_STEPS} steps) | {:.1} ({:.1}) | 1 |",
-        t_med * 1e3,
-        t_min * 1e3
-    );
-    println!(
-        "| tpc unsharded reference interpreter (1 step) | {:.1} | {:.2} |",
-        ref_s * 1e3,
-        t_med / ref_s
-    );
-    let mut jax_losses = Vec::new();
-    match &jax {
-        None => println!("| JAX | skipped: no python | – |"),
-        Some(Err(e)) => println!("| JAX | skipped: {e} | – |"),
-        Some(Ok(j)) => {
-            let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
-            println!(
-                "| JAX {} GSPMD unrolled, value_and_grad + update, params donated, {} devices ({} steps; compile {:.2} s; {} all-reduce in HLO) | {:.1} ({:.1}) | {:.2} |",
-                j["jax"].as_str().unwrap_or("?"),
-                j["devices"],
-                j["steps"],
-                f("compile_s"),
-                j["all_reduce_ops_in_hlo"],
-                f("median_ms"),
-                f("min_ms"),
-                t_med * 1e3 / f("median_ms"),
-            );
-            jax_losses = j["losses"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                .unwrap_or_default();
-        }
-    }
+    let jax = python.map(|p| run_jax_train(p, &params_and_inputs(&plan, &all)));
+    let jax_losses = print_train_table(min_median(&times), ref_s, jax.as_ref());
     println!();
     println!("loss per step (tpc degree {DEGREE} | JAX | relative difference):");
     for (s, l) in tpc_losses.iter().enumerate() {
@@ -1030,6 +969,87 @@ fn bench_train(python: Option<&Path>) {
         }
     }
     println!("goal: tpc / JAX <= 1 (no slower than JAX)");
+}
+
+/// gpt.tpl at `TRAIN_LAYERS` with an SGD step, compiled and planned at degree `DEGREE`.
+fn train_plan() -> (tpc::driver::Compiled, Plan) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpt.tpl");
+    let text = std::fs::read_to_string(&path).expect("gpt.tpl reads")
+        + &format!("train loss with sgd(lr={TRAIN_LR})\n");
+    let src = tpc::diag::SourceFile::new("gpt.tpl", text);
+    let mut sets: Vec<(String, i64)> = GPT.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    sets.retain(|(k, _)| k != "L");
+    sets.push(("L".into(), TRAIN_LAYERS));
+    let mut c = tpc::driver::compile_step(&src, &sets, false)
+        .unwrap_or_else(|e| panic!("gpt.tpl trains: {}", e.render(Some(&src))));
+    let graph = std::mem::take(&mut c.graph);
+    let mesh = Mesh::degree(DEGREE).unwrap();
+    let plan = tpc::driver::plan_declared(graph, Some(mesh), Device::default())
+        .unwrap_or_else(|e| panic!("gpt.tpl plans: {}", e.render(Some(&src))));
+    (c, plan)
+}
+
+/// The params and inputs among `all` (not the optimizer state), for the peer.
+fn params_and_inputs(plan: &Plan, all: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    let g = &plan.global;
+    let keep: Vec<&str> = g
+        .params()
+        .map(|(n, _)| n)
+        .chain(g.inputs().map(|(n, _)| n))
+        .collect();
+    all.iter()
+        .filter(|(k, _)| keep.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Prints the step-time table (tpc's (min, median), the reference's seconds, JAX's result);
+/// returns JAX's losses (empty when it did not run).
+fn print_train_table(
+    (t_min, t_med): (f64, f64),
+    ref_s: f64,
+    jax: Option<&Result<Json, String>>,
+) -> Vec<f64> {
+    println!();
+    println!("| what | ms per training step, median (min) | tpc / this |");
+    println!("|---|---|---|");
+    println!(
+        "| tpc, degree {DEGREE}, thread runtime, ranks keep their blocks ({TRAIN_STEPS} steps) | {:.1} ({:.1}) | 1 |",
+        t_med * 1e3,
+        t_min * 1e3
+    );
+    println!(
+        "| tpc unsharded reference interpreter (1 step) | {:.1} | {:.2} |",
+        ref_s * 1e3,
+        t_med / ref_s
+    );
+    let j = match jax {
+        None => {
+            println!("| JAX | skipped: no python | – |");
+            return Vec::new();
+        }
+        Some(Err(e)) => {
+            println!("| JAX | skipped: {e} | – |");
+            return Vec::new();
+        }
+        Some(Ok(j)) => j,
+    };
+    let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| JAX {} GSPMD unrolled, value_and_grad + update, params donated, {} devices ({} steps; compile {:.2} s; {} all-reduce in HLO) | {:.1} ({:.1}) | {:.2} |",
+        j["jax"].as_str().unwrap_or("?"),
+        j["devices"],
+        j["steps"],
+        f("compile_s"),
+        j["all_reduce_ops_in_hlo"],
+        f("median_ms"),
+        f("min_ms"),
+        t_med * 1e3 / f("median_ms"),
+    );
+    j["losses"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default()
 }
 
 fn run_jax_train(python: &Path, leaves: &BTreeMap<String, Tensor>) -> Result<Json, String> {

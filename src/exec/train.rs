@@ -198,7 +198,7 @@ fn train_rank_inner(
             .map_err(|(id, e)| in_step(r.op_error(id, e), s))?;
         times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
-        let loss = scalar(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
+        let loss = loss_value(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
         losses.push(loss);
         if let (0, Some(f)) = (rank, on_step) {
             f(s, loss);
@@ -255,8 +255,8 @@ fn in_step(e: RunError, s: usize) -> RunError {
     }
 }
 
-/// The value of a one-element f32 block.
-fn scalar(t: &Tensor) -> Result<f32, ExecError> {
+/// The value of a loss: a one-element f32 array.
+pub fn loss_value(t: &Tensor) -> Result<f32, ExecError> {
     match t.as_f32().map(|a| a.iter().copied().collect::<Vec<_>>()) {
         Some(v) if v.len() == 1 => Ok(v[0]),
         _ => Err(internal(format!(
@@ -319,15 +319,30 @@ fn stepped_block(
     coords: &[u64],
     s: usize,
 ) -> Result<Tensor, ExecError> {
+    let shape: Vec<u64> = all.shape().iter().skip(1).map(|&d| d as u64).collect();
+    let ranges = block_ranges(&shape, &plan.placements[v], coords, &plan.mesh);
+    step_block(all, s, &ranges)
+}
+
+/// Step `s`'s slice (`s mod K`) of a stepped input `all` (`[K, ...]`), whole: what the
+/// reference reads in step `s`.
+pub fn step_slice(all: &Tensor, s: usize) -> Result<Tensor, ExecError> {
+    step_block(all, s, &[])
+}
+
+/// The block `ranges` (leading dims; the rest whole) of step `s`'s slice of `all`.
+fn step_block(
+    all: &Tensor,
+    s: usize,
+    ranges: &[std::ops::Range<u64>],
+) -> Result<Tensor, ExecError> {
     let k = all.shape().first().copied().unwrap_or(0);
     if k == 0 {
         return Err(internal("a stepped input with no steps".into()));
     }
-    let shape: Vec<u64> = all.shape()[1..].iter().map(|&d| d as u64).collect();
-    let ranges = block_ranges(&shape, &plan.placements[v], coords, &plan.mesh);
     Ok(match all {
-        Tensor::F32(a) => Tensor::F32(block_of(a.view(), s % k, &ranges)),
-        Tensor::I32(a) => Tensor::I32(block_of(a.view(), s % k, &ranges)),
+        Tensor::F32(a) => Tensor::F32(block_of(a.view(), s % k, ranges)),
+        Tensor::I32(a) => Tensor::I32(block_of(a.view(), s % k, ranges)),
     })
 }
 

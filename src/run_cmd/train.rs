@@ -14,7 +14,9 @@ use std::time::Instant;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Compiled};
 use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
-use tpc::exec::train::{self as exec_train, step_seed, train_threads, Steps};
+use tpc::exec::train::{
+    self as exec_train, loss_value, step_seed, step_slice, train_threads, Steps,
+};
 use tpc::exec::{npz, reference, Tensor};
 use tpc::ir::Graph;
 use tpc::mesh::Mesh;
@@ -224,15 +226,6 @@ fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<Start, Failure> {
     })
 }
 
-/// Slice `i` of the leading axis of `t`.
-fn step_slice(t: &Tensor, i: usize) -> Tensor {
-    use ndarray::Axis;
-    match t {
-        Tensor::F32(a) => Tensor::F32(a.index_axis(Axis(0), i).to_owned()),
-        Tensor::I32(a) => Tensor::I32(a.index_axis(Axis(0), i).to_owned()),
-    }
-}
-
 /// Runs the steps with `step` (leaves -> outputs) on global arrays (the reference's loop).
 fn steps(
     args: &RunArgs,
@@ -248,8 +241,10 @@ fn steps(
     for s in 0..args.steps {
         reseed_inputs(args, g, &mut leaves, s);
         for (name, t) in &start.stepped {
-            let k = t.shape().first().copied().unwrap_or(1).max(1);
-            leaves.insert(name.clone(), step_slice(t, s % k));
+            leaves.insert(
+                name.clone(),
+                step_slice(t, s).map_err(|e| anyhow!("`{name}`: {e}"))?,
+            );
         }
         let t = Instant::now();
         let mut out = step(&leaves)?;
@@ -283,12 +278,12 @@ fn reseed_inputs(args: &RunArgs, g: &Graph, leaves: &mut BTreeMap<String, Tensor
     leaves.extend(seeded_inputs(g, step_seed(args.seed, s)));
 }
 
-/// The scalar output `name`.
+/// The loss output `name`.
 fn scalar(out: &BTreeMap<String, Tensor>, name: &str) -> Result<f32, anyhow::Error> {
-    out.get(name)
-        .and_then(|t| t.as_f32())
-        .and_then(|a| a.iter().next().copied())
-        .ok_or_else(|| anyhow!("the step returned no loss `{name}`"))
+    let t = out
+        .get(name)
+        .ok_or_else(|| anyhow!("the step returned no loss `{name}`"))?;
+    loss_value(t).map_err(|e| anyhow!("{e}"))
 }
 
 /// Runs the same steps on the unsharded reference, and again with every op result perturbed
