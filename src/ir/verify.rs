@@ -210,16 +210,19 @@ fn check_node_types<S: Space>(g: &Graph<S>, id: NodeId<S>, node: &Node<S>) -> Re
     }
     let operands: Vec<&TensorType> = node.inputs.iter().map(|&v| g.ty(v)).collect();
     let stored: Vec<&TensorType> = node.outputs.iter().map(|&v| g.ty(v)).collect();
-    let who = format!("{} {}", describe(id, node), ids_list(&node.inputs));
+    // Formatted only on failure: this runs for every node after every pass.
+    let who = || format!("{} {}", describe(id, node), ids_list(&node.inputs));
     let inferred = infer(&node.op, &operands).map_err(|e| {
         format!(
-            "{who}: inference fails on operand types {}: {e}",
+            "{}: inference fails on operand types {}: {e}",
+            who(),
             types_list(operands.iter().copied())
         )
     })?;
     if inferred.iter().ne(stored.iter().copied()) {
         return Err(format!(
-            "{who}: stored result types {} of {} differ from inferred {}",
+            "{}: stored result types {} of {} differ from inferred {}",
+            who(),
             types_list(stored.iter().copied()),
             ids_list(&node.outputs),
             types_list(&inferred)
