@@ -475,18 +475,23 @@ impl<'a> Written<'a> {
         Ok(())
     }
 
+    /// Says where each file of a failed run went.
+    pub(super) fn report(&self) {
+        for (asked, p) in &self.files {
+            say_err(&format!(
+                "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
+                p.display()
+            ));
+        }
+    }
+
     /// Done when the check passed; else says where each file went and fails naming what
     /// differs.
     pub(super) fn finish(self, args: &RunArgs) -> Result<(), Failure> {
         if self.failed.is_empty() {
             return Ok(());
         }
-        for (asked, p) in self.files {
-            say_err(&format!(
-                "the outputs of this failed run are in `{}`; `{asked}` is left as it was",
-                p.display()
-            ));
-        }
+        self.report();
         Err(anyhow!(
             "--check: {} differ{} from the unsharded reference beyond rtol {} / atol {}",
             self.failed.join(", "),

@@ -394,3 +394,36 @@ fn mpirun_without_the_mpi_build_is_refused() {
     assert_exit(&o, 1);
     assert_stderr_has(&o, "built without MPI");
 }
+
+/// A run failing in a later step (step 2's tokens are past the vocabulary) exits 1 naming the
+/// step and the op, and keeps the losses of the steps that succeeded in `--log`'s place for a
+/// failed run (`NAME.failed.jsonl`), leaving the target as it was.
+#[test]
+fn a_later_step_failing_keeps_the_earlier_losses() {
+    let dir = scratch("train_fails_later");
+    let mut tokens = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2, 4, 16]), 3i32);
+    tokens.index_axis_mut(ndarray::Axis(0), 1).fill(5000);
+    let inputs = dir.join("tokens.npz");
+    let arrays = [("tokens".to_string(), tpc::exec::Tensor::I32(tokens))].into();
+    tpc::exec::npz::write(inputs.to_str().unwrap(), &arrays).unwrap();
+    let log = dir.join("log.jsonl");
+    let o = tpc(&[
+        "run",
+        "examples/gpt_train.tpl",
+        "--degree",
+        "2",
+        "--steps",
+        "3",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "step 2: ");
+    assert_stderr_has(&o, "out of range");
+    assert!(!log.exists(), "the target is left as it was");
+    let failed = std::fs::read_to_string(dir.join("log.failed.jsonl")).expect("the failed log");
+    assert_eq!(failed.lines().count(), 1, "{failed}");
+    assert!(failed.contains("\"step\":1"), "{failed}");
+}

@@ -76,16 +76,47 @@ pub(super) fn prepare(
 }
 
 /// Runs `args.steps` steps of `job` on one thread per device.
+/// A failed run keeps the losses of the steps that succeeded in `--log`, beside its target
+/// (`NAME.failed.jsonl`).
 pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     let bar = super::progress(args.steps);
+    let done = std::sync::Mutex::new((Vec::new(), Instant::now()));
     let print = |s: usize, loss: f32| {
         bar.suspend(|| say_loss(s, loss));
         bar.inc(1);
+        if let Ok(mut d) = done.lock() {
+            let secs = d.1.elapsed().as_secs_f64();
+            d.0.push((loss, secs));
+            d.1 = Instant::now();
+        }
     };
     let spec = spec(args, &job.c, &job.source, &job.stepped);
-    let out = train_threads(&job.plan, &spec, Some(&print)).map_err(|e| anyhow!("{e}"))?;
+    let out = train_threads(&job.plan, &spec, Some(&print));
     bar.finish_and_clear();
-    finish(args, &job, trained(&job.c, out))
+    match out {
+        Ok(out) => finish(args, &job, trained(&job.c, out)),
+        Err(e) => {
+            let losses = done.into_inner().map(|d| d.0).unwrap_or_default();
+            if !losses.is_empty() {
+                let failed = [String::from("the run")];
+                let mut w = Written::new(&failed);
+                w.text(&args.log, || log_lines(&losses))?;
+                w.report();
+            }
+            Err(anyhow!("{e}").into())
+        }
+    }
+}
+
+/// One JSON line per step: `{"step", "loss", "time_s"}`.
+fn log_lines(losses: &[(f32, f64)]) -> String {
+    let mut text = String::new();
+    for (s, (loss, secs)) in losses.iter().enumerate() {
+        let line = serde_json::json!({"step": s + 1, "loss": loss, "time_s": secs});
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    text
 }
 
 fn say_loss(s: usize, loss: f32) {
@@ -382,14 +413,6 @@ fn write_results(
     if let Some(stats) = &t.stats {
         w.text(&args.stats, || super::stats_json(plan, stats))?;
     }
-    w.text(&args.log, || {
-        let mut text = String::new();
-        for (s, (loss, secs)) in t.losses.iter().enumerate() {
-            let line = serde_json::json!({"step": s + 1, "loss": loss, "time_s": secs});
-            text.push_str(&line.to_string());
-            text.push('\n');
-        }
-        text
-    })?;
+    w.text(&args.log, || log_lines(&t.losses))?;
     w.finish(args)
 }
