@@ -778,42 +778,64 @@ fn bench_gpt(plan: &Plan, python: Option<&Path>) {
 }
 
 fn run_jax(python: &Path, leaves: &BTreeMap<String, Tensor>) -> Result<Json, String> {
-    let npz_path = std::env::temp_dir().join(format!("tpc-bench-gpt-{}.npz", std::process::id()));
-    let npz_str = npz_path
-        .to_str()
-        .ok_or("temp path is not UTF-8")?
-        .to_string();
-    npz::write(&npz_str, leaves).map_err(|e| e.to_string())?;
-    let mut flags = std::env::var("XLA_FLAGS").unwrap_or_default();
-    flags.push_str(&format!(" --xla_force_host_platform_device_count={DEGREE}"));
+    let npz = TempNpz::write("gpt", leaves)?;
     let layers = GPT.iter().find(|(k, _)| *k == "L").unwrap().1;
     let heads = GPT.iter().find(|(k, _)| *k == "NH").unwrap().1;
-    let out = Command::new(python)
-        .arg(bench_dir().join("peers/jax_gpt.py"))
-        .arg(&npz_str)
-        .args([
-            "--layers",
-            &layers.to_string(),
-            "--heads",
-            &heads.to_string(),
-        ])
-        .args([
-            "--devices",
-            &DEGREE.to_string(),
-            "--reps",
-            &JAX_REPS.to_string(),
-        ])
-        .env("XLA_FLAGS", flags.trim())
-        .env("JAX_PLATFORMS", "cpu")
-        .output();
-    let _ = std::fs::remove_file(&npz_path);
-    let out = out.map_err(|e| format!("cannot start {}: {e}", python.display()))?;
+    let args = [
+        npz.path.clone(),
+        "--layers".into(),
+        layers.to_string(),
+        "--heads".into(),
+        heads.to_string(),
+        "--devices".into(),
+        DEGREE.to_string(),
+        "--reps".into(),
+        JAX_REPS.to_string(),
+    ];
+    run_peer(python, "jax_gpt.py", &args, true)
+}
+
+/// An npz of `arrays` in the temp folder, removed when dropped.
+struct TempNpz {
+    path: String,
+}
+
+impl TempNpz {
+    fn write(what: &str, arrays: &BTreeMap<String, Tensor>) -> Result<TempNpz, String> {
+        let p = std::env::temp_dir().join(format!("tpc-bench-{what}-{}.npz", std::process::id()));
+        let path = p.to_str().ok_or("temp path is not UTF-8")?.to_string();
+        npz::write(&path, arrays).map_err(|e| e.to_string())?;
+        Ok(TempNpz { path })
+    }
+}
+
+impl Drop for TempNpz {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Runs `benches/peers/SCRIPT ARGS` on the CPU backend (with `DEGREE` virtual devices when
+/// `devices`) and reads the JSON document its last line prints.
+fn run_peer(python: &Path, script: &str, args: &[String], devices: bool) -> Result<Json, String> {
+    let mut cmd = Command::new(python);
+    cmd.arg(bench_dir().join("peers").join(script))
+        .args(args)
+        .env("JAX_PLATFORMS", "cpu");
+    if devices {
+        let mut flags = std::env::var("XLA_FLAGS").unwrap_or_default();
+        flags.push_str(&format!(" --xla_force_host_platform_device_count={DEGREE}"));
+        cmd.env("XLA_FLAGS", flags.trim());
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", python.display()))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("jax_gpt.py failed: {}", last_line(err.trim())));
+        return Err(format!("{script} failed: {}", last_line(err.trim())));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_gpt.py output: {e}"))
+    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("{script} output: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -886,39 +908,20 @@ fn run_jax_grad(
     leaves: &BTreeMap<String, Tensor>,
     grads: &BTreeMap<String, Tensor>,
 ) -> Result<Json, String> {
-    let tmp = |what: &str| {
-        std::env::temp_dir().join(format!("tpc-bench-{what}-{}.npz", std::process::id()))
-    };
-    let (lp, gp) = (tmp("leaves"), tmp("grads"));
-    let text = |p: &Path| {
-        p.to_str()
-            .map(str::to_string)
-            .ok_or("temp path is not UTF-8")
-    };
-    let (ls, gs) = (text(&lp)?, text(&gp)?);
-    npz::write(&ls, leaves).map_err(|e| e.to_string())?;
-    npz::write(&gs, grads).map_err(|e| e.to_string())?;
+    let (l, g) = (
+        TempNpz::write("leaves", leaves)?,
+        TempNpz::write("grads", grads)?,
+    );
     let heads = GPT.iter().find(|(k, _)| *k == "NH").unwrap().1;
-    let out = Command::new(python)
-        .arg(bench_dir().join("peers/jax_grad.py"))
-        .args([&ls, &gs])
-        .args([
-            "--layers",
-            &GRAD_LAYERS.to_string(),
-            "--heads",
-            &heads.to_string(),
-        ])
-        .env("JAX_PLATFORMS", "cpu")
-        .output();
-    let _ = std::fs::remove_file(&lp);
-    let _ = std::fs::remove_file(&gp);
-    let out = out.map_err(|e| format!("cannot start {}: {e}", python.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("jax_grad.py failed: {}", last_line(err.trim())));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_grad.py output: {e}"))
+    let args = [
+        l.path.clone(),
+        g.path.clone(),
+        "--layers".into(),
+        GRAD_LAYERS.to_string(),
+        "--heads".into(),
+        heads.to_string(),
+    ];
+    run_peer(python, "jax_grad.py", &args, false)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1053,29 +1056,20 @@ fn print_train_table(
 }
 
 fn run_jax_train(python: &Path, leaves: &BTreeMap<String, Tensor>) -> Result<Json, String> {
-    let path = std::env::temp_dir().join(format!("tpc-bench-train-{}.npz", std::process::id()));
-    let path_str = path.to_str().ok_or("temp path is not UTF-8")?.to_string();
-    npz::write(&path_str, leaves).map_err(|e| e.to_string())?;
-    let mut flags = std::env::var("XLA_FLAGS").unwrap_or_default();
-    flags.push_str(&format!(" --xla_force_host_platform_device_count={DEGREE}"));
+    let npz = TempNpz::write("train", leaves)?;
     let heads = GPT.iter().find(|(k, _)| *k == "NH").unwrap().1;
-    let out = Command::new(python)
-        .arg(bench_dir().join("peers/jax_train.py"))
-        .arg(&path_str)
-        .args(["--layers", &TRAIN_LAYERS.to_string()])
-        .args(["--heads", &heads.to_string()])
-        .args(["--lr", &TRAIN_LR.to_string()])
-        .args(["--devices", &DEGREE.to_string()])
-        .args(["--steps", &TRAIN_STEPS.to_string()])
-        .env("XLA_FLAGS", flags.trim())
-        .env("JAX_PLATFORMS", "cpu")
-        .output();
-    let _ = std::fs::remove_file(&path);
-    let out = out.map_err(|e| format!("cannot start {}: {e}", python.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("jax_train.py failed: {}", last_line(err.trim())));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(last_line(text.trim())).map_err(|e| format!("jax_train.py output: {e}"))
+    let args = [
+        npz.path.clone(),
+        "--layers".into(),
+        TRAIN_LAYERS.to_string(),
+        "--heads".into(),
+        heads.to_string(),
+        "--lr".into(),
+        TRAIN_LR.to_string(),
+        "--devices".into(),
+        DEGREE.to_string(),
+        "--steps".into(),
+        TRAIN_STEPS.to_string(),
+    ];
+    run_peer(python, "jax_train.py", &args, true)
 }

@@ -320,14 +320,20 @@ fn a_rank_failing_mid_run_aborts_the_job() {
         inputs.to_str().unwrap(),
     ];
     let (m, took) = mpirun(4, &args, 120);
-    assert!(!m.status.success(), "{}", text(&m));
-    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert_a_rank_failed_on_an_id(&m);
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+/// The job failed, some rank reporting an id out of range; its stderr.
+fn assert_a_rank_failed_on_an_id(m: &Output) -> String {
+    assert!(!m.status.success(), "{}", text(m));
+    let stderr = String::from_utf8_lossy(&m.stderr).into_owned();
     assert!(
         stderr.contains("error: rank ") && stderr.contains("out of range"),
         "{}",
-        text(&m)
+        text(m)
     );
-    assert!(took < Duration::from_secs(60), "took {took:?}");
+    stderr
 }
 
 /// An i32 input resharded by all-reduce (sum, max), all-to-all, all-gather and shard slice.
@@ -505,13 +511,7 @@ fn a_rank_failing_in_a_later_training_step_aborts_the_job() {
         inputs.to_str().unwrap(),
     ];
     let (m, took) = mpirun(4, &args, 120);
-    assert!(!m.status.success(), "{}", text(&m));
-    let stderr = String::from_utf8_lossy(&m.stderr);
-    assert!(
-        stderr.contains("error: rank ") && stderr.contains("out of range"),
-        "{}",
-        text(&m)
-    );
+    let stderr = assert_a_rank_failed_on_an_id(&m);
     assert!(
         String::from_utf8_lossy(&m.stdout).contains("step 1: loss"),
         "{}",

@@ -19,13 +19,7 @@ pub fn run(
     params: &BTreeMap<String, Tensor>,
     inputs: &BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>, ExecError> {
-    let leaves = leaves(g, params, inputs)?;
-    let outcome = core::run(g, &Liveness::of(g), &leaves, &mut GlobalOps).map_err(|(_, e)| e)?;
-    Ok(g.outputs()
-        .iter()
-        .map(|o| o.name.clone())
-        .zip(outcome.outputs)
-        .collect())
+    run_with(g, &leaves(g, params, inputs)?, &mut GlobalOps)
 }
 
 /// Runs `g` like `run`, but with every float op result scaled elementwise by `1 + rel·u`, `u`
@@ -39,9 +33,20 @@ pub fn run_perturbed(
     rel: f32,
     key: u64,
 ) -> Result<BTreeMap<String, Tensor>, ExecError> {
-    let vals = self::leaves(g, leaves, leaves)?;
-    let mut ev = Perturbed { rel, key };
-    let outcome = core::run(g, &Liveness::of(g), &vals, &mut ev).map_err(|(_, e)| e)?;
+    run_with(
+        g,
+        &self::leaves(g, leaves, leaves)?,
+        &mut Perturbed { rel, key },
+    )
+}
+
+/// Runs `g` on its leaf values with the evaluator `ev`; the outputs by name.
+fn run_with(
+    g: &Graph,
+    leaves: &IdVec<ValueId, Option<&Tensor>>,
+    ev: &mut impl Eval<Error = ExecError>,
+) -> Result<BTreeMap<String, Tensor>, ExecError> {
+    let outcome = core::run(g, &Liveness::of(g), leaves, ev).map_err(|(_, e)| e)?;
     Ok(g.outputs()
         .iter()
         .map(|o| o.name.clone())
