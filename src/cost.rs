@@ -120,6 +120,7 @@ pub fn flops(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> f64 {
         | Op::Slice { .. }
         | Op::Cast { .. }
         | Op::FullLike { .. }
+        | Op::Fill { .. }
         | Op::BroadcastTo { .. }
         | Op::AllReduce { .. }
         | Op::AllGather { .. }

@@ -36,6 +36,7 @@ fn kind(op: &Op) -> Option<&'static str> {
         Op::CausalMask => "causal_mask",
         Op::Cast { .. } => "cast",
         Op::FullLike { .. } => "full_like",
+        Op::Fill { .. } => "fill",
         Op::BroadcastTo { .. } => "broadcast_to",
         Op::UnaryGrad { .. } => "unary_grad",
         Op::Equal => "equal",
@@ -157,6 +158,14 @@ fn examples() -> Vec<(Op, Vec<TensorType>)> {
         (Op::Cast { to: Dtype::Bf16 }, vec![bsh.clone()]),
         (Op::FullLike { value: 1.0 }, vec![f(&[])]),
         (
+            Op::Fill {
+                value: 1.0,
+                dtype: Dtype::F32,
+                shape: vec![2, 8],
+            },
+            vec![],
+        ),
+        (
             Op::BroadcastTo {
                 shape: vec![2, 8, 16],
             },
@@ -214,6 +223,7 @@ fn every_op_of_the_language_has_an_example() {
         "causal_mask",
         "cast",
         "full_like",
+        "fill",
         "broadcast_to",
         "unary_grad",
         "equal",

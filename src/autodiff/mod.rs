@@ -119,7 +119,13 @@ pub fn training_step(
     let mut cot: IdVec<ValueId, Option<ValueId>> = IdVec::filled(g.num_values(), None);
     let loss_node = g.node(g.value(t.loss).node);
     b.at(loss_node.region, loss_node.span, &loss_node.op);
-    cot[t.loss] = Some(b.op(Op::FullLike { value: 1.0 }, vec![t.loss])?);
+    let ty = g.ty(t.loss);
+    let seed = Op::Fill {
+        value: 1.0,
+        dtype: ty.dtype,
+        shape: ty.shape.clone(),
+    };
+    cot[t.loss] = Some(b.op(seed, vec![])?);
     for id in (0..g.num_nodes()).rev().map(NodeId::new) {
         let node = g.node(id);
         let outs: Vec<Option<ValueId>> = node.outputs.iter().map(|&v| cot[v]).collect();

@@ -87,6 +87,7 @@ pub(super) fn vjp(
             Ok(vec![Some(b.op(Op::Cast { to }, vec![gy])?)])
         }
         Op::FullLike { .. } => Ok(vec![None]),
+        Op::Fill { .. } => Ok(vec![]),
         Op::Split { .. }
         | Op::Input { .. }
         | Op::Param { .. }

@@ -294,6 +294,7 @@ fn headline(op: &Op) -> (String, String) {
         | Op::Scalar { .. }
         | Op::CausalMask
         | Op::FullLike { .. }
+        | Op::Fill { .. }
         | Op::BroadcastTo { .. }
         | Op::UnaryGrad { .. }
         | Op::Equal

@@ -2,7 +2,7 @@
 
 use super::kernels as k;
 use super::{ExecError, Tensor};
-use crate::ir::{Op, UnaryOp};
+use crate::ir::{Dtype, Op, UnaryOp};
 use ndarray::{ArrayD, IxDyn};
 use std::borrow::{Borrow, Cow};
 
@@ -124,6 +124,18 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
                 Tensor::I32(_) => ArrayD::from_elem(shape, *value as i32).into(),
             })
         }
+        Op::Fill {
+            value,
+            dtype,
+            shape,
+        } => {
+            let [] = arity(name, args)?;
+            let shape = IxDyn(&usize_shape(name, shape)?);
+            one(match dtype {
+                Dtype::I32 => ArrayD::from_elem(shape, *value as i32).into(),
+                _ => ArrayD::from_elem(shape, *value as f32).into(),
+            })
+        }
         Op::BroadcastTo { shape } => layout1(
             name,
             args,
@@ -235,6 +247,20 @@ fn standard(t: &Tensor) -> bool {
         Tensor::F32(x) => x.is_standard_layout(),
         Tensor::I32(x) => x.is_standard_layout(),
     }
+}
+
+/// `shape` as array dims, or an error when it does not fit in memory's index type.
+fn usize_shape(op: &'static str, shape: &[u64]) -> Result<Vec<usize>, ExecError> {
+    let dims: Option<Vec<usize>> = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+    dims.filter(|d| {
+        d.iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .is_some()
+    })
+    .ok_or_else(|| ExecError::Shape {
+        op,
+        detail: format!("shape {shape:?} is too large"),
+    })
 }
 
 /// A standard-layout array given a new shape of the same element count, without moving data.

@@ -130,6 +130,10 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
             let [x] = operands(name, inputs)?;
             Ok(vec![x.clone()])
         }
+        Op::Fill { dtype, shape, .. } => {
+            let [] = operands(name, inputs)?;
+            Ok(vec![TensorType::new(*dtype, shape.clone())])
+        }
         Op::BroadcastTo { shape } => {
             let [x] = operands(name, inputs)?;
             one(broadcast_to(x, shape))

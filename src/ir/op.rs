@@ -234,6 +234,16 @@ pub enum Op {
         /// The fill value.
         value: f64,
     },
+    /// A tensor of `dtype[shape]` whose every element is `value`; no operands (the training
+    /// step's cotangent seed: it reads nothing, so nothing is reduced to make it).
+    Fill {
+        /// The fill value.
+        value: f64,
+        /// The element type.
+        dtype: Dtype,
+        /// The shape.
+        shape: Vec<u64>,
+    },
     /// numpy `broadcast_to`: the operand repeated along new leading dims and size-1 dims.
     BroadcastTo {
         /// The result shape.
@@ -370,6 +380,7 @@ impl Op {
             Op::Cast { .. } => "cast",
             Op::FullLike { .. } => "full_like",
             Op::BroadcastTo { .. } => "broadcast_to",
+            Op::Fill { .. } => "fill",
             Op::UnaryGrad { op } => op.grad_name(),
             Op::Equal => "equal",
             Op::ScatterAdd { .. } => "scatter_add",
@@ -504,6 +515,16 @@ impl fmt::Display for Op {
             Op::Cast { to } => write!(f, "cast{{to={to}}}"),
             Op::FullLike { value } => write!(f, "full_like{{value={}}}", fmt_f64(*value)),
             Op::BroadcastTo { shape } => write!(f, "broadcast_to{{shape=[{}]}}", list(shape)),
+            Op::Fill {
+                value,
+                dtype,
+                shape,
+            } => write!(
+                f,
+                "fill{{value={}, {dtype}[{}]}}",
+                fmt_f64(*value),
+                list(shape)
+            ),
             Op::ScatterAdd { rows } => write!(f, "scatter_add{{rows={rows}}}"),
             Op::OneHot { depth } => write!(f, "one_hot{{depth={depth}}}"),
             Op::AllReduce { axis, size, reduce } => {

@@ -23,7 +23,7 @@ impl Partitioner<'_> {
         let origin = node.outputs.first().copied();
         let (span, region) = (node.span, self.regions[node.region]);
         let op = match &node.op {
-            op @ (Op::Reshape { .. } | Op::BroadcastTo { .. }) => {
+            op @ (Op::Reshape { .. } | Op::BroadcastTo { .. } | Op::Fill { .. }) => {
                 let ty = self.g.ty(node.outputs[0]);
                 let computed = self.table.get(computed);
                 let shape = computed.local_shape(ty, self.mesh).ok_or_else(|| {
@@ -35,6 +35,11 @@ impl Partitioner<'_> {
                 })?;
                 match op {
                     Op::Reshape { .. } => Op::Reshape { shape },
+                    Op::Fill { value, dtype, .. } => Op::Fill {
+                        value: *value,
+                        dtype: *dtype,
+                        shape,
+                    },
                     _ => Op::BroadcastTo { shape },
                 }
             }

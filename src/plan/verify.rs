@@ -550,7 +550,8 @@ impl<'a> Verifier<'a> {
                 self.check_vocab_loss(id, gid)
             }
             (Op::Reshape { .. }, Op::Reshape { .. })
-            | (Op::BroadcastTo { .. }, Op::BroadcastTo { .. }) => {
+            | (Op::BroadcastTo { .. }, Op::BroadcastTo { .. })
+            | (Op::Fill { .. }, Op::Fill { .. }) => {
                 self.check_operands(id, gid)?;
                 self.check_global_rule(id, gid)
             }

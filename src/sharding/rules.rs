@@ -83,6 +83,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
         Op::Equal => broadcasting(&mut b, ins, out_shape, vec![]),
         Op::BroadcastTo { .. } => broadcasting(&mut b, ins, out_shape, vec![vec![0]]),
         Op::FullLike { .. } => elementwise(&mut b, out_shape, 1, false),
+        Op::Fill { .. } => elementwise(&mut b, out_shape, 0, false),
         Op::UnaryGrad { .. } => {
             let mut r = elementwise(&mut b, out_shape, 2, false);
             r.linear = vec![vec![1]];
