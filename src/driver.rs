@@ -8,6 +8,7 @@ use crate::ir::Graph;
 use crate::lower::{lower_program, LowerError};
 use crate::mesh::{Device, Mesh, MeshError};
 use crate::partition::PartitionError;
+use crate::plan::micro::MicroError;
 use crate::plan::{Plan, PlanError};
 use crate::sharding::ShardError;
 use crate::span::{LineIndex, Span};
@@ -65,6 +66,9 @@ pub enum Error {
     /// A program that cannot be differentiated (or a bug in autodiff).
     #[error(transparent)]
     Autodiff(#[from] AutodiffError),
+    /// A program that cannot be split into microbatches.
+    #[error(transparent)]
+    Micro(#[from] MicroError),
 }
 
 impl From<PlanError> for Error {
@@ -73,6 +77,7 @@ impl From<PlanError> for Error {
             PlanError::Shard(e) => Error::Shard(e),
             PlanError::Partition(e) => Error::Partition(e),
             PlanError::Verify(e) => Error::Verify(e),
+            PlanError::Micro(e) => Error::Micro(e),
             PlanError::PlanVerify(e) => Error::Verify(VerifyError {
                 stage: "partition (plan verifier)",
                 detail: e.to_string(),
@@ -99,6 +104,7 @@ impl Error {
             Error::Lower(e) => diag::render(e, src),
             Error::Mesh(e) => diag::render(e, None),
             Error::Shard(e) => diag::render(e, src),
+            Error::Micro(e) => diag::render(e, src),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),
@@ -126,8 +132,14 @@ pub fn compile_plan(
 /// Plans the global program `g` by the command line's rules: every axis of `mesh` must be one
 /// the program declares (an undeclared axis is an error with a did-you-mean, where
 /// [`compile_plan`] would replicate over it); declared axes the mesh does not size get size 1,
-/// and no mesh at all means every declared axis at size 1.
-pub fn plan_declared(g: Graph, mesh: Option<Mesh>, device: Device) -> Result<Plan, Error> {
+/// and no mesh at all means every declared axis at size 1. The batch is split into
+/// `microbatches` (1: not split).
+pub fn plan_declared(
+    g: Graph,
+    mesh: Option<Mesh>,
+    device: Device,
+    microbatches: u64,
+) -> Result<Plan, Error> {
     let mesh = match mesh {
         Some(m) => {
             m.check_declared(&g.mesh_axes)?;
@@ -135,7 +147,7 @@ pub fn plan_declared(g: Graph, mesh: Option<Mesh>, device: Device) -> Result<Pla
         }
         None => Mesh::new(Vec::new())?,
     };
-    Ok(Plan::build(g, mesh, device)?)
+    Ok(Plan::build_with(g, mesh, device, microbatches)?)
 }
 
 /// Reads `path` as a UTF-8 source file.

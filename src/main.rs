@@ -54,6 +54,10 @@ struct CompileArgs {
     /// For a program with `train`: compile only its forward pass.
     #[arg(long)]
     forward_only: bool,
+    /// Microbatches per training step: dim 0 of every input split into M pieces run one after
+    /// another, their gradients accumulated (the step equals the full batch's).
+    #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    microbatches: u64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -286,8 +290,8 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
     let g = compile_source(&src, &overrides, args.forward_only, false)?.graph;
     if mesh.is_some() {
-        let plan =
-            driver::plan_declared(g, mesh, device).map_err(|e| fail(e, Some(src.clone())))?;
+        let plan = driver::plan_declared(g, mesh, device, args.microbatches)
+            .map_err(|e| fail(e, Some(src.clone())))?;
         let text = match args.emit {
             Emit::Text => tpc::emit::plan::print(&plan),
             Emit::Json => tpc::emit::plan_json::to_json(&plan),

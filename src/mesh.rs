@@ -7,7 +7,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mesh {
     axes: Vec<(String, u64)>,
+    /// The temporal axis, if any: microbatches, run one after another by every device (it adds
+    /// no devices; its coordinate is the running microbatch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    temporal: Option<usize>,
 }
+
+/// Name of the microbatch axis `--microbatches` adds.
+pub const MICROBATCH_AXIS: &str = "mb";
 
 /// A bad mesh description.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
@@ -83,7 +90,79 @@ impl Mesh {
                 });
             }
         }
-        Ok(Mesh { axes })
+        Ok(Mesh {
+            axes,
+            temporal: None,
+        })
+    }
+
+    /// This mesh with a temporal axis `mb` of `count` microbatches first (none when `count` is
+    /// 1). Placed first, a gradient partial over `mb` and `dp` is accumulated locally before
+    /// the one `dp` reduction.
+    pub fn with_microbatches(&self, count: u64) -> Result<Mesh, MeshError> {
+        if count <= 1 {
+            return Ok(self.clone());
+        }
+        if self.axis_index(MICROBATCH_AXIS).is_some() {
+            return Err(MeshError::Duplicate {
+                axis: MICROBATCH_AXIS.into(),
+            });
+        }
+        let mut axes = vec![(MICROBATCH_AXIS.to_string(), count)];
+        axes.extend(self.axes.iter().cloned());
+        let mut m = Mesh::new(axes)?;
+        m.temporal = Some(0);
+        Ok(m)
+    }
+
+    /// This mesh validated again (as read from a document): its axes as [`Mesh::new`] checks
+    /// them, and a temporal axis only as [`Mesh::with_microbatches`] makes it.
+    pub fn checked(&self) -> Result<Mesh, MeshError> {
+        let mut m = Mesh::new(self.axes.clone())?;
+        if let Some(a) = self.temporal {
+            let ok = a == 0
+                && self
+                    .axes
+                    .first()
+                    .is_some_and(|(n, s)| n == MICROBATCH_AXIS && *s > 1);
+            if !ok {
+                return Err(MeshError::Syntax {
+                    text: self.to_string(),
+                    reason: format!(
+                        "the temporal axis must be the first, `{MICROBATCH_AXIS}`, of size > 1"
+                    ),
+                });
+            }
+            m.temporal = Some(a);
+        }
+        Ok(m)
+    }
+
+    /// The temporal (microbatch) axis, if any.
+    pub fn temporal(&self) -> Option<usize> {
+        self.temporal
+    }
+
+    /// True when axis `a` is the temporal axis.
+    pub fn is_temporal(&self, a: usize) -> bool {
+        self.temporal == Some(a)
+    }
+
+    /// Microbatches per step: the temporal axis's size, else 1.
+    pub fn microbatches(&self) -> u64 {
+        self.temporal.map_or(1, |a| self.axes[a].1)
+    }
+
+    /// This mesh without its temporal axis (the devices it runs on).
+    pub fn devices_mesh(&self) -> Mesh {
+        let axes = (0..self.rank())
+            .filter(|&a| !self.is_temporal(a))
+            .map(|a| self.axes[a].clone())
+            .collect();
+        Mesh {
+            axes,
+            temporal: None,
+        }
     }
 
     /// Parses `dp=2,tp=4`.
@@ -196,33 +275,42 @@ impl Mesh {
         axes.iter().map(|&a| self.axes[a].clone()).collect()
     }
 
-    /// Total number of devices.
+    /// Total number of devices (the temporal axis adds none).
     pub fn num_devices(&self) -> u64 {
-        self.axes.iter().map(|(_, n)| n).product()
+        self.device_axes().map(|(_, n)| n).product()
     }
 
-    /// Coordinates of `device` on each axis.
+    /// The axes that are devices, with their indices.
+    fn device_axes(&self) -> impl DoubleEndedIterator<Item = (usize, u64)> + '_ {
+        (0..self.rank())
+            .filter(|&a| !self.is_temporal(a))
+            .map(|a| (a, self.axes[a].1))
+    }
+
+    /// Coordinates of `device` on each axis (0 on the temporal axis).
     pub fn coords(&self, device: u64) -> Vec<u64> {
         let mut c = vec![0; self.axes.len()];
         let mut rest = device;
-        for (i, (_, n)) in self.axes.iter().enumerate().rev() {
+        for (i, n) in self.device_axes().rev() {
             c[i] = rest % n;
             rest /= n;
         }
         c
     }
 
-    /// The device at `coords`.
+    /// The device at `coords` (the temporal coordinate is ignored).
     pub fn device(&self, coords: &[u64]) -> u64 {
-        self.axes
-            .iter()
-            .zip(coords)
-            .fold(0, |acc, ((_, n), c)| acc * n + c)
+        self.device_axes().fold(0, |acc, (i, n)| {
+            acc * n + coords.get(i).copied().unwrap_or(0)
+        })
     }
 
     /// The devices of `device`'s group along axis `a` (those differing only in coordinate `a`),
-    /// ordered by that coordinate.
+    /// ordered by that coordinate; on the temporal axis, the device alone.
     pub fn group(&self, device: u64, a: usize) -> Vec<u64> {
+        if self.is_temporal(a) {
+            return vec![device];
+        }
         let mut c = self.coords(device);
         (0..self.axis_size(a))
             .map(|k| {
@@ -243,7 +331,10 @@ impl Mesh {
 
 impl std::fmt::Display for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.axes.iter().map(|(a, n)| format!("{a}={n}")).collect();
+        let parts: Vec<String> = self
+            .device_axes()
+            .map(|(a, n)| format!("{}={n}", self.axes[a].0))
+            .collect();
         f.write_str(&parts.join(","))
     }
 }

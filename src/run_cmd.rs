@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// For a program with `train`: run only its forward pass.
     #[arg(long)]
     forward_only: bool,
+    /// Microbatches per training step: dim 0 of every input split into M pieces run one after
+    /// another, their gradients accumulated (the step equals the full batch's).
+    #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    microbatches: u64,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -562,7 +566,7 @@ fn load(args: &RunArgs, device: Device) -> Result<Runnable, Failure> {
     if c.loss.is_some() {
         return Ok(Runnable::Train(Box::new((c, src, mesh))));
     }
-    driver::plan_declared(c.graph, mesh, device)
+    driver::plan_declared(c.graph, mesh, device, args.microbatches)
         .map(|p| Runnable::Plan(Box::new(p)))
         .map_err(|e| fail(e, Some(src)))
 }

@@ -38,7 +38,7 @@ fn compiled(optimizer: &str, gradients: bool) -> Compiled {
 
 fn planned(c: &mut Compiled, mesh: &str) -> Plan {
     let g = std::mem::take(&mut c.graph);
-    plan_declared(g, Some(Mesh::parse(mesh).unwrap()), Device::default()).expect("plans")
+    plan_declared(g, Some(Mesh::parse(mesh).unwrap()), Device::default(), 1).expect("plans")
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {

@@ -108,6 +108,15 @@ fn training_lines(s: &crate::plan::summary::Summary) -> Vec<String> {
         bytes(m.optimizer),
         bytes(m.activations)
     ));
+    if let Some(mb) = &s.microbatches {
+        v.push(format!(
+            "microbatches: {} per step, run one after another; {} values accumulated over them \
+             ({} of accumulators); collectives of one microbatch counted once per microbatch",
+            mb.count,
+            mb.accumulations,
+            bytes(mb.accumulator_bytes)
+        ));
+    }
     v
 }
 

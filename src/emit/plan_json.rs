@@ -174,7 +174,10 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
             k.name()
         )));
     }
-    let mesh = Mesh::new(doc.mesh.axes().to_vec()).map_err(|e| corrupt(format!("mesh: {e}")))?;
+    let mesh = doc
+        .mesh
+        .checked()
+        .map_err(|e| corrupt(format!("mesh: {e}")))?;
     check_device(&doc.device)?;
     let global = load_graph(doc.global, "global")?;
     let local = load_graph(doc.local, "local")?;

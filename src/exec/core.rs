@@ -19,6 +19,16 @@ pub(crate) trait Eval<S: Space = Global> {
         node: &Node<S>,
         args: Vec<Cow<'_, Tensor>>,
     ) -> Result<Vec<Tensor>, Self::Error>;
+
+    /// Takes the operands of an accumulation `node` (a partial run's [`Part::Absorb`]); only
+    /// evaluators of microbatched programs accept it.
+    fn absorb(&mut self, node: &Node<S>, _args: Vec<Cow<'_, Tensor>>) -> Result<(), Self::Error> {
+        Err(ExecError::Internal {
+            node: here(node),
+            detail: "an accumulation outside a microbatched run".into(),
+        }
+        .into())
+    }
 }
 
 /// What one run of a graph gives.
@@ -37,24 +47,69 @@ pub(crate) fn run<S: Space, E: Eval<S>>(
     leaves: &IdVec<ValueId<S>, Option<&Tensor>>,
     ev: &mut E,
 ) -> Result<Outcome, (NodeId<S>, E::Error)> {
-    let mut slots: IdVec<ValueId<S>, Option<Tensor>> = (0..g.num_values()).map(|_| None).collect();
-    let (mut live_bytes, mut peak) = (0u64, 0u64);
+    let mut slots = empty_slots(g);
+    let peak = run_nodes(g, live, leaves, &mut slots, ev, &|_| Part::Run)?;
+    let outputs = outputs(g, leaves, &mut slots)?;
+    Ok(Outcome {
+        outputs,
+        peak_bytes: peak,
+    })
+}
+
+/// What a partial run does with a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// Runs it.
+    Run,
+    /// Leaves it for another part.
+    Skip,
+    /// Hands its operands to [`Eval::absorb`] (an accumulation); its results are not made.
+    Absorb,
+}
+
+/// A slot table with every value absent.
+pub(crate) fn empty_slots<S: Space>(g: &Graph<S>) -> IdVec<ValueId<S>, Option<Tensor>> {
+    (0..g.num_values()).map(|_| None).collect()
+}
+
+/// Runs the non-leaf nodes `part` selects, in storage order, on `slots` (values made by other
+/// parts are expected there); returns the peak of live bytes it saw. A value read for the last
+/// time by a node this run skips stays in its slot.
+pub(crate) fn run_nodes<S: Space, E: Eval<S>>(
+    g: &Graph<S>,
+    live: &Liveness<S>,
+    leaves: &IdVec<ValueId<S>, Option<&Tensor>>,
+    slots: &mut IdVec<ValueId<S>, Option<Tensor>>,
+    ev: &mut E,
+    part: &dyn Fn(NodeId<S>) -> Part,
+) -> Result<u64, (NodeId<S>, E::Error)> {
+    let mut live_bytes: u64 = slots
+        .iter()
+        .filter_map(|(_, t)| t.as_ref())
+        .map(bytes)
+        .sum();
+    let mut peak = live_bytes;
     for (id, node) in g.nodes() {
-        if node.op.is_leaf() {
+        let what = part(id);
+        if node.op.is_leaf() || what == Part::Skip {
             continue;
         }
         let i = id.index();
-        let args = operands(node, live, i, leaves, &mut slots).map_err(|e| (id, e.into()))?;
+        let args = operands(node, live, i, leaves, slots).map_err(|e| (id, e.into()))?;
         let handed: u64 = args
             .iter()
             .filter(|a| matches!(a, Cow::Owned(_)))
             .map(|a| bytes(a))
             .sum();
-        let results = ev.eval(node, args).map_err(|e| (id, e))?;
-        check_results(g, id, node, &results).map_err(|e| (id, e.into()))?;
-        for (&v, t) in node.outputs.iter().zip(results) {
-            live_bytes += bytes(&t);
-            slots[v] = Some(t);
+        if what == Part::Absorb {
+            ev.absorb(node, args).map_err(|e| (id, e))?;
+        } else {
+            let results = ev.eval(node, args).map_err(|e| (id, e))?;
+            check_results(g, id, node, &results).map_err(|e| (id, e.into()))?;
+            for (&v, t) in node.outputs.iter().zip(results) {
+                live_bytes += bytes(&t);
+                slots[v] = Some(t);
+            }
         }
         peak = peak.max(live_bytes);
         live_bytes -= handed;
@@ -68,11 +123,7 @@ pub(crate) fn run<S: Space, E: Eval<S>>(
             }
         }
     }
-    let outputs = outputs(g, leaves, &mut slots)?;
-    Ok(Outcome {
-        outputs,
-        peak_bytes: peak,
-    })
+    Ok(peak)
 }
 
 /// The operands of node `i`: owned when the value dies here, is read once by the node and is
@@ -141,7 +192,7 @@ fn check_results<S: Space>(
 
 /// The program outputs, moved out of their slots (copied when a value is returned twice, or is
 /// a leaf).
-fn outputs<S: Space, E: From<ExecError>>(
+pub(crate) fn outputs<S: Space, E: From<ExecError>>(
     g: &Graph<S>,
     leaves: &IdVec<ValueId<S>, Option<&Tensor>>,
     slots: &mut IdVec<ValueId<S>, Option<Tensor>>,

@@ -11,6 +11,7 @@ mod error;
 pub mod init;
 pub mod kernels;
 pub mod leaves;
+mod micro;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod npz;

@@ -11,7 +11,7 @@ use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::redistribute;
 use super::{ExecError, Tensor};
 use crate::cost::CollectiveKind;
-use crate::ir::{Dtype, IdVec, Local, Node, NodeId, Op, ReduceOp, ValueId};
+use crate::ir::{Dtype, Local, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::plan::liveness::Liveness;
 use crate::plan::Plan;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
@@ -325,9 +325,12 @@ fn place<T: Clone + Default>(
 pub(crate) struct Rank<'a> {
     plan: &'a Plan,
     t: &'a mut dyn Transport,
-    coords: Vec<u64>,
+    /// This rank's coordinates; on the temporal axis, the running microbatch.
+    pub(super) coords: Vec<u64>,
     groups: Vec<Vec<usize>>,
     collectives: BTreeMap<String, (u64, u64)>,
+    /// Per accumulation's result, the sum of the microbatches run so far.
+    pub(super) acc: BTreeMap<ValueId<Local>, Tensor>,
 }
 
 /// Runs the plan's program on the calling thread as the transport's rank.
@@ -354,11 +357,21 @@ fn run_rank_inner(
 ) -> Result<RankOutput, RunError> {
     let rank = t.rank();
     let loaded = load_leaves(plan, &plan.mesh.coords(rank as u64), source, rank)?;
-    let leaf_bytes: u64 = loaded.values().map(core::bytes).sum();
-    let mut leaves = IdVec::filled(plan.local.num_values(), None);
-    for (v, t) in &loaded {
-        leaves[*v] = Some(t);
-    }
+    let micro = super::micro::microbatches(plan).map_err(|error| RunError::Load {
+        rank,
+        leaf: "*".into(),
+        error,
+    })?;
+    let later = super::micro::later_inputs(plan, rank, |coords, rank| {
+        load_leaves_where(plan, coords, source, rank, |op| {
+            matches!(op, Op::Input { .. })
+        })
+    })?;
+    let leaf_bytes: u64 = loaded
+        .values()
+        .chain(later.iter().flat_map(|m| m.values()))
+        .map(core::bytes)
+        .sum();
     let live = Liveness::of(&plan.local);
     let mut r = Rank::new(plan, t);
     let mut step_times = Vec::with_capacity(steps.min(1 << 20));
@@ -367,8 +380,7 @@ fn run_rank_inner(
     for step in 0..steps.max(1) {
         r.barrier()?;
         let t0 = Instant::now();
-        let out =
-            core::run(&plan.local, &live, &leaves, &mut r).map_err(|(id, e)| r.op_error(id, e))?;
+        let out = super::micro::run_step(micro.as_ref(), &live, &loaded, &later, &mut r)?;
         step_times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         if step + 1 == steps.max(1) {
@@ -395,9 +407,20 @@ pub(crate) fn load_leaves(
     source: &LeafSource,
     rank: usize,
 ) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
+    load_leaves_where(plan, coords, source, rank, |_| true)
+}
+
+/// [`load_leaves`] for the leaves whose op `pick` accepts.
+pub(crate) fn load_leaves_where(
+    plan: &Plan,
+    coords: &[u64],
+    source: &LeafSource,
+    rank: usize,
+    pick: impl Fn(&Op) -> bool,
+) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
     let mut out = BTreeMap::new();
     for (_, n) in plan.local.nodes() {
-        let Some(name) = n.op.leaf_name() else {
+        let Some(name) = n.op.leaf_name().filter(|_| pick(&n.op)) else {
             continue;
         };
         let v = n.outputs[0];
@@ -448,9 +471,18 @@ impl Eval<Local> for Rank<'_> {
     ) -> Result<Vec<Tensor>, NodeError> {
         self.node(node, args).map_err(|e| self.globalize(node, e))
     }
+
+    fn absorb(&mut self, node: &Node<Local>, args: Vec<Cow<'_, Tensor>>) -> Result<(), NodeError> {
+        Ok(super::micro::accumulate(&mut self.acc, node, args)?)
+    }
 }
 
 impl<'a> Rank<'a> {
+    /// The plan this rank runs.
+    pub(crate) fn plan(&self) -> &'a Plan {
+        self.plan
+    }
+
     /// The evaluator of the transport's rank of `plan`.
     pub(crate) fn new(plan: &'a Plan, t: &'a mut dyn Transport) -> Self {
         let rank = t.rank() as u64;
@@ -469,6 +501,7 @@ impl<'a> Rank<'a> {
             t,
             groups,
             collectives: BTreeMap::new(),
+            acc: BTreeMap::new(),
         }
     }
 
@@ -586,6 +619,11 @@ impl Rank<'_> {
         if args.is_empty() {
             return Err(ExecError::shape(name, "an SPMD op without an operand").into());
         }
+        if CollectiveKind::of(&node.op).is_some() && self.temporal(&node.op) {
+            return Err(
+                ExecError::shape(name, "a collective over the microbatches run as an op").into(),
+            );
+        }
         if let Some((kind, size)) = CollectiveKind::of(&node.op) {
             let whole: u64 = args.iter().map(|a| core::bytes(a)).sum();
             let (sent, _) = kind.traffic(size, whole as f64);
@@ -636,6 +674,14 @@ impl Rank<'_> {
                 .map(Tensor::I32)
                 .collect(),
         })
+    }
+
+    /// True when `op` names the mesh's temporal axis.
+    fn temporal(&self, op: &Op) -> bool {
+        let mesh = &self.plan.mesh;
+        op.mesh_axes()
+            .iter()
+            .any(|(a, _)| mesh.axis_index(a).is_some_and(|i| mesh.is_temporal(i)))
     }
 
     /// The index of mesh axis `name`.

@@ -8,11 +8,11 @@ use super::core;
 use super::kernels as k;
 use super::leaves::{block_ranges, local_leaf, LeafSource};
 use super::spmd::{
-    assemble, assemble_output, load_leaves, spawn_ranks, thread_ranks, Rank, RankOutput, RunError,
-    RunStats,
+    assemble, assemble_output, load_leaves, load_leaves_where, spawn_ranks, thread_ranks, Rank,
+    RankOutput, RunError, RunStats,
 };
 use super::{ExecError, Tensor};
-use crate::ir::{IdVec, Local, ValueId};
+use crate::ir::{Local, Op, ValueId};
 use crate::plan::liveness::Liveness;
 use crate::plan::Plan;
 use ndarray::{ArrayD, ArrayViewD, Axis, Slice};
@@ -179,6 +179,12 @@ fn train_rank_inner(
     let links = Links::of(plan, steps).map_err(|e| load_err("*", e))?;
     let coords = plan.mesh.coords(rank as u64);
     let mut blocks = load_leaves(plan, &coords, steps.start, rank)?;
+    let micro = super::micro::microbatches(plan).map_err(|e| load_err("*", e))?;
+    let mut later = super::micro::later_inputs(plan, rank, |coords, rank| {
+        load_leaves_where(plan, coords, steps.start, rank, |op| {
+            matches!(op, Op::Input { .. })
+        })
+    })?;
     let live = Liveness::of(&plan.local);
     let kept = links.kept(plan.local.outputs().len());
     let mut r = Rank::new(plan, t);
@@ -187,15 +193,20 @@ fn train_rank_inner(
     for s in 0..steps.count.max(1) {
         step_inputs(plan, &coords, steps, &links, s, &mut blocks)
             .map_err(|(l, e)| load_err(&l, e))?;
-        let leaf_bytes: u64 = blocks.values().map(core::bytes).sum();
-        let mut leaves = IdVec::filled(plan.local.num_values(), None);
-        for (v, b) in &blocks {
-            leaves[*v] = Some(b);
+        for (m, inputs) in later.iter_mut().enumerate() {
+            let coords = microbatch_coords(plan, &coords, m + 1);
+            step_inputs(plan, &coords, steps, &links, s, inputs)
+                .map_err(|(l, e)| load_err(&l, e))?;
         }
+        let leaf_bytes: u64 = blocks
+            .values()
+            .chain(later.iter().flat_map(|m| m.values()))
+            .map(core::bytes)
+            .sum();
         r.barrier()?;
         let t0 = Instant::now();
-        let out = core::run(&plan.local, &live, &leaves, &mut r)
-            .map_err(|(id, e)| in_step(r.op_error(id, e), s))?;
+        let out = super::micro::run_step(micro.as_ref(), &live, &blocks, &later, &mut r)
+            .map_err(|e| in_step(e, s))?;
         times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         let loss = loss_value(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
@@ -222,6 +233,15 @@ fn train_rank_inner(
         first,
         losses,
     })
+}
+
+/// `coords` with the temporal coordinate set to microbatch `m`.
+fn microbatch_coords(plan: &Plan, coords: &[u64], m: usize) -> Vec<u64> {
+    let mut c = coords.to_vec();
+    if let Some(a) = plan.mesh.temporal() {
+        c[a] = m as u64;
+    }
+    c
 }
 
 /// The step's carried outputs become the next step's leaf blocks; the rest go back to the pool.

@@ -20,30 +20,31 @@ struct Open {
 
 /// Fuses the backward's all-reduces into buckets of at most `cap` bytes per device (a larger
 /// one stays alone); `cap` 0 leaves the program as it is.
-pub fn fuse(p: Partitioned, cap: u64) -> Partitioned {
+pub fn fuse(p: Partitioned, cap: u64, temporal: Option<&str>) -> Partitioned {
     if cap == 0 {
         return p;
     }
-    let buckets = buckets(&p.local, cap);
+    let buckets = buckets(&p.local, cap, temporal);
     if buckets.is_empty() {
         return p;
     }
     rebuild(p, &buckets)
 }
 
-/// The all-reduces worth fusing: one operand, made by the backward.
-fn candidate(g: &Graph<Local>, n: &Node<Local>) -> bool {
-    matches!(n.op, Op::AllReduce { .. })
+/// The all-reduces worth fusing: one operand, made by the backward, not over the temporal axis
+/// (a microbatch's accumulation moves nothing).
+fn candidate(g: &Graph<Local>, n: &Node<Local>, temporal: Option<&str>) -> bool {
+    matches!(&n.op, Op::AllReduce { axis, .. } if Some(axis.as_str()) != temporal)
         && n.inputs.len() == 1
         && moved_phase(g, n.inputs[0]) == Phase::Backward
 }
 
 /// Per value, the largest position of a candidate all-reduce it depends on.
-fn dependencies(g: &Graph<Local>) -> Vec<Option<usize>> {
+fn dependencies(g: &Graph<Local>, temporal: Option<&str>) -> Vec<Option<usize>> {
     let mut dep: Vec<Option<usize>> = vec![None; g.num_values()];
     for (id, n) in g.nodes() {
         let mut d = n.inputs.iter().map(|v| dep[v.index()]).max().flatten();
-        if candidate(g, n) {
+        if candidate(g, n, temporal) {
             d = Some(id.index());
         }
         for o in &n.outputs {
@@ -59,12 +60,12 @@ fn dependencies(g: &Graph<Local>) -> Vec<Option<usize>> {
 /// A path in the fused graph from bucket B to bucket B' passes some member X of B's result on to
 /// some member Y of B''s operand, so `min_pos(B) <= pos(X) <= dep(Y) <= max_dep(B') < min_pos(B')`:
 /// `min_pos` grows strictly along every path, so no path returns to where it started.
-fn buckets(g: &Graph<Local>, cap: u64) -> Vec<Vec<NodeId<Local>>> {
-    let dep = dependencies(g);
+fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId<Local>>> {
+    let dep = dependencies(g, temporal);
     let ready = |id: NodeId<Local>| g.value(g.node(id).inputs[0]).node.index();
     let mut cands: Vec<NodeId<Local>> = g
         .nodes()
-        .filter(|(_, n)| candidate(g, n))
+        .filter(|(_, n)| candidate(g, n, temporal))
         .map(|(id, _)| id)
         .collect();
     cands.sort_by_key(|&id| (ready(id), id.index()));

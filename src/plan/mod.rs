@@ -4,6 +4,7 @@
 pub mod bucket;
 pub mod liveness;
 pub mod merge;
+pub mod micro;
 pub mod summary;
 pub mod verify;
 
@@ -57,6 +58,9 @@ pub enum PlanError {
     /// A compiler bug caught by the verifier.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A program that cannot be split into the microbatches asked for.
+    #[error(transparent)]
+    Micro(#[from] micro::MicroError),
     /// A compiler bug caught by the plan verifier (the local program does not compute the
     /// global one).
     #[error("internal compiler error (plan verifier, after partition): {0}")]
@@ -73,14 +77,34 @@ impl Plan {
     /// Propagates placements over `mesh`, partitions, verifies and costs `global`. Mesh axes
     /// the program declares but `mesh` lacks are added with size 1 (they split nothing).
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
+        Plan::build_with(global, mesh, device, 1)
+    }
+
+    /// [`Plan::build`] with the batch split into `microbatches` run one after another (their
+    /// gradients accumulated; 1: no split).
+    pub fn build_with(
+        global: Graph,
+        mesh: Mesh,
+        device: Device,
+        microbatches: u64,
+    ) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
+        let (global, mesh) = match microbatches {
+            0 | 1 => (global, mesh),
+            m => (
+                micro::annotate(&global, &mesh, m)?,
+                mesh.with_microbatches(m).map_err(micro::MicroError::from)?,
+            ),
+        };
         let sh = propagate(&global, &mesh, &device)?;
         let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;
         let part = merge::merge(part, &mesh);
         verify(&part.local, "merge")?;
-        let part = bucket::fuse(part, device.bucket_bytes);
+        let temporal = mesh.temporal().map(|a| mesh.axis_name(a).to_string());
+        let part = bucket::fuse(part, device.bucket_bytes, temporal.as_deref());
         verify(&part.local, "bucket")?;
+        micro::split(&part.local, &mesh)?;
         verify::verify(verify::PlanParts {
             global: &global,
             local: &part.local,

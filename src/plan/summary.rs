@@ -60,6 +60,9 @@ pub struct Summary {
     /// Memory per device by kind.
     #[serde(default)]
     pub memory_bytes_per_device: MemorySummary,
+    /// With microbatches: how they are accumulated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microbatches: Option<MicrobatchSummary>,
 }
 
 /// Every collective kind with count 0.
@@ -70,9 +73,26 @@ fn no_collectives() -> BTreeMap<String, KindSummary> {
         .collect()
 }
 
+/// How a microbatched step accumulates (per device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MicrobatchSummary {
+    /// Microbatches per step.
+    pub count: u64,
+    /// Values summed over the microbatches (local adds, no communication).
+    pub accumulations: u64,
+    /// Bytes of the accumulators, held across the microbatches.
+    pub accumulator_bytes: u64,
+}
+
 impl Summary {
-    /// Computes the summary of the SPMD program `local`.
-    pub fn compute(local: &Graph<Local>, _mesh: &Mesh, dev: &Device) -> Summary {
+    /// Computes the summary of the SPMD program `local` (ops of one microbatch counted once per
+    /// microbatch).
+    pub fn compute(local: &Graph<Local>, mesh: &Mesh, dev: &Device) -> Summary {
+        let micro = super::micro::split(local, mesh).ok().flatten();
+        let times = |i: usize| match &micro {
+            Some(m) if !m.step[i] => m.count,
+            _ => 1,
+        };
         let mut collectives = no_collectives();
         let mut phases: BTreeMap<String, PhaseSummary> = Phase::ALL
             .iter()
@@ -82,7 +102,11 @@ impl Summary {
             })
             .collect();
         let (mut fl, mut comm, mut compute) = (0.0, 0.0, 0.0);
-        for (_, n) in local.nodes() {
+        for (id, n) in local.nodes() {
+            if micro.as_ref().is_some_and(|m| m.accumulate[id.index()]) {
+                continue;
+            }
+            let k = times(id.index());
             let ins: Vec<_> = n.inputs.iter().map(|v| local.ty(*v)).collect();
             let outs: Vec<_> = n.outputs.iter().map(|v| local.ty(*v)).collect();
             if let Some((kind, size)) = CollectiveKind::of(&n.op) {
@@ -92,13 +116,15 @@ impl Summary {
                 let in_phase = &mut phases.get_mut(phase).expect("every phase").collectives;
                 for e in [&mut collectives, in_phase] {
                     let e = e.get_mut(kind.name()).expect("all kinds present");
-                    e.count += 1;
-                    e.bytes_per_device = e.bytes_per_device.saturating_add(sent.round() as u64);
+                    e.count += k;
+                    e.bytes_per_device = e
+                        .bytes_per_device
+                        .saturating_add((sent.round() as u64).saturating_mul(k));
                 }
-                comm += kind.time(size, bytes, dev);
+                comm += kind.time(size, bytes, dev) * k as f64;
                 continue;
             }
-            let f = flops(&n.op, &ins, &outs);
+            let f = flops(&n.op, &ins, &outs) * k as f64;
             fl += f;
             compute += compute_time(
                 f,
@@ -108,7 +134,10 @@ impl Summary {
                 dev,
             );
         }
+        let microbatches = micro.as_ref().map(|m| accumulators(local, m));
+        let held = microbatches.map_or(0, |m| m.accumulator_bytes);
         let (param_bytes, peak) = memory(local);
+        let peak = peak.saturating_add(held);
         let memory_bytes_per_device = MemorySummary {
             params: param_bytes,
             grads: gradient_bytes(local),
@@ -126,7 +155,23 @@ impl Summary {
             estimated_time_s: comm + compute,
             phases,
             memory_bytes_per_device,
+            microbatches,
         }
+    }
+}
+
+/// The accumulations of a microbatched program. Its peak memory adds every accumulator to the
+/// program-order peak: they are held from the first microbatch to the step's part.
+fn accumulators(g: &Graph<Local>, m: &super::micro::Microbatches) -> MicrobatchSummary {
+    let accs = g.nodes().filter(|(id, _)| m.accumulate[id.index()]);
+    let (count, bytes) = accs.fold((0u64, 0u64), |(c, b), (_, n)| {
+        let size = g.ty(n.outputs[0]).size_bytes();
+        (c + 1, b.saturating_add(size))
+    });
+    MicrobatchSummary {
+        count: m.count,
+        accumulations: count,
+        accumulator_bytes: bytes,
     }
 }
 

@@ -62,8 +62,8 @@ pub(super) fn prepare(
     }
     // The plan holds the program from here on.
     let graph = std::mem::take(&mut c.graph);
-    let plan =
-        driver::plan_declared(graph, mesh, flags.device).map_err(|e| fail(e, Some(src.clone())))?;
+    let plan = driver::plan_declared(graph, mesh, flags.device, args.microbatches)
+        .map_err(|e| fail(e, Some(src.clone())))?;
     let here = ranks_here.unwrap_or_else(|| plan.mesh.num_devices());
     super::memory::check_fits(&plan, args, flags.max_memory, here)?;
     let (source, stepped) = rank_source(args, &plan)?;

@@ -715,6 +715,9 @@ impl AxisCtx<'_> {
 
     /// Seconds to move `v` from state `from` to `to` along this axis (`bytes` of the whole).
     fn reshard(&self, v: ValueId, from: AxisPl, to: AxisPl) -> f64 {
+        if self.mesh.is_temporal(self.a) {
+            return temporal_reshard(from, to);
+        }
         let whole = self.bytes[v];
         let n = self.n;
         let launch = |k: CollectiveKind, b: f64| k.time(n, b, self.dev);
@@ -765,7 +768,10 @@ impl AxisCtx<'_> {
         c += self.compute[id] * frac;
         if s.internal(rule) {
             let rows = self.bytes[inputs[1]];
-            c += 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev);
+            c += match self.mesh.is_temporal(self.a) {
+                true => 1e30,
+                false => 3.0 * CollectiveKind::AllReduce.time(self.n, rows, dev),
+            };
         }
         let result = s.result(rule);
         for &o in outputs {
@@ -785,5 +791,16 @@ impl AxisCtx<'_> {
             c += self.bytes(o, placed) * dev.mem_weight;
         }
         c
+    }
+}
+
+/// A move along the temporal (microbatch) axis: free where it stays within one microbatch
+/// (slicing a replicated value, accumulating a partial sum); anything else would mix
+/// microbatches and is priced out of every choice that has an alternative.
+fn temporal_reshard(from: AxisPl, to: AxisPl) -> f64 {
+    match (from, to) {
+        _ if from == to => 0.0,
+        (AxisPl::Replicate, _) | (AxisPl::Partial(PartialOp::Sum), AxisPl::Replicate) => 0.0,
+        _ => 1e30,
     }
 }

@@ -1,0 +1,257 @@
+//! Microbatches: `--microbatches M` splits dim 0 of every input over a temporal mesh axis `mb`
+//! that adds no devices. Propagation and partitioning then give the program of one microbatch;
+//! its only collectives over `mb` are sums of partial gradients and losses, which a device runs
+//! as local accumulations after each microbatch. The part of the program after them (the data
+//! parallel reductions, the update) runs once per step.
+
+use crate::ir::{Annotation, Graph, Local, NodeId, Op, Phase, ReduceOp, Spec, ValueId};
+use crate::mesh::{Mesh, MeshError, MICROBATCH_AXIS};
+use crate::span::Span;
+
+/// A program that cannot be split into microbatches.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
+pub enum MicroError {
+    /// The mesh already has an axis named `mb`.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Mesh(#[from] MeshError),
+    /// The program uses the microbatch axis's name for a mesh axis of its own.
+    #[error("--microbatches adds a mesh axis `{MICROBATCH_AXIS}`, and the program declares one")]
+    #[diagnostic(
+        code(tpc::microbatches),
+        help("rename the program's mesh axis `{MICROBATCH_AXIS}` to use --microbatches")
+    )]
+    Reserved,
+    /// `--microbatches` on a program that is not a training step.
+    #[error("--microbatches {count} applies to training steps; this program has no `train` line")]
+    #[diagnostic(
+        code(tpc::microbatches),
+        help("microbatches accumulate gradients; run a forward program without --microbatches")
+    )]
+    NotTraining {
+        /// Microbatches asked for.
+        count: u64,
+    },
+    /// A program without inputs: there is no batch to split.
+    #[error("--microbatches {count}: the program has no input whose batch could be split")]
+    #[diagnostic(code(tpc::microbatches))]
+    NoInputs {
+        /// Microbatches asked for.
+        count: u64,
+    },
+    /// An input whose dim 0 does not split into the microbatches.
+    #[error("--microbatches {count} does not divide the batch: input `{input}` has {size} rows on dim 0{per}")]
+    #[diagnostic(
+        code(tpc::microbatches),
+        help("choose a number of microbatches that divides every input's dim 0 (the batch)")
+    )]
+    Indivisible {
+        /// The input.
+        input: String,
+        /// Its dim 0.
+        size: u64,
+        /// Rows per block of the axes already splitting it, as a phrase (or empty).
+        per: String,
+        /// Microbatches asked for.
+        count: u64,
+        /// The input's declaration.
+        #[label("dim 0 is split into {count} microbatches")]
+        span: Span,
+    },
+    /// An op that would combine values of different microbatches.
+    #[error("--microbatches: {what}")]
+    #[diagnostic(
+        code(tpc::microbatches),
+        help(
+            "each microbatch runs alone and only sums (the loss, gradients) are accumulated over \
+             them; an op that mixes rows of the batch, or an output that is not the loss, a \
+             gradient or an updated value, cannot be microbatched"
+        )
+    )]
+    Mixes {
+        /// What combines microbatches.
+        what: String,
+        /// Where.
+        #[label("here")]
+        span: Span,
+    },
+}
+
+/// Where each node of a microbatched program runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Microbatches {
+    /// The temporal axis.
+    pub axis: usize,
+    /// Number of microbatches.
+    pub count: u64,
+    /// Per node: runs once per step, after every microbatch (else once per microbatch).
+    pub step: Vec<bool>,
+    /// Per node: sums its operand over the microbatches (a temporal all-reduce).
+    pub accumulate: Vec<bool>,
+}
+
+/// `g` with dim 0 of every input also split over the temporal axis (major to the axes of
+/// `mesh` already splitting it, as the temporal axis is the mesh's first: microbatch m is
+/// rows m·B/M .. (m+1)·B/M, split among the other axes); errors when `g` cannot be microbatched.
+pub fn annotate(g: &Graph, mesh: &Mesh, count: u64) -> Result<Graph, MicroError> {
+    if !g.is_training_step() {
+        return Err(MicroError::NotTraining { count });
+    }
+    if g.mesh_axes.iter().any(|a| a == MICROBATCH_AXIS) {
+        return Err(MicroError::Reserved);
+    }
+    let inputs: Vec<(String, ValueId)> = g.inputs().map(|(n, v)| (n.to_string(), v)).collect();
+    if inputs.is_empty() {
+        return Err(MicroError::NoInputs { count });
+    }
+    let mut out = g.clone();
+    out.mesh_axes.insert(0, MICROBATCH_AXIS.to_string());
+    for (name, v) in inputs {
+        let a = input_annotation(g, mesh, &name, v, count)?;
+        out.annotate(v, a);
+    }
+    Ok(out)
+}
+
+/// The annotation of input `v` with `mb` first on dim 0, checked to divide.
+fn input_annotation(
+    g: &Graph,
+    mesh: &Mesh,
+    name: &str,
+    v: ValueId,
+    count: u64,
+) -> Result<Annotation, MicroError> {
+    let ty = g.ty(v);
+    let node_span = g.node(g.value(v).node).span;
+    let mut a = g.annotation(v).cloned().unwrap_or(Annotation {
+        spec: Spec::replicated(ty.rank()),
+        span: node_span,
+    });
+    let Some(&size) = ty.shape.first() else {
+        return Err(MicroError::Mixes {
+            what: format!("input `{name}` is a scalar: it has no batch dim to split"),
+            span: node_span,
+        });
+    };
+    let split: u64 = a.spec.dims[0]
+        .iter()
+        .map(|ax| mesh.axis_index(ax).map_or(1, |i| mesh.axis_size(i)))
+        .product();
+    if size % (split * count) != 0 {
+        let per = match split {
+            1 => String::new(),
+            _ => format!(
+                ", {} per block of {}",
+                size / split.max(1),
+                a.spec.dims[0].join("×")
+            ),
+        };
+        return Err(MicroError::Indivisible {
+            input: name.to_string(),
+            size,
+            per,
+            count,
+            span: node_span,
+        });
+    }
+    a.spec.dims[0].insert(0, MICROBATCH_AXIS.to_string());
+    Ok(a)
+}
+
+/// Where each node of `g` (partitioned over `mesh`) runs, or `None` without microbatches.
+pub fn split(g: &Graph<Local>, mesh: &Mesh) -> Result<Option<Microbatches>, MicroError> {
+    let Some(axis) = mesh.temporal() else {
+        return Ok(None);
+    };
+    let name = mesh.axis_name(axis);
+    let mut step = vec![false; g.num_nodes()];
+    let mut accumulate = vec![false; g.num_nodes()];
+    let mut per_mb = vec![false; g.num_values()];
+    for (id, n) in g.nodes() {
+        let temporal = n.op.mesh_axes().iter().any(|(a, _)| *a == name);
+        let reads_step = n.inputs.iter().any(|v| step[g.value(*v).node.index()]);
+        let i = id.index();
+        let local = matches!(n.op, Op::ShardSlice { .. } | Op::KeepOnFirst { .. });
+        if temporal && !local {
+            check_accumulation(g, id)?;
+            accumulate[i] = true;
+            step[i] = true;
+        } else if !n.op.is_leaf() {
+            step[i] = reads_step || g.region(n.region).phase == Phase::Update;
+            if temporal && step[i] {
+                return Err(MicroError::Mixes {
+                    what: format!("{} over the microbatches runs once per step", n.op.name()),
+                    span: n.span,
+                });
+            }
+        }
+        if step[i] && !accumulate[i] {
+            if let Some(&v) = n.inputs.iter().find(|v| per_mb[v.index()]) {
+                return Err(mixes(g, id, v));
+            }
+        }
+        let varies = matches!(n.op, Op::Input { .. });
+        for &o in &n.outputs {
+            per_mb[o.index()] = varies || (!step[i] && !n.op.is_leaf());
+        }
+    }
+    check_outputs(g, &per_mb)?;
+    Ok(Some(Microbatches {
+        axis,
+        count: mesh.axis_size(axis),
+        step,
+        accumulate,
+    }))
+}
+
+/// A temporal collective must be a one-operand sum: anything else combines microbatches.
+fn check_accumulation(g: &Graph<Local>, id: NodeId<Local>) -> Result<(), MicroError> {
+    let n = g.node(id);
+    match &n.op {
+        Op::AllReduce {
+            reduce: ReduceOp::Sum,
+            ..
+        } if n.inputs.len() == 1 => Ok(()),
+        op => Err(MicroError::Mixes {
+            what: format!(
+                "{} of {} over the microbatches would combine them",
+                op.name(),
+                describe(g, n.inputs.first().copied())
+            ),
+            span: n.span,
+        }),
+    }
+}
+
+fn mixes(g: &Graph<Local>, id: NodeId<Local>, v: ValueId<Local>) -> MicroError {
+    let n = g.node(id);
+    MicroError::Mixes {
+        what: format!(
+            "{} runs once per step but reads {}, a value of one microbatch",
+            n.op.name(),
+            describe(g, Some(v))
+        ),
+        span: n.span,
+    }
+}
+
+/// Every output is a leaf or made once per step (accumulated).
+fn check_outputs(g: &Graph<Local>, per_mb: &[bool]) -> Result<(), MicroError> {
+    match g.outputs().iter().find(|o| per_mb[o.value.index()]) {
+        Some(o) => Err(MicroError::Mixes {
+            what: format!("output `{}` differs per microbatch", o.name),
+            span: o.span,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn describe(g: &Graph<Local>, v: Option<ValueId<Local>>) -> String {
+    match v {
+        Some(v) => match &g.value(v).name {
+            Some(name) => format!("`{name}` ({v})"),
+            None => format!("{v}"),
+        },
+        None => "nothing".into(),
+    }
+}
