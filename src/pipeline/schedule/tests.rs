@@ -498,3 +498,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_send_recv_can_wait_on_work_its_send_starts() {
+    let plan = vec![
+        labels(&["F0", "SF0+RB0", "B0"]),
+        labels(&["RF0", "F0", "B0", "SB0"]),
+    ];
+    assert_eq!(check(&plan, 1), Ok(()));
+    let line = simulate(&plan, &Durations::uniform(2, 1.0, 2.0, 0.0)).unwrap();
+    assert_eq!(line.makespan, 6.0);
+}
+
+#[test]
+fn the_largest_stage_count_builds_and_checks() {
+    for kind in KINDS {
+        let plan = build(kind, MAX_STAGES, 64);
+        assert_eq!(check(&plan, 64), Ok(()));
+        assert_eq!(peak_in_flight(&plan)[0], 64);
+    }
+}
