@@ -13,6 +13,7 @@ pub mod ir;
 pub mod lower;
 pub mod mesh;
 pub mod partition;
+pub mod pipeline;
 pub mod plan;
 pub mod sharding;
 pub mod span;
