@@ -426,7 +426,10 @@ fn error_pipeline_axis_on_a_tensor() {
 #[test]
 fn error_pipeline_axis_on_an_expression() {
     let out = error_snapshot("pipeline_in_expression", "misplaced_pipeline");
-    assert_eq!(location(&out), "tests/errors/pipeline_in_expression.tpl:9:5");
+    assert_eq!(
+        location(&out),
+        "tests/errors/pipeline_in_expression.tpl:9:5"
+    );
 }
 
 #[test]
@@ -440,7 +443,10 @@ fn error_pipeline_in_a_block() {
 #[test]
 fn error_pipeline_axis_in_a_spec() {
     let out = error_snapshot("pipeline_axis_in_spec", "pipeline_axis_in_spec");
-    assert_eq!(location(&out), "tests/errors/pipeline_axis_in_spec.tpl:9:27");
+    assert_eq!(
+        location(&out),
+        "tests/errors/pipeline_axis_in_spec.tpl:9:27"
+    );
     assert!(out.contains("pipeline stages over `pp` here"), "{out}");
 }
 
@@ -453,7 +459,10 @@ fn error_pipeline_of_zero_instances() {
 #[test]
 fn error_unknown_pipeline_axis() {
     let out = error_snapshot("unknown_pipeline_axis", "unknown_axis");
-    assert_eq!(location(&out), "tests/errors/unknown_pipeline_axis.tpl:9:27");
+    assert_eq!(
+        location(&out),
+        "tests/errors/unknown_pipeline_axis.tpl:9:27"
+    );
     assert!(out.contains("did you mean `pp`?"), "{out}");
     assert!(out.contains("pipeline stages"), "{out}");
 }

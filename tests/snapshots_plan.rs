@@ -71,7 +71,10 @@ fn pipelined_plan_as_text() {
     let m = "dp=2,pp=2,tp=2";
     let plan = compile_plan(&src, &[], mesh(m), Device::default())
         .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
-    snap("plan_gpt_pipe_dp_2_pp_2_tp_2", &tpc::emit::plan::print(&plan));
+    snap(
+        "plan_gpt_pipe_dp_2_pp_2_tp_2",
+        &tpc::emit::plan::print(&plan),
+    );
 }
 
 fn err_text(e: Error, src: &SourceFile) -> String {
