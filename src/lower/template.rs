@@ -244,9 +244,13 @@ fn annotate_arg(g: &mut Graph, v: ValueId, ann: &crate::ir::Annotation) -> Resul
 /// A lowered `repeat`: its result, the block it stacks, the region of each instance in order,
 /// and the span of its count.
 pub(crate) struct Repeated {
+    /// The last instance's result (the argument itself for a count of 0).
     pub(crate) value: ValueId,
+    /// The block stacked.
     pub(crate) block: String,
+    /// Each instance's region, in order.
     pub(crate) instances: Vec<RegionId>,
+    /// The count argument.
     pub(crate) count: Span,
 }
 
