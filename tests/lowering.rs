@@ -815,3 +815,165 @@ fn nested_blocks_below_the_limit_compile() {
         .unwrap();
     assert_eq!(deepest.split('.').count(), 60, "{deepest}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined repeats
+
+/// `LAYERS` on a mesh with a pipeline axis, its repeat pipelined over `pp`; the repeat's argument
+/// is itself a block call, whose instance is not one of the pipeline's.
+const PIPED: &str = "
+mesh dp, pp, tp
+dim B = 2, H = 8, L = 3
+block mlp(x: f32[B, H]) -> f32[B, H] {
+    param w : f32[H, H] @ [_, tp]
+    return gelu(x @ w)
+}
+block attention(x: f32[B, H]) -> f32[B, H] {
+    param wq : f32[H, H] @ [_, tp]
+    return softmax(x @ wq)
+}
+block layer(x: f32[B, H]) -> f32[B, H] {
+    param g : f32[H]
+    h = x + attention(x * g)
+    return mlp(h) + mlp(h)
+}
+input x : f32[B, H] @ [dp, _]
+y = repeat(L, layer, mlp(x)) @ pp
+output y
+";
+
+#[test]
+fn a_pipelined_repeat_records_its_instances_in_order() {
+    let g = compile(PIPED);
+    let p = g.pipeline().expect("the repeat is pipelined");
+    assert_eq!((p.axis.as_str(), p.block.as_str()), ("pp", "layer"));
+    let paths: Vec<&str> = p
+        .instances
+        .iter()
+        .map(|&r| g.region(r).path.as_str())
+        .collect();
+    assert_eq!(paths, ["layer.0", "layer.1", "layer.2"]);
+    assert_eq!(p.output, output(&g, "y"));
+    assert_eq!(g.node(g.value(p.output).node).region, p.instances[2]);
+    assert_eq!((p.span.line, p.span.col), (18, 5));
+    let text = &PIPED[p.span.start as usize..p.span.end as usize];
+    assert_eq!(text, "repeat(L, layer, mlp(x)) @ pp");
+}
+
+/// The pipelined program is the unpipelined one, value for value.
+#[test]
+fn pipelining_changes_nothing_but_the_record() {
+    let plain = compile(&PIPED.replace(" @ pp", ""));
+    let piped = compile(PIPED);
+    assert!(plain.pipeline().is_none());
+    assert_eq!(tpc::emit::text::print(&plain), {
+        let text = tpc::emit::text::print(&piped);
+        let header: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("pipeline "))
+            .collect();
+        header.join("\n") + "\n"
+    });
+}
+
+#[test]
+fn the_pipeline_follows_the_repeat_count() {
+    let g = compile_with(PIPED, &[("L", 5)]);
+    assert_eq!(g.pipeline().unwrap().instances.len(), 5);
+    let g = compile_with(PIPED, &[("L", 1)]);
+    let p = g.pipeline().unwrap();
+    assert_eq!(g.region(p.instances[0]).path, "layer.0");
+}
+
+/// A training step is built on the forward program: the record and its ids carry over, and so
+/// do they through the program's JSON document and into a plan's global program.
+#[test]
+fn the_pipeline_survives_training_json_and_planning() {
+    let g = compile(&example("gpt_pipe.tpl"));
+    assert!(g.is_training_step());
+    let p = g.pipeline().expect("pipelined");
+    let paths: Vec<&str> = p
+        .instances
+        .iter()
+        .map(|&r| g.region(r).path.as_str())
+        .collect();
+    assert_eq!(paths, ["layer.0", "layer.1", "layer.2", "layer.3"]);
+    let back = tpc::emit::json::from_json(&tpc::emit::json::to_json(&g)).unwrap();
+    assert_eq!(back.pipeline(), Some(p));
+    let src = SourceFile::new("gpt_pipe.tpl", example("gpt_pipe.tpl"));
+    let mesh = tpc::mesh::Mesh::parse("dp=2,pp=2,tp=2").unwrap();
+    let plan = tpc::driver::compile_plan(&src, &[], mesh, Default::default()).unwrap();
+    assert_eq!(plan.global.pipeline(), Some(p));
+}
+
+/// `@ name` with a tensor `name` is a matmul, even when a mesh axis has that name.
+#[test]
+fn matmul_by_a_tensor_named_like_an_axis_stays_a_matmul() {
+    let src = "
+mesh dp, pp
+dim B = 2, H = 8, L = 2
+block layer(x: f32[B, H]) -> f32[B, H] {
+    param w : f32[H, H]
+    return relu(x @ w)
+}
+input x : f32[B, H]
+param pp : f32[H, H] @ [_, dp]
+y = repeat(L, layer, x) @ pp
+z = x @ pp
+output y, z
+";
+    let g = compile(src);
+    assert!(g.pipeline().is_none());
+    for name in ["y", "z"] {
+        assert!(
+            matches!(producer(&g, output(&g, name)), Op::MatMul),
+            "{name}"
+        );
+    }
+}
+
+/// The spec check sees specs after the pipelined repeat too, and in blocks.
+#[test]
+fn the_pipeline_axis_splits_no_tensor_anywhere() {
+    let after = PIPED.replace("output y", "output y @ [pp, _]");
+    let (e, out) = lower_error(&after);
+    assert!(
+        matches!(e, LowerError::PipelineAxisInSpec { ref axis, .. } if axis == "pp"),
+        "{out}"
+    );
+    assert!(out.contains("t.tpl:19:13"), "{out}");
+    let in_block = PIPED.replace("param g : f32[H]", "param g : f32[H] @ [pp]");
+    let (e, out) = lower_error(&in_block);
+    assert!(matches!(e, LowerError::PipelineAxisInSpec { .. }), "{out}");
+    assert!(out.contains("t.tpl:13:25"), "{out}");
+}
+
+#[test]
+fn a_pipelined_repeat_must_be_the_whole_right_side() {
+    let (e, out) = lower_error(&PIPED.replace("@ pp", "@ pp + 1.0"));
+    assert!(matches!(e, LowerError::MisplacedPipeline { .. }), "{out}");
+    assert!(out.contains("must be the whole right side"), "{out}");
+}
+
+/// `return repeat(...) @ pp` in a block is a pipeline in a block, not a misplaced axis.
+#[test]
+fn a_block_cannot_return_a_pipelined_repeat() {
+    let src = PIPED.replace(
+        "return mlp(h) + mlp(h)\n}",
+        "return mlp(h) + mlp(h)\n}\nblock stack(x: f32[B, H]) -> f32[B, H] {\n    return repeat(L, layer, x) @ pp\n}",
+    );
+    let src = src.replace("y = repeat(L, layer, mlp(x)) @ pp", "y = stack(x)");
+    let (e, out) = lower_error(&src);
+    assert!(
+        matches!(e, LowerError::PipelineInBlock { ref block, .. } if block == "stack"),
+        "{out}"
+    );
+}
+
+/// A dim after `@` is a scalar operand, as before (not an axis): the usual matmul error.
+#[test]
+fn matmul_by_a_dim_is_not_a_pipeline() {
+    let (e, out) = lower_error(&PIPED.replace("@ pp", "@ H"));
+    assert!(matches!(e, LowerError::BadOp { .. }), "{out}");
+    assert!(out.contains("`@` needs two tensors"), "{out}");
+}

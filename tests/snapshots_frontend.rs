@@ -56,6 +56,7 @@ const EXAMPLES: &[&str] = &[
     "attention",
     "gpt",
     "gpt_layer",
+    "gpt_pipe",
     "gpt_train",
     "mlp",
     "mlp_2d",
@@ -107,6 +108,12 @@ fn example_gpt() {
 #[test]
 fn example_gpt_layer() {
     example_snapshots("gpt_layer");
+}
+
+/// The pipelined GPT: its header names the pipelined repeat (four `layer`s over `pp`).
+#[test]
+fn example_gpt_pipe() {
+    example_snapshots("gpt_pipe");
 }
 
 #[test]
@@ -163,9 +170,15 @@ const ERROR_INPUTS: &[&str] = &[
     "inexact_division",
     "non_positive_dim",
     "not_utf8",
+    "pipeline_axis_in_spec",
+    "pipeline_in_block",
+    "pipeline_in_expression",
+    "pipeline_not_repeat",
+    "pipeline_zero_count",
     "rank_mismatch",
     "recursive_block",
     "redefinition",
+    "second_pipeline",
     "second_train",
     "shape_mismatch",
     "spec_rank",
@@ -176,6 +189,7 @@ const ERROR_INPUTS: &[&str] = &[
     "unknown_dtype",
     "unknown_name",
     "unknown_op",
+    "unknown_pipeline_axis",
 ];
 
 /// Compiles `tests/errors/<name>.tpl` (with `overrides`), expects a user error, checks its code
@@ -393,6 +407,64 @@ fn error_deep_parentheses() {
 fn error_empty_file_has_no_output() {
     let out = error_snapshot("empty", "invalid");
     assert!(out.contains("the program has no output"), "{out}");
+}
+
+#[test]
+fn error_second_pipeline() {
+    let out = error_snapshot("second_pipeline", "second_pipeline");
+    assert_eq!(location(&out), "tests/errors/second_pipeline.tpl:10:5");
+    assert!(out.contains("first pipelined here"), "{out}");
+}
+
+#[test]
+fn error_pipeline_axis_on_a_tensor() {
+    let out = error_snapshot("pipeline_not_repeat", "misplaced_pipeline");
+    assert_eq!(location(&out), "tests/errors/pipeline_not_repeat.tpl:5:10");
+    assert!(out.contains("`pp` can only split a `repeat`"), "{out}");
+}
+
+#[test]
+fn error_pipeline_axis_on_an_expression() {
+    let out = error_snapshot("pipeline_in_expression", "misplaced_pipeline");
+    assert_eq!(
+        location(&out),
+        "tests/errors/pipeline_in_expression.tpl:9:5"
+    );
+}
+
+#[test]
+fn error_pipeline_in_a_block() {
+    let out = error_snapshot("pipeline_in_block", "pipeline_in_block");
+    assert_eq!(location(&out), "tests/errors/pipeline_in_block.tpl:9:9");
+    assert!(out.contains("not inside block `stack`"), "{out}");
+}
+
+/// The spec comes before the pipelined repeat that claims `pp`: found all the same.
+#[test]
+fn error_pipeline_axis_in_a_spec() {
+    let out = error_snapshot("pipeline_axis_in_spec", "pipeline_axis_in_spec");
+    assert_eq!(
+        location(&out),
+        "tests/errors/pipeline_axis_in_spec.tpl:9:27"
+    );
+    assert!(out.contains("pipeline stages over `pp` here"), "{out}");
+}
+
+#[test]
+fn error_pipeline_of_zero_instances() {
+    let out = error_snapshot("pipeline_zero_count", "bad_op");
+    assert_eq!(location(&out), "tests/errors/pipeline_zero_count.tpl:9:12");
+}
+
+#[test]
+fn error_unknown_pipeline_axis() {
+    let out = error_snapshot("unknown_pipeline_axis", "unknown_axis");
+    assert_eq!(
+        location(&out),
+        "tests/errors/unknown_pipeline_axis.tpl:9:27"
+    );
+    assert!(out.contains("did you mean `pp`?"), "{out}");
+    assert!(out.contains("pipeline stages"), "{out}");
 }
 
 #[test]

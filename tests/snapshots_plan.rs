@@ -63,6 +63,20 @@ fn plans_as_dot() {
     snap("plan_dot_gpt_L8_8", &tpc::emit::plan_dot::print(&plan));
 }
 
+/// The pipelined GPT on the 3-D mesh it is written for: `pp` replicates every value for now,
+/// so its collectives are those of dp and tp alone.
+#[test]
+fn pipelined_plan_as_text() {
+    let src = source("gpt_pipe");
+    let m = "dp=2,pp=2,tp=2";
+    let plan = compile_plan(&src, &[], mesh(m), Device::default())
+        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+    snap(
+        "plan_gpt_pipe_dp_2_pp_2_tp_2",
+        &tpc::emit::plan::print(&plan),
+    );
+}
+
 fn err_text(e: Error, src: &SourceFile) -> String {
     e.render(Some(src))
 }

@@ -14,6 +14,9 @@
 //! output y = %2 : f32[8,4096] @ [_, _]                    # mlp.tpl:12:1
 //! ```
 //!
+//! A program with a pipelined `repeat` says so in its header, after its dims:
+//! `pipeline layer ×4 over pp -> %230` (the block, its instances, the axis and the result).
+//!
 //! Every node is one line `results = op operands : types`, with an annotated value's spec after
 //! its type (`@ [_, tp]`) and a comment holding the source location and the source names of the
 //! results. Block instances are nested `block <path> (<block>) {` groups. Comments start at fixed
@@ -135,6 +138,17 @@ impl Printer<'_, '_> {
         if !g.dims.is_empty() {
             let dims: Vec<String> = g.dims.iter().map(|(n, v)| format!("{n} = {v}")).collect();
             self.push(format!("dim {}", dims.join(", ")), String::new());
+        }
+        if let Some(p) = g.pipeline() {
+            let code = format!(
+                "pipeline {} ×{} over {} -> {}",
+                p.block,
+                p.instances.len(),
+                p.axis,
+                p.output
+            );
+            let comment = self.location(p.span);
+            self.push(code, comment);
         }
         self.push(String::new(), String::new());
     }

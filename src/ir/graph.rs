@@ -120,6 +120,22 @@ pub struct Output<S = Global> {
     pub like: Option<ValueId<S>>,
 }
 
+/// The program's pipelined `repeat`: its instances are cut into stages over `axis`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct PipelineSpec<S = Global> {
+    /// The mesh axis the stages are laid along.
+    pub axis: String,
+    /// The repeated block's name.
+    pub block: String,
+    /// The region of each instance, in order (instance `i` is `instances[i]`).
+    pub instances: Vec<RegionId<S>>,
+    /// The repeat's result: the last instance's result.
+    pub output: ValueId<S>,
+    /// The `repeat(...) @ axis` expression.
+    pub span: Span,
+}
+
 /// A whole program: the global one (the default), or a plan's SPMD program (`Graph<Local>`).
 /// Nodes are stored in a topological order (every operand is produced by an earlier node); the
 /// verifier checks it.
@@ -136,6 +152,10 @@ pub struct Graph<S = Global> {
     regions: Vec<Region<S>>,
     annotations: BTreeMap<ValueId<S>, Annotation>,
     outputs: Vec<Output<S>>,
+    // Set by lowering on the global program and kept by everything that extends a clone of it
+    // (autodiff). The partitioner's local program does not carry it: a plan keeps its global
+    // program, which does, and `Plan::origin` leads from local values back to global ones.
+    pipeline: Option<PipelineSpec<S>>,
     uses: Vec<Vec<NodeId<S>>>,
     bytes: u64,
 }
@@ -151,6 +171,7 @@ impl<S> Default for Graph<S> {
             regions: Vec::new(),
             annotations: BTreeMap::new(),
             outputs: Vec::new(),
+            pipeline: None,
             uses: Vec::new(),
             bytes: 0,
         }
@@ -350,6 +371,16 @@ impl<S: Space> Graph<S> {
         &self.outputs
     }
 
+    /// The program's pipelined `repeat`, if it has one.
+    pub fn pipeline(&self) -> Option<&PipelineSpec<S>> {
+        self.pipeline.as_ref()
+    }
+
+    /// Records (or clears) the program's pipelined `repeat`.
+    pub fn set_pipeline(&mut self, spec: Option<PipelineSpec<S>>) {
+        self.pipeline = spec;
+    }
+
     /// The `Param` leaves with their names, in order.
     pub fn params(&self) -> impl Iterator<Item = (&str, ValueId<S>)> + '_ {
         self.nodes.iter().filter_map(|n| match &n.op {
@@ -401,6 +432,7 @@ impl<S: Space> Graph<S> {
             values: parts.values,
             regions: parts.regions,
             outputs: parts.outputs,
+            pipeline: parts.pipeline,
             annotations: parts.annotations.into_iter().collect(),
             ..Default::default()
         };
@@ -436,6 +468,7 @@ impl<S: Space> Graph<S> {
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
             outputs: self.outputs.clone(),
+            pipeline: self.pipeline.clone(),
         }
     }
 }
@@ -468,6 +501,9 @@ pub struct GraphParts<S = Global> {
     pub annotations: Vec<(ValueId<S>, Annotation)>,
     /// Outputs in order.
     pub outputs: Vec<Output<S>>,
+    /// The pipelined `repeat`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineSpec<S>>,
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ fn check_graph<S: Space>(g: &Graph<S>) -> Result<(), String> {
     }
     check_annotations(g)?;
     check_outputs(g)?;
+    check_pipeline(g)?;
     check_leaf_names(g)
 }
 
@@ -284,6 +285,36 @@ fn check_outputs<S: Space>(g: &Graph<S>) -> Result<(), String> {
     Ok(())
 }
 
+/// The pipeline's axis is a mesh axis, its instances are distinct regions of its block, and its
+/// output exists.
+fn check_pipeline<S: Space>(g: &Graph<S>) -> Result<(), String> {
+    let Some(p) = g.pipeline() else {
+        return Ok(());
+    };
+    if !g.mesh_axes.contains(&p.axis) {
+        return Err(format!(
+            "the pipeline's axis `{}` is not a mesh axis",
+            p.axis
+        ));
+    }
+    let mut seen = HashSet::new();
+    for &r in &p.instances {
+        if !region_exists(g, r) || g.region(r).block != p.block {
+            return Err(format!(
+                "pipeline instance {r} is not a region of block `{}`",
+                p.block
+            ));
+        }
+        if !seen.insert(r) {
+            return Err(format!("pipeline instance {r} is listed twice"));
+        }
+    }
+    if value(g, p.output).is_none() {
+        return Err(format!("the pipeline's output {} is not defined", p.output));
+    }
+    Ok(())
+}
+
 /// Param names are unique, input names are unique, and state names are unique.
 fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
     let mut params = HashSet::new();
@@ -308,7 +339,7 @@ fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::graph::{GraphParts, Output};
+    use crate::ir::graph::{GraphParts, Output, PipelineSpec};
     use crate::ir::ids::Global;
     use crate::ir::types::{Dtype, Spec};
     use crate::span::Span;
@@ -482,6 +513,48 @@ mod tests {
             &g,
             "output `y` (%2): spec [dp, dp] uses axis `dp` more than once",
         );
+    }
+
+    #[test]
+    fn checks_the_pipeline() {
+        let pipe = |instances: Vec<usize>, output: usize| PipelineSpec {
+            axis: "dp".into(),
+            block: "Mlp".into(),
+            instances: instances.into_iter().map(RegionId::new).collect(),
+            output: ValueId::new(output),
+            span: Span::default(),
+        };
+        let mut g = good();
+        g.set_pipeline(Some(pipe(vec![1], 2)));
+        assert_eq!(verify(&g, "test"), Ok(()));
+        g.set_pipeline(Some(pipe(vec![1, 1], 2)));
+        rejects(&g, "pipeline instance r1 is listed twice");
+        g.set_pipeline(Some(pipe(vec![0], 2)));
+        rejects(&g, "pipeline instance r0 is not a region of block `Mlp`");
+        g.set_pipeline(Some(pipe(vec![7], 2)));
+        rejects(&g, "pipeline instance r7 is not a region of block `Mlp`");
+        g.set_pipeline(Some(pipe(vec![1], 9)));
+        rejects(&g, "the pipeline's output %9 is not defined");
+        g.set_pipeline(Some(PipelineSpec {
+            axis: "pp".into(),
+            ..pipe(vec![1], 2)
+        }));
+        rejects(&g, "the pipeline's axis `pp` is not a mesh axis");
+        let back = Graph::from_parts(good_piped().to_parts());
+        assert_eq!(back.pipeline(), good_piped().pipeline());
+    }
+
+    /// `good()` with its one block instance pipelined over `dp`.
+    fn good_piped() -> Graph {
+        let mut g = good();
+        g.set_pipeline(Some(PipelineSpec {
+            axis: "dp".into(),
+            block: "Mlp".into(),
+            instances: vec![RegionId::new(1)],
+            output: ValueId::new(2),
+            span: Span::default(),
+        }));
+        g
     }
 
     #[test]

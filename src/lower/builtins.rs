@@ -148,6 +148,11 @@ impl Bound<'_> {
         self.slots[i]
     }
 
+    /// The positional arguments past the signature (a `repeat`'s extra block arguments).
+    pub(super) fn extra(&self) -> &[&Expr] {
+        &self.extra
+    }
+
     fn tensor(&self, i: usize, s: &mut Scope, prog: &mut Program) -> Result<ValueId, LowerError> {
         s.tensor(self.slots[i].expect("required slot"), prog)
     }
@@ -552,6 +557,6 @@ fn block_call(
         .map(|e| s.tensor(e, prog))
         .collect::<Result<Vec<_>, _>>()?;
     let arg_spans: Vec<Span> = exprs.iter().map(|e| e.span()).collect();
-    let v = super::template::instantiate(s, &func.name, &vals, &arg_spans, span, prog)?;
+    let (v, _) = super::template::instantiate(s, &func.name, &vals, &arg_spans, span, prog)?;
     Ok(vec![Val::Tensor(v)])
 }

@@ -167,6 +167,69 @@ pub enum LowerError {
         #[label("earlier annotation")]
         first: Span,
     },
+    /// A second pipelined `repeat` in one program.
+    #[error("a program has at most one pipelined `repeat`")]
+    #[diagnostic(
+        code(tpc::second_pipeline),
+        help("pipeline stages are cut from one stack of layers: put them in one `repeat`")
+    )]
+    SecondPipeline {
+        /// The second `repeat(...) @ axis`.
+        #[label(primary, "second pipelined `repeat`")]
+        span: Span,
+        /// The first one.
+        #[label("first pipelined here")]
+        first: Span,
+    },
+    /// `@ axis` with a mesh axis on something that is not a top-level `repeat` call.
+    #[error("mesh axis `{axis}` can only split a `repeat` into pipeline stages")]
+    #[diagnostic(
+        code(tpc::misplaced_pipeline),
+        help(
+            "pipeline a stack of layers with a statement of its own, \
+             `h = repeat(L, block, h) @ {axis}`; a tensor is split with a spec, `@ [_, {axis}]`"
+        )
+    )]
+    MisplacedPipeline {
+        /// The axis.
+        axis: String,
+        /// The operand of `@ axis`.
+        #[label("{label}")]
+        span: Span,
+        /// What is wrong with it.
+        label: String,
+    },
+    /// A pipelined `repeat` inside a block body.
+    #[error(
+        "a `repeat` can only be pipelined in the top-level program, not inside block `{block}`"
+    )]
+    #[diagnostic(
+        code(tpc::pipeline_in_block),
+        help("pipeline the repeat where the program calls the block, outside any block")
+    )]
+    PipelineInBlock {
+        /// The enclosing block.
+        block: String,
+        /// The `repeat(...) @ axis`.
+        #[label("pipelined inside a block")]
+        span: Span,
+    },
+    /// The pipeline's mesh axis also written in a sharding spec.
+    #[error("`{axis}` splits pipeline stages; it cannot also split a tensor")]
+    #[diagnostic(
+        code(tpc::pipeline_axis_in_spec),
+        help("split the tensor over another mesh axis, or pipeline over another one")
+    )]
+    PipelineAxisInSpec {
+        /// The axis.
+        axis: String,
+        /// Its use in the spec.
+        #[label(primary, "splits a tensor here")]
+        span: Span,
+        /// Where the pipeline names it.
+        #[label("pipeline stages over `{axis}` here")]
+        pipeline: Span,
+    },
     /// A block called with the wrong number of arguments.
     #[error("block `{block}` takes {expected} argument(s), got {got}")]
     #[diagnostic(code(tpc::block_arity))]

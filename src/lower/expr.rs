@@ -43,6 +43,9 @@ impl Scope<'_> {
             Expr::Binary {
                 op, lhs, rhs, span, ..
             } => {
+                if *op == BinOp::MatMul {
+                    self.check_matmul_operand(lhs, rhs, *span, prog)?;
+                }
                 let a = self.expr(lhs, prog)?;
                 let b = self.expr(rhs, prog)?;
                 Ok(vec![self.binary(*op, a, b, *span)?])

@@ -5,6 +5,7 @@ mod builtins;
 mod consts;
 mod error;
 mod expr;
+mod pipeline;
 mod scope;
 mod size;
 mod template;
@@ -122,6 +123,8 @@ pub(crate) struct Program<'a> {
     dim_spans: HashMap<String, Span>,
     dim_order: Vec<String>,
     mesh_axes: Vec<(String, Span)>,
+    /// The axis of the pipelined `repeat`, where it names it (see `find_pipeline_axis`).
+    pipeline_axis: Option<(String, Span)>,
     templates: HashMap<(String, Vec<TensorType>), Rc<Template>>,
     next_body: u32,
     stack: Vec<String>,
@@ -141,6 +144,7 @@ impl<'a> Program<'a> {
             dim_spans: HashMap::new(),
             dim_order: Vec::new(),
             mesh_axes: Vec::new(),
+            pipeline_axis: None,
             templates: HashMap::new(),
             next_body: 1,
             stack: Vec::new(),
@@ -161,6 +165,7 @@ impl<'a> Program<'a> {
             }
         }
         p.check_overrides(overrides)?;
+        p.pipeline_axis = p.find_pipeline_axis(&module.items);
         Ok(p)
     }
 

@@ -159,7 +159,10 @@ impl<'g> Scope<'g> {
     }
 
     fn assign(&mut self, a: &Assign, prog: &mut Program) -> Result<(), LowerError> {
-        let vals = self.expr_multi(&a.value, prog)?;
+        let vals = match self.pipelined(a, prog)? {
+            Some(vals) => vals,
+            None => self.expr_multi(&a.value, prog)?,
+        };
         if vals.len() != a.targets.len() {
             return Err(LowerError::BadOp {
                 message: format!(
@@ -270,6 +273,11 @@ impl<'g> Scope<'g> {
         Ok(())
     }
 
+    /// True when `name` is a tensor in scope or a dim.
+    pub(crate) fn binds(&self, name: &str, prog: &Program) -> bool {
+        self.env.contains_key(name) || prog.dims.contains_key(name)
+    }
+
     /// Resolves a name used in an expression: a tensor in scope, or a dim as a scalar.
     pub(crate) fn lookup(&self, id: &Ident, prog: &Program) -> Result<Val, LowerError> {
         if let Some(b) = self.env.get(&id.name) {
@@ -349,6 +357,7 @@ impl<'g> Scope<'g> {
                     hint,
                 });
             }
+            prog.check_spec_axis(axis)?;
             if let Some(first) = seen.insert(&axis.name, axis.span) {
                 return Err(LowerError::DuplicateAxis {
                     axis: axis.name.clone(),

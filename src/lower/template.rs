@@ -22,7 +22,8 @@ pub(crate) struct Template {
     frozen: Vec<String>,
 }
 
-/// Instantiates block `name` on `args` in scope `s`; returns the block's result value.
+/// Instantiates block `name` on `args` in scope `s`; returns the block's result value and the
+/// instance's region.
 pub(crate) fn instantiate(
     s: &mut Scope,
     name: &str,
@@ -30,7 +31,7 @@ pub(crate) fn instantiate(
     arg_spans: &[Span],
     span: Span,
     prog: &mut Program,
-) -> Result<ValueId, LowerError> {
+) -> Result<(ValueId, RegionId), LowerError> {
     let block = *prog
         .blocks
         .get(name)
@@ -70,10 +71,10 @@ pub(crate) fn instantiate(
     };
     let path = s.next_instance(name);
     let region = s.region;
-    let ret = stamp(&tpl, s.g, region, &path, name, args)?;
+    let stamped = stamp(&tpl, s.g, region, &path, name, args)?;
     s.frozen
         .extend(tpl.frozen.iter().map(|p| format!("{path}.{p}")));
-    Ok(ret)
+    Ok(stamped)
 }
 
 fn signature(b: &BlockDef) -> String {
@@ -155,7 +156,7 @@ fn build(
 }
 
 /// Copies the template into `g` as a new region `path` under `parent`, with `args` for its
-/// placeholders; returns the value of the block's result.
+/// placeholders; returns the value of the block's result and the new region.
 fn stamp(
     t: &Template,
     g: &mut Graph,
@@ -163,7 +164,7 @@ fn stamp(
     path: &str,
     block: &str,
     args: &[ValueId],
-) -> Result<ValueId, LowerError> {
+) -> Result<(ValueId, RegionId), LowerError> {
     if g.num_nodes() + t.graph.num_nodes() > MAX_NODES {
         return Err(LowerError::Invalid {
             message: format!("the program grows beyond {MAX_NODES} ops"),
@@ -217,7 +218,10 @@ fn stamp(
             }
         }
     }
-    Ok(map[t.ret.index()].expect("the result is defined"))
+    Ok((
+        map[t.ret.index()].expect("the result is defined"),
+        regions[0],
+    ))
 }
 
 /// A constraint written on a block argument inside the body applies to the value passed in.
@@ -237,6 +241,19 @@ fn annotate_arg(g: &mut Graph, v: ValueId, ann: &crate::ir::Annotation) -> Resul
     }
 }
 
+/// A lowered `repeat`: its result, the block it stacks, the region of each instance in order,
+/// and the span of its count.
+pub(crate) struct Repeated {
+    /// The last instance's result (the argument itself for a count of 0).
+    pub(crate) value: ValueId,
+    /// The block stacked.
+    pub(crate) block: String,
+    /// Each instance's region, in order.
+    pub(crate) instances: Vec<RegionId>,
+    /// The count argument.
+    pub(crate) count: Span,
+}
+
 /// `repeat(count, block, x, extra...)`: `count` instances chained through their first argument.
 pub(crate) fn repeat(
     s: &mut Scope,
@@ -247,6 +264,20 @@ pub(crate) fn repeat(
     span: Span,
     prog: &mut Program,
 ) -> Result<Vec<Val>, LowerError> {
+    let r = repeat_instances(s, count, block, x, extra, span, prog)?;
+    Ok(vec![Val::Tensor(r.value)])
+}
+
+/// Lowers `repeat(count, block, x, extra...)` and says which instances it made.
+pub(crate) fn repeat_instances(
+    s: &mut Scope,
+    count: Option<&Expr>,
+    block: Option<&Expr>,
+    x: Option<&Expr>,
+    extra: &[&Expr],
+    span: Span,
+    prog: &mut Program,
+) -> Result<Repeated, LowerError> {
     let (Some(count), Some(block), Some(x)) = (count, block, x) else {
         return Err(LowerError::BadOp {
             message: "repeat needs a count, a block and an argument".into(),
@@ -254,14 +285,7 @@ pub(crate) fn repeat(
             hint: Some("usage: repeat(L, block, x, extra...)".into()),
         });
     };
-    let n = consts::eval_int(count, &prog.dims)?;
-    if n < 0 {
-        return Err(LowerError::BadOp {
-            message: format!("repeat count {n} is negative"),
-            span: count.span(),
-            hint: None,
-        });
-    }
+    let n = repeat_count(count, prog)?;
     let name = match block {
         Expr::Name(id) if prog.blocks.contains_key(id.name.as_str()) => id.name.clone(),
         e => {
@@ -279,10 +303,11 @@ pub(crate) fn repeat(
         .collect::<Result<Vec<_>, _>>()?;
     let mut spans = vec![x.span()];
     spans.extend(extra.iter().map(|e| e.span()));
+    let mut instances = Vec::new();
     for _ in 0..n {
         let mut args = vec![cur];
         args.extend(&rest);
-        let next = instantiate(s, &name, &args, &spans, span, prog)?;
+        let (next, region) = instantiate(s, &name, &args, &spans, span, prog)?;
         if s.g.ty(next) != s.g.ty(cur) {
             return Err(LowerError::BlockType {
                 block: name,
@@ -292,7 +317,23 @@ pub(crate) fn repeat(
                 span,
             });
         }
+        instances.push(region);
         cur = next;
     }
-    Ok(vec![Val::Tensor(cur)])
+    Ok(Repeated {
+        value: cur,
+        block: name,
+        instances,
+        count: count.span(),
+    })
+}
+
+/// The repeat count: a non-negative integer constant.
+fn repeat_count(count: &Expr, prog: &Program) -> Result<usize, LowerError> {
+    let n = consts::eval_int(count, &prog.dims)?;
+    usize::try_from(n).map_err(|_| LowerError::BadOp {
+        message: format!("repeat count {n} is negative"),
+        span: count.span(),
+        hint: None,
+    })
 }
