@@ -987,8 +987,13 @@ fn train_plan() -> (tpc::driver::Compiled, Plan) {
         .unwrap_or_else(|e| panic!("gpt.tpl trains: {}", e.render(Some(&src))));
     let graph = std::mem::take(&mut c.graph);
     let mesh = Mesh::degree(DEGREE).unwrap();
-    let plan = tpc::driver::plan_declared(graph, Some(mesh), Device::default(), 1)
-        .unwrap_or_else(|e| panic!("gpt.tpl plans: {}", e.render(Some(&src))));
+    let plan = tpc::driver::plan_declared(
+        graph,
+        Some(mesh),
+        Device::default(),
+        &tpc::plan::Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("gpt.tpl plans: {}", e.render(Some(&src))));
     (c, plan)
 }
 

@@ -8,6 +8,7 @@ use crate::ir::Graph;
 use crate::lower::{lower_program, LowerError};
 use crate::mesh::{Device, Mesh, MeshError};
 use crate::partition::PartitionError;
+use crate::pipeline::StageError;
 use crate::plan::micro::MicroError;
 use crate::plan::{Plan, PlanError};
 use crate::sharding::ShardError;
@@ -68,7 +69,10 @@ pub enum Error {
     Autodiff(#[from] AutodiffError),
     /// A program that cannot be split into microbatches.
     #[error(transparent)]
-    Micro(#[from] MicroError),
+    Micro(Box<MicroError>),
+    /// A pipeline that cannot be cut as asked.
+    #[error(transparent)]
+    Stage(Box<StageError>),
 }
 
 impl From<PlanError> for Error {
@@ -77,7 +81,12 @@ impl From<PlanError> for Error {
             PlanError::Shard(e) => Error::Shard(e),
             PlanError::Partition(e) => Error::Partition(e),
             PlanError::Verify(e) => Error::Verify(e),
-            PlanError::Micro(e) => Error::Micro(e),
+            PlanError::Micro(e) => Error::Micro(Box::new(e)),
+            PlanError::Stage(StageError::Internal(e)) => Error::Verify(VerifyError {
+                stage: "pipeline",
+                detail: e,
+            }),
+            PlanError::Stage(e) => Error::Stage(Box::new(e)),
             PlanError::PlanVerify(e) => Error::Verify(VerifyError {
                 stage: "partition (plan verifier)",
                 detail: e.to_string(),
@@ -104,7 +113,8 @@ impl Error {
             Error::Lower(e) => diag::render(e, src),
             Error::Mesh(e) => diag::render(e, None),
             Error::Shard(e) => diag::render(e, src),
-            Error::Micro(e) => diag::render(e, src),
+            Error::Micro(e) => diag::render(e.as_ref(), src),
+            Error::Stage(e) => diag::render(e.as_ref(), src),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),
@@ -132,13 +142,13 @@ pub fn compile_plan(
 /// Plans the global program `g` by the command line's rules: every axis of `mesh` must be one
 /// the program declares (an undeclared axis is an error with a did-you-mean, where
 /// [`compile_plan`] would replicate over it); declared axes the mesh does not size get size 1,
-/// and no mesh at all means every declared axis at size 1. The batch is split into
-/// `microbatches` (1: not split).
+/// and no mesh at all means every declared axis at size 1. `options` set the microbatches and
+/// the pipeline schedule.
 pub fn plan_declared(
     g: Graph,
     mesh: Option<Mesh>,
     device: Device,
-    microbatches: u64,
+    options: &crate::plan::Options,
 ) -> Result<Plan, Error> {
     let mesh = match mesh {
         Some(m) => {
@@ -147,7 +157,7 @@ pub fn plan_declared(
         }
         None => Mesh::new(Vec::new())?,
     };
-    Ok(Plan::build_with(g, mesh, device, microbatches)?)
+    Ok(Plan::build_with(g, mesh, device, options)?)
 }
 
 /// Reads `path` as a UTF-8 source file.

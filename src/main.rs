@@ -55,11 +55,25 @@ struct CompileArgs {
     #[arg(long)]
     forward_only: bool,
     /// Microbatches per training step: dim 0 of every input split into M pieces run one after
-    /// another, their gradients accumulated (the step equals the full batch's).
-    #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    microbatches: u64,
+    /// another, their gradients accumulated (the step equals the full batch's). Default: the
+    /// pipeline axis's size for a pipelined program, else 1.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
+    microbatches: Option<u64>,
+    /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward) or gpipe.
+    #[arg(long, value_name = "KIND", default_value = "1f1b", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
+    schedule: tpc::pipeline::schedule::ScheduleKind,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+impl CompileArgs {
+    /// The planner options of the command line.
+    fn plan_options(&self) -> tpc::plan::Options {
+        tpc::plan::Options {
+            microbatches: self.microbatches,
+            schedule: self.schedule,
+        }
+    }
 }
 
 /// Device constants of the cost model (defaults: a GPU-like device; see the README).
@@ -290,7 +304,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
     let g = compile_source(&src, &overrides, args.forward_only, false)?.graph;
     if mesh.is_some() {
-        let plan = driver::plan_declared(g, mesh, device, args.microbatches)
+        let plan = driver::plan_declared(g, mesh, device, &args.plan_options())
             .map_err(|e| fail(e, Some(src.clone())))?;
         let text = match args.emit {
             Emit::Text => tpc::emit::plan::print(&plan),

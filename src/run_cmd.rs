@@ -73,9 +73,13 @@ pub struct RunArgs {
     #[arg(long)]
     forward_only: bool,
     /// Microbatches per training step: dim 0 of every input split into M pieces run one after
-    /// another, their gradients accumulated (the step equals the full batch's).
-    #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    microbatches: u64,
+    /// another, their gradients accumulated (the step equals the full batch's). Default: the
+    /// pipeline axis's size for a pipelined program, else 1.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
+    microbatches: Option<u64>,
+    /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward) or gpipe.
+    #[arg(long, value_name = "KIND", default_value = "1f1b", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
+    schedule: tpc::pipeline::schedule::ScheduleKind,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -88,6 +92,16 @@ pub struct RunArgs {
     grads: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+impl RunArgs {
+    /// The planner options of the command line.
+    fn plan_options(&self) -> tpc::plan::Options {
+        tpc::plan::Options {
+            microbatches: self.microbatches,
+            schedule: self.schedule,
+        }
+    }
 }
 
 /// Runs `tpc run`: one thread per device, or, when built with the `mpi` feature and started by
@@ -566,7 +580,7 @@ fn load(args: &RunArgs, device: Device) -> Result<Runnable, Failure> {
     if c.loss.is_some() {
         return Ok(Runnable::Train(Box::new((c, src, mesh))));
     }
-    driver::plan_declared(c.graph, mesh, device, args.microbatches)
+    driver::plan_declared(c.graph, mesh, device, &args.plan_options())
         .map(|p| Runnable::Plan(Box::new(p)))
         .map_err(|e| fail(e, Some(src)))
 }

@@ -34,7 +34,17 @@ fn compiled() -> Compiled {
 
 fn planned(c: &Compiled, mesh: &str, m: u64) -> Plan {
     let g = c.graph.clone();
-    plan_declared(g, Some(Mesh::parse(mesh).unwrap()), Device::default(), m).expect("plans")
+    let options = tpc::plan::Options {
+        microbatches: Some(m),
+        ..Default::default()
+    };
+    plan_declared(
+        g,
+        Some(Mesh::parse(mesh).unwrap()),
+        Device::default(),
+        &options,
+    )
+    .expect("plans")
 }
 
 fn train(c: &Compiled, plan: &Plan, steps: usize) -> Trained {

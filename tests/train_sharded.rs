@@ -276,7 +276,7 @@ fn summary_has_phases_and_memory_by_kind() {
         forward.graph,
         Some(tpc::mesh::Mesh::degree(8).unwrap()),
         tpc::mesh::Device::default(),
-        1,
+        &tpc::plan::Options::default(),
     )
     .expect("plans");
     let m = &plan.summary.memory_bytes_per_device;
@@ -302,7 +302,7 @@ fn a_free_weight_split_by_propagation_keeps_its_gradient_split() {
         step.graph,
         Some(tpc::mesh::Mesh::degree(8).unwrap()),
         tpc::mesh::Device::default(),
-        1,
+        &tpc::plan::Options::default(),
     )
     .expect("plans");
     assert_eq!(count(&plan, "all_gather"), 0, "{:?}", collectives(&plan));

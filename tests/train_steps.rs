@@ -38,7 +38,13 @@ fn compiled(optimizer: &str, gradients: bool) -> Compiled {
 
 fn planned(c: &mut Compiled, mesh: &str) -> Plan {
     let g = std::mem::take(&mut c.graph);
-    plan_declared(g, Some(Mesh::parse(mesh).unwrap()), Device::default(), 1).expect("plans")
+    plan_declared(
+        g,
+        Some(Mesh::parse(mesh).unwrap()),
+        Device::default(),
+        &tpc::plan::Options::default(),
+    )
+    .expect("plans")
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {

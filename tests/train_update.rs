@@ -96,7 +96,13 @@ fn the_step_with_its_update_equals_the_reference_sharded() {
     for opt in ["sgd(lr=0.1, momentum=0.9)", "adamw(lr=0.001)"] {
         for m in ["tp=4", "dp=2,tp=4", "dp=4,tp=2"] {
             let c = compiled(opt);
-            let plan = plan_declared(c.graph, Some(mesh(m)), Device::default(), 1).expect("plans");
+            let plan = plan_declared(
+                c.graph,
+                Some(mesh(m)),
+                Device::default(),
+                &tpc::plan::Options::default(),
+            )
+            .expect("plans");
             check_plan(&plan).unwrap_or_else(|e| panic!("{opt} on {m}: {e}"));
             let update = &plan.summary.phases["update"].collectives;
             assert!(

@@ -77,7 +77,102 @@ fn summary_lines(p: &Plan) -> Vec<String> {
     if p.local.is_training_step() {
         v.extend(training_lines(s));
     }
+    if let Some(pl) = &p.pipeline {
+        v.extend(pipeline_lines(pl));
+        v.extend(transfer_lines(p, pl));
+    }
     v
+}
+
+/// For a pipelined step: the stages, the schedule as a table, the boundary messages, and each
+/// stage's time and memory.
+fn pipeline_lines(pl: &crate::pipeline::Pipeline) -> Vec<String> {
+    let s = &pl.summary;
+    let peak = s
+        .peak_activation_microbatches
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let mut v = vec![format!(
+        "pipeline: {}={} stages, {} microbatches, {}; bubble {:.1}%; at most {peak} microbatches of \
+         activations held (stage 0); {} boundary messages per step, {} once-per-step transfers",
+        pl.axis,
+        pl.stages,
+        pl.microbatches,
+        pl.schedule,
+        100.0 * s.bubble_fraction,
+        s.sends_per_step,
+        s.step_transfers,
+    )];
+    v.push(format!(
+        "pipeline step time: {} (schedule {}; busiest stage: compute {}, communication {}, idle {})",
+        secs(s.step_time_s),
+        secs(s.schedule_s),
+        secs(s.split_s.0),
+        secs(s.split_s.1),
+        secs(s.split_s.2)
+    ));
+    for st in &s.per_stage {
+        v.push(format!(
+            "stage {}: instances {}..{}; forward {} and backward {} per microbatch, step {}; \
+             params {}, activations {} per microbatch × {} held",
+            st.stage,
+            st.instances.0,
+            st.instances.1,
+            secs(st.forward_s),
+            secs(st.backward_s),
+            secs(st.step_s),
+            bytes(st.param_bytes),
+            bytes(st.activation_bytes_per_microbatch),
+            st.peak_activation_microbatches
+        ));
+    }
+    for m in &s.messages {
+        v.push(format!(
+            "message stage {} -> {} ({}): {} values, {} per microbatch",
+            m.from,
+            m.to,
+            m.dir,
+            m.values,
+            bytes(m.bytes)
+        ));
+    }
+    v.push("schedule (F = 1 slot, B = 2):".into());
+    if let Ok(table) = crate::pipeline::schedule::table(&pl.actions) {
+        v.extend(table.lines().map(|l| format!("  {l}")));
+    }
+    v
+}
+
+/// Each value crossing stages: which, from where to where, how, and its bytes.
+fn transfer_lines(p: &Plan, pl: &crate::pipeline::Pipeline) -> Vec<String> {
+    pl.transfers
+        .iter()
+        .map(|t| {
+            let v = t.value;
+            let name = p.local.value(v).name.as_deref().unwrap_or("");
+            let maker = p.local.node(p.local.value(v).node);
+            let region = &p.local.region(maker.region).path;
+            let how = match t.crossing {
+                crate::pipeline::Crossing::Forward => "forward, in each microbatch's messages",
+                crate::pipeline::Crossing::Backward => "backward, in each microbatch's messages",
+                crate::pipeline::Crossing::Step => "once per step",
+            };
+            format!(
+                "transfer {v} {name} ({} in {}): stage {} -> {} {how}, {}",
+                maker.op.name(),
+                if region.is_empty() {
+                    "the program"
+                } else {
+                    region
+                },
+                t.from,
+                t.to,
+                bytes(p.local.ty(v).size_bytes())
+            )
+        })
+        .collect()
 }
 
 /// For a training step: the collectives of each phase (kinds in use) and memory by kind.

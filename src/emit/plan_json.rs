@@ -16,6 +16,7 @@ use crate::ir::verify::verify;
 use crate::ir::{Graph, GraphParts, IdVec, Local, NodeId, Op, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
+use crate::pipeline::Pipeline;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
 use crate::plan::{Plan, Summary};
 use crate::sharding::Placement;
@@ -50,6 +51,9 @@ pub struct PlanDoc {
     pub origin: Vec<Option<ValueId>>,
     /// Why each collective or local slice is there, by node, in node order.
     pub provenance: Vec<(NodeId<Local>, Provenance)>,
+    /// The pipeline's stages and schedule (recomputed on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
 }
 
 /// Why a plan document could not be loaded.
@@ -117,6 +121,15 @@ struct Incoming {
     placements: Vec<Placement>,
     origin: Vec<Option<ValueId>>,
     provenance: Vec<(NodeId<Local>, Provenance)>,
+    #[serde(default)]
+    pipeline: Option<PipelineShape>,
+}
+
+/// The stored pipeline's schedule (the rest is recomputed from the programs).
+#[derive(Deserialize)]
+struct PipelineShape {
+    schedule: crate::pipeline::schedule::ScheduleKind,
+    actions: Vec<Vec<crate::pipeline::schedule::Action>>,
 }
 
 /// The documented shape of the stored summary (other keys are ignored).
@@ -157,6 +170,7 @@ pub fn to_json(p: &Plan) -> String {
             .iter()
             .map(|(n, pr)| (*n, pr.clone()))
             .collect(),
+        pipeline: p.pipeline.clone(),
     };
     serde_json::to_string_pretty(&doc).expect("a plan document always serializes")
 }
@@ -195,6 +209,16 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     let provenance = check_provenance(&local, doc.provenance)?;
     check_traffic(&local)?;
     let summary = Summary::compute(&local, &mesh, &doc.device);
+    let pipeline = match &doc.pipeline {
+        Some(p) => crate::pipeline::plan(&global, &local, &mesh, &doc.device, p.schedule)
+            .map_err(|e| corrupt(format!("pipeline: {e}")))?,
+        None => None,
+    };
+    if pipeline.as_ref().map(|p| &p.actions) != doc.pipeline.as_ref().map(|p| &p.actions) {
+        return Err(corrupt(
+            "its pipeline schedule is not the one of its program",
+        ));
+    }
     Ok(Plan {
         mesh,
         device: doc.device,
@@ -204,6 +228,7 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
         origin,
         provenance,
         summary,
+        pipeline,
     })
 }
 

@@ -40,7 +40,7 @@ pub enum MicroError {
         count: u64,
     },
     /// An input whose dim 0 does not split into the microbatches.
-    #[error("--microbatches {count} does not divide the batch: input `{input}` has {size} rows on dim 0{per}")]
+    #[error("--microbatches {count}{default} does not divide the batch: input `{input}` has {size} rows on dim 0{per}")]
     #[diagnostic(
         code(tpc::microbatches),
         help("choose a number of microbatches that divides every input's dim 0 (the batch)")
@@ -54,6 +54,8 @@ pub enum MicroError {
         per: String,
         /// Microbatches asked for.
         count: u64,
+        /// ` (the default: ...)` when not given, else empty.
+        default: String,
         /// The input's declaration.
         #[label("dim 0 is split into {count} microbatches")]
         span: Span,
@@ -75,6 +77,30 @@ pub enum MicroError {
         #[label("here")]
         span: Span,
     },
+}
+
+impl MicroError {
+    /// The error for microbatches the user did not ask for: the pipeline's default.
+    pub fn defaulted(self) -> MicroError {
+        match self {
+            MicroError::Indivisible {
+                input,
+                size,
+                per,
+                count,
+                span,
+                ..
+            } => MicroError::Indivisible {
+                input,
+                size,
+                per,
+                count,
+                default: " (the default: one per pipeline stage)".into(),
+                span,
+            },
+            e => e,
+        }
+    }
 }
 
 /// Where each node of a microbatched program runs.
@@ -151,6 +177,7 @@ fn input_annotation(
             size,
             per,
             count,
+            default: String::new(),
             span: node_span,
         });
     }
@@ -160,15 +187,24 @@ fn input_annotation(
 
 /// Where each node of `g` (partitioned over `mesh`) runs, or `None` without microbatches.
 pub fn split(g: &Graph<Local>, mesh: &Mesh) -> Result<Option<Microbatches>, MicroError> {
-    let Some(axis) = mesh.temporal() else {
-        return Ok(None);
-    };
-    let name = mesh.axis_name(axis);
+    match mesh.temporal() {
+        Some(axis) => classify(g, Some((axis, mesh))).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Where each node of `g` runs: once per microbatch or once per step (after the accumulations
+/// over the temporal axis `axis` of `mesh`, if any; without one, a single microbatch).
+pub fn classify(
+    g: &Graph<Local>,
+    axis: Option<(usize, &Mesh)>,
+) -> Result<Microbatches, MicroError> {
+    let name = axis.map_or("", |(a, mesh)| mesh.axis_name(a));
     let mut step = vec![false; g.num_nodes()];
     let mut accumulate = vec![false; g.num_nodes()];
     let mut per_mb = vec![false; g.num_values()];
     for (id, n) in g.nodes() {
-        let temporal = n.op.mesh_axes().iter().any(|(a, _)| *a == name);
+        let temporal = axis.is_some() && n.op.mesh_axes().iter().any(|(a, _)| *a == name);
         let reads_step = n.inputs.iter().any(|v| step[g.value(*v).node.index()]);
         let i = id.index();
         let local = matches!(n.op, Op::ShardSlice { .. } | Op::KeepOnFirst { .. });
@@ -177,7 +213,14 @@ pub fn split(g: &Graph<Local>, mesh: &Mesh) -> Result<Option<Microbatches>, Micr
             accumulate[i] = true;
             step[i] = true;
         } else if !n.op.is_leaf() {
-            step[i] = reads_step || g.region(n.region).phase == Phase::Update;
+            let phase = g.region(n.region).phase;
+            // A forward-region node reading the backward's result is an output's reshard of
+            // a gradient: it runs after the backward, with the step.
+            let after = phase == Phase::Forward
+                && n.inputs
+                    .iter()
+                    .any(|v| g.region(g.node(g.value(*v).node).region).phase == Phase::Backward);
+            step[i] = reads_step || after || phase == Phase::Update;
             if temporal && step[i] {
                 return Err(MicroError::Mixes {
                     what: format!("{} over the microbatches runs once per step", n.op.name()),
@@ -185,7 +228,7 @@ pub fn split(g: &Graph<Local>, mesh: &Mesh) -> Result<Option<Microbatches>, Micr
                 });
             }
         }
-        if step[i] && !accumulate[i] {
+        if axis.is_some() && step[i] && !accumulate[i] {
             if let Some(&v) = n.inputs.iter().find(|v| per_mb[v.index()]) {
                 return Err(mixes(g, id, v));
             }
@@ -195,13 +238,15 @@ pub fn split(g: &Graph<Local>, mesh: &Mesh) -> Result<Option<Microbatches>, Micr
             per_mb[o.index()] = varies || (!step[i] && !n.op.is_leaf());
         }
     }
-    check_outputs(g, &per_mb)?;
-    Ok(Some(Microbatches {
-        axis,
-        count: mesh.axis_size(axis),
+    if axis.is_some() {
+        check_outputs(g, &per_mb)?;
+    }
+    Ok(Microbatches {
+        axis: axis.map_or(0, |(a, _)| a),
+        count: axis.map_or(1, |(a, mesh)| mesh.axis_size(a)),
         step,
         accumulate,
-    }))
+    })
 }
 
 /// A temporal collective must be a one-operand sum: anything else combines microbatches.

@@ -14,6 +14,8 @@ use crate::ir::verify::{verify, VerifyError};
 use crate::ir::{Graph, IdVec, Local, NodeId, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::{partition, PartitionError, Provenance};
+use crate::pipeline::schedule::ScheduleKind;
+use crate::pipeline::{Pipeline, StageError};
 use crate::sharding::{propagate, Placement, ShardError};
 use std::collections::BTreeMap;
 
@@ -44,6 +46,8 @@ pub struct Plan {
     pub provenance: BTreeMap<NodeId<Local>, Provenance>,
     /// Costs and counts.
     pub summary: Summary,
+    /// With a pipelined repeat: the stages, their schedule and its costs.
+    pub pipeline: Option<Pipeline>,
 }
 
 /// Why a plan could not be built.
@@ -61,6 +65,9 @@ pub enum PlanError {
     /// A program that cannot be split into the microbatches asked for.
     #[error(transparent)]
     Micro(#[from] micro::MicroError),
+    /// A pipeline that cannot be cut as asked.
+    #[error(transparent)]
+    Stage(#[from] StageError),
     /// A compiler bug caught by the plan verifier (the local program does not compute the
     /// global one).
     #[error("internal compiler error (plan verifier, after partition): {0}")]
@@ -77,22 +84,31 @@ impl Plan {
     /// Propagates placements over `mesh`, partitions, verifies and costs `global`. Mesh axes
     /// the program declares but `mesh` lacks are added with size 1 (they split nothing).
     pub fn build(global: Graph, mesh: Mesh, device: Device) -> Result<Plan, PlanError> {
-        Plan::build_with(global, mesh, device, 1)
+        Plan::build_with(global, mesh, device, &Options::default())
     }
 
-    /// [`Plan::build`] with the batch split into `microbatches` run one after another (their
-    /// gradients accumulated; 1: no split).
+    /// [`Plan::build`] with the batch split into microbatches run one after another (their
+    /// gradients accumulated) and, for a pipelined program, the stages' schedule.
     pub fn build_with(
         global: Graph,
         mesh: Mesh,
         device: Device,
-        microbatches: u64,
+        options: &Options,
     ) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
+        crate::pipeline::check_stages(&global, &mesh)?;
+        let microbatches = options
+            .microbatches
+            .unwrap_or_else(|| default_microbatches(&global, &mesh));
         let (global, mesh) = match microbatches {
             0 | 1 => (global, mesh),
             m => (
-                micro::annotate(&global, &mesh, m)?,
+                micro::annotate(&global, &mesh, m).map_err(|e| match e {
+                    micro::MicroError::Indivisible { .. } if options.microbatches.is_none() => {
+                        e.defaulted()
+                    }
+                    e => e,
+                })?,
                 mesh.with_microbatches(m).map_err(micro::MicroError::from)?,
             ),
         };
@@ -102,7 +118,12 @@ impl Plan {
         let part = merge::merge(part, &mesh);
         verify(&part.local, "merge")?;
         let temporal = mesh.temporal().map(|a| mesh.axis_name(a).to_string());
-        let part = bucket::fuse(part, device.bucket_bytes, temporal.as_deref());
+        // A bucket would join gradients of different pipeline stages into one message.
+        let cap = match crate::pipeline::pipelined(&global, &mesh) {
+            true => 0,
+            false => device.bucket_bytes,
+        };
+        let part = bucket::fuse(part, cap, temporal.as_deref());
         verify(&part.local, "bucket")?;
         micro::split(&part.local, &mesh)?;
         verify::verify(verify::PlanParts {
@@ -113,6 +134,8 @@ impl Plan {
             origin: &part.origin,
         })?;
         let summary = Summary::compute(&part.local, &mesh, &device);
+        let pipeline =
+            crate::pipeline::plan(&global, &part.local, &mesh, &device, options.schedule)?;
         Ok(Plan {
             mesh,
             device,
@@ -122,6 +145,7 @@ impl Plan {
             origin: part.origin,
             provenance: part.provenance,
             summary,
+            pipeline,
         })
     }
 
@@ -129,6 +153,34 @@ impl Plan {
     /// which stay live to the end); `None` when never read.
     pub fn last_uses(&self) -> IdVec<ValueId<Local>, Option<usize>> {
         last_uses(&self.local)
+    }
+}
+
+/// Planner options beyond the mesh and the cost model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options {
+    /// Microbatches per step (`None`: the pipeline axis's size for a pipelined training step,
+    /// else 1).
+    pub microbatches: Option<u64>,
+    /// The pipeline schedule.
+    pub schedule: ScheduleKind,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            microbatches: Some(1),
+            schedule: ScheduleKind::OneFOneB,
+        }
+    }
+}
+
+/// As many microbatches as pipeline stages (each stage busy in the steady state), for a
+/// pipelined training step; else 1.
+fn default_microbatches(global: &Graph, mesh: &Mesh) -> u64 {
+    match global.pipeline().and_then(|p| mesh.axis_index(&p.axis)) {
+        Some(a) if global.is_training_step() => mesh.axis_size(a),
+        _ => 1,
     }
 }
 

@@ -266,7 +266,12 @@ fn propagate_with(
     let rank = mesh.rank();
     let mut strategies = vec![Strategy::Replicate; g.num_nodes() * rank];
     let mut states = vec![AxisPl::Replicate; g.num_values() * rank];
+    let inert = g.pipeline().and_then(|p| mesh.axis_index(&p.axis));
     for a in 0..rank {
+        // The pipeline axis splits nothing: every value stays whole on each stage's devices.
+        if inert == Some(a) {
+            continue;
+        }
         let ctx = AxisCtx {
             g,
             mesh,
