@@ -11,6 +11,7 @@ pub mod plan_dot;
 pub mod plan_json;
 mod regions;
 pub mod text;
+pub mod timeline;
 
 use crate::ir::{Global, Graph, Node, Region, RegionId, Space, Value, ValueId};
 
