@@ -132,6 +132,8 @@ enum Emit {
     Json,
     /// Graphviz DOT.
     Dot,
+    /// A pipelined plan's schedule as an SVG picture (stages, F/B boxes, messages).
+    Timeline,
 }
 
 /// Exit code for errors in the user's input.
@@ -310,6 +312,9 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
             Emit::Text => tpc::emit::plan::print(&plan),
             Emit::Json => tpc::emit::plan_json::to_json(&plan),
             Emit::Dot => tpc::emit::plan_dot::print(&plan),
+            Emit::Timeline => {
+                tpc::emit::timeline::of_plan(&plan).map_err(|e| anyhow::anyhow!("{e}"))?
+            }
         };
         write_output(args.output.as_deref(), &text)?;
         return Ok(());
@@ -323,6 +328,12 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
                 collapse_repeats: true,
             },
         ),
+        Emit::Timeline => {
+            return Err(anyhow::anyhow!(
+                "--emit timeline draws a plan's pipeline schedule: give a mesh (--mesh pp=...)"
+            )
+            .into())
+        }
     };
     write_output(args.output.as_deref(), &text)?;
     Ok(())

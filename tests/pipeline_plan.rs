@@ -263,3 +263,51 @@ fn splits(n: usize, p: usize) -> Vec<Vec<(usize, usize)>> {
         })
         .collect()
 }
+
+#[test]
+fn the_timeline_draws_the_plans_schedule() {
+    let dir = scratch("pipeline_timeline");
+    let svg = dir.join("t.svg");
+    let out = svg.to_str().unwrap();
+    let o = tpc(&[
+        "compile",
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "pp=4",
+        "--set",
+        "L=8",
+        "--set",
+        "B=16",
+        "--microbatches",
+        "8",
+        "--emit",
+        "timeline",
+        "-o",
+        out,
+    ]);
+    assert_exit(&o, 0);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("valid XML");
+    let class = |c: &str| {
+        doc.descendants()
+            .filter(|n| n.attribute("class") == Some(c))
+            .count()
+    };
+    assert_eq!(class("stage"), 4);
+    assert_eq!((class("f"), class("b")), (32, 32));
+    assert_eq!(class("send-f") + class("send-b"), 2 * 3 * 8);
+    assert!(
+        text.contains("stage 0: layer.0–1"),
+        "stage labels name the instances"
+    );
+    let o = tpc(&[
+        "compile",
+        "examples/gpt_train.tpl",
+        "--mesh",
+        "tp=2",
+        "--emit",
+        "timeline",
+    ]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "this plan has none");
+}

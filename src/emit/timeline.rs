@@ -24,6 +24,14 @@ pub struct TimelineInfo {
 /// Input the picture cannot be drawn from.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum TimelineError {
+    /// A plan without pipeline stages.
+    #[error("--emit timeline draws a pipeline's schedule; this plan has none (a training step with `repeat(...) @ pp` on a mesh with pp > 1)")]
+    #[diagnostic(code(tpc::bad_timeline))]
+    NoPipeline,
+    /// The schedule could not be timed.
+    #[error("{0}")]
+    #[diagnostic(code(tpc::bad_timeline))]
+    Schedule(String),
     /// A per-stage list whose length is not the number of stages.
     #[error("{what} has {len} entries for {stages} stages")]
     #[diagnostic(code(tpc::bad_timeline))]
@@ -702,4 +710,35 @@ mod tests {
         assert_eq!(Unit::for_span(5e-4).show(1.5e-4), "150.00 µs");
         assert_eq!(Unit::for_span(2.0).show(1.2e-3), "1.20 ms");
     }
+}
+
+/// The timeline of `plan`'s pipeline, timed by its cost model.
+pub fn of_plan(plan: &crate::plan::Plan) -> Result<String, TimelineError> {
+    let pl = plan.pipeline.as_ref().ok_or(TimelineError::NoPipeline)?;
+    let s = &pl.summary;
+    let durations = crate::pipeline::summary::durations(&s.per_stage, &s.messages, &plan.device);
+    let timeline = crate::pipeline::schedule::simulate(&pl.actions, &durations)
+        .map_err(|e| TimelineError::Schedule(e.to_string()))?;
+    let block = plan.global.pipeline().map_or("", |p| p.block.as_str());
+    let info = TimelineInfo {
+        title: format!(
+            "{} on {}: {}, {} microbatches",
+            super::file_name(&plan.global.source),
+            plan.mesh,
+            pl.schedule,
+            pl.microbatches
+        ),
+        stage_labels: s
+            .per_stage
+            .iter()
+            .map(|st| {
+                let (a, b) = st.instances;
+                format!("stage {}: {block}.{a}–{}", st.stage, b.saturating_sub(1))
+            })
+            .collect(),
+        forward_collective_s: s.per_stage.iter().map(|st| st.collective_s.0).collect(),
+        backward_collective_s: s.per_stage.iter().map(|st| st.collective_s.1).collect(),
+        step: s.per_stage.iter().map(|st| st.step_s).collect(),
+    };
+    svg(&pl.actions, &timeline, &info)
 }

@@ -102,12 +102,7 @@ pub fn compute(
     add_times(g, parts, &runs, &costs, &mut per_stage);
     add_memory(g, parts, &runs, &mut per_stage);
     let messages = messages(g, transfers, p);
-    let biggest = messages.iter().map(|m| m.bytes).max().unwrap_or(0) as f64;
-    let durations = Durations {
-        forward: per_stage.iter().map(|s| s.forward_s).collect(),
-        backward: per_stage.iter().map(|s| s.backward_s).collect(),
-        p2p: dev.latency + biggest / dev.bandwidth,
-    };
+    let durations = durations(&per_stage, &messages, dev);
     let timeline =
         schedule::simulate(actions, &durations).map_err(|e| StageError::Internal(e.to_string()))?;
     let m = parts.count as f64;
@@ -135,6 +130,21 @@ pub fn compute(
         split_s: (busy - comm, comm, (timeline.makespan - busy).max(0.0)),
         per_stage,
     })
+}
+
+/// The schedule's durations: each stage's forward and backward of one microbatch, and a
+/// message's time (latency plus the largest message at the link's bandwidth).
+pub fn durations(
+    per_stage: &[StageSummary],
+    messages: &[MessageSummary],
+    dev: &Device,
+) -> Durations {
+    let biggest = messages.iter().map(|m| m.bytes).max().unwrap_or(0) as f64;
+    Durations {
+        forward: per_stage.iter().map(|s| s.forward_s).collect(),
+        backward: per_stage.iter().map(|s| s.backward_s).collect(),
+        p2p: dev.latency + biggest / dev.bandwidth,
+    }
 }
 
 /// Per local node, the stages that run it: its own, or (run everywhere) those of its readers.
