@@ -94,7 +94,12 @@ fn pipeline_lines(pl: &crate::pipeline::Pipeline) -> Vec<String> {
         .max()
         .copied()
         .unwrap_or(0);
-    let mut v = vec![format!(
+    let mut v = vec![
+        "pipeline: the figures above count every stage's work as one device's; each stage's own \
+         follow"
+            .to_string(),
+    ];
+    v.push(format!(
         "pipeline: {}={} stages, {} microbatches, {}; bubble {:.1}%; at most {peak} microbatches of \
          activations held (stage 0); {} boundary messages per step, {} once-per-step transfers",
         pl.axis,
@@ -104,7 +109,7 @@ fn pipeline_lines(pl: &crate::pipeline::Pipeline) -> Vec<String> {
         100.0 * s.bubble_fraction,
         s.sends_per_step,
         s.step_transfers,
-    )];
+    ));
     v.push(format!(
         "pipeline step time: {} (schedule {}; busiest stage: compute {}, communication {}, idle {})",
         secs(s.step_time_s),

@@ -686,32 +686,6 @@ fn escape(s: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_markup_and_control_characters() {
-        assert_eq!(escape("a<b>&\"c'\u{1}"), "a&lt;b&gt;&amp;&quot;c&apos; ");
-    }
-
-    #[test]
-    fn ticks_are_round() {
-        assert_eq!(tick_step(10.0), (2.0, 0));
-        let (step, decimals) = tick_step(0.7);
-        assert!((step - 0.1).abs() < 1e-12 && decimals == 1);
-        assert_eq!(tick_step(0.0), (0.0, 0));
-        assert_eq!(tick_count(10.0, 2.0), 5);
-        assert_eq!(tick_count(0.0, 0.0), 0);
-    }
-
-    #[test]
-    fn small_spans_use_microseconds() {
-        assert_eq!(Unit::for_span(5e-4).show(1.5e-4), "150.00 µs");
-        assert_eq!(Unit::for_span(2.0).show(1.2e-3), "1.20 ms");
-    }
-}
-
 /// The timeline of `plan`'s pipeline, timed by its cost model.
 pub fn of_plan(plan: &crate::plan::Plan) -> Result<String, TimelineError> {
     let pl = plan.pipeline.as_ref().ok_or(TimelineError::NoPipeline)?;
@@ -741,4 +715,30 @@ pub fn of_plan(plan: &crate::plan::Plan) -> Result<String, TimelineError> {
         step: s.per_stage.iter().map(|st| st.step_s).collect(),
     };
     svg(&pl.actions, &timeline, &info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_control_characters() {
+        assert_eq!(escape("a<b>&\"c'\u{1}"), "a&lt;b&gt;&amp;&quot;c&apos; ");
+    }
+
+    #[test]
+    fn ticks_are_round() {
+        assert_eq!(tick_step(10.0), (2.0, 0));
+        let (step, decimals) = tick_step(0.7);
+        assert!((step - 0.1).abs() < 1e-12 && decimals == 1);
+        assert_eq!(tick_step(0.0), (0.0, 0));
+        assert_eq!(tick_count(10.0, 2.0), 5);
+        assert_eq!(tick_count(0.0, 0.0), 0);
+    }
+
+    #[test]
+    fn small_spans_use_microseconds() {
+        assert_eq!(Unit::for_span(5e-4).show(1.5e-4), "150.00 µs");
+        assert_eq!(Unit::for_span(2.0).show(1.2e-3), "1.20 ms");
+    }
 }
