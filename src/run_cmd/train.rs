@@ -385,7 +385,7 @@ fn check(
 /// The relative size of the perturbed reference's changes to every op result: about 16 f32
 /// roundings, so an element's move there bounds what a different summation order (sharding)
 /// can do to it, with `NOISE_FACTOR` to spare.
-const PERTURBATION: f32 = 1e-6;
+pub(super) const PERTURBATION: f32 = 1e-6;
 
 fn scalar_tensor(x: f32) -> Tensor {
     Tensor::from(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), x))
