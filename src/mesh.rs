@@ -108,17 +108,19 @@ impl Mesh {
                 axis: MICROBATCH_AXIS.into(),
             });
         }
+        // The microbatches add no devices, so only the device axes count toward the limit.
         let mut axes = vec![(MICROBATCH_AXIS.to_string(), count)];
-        axes.extend(self.axes.iter().cloned());
-        let mut m = Mesh::new(axes)?;
-        m.temporal = Some(0);
-        Ok(m)
+        axes.extend(self.devices_mesh().axes);
+        Ok(Mesh {
+            axes,
+            temporal: Some(0),
+        })
     }
 
     /// This mesh validated again (as read from a document): its axes as [`Mesh::new`] checks
     /// them, and a temporal axis only as [`Mesh::with_microbatches`] makes it.
     pub fn checked(&self) -> Result<Mesh, MeshError> {
-        let mut m = Mesh::new(self.axes.clone())?;
+        let mut m = Mesh::new(self.devices_mesh().axes)?;
         if let Some(a) = self.temporal {
             let ok = a == 0
                 && self
@@ -133,7 +135,7 @@ impl Mesh {
                     ),
                 });
             }
-            m.temporal = Some(a);
+            m = m.with_microbatches(self.axes[0].1)?;
         }
         Ok(m)
     }

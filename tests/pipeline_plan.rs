@@ -180,14 +180,43 @@ fn the_plan_shows_and_keeps_its_schedule() {
     // training run does (AdamW on near-zero gradients moves with any rounding).
     let o = tpc(&["run", j, "--check"]);
     assert_exit(&o, 0);
-    let tampered = std::fs::read_to_string(&json)
-        .unwrap()
-        .replacen("\"SF1+RB0\"", "\"SF1\"", 1);
+    let original = std::fs::read_to_string(&json).unwrap();
+    let tampered = original.replacen("\"SF1+RB0\"", "\"SF1\"", 1);
     std::fs::write(&json, tampered).unwrap();
     let o = tpc(&["run", j]);
     assert_exit(&o, 1);
     assert_stderr_has(&o, "pipeline schedule");
+    // Every field of the stored pipeline must be the one recomputed from the programs.
+    let doc: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let edits: [(&str, Edit); 4] = [
+        ("microbatches", |p| p["microbatches"] = 4.into()),
+        ("instances", |p| {
+            p["instances"] = serde_json::json!([[0, 1], [1, 4]])
+        }),
+        ("transfers", |p| p["transfers"] = serde_json::json!([])),
+        ("summary", |p| p["summary"]["sends_per_step"] = 999.into()),
+    ];
+    for (field, edit) in edits {
+        let mut d = doc.clone();
+        edit(&mut d["pipeline"]);
+        std::fs::write(&json, serde_json::to_string(&d).unwrap()).unwrap();
+        let o = tpc(&["run", j]);
+        assert_exit(&o, 1);
+        assert_stderr_has(
+            &o,
+            &format!("its pipeline {field} is not the one of its program"),
+        );
+    }
+    let mut d = doc.clone();
+    d.as_object_mut().unwrap().remove("pipeline");
+    std::fs::write(&json, serde_json::to_string(&d).unwrap()).unwrap();
+    let o = tpc(&["run", j]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "its pipeline (present or absent)");
 }
+
+/// A change to a JSON document.
+type Edit = fn(&mut serde_json::Value);
 
 #[test]
 fn impossible_pipelines_are_clear_errors() {

@@ -464,10 +464,15 @@ fn moved_type(p: &Plan, n: &Node<Local>) -> String {
 fn collectives_table(p: &Plan) -> String {
     let mut rows: Vec<(f64, String)> = Vec::new();
     let file = file_name(&p.global.source);
+    let temporal = p.mesh.temporal().map(|a| p.mesh.axis_name(a));
     for (id, n) in p.local.nodes() {
         let Some((kind, size)) = CollectiveKind::of(&n.op) else {
             continue;
         };
+        // A sum over the microbatches is a local accumulation, not a collective.
+        if n.op.mesh_axes().iter().any(|(a, _)| Some(*a) == temporal) {
+            continue;
+        }
         let b = n
             .inputs
             .iter()

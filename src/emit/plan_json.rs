@@ -16,6 +16,7 @@ use crate::ir::verify::verify;
 use crate::ir::{Graph, GraphParts, IdVec, Local, NodeId, Op, Space, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::partition::Provenance;
+use crate::pipeline::schedule::ScheduleKind;
 use crate::pipeline::Pipeline;
 use crate::plan::verify::{verify as verify_plan, PlanParts};
 use crate::plan::{Plan, Summary};
@@ -122,14 +123,7 @@ struct Incoming {
     origin: Vec<Option<ValueId>>,
     provenance: Vec<(NodeId<Local>, Provenance)>,
     #[serde(default)]
-    pipeline: Option<PipelineShape>,
-}
-
-/// The stored pipeline's schedule (the rest is recomputed from the programs).
-#[derive(Deserialize)]
-struct PipelineShape {
-    schedule: crate::pipeline::schedule::ScheduleKind,
-    actions: Vec<Vec<crate::pipeline::schedule::Action>>,
+    pipeline: Option<Pipeline>,
 }
 
 /// The documented shape of the stored summary (other keys are ignored).
@@ -209,15 +203,17 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     let provenance = check_provenance(&local, doc.provenance)?;
     check_traffic(&local)?;
     let summary = Summary::compute(&local, &mesh, &doc.device);
-    let pipeline = match &doc.pipeline {
-        Some(p) => crate::pipeline::plan(&global, &local, &mesh, &doc.device, p.schedule)
-            .map_err(|e| corrupt(format!("pipeline: {e}")))?,
-        None => None,
-    };
-    if pipeline.as_ref().map(|p| &p.actions) != doc.pipeline.as_ref().map(|p| &p.actions) {
-        return Err(corrupt(
-            "its pipeline schedule is not the one of its program",
-        ));
+    let kind = doc
+        .pipeline
+        .as_ref()
+        .map_or(ScheduleKind::OneFOneB, |p| p.schedule);
+    let pipeline = crate::pipeline::plan(&global, &local, &mesh, &doc.device, kind)
+        .map_err(|e| corrupt(format!("pipeline: {e}")))?;
+    if let Some(field) = pipeline_mismatch(pipeline.as_ref(), doc.pipeline.as_ref()) {
+        return Err(corrupt(format!(
+            "its pipeline {field} is not the one of its program (the pipeline schedule and \
+             stages are recomputed from the programs)"
+        )));
     }
     Ok(Plan {
         mesh,
@@ -230,6 +226,29 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
         summary,
         pipeline,
     })
+}
+
+/// The first field where the stored pipeline differs from the recomputed one.
+fn pipeline_mismatch(want: Option<&Pipeline>, got: Option<&Pipeline>) -> Option<&'static str> {
+    let (w, g) = match (want, got) {
+        (None, None) => return None,
+        (Some(w), Some(g)) => (w, g),
+        _ => return Some("(present or absent)"),
+    };
+    let fields = [
+        ("axis", w.axis == g.axis),
+        ("stages", w.stages == g.stages),
+        ("microbatches", w.microbatches == g.microbatches),
+        (
+            "schedule",
+            w.schedule == g.schedule && w.actions == g.actions,
+        ),
+        ("instances", w.instances == g.instances),
+        ("placement", w.place == g.place),
+        ("transfers", w.transfers == g.transfers),
+        ("summary", w.summary == g.summary),
+    ];
+    fields.iter().find(|(_, same)| !same).map(|(f, _)| *f)
 }
 
 /// A [`PlanJsonError::Corrupt`] with `msg`.

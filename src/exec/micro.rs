@@ -74,7 +74,7 @@ pub(crate) fn run_step(
             (false, false) => Part::Run,
         };
         let p = core::run_nodes(g, live, &table(m), &mut slots, r, &part)
-            .map_err(|(id, e)| in_microbatch(r.op_error(id, e), m))?;
+            .map_err(|(id, e)| r.op_error(id, e).within(&format!("microbatch {m}")))?;
         let held: u64 = r.acc.values().map(core::bytes).sum();
         peak = peak.max(p + held);
         slots
@@ -105,24 +105,6 @@ pub(crate) fn run_step(
         outputs,
         peak_bytes: peak.max(p),
     })
-}
-
-/// An op's failure naming the microbatch (`m`, 0-based) it ran for.
-fn in_microbatch(e: RunError, m: usize) -> RunError {
-    match e {
-        RunError::Op {
-            rank,
-            op,
-            location,
-            error,
-        } => RunError::Op {
-            rank,
-            op: format!("microbatch {m}: {op}"),
-            location,
-            error,
-        },
-        e => e,
-    }
 }
 
 /// Adds the operand of accumulation `node` into its accumulator (the first microbatch's is

@@ -30,6 +30,26 @@ pub enum NodeError {
     Comm(#[from] CommError),
 }
 
+impl RunError {
+    /// An op's failure with `part` (`step 2`, `microbatch 1`) before the op it names.
+    pub(crate) fn within(self, part: &str) -> RunError {
+        match self {
+            RunError::Op {
+                rank,
+                op,
+                location,
+                error,
+            } => RunError::Op {
+                rank,
+                op: format!("{part}: {op}"),
+                location,
+                error,
+            },
+            e => e,
+        }
+    }
+}
+
 impl NodeError {
     /// True for a rank that stopped only because another failed (it was aborted, or a peer's
     /// endpoint went away): the failing rank's own error is the one to report.

@@ -206,7 +206,7 @@ fn train_rank_inner(
         r.barrier()?;
         let t0 = Instant::now();
         let out = super::micro::run_step(micro.as_ref(), &live, &blocks, &later, &mut r)
-            .map_err(|e| in_step(e, s))?;
+            .map_err(|e| e.within(&format!("step {}", s + 1)))?;
         times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         let loss = loss_value(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
@@ -255,24 +255,6 @@ fn carry(outputs: Vec<Tensor>, links: &Links, blocks: &mut BTreeMap<ValueId<Loca
         }
     }
     outs.into_iter().flatten().for_each(k::recycle);
-}
-
-/// An op's failure naming the step (`s`, 0-based) it happened in.
-fn in_step(e: RunError, s: usize) -> RunError {
-    match e {
-        RunError::Op {
-            rank,
-            op,
-            location,
-            error,
-        } => RunError::Op {
-            rank,
-            op: format!("step {}: {op}", s + 1),
-            location,
-            error,
-        },
-        e => e,
-    }
 }
 
 /// The value of a loss: a one-element f32 array.

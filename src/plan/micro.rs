@@ -23,7 +23,7 @@ pub enum MicroError {
     )]
     Reserved,
     /// `--microbatches` on a program that is not a training step.
-    #[error("--microbatches {count} applies to training steps; this program has no `train` line")]
+    #[error("--microbatches {count} applies to training steps; this program has no `train` line (or --forward-only left it out)")]
     #[diagnostic(
         code(tpc::microbatches),
         help("microbatches accumulate gradients; run a forward program without --microbatches")
@@ -214,13 +214,15 @@ pub fn classify(
             step[i] = true;
         } else if !n.op.is_leaf() {
             let phase = g.region(n.region).phase;
-            // A forward-region node reading the backward's result is an output's reshard of
-            // a gradient: it runs after the backward, with the step.
-            let after = phase == Phase::Forward
-                && n.inputs
-                    .iter()
-                    .any(|v| g.region(g.node(g.value(*v).node).region).phase == Phase::Backward);
-            step[i] = reads_step || after || phase == Phase::Update;
+            let reads_mb = n.inputs.iter().any(|v| per_mb[v.index()]);
+            step[i] = match axis {
+                // Microbatched: what reads a microbatch's value runs per microbatch (its
+                // result is accumulated later), what reads the sums runs once.
+                Some(_) => reads_step || (!reads_mb && phase == Phase::Update),
+                // One microbatch: the update, and a forward-region node reading the
+                // backward's result (an output's reshard of a gradient), follow the backward.
+                None => reads_step || phase == Phase::Update || after_backward(g, n),
+            };
             if temporal && step[i] {
                 return Err(MicroError::Mixes {
                     what: format!("{} over the microbatches runs once per step", n.op.name()),
@@ -247,6 +249,14 @@ pub fn classify(
         step,
         accumulate,
     })
+}
+
+/// A forward-region node reading a value the backward made.
+fn after_backward(g: &Graph<Local>, n: &crate::ir::Node<Local>) -> bool {
+    g.region(n.region).phase == Phase::Forward
+        && n.inputs
+            .iter()
+            .any(|v| g.region(g.node(g.value(*v).node).region).phase == Phase::Backward)
 }
 
 /// A temporal collective must be a one-operand sum: anything else combines microbatches.
