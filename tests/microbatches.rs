@@ -315,3 +315,30 @@ train loss with sgd(lr=0.1)
     assert_exit(&o, 0);
     assert!(stdout(&o).contains("(2 devices)"), "{}", stdout(&o));
 }
+
+/// A loss with a term of the params alone (a regulariser): the term's gradient is the same in
+/// every microbatch, and the once-per-step part computes it again to add it to the sums
+/// (adversarial finding: such programs were refused).
+#[test]
+fn a_regularised_loss_trains_with_microbatches() {
+    let dir = scratch("microbatches_reg");
+    let text = MLP.replace(
+        "loss = mean(mean(y * y, 1), 0)",
+        "loss = mean(mean(y * y, 1), 0) + 0.01 * sum(sum(w1 * w1, 1), 0)",
+    );
+    let file = program(&dir, &text);
+    for mesh in ["dp=2,tp=2", "dp=1,tp=2"] {
+        let o = tpc(&[
+            "run",
+            &file,
+            "--mesh",
+            mesh,
+            "--microbatches",
+            "2",
+            "--steps",
+            "3",
+            "--check",
+        ]);
+        assert_exit(&o, 0);
+    }
+}

@@ -89,9 +89,12 @@ pub(crate) fn run_step(
         slots[v] = Some(t);
     }
     let leaves = table(0);
-    let part = |id: NodeId<Local>| match mb.step[id.index()] && !mb.accumulate[id.index()] {
-        true => Part::Run,
-        false => Part::Skip,
+    let part = |id: NodeId<Local>| {
+        let i = id.index();
+        match (mb.step[i] && !mb.accumulate[i]) || mb.again[i] {
+            true => Part::Run,
+            false => Part::Skip,
+        }
     };
     let p = core::run_nodes(g, live, &leaves, &mut slots, r, &part)
         .map_err(|(id, e)| r.op_error(id, e))?;

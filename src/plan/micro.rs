@@ -114,6 +114,9 @@ pub struct Microbatches {
     pub step: Vec<bool>,
     /// Per node: sums its operand over the microbatches (a temporal all-reduce).
     pub accumulate: Vec<bool>,
+    /// Per node run per microbatch: made from params and state alone and read by the step's
+    /// part, so that part runs it again (e.g. a regulariser's gradient added to the sums).
+    pub again: Vec<bool>,
 }
 
 /// `g` with dim 0 of every input also split over the temporal axis (major to the axes of
@@ -203,6 +206,7 @@ pub fn classify(
     let mut step = vec![false; g.num_nodes()];
     let mut accumulate = vec![false; g.num_nodes()];
     let mut per_mb = vec![false; g.num_values()];
+    let mut invariant = vec![false; g.num_nodes()];
     for (id, n) in g.nodes() {
         let temporal = axis.is_some() && n.op.mesh_axes().iter().any(|(a, _)| *a == name);
         let reads_step = n.inputs.iter().any(|v| step[g.value(*v).node.index()]);
@@ -235,11 +239,16 @@ pub fn classify(
                 return Err(mixes(g, id, v));
             }
         }
-        let varies = matches!(n.op, Op::Input { .. });
+        // A value made from params and state alone is the same in every microbatch: the
+        // step's part may read it too (it computes it again, see `again`).
+        let varies = matches!(n.op, Op::Input { .. })
+            || (!step[i] && !n.op.is_leaf() && n.inputs.iter().any(|v| per_mb[v.index()]));
         for &o in &n.outputs {
-            per_mb[o.index()] = varies || (!step[i] && !n.op.is_leaf());
+            per_mb[o.index()] = varies;
         }
+        invariant[i] = !n.op.is_leaf() && !step[i] && !varies;
     }
+    let again = again(g, &step, &invariant);
     if axis.is_some() {
         check_outputs(g, &per_mb)?;
     }
@@ -248,7 +257,25 @@ pub fn classify(
         count: axis.map_or(1, |(a, mesh)| mesh.axis_size(a)),
         step,
         accumulate,
+        again,
     })
+}
+
+/// The microbatch-invariant nodes the once-per-step nodes read, directly or through others.
+fn again(g: &Graph<Local>, step: &[bool], invariant: &[bool]) -> Vec<bool> {
+    let mut again = vec![false; g.num_nodes()];
+    for i in (0..g.num_nodes()).rev() {
+        if !invariant[i] {
+            continue;
+        }
+        let n = g.node(NodeId::new(i));
+        again[i] = n.outputs.iter().any(|&o| {
+            g.users(o)
+                .iter()
+                .any(|u| (step[u.index()] && !invariant[u.index()]) || again[u.index()])
+        });
+    }
+    again
 }
 
 /// A forward-region node reading a value the backward made.
