@@ -99,6 +99,15 @@ fn schedules_hold_what_they_promise() {
                 st.activation_bytes_per_microbatch * u64::from(want)
             );
             assert!(st.activation_bytes_per_microbatch > 0);
+            // AdamW keeps two moments per trained param (every param of gpt_pipe is trained)
+            // and a step count.
+            let moments = 2 * st.gradient_bytes;
+            assert!((moments..=moments + 16).contains(&st.optimizer_bytes));
+            assert_eq!(st.gradient_bytes, st.param_bytes);
+            assert_eq!(
+                st.memory_bytes,
+                st.param_bytes + st.gradient_bytes + st.optimizer_bytes + st.activation_bytes
+            );
         }
         assert!(
             (0.0..1.0).contains(&s.bubble_fraction),

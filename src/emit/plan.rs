@@ -121,14 +121,18 @@ fn pipeline_lines(pl: &crate::pipeline::Pipeline) -> Vec<String> {
     for st in &s.per_stage {
         v.push(format!(
             "stage {}: instances {}..{}; forward {} and backward {} per microbatch, step {}; \
-             params {}, activations {} per microbatch × {} held",
+             memory {}: params {}, grads {}, optimizer {}, activations {} per microbatch × {} \
+             held",
             st.stage,
             st.instances.0,
             st.instances.1,
             secs(st.forward_s),
             secs(st.backward_s),
             secs(st.step_s),
+            bytes(st.memory_bytes),
             bytes(st.param_bytes),
+            bytes(st.gradient_bytes),
+            bytes(st.optimizer_bytes),
             bytes(st.activation_bytes_per_microbatch),
             st.peak_activation_microbatches
         ));

@@ -34,6 +34,14 @@ pub struct StageSummary {
     pub peak_activation_microbatches: u32,
     /// `activation_bytes_per_microbatch` × `peak_activation_microbatches`.
     pub activation_bytes: u64,
+    /// Bytes of optimizer state this stage holds (Adam's moments, momentum).
+    pub optimizer_bytes: u64,
+    /// Bytes of the gradients of this stage's trained params (accumulated over the
+    /// microbatches).
+    pub gradient_bytes: u64,
+    /// Params, gradients, optimizer state and the held activations: the stage's memory
+    /// before the transient values of the running pass.
+    pub memory_bytes: u64,
 }
 
 /// A boundary message between adjacent stages, per microbatch.
@@ -216,13 +224,24 @@ fn add_memory(
             .iter()
             .any(|u| g.region(g.node(*u).region).phase == Phase::Backward && !parts.step[u.index()])
     };
+    use crate::autodiff::{optimizer::leaf_of_next, param_of_grad};
+    let trained: BTreeSet<&str> = g
+        .outputs()
+        .iter()
+        .filter_map(|o| param_of_grad(&o.name).or_else(|| leaf_of_next(&o.name)))
+        .collect();
     for (id, n) in g.nodes() {
         let i = id.index();
         let bytes: u64 = n.outputs.iter().map(|v| g.ty(*v).size_bytes()).sum();
         for &s in &runs[i] {
             let st = &mut per_stage[s as usize];
-            if matches!(n.op, Op::Param { .. }) {
+            if let Op::Param { name } = &n.op {
                 st.param_bytes = st.param_bytes.saturating_add(bytes);
+                if trained.contains(name.as_str()) {
+                    st.gradient_bytes = st.gradient_bytes.saturating_add(bytes);
+                }
+            } else if matches!(n.op, Op::State { .. }) {
+                st.optimizer_bytes = st.optimizer_bytes.saturating_add(bytes);
             } else if !n.op.is_leaf()
                 && !parts.step[i]
                 && g.region(n.region).phase == Phase::Forward
@@ -237,6 +256,9 @@ fn add_memory(
         st.activation_bytes = st
             .activation_bytes_per_microbatch
             .saturating_mul(u64::from(st.peak_activation_microbatches));
+        st.memory_bytes = [st.activation_bytes, st.optimizer_bytes, st.gradient_bytes]
+            .iter()
+            .fold(st.param_bytes, |a, b| a.saturating_add(*b));
     }
 }
 
