@@ -103,7 +103,7 @@ fn schedules_hold_what_they_promise() {
             // and a step count.
             let moments = 2 * st.gradient_bytes;
             assert!((moments..=moments + 16).contains(&st.optimizer_bytes));
-            assert_eq!(st.gradient_bytes, st.param_bytes);
+            assert!(st.gradient_bytes <= st.param_bytes);
             assert_eq!(
                 st.memory_bytes,
                 st.param_bytes + st.gradient_bytes + st.optimizer_bytes + st.activation_bytes

@@ -225,10 +225,14 @@ fn add_memory(
             .any(|u| g.region(g.node(*u).region).phase == Phase::Backward && !parts.step[u.index()])
     };
     use crate::autodiff::{optimizer::leaf_of_next, param_of_grad};
-    let trained: BTreeSet<&str> = g
+    // A trained param's gradient is held where its update (or gradient output) is made.
+    let trained: std::collections::BTreeMap<&str, &BTreeSet<u32>> = g
         .outputs()
         .iter()
-        .filter_map(|o| param_of_grad(&o.name).or_else(|| leaf_of_next(&o.name)))
+        .filter_map(|o| {
+            let name = param_of_grad(&o.name).or_else(|| leaf_of_next(&o.name))?;
+            Some((name, &runs[g.value(o.value).node.index()]))
+        })
         .collect();
     for (id, n) in g.nodes() {
         let i = id.index();
@@ -237,7 +241,7 @@ fn add_memory(
             let st = &mut per_stage[s as usize];
             if let Op::Param { name } = &n.op {
                 st.param_bytes = st.param_bytes.saturating_add(bytes);
-                if trained.contains(name.as_str()) {
+                if trained.get(name.as_str()).is_some_and(|at| at.contains(&s)) {
                     st.gradient_bytes = st.gradient_bytes.saturating_add(bytes);
                 }
             } else if matches!(n.op, Op::State { .. }) {
