@@ -277,18 +277,7 @@ train loss with adamw(lr=0.01)
 ";
     let file = program(&dir, text);
     for mesh in ["tp=2", "dp=2,tp=2", "dp=1,tp=4"] {
-        let o = tpc(&[
-            "run",
-            &file,
-            "--mesh",
-            mesh,
-            "--microbatches",
-            "2",
-            "--steps",
-            "3",
-            "--check",
-        ]);
-        assert_exit(&o, 0);
+        checks_with_two_microbatches(&file, mesh);
     }
 }
 
@@ -328,17 +317,22 @@ fn a_regularised_loss_trains_with_microbatches() {
     );
     let file = program(&dir, &text);
     for mesh in ["dp=2,tp=2", "dp=1,tp=2"] {
-        let o = tpc(&[
-            "run",
-            &file,
-            "--mesh",
-            mesh,
-            "--microbatches",
-            "2",
-            "--steps",
-            "3",
-            "--check",
-        ]);
-        assert_exit(&o, 0);
+        checks_with_two_microbatches(&file, mesh);
     }
+}
+
+/// Three steps of `file` on `mesh` with two microbatches pass `--check`.
+fn checks_with_two_microbatches(file: &str, mesh: &str) {
+    let args = [
+        "run",
+        file,
+        "--mesh",
+        mesh,
+        "--microbatches",
+        "2",
+        "--steps",
+        "3",
+        "--check",
+    ];
+    assert_exit(&tpc(&args), 0);
 }

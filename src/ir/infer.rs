@@ -1177,6 +1177,15 @@ mod tests {
             &Op::FullLike { value: 1.0 },
             vec![(vec![i(&[2])], O(vec![i(&[2])])), (vec![], E("arity"))],
         );
+        let fill = Op::Fill {
+            value: 1.0,
+            dtype: Dtype::F32,
+            shape: vec![2, 3],
+        };
+        run(
+            &fill,
+            vec![(vec![], O(vec![f(&[2, 3])])), (vec![f(&[2])], E("arity"))],
+        );
         let to = Op::BroadcastTo {
             shape: vec![2, 3, 4],
         };

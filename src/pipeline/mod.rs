@@ -48,17 +48,14 @@ pub fn plan(
     device: &Device,
     kind: ScheduleKind,
 ) -> Result<Option<Pipeline>, StageError> {
-    let Some(spec) = global.pipeline() else {
+    let (Some(spec), Some(stages)) = (global.pipeline(), stage_count(global, mesh)) else {
         return Ok(None);
     };
-    let Some(axis) = mesh.axis_index(&spec.axis) else {
-        return Ok(None);
-    };
-    let stages = mesh.axis_size(axis) as u32;
-    if stages <= 1 || !local.is_training_step() {
+    if stages <= 1 {
         return Ok(None);
     }
     check_stages(global, mesh)?;
+    let stages = stages as u32;
     let parts = parts(local, mesh)?;
     let input = stages::CutInput {
         local,
@@ -90,14 +87,16 @@ pub fn plan(
     }))
 }
 
-/// True when `global` has a pipelined repeat whose axis has more than one stage on `mesh` and
-/// is a training step (the plans that get a [`Pipeline`]).
+/// For a training step with a pipelined repeat whose axis `mesh` has: the axis's size.
+pub fn stage_count(global: &Graph, mesh: &Mesh) -> Option<u64> {
+    let axis = mesh.axis_index(&global.pipeline()?.axis)?;
+    global.is_training_step().then(|| mesh.axis_size(axis))
+}
+
+/// True when `global` is cut into more than one stage on `mesh` (the plans that get a
+/// [`Pipeline`]).
 pub fn pipelined(global: &Graph, mesh: &Mesh) -> bool {
-    global.is_training_step()
-        && global
-            .pipeline()
-            .and_then(|p| mesh.axis_index(&p.axis))
-            .is_some_and(|a| mesh.axis_size(a) > 1)
+    stage_count(global, mesh).is_some_and(|n| n > 1)
 }
 
 /// An error when the pipeline axis has more stages than the repeat has instances.

@@ -178,10 +178,7 @@ impl Default for Options {
 /// As many microbatches as pipeline stages (each stage busy in the steady state), for a
 /// pipelined training step; else 1.
 fn default_microbatches(global: &Graph, mesh: &Mesh) -> u64 {
-    match global.pipeline().and_then(|p| mesh.axis_index(&p.axis)) {
-        Some(a) if global.is_training_step() => mesh.axis_size(a),
-        _ => 1,
-    }
+    crate::pipeline::stage_count(global, mesh).unwrap_or(1)
 }
 
 /// Last reading node of each value of `g` (outputs count as read at the end): the
