@@ -700,12 +700,29 @@ pub(super) fn stats_json(plan: &Plan, stats: &tpc::exec::spmd::RunStats) -> Stri
             serde_json::json!({ "count": count, "bytes": bytes }),
         );
     }
-    let doc = serde_json::json!({
+    let mut doc = serde_json::json!({
         "step_time_s": { "min": min, "median": median },
         "ranks": plan.mesh.num_devices(),
         "collectives": collectives,
         "peak_bytes_per_rank": stats.peak_bytes_per_rank,
     });
+    if !stats.pipeline.is_empty() {
+        let stages: Vec<serde_json::Value> = stats
+            .pipeline
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stage": s.stage,
+                    "sends": s.sends,
+                    "send_bytes": s.send_bytes,
+                    "step_sends": s.step_sends,
+                    "max_in_flight": s.max_in_flight,
+                })
+            })
+            .collect();
+        let sends: u64 = stats.pipeline.iter().map(|s| s.sends).sum();
+        doc["pipeline"] = serde_json::json!({ "sends_per_step": sends, "stages": stages });
+    }
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 

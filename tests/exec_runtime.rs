@@ -253,6 +253,7 @@ fn assembly_refuses_blocks_of_the_wrong_shape_or_kind() {
             step_times: vec![0.0],
             collectives: BTreeMap::new(),
             peak_bytes: 0,
+            pipeline: None,
         })
         .collect();
     let copy = |f: &dyn Fn(&mut Vec<RankOutput>)| {
@@ -263,6 +264,7 @@ fn assembly_refuses_blocks_of_the_wrong_shape_or_kind() {
                 step_times: o.step_times.clone(),
                 collectives: BTreeMap::new(),
                 peak_bytes: 0,
+                pipeline: None,
             })
             .collect();
         f(&mut r);

@@ -572,3 +572,78 @@ fn a_rank_failing_in_a_later_training_step_aborts_the_job() {
         text(&t)
     );
 }
+
+/// Pipeline stages as MPI processes: the boundary messages and the once-per-step transfers go
+/// between processes by the schedule; losses and trained params are bitwise the thread
+/// backend's, and `--check` passes, on `pp=2,tp=2` and `dp=2,pp=2` under both schedules.
+#[test]
+fn pipelined_training_under_mpi_is_bitwise_identical_to_threads() {
+    for (mesh, schedule) in [("pp=2,tp=2", "1f1b"), ("dp=2,pp=2", "gpipe")] {
+        let tag = mesh.replace([',', '='], "");
+        let run = |backend: &str| {
+            let (log, out) = (
+                tmp(&format!("pipe-{tag}-{backend}-log.jsonl")),
+                tmp(&format!("pipe-{tag}-{backend}-out.npz")),
+            );
+            let args: Vec<String> = [
+                "examples/gpt_pipe.tpl",
+                "--mesh",
+                mesh,
+                "--schedule",
+                schedule,
+                "--steps",
+                "3",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain(["--log".into(), log.to_str().unwrap().into()])
+            .chain(["--out".into(), out.to_str().unwrap().into()])
+            .collect();
+            (args, log, out)
+        };
+        let (mut margs, mlog, mout) = run("mpi");
+        margs.push("--check".into());
+        let margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+        let (m, _) = mpirun(4, &margs, TIMEOUT_S);
+        assert!(m.status.success(), "{mesh}: {}", text(&m));
+        let stdout = String::from_utf8_lossy(&m.stdout);
+        assert!(stdout.contains("check loss at step 3: "), "{}", text(&m));
+        assert_eq!(stdout.lines().filter(|l| l.starts_with("step ")).count(), 3);
+        let (targs, tlog, tout) = run("threads");
+        let targs: Vec<&str> = targs.iter().map(String::as_str).collect();
+        let t = threads(&targs);
+        assert!(t.status.success(), "{}", text(&t));
+        assert_eq!(logged_losses(&mlog), logged_losses(&tlog), "{mesh}: losses");
+        assert_bitwise_equal(&mout, &tout, &format!("{mesh}: trained params"));
+    }
+}
+
+/// A stage failing under MPI (a token past the vocabulary in microbatch 1's rows) ends the
+/// job quickly, naming the stage and the microbatch.
+#[test]
+fn a_failing_stage_ends_the_mpi_job() {
+    let inputs = tmp("pipe-bad.npz");
+    let mut tokens = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[4, 16]), 3i32);
+    tokens[[3, 0]] = 5000;
+    let arrays = [("tokens".to_string(), Tensor::I32(tokens))].into();
+    npz::write(inputs.to_str().unwrap(), &arrays).unwrap();
+    let args = [
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "pp=2,tp=2",
+        "--steps",
+        "2",
+        "--inputs",
+        inputs.to_str().unwrap(),
+    ];
+    let (m, took) = mpirun(4, &args, 120);
+    assert_eq!(m.status.code(), Some(1), "{}", text(&m));
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert!(
+        stderr.contains("stage 0, microbatch 1, forward"),
+        "{}",
+        text(&m)
+    );
+    assert!(stderr.contains("out of range"), "{}", text(&m));
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+}

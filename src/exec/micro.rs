@@ -6,7 +6,7 @@
 use super::core::{self, Outcome, Part};
 use super::spmd::{Rank, RunError};
 use super::{ExecError, Tensor};
-use crate::ir::{IdVec, Local, Node, NodeId, ValueId};
+use crate::ir::{Graph, IdVec, Local, Node, NodeId, ValueId};
 use crate::plan::liveness::Liveness;
 use crate::plan::micro::{split, Microbatches};
 use crate::plan::Plan;
@@ -51,15 +51,7 @@ pub(crate) fn run_step(
 ) -> Result<Outcome, RunError> {
     let plan = r.plan();
     let g = &plan.local;
-    let table = |m: usize| {
-        let mut leaves: IdVec<ValueId<Local>, Option<&Tensor>> =
-            IdVec::filled(g.num_values(), None);
-        let extra = m.checked_sub(1).and_then(|k| later.get(k));
-        for (v, t) in blocks.iter().chain(extra.into_iter().flatten()) {
-            leaves[*v] = Some(t);
-        }
-        leaves
-    };
+    let table = |m: usize| leaf_table(g, blocks, later, m);
     let Some(mb) = micro else {
         return core::run(g, live, &table(0), r).map_err(|(id, e)| r.op_error(id, e));
     };
@@ -108,6 +100,22 @@ pub(crate) fn run_step(
         outputs,
         peak_bytes: peak.max(p),
     })
+}
+
+/// The leaf table of microbatch `m`: `blocks` (params, state, microbatch 0's inputs) with
+/// microbatch m's inputs `later[m - 1]` over them.
+pub(crate) fn leaf_table<'t>(
+    g: &Graph<Local>,
+    blocks: &'t BTreeMap<ValueId<Local>, Tensor>,
+    later: &'t [BTreeMap<ValueId<Local>, Tensor>],
+    m: usize,
+) -> IdVec<ValueId<Local>, Option<&'t Tensor>> {
+    let mut leaves = IdVec::filled(g.num_values(), None);
+    let extra = m.checked_sub(1).and_then(|k| later.get(k));
+    for (v, t) in blocks.iter().chain(extra.into_iter().flatten()) {
+        leaves[*v] = Some(t);
+    }
+    leaves
 }
 
 /// Adds the operand of accumulation `node` into its accumulator (the first microbatch's is

@@ -15,6 +15,7 @@ mod micro;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod npz;
+pub mod pipeline;
 pub mod redistribute;
 pub mod reference;
 pub mod spmd;

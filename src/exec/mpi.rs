@@ -379,6 +379,17 @@ fn put_rank(w: &mut Vec<i32>, o: &RankOutput) {
         put64(w, s.to_bits());
     }
     put64(w, o.peak_bytes);
+    match &o.pipeline {
+        None => w.push(0),
+        Some(p) => {
+            w.push(1);
+            w.push(p.stage as i32);
+            put64(w, p.sends);
+            put64(w, p.send_bytes);
+            put64(w, p.step_sends);
+            w.push(p.max_in_flight as i32);
+        }
+    }
 }
 
 /// A list of tensors: its length, then each one's kind, rank, dims and elements' bits.
@@ -488,11 +499,22 @@ impl<'m> Words<'m> {
             .map(|p| f64::from_bits(p[0] as u32 as u64 | (p[1] as u32 as u64) << 32))
             .collect();
         let peak_bytes = self.next64()?;
+        let pipeline = match self.next()? {
+            0 => None,
+            _ => Some(crate::exec::pipeline::StageRunStats {
+                stage: self.next()?,
+                sends: self.next64()?,
+                send_bytes: self.next64()?,
+                step_sends: self.next64()?,
+                max_in_flight: self.next()?,
+            }),
+        };
         Ok(RankOutput {
             outputs,
             step_times,
             collectives: BTreeMap::new(),
             peak_bytes,
+            pipeline,
         })
     }
 }
@@ -541,6 +563,7 @@ mod tests {
             step_times: vec![0.25, 1e-9],
             collectives: BTreeMap::new(),
             peak_bytes: u64::MAX - 3,
+            pipeline: None,
         };
         let d = decode_rank_output(&encode_rank_output(&o)).unwrap();
         let bits = |t: &Tensor| {
@@ -572,6 +595,13 @@ mod tests {
                 step_times: vec![0.5, 0.25],
                 collectives: BTreeMap::new(),
                 peak_bytes: 7,
+                pipeline: Some(crate::exec::pipeline::StageRunStats {
+                    stage: 3,
+                    sends: u64::MAX,
+                    send_bytes: 1 << 40,
+                    step_sends: 2,
+                    max_in_flight: 4,
+                }),
             },
             first: vec![t(-0.0), t(f32::NAN)],
             losses: vec![5.5, f32::from_bits(0x7f80_0001)],
@@ -579,6 +609,7 @@ mod tests {
         let d = decode_trained(&encode_trained(&o)).unwrap();
         let bits = |ls: &[f32]| ls.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&d.losses), bits(&o.losses));
+        assert_eq!(d.rank.pipeline, o.rank.pipeline);
         assert_eq!(d.first.len(), 2);
         assert_eq!(
             d.first[0].as_f32().unwrap()[[0]].to_bits(),

@@ -127,6 +127,8 @@ pub struct RunStats {
     pub collectives: BTreeMap<String, (u64, u64)>,
     /// The largest peak of live local bytes (params, inputs, activations) over the ranks.
     pub peak_bytes_per_rank: u64,
+    /// On a pipelined plan: per stage, the figures of its first rank.
+    pub pipeline: Vec<super::pipeline::StageRunStats>,
 }
 
 /// Global outputs and figures of a run.
@@ -148,6 +150,8 @@ pub struct RankOutput {
     pub collectives: BTreeMap<String, (u64, u64)>,
     /// Peak live bytes.
     pub peak_bytes: u64,
+    /// On a pipelined plan: this rank's stage figures.
+    pub pipeline: Option<super::pipeline::StageRunStats>,
 }
 
 /// The most ranks the thread backend starts: beyond, one process per rank (MPI) is the way.
@@ -266,6 +270,13 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
         .first()
         .map(|r| r.collectives.clone())
         .unwrap_or_default();
+    let mut pipeline: Vec<super::pipeline::StageRunStats> = Vec::new();
+    for s in ranks.iter().filter_map(|r| r.pipeline.as_ref()) {
+        if pipeline.iter().all(|p| p.stage != s.stage) {
+            pipeline.push(s.clone());
+        }
+    }
+    pipeline.sort_by_key(|p| p.stage);
     let mut outputs = BTreeMap::new();
     for (k, o) in outs.iter().enumerate() {
         let blocks: Vec<&Tensor> = ranks.iter().map(|r| &r.outputs[k]).collect();
@@ -281,6 +292,7 @@ pub fn assemble(plan: &Plan, ranks: Vec<RankOutput>) -> Result<RunOutput, RunErr
             step_times,
             collectives,
             peak_bytes_per_rank: peak,
+            pipeline,
         },
     })
 }
@@ -297,10 +309,17 @@ pub(crate) fn assemble_output(plan: &Plan, blocks: &[&Tensor], k: usize) -> Resu
         .value;
     let global_shape = &plan.global.ty(origin).shape;
     let pl = &plan.placements[v];
-    let blocks: Vec<(Vec<u64>, &Tensor)> = blocks
+    // On a pipelined plan, the stage making an output holds its blocks.
+    let owners = super::pipeline::output_owners(plan);
+    let blocks: Vec<(usize, Vec<u64>, &Tensor)> = blocks
         .iter()
         .enumerate()
-        .map(|(r, &t)| (plan.mesh.coords(r as u64), t))
+        .map(|(r, &t)| (r, plan.mesh.coords(r as u64), t))
+        .filter(|(_, c, _)| {
+            owners
+                .as_ref()
+                .is_none_or(|(a, o)| o.get(k).is_some_and(|&s| c[*a] == u64::from(s)))
+        })
         .collect();
     Ok(match plan.global.ty(origin).dtype {
         Dtype::I32 => Tensor::I32(place(global_shape, &blocks, pl, plan, Tensor::as_i32)?),
@@ -312,7 +331,7 @@ pub(crate) fn assemble_output(plan: &Plan, blocks: &[&Tensor], k: usize) -> Resu
 /// shape is an error.
 fn place<T: Clone + Default>(
     shape: &[u64],
-    blocks: &[(Vec<u64>, &Tensor)],
+    blocks: &[(usize, Vec<u64>, &Tensor)],
     pl: &crate::sharding::Placement,
     plan: &Plan,
     get: impl Fn(&Tensor) -> Option<&ArrayD<T>>,
@@ -322,12 +341,13 @@ fn place<T: Clone + Default>(
         .map(|&d| usize::try_from(d).map_err(|_| format!("dim {d} does not fit usize")))
         .collect::<Result<Vec<usize>, _>>()?;
     let mut out = ArrayD::<T>::default(IxDyn(&dims));
-    for (r, (coords, t)) in blocks.iter().enumerate() {
+    for (r, coords, t) in blocks {
+        let r = *r;
         let x = get(t).ok_or_else(|| format!("rank {r} sent a block of kind {}", t.kind()))?;
         let ranges = block_ranges(shape, pl, coords, &plan.mesh);
         let mut v = out.view_mut();
-        for (d, r) in ranges.iter().enumerate() {
-            v.slice_axis_inplace(Axis(d), Slice::from(r.start as usize..r.end as usize));
+        for (d, rg) in ranges.iter().enumerate() {
+            v.slice_axis_inplace(Axis(d), Slice::from(rg.start as usize..rg.end as usize));
         }
         if v.shape() != x.shape() {
             return Err(format!(
@@ -383,7 +403,7 @@ fn run_rank_inner(
         error,
     })?;
     let later = super::micro::later_inputs(plan, rank, |coords, rank| {
-        load_leaves_where(plan, coords, source, rank, |op| {
+        load_leaves_where(plan, coords, source, rank, |op, _| {
             matches!(op, Op::Input { .. })
         })
     })?;
@@ -417,6 +437,7 @@ fn run_rank_inner(
         step_times,
         collectives: r.collectives,
         peak_bytes: peak,
+        pipeline: None,
     })
 }
 
@@ -427,20 +448,20 @@ pub(crate) fn load_leaves(
     source: &LeafSource,
     rank: usize,
 ) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
-    load_leaves_where(plan, coords, source, rank, |_| true)
+    load_leaves_where(plan, coords, source, rank, |_, _| true)
 }
 
-/// [`load_leaves`] for the leaves whose op `pick` accepts.
+/// [`load_leaves`] for the leaves `pick` accepts (by op and value).
 pub(crate) fn load_leaves_where(
     plan: &Plan,
     coords: &[u64],
     source: &LeafSource,
     rank: usize,
-    pick: impl Fn(&Op) -> bool,
+    pick: impl Fn(&Op, ValueId<Local>) -> bool,
 ) -> Result<BTreeMap<ValueId<Local>, Tensor>, RunError> {
     let mut out = BTreeMap::new();
     for (_, n) in plan.local.nodes() {
-        let Some(name) = n.op.leaf_name().filter(|_| pick(&n.op)) else {
+        let Some(name) = n.op.leaf_name().filter(|_| pick(&n.op, n.outputs[0])) else {
             continue;
         };
         let v = n.outputs[0];
@@ -541,6 +562,31 @@ impl<'a> Rank<'a> {
 }
 
 impl Rank<'_> {
+    /// This rank's id.
+    pub(crate) fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    /// Sends a pipeline message to rank `to`.
+    pub(crate) fn send(&mut self, to: usize, msg: comm::Message) -> Result<(), CommError> {
+        self.t.send(to, msg)
+    }
+
+    /// Receives the next pipeline message from rank `from`.
+    pub(crate) fn recv(&mut self, from: usize) -> Result<comm::Message, CommError> {
+        self.t.recv(from)
+    }
+
+    /// Sends to `to` and receives from `from` as one step (both must be matched).
+    pub(crate) fn exchange(
+        &mut self,
+        to: usize,
+        msg: comm::Message,
+        from: usize,
+    ) -> Result<comm::Message, CommError> {
+        self.t.exchange(to, msg, from)
+    }
+
     /// The collective counts and bytes of the last step.
     pub(crate) fn into_collectives(self) -> BTreeMap<String, (u64, u64)> {
         self.collectives

@@ -7,6 +7,7 @@ use super::comm::Transport;
 use super::core;
 use super::kernels as k;
 use super::leaves::{block_ranges, local_leaf, LeafSource};
+use super::pipeline::Stage;
 use super::spmd::{
     assemble, assemble_output, load_leaves, load_leaves_where, spawn_ranks, thread_ranks, Rank,
     RankOutput, RunError, RunStats,
@@ -170,6 +171,9 @@ fn train_rank_inner(
     steps: &Steps<'_>,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
+    if let Some(pipe) = &plan.pipeline {
+        return train_stage_rank(plan, pipe, t, steps, on_step);
+    }
     let rank = t.rank();
     let load_err = |leaf: &str, error| RunError::Load {
         rank,
@@ -181,7 +185,7 @@ fn train_rank_inner(
     let mut blocks = load_leaves(plan, &coords, steps.start, rank)?;
     let micro = super::micro::microbatches(plan).map_err(|e| load_err("*", e))?;
     let mut later = super::micro::later_inputs(plan, rank, |coords, rank| {
-        load_leaves_where(plan, coords, steps.start, rank, |op| {
+        load_leaves_where(plan, coords, steps.start, rank, |op, _| {
             matches!(op, Op::Input { .. })
         })
     })?;
@@ -229,6 +233,103 @@ fn train_rank_inner(
             step_times: times,
             collectives: r.into_collectives(),
             peak_bytes: peak,
+            pipeline: None,
+        },
+        first,
+        losses,
+    })
+}
+
+/// [`train_rank_inner`] on a pipelined plan: the rank loads the leaves its stage reads and
+/// runs its stage's share of each step (`exec::pipeline`).
+fn train_stage_rank(
+    plan: &Plan,
+    pipe: &crate::pipeline::Pipeline,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let rank = t.rank();
+    let load_err = |leaf: &str, error| RunError::Load {
+        rank,
+        leaf: leaf.to_string(),
+        error,
+    };
+    let stage = Stage::of(plan, pipe, rank).map_err(|e| load_err("*", e))?;
+    let mut links = Links::of(plan, steps).map_err(|e| load_err("*", e))?;
+    links.inputs.retain(|(v, _)| stage.needs(*v));
+    let coords = plan.mesh.coords(rank as u64);
+    let needed = |_: &Op, v| stage.needs(v);
+    let mut blocks = load_leaves_where(plan, &coords, steps.start, rank, needed)?;
+    let mut later = super::micro::later_inputs(plan, rank, |coords, rank| {
+        load_leaves_where(plan, coords, steps.start, rank, |op, v| {
+            matches!(op, Op::Input { .. }) && stage.needs(v)
+        })
+    })?;
+    let kept = links.kept(plan.local.outputs().len());
+    let mut r = Rank::new(plan, t);
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    let (mut first, mut last, mut peak, mut stats) = (Vec::new(), Vec::new(), 0, None);
+    let absent = || Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[0])));
+    for s in 0..steps.count.max(1) {
+        let within = |e: RunError| e.within(&format!("step {}", s + 1));
+        step_inputs(plan, &coords, steps, &links, s, &mut blocks)
+            .map_err(|(l, e)| load_err(&l, e))?;
+        for (m, inputs) in later.iter_mut().enumerate() {
+            let coords = microbatch_coords(plan, &coords, m + 1);
+            step_inputs(plan, &coords, steps, &links, s, inputs)
+                .map_err(|(l, e)| load_err(&l, e))?;
+        }
+        let leaf_bytes: u64 = blocks
+            .values()
+            .chain(later.iter().flat_map(|m| m.values()))
+            .map(core::bytes)
+            .sum();
+        r.barrier()?;
+        let t0 = Instant::now();
+        let mut out = stage.run_step(&blocks, &later, &mut r).map_err(within)?;
+        let loss = stage
+            .report_loss(&out.outputs, links.loss, &mut out.stats, &mut r)
+            .map_err(within)?;
+        let end = s + 1 == steps.count.max(1);
+        if !end {
+            stage
+                .carry(
+                    &mut out.outputs,
+                    &links.carried,
+                    &mut blocks,
+                    &mut out.stats,
+                    &mut r,
+                )
+                .map_err(within)?;
+        }
+        times.push(t0.elapsed().as_secs_f64());
+        peak = peak.max(out.peak_bytes + leaf_bytes);
+        losses.push(loss);
+        if let (0, Some(f)) = (rank, on_step) {
+            f(s, loss);
+        }
+        let mut outputs: Vec<Tensor> = out
+            .outputs
+            .into_iter()
+            .map(|o| o.unwrap_or_else(absent))
+            .collect();
+        if s == 0 && steps.keep_first {
+            first = kept.iter().map(|&k| outputs[k].clone()).collect();
+        }
+        if end {
+            last = std::mem::take(&mut outputs);
+            stats = Some(out.stats);
+        }
+        outputs.into_iter().for_each(k::recycle);
+    }
+    Ok(TrainedRank {
+        rank: RankOutput {
+            outputs: last,
+            step_times: times,
+            collectives: r.into_collectives(),
+            peak_bytes: peak,
+            pipeline: stats,
         },
         first,
         losses,

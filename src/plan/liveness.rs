@@ -25,6 +25,29 @@ impl<S: Space> Liveness<S> {
         Liveness { last }
     }
 
+    /// The liveness of `g`'s values when only the nodes `runs` selects run (one pipeline
+    /// stage's share): a value dies after its last reader among them; the values `hold`
+    /// selects (sent elsewhere, or outputs) never die.
+    pub fn of_part(
+        g: &Graph<S>,
+        runs: impl Fn(usize) -> bool,
+        hold: impl Fn(ValueId<S>) -> bool,
+    ) -> Liveness<S> {
+        let mut last = IdVec::filled(g.num_values(), None);
+        for (id, n) in g.nodes().filter(|(id, _)| runs(id.index())) {
+            for v in &n.inputs {
+                last[*v] = Some(id.index());
+            }
+        }
+        for i in 0..g.num_values() {
+            let v = ValueId::new(i);
+            if hold(v) {
+                last[v] = Some(g.num_nodes());
+            }
+        }
+        Liveness { last }
+    }
+
     /// The index of the last node reading `v` (`num_nodes` for outputs); `None` when unread.
     pub fn last_use(&self, v: ValueId<S>) -> Option<usize> {
         self.last[v]

@@ -64,14 +64,6 @@ pub(super) fn prepare(
     let graph = std::mem::take(&mut c.graph);
     let plan = driver::plan_declared(graph, mesh, flags.device, &args.plan_options())
         .map_err(|e| fail(e, Some(src.clone())))?;
-    if let Some(p) = &plan.pipeline {
-        say_err(&format!(
-            "note: the plan cuts the step into {} pipeline stages over `{}` (see `tpc compile`); \
-             this run does not execute them as a pipeline yet: every device runs all stages' \
-             work on its microbatches, with the same results",
-            p.stages, p.axis
-        ));
-    }
     let here = ranks_here.unwrap_or_else(|| plan.mesh.num_devices());
     super::memory::check_fits(&plan, args, flags.max_memory, here)?;
     let (source, stepped) = rank_source(args, &plan)?;
