@@ -63,18 +63,29 @@ fn plans_as_dot() {
     snap("plan_dot_gpt_L8_8", &tpc::emit::plan_dot::print(&plan));
 }
 
-/// The pipelined GPT on the 3-D mesh it is written for: `pp` replicates every value for now,
-/// so its collectives are those of dp and tp alone.
+/// The pipelined GPT as `tpc compile` plans it (microbatches: the stages' count), on `pp=2`
+/// and on the 3-D mesh it is written for: the stages, their messages with provenance, the
+/// schedule table, and the schedule as an SVG timeline.
 #[test]
-fn pipelined_plan_as_text() {
+fn pipelined_plan_as_text_and_timeline() {
     let src = source("gpt_pipe");
-    let m = "dp=2,pp=2,tp=2";
-    let plan = compile_plan(&src, &[], mesh(m), Device::default())
-        .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
-    snap(
-        "plan_gpt_pipe_dp_2_pp_2_tp_2",
-        &tpc::emit::plan::print(&plan),
-    );
+    for (m, name) in [("pp=2", "pp_2"), ("dp=2,pp=2,tp=2", "dp_2_pp_2_tp_2")] {
+        let g = tpc::driver::compile_step(&src, &[], false)
+            .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))))
+            .graph;
+        let options = tpc::plan::Options {
+            microbatches: None,
+            ..Default::default()
+        };
+        let plan = tpc::driver::plan_declared(g, Some(mesh(m)), Device::default(), &options)
+            .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+        snap(
+            &format!("plan_gpt_pipe_{name}"),
+            &tpc::emit::plan::print(&plan),
+        );
+        let svg = tpc::emit::timeline::of_plan(&plan).expect("a pipelined plan");
+        snap(&format!("timeline_gpt_pipe_{name}"), &svg);
+    }
 }
 
 fn err_text(e: Error, src: &SourceFile) -> String {

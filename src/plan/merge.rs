@@ -31,7 +31,7 @@ struct Merge {
 /// Merges every such pair, repeatedly (a sum of three terms merges twice), until none is left.
 pub fn merge(mut p: Partitioned, mesh: &Mesh) -> Partitioned {
     loop {
-        let found = merges(&p.local);
+        let found = merges(&p.local, mesh);
         if found.is_empty() {
             return p;
         }
@@ -74,8 +74,14 @@ fn is_sum_reduce(op: &Op) -> bool {
     )
 }
 
-/// The adds to merge, none sharing a node with another.
-fn merges(g: &Graph<Local>) -> Vec<Merge> {
+/// The adds to merge, none sharing a node with another. Sums over the temporal axis stay
+/// apart: each term is accumulated where it is made (a tied weight's terms are made on the
+/// first and last pipeline stages) and they are added once per step.
+fn merges(g: &Graph<Local>, mesh: &Mesh) -> Vec<Merge> {
+    let temporal = |op: &Op| match op {
+        Op::AllReduce { axis, .. } => mesh.axis_index(axis).is_some_and(|a| mesh.is_temporal(a)),
+        _ => false,
+    };
     let mut output = vec![false; g.num_values()];
     for o in g.outputs() {
         output[o.value.index()] = true;
@@ -93,7 +99,8 @@ fn merges(g: &Graph<Local>) -> Vec<Merge> {
         else {
             continue;
         };
-        if same_type && g.node(a.reduce).op == g.node(b.reduce).op {
+        let op = &g.node(a.reduce).op;
+        if same_type && *op == g.node(b.reduce).op && !temporal(op) {
             out.push(Merge {
                 add: id,
                 legs: [a, b],
