@@ -220,3 +220,71 @@ fn fewer_microbatches_than_stages() {
         assert_exit(&o, 0);
     }
 }
+
+/// The once-per-step traffic the plan lists is what the ranks send: the tied table's
+/// embedding-side gradient to the stage updating it, the updated table back to the stage that
+/// reads it, and the loss reported to stage 0; the boundary messages carry activations and
+/// their gradients alone.
+#[test]
+fn once_per_step_transfers_are_the_plans() {
+    use tpc::pipeline::Crossing;
+    let c = compiled(&[("L", 8)]);
+    let plan = planned(&c, "dp=2,pp=4,tp=2", 2, ScheduleKind::OneFOneB);
+    let pipe = plan.pipeline.as_ref().unwrap();
+    let count = |k: Crossing| pipe.transfers.iter().filter(|t| t.crossing == k).count();
+    assert_eq!(count(Crossing::Step), 1, "wte's embedding term");
+    assert_eq!(count(Crossing::Carry), 1, "next(wte)");
+    let name = |t: &tpc::pipeline::Transfer| {
+        let outs = plan.local.outputs();
+        outs.iter()
+            .find(|o| o.value == t.value)
+            .map(|o| o.name.clone())
+    };
+    let carry = pipe
+        .transfers
+        .iter()
+        .find(|t| t.crossing == Crossing::Carry);
+    assert_eq!(carry.and_then(name).as_deref(), Some("next(wte)"));
+    // Boundary messages hold one microbatch's [B/(dp·M), S, H] = [1, 16, 64] f32 activation
+    // (or its gradient).
+    let one = 16 * 64 * 4;
+    for m in &pipe.summary.messages {
+        assert_eq!(m.values, 1, "{m:?}");
+        assert_eq!(m.bytes, one as u64, "{m:?}");
+    }
+    let got = train(&c, &plan, 2);
+    let step_sends: u64 = got.stats.pipeline.iter().map(|s| s.step_sends).sum();
+    // The last step: the gradient term and the loss (no carry after the last update).
+    assert_eq!(step_sends, 2);
+}
+
+/// A pipelined plan document runs by stages too (`tpc run plan.json`), and checks.
+#[test]
+fn a_pipelined_plan_document_runs_by_stages() {
+    let dir = scratch("pipeline_plan_doc");
+    let plan = dir.join("plan.json");
+    let stats = dir.join("stats.json");
+    let o = tpc(&[
+        "compile",
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "pp=2,tp=2",
+        "--emit",
+        "json",
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    let o = tpc(&[
+        "run",
+        plan.to_str().unwrap(),
+        "--check",
+        "--stats",
+        stats.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(doc["pipeline"]["sends_per_step"], 4, "{doc}");
+    assert_eq!(doc["pipeline"]["stages"].as_array().map(Vec::len), Some(2));
+}

@@ -160,13 +160,19 @@ fn transfer_lines(p: &Plan, pl: &crate::pipeline::Pipeline) -> Vec<String> {
         .iter()
         .map(|t| {
             let v = t.value;
-            let name = p.local.value(v).name.as_deref().unwrap_or("");
+            let output = p.local.outputs().iter().find(|o| o.value == v);
+            let name = match (p.local.value(v).name.as_deref(), output) {
+                (Some(n), _) => n,
+                (None, Some(o)) => o.name.as_str(),
+                (None, None) => "",
+            };
             let maker = p.local.node(p.local.value(v).node);
             let region = &p.local.region(maker.region).path;
             let how = match t.crossing {
                 crate::pipeline::Crossing::Forward => "forward, in each microbatch's messages",
                 crate::pipeline::Crossing::Backward => "backward, in each microbatch's messages",
                 crate::pipeline::Crossing::Step => "once per step",
+                crate::pipeline::Crossing::Carry => "once per step, for the next step",
             };
             format!(
                 "transfer {v} {name} ({} in {}): stage {} -> {} {how}, {}",

@@ -12,7 +12,7 @@ use super::spmd::{NodeError, Rank, RunError};
 use super::{ExecError, Tensor};
 use crate::ir::{Dtype, Graph, IdVec, Local, NodeId, Phase, ValueId};
 use crate::pipeline::schedule::{Action, Dir};
-use crate::pipeline::{Crossing, Pipeline, Transfer, Where};
+use crate::pipeline::{summary, Crossing, Pipeline, Transfer, Where};
 use crate::plan::liveness::Liveness;
 use crate::plan::micro::{classify, Microbatches};
 use crate::plan::Plan;
@@ -774,48 +774,10 @@ fn step_transfers(g: &Graph<Local>, transfers: &[Transfer]) -> Vec<StepTransfer>
     out
 }
 
-/// Per node the stages that run it (its own; a node placed everywhere runs on its readers'
-/// stages, or on stage 0 when only an output reads it), and per output the stage owning it.
+/// Per node the stages that run it, and per output the stage owning it.
 fn stage_runs(g: &Graph<Local>, place: &[Where]) -> (Vec<BTreeSet<u32>>, Vec<u32>) {
-    let output_maker: BTreeSet<usize> = g
-        .outputs()
-        .iter()
-        .map(|o| g.value(o.value).node.index())
-        .collect();
-    let mut runs: Vec<BTreeSet<u32>> = place
-        .iter()
-        .map(|w| match w {
-            Where::Stage(s) => BTreeSet::from([*s]),
-            Where::Everywhere => BTreeSet::new(),
-        })
-        .collect();
-    for i in (0..g.num_nodes()).rev() {
-        if place[i] != Where::Everywhere {
-            continue;
-        }
-        let n = g.node(NodeId::new(i));
-        let mut here = BTreeSet::new();
-        for &o in &n.outputs {
-            for u in g.users(o) {
-                here.extend(runs[u.index()].iter().copied());
-            }
-        }
-        if here.is_empty() && output_maker.contains(&i) {
-            here.insert(0);
-        }
-        runs[i] = here;
-    }
-    let owner = g
-        .outputs()
-        .iter()
-        .map(|o| {
-            let i = g.value(o.value).node.index();
-            match place[i] {
-                Where::Stage(s) => s,
-                Where::Everywhere => runs[i].first().copied().unwrap_or(0),
-            }
-        })
-        .collect();
+    let runs = summary::runs_on(g, place);
+    let owner = summary::owners(g, &runs);
     (runs, owner)
 }
 

@@ -395,6 +395,9 @@ fn run_rank_inner(
     steps: usize,
     on_step: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<RankOutput, RunError> {
+    if let Some(pipe) = &plan.pipeline {
+        return run_stage_rank(plan, pipe, t, source, steps, on_step);
+    }
     let rank = t.rank();
     let loaded = load_leaves(plan, &plan.mesh.coords(rank as u64), source, rank)?;
     let micro = super::micro::microbatches(plan).map_err(|error| RunError::Load {
@@ -438,6 +441,64 @@ fn run_rank_inner(
         collectives: r.collectives,
         peak_bytes: peak,
         pipeline: None,
+    })
+}
+
+/// [`run_rank_inner`] on a pipelined plan: the rank runs its stage's share of each step; the
+/// outputs its stage does not make are empty.
+fn run_stage_rank(
+    plan: &Plan,
+    pipe: &crate::pipeline::Pipeline,
+    t: &mut dyn Transport,
+    source: &LeafSource,
+    steps: usize,
+    on_step: Option<&(dyn Fn(usize) + Sync)>,
+) -> Result<RankOutput, RunError> {
+    let rank = t.rank();
+    let stage = super::pipeline::Stage::of(plan, pipe, rank).map_err(|error| RunError::Load {
+        rank,
+        leaf: "*".into(),
+        error,
+    })?;
+    let coords = plan.mesh.coords(rank as u64);
+    let loaded = load_leaves_where(plan, &coords, source, rank, |_, v| stage.needs(v))?;
+    let later = super::micro::later_inputs(plan, rank, |coords, rank| {
+        load_leaves_where(plan, coords, source, rank, |op, v| {
+            matches!(op, Op::Input { .. }) && stage.needs(v)
+        })
+    })?;
+    let leaf_bytes: u64 = loaded
+        .values()
+        .chain(later.iter().flat_map(|m| m.values()))
+        .map(core::bytes)
+        .sum();
+    let mut r = Rank::new(plan, t);
+    let (mut step_times, mut outputs, mut peak, mut stats) = (Vec::new(), Vec::new(), 0, None);
+    for step in 0..steps.max(1) {
+        r.barrier()?;
+        let t0 = Instant::now();
+        let out = stage
+            .run_step(&loaded, &later, &mut r)
+            .map_err(|e| e.within(&format!("step {}", step + 1)))?;
+        step_times.push(t0.elapsed().as_secs_f64());
+        peak = peak.max(out.peak_bytes + leaf_bytes);
+        let absent = || Tensor::F32(ArrayD::zeros(IxDyn(&[0])));
+        outputs = out
+            .outputs
+            .into_iter()
+            .map(|o| o.unwrap_or_else(absent))
+            .collect();
+        stats = Some(out.stats);
+        if let (0, Some(f)) = (rank, on_step) {
+            f(step);
+        }
+    }
+    Ok(RankOutput {
+        outputs,
+        step_times,
+        collectives: r.collectives,
+        peak_bytes: peak,
+        pipeline: stats,
     })
 }
 

@@ -69,7 +69,13 @@ pub fn plan(
         device,
     };
     let cut = stages::cut(&input)?;
-    let transfers = stages::transfers(local, &parts, &cut.place)?;
+    let mut transfers = stages::transfers(local, &parts, &cut.place)?;
+    let runs = summary::runs_on(local, &cut.place);
+    transfers.extend(stages::carries(
+        local,
+        &runs,
+        &summary::owners(local, &runs),
+    ));
     let microbatches = parts.count as u32;
     let actions = schedule::actions(kind, stages, microbatches)
         .map_err(|e| StageError::Internal(e.to_string()))?;

@@ -223,6 +223,9 @@ pub enum Crossing {
     Backward,
     /// Once per step, after the accumulations.
     Step,
+    /// Once per step, after the update: a carried param's next value, to a stage that reads
+    /// the param and does not make it (a tied weight updated on another stage).
+    Carry,
 }
 
 /// One value read on a stage other than the one that makes it.
@@ -293,4 +296,31 @@ fn crossing(
             g.node(reader).op.name()
         ))),
     }
+}
+
+/// The carried params' next values each stage reading the param and not making its next value
+/// needs from the stage that does (`runs`: per node, the stages running it; `owner`: per output,
+/// the stage making it).
+pub fn carries(g: &Graph<Local>, runs: &[BTreeSet<u32>], owner: &[u32]) -> Vec<Transfer> {
+    let leaves: std::collections::BTreeMap<&str, usize> = g
+        .nodes()
+        .filter_map(|(id, n)| Some((n.op.leaf_name()?, id.index())))
+        .collect();
+    let leaf = |name: &str| leaves.get(name).copied();
+    let mut out = Vec::new();
+    for (k, o) in g.outputs().iter().enumerate() {
+        let Some(l) = crate::autodiff::optimizer::leaf_of_next(&o.name).and_then(leaf) else {
+            continue;
+        };
+        let maker = g.value(o.value).node.index();
+        for &t in runs[l].difference(&runs[maker]) {
+            out.push(Transfer {
+                value: o.value,
+                from: owner[k],
+                to: t,
+                crossing: Crossing::Carry,
+            });
+        }
+    }
+    out
 }

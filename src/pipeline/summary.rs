@@ -131,7 +131,7 @@ pub fn compute(
         messages,
         step_transfers: transfers
             .iter()
-            .filter(|t| t.crossing == Crossing::Step)
+            .filter(|t| matches!(t.crossing, Crossing::Step | Crossing::Carry))
             .count(),
         schedule_s: timeline.makespan,
         step_time_s: timeline.makespan + step,
@@ -156,7 +156,12 @@ pub fn durations(
 }
 
 /// Per local node, the stages that run it: its own, or (run everywhere) those of its readers.
-pub(crate) fn runs_on(g: &Graph<Local>, place: &[Where]) -> Vec<BTreeSet<u32>> {
+pub fn runs_on(g: &Graph<Local>, place: &[Where]) -> Vec<BTreeSet<u32>> {
+    let output_maker: BTreeSet<usize> = g
+        .outputs()
+        .iter()
+        .map(|o| g.value(o.value).node.index())
+        .collect();
     let mut runs: Vec<BTreeSet<u32>> = place
         .iter()
         .map(|w| match w {
@@ -165,19 +170,35 @@ pub(crate) fn runs_on(g: &Graph<Local>, place: &[Where]) -> Vec<BTreeSet<u32>> {
         })
         .collect();
     for i in (0..g.num_nodes()).rev() {
-        let n = g.node(crate::ir::NodeId::new(i));
         if place[i] != Where::Everywhere {
             continue;
         }
+        let n = g.node(crate::ir::NodeId::new(i));
         let mut here = BTreeSet::new();
         for &o in &n.outputs {
             for u in g.users(o) {
                 here.extend(runs[u.index()].iter().copied());
             }
         }
+        // Made for an output alone: stage 0 makes it.
+        if here.is_empty() && output_maker.contains(&i) {
+            here.insert(0);
+        }
         runs[i] = here;
     }
     runs
+}
+
+/// Per output, the stage whose blocks are the step's result: its maker's stage (the first
+/// that runs a maker placed everywhere).
+pub fn owners(g: &Graph<Local>, runs: &[BTreeSet<u32>]) -> Vec<u32> {
+    g.outputs()
+        .iter()
+        .map(|o| {
+            let i = g.value(o.value).node.index();
+            runs[i].first().copied().unwrap_or(0)
+        })
+        .collect()
 }
 
 /// Forward, backward and step seconds per stage.
@@ -276,7 +297,7 @@ fn messages(g: &Graph<Local>, transfers: &[Transfer], p: usize) -> Vec<MessageSu
         let table = match t.crossing {
             Crossing::Forward => &mut fwd,
             Crossing::Backward => &mut bwd,
-            Crossing::Step => continue,
+            Crossing::Step | Crossing::Carry => continue,
         };
         for e in &mut table[lo..hi] {
             e.0 += 1;
