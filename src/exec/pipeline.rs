@@ -691,6 +691,16 @@ impl<'p> Stage<'p> {
     }
 }
 
+/// A stage's outputs as a rank's: those it does not make as empty arrays (assembly takes each
+/// output from the stage making it).
+pub(crate) fn or_empty(outputs: Vec<Option<Tensor>>) -> Vec<Tensor> {
+    let empty = || Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[0])));
+    outputs
+        .into_iter()
+        .map(|o| o.unwrap_or_else(empty))
+        .collect()
+}
+
 /// A step's running state on a stage.
 struct Running {
     /// Per microbatch, its values (while in flight).

@@ -482,12 +482,7 @@ fn run_stage_rank(
             .map_err(|e| e.within(&format!("step {}", step + 1)))?;
         step_times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
-        let absent = || Tensor::F32(ArrayD::zeros(IxDyn(&[0])));
-        outputs = out
-            .outputs
-            .into_iter()
-            .map(|o| o.unwrap_or_else(absent))
-            .collect();
+        outputs = super::pipeline::or_empty(out.outputs);
         stats = Some(out.stats);
         if let (0, Some(f)) = (rank, on_step) {
             f(step);

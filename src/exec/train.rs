@@ -195,18 +195,8 @@ fn train_rank_inner(
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let (mut first, mut last, mut peak) = (Vec::new(), Vec::new(), 0);
     for s in 0..steps.count.max(1) {
-        step_inputs(plan, &coords, steps, &links, s, &mut blocks)
+        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, s, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
-        for (m, inputs) in later.iter_mut().enumerate() {
-            let coords = microbatch_coords(plan, &coords, m + 1);
-            step_inputs(plan, &coords, steps, &links, s, inputs)
-                .map_err(|(l, e)| load_err(&l, e))?;
-        }
-        let leaf_bytes: u64 = blocks
-            .values()
-            .chain(later.iter().flat_map(|m| m.values()))
-            .map(core::bytes)
-            .sum();
         r.barrier()?;
         let t0 = Instant::now();
         let out = super::micro::run_step(micro.as_ref(), &live, &blocks, &later, &mut r)
@@ -270,21 +260,10 @@ fn train_stage_rank(
     let mut r = Rank::new(plan, t);
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let (mut first, mut last, mut peak, mut stats) = (Vec::new(), Vec::new(), 0, None);
-    let absent = || Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[0])));
     for s in 0..steps.count.max(1) {
         let within = |e: RunError| e.within(&format!("step {}", s + 1));
-        step_inputs(plan, &coords, steps, &links, s, &mut blocks)
+        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, s, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
-        for (m, inputs) in later.iter_mut().enumerate() {
-            let coords = microbatch_coords(plan, &coords, m + 1);
-            step_inputs(plan, &coords, steps, &links, s, inputs)
-                .map_err(|(l, e)| load_err(&l, e))?;
-        }
-        let leaf_bytes: u64 = blocks
-            .values()
-            .chain(later.iter().flat_map(|m| m.values()))
-            .map(core::bytes)
-            .sum();
         r.barrier()?;
         let t0 = Instant::now();
         let mut out = stage.run_step(&blocks, &later, &mut r).map_err(within)?;
@@ -309,11 +288,7 @@ fn train_stage_rank(
         if let (0, Some(f)) = (rank, on_step) {
             f(s, loss);
         }
-        let mut outputs: Vec<Tensor> = out
-            .outputs
-            .into_iter()
-            .map(|o| o.unwrap_or_else(absent))
-            .collect();
+        let mut outputs = super::pipeline::or_empty(out.outputs);
         if s == 0 && steps.keep_first {
             first = kept.iter().map(|&k| outputs[k].clone()).collect();
         }
@@ -334,6 +309,29 @@ fn train_stage_rank(
         first,
         losses,
     })
+}
+
+/// Step `s`'s inputs into `blocks` (microbatch 0's) and `later` (the others'); returns the
+/// bytes of every leaf the rank holds.
+fn all_step_inputs(
+    plan: &Plan,
+    coords: &[u64],
+    steps: &Steps<'_>,
+    links: &Links,
+    s: usize,
+    blocks: &mut BTreeMap<ValueId<Local>, Tensor>,
+    later: &mut [BTreeMap<ValueId<Local>, Tensor>],
+) -> Result<u64, (String, ExecError)> {
+    step_inputs(plan, coords, steps, links, s, blocks)?;
+    for (m, inputs) in later.iter_mut().enumerate() {
+        let coords = microbatch_coords(plan, coords, m + 1);
+        step_inputs(plan, &coords, steps, links, s, inputs)?;
+    }
+    Ok(blocks
+        .values()
+        .chain(later.iter().flat_map(|m| m.values()))
+        .map(core::bytes)
+        .sum())
 }
 
 /// `coords` with the temporal coordinate set to microbatch `m`.
