@@ -717,6 +717,8 @@ pub(super) fn stats_json(plan: &Plan, stats: &tpc::exec::spmd::RunStats) -> Stri
                     "send_bytes": s.send_bytes,
                     "step_sends": s.step_sends,
                     "max_in_flight": s.max_in_flight,
+                    "busy_s": s.busy_s,
+                    "schedule_s": s.schedule_s,
                 })
             })
             .collect();

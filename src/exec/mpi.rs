@@ -388,6 +388,8 @@ fn put_rank(w: &mut Vec<i32>, o: &RankOutput) {
             put64(w, p.send_bytes);
             put64(w, p.step_sends);
             w.push(p.max_in_flight as i32);
+            put64(w, p.busy_s.to_bits());
+            put64(w, p.schedule_s.to_bits());
         }
     }
 }
@@ -507,6 +509,8 @@ impl<'m> Words<'m> {
                 send_bytes: self.next64()?,
                 step_sends: self.next64()?,
                 max_in_flight: self.next()?,
+                busy_s: f64::from_bits(self.next64()?),
+                schedule_s: f64::from_bits(self.next64()?),
             }),
         };
         Ok(RankOutput {
@@ -601,6 +605,8 @@ mod tests {
                     send_bytes: 1 << 40,
                     step_sends: 2,
                     max_in_flight: 4,
+                    busy_s: 0.125,
+                    schedule_s: f64::MAX,
                 }),
             },
             first: vec![t(-0.0), t(f32::NAN)],

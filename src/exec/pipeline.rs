@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 type Slots = IdVec<ValueId<Local>, Option<Tensor>>;
 
 /// Measured figures of one stage's rank in the last step.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageRunStats {
     /// The stage.
     pub stage: u32,
@@ -34,6 +34,11 @@ pub struct StageRunStats {
     pub step_sends: u64,
     /// Most microbatches whose forward had run and backward not, at once.
     pub max_in_flight: u32,
+    /// Seconds in the stage's forward and backward passes (compute and its own collectives).
+    pub busy_s: f64,
+    /// Seconds from the step's start to the stage's last scheduled action (before the
+    /// once-per-step part): its busy time plus its waits.
+    pub schedule_s: f64,
 }
 
 /// The pass of a stage that runs a node once per microbatch.
@@ -236,10 +241,12 @@ impl<'p> Stage<'p> {
             },
         };
         r.acc.clear();
+        let t0 = std::time::Instant::now();
         for a in &self.pipe.actions[self.stage as usize] {
             self.act(*a, blocks, later, &mut run, r)?;
             self.free_finished(&mut run);
         }
+        run.stats.schedule_s = t0.elapsed().as_secs_f64();
         let slots = match self.parts.count {
             1 => run.mbs[0]
                 .take()
@@ -339,6 +346,7 @@ impl<'p> Stage<'p> {
             Some(p) if p == pass => Part::Run,
             _ => Part::Skip,
         };
+        let t0 = std::time::Instant::now();
         let peak = core::run_nodes(g, &self.live, &table, slots, r, &part).map_err(|(id, e)| {
             let pass = if pass == Pass::Forward {
                 "forward"
@@ -348,6 +356,7 @@ impl<'p> Stage<'p> {
             r.op_error(id, e)
                 .within(&format!("stage {}, microbatch {m}, {pass}", self.stage))
         })?;
+        run.stats.busy_s += t0.elapsed().as_secs_f64();
         run.peak = run.peak.max(held + peak);
         match pass {
             Pass::Forward => {
