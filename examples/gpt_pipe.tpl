@@ -1,6 +1,6 @@
 # gpt_pipe.tpl — gpt_train.tpl on a 3-D mesh: data-parallel over dp, tensor-parallel over tp,
-# and its layers marked for pipeline stages over pp (`repeat(...) @ pp`). Until the pipeline
-# pass cuts the stages, every value is replicated over pp: each pp coordinate runs the whole step.
+# and its layers cut into pipeline stages over pp (`repeat(...) @ pp`): each pp coordinate runs
+# a contiguous run of layers on its microbatches by the 1F1B schedule, sending to its neighbours.
 # `tpc run examples/gpt_pipe.tpl --mesh dp=2,pp=2,tp=2 --steps 2 --check`
 mesh dp, pp, tp
 dim B = 4, S = 16, H = 64, NH = 8, L = 4, V = 256

@@ -162,9 +162,9 @@ fn transfer_lines(p: &Plan, pl: &crate::pipeline::Pipeline) -> Vec<String> {
             let v = t.value;
             let output = p.local.outputs().iter().find(|o| o.value == v);
             let name = match (p.local.value(v).name.as_deref(), output) {
-                (Some(n), _) => n,
-                (None, Some(o)) => o.name.as_str(),
-                (None, None) => "",
+                (Some(n), _) => format!(" {n}"),
+                (None, Some(o)) => format!(" {}", o.name),
+                (None, None) => String::new(),
             };
             let maker = p.local.node(p.local.value(v).node);
             let region = &p.local.region(maker.region).path;
@@ -175,7 +175,7 @@ fn transfer_lines(p: &Plan, pl: &crate::pipeline::Pipeline) -> Vec<String> {
                 crate::pipeline::Crossing::Carry => "once per step, for the next step",
             };
             format!(
-                "transfer {v} {name} ({} in {}): stage {} -> {} {how}, {}",
+                "transfer {v}{name} ({} in {}): stage {} -> {} {how}, {}",
                 maker.op.name(),
                 if region.is_empty() {
                     "the program"
