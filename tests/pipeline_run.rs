@@ -288,3 +288,43 @@ fn a_pipelined_plan_document_runs_by_stages() {
     assert_eq!(doc["pipeline"]["sends_per_step"], 4, "{doc}");
     assert_eq!(doc["pipeline"]["stages"].as_array().map(Vec::len), Some(2));
 }
+
+/// A skip connection around the whole repeat (`h + h0` after the last layer): the last stage
+/// computes h0 again from the params (and receives the updated position table each step), and
+/// h0's gradient goes back to stage 0 through every stage between (relayed in their backward
+/// messages). The step still equals the reference.
+#[test]
+fn a_skip_around_the_stages_is_relayed() {
+    let dir = scratch("pipeline_skip");
+    let text = std::fs::read_to_string("examples/gpt_pipe.tpl").unwrap();
+    let text = text
+        .replace(
+            "h = embedding(tokens, wte) + wpe\n",
+            "h0 = embedding(tokens, wte) + wpe\nh = h0\n",
+        )
+        .replace(
+            "h = repeat(L, layer, h) @ pp",
+            "h = repeat(L, layer, h) @ pp\nh = h + h0",
+        );
+    assert!(text.contains("h = h + h0"), "the example changed");
+    let file = dir.join("skip.tpl");
+    std::fs::write(&file, text).unwrap();
+    let o = tpc(&[
+        "run",
+        file.to_str().unwrap(),
+        "--mesh",
+        "pp=4",
+        "--steps",
+        "2",
+        "--check",
+    ]);
+    assert_exit(&o, 0);
+    let o = tpc(&["compile", file.to_str().unwrap(), "--mesh", "pp=4"]);
+    assert_exit(&o, 0);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("stage 3 -> 0 backward"),
+        "a relayed gradient:\n{text}"
+    );
+    assert!(text.contains("next(wpe)"), "the position table carried");
+}
