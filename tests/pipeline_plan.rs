@@ -185,6 +185,29 @@ fn the_plan_shows_and_keeps_its_schedule() {
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["pipeline"]["actions"][0][0], "F0");
+    // The shapes: `schedule: [{stage, actions}]` and `summary.pipeline`.
+    assert_eq!(doc["schedule"][0]["stage"], 0);
+    assert_eq!(doc["schedule"][1]["stage"], 1);
+    assert_eq!(doc["schedule"][0]["actions"], doc["pipeline"]["actions"][0]);
+    assert_eq!(doc["schedule"][1]["actions"][0], "RF0");
+    let sp = &doc["summary"]["pipeline"];
+    assert_eq!(sp["stages"], 2);
+    assert_eq!(sp["microbatches"], 2);
+    assert!(sp["bubble_fraction"]
+        .as_f64()
+        .is_some_and(|b| b > 0.0 && b < 1.0));
+    assert_eq!(
+        sp["peak_activation_microbatches"],
+        serde_json::json!([2, 1])
+    );
+    assert_eq!(sp["per_stage"].as_array().map(Vec::len), Some(2));
+    let mut d = doc.clone();
+    d["schedule"][1]["actions"][0] = "F0".into();
+    std::fs::write(&json, serde_json::to_string(&d).unwrap()).unwrap();
+    let o = tpc(&["run", j]);
+    assert_exit(&o, 1);
+    assert_stderr_has(&o, "its schedule is not its pipeline's actions");
+    std::fs::write(&json, serde_json::to_string(&doc).unwrap()).unwrap();
     // The plan document runs one training step; --check compares the updated params as a
     // training run does (AdamW on near-zero gradients moves with any rounding).
     let o = tpc(&["run", j, "--check"]);

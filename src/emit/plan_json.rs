@@ -55,6 +55,31 @@ pub struct PlanDoc {
     /// The pipeline's stages and schedule (recomputed on load).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<Pipeline>,
+    /// With a pipeline: each stage's actions in order (`F0`, `SF0`, `SF1+RB0`, `B0`, ...), as
+    /// `pipeline.actions` (recomputed on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<StageActions>>,
+}
+
+/// One stage's actions in a plan document's `schedule`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageActions {
+    /// The stage.
+    pub stage: u32,
+    /// Its actions in order.
+    pub actions: Vec<crate::pipeline::schedule::Action>,
+}
+
+/// The `schedule` of a pipeline.
+fn schedule_of(p: &Pipeline) -> Vec<StageActions> {
+    p.actions
+        .iter()
+        .enumerate()
+        .map(|(s, a)| StageActions {
+            stage: s as u32,
+            actions: a.clone(),
+        })
+        .collect()
 }
 
 /// Why a plan document could not be loaded.
@@ -124,6 +149,8 @@ struct Incoming {
     provenance: Vec<(NodeId<Local>, Provenance)>,
     #[serde(default)]
     pipeline: Option<Pipeline>,
+    #[serde(default)]
+    schedule: Option<Vec<StageActions>>,
 }
 
 /// The documented shape of the stored summary (other keys are ignored).
@@ -165,6 +192,7 @@ pub fn to_json(p: &Plan) -> String {
             .map(|(n, pr)| (*n, pr.clone()))
             .collect(),
         pipeline: p.pipeline.clone(),
+        schedule: p.pipeline.as_ref().map(schedule_of),
     };
     serde_json::to_string_pretty(&doc).expect("a plan document always serializes")
 }
@@ -202,7 +230,7 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
     .map_err(|e| corrupt(e.to_string()))?;
     let provenance = check_provenance(&local, doc.provenance)?;
     check_traffic(&local)?;
-    let summary = Summary::compute(&local, &mesh, &doc.device);
+    let mut summary = Summary::compute(&local, &mesh, &doc.device);
     let kind = doc
         .pipeline
         .as_ref()
@@ -215,6 +243,13 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
              stages are recomputed from the programs)"
         )));
     }
+    if doc.schedule != pipeline.as_ref().map(schedule_of) {
+        return Err(corrupt(
+            "its schedule is not its pipeline's actions (the pipeline schedule and stages are \
+             recomputed from the programs)",
+        ));
+    }
+    summary.pipeline = pipeline.as_ref().map(|p| p.summary.clone());
     Ok(Plan {
         mesh,
         device: doc.device,

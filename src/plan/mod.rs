@@ -133,9 +133,10 @@ impl Plan {
             placements: &part.placements,
             origin: &part.origin,
         })?;
-        let summary = Summary::compute(&part.local, &mesh, &device);
+        let mut summary = Summary::compute(&part.local, &mesh, &device);
         let pipeline =
             crate::pipeline::plan(&global, &part.local, &mesh, &device, options.schedule)?;
+        summary.pipeline = pipeline.as_ref().map(|p| p.summary.clone());
         Ok(Plan {
             mesh,
             device,

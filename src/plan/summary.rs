@@ -63,6 +63,10 @@ pub struct Summary {
     /// With microbatches: how they are accumulated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub microbatches: Option<MicrobatchSummary>,
+    /// With pipeline stages: their costs (bubble, in-flight microbatches, memory per stage),
+    /// the same as the plan's `pipeline.summary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<crate::pipeline::PipelineSummary>,
 }
 
 /// Every collective kind with count 0.
@@ -156,6 +160,7 @@ impl Summary {
             phases,
             memory_bytes_per_device,
             microbatches,
+            pipeline: None,
         }
     }
 }
