@@ -77,9 +77,9 @@ pub struct RunArgs {
     /// pipeline axis's size for a pipelined program, else 1.
     #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
     microbatches: Option<u64>,
-    /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward) or gpipe.
-    #[arg(long, value_name = "KIND", default_value = "1f1b", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
-    schedule: tpc::pipeline::schedule::ScheduleKind,
+    /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward, the default) or gpipe.
+    #[arg(long, value_name = "KIND", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
+    schedule: Option<tpc::pipeline::schedule::ScheduleKind>,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -99,7 +99,9 @@ impl RunArgs {
     fn plan_options(&self) -> tpc::plan::Options {
         tpc::plan::Options {
             microbatches: self.microbatches,
-            schedule: self.schedule,
+            schedule: self
+                .schedule
+                .unwrap_or(tpc::pipeline::schedule::ScheduleKind::OneFOneB),
         }
     }
 }
@@ -121,7 +123,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         }
         Runnable::Plan(plan) => *plan,
     };
-    forward_steps(args)?;
+    forward_steps(args, &plan)?;
     check_grads_wanted(args, &plan)?;
     memory::check_fits(&plan, args, flags.max_memory, plan.mesh.num_devices())?;
     let source = leaf_source(args, &plan)?;
@@ -176,8 +178,15 @@ fn refuse_mpirun_without_mpi() -> Result<(), Failure> {
     Ok(())
 }
 
-/// An error when a forward program is given --steps or --log.
-fn forward_steps(args: &RunArgs) -> Result<(), Failure> {
+/// An error when a forward program (or a plan document) is given --steps or --log.
+fn forward_steps(args: &RunArgs, plan: &Plan) -> Result<(), Failure> {
+    if (args.steps != 1 || args.log.is_some()) && plan.global.is_training_step() {
+        return Err(anyhow!(
+            "--steps and --log train from the .tpl program: a plan document runs its training \
+             step once (with --check, against the reference's step)"
+        )
+        .into());
+    }
     if args.steps != 1 || args.log.is_some() {
         return Err(anyhow!(
             "--steps and --log train a program with a `train` statement (without --forward-only)"
@@ -288,7 +297,7 @@ fn mpi_job(args: &RunArgs, size: usize) -> Result<MpiJob, Failure> {
             MpiJob::Train(Box::new(job))
         }
         Runnable::Plan(plan) => {
-            forward_steps(args)?;
+            forward_steps(args, &plan)?;
             memory::check_fits(&plan, args, flags.max_memory, 1)?;
             let source = leaf_source(args, &plan)?;
             MpiJob::Forward(plan, source)
@@ -572,7 +581,7 @@ fn load(args: &RunArgs, device: Device) -> Result<Runnable, Failure> {
     let mesh = run_mesh(args)?;
     let bytes = driver::read_bytes(&args.file).map_err(|e| fail(e, None))?;
     if is_plan_document(&args.file, &bytes) {
-        return load_plan_document(args, &bytes, mesh).map(|p| Runnable::Plan(Box::new(p)));
+        return load_plan_document(args, &bytes, mesh, device).map(|p| Runnable::Plan(Box::new(p)));
     }
     let overrides = overrides(args)?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
@@ -603,14 +612,30 @@ fn overrides(args: &RunArgs) -> Result<Vec<(String, i64)>, Failure> {
         .map_err(|e| fail(e, None))
 }
 
-/// Loads a saved plan; --set cannot apply, and a --mesh/--degree must be the plan's mesh.
-fn load_plan_document(args: &RunArgs, bytes: &[u8], mesh: Option<Mesh>) -> Result<Plan, Failure> {
+/// Loads a saved plan; the planner's flags (--set, --microbatches, --schedule, device constants
+/// other than the plan's) cannot apply, and a --mesh/--degree must be the plan's mesh.
+fn load_plan_document(
+    args: &RunArgs,
+    bytes: &[u8],
+    mesh: Option<Mesh>,
+    device: Device,
+) -> Result<Plan, Failure> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| anyhow!("{}: a plan document is UTF-8 JSON text", args.file))?;
     let plan = tpc::emit::plan_json::from_json(text).map_err(|e| anyhow!("{}: {e}", args.file))?;
-    if !args.set.is_empty() {
+    let planner = [
+        ("--set applies", !args.set.is_empty()),
+        ("--microbatches applies", args.microbatches.is_some()),
+        ("--schedule applies", args.schedule.is_some()),
+        (
+            "the cost model's flags (--flops, --bandwidth, --latency, --bucket-mb, ...) apply",
+            device != Device::default() && device != plan.device,
+        ),
+    ];
+    if let Some((flag, _)) = planner.iter().find(|(_, given)| *given) {
         return Err(anyhow!(
-            "--set applies to .tpl programs; the plan `{}` is already compiled",
+            "{flag} to .tpl programs; the plan `{}` is already compiled (recompile it with \
+             `tpc compile ... --emit json`)",
             args.file
         )
         .into());
@@ -619,10 +644,21 @@ fn load_plan_document(args: &RunArgs, bytes: &[u8], mesh: Option<Mesh>) -> Resul
         .check()
         .map_err(|e| anyhow!("{}: the plan's device constants: {e}", args.file))?;
     if let Some(m) = mesh {
-        m.check_declared(&plan.global.mesh_axes)
-            .map_err(|e| fail(e, None))?;
-        let m = m.with_declared(&plan.global.mesh_axes);
-        if m != plan.mesh {
+        // The microbatch axis is the plan's own, not a device axis to give.
+        let temporal = plan
+            .mesh
+            .temporal()
+            .map(|a| plan.mesh.axis_name(a).to_string());
+        let declared: Vec<String> = plan
+            .global
+            .mesh_axes
+            .iter()
+            .filter(|a| Some(*a) != temporal.as_ref())
+            .cloned()
+            .collect();
+        m.check_declared(&declared).map_err(|e| fail(e, None))?;
+        let m = m.with_declared(&declared);
+        if m != plan.mesh.devices_mesh() {
             return Err(anyhow!(
                 "the plan `{}` was compiled for mesh {}, not {m}",
                 args.file,

@@ -328,3 +328,103 @@ fn a_skip_around_the_stages_is_relayed() {
     );
     assert!(text.contains("next(wpe)"), "the position table carried");
 }
+
+/// Outputs that are not the loss or the params' next values: an activation (on dp × pp with one
+/// microbatch, whose dp gather sits after the backward in the program but runs in the forward
+/// pass) and a value made from params alone (with microbatches, made by the once-per-step
+/// part). Both train as the reference, and every output is bit for bit the unstaged run's.
+#[test]
+fn extra_outputs_of_activations_and_params() {
+    let dir = scratch("pipeline_outputs");
+    let text = std::fs::read_to_string("examples/gpt_pipe.tpl").unwrap();
+    let cases = [
+        (
+            "activation",
+            "hs = h\noutput hs\n",
+            "dp=2,pp=2",
+            "dp=2",
+            "1",
+        ),
+        (
+            "activation_tp",
+            "hs = h\noutput hs\n",
+            "dp=2,pp=2,tp=2",
+            "dp=2,tp=2",
+            "1",
+        ),
+        (
+            "params",
+            "hs = sum(wte * wte, 1)\noutput hs\n",
+            "pp=2",
+            "pp=1",
+            "2",
+        ),
+    ];
+    for (name, extra, mesh, unstaged, m) in cases {
+        let file = dir.join(format!("{name}.tpl"));
+        let text = text.replace("train loss", &format!("{extra}train loss"));
+        assert!(text.contains("output hs"), "the example changed");
+        std::fs::write(&file, text).unwrap();
+        let out = |mesh: &str| {
+            let path = dir.join(format!("{name}-{mesh}.npz"));
+            let o = tpc(&[
+                "run",
+                file.to_str().unwrap(),
+                "--mesh",
+                mesh,
+                "--microbatches",
+                m,
+                "--steps",
+                "2",
+                "--check",
+                "--out",
+                path.to_str().unwrap(),
+            ]);
+            assert_exit(&o, 0);
+            std::fs::read(path).unwrap()
+        };
+        assert!(out(mesh) == out(unstaged), "{name}: outputs differ");
+    }
+}
+
+/// A plan document is run as compiled: the planner's flags are refused, the mesh may be
+/// given (without the microbatch axis) and must be the plan's, and --steps points to the .tpl.
+#[test]
+fn a_plan_document_refuses_the_planners_flags() {
+    let dir = scratch("pipeline_plan_flags");
+    let plan = dir.join("plan.json");
+    let p = plan.to_str().unwrap();
+    let o = tpc(&[
+        "compile",
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "pp=2",
+        "--emit",
+        "json",
+        "-o",
+        p,
+    ]);
+    assert_exit(&o, 0);
+    for (flags, says) in [
+        (
+            &["--microbatches", "4"][..],
+            "--microbatches applies to .tpl programs",
+        ),
+        (
+            &["--schedule", "gpipe"][..],
+            "--schedule applies to .tpl programs",
+        ),
+        (&["--latency", "0"][..], "the cost model's flags"),
+        (&["--bucket-mb", "1"][..], "the cost model's flags"),
+        (&["--steps", "2"][..], "train from the .tpl program"),
+        (&["--mesh", "pp=4"][..], "was compiled for mesh"),
+    ] {
+        let mut args = vec!["run", p];
+        args.extend_from_slice(flags);
+        let o = tpc(&args);
+        assert_exit(&o, 1);
+        assert_stderr_has(&o, says);
+    }
+    let o = tpc(&["run", p, "--mesh", "pp=2"]);
+    assert_exit(&o, 0);
+}

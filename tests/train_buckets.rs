@@ -260,3 +260,25 @@ fn the_tied_table_is_reduced_once() {
         check_plan(&plan).expect("equals the reference");
     }
 }
+
+/// Gradients of different dtypes (a bf16 matmul's and an f32 one's) go into different buckets:
+/// a bucket is one message of one element type.
+#[test]
+fn a_bucket_holds_one_dtype() {
+    let text = "mesh dp
+dim B = 4, H = 16
+input x : f32[B, H] @ [dp, _]
+param w1 : f32[H, H]
+param w2 : f32[H, H]
+y = cast(cast(x, bf16) @ cast(w1, bf16), f32) @ w2
+loss = mean(mean(y * y, 1), 0)
+train loss with sgd(lr=0.1)
+";
+    let plan = plan_of("bf16.tpl", text, "dp=2", Device::default());
+    for n in over(&plan, "dp") {
+        let dtypes: std::collections::BTreeSet<_> =
+            n.inputs.iter().map(|&v| plan.local.ty(v).dtype).collect();
+        assert_eq!(dtypes.len(), 1, "one dtype per bucket");
+    }
+    check_plan(&plan).expect("the step equals the reference");
+}

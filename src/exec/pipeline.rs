@@ -74,7 +74,10 @@ pub(crate) struct Stage<'p> {
     pass: Vec<Option<Pass>>,
     /// Per node, run on this stage in the once-per-step part.
     step: Vec<bool>,
-    live: Liveness<Local>,
+    /// Liveness over a microbatch's forward pass then its backward pass.
+    live_mb: Liveness<Local>,
+    /// Liveness over the once-per-step part.
+    live_step: Liveness<Local>,
     send_fwd: Vec<ValueId<Local>>,
     recv_fwd: Vec<ValueId<Local>>,
     send_bwd: Vec<ValueId<Local>>,
@@ -148,7 +151,8 @@ impl<'p> Stage<'p> {
             owner,
             pass,
             step,
-            live: Liveness::of_part(g, |_| false, |_| false),
+            live_mb: Liveness::of_order(g, [], |_| false),
+            live_step: Liveness::of_order(g, [], |_| false),
             send_fwd: boundary(Crossing::Forward, (s < last).then_some(s)),
             recv_fwd: boundary(Crossing::Forward, s.checked_sub(1)),
             send_bwd: boundary(Crossing::Backward, s.checked_sub(1)),
@@ -157,13 +161,15 @@ impl<'p> Stage<'p> {
             step_transfers: step_transfers(g, &pipe.transfers),
             parts,
         };
-        st.live = st.liveness();
+        (st.live_mb, st.live_step) = st.liveness();
         st.drop_fwd = st.dropped_after_forward_send();
         Ok(st)
     }
 
-    /// Liveness over this stage's nodes; what it sends and the outputs it makes never die.
-    fn liveness(&self) -> Liveness<Local> {
+    /// Liveness over this stage's passes in the order they run (a microbatch's forward, its
+    /// backward; the once-per-step part); what it sends and the outputs it makes never die,
+    /// nor, with one microbatch, what the once-per-step part reads of the microbatch's values.
+    fn liveness(&self) -> (Liveness<Local>, Liveness<Local>) {
         let g = &self.plan.local;
         let s = self.stage;
         let mut hold: BTreeSet<ValueId<Local>> = self
@@ -184,8 +190,22 @@ impl<'p> Stage<'p> {
                 .filter(|o| self.makes(o.value))
                 .map(|o| o.value),
         );
-        let runs = |i: usize| self.pass[i].is_some() || self.step[i];
-        Liveness::of_part(g, runs, |v| hold.contains(&v))
+        let n = g.num_nodes();
+        let step: Vec<usize> = (0..n).filter(|&i| self.step[i]).collect();
+        let step_reads: BTreeSet<ValueId<Local>> = match self.parts.count {
+            1 => step
+                .iter()
+                .flat_map(|&i| g.node(NodeId::new(i)).inputs.iter().copied())
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        let in_pass = |p: Pass| (0..n).filter(move |&i| self.pass[i] == Some(p));
+        let mb_order = in_pass(Pass::Forward).chain(in_pass(Pass::Backward));
+        let live_mb = Liveness::of_order(g, mb_order, |v| {
+            hold.contains(&v) || step_reads.contains(&v)
+        });
+        let live_step = Liveness::of_order(g, step, |v| hold.contains(&v));
+        (live_mb, live_step)
     }
 
     /// True when this stage makes (or holds, for a leaf) value `v`.
@@ -347,15 +367,16 @@ impl<'p> Stage<'p> {
             _ => Part::Skip,
         };
         let t0 = std::time::Instant::now();
-        let peak = core::run_nodes(g, &self.live, &table, slots, r, &part).map_err(|(id, e)| {
-            let pass = if pass == Pass::Forward {
-                "forward"
-            } else {
-                "backward"
-            };
-            r.op_error(id, e)
-                .within(&format!("stage {}, microbatch {m}, {pass}", self.stage))
-        })?;
+        let peak =
+            core::run_nodes(g, &self.live_mb, &table, slots, r, &part).map_err(|(id, e)| {
+                let pass = if pass == Pass::Forward {
+                    "forward"
+                } else {
+                    "backward"
+                };
+                r.op_error(id, e)
+                    .within(&format!("stage {}, microbatch {m}, {pass}", self.stage))
+            })?;
         run.stats.busy_s += t0.elapsed().as_secs_f64();
         run.peak = run.peak.max(held + peak);
         match pass {
@@ -494,11 +515,12 @@ impl<'p> Stage<'p> {
                     false => Part::Skip,
                 }
             };
-            let p =
-                core::run_nodes(g, &self.live, leaves, slots, r, &part).map_err(|(id, e)| {
+            let p = core::run_nodes(g, &self.live_step, leaves, slots, r, &part).map_err(
+                |(id, e)| {
                     r.op_error(id, e)
                         .within(&format!("stage {s}, once per step"))
-                })?;
+                },
+            )?;
             peak = peak.max(p);
             from = upto;
             Ok::<(), RunError>(())

@@ -81,6 +81,10 @@ pub fn cut(input: &CutInput<'_>) -> Result<Cut, StageError> {
     let (mut pre, mut post) = (0.0, 0.0);
     let first_inst = node_inst.iter().position(Option::is_some);
     for (i, c) in costs.iter().enumerate() {
+        // A sum over the microbatches is a local accumulation, not a message.
+        if input.parts.accumulate[i] {
+            continue;
+        }
         match node_inst[i] {
             Some(k) => instance_cost[k] += c,
             None if input.parts.step[i] => {}

@@ -3,7 +3,7 @@
 //! after its last operand is made (PyTorch DDP's buckets; XLA's all-reduce combiner).
 
 use super::summary::moved_phase;
-use crate::ir::{Graph, Local, Node, NodeId, Op, Phase};
+use crate::ir::{Dtype, Graph, Local, Node, NodeId, Op, Phase};
 use crate::partition::{Partitioned, Provenance};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -69,7 +69,7 @@ fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId
         .map(|(id, _)| id)
         .collect();
     cands.sort_by_key(|&id| (ready(id), id.index()));
-    let mut open: BTreeMap<(String, &'static str, bool), Open> = BTreeMap::new();
+    let mut open: BTreeMap<(String, &'static str, Dtype), Open> = BTreeMap::new();
     let mut done = Vec::new();
     for id in cands {
         let n = g.node(id);
@@ -77,7 +77,7 @@ fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId
             continue;
         };
         let x = n.inputs[0];
-        let key = (axis.clone(), reduce.name(), g.ty(x).dtype.is_float());
+        let key = (axis.clone(), reduce.name(), g.ty(x).dtype);
         let (bytes, d) = (g.ty(x).size_bytes(), dep[x.index()]);
         if let Some(b) = open.get(&key) {
             let fits = b.bytes.saturating_add(bytes) <= cap

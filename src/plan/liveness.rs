@@ -8,6 +8,9 @@ use crate::ir::{Global, Graph, IdVec, Op, Space, ValueId};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Liveness<S = Global> {
     last: IdVec<ValueId<S>, Option<usize>>,
+    /// A value dies at its last reader only (not at any later node): the nodes do not run in
+    /// program order.
+    exact: bool,
 }
 
 impl<S: Space> Liveness<S> {
@@ -22,21 +25,22 @@ impl<S: Space> Liveness<S> {
         for o in g.outputs() {
             last[o.value] = Some(g.num_nodes());
         }
-        Liveness { last }
+        Liveness { last, exact: false }
     }
 
-    /// The liveness of `g`'s values when only the nodes `runs` selects run (one pipeline
-    /// stage's share): a value dies after its last reader among them; the values `hold`
-    /// selects (sent elsewhere, or outputs) never die.
-    pub fn of_part(
+    /// The liveness of `g`'s values when the nodes of `order` run in that order (one pipeline
+    /// stage's passes, which need not follow the program's): a value dies after the last of
+    /// them that reads it; the values `hold` selects (sent elsewhere, or outputs) never die.
+    /// Its [`Liveness::dies_at`] is exact: a value dies at that reader alone.
+    pub fn of_order(
         g: &Graph<S>,
-        runs: impl Fn(usize) -> bool,
+        order: impl IntoIterator<Item = usize>,
         hold: impl Fn(ValueId<S>) -> bool,
     ) -> Liveness<S> {
         let mut last = IdVec::filled(g.num_values(), None);
-        for (id, n) in g.nodes().filter(|(id, _)| runs(id.index())) {
-            for v in &n.inputs {
-                last[*v] = Some(id.index());
+        for i in order {
+            for v in &g.node(crate::ir::NodeId::new(i)).inputs {
+                last[*v] = Some(i);
             }
         }
         for i in 0..g.num_values() {
@@ -45,7 +49,7 @@ impl<S: Space> Liveness<S> {
                 last[v] = Some(g.num_nodes());
             }
         }
-        Liveness { last }
+        Liveness { last, exact: true }
     }
 
     /// The index of the last node reading `v` (`num_nodes` for outputs); `None` when unread.
@@ -56,7 +60,10 @@ impl<S: Space> Liveness<S> {
     /// True when `v` is dead once node `node` has run: `node` is its last reader, or `v` is
     /// never read (then it dies where it is made).
     pub fn dies_at(&self, v: ValueId<S>, node: usize) -> bool {
-        self.last[v].is_none_or(|l| l <= node)
+        match self.exact {
+            true => self.last[v].is_none_or(|l| l == node),
+            false => self.last[v].is_none_or(|l| l <= node),
+        }
     }
 
     /// The last use of every value.

@@ -261,18 +261,24 @@ pub fn classify(
     })
 }
 
-/// The microbatch-invariant nodes the once-per-step nodes read, directly or through others.
+/// The microbatch-invariant nodes the once-per-step nodes read, directly or through others,
+/// and those making a program output (the step's outputs are the once-per-step part's).
 fn again(g: &Graph<Local>, step: &[bool], invariant: &[bool]) -> Vec<bool> {
     let mut again = vec![false; g.num_nodes()];
+    let mut output = vec![false; g.num_values()];
+    for o in g.outputs() {
+        output[o.value.index()] = true;
+    }
     for i in (0..g.num_nodes()).rev() {
         if !invariant[i] {
             continue;
         }
         let n = g.node(NodeId::new(i));
         again[i] = n.outputs.iter().any(|&o| {
-            g.users(o)
-                .iter()
-                .any(|u| (step[u.index()] && !invariant[u.index()]) || again[u.index()])
+            output[o.index()]
+                || g.users(o)
+                    .iter()
+                    .any(|u| (step[u.index()] && !invariant[u.index()]) || again[u.index()])
         });
     }
     again
