@@ -5,6 +5,7 @@
 //! (`hash`) tells a checkpoint of another program apart.
 
 pub mod hash;
+pub mod load;
 pub mod st;
 
 use serde::{Deserialize, Serialize};

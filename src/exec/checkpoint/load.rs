@@ -1,0 +1,394 @@
+//! Reading a checkpoint on any mesh: the index is opened (through `latest` when given the
+//! checkpoint directory) and checked; a rank asks for the block of a tensor it needs, and the
+//! reader intersects it with the saved blocks, reads only the chunks of their bytes that
+//! overlap it, verifies each chunk's sha256, and copies the overlapping rows into place.
+
+use super::{check_tiling, chunk_hashes, CheckpointError, Index, FORMAT, VERSION};
+use crate::exec::Tensor;
+use ndarray::{ArrayD, IxDyn};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// An opened checkpoint.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    /// The directory of the step's files.
+    dir: PathBuf,
+    /// Its index.
+    pub index: Index,
+}
+
+fn io(path: &Path, e: std::io::Error) -> CheckpointError {
+    CheckpointError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn format(path: &Path, reason: impl Into<String>) -> CheckpointError {
+    CheckpointError::Format {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Reader {
+    /// Opens the checkpoint at `dir`: a step directory (with `index.json`), or a save
+    /// directory whose `latest` names one (and the sha256 of its index).
+    pub fn open(dir: &Path) -> Result<Reader, CheckpointError> {
+        let (step, want) = match dir.join("index.json").exists() {
+            true => (dir.to_path_buf(), None),
+            false => {
+                let latest = dir.join("latest");
+                let text = std::fs::read_to_string(&latest).map_err(|_| {
+                    format(dir, "not a tpc checkpoint: no index.json and no `latest`")
+                })?;
+                let mut lines = text.lines();
+                let (Some(name), Some(hash)) = (lines.next(), lines.next()) else {
+                    return Err(format(&latest, "expected a step directory and a sha256"));
+                };
+                if name.contains('/') || name.starts_with('.') || name.is_empty() {
+                    return Err(format(&latest, format!("`{name}` is not a step directory")));
+                }
+                (dir.join(name), Some(hash.trim().to_string()))
+            }
+        };
+        let path = step.join("index.json");
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        if let Some(want) = want {
+            let got = &chunk_hashes(&bytes, u64::MAX)[0];
+            if *got != want {
+                return Err(format(
+                    &path,
+                    format!("`latest` says sha256 {want}, the file has {got}"),
+                ));
+            }
+        }
+        let index: Index =
+            serde_json::from_slice(&bytes).map_err(|e| format(&path, e.to_string()))?;
+        if index.format != FORMAT || index.version != VERSION {
+            return Err(format(
+                &path,
+                format!(
+                    "a `{}` index of version {}; this build reads `{FORMAT}` version {VERSION}",
+                    index.format, index.version
+                ),
+            ));
+        }
+        let reader = Reader { dir: step, index };
+        reader.check()?;
+        Ok(reader)
+    }
+
+    /// Every tensor tiled by its blocks, each block's bytes and chunk count as its shape says,
+    /// in a file the index lists.
+    fn check(&self) -> Result<(), CheckpointError> {
+        let d = self.dir.display().to_string();
+        let chunk = self.index.chunk_bytes.max(1);
+        for (name, t) in &self.index.tensors {
+            check_tiling(&d, name, &t.shape, &t.blocks)?;
+            for b in &t.blocks {
+                let bytes = b.shape.iter().product::<u64>() * 4;
+                let chunks = bytes.div_ceil(chunk).max(1);
+                let len = self.index.files.get(&b.file);
+                let fits = b.data[1].checked_sub(b.data[0]) == Some(bytes)
+                    && len.is_some_and(|&l| b.data[1] <= l);
+                if !fits || b.sha256.len() as u64 != chunks {
+                    return Err(format(
+                        &self.dir.join("index.json"),
+                        format!(
+                            "the block of `{name}` at {:?} does not fit its file",
+                            b.offset
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The block `ranges` (one range per dim) of tensor `name`, read from the saved blocks it
+    /// overlaps; every byte read is verified against the index.
+    pub fn read_block(&self, name: &str, ranges: &[Range<u64>]) -> Result<Tensor, CheckpointError> {
+        let t =
+            self.index.tensors.get(name).ok_or_else(|| {
+                format(&self.dir, format!("the checkpoint has no tensor `{name}`"))
+            })?;
+        let inside = ranges.len() == t.shape.len()
+            && ranges
+                .iter()
+                .zip(&t.shape)
+                .all(|(r, &d)| r.start <= r.end && r.end <= d);
+        if !inside {
+            return Err(format(
+                &self.dir,
+                format!("block {ranges:?} asked of `{name}` {:?}", t.shape),
+            ));
+        }
+        let shape: Vec<usize> = ranges.iter().map(|r| (r.end - r.start) as usize).collect();
+        let n: usize = shape.iter().product();
+        match t.dtype.as_str() {
+            "I32" => {
+                let mut v = vec![0i32; n];
+                self.fill(name, ranges, bytemuck::cast_slice_mut(&mut v))?;
+                Ok(Tensor::I32(array(shape, v)?))
+            }
+            "F32" => {
+                let mut v = vec![0f32; n];
+                self.fill(name, ranges, bytemuck::cast_slice_mut(&mut v))?;
+                Ok(Tensor::F32(array(shape, v)?))
+            }
+            other => Err(format(&self.dir, format!("`{name}` has dtype {other}"))),
+        }
+    }
+
+    /// Copies into `dest` (row-major bytes of the block `ranges`) every saved block's overlap.
+    fn fill(
+        &self,
+        name: &str,
+        ranges: &[Range<u64>],
+        dest: &mut [u8],
+    ) -> Result<(), CheckpointError> {
+        let t = &self.index.tensors[name];
+        let chunk = self.index.chunk_bytes.max(1);
+        for b in &t.blocks {
+            let cut: Vec<Range<u64>> = ranges
+                .iter()
+                .zip(b.offset.iter().zip(&b.shape))
+                .map(|(r, (&o, &s))| r.start.max(o)..r.end.min(o + s))
+                .collect();
+            if cut.iter().any(|c| c.start >= c.end) && !cut.is_empty() {
+                continue;
+            }
+            let runs = runs(&cut, &b.offset, &b.shape, ranges);
+            let (Some(lo), Some(hi)) = (
+                runs.iter().map(|r| r.0).min(),
+                runs.iter().map(|r| r.0 + r.2).max(),
+            ) else {
+                continue;
+            };
+            let (c0, c1) = (lo / chunk, (hi - 1) / chunk);
+            let span = (b.data[0] + c0 * chunk)
+                ..(b.data[0] + ((c1 + 1) * chunk).min(b.data[1] - b.data[0]));
+            let file = self.dir.join(&b.file);
+            let bytes = super::st::read_range(&file, (span.start, span.end))?;
+            for (k, piece) in bytes.chunks(chunk as usize).enumerate() {
+                let c = c0 as usize + k;
+                if chunk_hashes(piece, chunk)[0] != b.sha256[c] {
+                    let start = b.data[0] + c as u64 * chunk;
+                    return Err(CheckpointError::Corrupt {
+                        dir: self.dir.display().to_string(),
+                        tensor: name.to_string(),
+                        file: b.file.clone(),
+                        offset: b.offset.clone(),
+                        start,
+                        end: start + piece.len() as u64,
+                    });
+                }
+            }
+            let base = c0 * chunk;
+            for (src, dst, len) in runs {
+                let s = (src - base) as usize;
+                dest[dst as usize..(dst + len) as usize]
+                    .copy_from_slice(&bytes[s..s + len as usize]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn array<T>(shape: Vec<usize>, v: Vec<T>) -> Result<ArrayD<T>, CheckpointError> {
+    ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| CheckpointError::Format {
+        path: String::new(),
+        reason: e.to_string(),
+    })
+}
+
+/// The contiguous runs (along the last dim) of the overlap `cut` of a saved block (`offset`,
+/// `shape`) and the asked block `ranges`: (byte offset in the saved block, byte offset in the
+/// asked block, bytes), in increasing source order.
+fn runs(
+    cut: &[Range<u64>],
+    offset: &[u64],
+    shape: &[u64],
+    ranges: &[Range<u64>],
+) -> Vec<(u64, u64, u64)> {
+    let rank = cut.len();
+    if rank == 0 {
+        return vec![(0, 0, 4)];
+    }
+    let strides = |dims: &mut dyn Iterator<Item = u64>| -> Vec<u64> {
+        let d: Vec<u64> = dims.collect();
+        let mut s = vec![1u64; d.len()];
+        for i in (0..d.len().saturating_sub(1)).rev() {
+            s[i] = s[i + 1] * d[i + 1];
+        }
+        s
+    };
+    let src_st = strides(&mut shape.iter().copied());
+    let dst_st = strides(&mut ranges.iter().map(|r| r.end - r.start));
+    let last = rank - 1;
+    let len = (cut[last].end - cut[last].start) * 4;
+    let mut out = Vec::new();
+    let mut idx: Vec<u64> = cut.iter().map(|c| c.start).collect();
+    loop {
+        let src: u64 = (0..rank).map(|d| (idx[d] - offset[d]) * src_st[d]).sum();
+        let dst: u64 = (0..rank)
+            .map(|d| (idx[d] - ranges[d].start) * dst_st[d])
+            .sum();
+        out.push((src * 4, dst * 4, len));
+        // The next row: an odometer over the outer dims.
+        let mut d = last;
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < cut[d].end {
+                break;
+            }
+            idx[d] = cut[d].start;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{st, BlockEntry, TensorEntry};
+    use super::*;
+    use ndarray::{s, Array2};
+    use std::collections::BTreeMap;
+
+    /// Saves `x` cut into `rows` × `cols` blocks, each in its own file, with `chunk`-byte
+    /// chunks, and a `latest` naming the step directory; returns the save directory.
+    fn save(name: &str, x: &Array2<f32>, grid: (usize, usize), chunk: u64) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("tpc-ck-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("step-00000003");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (r, c) = (x.nrows() / grid.0, x.ncols() / grid.1);
+        let mut blocks = Vec::new();
+        let mut files = BTreeMap::new();
+        for i in 0..grid.0 {
+            for j in 0..grid.1 {
+                let b = Tensor::F32(
+                    x.slice(s![i * r..(i + 1) * r, j * c..(j + 1) * c])
+                        .to_owned()
+                        .into_dyn(),
+                );
+                let file = format!("rank-{:05}.safetensors", i * grid.1 + j);
+                let ranges =
+                    st::write_file(&dir.join(&file), &[(name, &b)], Default::default()).unwrap();
+                files.insert(
+                    file.clone(),
+                    std::fs::metadata(dir.join(&file)).unwrap().len(),
+                );
+                blocks.push(BlockEntry {
+                    file,
+                    offset: vec![(i * r) as u64, (j * c) as u64],
+                    shape: vec![r as u64, c as u64],
+                    data: [ranges[0].0, ranges[0].1],
+                    sha256: chunk_hashes(&st::tensor_bytes(&b), chunk),
+                });
+            }
+        }
+        let index = Index {
+            format: FORMAT.into(),
+            version: VERSION,
+            program: "sha256:0".into(),
+            source: "t.tpl".into(),
+            step: 3,
+            seed: 0,
+            mesh: "tp=4".into(),
+            chunk_bytes: chunk,
+            files,
+            tensors: BTreeMap::from([(
+                name.to_string(),
+                TensorEntry {
+                    kind: "param".into(),
+                    dtype: "F32".into(),
+                    declared: "f32".into(),
+                    shape: vec![x.nrows() as u64, x.ncols() as u64],
+                    placement: "[_, tp]".into(),
+                    blocks,
+                },
+            )]),
+        };
+        let text = serde_json::to_vec_pretty(&index).unwrap();
+        std::fs::write(dir.join("index.json"), &text).unwrap();
+        let latest = format!("step-00000003\n{}\n", chunk_hashes(&text, u64::MAX)[0]);
+        std::fs::write(root.join("latest"), latest).unwrap();
+        root
+    }
+
+    fn global() -> Array2<f32> {
+        Array2::from_shape_fn((8, 12), |(i, j)| (i * 100 + j) as f32 + 0.25)
+    }
+
+    #[test]
+    fn any_block_reads_back_exactly_from_saved_blocks_of_another_layout() {
+        let x = global();
+        for (grid, chunk) in [
+            ((1, 4), 16u64),
+            ((2, 2), 1 << 20),
+            ((4, 1), 24),
+            ((1, 1), 4),
+        ] {
+            let root = save("w", &x, grid, chunk);
+            let r = Reader::open(&root).unwrap();
+            let blocks: [(Range<usize>, Range<usize>); 5] = [
+                (0..8, 0..12),
+                (2..6, 3..9),
+                (0..4, 6..12),
+                (7..8, 11..12),
+                (3..3, 0..12),
+            ];
+            for (rows, cols) in blocks {
+                let asked = [
+                    rows.start as u64..rows.end as u64,
+                    cols.start as u64..cols.end as u64,
+                ];
+                let got = r.read_block("w", &asked).unwrap();
+                let want = x
+                    .slice(s![rows.clone(), cols.clone()])
+                    .to_owned()
+                    .into_dyn();
+                assert_eq!(
+                    got,
+                    Tensor::F32(want),
+                    "grid {grid:?} chunk {chunk} block {rows:?}×{cols:?}"
+                );
+            }
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_stale_latest_is_named() {
+        let root = save("w1", &global(), (1, 2), 32);
+        let file = root.join("step-00000003/rank-00001.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let r = Reader::open(&root).unwrap();
+        // The other block still reads; the corrupted one is named.
+        assert!(r.read_block("w1", &[0..8, 0..6]).is_ok());
+        let e = r.read_block("w1", &[0..8, 0..12]).unwrap_err().to_string();
+        assert!(
+            e.contains("`w1`")
+                && e.contains("rank-00001.safetensors")
+                && e.contains("sha256 mismatch"),
+            "{e}"
+        );
+        let index = root.join("step-00000003/index.json");
+        let text = std::fs::read_to_string(&index).unwrap();
+        std::fs::write(&index, text.replace("\"step\": 3", "\"step\": 4")).unwrap();
+        let e = Reader::open(&root).unwrap_err().to_string();
+        assert!(e.contains("`latest` says sha256"), "{e}");
+        let e = Reader::open(&root.join("nowhere")).unwrap_err().to_string();
+        assert!(e.contains("not a tpc checkpoint"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
