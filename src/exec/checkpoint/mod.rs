@@ -6,6 +6,7 @@
 
 pub mod hash;
 pub mod load;
+pub mod save;
 pub mod st;
 
 use serde::{Deserialize, Serialize};
