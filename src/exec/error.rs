@@ -82,6 +82,9 @@ pub enum ExecError {
     /// A leaf op (`input`, `param`) given to `apply`.
     #[error("{0} is a leaf op and cannot be applied")]
     Leaf(&'static str),
+    /// A checkpoint that cannot be read as the program needs.
+    #[error(transparent)]
+    Checkpoint(Box<super::checkpoint::CheckpointError>),
     /// The graph is inconsistent with what the kernels produced (a compiler or kernel bug).
     #[error("internal error at {node}: {detail}")]
     Internal {
@@ -90,6 +93,12 @@ pub enum ExecError {
         /// What went wrong.
         detail: String,
     },
+}
+
+impl From<super::checkpoint::CheckpointError> for ExecError {
+    fn from(e: super::checkpoint::CheckpointError) -> Self {
+        ExecError::Checkpoint(Box::new(e))
+    }
 }
 
 impl ExecError {

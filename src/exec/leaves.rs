@@ -17,6 +17,14 @@ pub enum LeafSource {
     Arrays(BTreeMap<String, Tensor>),
     /// Generated from the seed: values depend only on name, shape, dtype and seed.
     Seed(u64),
+    /// Params and optimizer state from a checkpoint (each rank reads its own blocks), inputs
+    /// from `rest`.
+    Checkpoint {
+        /// The opened checkpoint.
+        reader: Box<super::checkpoint::load::Reader>,
+        /// Where the inputs come from.
+        rest: Box<LeafSource>,
+    },
 }
 
 /// The range of integer values an i32 leaf may take: the vocabulary of the embeddings and the
@@ -52,6 +60,18 @@ pub fn global_leaves(
     match source {
         LeafSource::Arrays(a) => Ok(a.clone()),
         LeafSource::Seed(seed) => Ok(seeded(g, *seed, |_| true)),
+        LeafSource::Checkpoint { reader, rest } => {
+            let mut all = global_leaves(g, rest)?;
+            for (_, n) in g.nodes() {
+                if let (Some(name), Op::Param { .. } | Op::State { .. }) = (n.op.leaf_name(), &n.op)
+                {
+                    let whole: Vec<Range<u64>> =
+                        g.ty(n.outputs[0]).shape.iter().map(|&d| 0..d).collect();
+                    all.insert(name.to_string(), reader.read_block(name, &whole)?);
+                }
+            }
+            Ok(all)
+        }
     }
 }
 
@@ -98,7 +118,14 @@ pub fn local_leaf(
 ) -> Result<Tensor, ExecError> {
     let ty = g.ty(global);
     let ranges = block_ranges(&ty.shape, pl, coords, mesh);
+    let op = &g.node(g.value(global).node).op;
     match source {
+        LeafSource::Checkpoint { reader, .. }
+            if matches!(op, Op::Param { .. } | Op::State { .. }) =>
+        {
+            Ok(reader.read_block(name, &ranges)?)
+        }
+        LeafSource::Checkpoint { rest, .. } => local_leaf(g, global, name, pl, coords, mesh, rest),
         LeafSource::Seed(seed) => generate_slice(
             name,
             ty,

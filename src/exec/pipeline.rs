@@ -230,6 +230,18 @@ impl<'p> Stage<'p> {
             .collect()
     }
 
+    /// The stage that saves leaf `v` in a checkpoint: the one making its next value (output
+    /// `next`), else the first that holds it.
+    pub(crate) fn writer(&self, v: ValueId<Local>, next: Option<usize>) -> u32 {
+        match next {
+            Some(k) => self.owner[k],
+            None => {
+                let leaf = self.plan.local.value(v).node.index();
+                self.runs[leaf].first().copied().unwrap_or(0)
+            }
+        }
+    }
+
     /// The leaves this stage reads (or whose value is an output it owns).
     pub(crate) fn needs(&self, v: ValueId<Local>) -> bool {
         self.makes(v)

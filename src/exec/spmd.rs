@@ -76,6 +76,16 @@ pub enum RunError {
         /// What went wrong.
         error: Box<NodeError>,
     },
+    /// A rank could not save its checkpoint blocks, or rank 0 could not commit them.
+    #[error("rank {rank}: saving the checkpoint of step {step}: {detail} (the last committed checkpoint is unchanged)")]
+    Save {
+        /// The failing rank.
+        rank: usize,
+        /// The step being saved.
+        step: usize,
+        /// What went wrong.
+        detail: String,
+    },
     /// A rank could not load its params or inputs.
     #[error("rank {rank}: loading `{leaf}`: {error}")]
     Load {
@@ -618,6 +628,18 @@ impl<'a> Rank<'a> {
 }
 
 impl Rank<'_> {
+    /// Waits for every rank (without resetting the step's counts).
+    pub(crate) fn sync(&mut self) -> Result<(), RunError> {
+        let world: Vec<usize> = (0..self.t.world()).collect();
+        let mut sync = [0.0f32];
+        comm::all_reduce(self.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
+            rank: self.t.rank(),
+            op: "checkpoint barrier".into(),
+            location: String::new(),
+            error: Box::new(e.into()),
+        })
+    }
+
     /// This rank's id.
     pub(crate) fn rank(&self) -> usize {
         self.t.rank()

@@ -67,14 +67,52 @@ pub struct Trained {
     pub stats: RunStats,
 }
 
+/// Where a run stands among the steps of a longer training, and where it saves checkpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Checkpointing {
+    /// Steps done before this run (a resumed run's first step is step `first + 1`): per-step
+    /// inputs continue from there.
+    pub first: usize,
+    /// Where and how often to save.
+    pub save: Option<SaveSpec>,
+}
+
+/// Checkpoints to save during a run.
+#[derive(Clone, Debug)]
+pub struct SaveSpec {
+    /// The checkpoint directory.
+    pub dir: std::path::PathBuf,
+    /// Save after every `every` steps (counted over the whole training); 0: only at the end.
+    pub every: usize,
+    /// What the index records of the run.
+    pub facts: super::checkpoint::save::RunFacts,
+}
+
+impl SaveSpec {
+    /// True when a checkpoint is saved after global step `done` (1-based), `last` the run's last.
+    fn due(&self, done: usize, last: bool) -> bool {
+        last || (self.every > 0 && done.is_multiple_of(self.every))
+    }
+}
+
 /// Trains on one thread per device. `on_step(s, loss)` is called by rank 0 after each step.
 pub fn train_threads(
     plan: &Plan,
     steps: &Steps<'_>,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<Trained, RunError> {
+    train_threads_with(plan, steps, &Checkpointing::default(), on_step)
+}
+
+/// [`train_threads`] resuming at `ck.first` and saving checkpoints as `ck.save` says.
+pub fn train_threads_with(
+    plan: &Plan,
+    steps: &Steps<'_>,
+    ck: &Checkpointing,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<Trained, RunError> {
     let n = thread_ranks(plan)?;
-    let ranks = spawn_ranks(n, |t| train_rank(plan, t, steps, on_step))?;
+    let ranks = spawn_ranks(n, |t| train_rank_with(plan, t, steps, ck, on_step))?;
     assemble_trained(plan, steps, ranks)
 }
 
@@ -85,7 +123,18 @@ pub fn train_rank(
     steps: &Steps<'_>,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
-    let result = train_rank_inner(plan, t, steps, on_step);
+    train_rank_with(plan, t, steps, &Checkpointing::default(), on_step)
+}
+
+/// [`train_rank`] resuming at `ck.first` and saving checkpoints as `ck.save` says.
+pub fn train_rank_with(
+    plan: &Plan,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    ck: &Checkpointing,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let result = train_rank_inner(plan, t, steps, ck, on_step);
     if result.is_err() {
         t.abort();
     }
@@ -169,10 +218,11 @@ fn train_rank_inner(
     plan: &Plan,
     t: &mut dyn Transport,
     steps: &Steps<'_>,
+    ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
     if let Some(pipe) = &plan.pipeline {
-        return train_stage_rank(plan, pipe, t, steps, on_step);
+        return train_stage_rank(plan, pipe, t, steps, ck, on_step);
     }
     let rank = t.rank();
     let load_err = |leaf: &str, error| RunError::Load {
@@ -195,7 +245,8 @@ fn train_rank_inner(
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let (mut first, mut last, mut peak) = (Vec::new(), Vec::new(), 0);
     for s in 0..steps.count.max(1) {
-        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, s, &mut blocks, &mut later)
+        let g = ck.first + s;
+        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, g, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
         r.barrier()?;
         let t0 = Instant::now();
@@ -211,7 +262,23 @@ fn train_rank_inner(
         if s == 0 && steps.keep_first {
             first = kept.iter().map(|&k| out.outputs[k].clone()).collect();
         }
-        if s + 1 == steps.count.max(1) {
+        let end = s + 1 == steps.count.max(1);
+        if let Some(save) = ck.save.as_ref().filter(|sv| sv.due(g + 1, end)) {
+            let outputs: Vec<Option<&Tensor>> = out.outputs.iter().map(Some).collect();
+            let writer = |_: ValueId<Local>, _: Option<usize>| None;
+            save_step(
+                plan,
+                save,
+                g + 1,
+                &links,
+                &outputs,
+                &blocks,
+                &writer,
+                &mut r,
+            )
+            .map_err(|e| e.within(&format!("step {}", g + 1)))?;
+        }
+        if end {
             last = out.outputs;
             break;
         }
@@ -237,6 +304,7 @@ fn train_stage_rank(
     pipe: &crate::pipeline::Pipeline,
     t: &mut dyn Transport,
     steps: &Steps<'_>,
+    ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
     let rank = t.rank();
@@ -262,7 +330,8 @@ fn train_stage_rank(
     let (mut first, mut last, mut peak, mut stats) = (Vec::new(), Vec::new(), 0, None);
     for s in 0..steps.count.max(1) {
         let within = |e: RunError| e.within(&format!("step {}", s + 1));
-        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, s, &mut blocks, &mut later)
+        let g = ck.first + s;
+        let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, g, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
         r.barrier()?;
         let t0 = Instant::now();
@@ -271,6 +340,21 @@ fn train_stage_rank(
             .report_loss(&out.outputs, links.loss, &mut out.stats, &mut r)
             .map_err(within)?;
         let end = s + 1 == steps.count.max(1);
+        if let Some(save) = ck.save.as_ref().filter(|sv| sv.due(g + 1, end)) {
+            let outputs: Vec<Option<&Tensor>> = out.outputs.iter().map(Option::as_ref).collect();
+            let writer = |v, next| Some(stage.writer(v, next));
+            save_step(
+                plan,
+                save,
+                g + 1,
+                &links,
+                &outputs,
+                &blocks,
+                &writer,
+                &mut r,
+            )
+            .map_err(within)?;
+        }
         if !end {
             stage
                 .carry(
@@ -309,6 +393,80 @@ fn train_stage_rank(
         first,
         losses,
     })
+}
+
+/// Saves the checkpoint of global step `done`: this rank writes the blocks it is the writer
+/// of (the params and optimizer state the step leaves: a carried leaf's `next` output, a
+/// frozen one's block), every rank waits, and rank 0 commits. `writer(v, next)`: on a
+/// pipelined plan, the stage that writes leaf `v` (whose next value is output `next`).
+#[allow(clippy::too_many_arguments)]
+fn save_step(
+    plan: &Plan,
+    save: &SaveSpec,
+    done: usize,
+    links: &Links,
+    outputs: &[Option<&Tensor>],
+    blocks: &BTreeMap<ValueId<Local>, Tensor>,
+    writer: &dyn Fn(ValueId<Local>, Option<usize>) -> Option<u32>,
+    r: &mut Rank<'_>,
+) -> Result<(), RunError> {
+    use super::checkpoint::save::{commit, save_rank, writes_block, Item};
+    let rank = r.rank();
+    let fail = |detail: String| RunError::Save {
+        rank,
+        step: done,
+        detail,
+    };
+    let mesh = &plan.mesh;
+    let coords = mesh.coords(rank as u64);
+    let axis = plan
+        .pipeline
+        .as_ref()
+        .and_then(|p| mesh.axis_index(&p.axis));
+    let mut items = Vec::new();
+    for (_, n) in plan.local.nodes() {
+        let kind = match n.op {
+            Op::Param { .. } => "param",
+            Op::State { .. } => "state",
+            _ => continue,
+        };
+        let (Some(name), v) = (n.op.leaf_name(), n.outputs[0]) else {
+            continue;
+        };
+        let next = links.carried.iter().find(|(c, _)| *c == v).map(|&(_, k)| k);
+        let stage = axis.zip(writer(v, next)).map(|(a, s)| (a, u64::from(s)));
+        let pl = &plan.placements[v];
+        if !writes_block(pl, &coords, mesh, stage) {
+            continue;
+        }
+        let block = match next {
+            Some(k) => outputs.get(k).copied().flatten(),
+            None => blocks.get(&v),
+        };
+        let block = block.ok_or_else(|| fail(format!("`{name}` is not held by its writer")))?;
+        let global = plan.origin[v].ok_or_else(|| fail(format!("`{name}` has no global value")))?;
+        let shape = plan.global.ty(global).shape.clone();
+        let offset = block_ranges(&shape, pl, &coords, mesh)
+            .iter()
+            .map(|r| r.start)
+            .collect();
+        items.push(Item {
+            name,
+            kind,
+            declared: plan.global.ty(global).dtype.to_string(),
+            shape,
+            placement: pl.display(mesh),
+            offset,
+            block,
+        });
+    }
+    save_rank(&save.dir, done as u64, rank, &items).map_err(|e| fail(e.to_string()))?;
+    r.sync()?;
+    if rank == 0 {
+        let world = mesh.num_devices() as usize;
+        commit(&save.dir, done as u64, world, &save.facts).map_err(|e| fail(e.to_string()))?;
+    }
+    r.sync()
 }
 
 /// Step `s`'s inputs into `blocks` (microbatch 0's) and `later` (the others'); returns the

@@ -110,6 +110,7 @@ pub fn save_rank(
 }
 
 /// What the index records of the run besides the blocks.
+#[derive(Clone, Debug)]
 pub struct RunFacts {
     /// The program hash.
     pub program: String,
