@@ -29,7 +29,7 @@ enum Cmd {
     /// Compile a .tpl program: the global program, or with --degree/--mesh the per-device plan.
     Compile(CompileArgs),
     /// Run a program or saved plan on N simulated devices (threads) with real collectives.
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
 }
 
 #[derive(clap::Args)]

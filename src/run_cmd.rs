@@ -83,6 +83,17 @@ pub struct RunArgs {
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
+    /// For a program with `train`: save sharded checkpoints into DIR (each rank writes only its
+    /// own blocks), after the last step and every --save-every steps.
+    #[arg(long, value_name = "DIR")]
+    save: Option<String>,
+    /// With --save: also save after every K steps (counted over the whole training).
+    #[arg(long, value_name = "K", requires = "save", value_parser = clap::value_parser!(u64).range(1..))]
+    save_every: Option<u64>,
+    /// For a program with `train`: continue the training saved in DIR (on any mesh): its
+    /// params, optimizer state and step count.
+    #[arg(long, value_name = "DIR", conflicts_with = "params")]
+    load: Option<String>,
     /// For a program with `train`: write one JSON line per step (`{"step", "loss", "time_s"}`).
     #[arg(long, value_name = "PATH")]
     log: Option<String>,

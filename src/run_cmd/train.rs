@@ -13,9 +13,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Compiled};
+use tpc::exec::checkpoint::hash::program_hash;
 use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
 use tpc::exec::train::{
-    self as exec_train, loss_value, step_seed, step_slice, train_threads, Steps,
+    self as exec_train, loss_value, step_seed, step_slice, train_threads_with, Steps,
 };
 use tpc::exec::{npz, reference, Tensor};
 use tpc::ir::Graph;
@@ -42,6 +43,8 @@ pub(super) struct Job {
     source: LeafSource,
     /// The inputs given per step.
     stepped: Leaves,
+    /// Where the run stands (after a --load) and where it saves.
+    ck: exec_train::Checkpointing,
 }
 
 /// Plans the step `c` and loads its leaves; `ranks_here` is how many ranks share this
@@ -60,19 +63,87 @@ pub(super) fn prepare(
         )
         .into());
     }
+    let hash = program_hash(&c.graph, loss_name(&c), &c.carried);
     // The plan holds the program from here on.
     let graph = std::mem::take(&mut c.graph);
     let plan = driver::plan_declared(graph, mesh, flags.device, &args.plan_options())
         .map_err(|e| fail(e, Some(src.clone())))?;
     let here = ranks_here.unwrap_or_else(|| plan.mesh.num_devices());
     super::memory::check_fits(&plan, args, flags.max_memory, here)?;
-    let (source, stepped) = rank_source(args, &plan)?;
+    let (mut source, stepped) = rank_source(args, &plan)?;
+    let mut ck = exec_train::Checkpointing::default();
+    if let Some(dir) = &args.load {
+        if args.check {
+            return Err(anyhow!("--check after --load is not supported yet").into());
+        }
+        let reader = open_checkpoint(dir, &hash, &plan)?;
+        ck.first = reader.index.step as usize;
+        source = LeafSource::Checkpoint {
+            reader: Box::new(reader),
+            rest: Box::new(source),
+        };
+    }
+    if let Some(dir) = &args.save {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow!("--save `{dir}`: {e}"))?;
+        ck.save = Some(exec_train::SaveSpec {
+            dir: dir.into(),
+            every: args.save_every.unwrap_or(0) as usize,
+            facts: tpc::exec::checkpoint::save::RunFacts {
+                program: hash,
+                source: src.name.clone(),
+                seed: args.seed,
+                mesh: plan.mesh.to_string(),
+            },
+        });
+    }
     Ok(Job {
         c,
         plan,
         source,
         stepped,
+        ck,
     })
+}
+
+/// Opens the checkpoint `dir` for `plan`: of the same program (`hash`), with every param and
+/// optimizer state of the program at its global shape.
+fn open_checkpoint(
+    dir: &str,
+    hash: &str,
+    plan: &Plan,
+) -> Result<tpc::exec::checkpoint::load::Reader, Failure> {
+    let reader = tpc::exec::checkpoint::load::Reader::open(std::path::Path::new(dir))
+        .map_err(|e| anyhow!("--load: {e}"))?;
+    if reader.index.program != hash {
+        return Err(anyhow!(
+            "checkpoint `{dir}` was saved from another program ({}, this one is {hash}): pass \
+             the .tpl and --set values it was trained with",
+            reader.index.program
+        )
+        .into());
+    }
+    let g = &plan.global;
+    for (_, n) in g.nodes() {
+        let (Some(name), true) = (
+            n.op.leaf_name(),
+            matches!(n.op, tpc::ir::Op::Param { .. } | tpc::ir::Op::State { .. }),
+        ) else {
+            continue;
+        };
+        let shape = &g.ty(n.outputs[0]).shape;
+        match reader.index.tensors.get(name) {
+            None => return Err(anyhow!("checkpoint `{dir}` has no `{name}`").into()),
+            Some(t) if t.shape != *shape => {
+                return Err(anyhow!(
+                    "checkpoint `{dir}`: `{name}` is {:?} there, {shape:?} here",
+                    t.shape
+                )
+                .into())
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(reader)
 }
 
 /// Runs `args.steps` steps of `job` on one thread per device.
@@ -80,9 +151,10 @@ pub(super) fn prepare(
 /// (`NAME.failed.jsonl`).
 pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     let bar = super::progress(args.steps);
+    let first = job.ck.first;
     let done = std::sync::Mutex::new((Vec::new(), Instant::now()));
     let print = |s: usize, loss: f32| {
-        bar.suspend(|| say_loss(s, loss));
+        bar.suspend(|| say_loss(first + s, loss));
         bar.inc(1);
         if let Ok(mut d) = done.lock() {
             let secs = d.1.elapsed().as_secs_f64();
@@ -91,7 +163,7 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
         }
     };
     let spec = spec(args, &job.c, &job.source, &job.stepped);
-    let out = train_threads(&job.plan, &spec, Some(&print));
+    let out = train_threads_with(&job.plan, &spec, &job.ck, Some(&print));
     bar.finish_and_clear();
     match out {
         Ok(out) => finish(args, &job, trained(&job.c, out)),
@@ -132,10 +204,11 @@ pub(super) fn run_mpi(
     job: Job,
 ) -> Result<(), Failure> {
     use tpc::exec::mpi::{decode_trained, encode_trained};
-    use tpc::exec::train::{assemble_trained, train_rank};
+    use tpc::exec::train::{assemble_trained, train_rank_with};
     let spec = spec(args, &job.c, &job.source, &job.stepped);
-    let print = |s: usize, loss: f32| say_loss(s, loss);
-    let mine = match train_rank(&job.plan, t, &spec, Some(&print)) {
+    let first = job.ck.first;
+    let print = |s: usize, loss: f32| say_loss(first + s, loss);
+    let mine = match train_rank_with(&job.plan, t, &spec, &job.ck, Some(&print)) {
         Ok(o) => o,
         Err(e) => {
             crate::say_err(&format!("error: {e}"));
