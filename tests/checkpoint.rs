@@ -216,6 +216,12 @@ fn save_and_load_through_the_binary() {
     .collect();
     assert_eq!(rest, want, "steps 4-6 after a resume");
     assert_eq!(whole.len(), 6);
+    let resumed = logged(&log2);
+    assert_eq!(resumed.len(), 3);
+    assert!(
+        resumed[0].starts_with("4 "),
+        "logged steps are global: {resumed:?}"
+    );
     let o = tpc(&["run", "examples/gpt_pipe.tpl", "--set", "H=32", "--load", s]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("saved from another program"));

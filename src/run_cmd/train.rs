@@ -25,6 +25,8 @@ use tpc::plan::Plan;
 
 /// One training run's record: per step its loss and seconds, and the final leaves.
 struct Trained {
+    /// Steps done before the run (after a --load).
+    first: usize,
     losses: Vec<(f32, f64)>,
     leaves: BTreeMap<String, Tensor>,
     first_outputs: BTreeMap<String, Tensor>,
@@ -166,13 +168,13 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     let out = train_threads_with(&job.plan, &spec, &job.ck, Some(&print));
     bar.finish_and_clear();
     match out {
-        Ok(out) => finish(args, &job, trained(&job.c, out)),
+        Ok(out) => finish(args, &job, trained(&job.c, job.ck.first, out)),
         Err(e) => {
             let losses = done.into_inner().map(|d| d.0).unwrap_or_default();
             if !losses.is_empty() {
                 let failed = [String::from("the run")];
                 let mut w = Written::new(&failed);
-                w.text(&args.log, || log_lines(&losses))?;
+                w.text(&args.log, || log_lines(&losses, first))?;
                 w.report();
             }
             Err(anyhow!("{e}").into())
@@ -180,11 +182,11 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     }
 }
 
-/// One JSON line per step: `{"step", "loss", "time_s"}`.
-fn log_lines(losses: &[(f32, f64)]) -> String {
+/// One JSON line per step: `{"step", "loss", "time_s"}`, steps counted from `first` done.
+fn log_lines(losses: &[(f32, f64)], first: usize) -> String {
     let mut text = String::new();
     for (s, (loss, secs)) in losses.iter().enumerate() {
-        let line = serde_json::json!({"step": s + 1, "loss": loss, "time_s": secs});
+        let line = serde_json::json!({"step": first + s + 1, "loss": loss, "time_s": secs});
         text.push_str(&line.to_string());
         text.push('\n');
     }
@@ -225,7 +227,7 @@ pub(super) fn run_mpi(
             t.abort_job(1)
         }
     };
-    finish(args, &job, trained(&job.c, out))
+    finish(args, &job, trained(&job.c, job.ck.first, out))
 }
 
 /// What follows the sharded run: `--check` against the reference, then the files.
@@ -279,7 +281,7 @@ fn loss_name(c: &Compiled) -> &str {
 }
 
 /// The run's record from the ranks' results: the final leaves from the last `next(NAME)`s.
-fn trained(c: &Compiled, mut out: exec_train::Trained) -> Trained {
+fn trained(c: &Compiled, first: usize, mut out: exec_train::Trained) -> Trained {
     let mut leaves = Leaves::new();
     for (leaf, next) in &c.carried {
         if let Some(t) = out.last.remove(next) {
@@ -287,6 +289,7 @@ fn trained(c: &Compiled, mut out: exec_train::Trained) -> Trained {
         }
     }
     Trained {
+        first,
         losses: out.losses,
         leaves,
         first_outputs: out.first,
@@ -366,6 +369,7 @@ fn steps(
         }
     }
     Ok(Trained {
+        first: 0,
         losses,
         leaves,
         first_outputs,
@@ -486,6 +490,6 @@ fn write_results(
     if let Some(stats) = &t.stats {
         w.text(&args.stats, || super::stats_json(plan, stats))?;
     }
-    w.text(&args.log, || log_lines(&t.losses))?;
+    w.text(&args.log, || log_lines(&t.losses, t.first))?;
     w.finish(args)
 }
