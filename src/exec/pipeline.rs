@@ -21,6 +21,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// A slot table: one entry per local value.
 type Slots = IdVec<ValueId<Local>, Option<Tensor>>;
 
+/// One rank's blocks of leaves, by local value.
+type LeafBlocks = BTreeMap<ValueId<Local>, Tensor>;
+
 /// Measured figures of one stage's rank in the last step.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageRunStats {
@@ -240,6 +243,24 @@ impl<'p> Stage<'p> {
                 self.runs[leaf].first().copied().unwrap_or(0)
             }
         }
+    }
+
+    /// This rank's blocks of the leaves its stage reads from `source`: params, state and
+    /// microbatch 0's inputs, then each later microbatch's inputs.
+    pub(crate) fn load_leaves(
+        &self,
+        source: &super::leaves::LeafSource,
+        rank: usize,
+    ) -> Result<(LeafBlocks, Vec<LeafBlocks>), RunError> {
+        use super::spmd::load_leaves_where;
+        let (plan, coords) = (self.plan, &self.coords);
+        let blocks = load_leaves_where(plan, coords, source, rank, |_, v| self.needs(v))?;
+        let later = super::micro::later_inputs(plan, rank, |coords, rank| {
+            load_leaves_where(plan, coords, source, rank, |op, v| {
+                matches!(op, crate::ir::Op::Input { .. }) && self.needs(v)
+            })
+        })?;
+        Ok((blocks, later))
     }
 
     /// The leaves this stage reads (or whose value is an output it owns).

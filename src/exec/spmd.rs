@@ -470,13 +470,7 @@ fn run_stage_rank(
         leaf: "*".into(),
         error,
     })?;
-    let coords = plan.mesh.coords(rank as u64);
-    let loaded = load_leaves_where(plan, &coords, source, rank, |_, v| stage.needs(v))?;
-    let later = super::micro::later_inputs(plan, rank, |coords, rank| {
-        load_leaves_where(plan, coords, source, rank, |op, v| {
-            matches!(op, Op::Input { .. }) && stage.needs(v)
-        })
-    })?;
+    let (loaded, later) = stage.load_leaves(source, rank)?;
     let leaf_bytes: u64 = loaded
         .values()
         .chain(later.iter().flat_map(|m| m.values()))
@@ -614,30 +608,29 @@ impl<'a> Rank<'a> {
 
     /// Waits for every rank to start the step together, and resets the step's counts.
     pub(crate) fn barrier(&mut self) -> Result<(), RunError> {
+        self.wait_all("step barrier")?;
+        self.collectives.clear();
+        Ok(())
+    }
+
+    /// Waits for every rank (a one-element all-reduce over the world); `what` names it in
+    /// errors.
+    fn wait_all(&mut self, what: &str) -> Result<(), RunError> {
         let world: Vec<usize> = (0..self.t.world()).collect();
         let mut sync = [0.0f32];
         comm::all_reduce(self.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
             rank: self.t.rank(),
-            op: "step barrier".into(),
+            op: what.into(),
             location: String::new(),
             error: Box::new(e.into()),
-        })?;
-        self.collectives.clear();
-        Ok(())
+        })
     }
 }
 
 impl Rank<'_> {
     /// Waits for every rank (without resetting the step's counts).
     pub(crate) fn sync(&mut self) -> Result<(), RunError> {
-        let world: Vec<usize> = (0..self.t.world()).collect();
-        let mut sync = [0.0f32];
-        comm::all_reduce(self.t, &world, &mut sync, ReduceOp::Sum).map_err(|e| RunError::Op {
-            rank: self.t.rank(),
-            op: "checkpoint barrier".into(),
-            location: String::new(),
-            error: Box::new(e.into()),
-        })
+        self.wait_all("checkpoint barrier")
     }
 
     /// This rank's id.

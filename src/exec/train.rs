@@ -251,7 +251,7 @@ fn train_rank_inner(
         r.barrier()?;
         let t0 = Instant::now();
         let out = super::micro::run_step(micro.as_ref(), &live, &blocks, &later, &mut r)
-            .map_err(|e| e.within(&format!("step {}", s + 1)))?;
+            .map_err(|e| e.within(&format!("step {}", g + 1)))?;
         times.push(t0.elapsed().as_secs_f64());
         peak = peak.max(out.peak_bytes + leaf_bytes);
         let loss = loss_value(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
@@ -317,20 +317,14 @@ fn train_stage_rank(
     let mut links = Links::of(plan, steps).map_err(|e| load_err("*", e))?;
     links.inputs.retain(|(v, _)| stage.needs(*v));
     let coords = plan.mesh.coords(rank as u64);
-    let needed = |_: &Op, v| stage.needs(v);
-    let mut blocks = load_leaves_where(plan, &coords, steps.start, rank, needed)?;
-    let mut later = super::micro::later_inputs(plan, rank, |coords, rank| {
-        load_leaves_where(plan, coords, steps.start, rank, |op, v| {
-            matches!(op, Op::Input { .. }) && stage.needs(v)
-        })
-    })?;
+    let (mut blocks, mut later) = stage.load_leaves(steps.start, rank)?;
     let kept = links.kept(plan.local.outputs().len());
     let mut r = Rank::new(plan, t);
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let (mut first, mut last, mut peak, mut stats) = (Vec::new(), Vec::new(), 0, None);
     for s in 0..steps.count.max(1) {
-        let within = |e: RunError| e.within(&format!("step {}", s + 1));
         let g = ck.first + s;
+        let within = |e: RunError| e.within(&format!("step {}", g + 1));
         let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, g, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
         r.barrier()?;
