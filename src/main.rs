@@ -1,5 +1,6 @@
 //! The `tpc` command line.
 
+mod checkpoint_cmd;
 mod run_cmd;
 
 /// mimalloc: the compiler allocates many small vectors per value, and glibc's allocator spends
@@ -30,6 +31,9 @@ enum Cmd {
     Compile(CompileArgs),
     /// Run a program or saved plan on N simulated devices (threads) with real collectives.
     Run(Box<run_cmd::RunArgs>),
+    /// Inspect or export a checkpoint saved by `tpc run --save`.
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::Args),
 }
 
 #[derive(clap::Args)]
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> ExitCode {
     let result = match cli.cmd {
         Cmd::Compile(args) => compile(&args),
         Cmd::Run(args) => run_cmd::run(&args),
+        Cmd::Checkpoint(args) => checkpoint_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

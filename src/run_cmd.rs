@@ -35,11 +35,13 @@ pub struct RunArgs {
     /// Override a dim, e.g. --set H=4096 (repeatable; .tpl only).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
-    /// Params by full name (`layer.3.w1`) from an .npz archive (default: generated from --seed).
-    #[arg(long, value_name = "P.npz")]
+    /// Params by full name (`layer.3.w1`) from an .npz archive or a .safetensors file (such as
+    /// `tpc checkpoint export` writes; default: generated from --seed).
+    #[arg(long, value_name = "P.npz|P.safetensors")]
     params: Option<String>,
-    /// Inputs by name from an .npz archive (default: generated from --seed).
-    #[arg(long, value_name = "X.npz")]
+    /// Inputs by name from an .npz archive or a .safetensors file (default: generated from
+    /// --seed).
+    #[arg(long, value_name = "X.npz|X.safetensors")]
     inputs: Option<String>,
     /// Seed of the generated params and inputs (values depend only on name, shape and seed).
     #[arg(long, default_value_t = 0)]
@@ -690,7 +692,8 @@ fn leaf_source(args: &RunArgs, plan: &Plan) -> Result<LeafSource, Failure> {
         global_leaves(&plan.global, &LeafSource::Seed(args.seed)).map_err(|e| anyhow!("{e}"))?;
     for (path, params) in [(&args.params, true), (&args.inputs, false)] {
         if let Some(path) = path {
-            let arrays = npz::load(path, &plan.global, params).map_err(|e| anyhow!("{e}"))?;
+            let arrays =
+                tpc::exec::arrays::load(path, &plan.global, params).map_err(|e| anyhow!("{e}"))?;
             all.extend(arrays);
         }
     }

@@ -5,6 +5,7 @@
 //! computed in f32; only `Op::Cast` (and `init`) round values to the narrower precision.
 
 mod apply;
+pub mod arrays;
 pub mod checkpoint;
 pub mod comm;
 mod core;

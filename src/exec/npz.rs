@@ -65,7 +65,7 @@ pub fn read(path: &str) -> Result<BTreeMap<String, Tensor>, NpzError> {
 pub fn load(path: &str, g: &Graph, params: bool) -> Result<BTreeMap<String, Tensor>, NpzError> {
     let mut archive = Archive::open(path)?;
     let (entries, unsupported) = archive.headers()?;
-    check(path, g, &entries, &unsupported, params, false)?;
+    check(path, g, &found(&entries), &unsupported, params, false)?;
     archive.arrays(&entries)
 }
 
@@ -75,9 +75,20 @@ pub fn load(path: &str, g: &Graph, params: bool) -> Result<BTreeMap<String, Tens
 pub fn load_step_inputs(path: &str, g: &Graph) -> Result<BTreeMap<String, Tensor>, NpzError> {
     let mut archive = Archive::open(path)?;
     let (entries, unsupported) = archive.headers()?;
-    check(path, g, &entries, &unsupported, false, true)?;
+    check(path, g, &found(&entries), &unsupported, false, true)?;
     archive.arrays(&entries)
 }
+
+/// The shape and kind of every supported array, as [`check`] takes them.
+fn found(entries: &BTreeMap<String, Entry>) -> BTreeMap<String, Found> {
+    entries
+        .iter()
+        .map(|(n, e)| (n.clone(), (e.header.shape.clone(), e.kind)))
+        .collect()
+}
+
+/// What a file says of one array before its data is read: its shape and element kind.
+pub(crate) type Found = (Vec<u64>, Kind);
 
 /// The supported arrays of an archive by name, and the names and numpy dtypes of those that
 /// are neither float32 nor int32.
@@ -229,8 +240,10 @@ fn read_array(
 
 /// The element type of a supported array.
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
+    /// Float32 (and, in safetensors files, bf16 and f16, widened exactly).
     F32,
+    /// Int32.
     I32,
 }
 
@@ -498,10 +511,10 @@ pub fn write(path: &str, arrays: &BTreeMap<String, Tensor>) -> Result<(), NpzErr
 /// Checks the arrays of an archive (their headers) against the leaves of `g` that `params`
 /// selects (params or inputs), with the arrays that could not be read for their dtype (`name`,
 /// numpy dtype): every problem (missing, extra, wrong shape, wrong dtype) in one error.
-fn check(
+pub(crate) fn check(
     path: &str,
     g: &Graph,
-    arrays: &BTreeMap<String, Entry>,
+    arrays: &BTreeMap<String, Found>,
     unsupported: &[(String, String)],
     params: bool,
     steps: bool,
@@ -545,9 +558,9 @@ fn check(
 
 /// The problems of array `name` (header `e`) as leaf of type `ty`: its shape (with `steps`,
 /// also `[K] + shape` for K ≥ 1), its dtype.
-fn leaf_problems(name: &str, ty: &TensorType, e: &Entry, steps: bool) -> Vec<String> {
+fn leaf_problems(name: &str, ty: &TensorType, e: &Found, steps: bool) -> Vec<String> {
     let mut problems = Vec::new();
-    let shape = &e.header.shape;
+    let (shape, kind) = e;
     let stepped = steps && shape.len() == ty.rank() + 1 && shape[1..] == ty.shape[..];
     if stepped && shape[0] == 0 {
         problems.push(format!("`{name}` has a leading step axis of 0 steps"));
@@ -565,8 +578,8 @@ fn leaf_problems(name: &str, ty: &TensorType, e: &Entry, steps: bool) -> Vec<Str
             dims(shape)
         ));
     }
-    if !e.kind.fits(ty.dtype) {
-        problems.push(dtype_problem(name, e.kind.numpy(), ty));
+    if !kind.fits(ty.dtype) {
+        problems.push(dtype_problem(name, kind.numpy(), ty));
     }
     problems
 }

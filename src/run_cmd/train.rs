@@ -18,7 +18,7 @@ use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
 use tpc::exec::train::{
     self as exec_train, loss_value, step_seed, step_slice, train_threads_with, Steps,
 };
-use tpc::exec::{npz, reference, Tensor};
+use tpc::exec::{reference, Tensor};
 use tpc::ir::Graph;
 use tpc::mesh::Mesh;
 use tpc::plan::Plan;
@@ -75,9 +75,6 @@ pub(super) fn prepare(
     let (mut source, stepped) = rank_source(args, &plan)?;
     let mut ck = exec_train::Checkpointing::default();
     if let Some(dir) = &args.load {
-        if args.check {
-            return Err(anyhow!("--check after --load is not supported yet").into());
-        }
         let reader = open_checkpoint(dir, &hash, &plan)?;
         ck.first = reader.index.step as usize;
         source = LeafSource::Checkpoint {
@@ -236,11 +233,11 @@ fn finish(args: &RunArgs, job: &Job, sharded: Trained) -> Result<(), Failure> {
         say_err(&format!(
             "warning: the loss is not finite from step {} on (non-finite inputs or params, or \
              a diverging run)",
-            s + 1
+            sharded.first + s + 1
         ));
     }
     let failed = if args.check {
-        let start = start_leaves(args, &job.plan)?;
+        let start = start_leaves(args, &job.plan, &job.source, job.ck.first)?;
         check(args, &job.c, &job.plan, &start, &sharded)?
     } else {
         Vec::new()
@@ -254,7 +251,7 @@ fn rank_source(args: &RunArgs, plan: &Plan) -> Result<(LeafSource, Leaves), Fail
     if args.params.is_none() && args.inputs.is_none() {
         return Ok((LeafSource::Seed(args.seed), Leaves::new()));
     }
-    let start = start_leaves(args, plan)?;
+    let start = start_leaves(args, plan, &LeafSource::Seed(args.seed), 0)?;
     Ok((LeafSource::Arrays(start.leaves), start.stepped))
 }
 
@@ -302,24 +299,44 @@ type Leaves = BTreeMap<String, Tensor>;
 
 /// What the first step starts from.
 struct Start {
+    /// Steps done before it (after a --load).
+    first: usize,
     /// Every leaf: generated from `--seed`, replaced by `--params` and `--inputs`.
     leaves: Leaves,
     /// The inputs given with a leading step axis.
     stepped: Leaves,
 }
 
-/// The first step's leaves and the inputs given per step.
-fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<Start, Failure> {
+/// The first step's leaves (`first` steps done; the params and optimizer state from `source`
+/// when it is a checkpoint) and the inputs given per step.
+fn start_leaves(
+    args: &RunArgs,
+    plan: &Plan,
+    source: &LeafSource,
+    first: usize,
+) -> Result<Start, Failure> {
     let g = &plan.global;
     let mut all = global_leaves(g, &LeafSource::Seed(args.seed)).map_err(|e| anyhow!("{e}"))?;
+    if let LeafSource::Checkpoint { reader, .. } = source {
+        for (_, n) in g.nodes() {
+            if let (Some(name), tpc::ir::Op::Param { .. } | tpc::ir::Op::State { .. }) =
+                (n.op.leaf_name(), &n.op)
+            {
+                let t = reader
+                    .read_global(name)
+                    .map_err(|e| anyhow!("--load: {e}"))?;
+                all.insert(name.to_string(), t);
+            }
+        }
+    }
     if let Some(p) = &args.params {
-        all.extend(npz::load(p, g, true).map_err(|e| anyhow!("{e}"))?);
+        all.extend(tpc::exec::arrays::load(p, g, true).map_err(|e| anyhow!("{e}"))?);
     }
     let mut stepped = BTreeMap::new();
     if let Some(p) = &args.inputs {
         let declared: BTreeMap<&str, usize> =
             g.inputs().map(|(n, v)| (n, g.ty(v).rank())).collect();
-        for (name, t) in npz::load_step_inputs(p, g).map_err(|e| anyhow!("{e}"))? {
+        for (name, t) in tpc::exec::arrays::load_step_inputs(p, g).map_err(|e| anyhow!("{e}"))? {
             if Some(&t.shape().len()) == declared.get(name.as_str()).map(|r| r + 1).as_ref() {
                 stepped.insert(name, t);
             } else {
@@ -328,6 +345,7 @@ fn start_leaves(args: &RunArgs, plan: &Plan) -> Result<Start, Failure> {
         }
     }
     Ok(Start {
+        first,
         leaves: all,
         stepped,
     })
@@ -346,11 +364,12 @@ fn steps(
     let mut losses = Vec::with_capacity(args.steps.min(1 << 20));
     let mut first_outputs = BTreeMap::new();
     for s in 0..args.steps {
-        reseed_inputs(args, g, &mut leaves, s);
+        let global = start.first + s;
+        reseed_inputs(args, g, &mut leaves, global);
         for (name, t) in &start.stepped {
             leaves.insert(
                 name.clone(),
-                step_slice(t, s).map_err(|e| anyhow!("`{name}`: {e}"))?,
+                step_slice(t, global).map_err(|e| anyhow!("`{name}`: {e}"))?,
             );
         }
         let t = Instant::now();
@@ -369,7 +388,7 @@ fn steps(
         }
     }
     Ok(Trained {
-        first: 0,
+        first: start.first,
         losses,
         leaves,
         first_outputs,
@@ -427,9 +446,10 @@ fn check(
     for (s, (((got, _), (w, _)), (n, _))) in losses.enumerate() {
         let (got, w, n) = (scalar_tensor(*got), scalar_tensor(*w), scalar_tensor(*n));
         let verdict = compare::compare_noisy(&got, &w, Some(&n), &tol);
-        say_out(&format!("check loss at step {}: {verdict}", s + 1));
+        let step = sharded.first + s + 1;
+        say_out(&format!("check loss at step {step}: {verdict}"));
         if !verdict.is_close() {
-            bad.push(format!("the loss at step {}", s + 1));
+            bad.push(format!("the loss at step {step}"));
         }
     }
     for (name, _) in c.carried.iter().filter(|(l, _)| is_param(plan, l)) {

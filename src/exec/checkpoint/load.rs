@@ -77,6 +77,7 @@ impl Reader {
         }
         let reader = Reader { dir: step, index };
         reader.check()?;
+        reader.check_files()?;
         Ok(reader)
     }
 
@@ -102,6 +103,48 @@ impl Reader {
                         ),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every file the index lists is present with the length the index says; an error names
+    /// the file and a tensor with blocks in it.
+    fn check_files(&self) -> Result<(), CheckpointError> {
+        for (file, &want) in &self.index.files {
+            let path = self.dir.join(file);
+            let held = self
+                .index
+                .tensors
+                .iter()
+                .filter(|(_, t)| t.blocks.iter().any(|b| b.file == *file));
+            let count = held.clone().count();
+            let named = match held.map(|(n, _)| n).next() {
+                Some(n) if count > 1 => format!(
+                    " (it holds blocks of `{n}` and {} other tensors)",
+                    count - 1
+                ),
+                Some(n) => format!(" (it holds blocks of `{n}`)"),
+                None => String::new(),
+            };
+            let bad = |what: String| format(&path, format!("{what}{named}"));
+            match std::fs::metadata(&path) {
+                Err(e) => {
+                    return Err(bad(format!(
+                        "cannot be read: {}",
+                        crate::files::os_reason(&e)
+                    )))
+                }
+                Ok(m) if m.len() < want => {
+                    return Err(bad(format!(
+                        "truncated: {} bytes, the index says {want}",
+                        m.len()
+                    )))
+                }
+                Ok(m) if m.len() > want => {
+                    return Err(bad(format!("{} bytes, the index says {want}", m.len())))
+                }
+                Ok(_) => {}
             }
         }
         Ok(())
@@ -140,6 +183,40 @@ impl Reader {
             }
             other => Err(format(&self.dir, format!("`{name}` has dtype {other}"))),
         }
+    }
+
+    /// The whole of tensor `name`, assembled from its saved blocks.
+    pub fn read_global(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let shape = match self.index.tensors.get(name) {
+            Some(t) => t.shape.clone(),
+            None => return self.read_block(name, &[]),
+        };
+        let ranges: Vec<Range<u64>> = shape.iter().map(|&d| 0..d).collect();
+        self.read_block(name, &ranges)
+    }
+
+    /// Reads every saved block once and checks its sha256: an error names the first tensor,
+    /// file and bytes that do not match. Returns the bytes verified.
+    pub fn verify(&self) -> Result<u64, CheckpointError> {
+        let mut bytes = 0;
+        for (name, t) in &self.index.tensors {
+            for b in &t.blocks {
+                let ranges: Vec<Range<u64>> = b
+                    .offset
+                    .iter()
+                    .zip(&b.shape)
+                    .map(|(&o, &s)| o..o + s)
+                    .collect();
+                self.read_block(name, &ranges)?;
+                bytes += b.data[1] - b.data[0];
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// The directory of the step's files.
+    pub fn step_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Copies into `dest` (row-major bytes of the block `ranges`) every saved block's overlap.

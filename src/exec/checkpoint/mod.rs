@@ -4,6 +4,7 @@
 //! that a run on any mesh reads just the byte ranges of its own blocks. The program hash
 //! (`hash`) tells a checkpoint of another program apart.
 
+pub mod export;
 pub mod hash;
 pub mod load;
 pub mod save;

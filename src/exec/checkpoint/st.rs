@@ -46,28 +46,42 @@ pub fn header(
     blocks: &[(&str, &Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<(Metadata, Vec<u8>), CheckpointError> {
+    let slots: Vec<(&str, Dtype, &[usize])> = blocks
+        .iter()
+        .map(|(name, t)| (*name, dtype_of(t), t.shape()))
+        .collect();
+    header_of(&slots, meta)
+}
+
+/// The header of a file holding tensors of the given names, dtypes (4 bytes each: F32, I32)
+/// and shapes, in that order: the metadata and its padded JSON text.
+pub fn header_of(
+    slots: &[(&str, Dtype, &[usize])],
+    meta: HashMap<String, String>,
+) -> Result<(Metadata, Vec<u8>), CheckpointError> {
+    let bad = |reason: String| CheckpointError::Format {
+        path: String::new(),
+        reason,
+    };
     let mut at = 0usize;
-    let mut infos = Vec::with_capacity(blocks.len());
-    for (name, t) in blocks {
-        let n = t.len() * 4;
+    let mut infos = Vec::with_capacity(slots.len());
+    for (name, dtype, shape) in slots {
+        let n = shape
+            .iter()
+            .try_fold(4usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("`{name}` {shape:?} overflows")))?;
         infos.push((
             name.to_string(),
             TensorInfo {
-                dtype: dtype_of(t),
-                shape: t.shape().to_vec(),
+                dtype: *dtype,
+                shape: shape.to_vec(),
                 data_offsets: (at, at + n),
             },
         ));
         at += n;
     }
-    let md = Metadata::new(Some(meta), infos).map_err(|e| CheckpointError::Format {
-        path: String::new(),
-        reason: e.to_string(),
-    })?;
-    let mut text = serde_json::to_vec(&md).map_err(|e| CheckpointError::Format {
-        path: String::new(),
-        reason: e.to_string(),
-    })?;
+    let md = Metadata::new(Some(meta), infos).map_err(|e| bad(e.to_string()))?;
+    let mut text = serde_json::to_vec(&md).map_err(|e| bad(e.to_string()))?;
     text.resize(text.len().next_multiple_of(8), b' ');
     Ok((md, text))
 }
