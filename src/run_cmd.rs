@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// With --save: also save after every K steps (counted over the whole training).
     #[arg(long, value_name = "K", requires = "save", value_parser = clap::value_parser!(u64).range(1..))]
     save_every: Option<u64>,
+    /// With --save: keep only the N newest checkpoints (default: keep all).
+    #[arg(long, value_name = "N", requires = "save", value_parser = clap::value_parser!(u64).range(1..))]
+    keep: Option<u64>,
     /// For a program with `train`: continue the training saved in DIR (on any mesh): its
     /// params, optimizer state and step count.
     #[arg(long, value_name = "DIR", conflicts_with = "params")]
@@ -191,8 +194,16 @@ fn refuse_mpirun_without_mpi() -> Result<(), Failure> {
     Ok(())
 }
 
-/// An error when a forward program (or a plan document) is given --steps or --log.
+/// An error when a forward program (or a plan document) is given --steps, --log, --save or
+/// --load.
 fn forward_steps(args: &RunArgs, plan: &Plan) -> Result<(), Failure> {
+    if args.save.is_some() || args.load.is_some() {
+        let what = match plan.global.is_training_step() {
+            true => "a plan document runs its training step once: train from the .tpl program",
+            false => "this program has no `train` statement (or --forward-only was given)",
+        };
+        return Err(anyhow!("--save and --load checkpoint a training run: {what}").into());
+    }
     if (args.steps != 1 || args.log.is_some()) && plan.global.is_training_step() {
         return Err(anyhow!(
             "--steps and --log train from the .tpl program: a plan document runs its training \

@@ -1,4 +1,4 @@
-//! Sharded checkpoints (issue 12, in progress): a run saves every K steps without gathering;
+//! Sharded checkpoints: a run saves every K steps without gathering;
 //! a run loading the checkpoint on any mesh continues the training as if never interrupted.
 
 use std::path::{Path, PathBuf};
@@ -85,6 +85,8 @@ fn resume_equals_uninterrupted_on_any_mesh() {
                 seed: 3,
                 mesh: saved_on.into(),
             },
+            keep: None,
+            abort: None,
         };
         let ck = Checkpointing {
             first: 0,
@@ -242,4 +244,405 @@ fn save_and_load_through_the_binary() {
         err.contains("sha256 mismatch") && err.contains("rank-00000.safetensors"),
         "{err}"
     );
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = tpc(args);
+    assert!(
+        o.status.success(),
+        "tpc {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// `(code, stderr)` of a run expected to fail.
+fn fails(args: &[&str]) -> (Option<i32>, String) {
+    let o = tpc(args);
+    assert!(!o.status.success(), "tpc {args:?} should fail");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn loss_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("step "))
+        .map(String::from)
+        .collect()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Export writes the params as global tensors in one standard safetensors file, bit for bit
+/// the trained params; `--params` of that file at another degree gives the forward outputs of
+/// the trained params; the optimizer state is exported only when asked, and then refused by
+/// `--params` as extra arrays; `inspect` lists the step and tensors and `--verify` reads every
+/// block.
+#[test]
+fn export_then_params_gives_the_same_forward_outputs() {
+    let dir = scratch("export");
+    let (ck, trained) = (dir.join("ck"), dir.join("trained.npz"));
+    let gpt = "examples/gpt_pipe.tpl";
+    ok(&[
+        "run",
+        gpt,
+        "--degree",
+        "4",
+        "--steps",
+        "2",
+        "--save",
+        p(&ck),
+        "--out",
+        p(&trained),
+    ]);
+    let full = dir.join("full.safetensors");
+    let said = ok(&["checkpoint", "export", p(&ck), "-o", p(&full)]);
+    assert!(said.contains("68 tensors of step 2"), "{said}");
+    let bytes = std::fs::read(&full).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("a standard safetensors file");
+    let want = tpc::exec::npz::read(p(&trained)).unwrap();
+    assert_eq!(st.names().len(), want.len());
+    for (name, t) in &want {
+        let view = st.tensor(name).unwrap();
+        assert_eq!(view.shape(), t.shape(), "{name}");
+        let got: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let tpc::exec::Tensor::F32(a) = t else {
+            panic!("{name} is f32")
+        };
+        assert_eq!(got, a.iter().copied().collect::<Vec<_>>(), "{name} bitwise");
+    }
+    // Forward outputs from the exported file at degree 2 against the trained npz at degree 4.
+    let (y1, y2) = (dir.join("y1.npz"), dir.join("y2.npz"));
+    let fwd = |params: &Path, degree: &str, out: &Path| {
+        ok(&[
+            "run",
+            gpt,
+            "--forward-only",
+            "--degree",
+            degree,
+            "--params",
+            p(params),
+            "--out",
+            p(out),
+        ])
+    };
+    fwd(&full, "2", &y1);
+    fwd(&trained, "4", &y2);
+    let (a, b) = (
+        tpc::exec::npz::read(p(&y1)).unwrap(),
+        tpc::exec::npz::read(p(&y2)).unwrap(),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in &a {
+        let (tpc::exec::Tensor::F32(x), tpc::exec::Tensor::F32(y)) = (x, &b[name]) else {
+            panic!("{name} is f32")
+        };
+        for (u, v) in x.iter().zip(y.iter()) {
+            assert!(
+                (u - v).abs() <= 1e-5 * v.abs().max(1.0),
+                "{name}: {u} vs {v}"
+            );
+        }
+    }
+    let with_state = dir.join("state.safetensors");
+    let said = ok(&[
+        "checkpoint",
+        "export",
+        p(&ck),
+        "-o",
+        p(&with_state),
+        "--with-state",
+    ]);
+    assert!(said.contains("205 tensors"), "{said}");
+    let (code, err) = fails(&["run", gpt, "--forward-only", "--params", p(&with_state)]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("extra array `adamw.m(wte)`") && err.contains("state.safetensors"),
+        "{err}"
+    );
+    let inspect = ok(&["checkpoint", "inspect", p(&ck), "--verify"]);
+    assert!(
+        inspect.contains("(step 2 of examples/gpt_pipe.tpl)"),
+        "{inspect}"
+    );
+    assert!(inspect.contains("params: 68 tensors"), "{inspect}");
+    let row = inspect
+        .lines()
+        .find(|l| l.starts_with("layer.0.mlp.w1 "))
+        .unwrap();
+    assert!(
+        row.contains("f32[64, 256]") && row.contains("[_, tp]") && row.contains(" 4 "),
+        "{row}"
+    );
+    assert!(
+        inspect.contains("verified: every block's sha256 matches"),
+        "{inspect}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["checkpoint", "inspect", p(&ck), "--json"])).unwrap();
+    assert_eq!(json["step"], 2);
+}
+
+/// A save killed at any point (after some blocks, after the index, after the rename, after
+/// `latest`) leaves a checkpoint that loads and continues as the uninterrupted run: the
+/// previous one, or the new one once `latest` names it; the next save clears the debris.
+#[test]
+fn a_killed_save_leaves_the_previous_checkpoint() {
+    let dir = scratch("killed");
+    let gpt = "examples/gpt_pipe.tpl";
+    let mesh = ["--mesh", "pp=2,tp=2"];
+    let base = dir.join("base");
+    ok(&[&["run", gpt, "--steps", "2", "--save", p(&base)][..], &mesh].concat());
+    let whole = loss_lines(&ok(&[&["run", gpt, "--steps", "4"][..], &mesh].concat()));
+    for (hook, saved) in [
+        ("3:blocks=0", 2),
+        ("3:blocks=5", 2),
+        ("3:index", 2),
+        ("3:rename", 2),
+        ("3:latest", 3),
+    ] {
+        let ck = dir.join(hook.replace([':', '='], "-"));
+        let _ = std::fs::remove_dir_all(&ck);
+        copy_dir(&base, &ck);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+            .args(
+                [
+                    &[
+                        "run",
+                        gpt,
+                        "--steps",
+                        "1",
+                        "--load",
+                        p(&ck),
+                        "--save",
+                        p(&ck),
+                    ][..],
+                    &mesh,
+                ]
+                .concat(),
+            )
+            .env("TPC_TEST_SAVE_ABORT", hook)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), None, "{hook}: killed by a signal");
+        let inspect = ok(&["checkpoint", "inspect", p(&ck), "--verify"]);
+        assert!(
+            inspect.contains(&format!("(step {saved} of")),
+            "{hook}: {inspect}"
+        );
+        let rest = loss_lines(&ok(&[
+            &[
+                "run",
+                gpt,
+                "--steps",
+                "1",
+                "--load",
+                p(&ck),
+                "--save",
+                p(&ck),
+            ][..],
+            &mesh,
+        ]
+        .concat()));
+        assert_eq!(
+            rest,
+            whole[saved..saved + 1],
+            "{hook}: resumed from step {saved}"
+        );
+        let debris: Vec<_> = std::fs::read_dir(&ck)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(debris.is_empty(), "{hook}: the next save clears {debris:?}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A checkpoint with a file removed, truncated or grown, or an index missing a block, is
+/// refused before any step runs, naming the file (and a tensor in it) or the tensor.
+#[test]
+fn a_damaged_checkpoint_is_refused_naming_what() {
+    let dir = scratch("damaged");
+    let gpt = "examples/gpt_pipe.tpl";
+    let base = dir.join("base");
+    ok(&[
+        "run",
+        gpt,
+        "--degree",
+        "2",
+        "--steps",
+        "1",
+        "--save",
+        p(&base),
+    ]);
+    let damage: [Damage<'_>; 4] = [
+        ("cannot be read", &|d| {
+            std::fs::remove_file(d.join("rank-00001.safetensors")).unwrap()
+        }),
+        ("truncated", &|d| {
+            resize(&d.join("rank-00001.safetensors"), -8)
+        }),
+        ("the index says", &|d| {
+            resize(&d.join("rank-00001.safetensors"), 8)
+        }),
+        ("do not cover it", &|d| {
+            let path = d.join("index.json");
+            let mut ix: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let blocks = ix["tensors"]["layer.1.mlp.w1"]["blocks"]
+                .as_array_mut()
+                .unwrap();
+            blocks.pop();
+            std::fs::write(&path, serde_json::to_vec(&ix).unwrap()).unwrap();
+        }),
+    ];
+    for (what, damage) in damage {
+        let ck = dir.join(what.replace(' ', "-"));
+        let _ = std::fs::remove_dir_all(&ck);
+        copy_dir(&base, &ck);
+        let step = ck.join("step-00000001");
+        damage(&step);
+        let (code, err) = fails(&["run", gpt, "--steps", "1", "--load", p(&step)]);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        assert!(err.contains(what), "{what}: {err}");
+        let named = match what {
+            "do not cover it" => "`layer.1.mlp.w1`",
+            _ => "rank-00001.safetensors",
+        };
+        assert!(
+            err.contains(named) && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        // Through `latest`, a changed index is refused by its sha256.
+        if what == "do not cover it" {
+            let (_, err) = fails(&["run", gpt, "--load", p(&ck)]);
+            assert!(err.contains("`latest` says sha256"), "{err}");
+        }
+    }
+}
+
+/// What a damage does (the error says) and how to do it to a step directory.
+type Damage<'a> = (&'a str, &'a dyn Fn(&Path));
+
+fn resize(path: &Path, by: i64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let len = (bytes.len() as i64 + by) as usize;
+    bytes.resize(len, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `--check` after `--load` compares steps 4-6 against the reference started from the
+/// checkpoint's tensors; the flags are refused where they mean nothing.
+#[test]
+fn check_after_load_and_flag_misuse() {
+    let dir = scratch("flags");
+    let gpt = "examples/gpt_pipe.tpl";
+    let ck = dir.join("ck");
+    ok(&[
+        "run",
+        gpt,
+        "--degree",
+        "2",
+        "--steps",
+        "3",
+        "--save",
+        p(&ck),
+    ]);
+    let out = ok(&[
+        "run",
+        gpt,
+        "--mesh",
+        "dp=2,tp=2",
+        "--steps",
+        "2",
+        "--load",
+        p(&ck),
+        "--check",
+    ]);
+    assert!(
+        out.contains("check loss at step 4:") && out.contains("check loss at step 5:"),
+        "{out}"
+    );
+    let junk = dir.join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("notes.txt"), "mine").unwrap();
+    let m = dir.join("m");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", gpt, "--steps", "1", "--save", p(&junk)],
+            "holds no tpc checkpoint",
+        ),
+        (
+            &["run", gpt, "--set", "H=32", "--save", p(&ck)],
+            "holds checkpoints of another program",
+        ),
+        (
+            &["run", "examples/mlp.tpl", "--save", p(&m)],
+            "no `train` statement",
+        ),
+        (
+            &["run", gpt, "--forward-only", "--load", p(&ck)],
+            "checkpoint a training run",
+        ),
+        (&["run", gpt, "--keep", "2"], "--save"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = fails(args);
+        assert!(matches!(code, Some(1 | 2)), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(junk.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!m.exists(), "a refused run creates nothing");
+}
+
+/// `--keep N` keeps the N newest checkpoints, `latest`'s among them.
+#[test]
+fn keep_prunes_the_oldest() {
+    let dir = scratch("keep");
+    let ck = dir.join("ck");
+    let gpt = "examples/gpt_pipe.tpl";
+    ok(&[
+        "run",
+        gpt,
+        "--steps",
+        "4",
+        "--save",
+        p(&ck),
+        "--save-every",
+        "1",
+        "--keep",
+        "2",
+    ]);
+    let mut names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["latest", "step-00000003", "step-00000004"]);
 }

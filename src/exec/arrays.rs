@@ -152,3 +152,70 @@ fn read_tensor(path: &str, base: u64, info: &TensorInfo) -> Result<Tensor, Strin
 fn word(c: &[u8]) -> [u8; 4] {
     [c[0], c[1], c[2], c[3]]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diag::SourceFile;
+    use safetensors::tensor::TensorView;
+
+    fn graph() -> Graph {
+        let text = "input x : f32[2, 3]\nparam w : f32[3, 2]\nparam b : bf16[2]\ny = x @ w + cast(b, f32)\noutput y\n";
+        let src = SourceFile::new("t.tpl", text.to_string());
+        crate::driver::compile_step(&src, &[], false).unwrap().graph
+    }
+
+    fn write(name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> String {
+        let dir = std::env::temp_dir().join(format!("tpc-arrays-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let path = dir.join(name);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path.display().to_string()
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn safetensors_params_are_checked_and_16_bit_widened_exactly() {
+        let g = graph();
+        let w: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<u8> = [1.5f32, -2.25]
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect();
+        let path = write(
+            "ok.safetensors",
+            &[
+                ("w", Dtype::F32, vec![3, 2], f32s(&w)),
+                ("b", Dtype::BF16, vec![2], b),
+            ],
+        );
+        let got = load(&path, &g, true).unwrap();
+        assert_eq!(got["w"].shape(), &[3, 2]);
+        let Tensor::F32(bias) = &got["b"] else {
+            panic!("f32")
+        };
+        assert_eq!(bias.iter().copied().collect::<Vec<_>>(), [1.5, -2.25]);
+        let bad = write(
+            "bad.safetensors",
+            &[
+                ("w", Dtype::F32, vec![2, 3], f32s(&w)),
+                ("b", Dtype::F64, vec![2], vec![0; 16]),
+                ("z", Dtype::F32, vec![1], f32s(&[1.0])),
+            ],
+        );
+        let e = load(&bad, &g, true).unwrap_err().to_string();
+        for want in ["`w` has shape [2, 3]", "`b` is float64", "extra array `z`"] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        std::fs::write(&bad, b"not a safetensors file").unwrap();
+        let e = load(&bad, &g, true).unwrap_err().to_string();
+        assert!(e.contains("bad.safetensors"), "{e}");
+    }
+}

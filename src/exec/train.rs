@@ -86,6 +86,10 @@ pub struct SaveSpec {
     pub every: usize,
     /// What the index records of the run.
     pub facts: super::checkpoint::save::RunFacts,
+    /// Keep only this many step directories (the newest); `None`: all.
+    pub keep: Option<usize>,
+    /// A test's simulated crash in the middle of a save.
+    pub abort: Option<super::checkpoint::save::AbortAt>,
 }
 
 impl SaveSpec {
@@ -404,7 +408,7 @@ fn save_step(
     writer: &dyn Fn(ValueId<Local>, Option<usize>) -> Option<u32>,
     r: &mut Rank<'_>,
 ) -> Result<(), RunError> {
-    use super::checkpoint::save::{commit, save_rank, writes_block, Item};
+    use super::checkpoint::save::{commit_hooked, prune, save_rank_hooked, writes_block, Item};
     let rank = r.rank();
     let fail = |detail: String| RunError::Save {
         rank,
@@ -454,11 +458,14 @@ fn save_step(
             block,
         });
     }
-    save_rank(&save.dir, done as u64, rank, &items).map_err(|e| fail(e.to_string()))?;
+    let step = done as u64;
+    save_rank_hooked(&save.dir, step, rank, &items, save.abort).map_err(|e| fail(e.to_string()))?;
     r.sync()?;
     if rank == 0 {
         let world = mesh.num_devices() as usize;
-        commit(&save.dir, done as u64, world, &save.facts).map_err(|e| fail(e.to_string()))?;
+        commit_hooked(&save.dir, step, world, &save.facts, save.abort)
+            .map_err(|e| fail(e.to_string()))?;
+        prune(&save.dir, step, save.keep);
     }
     r.sync()
 }

@@ -77,23 +77,20 @@ pub(super) fn prepare(
     if let Some(dir) = &args.load {
         let reader = open_checkpoint(dir, &hash, &plan)?;
         ck.first = reader.index.step as usize;
+        if reader.index.seed != args.seed && args.inputs.is_none() {
+            say_err(&format!(
+                "warning: `{dir}` was trained with --seed {}, this run uses --seed {}: its \
+                 generated inputs are not those the uninterrupted run would have read",
+                reader.index.seed, args.seed
+            ));
+        }
         source = LeafSource::Checkpoint {
             reader: Box::new(reader),
             rest: Box::new(source),
         };
     }
     if let Some(dir) = &args.save {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow!("--save `{dir}`: {e}"))?;
-        ck.save = Some(exec_train::SaveSpec {
-            dir: dir.into(),
-            every: args.save_every.unwrap_or(0) as usize,
-            facts: tpc::exec::checkpoint::save::RunFacts {
-                program: hash,
-                source: src.name.clone(),
-                seed: args.seed,
-                mesh: plan.mesh.to_string(),
-            },
-        });
+        ck.save = Some(save_spec(args, dir, hash, &src, &plan)?);
     }
     Ok(Job {
         c,
@@ -101,6 +98,61 @@ pub(super) fn prepare(
         source,
         stepped,
         ck,
+    })
+}
+
+/// Where and how the run saves: `dir` created if missing, refused when it holds something
+/// other than checkpoints, or a checkpoint of another program (`hash`).
+fn save_spec(
+    args: &RunArgs,
+    dir: &str,
+    hash: String,
+    src: &SourceFile,
+    plan: &Plan,
+) -> Result<exec_train::SaveSpec, Failure> {
+    let path = std::path::Path::new(dir);
+    let entries: Vec<String> = match std::fs::read_dir(path) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect(),
+        Err(_) if !path.exists() => Vec::new(),
+        Err(e) => return Err(anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)).into()),
+    };
+    let ours = |n: &String| n == "latest" || n.starts_with("step-") || n.starts_with(".tmp-step-");
+    if !entries.is_empty() && !entries.iter().any(ours) {
+        return Err(anyhow!(
+            "--save `{dir}` is not empty and holds no tpc checkpoint: give a new or empty directory"
+        )
+        .into());
+    }
+    if entries.iter().any(|n| n == "latest") {
+        if let Ok(r) = tpc::exec::checkpoint::load::Reader::open(path) {
+            if r.index.program != hash {
+                return Err(anyhow!(
+                    "--save `{dir}` holds checkpoints of another program ({}, this one is \
+                     {hash}): give another directory",
+                    r.index.program
+                )
+                .into());
+            }
+        }
+    }
+    std::fs::create_dir_all(path)
+        .map_err(|e| anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)))?;
+    tpc::files::check_writable("--save", &path.join("latest")).map_err(|e| anyhow!("{e}"))?;
+    let abort = std::env::var("TPC_TEST_SAVE_ABORT").ok();
+    Ok(exec_train::SaveSpec {
+        dir: dir.into(),
+        every: args.save_every.unwrap_or(0) as usize,
+        facts: tpc::exec::checkpoint::save::RunFacts {
+            program: hash,
+            source: src.name.clone(),
+            seed: args.seed,
+            mesh: plan.mesh.to_string(),
+        },
+        keep: args.keep.map(|k| k as usize),
+        abort: abort.and_then(|a| tpc::exec::checkpoint::save::AbortAt::parse(&a)),
     })
 }
 

@@ -70,6 +70,55 @@ pub fn rank_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
+/// Where a test makes a save die, as a crash or kill would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// Once this process has written this many blocks of the step.
+    Blocks(usize),
+    /// Once the index is written into the temporary directory.
+    Index,
+    /// Once the step directory is renamed into place (`latest` still names the previous).
+    Rename,
+    /// Once `latest` names the new checkpoint (before old directories are removed).
+    Latest,
+}
+
+/// A crash to simulate: at the save of global step `step`, at `at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbortAt {
+    /// The global step whose save dies.
+    pub step: u64,
+    /// Where.
+    pub at: Abort,
+}
+
+impl AbortAt {
+    /// Parses `STEP:blocks=K`, `STEP:index`, `STEP:rename` or `STEP:latest`.
+    pub fn parse(text: &str) -> Option<AbortAt> {
+        let (step, at) = text.split_once(':')?;
+        let at = match at {
+            "index" => Abort::Index,
+            "rename" => Abort::Rename,
+            "latest" => Abort::Latest,
+            _ => Abort::Blocks(at.strip_prefix("blocks=")?.parse().ok()?),
+        };
+        Some(AbortAt {
+            step: step.parse().ok()?,
+            at,
+        })
+    }
+}
+
+/// Blocks written by this process in the save that `Abort::Blocks` counts.
+static BLOCKS_WRITTEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Dies (as a killed process) when `hook` asks for it at step `step`, point `at`.
+fn die_at(hook: Option<AbortAt>, step: u64, at: Abort) {
+    if hook == Some(AbortAt { step, at }) {
+        std::process::abort();
+    }
+}
+
 /// Writes rank `rank`'s blocks of step `step` into the temporary directory (created if
 /// missing) and syncs them.
 pub fn save_rank(
@@ -77,6 +126,17 @@ pub fn save_rank(
     step: u64,
     rank: usize,
     items: &[Item<'_>],
+) -> Result<(), CheckpointError> {
+    save_rank_hooked(dir, step, rank, items, None)
+}
+
+/// [`save_rank`], dying where `hook` says.
+pub fn save_rank_hooked(
+    dir: &Path,
+    step: u64,
+    rank: usize,
+    items: &[Item<'_>],
+    hook: Option<AbortAt>,
 ) -> Result<(), CheckpointError> {
     let tmp = tmp_dir(dir, step);
     std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::Io {
@@ -105,7 +165,20 @@ pub fn save_rank(
         ("tpc.step".to_string(), step.to_string()),
     ]);
     let blocks: Vec<(&str, &Tensor)> = items.iter().map(|i| (i.name, i.block)).collect();
-    st::write_file(&tmp.join(rank_file(rank)), &blocks, meta)?;
+    let mut counted = || {
+        use std::sync::atomic::Ordering;
+        if let Some(AbortAt {
+            at: Abort::Blocks(k),
+            ..
+        }) = hook.filter(|h| h.step == step)
+        {
+            if BLOCKS_WRITTEN.fetch_add(1, Ordering::SeqCst) + 1 >= k {
+                std::process::abort();
+            }
+        }
+    };
+    die_at(hook, step, Abort::Blocks(0));
+    st::write_file_with(&tmp.join(rank_file(rank)), &blocks, meta, &mut counted)?;
     Ok(())
 }
 
@@ -131,6 +204,17 @@ pub fn commit(
     world: usize,
     facts: &RunFacts,
 ) -> Result<PathBuf, CheckpointError> {
+    commit_hooked(dir, step, world, facts, None)
+}
+
+/// [`commit`], dying where `hook` says.
+pub fn commit_hooked(
+    dir: &Path,
+    step: u64,
+    world: usize,
+    facts: &RunFacts,
+    hook: Option<AbortAt>,
+) -> Result<PathBuf, CheckpointError> {
     let tmp = tmp_dir(dir, step);
     let index = index_of(&tmp, step, world, facts)?;
     let text = serde_json::to_vec_pretty(&index).map_err(|e| CheckpointError::Format {
@@ -142,6 +226,7 @@ pub fn commit(
         reason: e.to_string(),
     };
     crate::files::write_bytes(&tmp.join("index.json"), &text).map_err(|e| io(&tmp, &e))?;
+    die_at(hook, step, Abort::Index);
     let name = format!("step-{step:08}");
     let target = dir.join(&name);
     if target.exists() {
@@ -151,10 +236,54 @@ pub fn commit(
         std::fs::rename(&target, &old).map_err(|e| io(&target, &e))?;
     }
     std::fs::rename(&tmp, &target).map_err(|e| io(&tmp, &e))?;
+    sync_dir(dir);
+    die_at(hook, step, Abort::Rename);
     let latest = format!("{name}\n{}\n", chunk_hashes(&text, u64::MAX)[0]);
     crate::files::write_bytes(&dir.join("latest"), latest.as_bytes()).map_err(|e| io(dir, &e))?;
+    die_at(hook, step, Abort::Latest);
     let _ = std::fs::remove_dir_all(dir.join(format!(".old-{name}")));
     Ok(target)
+}
+
+/// Makes the renames in `dir` durable (best effort: not every system can sync a directory).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// After a commit of step `step` in `dir`: removes what crashed or replaced saves left
+/// (`.tmp-step-*`, `.old-step-*`) and, with `keep`, every step directory but the `keep`
+/// newest up to `step` (the committed one among them); a newer one is of an abandoned
+/// timeline (a resume from an earlier step) and goes too. Returns the directories removed.
+pub fn prune(dir: &Path, step: u64, keep: Option<usize>) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut steps = Vec::new();
+    let mut gone = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let path = e.path();
+        if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
+            gone.push(path);
+        } else if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            steps.push((n, path));
+        }
+    }
+    if let Some(keep) = keep {
+        steps.sort();
+        let (upto, newer): (Vec<_>, Vec<_>) = steps.into_iter().partition(|(n, _)| *n <= step);
+        let old = upto.len().saturating_sub(keep.max(1));
+        gone.extend(upto.into_iter().take(old).map(|(_, p)| p));
+        gone.extend(newer.into_iter().map(|(_, p)| p));
+    }
+    gone.retain(|p| std::fs::remove_dir_all(p).is_ok());
+    gone.sort();
+    gone
 }
 
 /// The index of the rank files in `tmp`, from their headers; every tensor must be tiled.
@@ -351,6 +480,37 @@ train loss with adamw(lr=0.01)
         save_plan(&saved, &dir, 6);
         assert_eq!(Reader::open(&dir).unwrap().index.step, 6);
         assert!(dir.join("step-00000003/index.json").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn abort_points_parse_and_prune_keeps_the_newest() {
+        let at = |step, at| Some(AbortAt { step, at });
+        assert_eq!(AbortAt::parse("6:blocks=5"), at(6, Abort::Blocks(5)));
+        assert_eq!(AbortAt::parse("3:latest"), at(3, Abort::Latest));
+        assert_eq!(AbortAt::parse("3:later"), None);
+        assert_eq!(AbortAt::parse("x:index"), None);
+        let dir = std::env::temp_dir().join(format!("tpc-ck-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in [
+            "step-00000001",
+            "step-00000002",
+            "step-00000003",
+            "step-00000009",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(tmp_dir(&dir, 4)).unwrap();
+        std::fs::write(dir.join("latest"), "step-00000003\n").unwrap();
+        let gone = prune(&dir, 3, None);
+        assert_eq!(gone, [tmp_dir(&dir, 4)], "without keep only debris goes");
+        let gone = prune(&dir, 3, Some(2));
+        let names: Vec<_> = gone
+            .iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["step-00000001", "step-00000009"]);
+        assert!(dir.join("step-00000002").exists() && dir.join("latest").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

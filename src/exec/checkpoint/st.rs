@@ -93,6 +93,16 @@ pub fn write_file(
     blocks: &[(&str, &Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<Vec<(u64, u64)>, CheckpointError> {
+    write_file_with(path, blocks, meta, &mut || {})
+}
+
+/// [`write_file`], calling `after_block` once each block's bytes are handed to the writer.
+pub fn write_file_with(
+    path: &Path,
+    blocks: &[(&str, &Tensor)],
+    meta: HashMap<String, String>,
+    after_block: &mut dyn FnMut(),
+) -> Result<Vec<(u64, u64)>, CheckpointError> {
     let io = |e: std::io::Error| CheckpointError::Io {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -111,6 +121,7 @@ pub fn write_file(
             reason: format!("block `{name}` missing from its own header"),
         })?;
         w.write_all(&tensor_bytes(t)).map_err(io)?;
+        after_block();
         ranges.push((
             base + info.data_offsets.0 as u64,
             base + info.data_offsets.1 as u64,
