@@ -647,3 +647,129 @@ fn a_failing_stage_ends_the_mpi_job() {
     assert!(stderr.contains("out of range"), "{}", text(&m));
     assert!(took < Duration::from_secs(60), "took {took:?}");
 }
+
+/// Each `--log` line's step number and loss.
+fn logged_steps(p: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Sharded checkpoints under MPI: four processes on `dp=2,pp=2` save every 2 of 4 steps into a
+/// shared directory, each writing its own rank file and rank 0 committing; the index lists
+/// every rank's file and is the thread backend's save bit for bit (same blocks, same sha256);
+/// the steps run as the thread backend's; and the thread backend loads the checkpoint on
+/// `pp=1,tp=4` and continues with steps 5 and 6 as an uninterrupted 6-step run there does.
+#[test]
+fn checkpoint_save_under_mpi_loads_with_threads() {
+    let (saved_on, loaded_on) = ("dp=2,pp=2", "pp=1,tp=4");
+    // `tpc run` of gpt_pipe.tpl on `mesh` for `steps` steps with the flags (each one's value).
+    let run = |mesh: &str, steps: &str, flags: &[(&str, &str)]| -> Vec<String> {
+        let mut a = vec!["examples/gpt_pipe.tpl", "--mesh", mesh, "--steps", steps];
+        for (flag, value) in flags {
+            a.extend([*flag, *value]);
+        }
+        a.into_iter().map(String::from).collect()
+    };
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (mdir, tdir) = (tmp("ck-mpi"), tmp("ck-threads"));
+    for d in [&mdir, &tdir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let (mlog, tlog) = (tmp("ck-mpi.jsonl"), tmp("ck-threads.jsonl"));
+    let (ms, ml) = (s(&mdir), s(&mlog));
+    let margs = run(
+        saved_on,
+        "4",
+        &[("--save", &ms), ("--save-every", "2"), ("--log", &ml)],
+    );
+    let margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+    let (m, _) = mpirun(4, &margs, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+
+    // What rank 0 committed: `latest` names step 4, both saves are there, every rank's file.
+    let latest = std::fs::read_to_string(mdir.join("latest")).unwrap();
+    assert_eq!(latest.lines().next(), Some("step-00000004"), "{latest}");
+    assert!(mdir.join("step-00000002/index.json").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&mdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let step4 = mdir.join("step-00000004");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step4.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["step"], 4);
+    let files = index["files"].as_object().unwrap();
+    let want: Vec<String> = (0..4).map(|r| format!("rank-{r:05}.safetensors")).collect();
+    assert_eq!(files.keys().cloned().collect::<Vec<_>>(), want);
+    for (file, len) in files {
+        let on_disk = std::fs::metadata(step4.join(file)).unwrap().len();
+        assert_eq!(Some(on_disk), len.as_u64(), "{file}'s length");
+    }
+    for (name, t) in index["tensors"].as_object().unwrap() {
+        for b in t["blocks"].as_array().unwrap() {
+            assert!(files.contains_key(b["file"].as_str().unwrap()), "{name}");
+        }
+    }
+
+    // The same save on threads: the same steps, bit for bit, and the same index (so the same
+    // blocks in the same files: every block's sha256 and byte range agree).
+    let (ts, tl) = (s(&tdir), s(&tlog));
+    let targs = run(
+        saved_on,
+        "4",
+        &[("--save", &ts), ("--save-every", "2"), ("--log", &tl)],
+    );
+    let targs: Vec<&str> = targs.iter().map(String::as_str).collect();
+    let t = threads(&targs);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(logged_losses(&mlog), logged_losses(&tlog), "steps 1-4");
+    assert_eq!(logged_losses(&mlog).len(), 4);
+    for step in ["step-00000002", "step-00000004"] {
+        let read = |d: &Path| std::fs::read_to_string(d.join(step).join("index.json")).unwrap();
+        assert_eq!(
+            read(&mdir),
+            read(&tdir),
+            "{step}/index.json under MPI and threads"
+        );
+    }
+
+    // Threads load the MPI checkpoint on another mesh: steps 5 and 6 as if never interrupted.
+    let (rlog, wlog) = (tmp("ck-resumed.jsonl"), tmp("ck-whole.jsonl"));
+    let rl = s(&rlog);
+    let rargs = run(loaded_on, "2", &[("--load", &ms), ("--log", &rl)]);
+    let rargs: Vec<&str> = rargs.iter().map(String::as_str).collect();
+    let r = threads(&rargs);
+    assert!(r.status.success(), "{}", text(&r));
+    let wl = s(&wlog);
+    let wargs = run(loaded_on, "6", &[("--log", &wl)]);
+    let wargs: Vec<&str> = wargs.iter().map(String::as_str).collect();
+    let w = threads(&wargs);
+    assert!(w.status.success(), "{}", text(&w));
+    let (resumed, whole) = (logged_steps(&rlog), logged_steps(&wlog));
+    assert_eq!(
+        resumed.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [5, 6],
+        "logged steps are global"
+    );
+    assert_eq!(whole.len(), 6);
+    for ((step, got), (_, want)) in resumed.iter().zip(&whole[4..]) {
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "step {step} after loading the MPI save on {loaded_on}: {got} vs {want}"
+        );
+    }
+    for p in [&mdir, &tdir] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    for p in [&mlog, &tlog, &rlog, &wlog] {
+        let _ = std::fs::remove_file(p);
+    }
+}
