@@ -466,6 +466,64 @@ fn a_killed_save_leaves_the_previous_checkpoint() {
             .collect();
         assert!(debris.is_empty(), "{hook}: the next save clears {debris:?}");
     }
+    // A step reached again on another mesh (new blocks, a new index): killed between moving
+    // the old directory aside and rewriting `latest`, the old one still loads.
+    let ck = dir.join("again");
+    copy_dir(&base, &ck);
+    ok(&[
+        &[
+            "run",
+            gpt,
+            "--steps",
+            "1",
+            "--load",
+            p(&ck),
+            "--save",
+            p(&ck),
+        ][..],
+        &mesh,
+    ]
+    .concat());
+    let step2 = ck.join("step-00000002");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+        .args([
+            "run",
+            gpt,
+            "--degree",
+            "4",
+            "--steps",
+            "1",
+            "--load",
+            p(&step2),
+            "--save",
+            p(&ck),
+        ])
+        .env("TPC_TEST_SAVE_ABORT", "3:rename")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), None, "killed by a signal");
+    let inspect = ok(&["checkpoint", "inspect", p(&ck), "--verify"]);
+    assert!(
+        inspect.contains(".old-step-00000003 (step 3 of"),
+        "{inspect}"
+    );
+    assert!(inspect.contains("saved on pp=2,tp=2"), "{inspect}");
+    let rest = loss_lines(&ok(&[
+        &[
+            "run",
+            gpt,
+            "--steps",
+            "1",
+            "--load",
+            p(&ck),
+            "--save",
+            p(&ck),
+            "--check",
+        ][..],
+        &mesh,
+    ]
+    .concat()));
+    assert_eq!(rest, whole[3..4], "resumed from the old step 3");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

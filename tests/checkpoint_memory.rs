@@ -338,12 +338,9 @@ fn save_peak_memory_per_rank_is_its_own_blocks() {
 }
 
 /// DESIGN.md §5: a read verifies whole chunks "into one reusable ≤ 4 MiB buffer", so reading
-/// part of a saved block costs one chunk beyond the asked block. Ignored: `load.rs` reads the
-/// whole byte span of a saved block that the asked block touches in one buffer, so a column
-/// quarter of a 16 MiB saved block (every row touched) peaks at the asked 4 MiB plus ~16 MiB.
-/// Run with `--ignored` once `fill` reads chunk by chunk.
+/// part of a saved block costs one chunk beyond the asked block (a column quarter of a 16 MiB
+/// saved block touches every row: reading its whole span at once peaked at ~20 MiB).
 #[test]
-#[ignore = "load.rs buffers the whole overlapping span of a saved block, not one chunk"]
 fn reading_part_of_a_large_saved_block_costs_one_chunk() {
     let dir = scratch("large");
     let n = 2048usize;
@@ -389,11 +386,9 @@ fn reading_part_of_a_large_saved_block_costs_one_chunk() {
 }
 
 /// DESIGN.md §4: a block held in a non-standard layout (a transposed view) is copied once to
-/// row-major order to be hashed and written: one block extra. Ignored: `st::tensor_bytes`
-/// collects the elements into a `Vec<f32>` and then copies that into a `Vec<u8>` with both
-/// alive, so the save of such a block peaks at two blocks. Run with `--ignored` once fixed.
+/// row-major order to be hashed and written: one block extra (two copies alive at once
+/// peaked at two blocks).
 #[test]
-#[ignore = "st::tensor_bytes holds two copies of a non-standard-layout block"]
 fn a_transposed_block_costs_one_copy_to_save() {
     let dir = scratch("transposed");
     let n = 1024usize;

@@ -47,6 +47,9 @@ pub(super) struct Job {
     stepped: Leaves,
     /// Where the run stands (after a --load) and where it saves.
     ck: exec_train::Checkpointing,
+    /// With --check after --load: the reference's start, read before the run can prune the
+    /// checkpoint it came from.
+    check_start: Option<Start>,
 }
 
 /// Plans the step `c` and loads its leaves; `ranks_here` is how many ranks share this
@@ -92,12 +95,17 @@ pub(super) fn prepare(
     if let Some(dir) = &args.save {
         ck.save = Some(save_spec(args, dir, hash, &src, &plan)?);
     }
+    let check_start = match args.check && args.load.is_some() {
+        true => Some(start_leaves(args, &plan, &source, ck.first)?),
+        false => None,
+    };
     Ok(Job {
         c,
         plan,
         source,
         stepped,
         ck,
+        check_start,
     })
 }
 
@@ -289,8 +297,15 @@ fn finish(args: &RunArgs, job: &Job, sharded: Trained) -> Result<(), Failure> {
         ));
     }
     let failed = if args.check {
-        let start = start_leaves(args, &job.plan, &job.source, job.ck.first)?;
-        check(args, &job.c, &job.plan, &start, &sharded)?
+        let read;
+        let start = match &job.check_start {
+            Some(start) => start,
+            None => {
+                read = start_leaves(args, &job.plan, &job.source, job.ck.first)?;
+                &read
+            }
+        };
+        check(args, &job.c, &job.plan, start, &sharded)?
     } else {
         Vec::new()
     };

@@ -53,17 +53,15 @@ impl Reader {
                 (dir.join(name), Some(hash.trim().to_string()))
             }
         };
-        let path = step.join("index.json");
-        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-        if let Some(want) = want {
-            let got = &chunk_hashes(&bytes, u64::MAX)[0];
-            if *got != want {
-                return Err(format(
-                    &path,
-                    format!("`latest` says sha256 {want}, the file has {got}"),
-                ));
+        let (step, bytes) = match want {
+            Some(want) => named_by_latest(step, &want)?,
+            None => {
+                let path = step.join("index.json");
+                let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+                (step, bytes)
             }
-        }
+        };
+        let path = step.join("index.json");
         let index: Index =
             serde_json::from_slice(&bytes).map_err(|e| format(&path, e.to_string()))?;
         if index.format != FORMAT || index.version != VERSION {
@@ -244,34 +242,68 @@ impl Reader {
             ) else {
                 continue;
             };
-            let (c0, c1) = (lo / chunk, (hi - 1) / chunk);
-            let span = (b.data[0] + c0 * chunk)
-                ..(b.data[0] + ((c1 + 1) * chunk).min(b.data[1] - b.data[0]));
             let file = self.dir.join(&b.file);
-            let bytes = super::st::read_range(&file, (span.start, span.end))?;
-            for (k, piece) in bytes.chunks(chunk as usize).enumerate() {
-                let c = c0 as usize + k;
-                if chunk_hashes(piece, chunk)[0] != b.sha256[c] {
-                    let start = b.data[0] + c as u64 * chunk;
+            let len = b.data[1] - b.data[0];
+            let mut next = 0;
+            for c in lo / chunk..=(hi - 1) / chunk {
+                let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(len));
+                // Runs are in increasing source order: those before `next` ended in an
+                // earlier chunk.
+                while next < runs.len() && runs[next].0 + runs[next].2 <= cs {
+                    next += 1;
+                }
+                if runs.get(next).is_none_or(|r| r.0 >= ce) {
+                    continue; // no run touches this chunk
+                }
+                let bytes = super::st::read_range(&file, (b.data[0] + cs, b.data[0] + ce))?;
+                if chunk_hashes(&bytes, chunk)[0] != b.sha256[c as usize] {
                     return Err(CheckpointError::Corrupt {
                         dir: self.dir.display().to_string(),
                         tensor: name.to_string(),
                         file: b.file.clone(),
                         offset: b.offset.clone(),
-                        start,
-                        end: start + piece.len() as u64,
+                        start: b.data[0] + cs,
+                        end: b.data[0] + ce,
                     });
                 }
-            }
-            let base = c0 * chunk;
-            for (src, dst, len) in runs {
-                let s = (src - base) as usize;
-                dest[dst as usize..(dst + len) as usize]
-                    .copy_from_slice(&bytes[s..s + len as usize]);
+                for &(src, dst, n) in runs[next..].iter().take_while(|r| r.0 < ce) {
+                    let (from, to) = (src.max(cs), (src + n).min(ce));
+                    let at = (dst + from - src) as usize;
+                    dest[at..at + (to - from) as usize]
+                        .copy_from_slice(&bytes[(from - cs) as usize..(to - cs) as usize]);
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The step directory `latest` names (`step`, whose index must hash to `want`) and its index's
+/// bytes. A save replacing a step directory of the same name moves the old one to `.old-NAME`
+/// before renaming the new one into place, and rewrites `latest` after: a crash in between
+/// leaves `latest` naming what is now `.old-NAME` (or the new directory with another hash).
+fn named_by_latest(step: PathBuf, want: &str) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
+    let path = step.join("index.json");
+    let first = std::fs::read(&path);
+    if let Ok(bytes) = &first {
+        if chunk_hashes(bytes, u64::MAX)[0] == want {
+            return Ok((step, bytes.clone()));
+        }
+    }
+    if let (Some(parent), Some(name)) = (step.parent(), step.file_name()) {
+        let old = parent.join(format!(".old-{}", name.to_string_lossy()));
+        if let Ok(bytes) = std::fs::read(old.join("index.json")) {
+            if chunk_hashes(&bytes, u64::MAX)[0] == want {
+                return Ok((old, bytes));
+            }
+        }
+    }
+    let bytes = first.map_err(|e| io(&path, e))?;
+    let got = &chunk_hashes(&bytes, u64::MAX)[0];
+    Err(format(
+        &path,
+        format!("`latest` says sha256 {want}, the file has {got}"),
+    ))
 }
 
 fn array<T>(shape: Vec<usize>, v: Vec<T>) -> Result<ArrayD<T>, CheckpointError> {

@@ -30,8 +30,11 @@ pub fn tensor_bytes(t: &Tensor) -> std::borrow::Cow<'_, [u8]> {
         match a.as_slice() {
             Some(s) => std::borrow::Cow::Borrowed(bytemuck::cast_slice(s)),
             None => {
-                let v: Vec<T> = a.iter().copied().collect();
-                std::borrow::Cow::Owned(bytemuck::cast_slice(&v).to_vec())
+                let mut v = Vec::with_capacity(a.len() * std::mem::size_of::<T>());
+                for x in a.iter() {
+                    v.extend_from_slice(bytemuck::bytes_of(x));
+                }
+                std::borrow::Cow::Owned(v)
             }
         }
     }
@@ -80,8 +83,26 @@ pub fn header_of(
         ));
         at += n;
     }
+    // The crate's own serialization orders the metadata by a HashMap; a BTreeMap makes two
+    // saves of the same blocks the same bytes.
+    let mut doc = std::collections::BTreeMap::new();
+    let sorted: std::collections::BTreeMap<&String, &String> = meta.iter().collect();
+    if !sorted.is_empty() {
+        doc.insert("__metadata__".to_string(), serde_json::json!(sorted));
+    }
+    for (name, info) in &infos {
+        if name == "__metadata__" {
+            return Err(bad("a tensor cannot be named `__metadata__`".into()));
+        }
+        let entry = serde_json::json!({
+            "dtype": info.dtype,
+            "shape": info.shape,
+            "data_offsets": [info.data_offsets.0, info.data_offsets.1],
+        });
+        doc.insert(name.clone(), entry);
+    }
     let md = Metadata::new(Some(meta), infos).map_err(|e| bad(e.to_string()))?;
-    let mut text = serde_json::to_vec(&md).map_err(|e| bad(e.to_string()))?;
+    let mut text = serde_json::to_vec(&doc).map_err(|e| bad(e.to_string()))?;
     text.resize(text.len().next_multiple_of(8), b' ');
     Ok((md, text))
 }
@@ -201,6 +222,13 @@ mod tests {
         let meta = HashMap::from([("tpc.rank".to_string(), "0".to_string())]);
         let ranges = write_file(&path, &[("a", &a), ("b", &b), ("step", &s)], meta).unwrap();
         let bytes = std::fs::read(&path).unwrap();
+        let meta = HashMap::from([("tpc.rank".to_string(), "0".to_string())]);
+        write_file(&path, &[("a", &a), ("b", &b), ("step", &s)], meta).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the same blocks, the same bytes"
+        );
         // The crate's own reader accepts it.
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("a").unwrap().shape(), &[2, 3]);
