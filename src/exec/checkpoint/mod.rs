@@ -1,4 +1,4 @@
-//! Sharded checkpoints (work in progress, issue 12): each rank writes the blocks of the params
+//! Sharded checkpoints: each rank writes the blocks of the params
 //! and optimizer state it owns into its own safetensors file (`st`), and one index JSON lists,
 //! per tensor, its global shape and its blocks (file, offset, byte range, sha256 per chunk), so
 //! that a run on any mesh reads just the byte ranges of its own blocks. The program hash
