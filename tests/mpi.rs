@@ -766,10 +766,30 @@ fn checkpoint_save_under_mpi_loads_with_threads() {
             "step {step} after loading the MPI save on {loaded_on}: {got} vs {want}"
         );
     }
+
+    // MPI loads a checkpoint too (each process reads its own blocks), with --check against the
+    // reference started from the checkpoint: bitwise the thread resume on the same mesh.
+    let (mrlog, trlog) = (tmp("ck-mpi-resumed.jsonl"), tmp("ck-threads-resumed.jsonl"));
+    let (mrl, trl) = (s(&mrlog), s(&trlog));
+    let margs = run("dp=2,tp=2", "2", &[("--load", &ts), ("--log", &mrl)]);
+    let mut margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+    margs.push("--check");
+    let (m, _) = mpirun(4, &margs, TIMEOUT_S);
+    assert!(m.status.success(), "{}", text(&m));
+    assert!(text(&m).contains("check loss at step 6:"), "{}", text(&m));
+    let targs = run("dp=2,tp=2", "2", &[("--load", &ts), ("--log", &trl)]);
+    let targs: Vec<&str> = targs.iter().map(String::as_str).collect();
+    let t = threads(&targs);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(
+        logged_losses(&mrlog),
+        logged_losses(&trlog),
+        "steps 5-6 resumed"
+    );
     for p in [&mdir, &tdir] {
         let _ = std::fs::remove_dir_all(p);
     }
-    for p in [&mlog, &tlog, &rlog, &wlog] {
+    for p in [&mlog, &tlog, &rlog, &wlog, &mrlog, &trlog] {
         let _ = std::fs::remove_file(p);
     }
 }
