@@ -519,6 +519,7 @@ fn main() {
         program: program_hash(&c.graph, "loss", &c.carried),
         source: SOURCE.into(),
         seed: SEED,
+        inputs: None,
         mesh: "tp=8".into(),
     };
     let plan = planned(&c, "tp=8");

@@ -46,6 +46,7 @@ pub(crate) fn run(args: &Args) -> Result<(), Failure> {
             with_state,
         } => {
             let r = open(dir)?;
+            refuse_inside(&r, output)?;
             let e = export(&r, Path::new(output), *with_state).map_err(|e| anyhow!("{e}"))?;
             say_out(&format!(
                 "wrote {output}: {} tensors of step {}, {}",
@@ -56,6 +57,31 @@ pub(crate) fn run(args: &Args) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// An error when `output` would be written into the checkpoint's step directory or the save
+/// directory holding it (it could replace a rank file or `latest`).
+fn refuse_inside(r: &Reader, output: &str) -> Result<(), Failure> {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    let parent = Path::new(output)
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .and_then(canon);
+    let step = canon(r.step_dir());
+    let root = r.step_dir().parent().and_then(canon);
+    if parent.is_some() && (parent == step || parent == root) {
+        return Err(anyhow!(
+            "-o `{output}` is inside the checkpoint directory: export to another directory"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 fn open(dir: &str) -> Result<Reader, Failure> {

@@ -83,6 +83,7 @@ fn resume_equals_uninterrupted_on_any_mesh() {
                 program: "sha256:test".into(),
                 source: "gpt_pipe.tpl".into(),
                 seed: 3,
+                inputs: None,
                 mesh: saved_on.into(),
             },
             keep: None,
@@ -205,6 +206,7 @@ fn stepped_inputs_continue_from_the_global_step() {
             program: "sha256:test".into(),
             source: "gpt_pipe.tpl".into(),
             seed: 3,
+            inputs: None,
             mesh: "tp=2".into(),
         },
         keep: None,
@@ -566,7 +568,7 @@ fn a_killed_save_leaves_the_previous_checkpoint() {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n.starts_with('.'))
+            .filter(|n| n.starts_with('.') && n != ".lock")
             .collect();
         assert!(debris.is_empty(), "{hook}: the next save clears {debris:?}");
     }
@@ -751,14 +753,18 @@ fn check_after_load_and_flag_misuse() {
     std::fs::create_dir_all(&junk).unwrap();
     std::fs::write(junk.join("notes.txt"), "mine").unwrap();
     let m = dir.join("m");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["run", gpt, "--steps", "1", "--save", p(&junk)],
             "holds no tpc checkpoint",
         ),
         (
             &["run", gpt, "--set", "H=32", "--save", p(&ck)],
-            "holds checkpoints of another program",
+            "already holds checkpoints",
+        ),
+        (
+            &["run", gpt, "--set", "H=32", "--load", p(&ck), "--save", p(&ck)],
+            "saved from another program",
         ),
         (
             &["run", "examples/mlp.tpl", "--save", p(&m)],
@@ -806,5 +812,228 @@ fn keep_prunes_the_oldest() {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
-    assert_eq!(names, ["latest", "step-00000003", "step-00000004"]);
+    assert_eq!(names, [".lock", "latest", "step-00000003", "step-00000004"]);
+}
+
+/// A hand-edited or hostile checkpoint is refused before anything is read or allocated from
+/// it: files outside the step directory, absurd numbers, blocks sharing bytes, an index that
+/// swaps two tensors' blocks; special files are not read; `latest` as a symlink is replaced,
+/// not written through.
+#[test]
+fn hostile_checkpoints_are_refused() {
+    let dir = scratch("hostile");
+    let gpt = "examples/gpt_pipe.tpl";
+    let base = dir.join("base");
+    ok(&[
+        "run",
+        gpt,
+        "--degree",
+        "2",
+        "--steps",
+        "1",
+        "--save",
+        p(&base),
+    ]);
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit, &str); 6] = [
+        (
+            "outside",
+            |ix| {
+                let files = ix["files"].as_object_mut().unwrap();
+                let len = files.remove("rank-00001.safetensors").unwrap();
+                files.insert("../rank-00001.safetensors".into(), len);
+            },
+            "is not a file name",
+        ),
+        (
+            "step",
+            |ix| ix["step"] = serde_json::json!(u64::MAX),
+            "out of range",
+        ),
+        (
+            "shape",
+            |ix| {
+                ix["tensors"]["wpe"]["blocks"][0]["shape"] =
+                    serde_json::json!([1u64 << 62, 1u64 << 3]);
+            },
+            "`wpe`",
+        ),
+        (
+            "shared",
+            |ix| {
+                let b = ix["tensors"]["lnf_b"]["blocks"][0]["data"].clone();
+                ix["tensors"]["lnf_g"]["blocks"][0]["data"] = b;
+                let h = ix["tensors"]["lnf_b"]["blocks"][0]["sha256"].clone();
+                ix["tensors"]["lnf_g"]["blocks"][0]["sha256"] = h;
+            },
+            "share bytes",
+        ),
+        (
+            "swapped",
+            |ix| {
+                let t = &mut ix["tensors"];
+                let q = t["layer.0.attention.wq"]["blocks"].clone();
+                t["layer.0.attention.wq"]["blocks"] = t["layer.0.attention.wk"]["blocks"].clone();
+                t["layer.0.attention.wk"]["blocks"] = q;
+            },
+            "its header does not hold the block",
+        ),
+        (
+            "kind",
+            |ix| ix["tensors"]["wpe"]["kind"] = serde_json::json!("secret"),
+            "kind `secret`",
+        ),
+    ];
+    for (what, edit, want) in edits {
+        let ck = dir.join(what);
+        copy_dir(&base, &ck);
+        let step = ck.join("step-00000001");
+        let path = step.join("index.json");
+        let mut ix: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut ix);
+        std::fs::write(&path, serde_json::to_vec(&ix).unwrap()).unwrap();
+        for args in [
+            &["run", gpt, "--steps", "1", "--load", p(&step)][..],
+            &["checkpoint", "inspect", p(&step), "--verify"],
+            &[
+                "checkpoint",
+                "export",
+                p(&step),
+                "-o",
+                p(&dir.join("x.safetensors")),
+            ],
+        ] {
+            let (code, err) = fails(args);
+            assert_eq!(code, Some(1), "{what} {args:?}: {err}");
+            assert!(
+                err.contains(want) && err.contains("index.json"),
+                "{what} {args:?}: {err}"
+            );
+        }
+    }
+    // A FIFO where `latest` should be is refused, not waited on.
+    let fifo = dir.join("fifo");
+    copy_dir(&base, &fifo);
+    std::fs::remove_file(fifo.join("latest")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(fifo.join("latest"))
+        .status();
+    if made.is_ok_and(|s| s.success()) {
+        let (code, err) = fails(&["checkpoint", "inspect", p(&fifo)]);
+        assert!(
+            code == Some(1) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+    // `latest` as a symlink to a file elsewhere: read through, then replaced by the next save.
+    let linked = dir.join("linked");
+    copy_dir(&base, &linked);
+    let victim = dir.join("victim");
+    std::fs::rename(linked.join("latest"), &victim).unwrap();
+    let before = std::fs::read(&victim).unwrap();
+    std::os::unix::fs::symlink(&victim, linked.join("latest")).unwrap();
+    ok(&[
+        "run",
+        gpt,
+        "--steps",
+        "1",
+        "--load",
+        p(&linked),
+        "--save",
+        p(&linked),
+    ]);
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        before,
+        "the link's target is untouched"
+    );
+    assert!(std::fs::symlink_metadata(linked.join("latest"))
+        .unwrap()
+        .is_file());
+    assert!(ok(&["checkpoint", "inspect", p(&linked)]).contains("(step 2 of"));
+    // Export into the checkpoint itself is refused; nothing there changes.
+    let rank0 = base.join("step-00000001/rank-00000.safetensors");
+    let saved = std::fs::read(&rank0).unwrap();
+    let (code, err) = fails(&["checkpoint", "export", p(&base), "-o", p(&rank0)]);
+    assert!(
+        code == Some(1) && err.contains("inside the checkpoint"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&rank0).unwrap(), saved);
+}
+
+/// A run saving into a directory of checkpoints it did not load from is refused (it would
+/// move `latest` back and prune them); two runs cannot save into one directory at once; a
+/// save retried after crashing twice while replacing a step keeps `latest` loadable.
+#[test]
+fn saves_never_clobber_other_runs_checkpoints() {
+    let dir = scratch("clobber");
+    let gpt = "examples/gpt_pipe.tpl";
+    let (ck, other) = (dir.join("ck"), dir.join("other"));
+    ok(&[
+        "run",
+        gpt,
+        "--steps",
+        "4",
+        "--save",
+        p(&ck),
+        "--save-every",
+        "2",
+    ]);
+    ok(&["run", gpt, "--steps", "1", "--save", p(&other)]);
+    for load in [None, Some(&other)] {
+        let mut args = vec!["run", gpt, "--steps", "1", "--save", p(&ck), "--keep", "1"];
+        if let Some(l) = load {
+            args.extend(["--load", p(l)]);
+        }
+        let (code, err) = fails(&args);
+        assert!(
+            code == Some(1) && err.contains("already holds checkpoints"),
+            "{err}"
+        );
+    }
+    assert!(ck.join("step-00000002").exists() && ck.join("step-00000004").exists());
+    assert!(ok(&["checkpoint", "inspect", p(&ck)]).contains("(step 4 of"));
+    // Another process holds the directory's lock.
+    let lock = std::fs::File::open(ck.join(".lock")).unwrap();
+    lock.try_lock().unwrap();
+    let (code, err) = fails(&[
+        "run",
+        gpt,
+        "--steps",
+        "1",
+        "--load",
+        p(&ck),
+        "--save",
+        p(&ck),
+    ]);
+    assert!(
+        code == Some(1) && err.contains("another run is saving into it"),
+        "{err}"
+    );
+    drop(lock);
+    // Retried twice from step 2 on another mesh, each killed between the renames of step 4.
+    let step2 = ck.join("step-00000002");
+    for _ in 0..2 {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+            .args([
+                "run",
+                gpt,
+                "--degree",
+                "4",
+                "--steps",
+                "2",
+                "--load",
+                p(&step2),
+                "--save",
+                p(&ck),
+            ])
+            .env("TPC_TEST_SAVE_ABORT", "4:rename")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), None, "killed");
+        let inspect = ok(&["checkpoint", "inspect", p(&ck), "--verify"]);
+        assert!(inspect.contains("(step 4 of"), "{inspect}");
+    }
 }

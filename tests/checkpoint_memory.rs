@@ -293,6 +293,7 @@ fn save_peak_memory_per_rank_is_its_own_blocks() {
         program: "sha256:test".into(),
         source: "gpt_train.tpl".into(),
         seed: 4,
+        inputs: None,
         mesh: saved.mesh.to_string(),
     };
     let (target, peak) = peak_during(|| commit(&dir, step, world, &facts).unwrap());
@@ -360,6 +361,7 @@ fn reading_part_of_a_large_saved_block_costs_one_chunk() {
         program: String::new(),
         source: String::new(),
         seed: 0,
+        inputs: None,
         mesh: "tp=1".into(),
     };
     commit(&dir, 1, 1, &facts).unwrap();

@@ -50,6 +50,8 @@ pub(super) struct Job {
     /// With --check after --load: the reference's start, read before the run can prune the
     /// checkpoint it came from.
     check_start: Option<Start>,
+    /// The lock of the save directory, held by the process that commits (threads: this one).
+    _lock: Option<std::fs::File>,
 }
 
 /// Plans the step `c` and loads its leaves; `ranks_here` is how many ranks share this
@@ -80,7 +82,18 @@ pub(super) fn prepare(
     if let Some(dir) = &args.load {
         let reader = open_checkpoint(dir, &hash, &plan)?;
         ck.first = reader.index.step as usize;
-        if reader.index.seed != args.seed && args.inputs.is_none() {
+        if reader.index.inputs != args.inputs {
+            let name = |i: &Option<String>| match i {
+                Some(p) => format!("--inputs {p}"),
+                None => "generated inputs".to_string(),
+            };
+            say_err(&format!(
+                "warning: `{dir}` was trained with {}, this run uses {}: its inputs are not \
+                 those the uninterrupted run would have read",
+                name(&reader.index.inputs),
+                name(&args.inputs)
+            ));
+        } else if reader.index.seed != args.seed && args.inputs.is_none() {
             say_err(&format!(
                 "warning: `{dir}` was trained with --seed {}, this run uses --seed {}: its \
                  generated inputs are not those the uninterrupted run would have read",
@@ -99,6 +112,10 @@ pub(super) fn prepare(
         true => Some(start_leaves(args, &plan, &source, ck.first)?),
         false => None,
     };
+    let lock = match (&args.save, ranks_here) {
+        (Some(dir), None) => Some(lock_save_dir(dir)?),
+        _ => None,
+    };
     Ok(Job {
         c,
         plan,
@@ -106,6 +123,7 @@ pub(super) fn prepare(
         stepped,
         ck,
         check_start,
+        _lock: lock,
     })
 }
 
@@ -127,23 +145,38 @@ fn save_spec(
         Err(_) if !path.exists() => Vec::new(),
         Err(e) => return Err(anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)).into()),
     };
-    let ours = |n: &String| n == "latest" || n.starts_with("step-") || n.starts_with(".tmp-step-");
+    let ours = |n: &String| {
+        ["latest", ".lock", ".latest.tmp"].contains(&n.as_str())
+            || n.starts_with("step-")
+            || n.starts_with(".tmp-step-")
+            || n.starts_with(".old-step-")
+    };
     if !entries.is_empty() && !entries.iter().any(ours) {
         return Err(anyhow!(
             "--save `{dir}` is not empty and holds no tpc checkpoint: give a new or empty directory"
         )
         .into());
     }
+    let holds = entries
+        .iter()
+        .any(|n| n == "latest" || n.starts_with("step-"));
+    if holds && !continues(path, args.load.as_deref()) {
+        return Err(anyhow!(
+            "--save `{dir}` already holds checkpoints: continue them with --load {dir} (or \
+             --load {dir}/step-N), or save into another directory"
+        )
+        .into());
+    }
     if entries.iter().any(|n| n == "latest") {
-        if let Ok(r) = tpc::exec::checkpoint::load::Reader::open(path) {
-            if r.index.program != hash {
-                return Err(anyhow!(
-                    "--save `{dir}` holds checkpoints of another program ({}, this one is \
-                     {hash}): give another directory",
-                    r.index.program
-                )
-                .into());
-            }
+        let r = tpc::exec::checkpoint::load::Reader::open(path)
+            .map_err(|e| anyhow!("--save `{dir}`: its latest checkpoint cannot be read: {e}"))?;
+        if r.index.program != hash {
+            return Err(anyhow!(
+                "--save `{dir}` holds checkpoints of another program ({}, this one is \
+                 {hash}): give another directory",
+                r.index.program
+            )
+            .into());
         }
     }
     std::fs::create_dir_all(path)
@@ -157,11 +190,46 @@ fn save_spec(
             program: hash,
             source: src.name.clone(),
             seed: args.seed,
+            inputs: args.inputs.clone(),
             mesh: plan.mesh.to_string(),
         },
         keep: args.keep.map(|k| k as usize),
         abort: abort.and_then(|a| tpc::exec::checkpoint::save::AbortAt::parse(&a)),
     })
+}
+
+/// True when the run continues the checkpoints in `save`: it loads `save` itself or one of
+/// its step directories.
+fn continues(save: &std::path::Path, load: Option<&str>) -> bool {
+    let Some(load) = load.map(std::path::Path::new) else {
+        return false;
+    };
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let save = canon(save);
+    save.is_some() && (canon(load) == save || load.parent().and_then(canon) == save)
+}
+
+/// Takes the lock of the save directory `dir` for this process's lifetime: two runs saving
+/// into one directory would mix their files.
+pub(super) fn lock_save_dir(dir: &str) -> Result<std::fs::File, Failure> {
+    let path = std::path::Path::new(dir).join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(anyhow!("--save `{dir}`: another run is saving into it").into())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow!(
+            "--save `{dir}`: cannot lock it: {}",
+            tpc::files::os_reason(&e)
+        )
+        .into()),
+    }
 }
 
 /// Opens the checkpoint `dir` for `plan`: of the same program (`hash`), with every param and
@@ -182,6 +250,7 @@ fn open_checkpoint(
         .into());
     }
     let g = &plan.global;
+    let mut ours = std::collections::BTreeSet::new();
     for (_, n) in g.nodes() {
         let (Some(name), true) = (
             n.op.leaf_name(),
@@ -189,18 +258,28 @@ fn open_checkpoint(
         ) else {
             continue;
         };
-        let shape = &g.ty(n.outputs[0]).shape;
+        ours.insert(name);
+        let ty = g.ty(n.outputs[0]);
         match reader.index.tensors.get(name) {
             None => return Err(anyhow!("checkpoint `{dir}` has no `{name}`").into()),
-            Some(t) if t.shape != *shape => {
+            Some(t) if t.shape != ty.shape || t.declared != ty.dtype.to_string() => {
                 return Err(anyhow!(
-                    "checkpoint `{dir}`: `{name}` is {:?} there, {shape:?} here",
+                    "checkpoint `{dir}`: `{name}` is {}{:?} there, {ty} here",
+                    t.declared,
                     t.shape
                 )
                 .into())
             }
             Some(_) => {}
         }
+    }
+    if let Some(extra) = reader
+        .index
+        .tensors
+        .keys()
+        .find(|n| !ours.contains(n.as_str()))
+    {
+        return Err(anyhow!("checkpoint `{dir}` has `{extra}`, which this program has not").into());
     }
     Ok(reader)
 }
@@ -264,6 +343,18 @@ pub(super) fn run_mpi(
 ) -> Result<(), Failure> {
     use tpc::exec::mpi::{decode_trained, encode_trained};
     use tpc::exec::train::{assemble_trained, train_rank_with};
+    let mut job = job;
+    if let (Some(dir), 0) = (&args.save, tpc::exec::comm::Transport::rank(t)) {
+        match lock_save_dir(dir) {
+            Ok(f) => job._lock = Some(f),
+            Err(e) => {
+                if let Failure::Other(e) = e {
+                    crate::say_err(&format!("error: {e}"));
+                }
+                t.abort_job(1)
+            }
+        }
+    }
     let spec = spec(args, &job.c, &job.source, &job.stepped);
     let first = job.ck.first;
     let print = |s: usize, loss: f32| say_loss(first + s, loss);

@@ -6,6 +6,7 @@
 use super::{check_tiling, chunk_hashes, CheckpointError, Index, FORMAT, VERSION};
 use crate::exec::Tensor;
 use ndarray::{ArrayD, IxDyn};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -36,29 +37,14 @@ impl Reader {
     /// Opens the checkpoint at `dir`: a step directory (with `index.json`), or a save
     /// directory whose `latest` names one (and the sha256 of its index).
     pub fn open(dir: &Path) -> Result<Reader, CheckpointError> {
-        let (step, want) = match dir.join("index.json").exists() {
-            true => (dir.to_path_buf(), None),
-            false => {
-                let latest = dir.join("latest");
-                let text = std::fs::read_to_string(&latest).map_err(|_| {
-                    format(dir, "not a tpc checkpoint: no index.json and no `latest`")
-                })?;
-                let mut lines = text.lines();
-                let (Some(name), Some(hash)) = (lines.next(), lines.next()) else {
-                    return Err(format(&latest, "expected a step directory and a sha256"));
-                };
-                if name.contains('/') || name.starts_with('.') || name.is_empty() {
-                    return Err(format(&latest, format!("`{name}` is not a step directory")));
-                }
-                (dir.join(name), Some(hash.trim().to_string()))
+        let (step, bytes) = match dir.join("index.json").exists() {
+            true => {
+                let path = dir.join("index.json");
+                (dir.to_path_buf(), read_small(&path, MAX_INDEX)?)
             }
-        };
-        let (step, bytes) = match want {
-            Some(want) => named_by_latest(step, &want)?,
-            None => {
-                let path = step.join("index.json");
-                let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-                (step, bytes)
+            false => {
+                let (step, want) = read_latest(dir)?;
+                named_by_latest(step, &want)?
             }
         };
         let path = step.join("index.json");
@@ -74,29 +60,123 @@ impl Reader {
             ));
         }
         let reader = Reader { dir: step, index };
-        reader.check()?;
+        reader.check().map_err(|reason| format(&path, reason))?;
         reader.check_files()?;
         Ok(reader)
     }
 
-    /// Every tensor tiled by its blocks, each block's bytes and chunk count as its shape says,
-    /// in a file the index lists.
-    fn check(&self) -> Result<(), CheckpointError> {
+    /// The index's own consistency: the step in range, every file a plain name in the step
+    /// directory, every tensor a param's or state's of a supported dtype tiled by its blocks,
+    /// each block's bytes and chunk count as its shape says, inside its file and apart from
+    /// every other block's bytes.
+    fn check(&self) -> Result<(), String> {
+        let ix = &self.index;
+        if ix.step > MAX_STEP {
+            return Err(format!("step {} is out of range", ix.step));
+        }
+        if let Some(f) = ix.files.keys().find(|f| !plain_file(f)) {
+            return Err(format!(
+                "`{f}` is not a file name of a checkpoint's step directory"
+            ));
+        }
         let d = self.dir.display().to_string();
-        let chunk = self.index.chunk_bytes.max(1);
-        for (name, t) in &self.index.tensors {
-            check_tiling(&d, name, &t.shape, &t.blocks)?;
+        let mut spans: BTreeMap<&str, Vec<[u64; 2]>> = BTreeMap::new();
+        for (name, t) in &ix.tensors {
+            check_entry(name, t)?;
+            check_tiling(&d, name, &t.shape, &t.blocks).map_err(|e| e.to_string())?;
             for b in &t.blocks {
-                let bytes = b.shape.iter().product::<u64>() * 4;
-                let chunks = bytes.div_ceil(chunk).max(1);
-                let len = self.index.files.get(&b.file);
-                let fits = b.data[1].checked_sub(b.data[0]) == Some(bytes)
-                    && len.is_some_and(|&l| b.data[1] <= l);
-                if !fits || b.sha256.len() as u64 != chunks {
+                self.check_block(name, b)?;
+                spans.entry(&b.file).or_default().push(b.data);
+            }
+        }
+        for (file, mut spans) in spans {
+            spans.sort_unstable();
+            if spans.windows(2).any(|w| w[1][0] < w[0][1]) {
+                return Err(format!("two blocks share bytes of `{file}`"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A block's bytes: its shape's, as many chunks, inside a file the index lists.
+    fn check_block(&self, name: &str, b: &super::BlockEntry) -> Result<(), String> {
+        let chunk = self.index.chunk_bytes.max(1);
+        let bytes = b
+            .shape
+            .iter()
+            .try_fold(4u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("the block of `{name}` at {:?} is too large", b.offset))?;
+        let chunks = bytes.div_ceil(chunk).max(1);
+        let len = self.index.files.get(&b.file);
+        let fits =
+            b.data[1].checked_sub(b.data[0]) == Some(bytes) && len.is_some_and(|&l| b.data[1] <= l);
+        if !fits || b.sha256.len() as u64 != chunks {
+            return Err(format!(
+                "the block of `{name}` at {:?} does not fit its file",
+                b.offset
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every file the index lists is a regular file of the length the index says, and its
+    /// header holds each block the index puts there under the tensor's name, shape and bytes;
+    /// an error names the file and a tensor with blocks in it.
+    fn check_files(&self) -> Result<(), CheckpointError> {
+        for (file, &want) in &self.index.files {
+            let path = self.dir.join(file);
+            let held: Vec<(&String, &super::BlockEntry)> = self
+                .index
+                .tensors
+                .iter()
+                .flat_map(|(n, t)| t.blocks.iter().map(move |b| (n, b)))
+                .filter(|(_, b)| b.file == *file)
+                .collect();
+            let named = match held.first() {
+                Some((n, _)) if held.len() > 1 => {
+                    format!(" (it holds blocks of `{n}` and {} others)", held.len() - 1)
+                }
+                Some((n, _)) => format!(" (it holds a block of `{n}`)"),
+                None => String::new(),
+            };
+            let bad = |what: String| format(&path, format!("{what}{named}"));
+            match std::fs::metadata(&path) {
+                Err(e) => {
+                    let reason = crate::files::os_reason(&e);
+                    return Err(bad(format!("cannot be read: {reason}")));
+                }
+                Ok(m) if !m.is_file() => return Err(bad("not a regular file".into())),
+                Ok(m) if m.len() < want => {
+                    let len = m.len();
+                    return Err(bad(format!(
+                        "truncated: {len} bytes, the index says {want}"
+                    )));
+                }
+                Ok(m) if m.len() > want => {
+                    let len = m.len();
+                    return Err(bad(format!("{len} bytes, the index says {want}")));
+                }
+                Ok(_) => {}
+            }
+            let (md, base) = super::st::read_header(&path)?;
+            for (name, b) in held {
+                let info = md.info(name);
+                let agrees = info.is_some_and(|i| {
+                    i.shape
+                        .iter()
+                        .map(|&d| d as u64)
+                        .eq(b.shape.iter().copied())
+                        && [
+                            base + i.data_offsets.0 as u64,
+                            base + i.data_offsets.1 as u64,
+                        ] == b.data
+                });
+                if !agrees {
                     return Err(format(
-                        &self.dir.join("index.json"),
+                        &path,
                         format!(
-                            "the block of `{name}` at {:?} does not fit its file",
+                            "its header does not hold the block of `{name}` at {:?} that \
+                             index.json puts there",
                             b.offset
                         ),
                     ));
@@ -106,46 +186,38 @@ impl Reader {
         Ok(())
     }
 
-    /// Every file the index lists is present with the length the index says; an error names
-    /// the file and a tensor with blocks in it.
-    fn check_files(&self) -> Result<(), CheckpointError> {
-        for (file, &want) in &self.index.files {
-            let path = self.dir.join(file);
-            let held = self
-                .index
-                .tensors
-                .iter()
-                .filter(|(_, t)| t.blocks.iter().any(|b| b.file == *file));
-            let count = held.clone().count();
-            let named = match held.map(|(n, _)| n).next() {
-                Some(n) if count > 1 => format!(
-                    " (it holds blocks of `{n}` and {} other tensors)",
-                    count - 1
-                ),
-                Some(n) => format!(" (it holds blocks of `{n}`)"),
-                None => String::new(),
-            };
-            let bad = |what: String| format(&path, format!("{what}{named}"));
-            match std::fs::metadata(&path) {
-                Err(e) => {
-                    return Err(bad(format!(
-                        "cannot be read: {}",
-                        crate::files::os_reason(&e)
-                    )))
-                }
-                Ok(m) if m.len() < want => {
-                    return Err(bad(format!(
-                        "truncated: {} bytes, the index says {want}",
-                        m.len()
-                    )))
-                }
-                Ok(m) if m.len() > want => {
-                    return Err(bad(format!("{} bytes, the index says {want}", m.len())))
-                }
-                Ok(_) => {}
+    /// The whole of tensor `name`, assembled from its saved blocks.
+    pub fn read_global(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let shape = match self.index.tensors.get(name) {
+            Some(t) => t.shape.clone(),
+            None => return self.read_block(name, &[]),
+        };
+        let ranges: Vec<Range<u64>> = shape.iter().map(|&d| 0..d).collect();
+        self.read_block(name, &ranges)
+    }
+
+    /// Reads every saved block once and checks its sha256: an error names the first tensor,
+    /// file and bytes that do not match. Returns the bytes verified.
+    pub fn verify(&self) -> Result<u64, CheckpointError> {
+        let mut bytes = 0;
+        for (name, t) in &self.index.tensors {
+            for b in &t.blocks {
+                let ranges: Vec<Range<u64>> = b
+                    .offset
+                    .iter()
+                    .zip(&b.shape)
+                    .map(|(&o, &s)| o..o + s)
+                    .collect();
+                self.read_block(name, &ranges)?;
+                bytes += b.data[1] - b.data[0];
             }
         }
-        Ok(())
+        Ok(bytes)
+    }
+
+    /// The directory of the step's files.
+    pub fn step_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The block `ranges` (one range per dim) of tensor `name`, read from the saved blocks it
@@ -181,40 +253,6 @@ impl Reader {
             }
             other => Err(format(&self.dir, format!("`{name}` has dtype {other}"))),
         }
-    }
-
-    /// The whole of tensor `name`, assembled from its saved blocks.
-    pub fn read_global(&self, name: &str) -> Result<Tensor, CheckpointError> {
-        let shape = match self.index.tensors.get(name) {
-            Some(t) => t.shape.clone(),
-            None => return self.read_block(name, &[]),
-        };
-        let ranges: Vec<Range<u64>> = shape.iter().map(|&d| 0..d).collect();
-        self.read_block(name, &ranges)
-    }
-
-    /// Reads every saved block once and checks its sha256: an error names the first tensor,
-    /// file and bytes that do not match. Returns the bytes verified.
-    pub fn verify(&self) -> Result<u64, CheckpointError> {
-        let mut bytes = 0;
-        for (name, t) in &self.index.tensors {
-            for b in &t.blocks {
-                let ranges: Vec<Range<u64>> = b
-                    .offset
-                    .iter()
-                    .zip(&b.shape)
-                    .map(|(&o, &s)| o..o + s)
-                    .collect();
-                self.read_block(name, &ranges)?;
-                bytes += b.data[1] - b.data[0];
-            }
-        }
-        Ok(bytes)
-    }
-
-    /// The directory of the step's files.
-    pub fn step_dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Copies into `dest` (row-major bytes of the block `ranges`) every saved block's overlap.
@@ -278,13 +316,109 @@ impl Reader {
     }
 }
 
+/// Largest `index.json` read (a 256-rank checkpoint of a 175B model's index is ~80 MB).
+const MAX_INDEX: u64 = 1 << 30;
+/// Largest step number a checkpoint may claim.
+const MAX_STEP: u64 = 1 << 40;
+/// Most blocks one tensor may have (tiling is checked pairwise).
+const MAX_BLOCKS: usize = 1 << 14;
+
+/// The bytes of the regular file `path`, refused when larger than `max` (a device, a FIFO or
+/// a huge file is not an index).
+fn read_small(path: &Path, max: u64) -> Result<Vec<u8>, CheckpointError> {
+    let m = std::fs::metadata(path).map_err(|e| io(path, e))?;
+    if !m.is_file() {
+        return Err(format(path, "not a regular file"));
+    }
+    if m.len() > max {
+        return Err(format(
+            path,
+            format!("{} bytes: larger than {max}", m.len()),
+        ));
+    }
+    std::fs::read(path).map_err(|e| io(path, e))
+}
+
+/// The step directory `dir/latest` names and the sha256 it gives for its index; without a
+/// `latest`, an error listing the step directories there (a first save killed before it).
+fn read_latest(dir: &Path) -> Result<(PathBuf, String), CheckpointError> {
+    let latest = dir.join("latest");
+    if std::fs::symlink_metadata(&latest).is_err() {
+        let mut steps: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with("step-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        steps.sort();
+        let hint = match steps.last() {
+            Some(s) => format!(
+                " (a save may have been interrupted: {} step directories are there; load one \
+                 with --load {})",
+                steps.len(),
+                dir.join(s).display()
+            ),
+            None => String::new(),
+        };
+        return Err(format(
+            dir,
+            format!("not a tpc checkpoint: no index.json and no `latest`{hint}"),
+        ));
+    }
+    let text = read_small(&latest, 4096)?;
+    let text = String::from_utf8_lossy(&text);
+    let mut lines = text.lines();
+    let (Some(name), Some(hash)) = (lines.next(), lines.next()) else {
+        return Err(format(&latest, "expected a step directory and a sha256"));
+    };
+    if !name.starts_with("step-") || name.contains(['/', '\\']) || name.contains("..") {
+        return Err(format(&latest, format!("`{name}` is not a step directory")));
+    }
+    Ok((dir.join(name), hash.trim().to_string()))
+}
+
+/// A file name the index may list: a plain name inside the step directory.
+fn plain_file(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && name.ends_with(".safetensors")
+}
+
+/// A tensor entry's kind, dtypes and block count are ones tpc writes.
+fn check_entry(name: &str, t: &super::TensorEntry) -> Result<(), String> {
+    if t.kind != "param" && t.kind != "state" {
+        return Err(format!(
+            "`{name}` is of kind `{}`, not param or state",
+            t.kind
+        ));
+    }
+    let int = t.declared == "i32";
+    let stored = matches!((t.dtype.as_str(), int), ("I32", true) | ("F32", false));
+    if !stored || !["f32", "bf16", "f16", "i32"].contains(&t.declared.as_str()) {
+        return Err(format!(
+            "`{name}` is stored as {} for a {} tensor",
+            t.dtype, t.declared
+        ));
+    }
+    if t.blocks.len() > MAX_BLOCKS {
+        return Err(format!(
+            "`{name}` has {} blocks, more than {MAX_BLOCKS}",
+            t.blocks.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The step directory `latest` names (`step`, whose index must hash to `want`) and its index's
 /// bytes. A save replacing a step directory of the same name moves the old one to `.old-NAME`
 /// before renaming the new one into place, and rewrites `latest` after: a crash in between
 /// leaves `latest` naming what is now `.old-NAME` (or the new directory with another hash).
 fn named_by_latest(step: PathBuf, want: &str) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
     let path = step.join("index.json");
-    let first = std::fs::read(&path);
+    let first = read_small(&path, MAX_INDEX);
     if let Ok(bytes) = &first {
         if chunk_hashes(bytes, u64::MAX)[0] == want {
             return Ok((step, bytes.clone()));
@@ -292,13 +426,13 @@ fn named_by_latest(step: PathBuf, want: &str) -> Result<(PathBuf, Vec<u8>), Chec
     }
     if let (Some(parent), Some(name)) = (step.parent(), step.file_name()) {
         let old = parent.join(format!(".old-{}", name.to_string_lossy()));
-        if let Ok(bytes) = std::fs::read(old.join("index.json")) {
+        if let Ok(bytes) = read_small(&old.join("index.json"), MAX_INDEX) {
             if chunk_hashes(&bytes, u64::MAX)[0] == want {
                 return Ok((old, bytes));
             }
         }
     }
-    let bytes = first.map_err(|e| io(&path, e))?;
+    let bytes = first?;
     let got = &chunk_hashes(&bytes, u64::MAX)[0];
     Err(format(
         &path,
@@ -409,6 +543,7 @@ mod tests {
             source: "t.tpl".into(),
             step: 3,
             seed: 0,
+            inputs: None,
             mesh: "tp=4".into(),
             chunk_bytes: chunk,
             files,

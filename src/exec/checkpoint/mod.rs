@@ -36,6 +36,9 @@ pub struct Index {
     pub step: u64,
     /// The run's `--seed` (per-step inputs continue from it).
     pub seed: u64,
+    /// The run's `--inputs` file, if any (a resume with others is warned about).
+    #[serde(default)]
+    pub inputs: Option<String>,
     /// The mesh it was saved from (for `inspect`; any mesh loads it).
     pub mesh: String,
     /// Bytes per hashed chunk.
@@ -159,7 +162,8 @@ pub fn check_tiling(
     for (i, b) in blocks.iter().enumerate() {
         if b.offset.len() != shape.len() || b.shape.len() != shape.len() {
             return Err(fail(format!(
-                "block {i} has rank {}, the tensor {}",
+                "block {i} has an offset of {} dims and a shape of {}, the tensor {} dims",
+                b.offset.len(),
                 b.shape.len(),
                 shape.len()
             )));

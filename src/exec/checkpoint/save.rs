@@ -191,6 +191,8 @@ pub struct RunFacts {
     pub source: String,
     /// The run's seed.
     pub seed: u64,
+    /// The run's `--inputs` file, if any.
+    pub inputs: Option<String>,
     /// The mesh it ran on.
     pub mesh: String,
 }
@@ -229,20 +231,69 @@ pub fn commit_hooked(
     die_at(hook, step, Abort::Index);
     let name = format!("step-{step:08}");
     let target = dir.join(&name);
+    clear_strays(&tmp, world).map_err(|e| io(&tmp, &e))?;
     if target.exists() {
-        // A step reached again (after a resume): the older one goes only once `latest` moved.
-        let old = dir.join(format!(".old-{name}"));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&target, &old).map_err(|e| io(&target, &e))?;
+        set_aside(dir, &name).map_err(|e| io(&target, &e))?;
     }
     std::fs::rename(&tmp, &target).map_err(|e| io(&tmp, &e))?;
     sync_dir(dir);
     die_at(hook, step, Abort::Rename);
     let latest = format!("{name}\n{}\n", chunk_hashes(&text, u64::MAX)[0]);
-    crate::files::write_bytes(&dir.join("latest"), latest.as_bytes()).map_err(|e| io(dir, &e))?;
+    replace_file(dir, "latest", latest.as_bytes()).map_err(|e| io(&dir.join("latest"), &e))?;
     die_at(hook, step, Abort::Latest);
     let _ = std::fs::remove_dir_all(dir.join(format!(".old-{name}")));
     Ok(target)
+}
+
+/// Moves `dir/name`, a step reached again, out of the way of the new one. `latest` may name
+/// it, or (after a crash between these renames) the `.old-NAME` a first attempt set aside:
+/// whichever `latest` names stays until `latest` moves; the other is debris.
+fn set_aside(dir: &Path, name: &str) -> std::io::Result<()> {
+    let (target, old) = (dir.join(name), dir.join(format!(".old-{name}")));
+    let latest = std::fs::read_to_string(dir.join("latest")).unwrap_or_default();
+    let named = latest.lines().nth(1).map(str::trim).unwrap_or_default();
+    let hash_of = |d: &Path| {
+        std::fs::read(d.join("index.json"))
+            .map(|b| chunk_hashes(&b, u64::MAX).remove(0))
+            .unwrap_or_default()
+    };
+    if old.exists() && hash_of(&old) == named && hash_of(&target) != named {
+        return std::fs::remove_dir_all(&target);
+    }
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    std::fs::rename(&target, &old)
+}
+
+/// Removes from a step's temporary directory whatever is not one of the `world` rank files
+/// (a crashed save of the same step by a run with more ranks left its files there).
+fn clear_strays(tmp: &Path, world: usize) -> std::io::Result<()> {
+    let ours: std::collections::BTreeSet<String> = (0..world).map(rank_file).collect();
+    for e in std::fs::read_dir(tmp)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !ours.contains(&name) && name != "index.json" {
+            match e.file_type()?.is_dir() {
+                true => std::fs::remove_dir_all(e.path())?,
+                false => std::fs::remove_file(e.path())?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces `dir/name` by a file holding `bytes`, atomically and durably; a symlink there is
+/// replaced, not written through.
+fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir);
+    Ok(())
 }
 
 /// Makes the renames in `dir` durable (best effort: not every system can sync a directory).
@@ -254,8 +305,8 @@ fn sync_dir(dir: &Path) {
 
 /// After a commit of step `step` in `dir`: removes what crashed or replaced saves left
 /// (`.tmp-step-*`, `.old-step-*`) and, with `keep`, every step directory but the `keep`
-/// newest up to `step` (the committed one among them); a newer one is of an abandoned
-/// timeline (a resume from an earlier step) and goes too. Returns the directories removed.
+/// newest up to `step` (the committed one among them). A newer one (of the timeline a resume
+/// from an earlier step left) is kept. Returns the directories removed.
 pub fn prune(dir: &Path, step: u64, keep: Option<usize>) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -276,10 +327,9 @@ pub fn prune(dir: &Path, step: u64, keep: Option<usize>) -> Vec<PathBuf> {
     }
     if let Some(keep) = keep {
         steps.sort();
-        let (upto, newer): (Vec<_>, Vec<_>) = steps.into_iter().partition(|(n, _)| *n <= step);
+        let upto: Vec<_> = steps.into_iter().filter(|(n, _)| *n <= step).collect();
         let old = upto.len().saturating_sub(keep.max(1));
         gone.extend(upto.into_iter().take(old).map(|(_, p)| p));
-        gone.extend(newer.into_iter().map(|(_, p)| p));
     }
     gone.retain(|p| std::fs::remove_dir_all(p).is_ok());
     gone.sort();
@@ -347,6 +397,7 @@ fn index_of(
         source: facts.source.clone(),
         step,
         seed: facts.seed,
+        inputs: facts.inputs.clone(),
         mesh: facts.mesh.clone(),
         chunk_bytes: CHUNK_BYTES,
         files,
@@ -443,6 +494,7 @@ train loss with adamw(lr=0.01)
             program: "sha256:0".into(),
             source: "t.tpl".into(),
             seed: 4,
+            inputs: None,
             mesh: plan.mesh.to_string(),
         };
         commit(dir, step, world, &facts).unwrap();
@@ -509,8 +561,8 @@ train loss with adamw(lr=0.01)
             .iter()
             .map(|p| p.file_name().unwrap().to_owned())
             .collect();
-        assert_eq!(names, ["step-00000001", "step-00000009"]);
-        assert!(dir.join("step-00000002").exists() && dir.join("latest").exists());
+        assert_eq!(names, ["step-00000001"], "a newer step stays");
+        assert!(dir.join("step-00000002").exists() && dir.join("step-00000009").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -535,6 +587,7 @@ train loss with adamw(lr=0.01)
             program: String::new(),
             source: String::new(),
             seed: 0,
+            inputs: None,
             mesh: p.mesh.to_string(),
         };
         let e = commit(&dir, 1, 2, &facts).unwrap_err().to_string();
