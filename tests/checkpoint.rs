@@ -763,7 +763,16 @@ fn check_after_load_and_flag_misuse() {
             "already holds checkpoints",
         ),
         (
-            &["run", gpt, "--set", "H=32", "--load", p(&ck), "--save", p(&ck)],
+            &[
+                "run",
+                gpt,
+                "--set",
+                "H=32",
+                "--load",
+                p(&ck),
+                "--save",
+                p(&ck),
+            ],
             "saved from another program",
         ),
         (

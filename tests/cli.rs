@@ -23,6 +23,39 @@ fn help_lists_the_compile_command() {
 }
 
 #[test]
+fn help_lists_the_checkpoint_commands() {
+    let out = stdout(&tpc(&["--help"]));
+    assert!(out.contains("checkpoint"), "{out}");
+    for (cmd, opts) in [
+        ("inspect", &["--verify", "--json"][..]),
+        ("export", &["--output", "--with-state"]),
+    ] {
+        let o = tpc(&["checkpoint", cmd, "--help"]);
+        assert_exit(&o, 0);
+        let out = stdout(&o);
+        for opt in opts {
+            assert!(out.contains(opt), "{cmd} {opt} missing:\n{out}");
+        }
+    }
+    let o = tpc(&["run", "--help"]);
+    let out = stdout(&o);
+    for opt in [
+        "--save",
+        "--save-every",
+        "--keep",
+        "--load",
+        "P.safetensors",
+    ] {
+        assert!(out.contains(opt), "run {opt} missing:\n{out}");
+    }
+    // No directory, or one that is not a checkpoint: exit 1 (2 for usage), never a panic.
+    assert_exit(&tpc(&["checkpoint", "inspect"]), 2);
+    let o = tpc(&["checkpoint", "inspect", "examples"]);
+    assert_exit(&o, 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a tpc checkpoint"));
+}
+
+#[test]
 fn version_is_the_crate_version() {
     let o = tpc(&["--version"]);
     assert_exit(&o, 0);

@@ -320,8 +320,8 @@ impl Reader {
 const MAX_INDEX: u64 = 1 << 30;
 /// Largest step number a checkpoint may claim.
 const MAX_STEP: u64 = 1 << 40;
-/// Most blocks one tensor may have (tiling is checked pairwise).
-const MAX_BLOCKS: usize = 1 << 14;
+/// Most blocks one tensor may have (a 4096-device mesh splitting every dim has 4096).
+const MAX_BLOCKS: usize = 1 << 16;
 
 /// The bytes of the regular file `path`, refused when larger than `max` (a device, a FIFO or
 /// a huge file is not an index).

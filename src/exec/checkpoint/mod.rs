@@ -143,8 +143,9 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An error unless `blocks` tile a tensor of `shape` exactly: each inside it, no two
-/// overlapping, their volumes summing to the tensor's.
+/// An error unless `blocks` tile a tensor of `shape` exactly, as tpc's placements do: blocks
+/// of one shape on the regular grid it spans (offsets multiples of it, inside the tensor), no
+/// two at one offset, as many as the grid has cells. Linear in the blocks (a set of offsets).
 pub fn check_tiling(
     dir: &str,
     name: &str,
@@ -158,7 +159,11 @@ pub fn check_tiling(
     };
     let volume = |s: &[u64]| s.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
     let whole = volume(shape).ok_or_else(|| fail("its size overflows".into()))?;
-    let mut sum = 0u64;
+    let Some(first) = blocks.first() else {
+        return Err(fail("it has no blocks".into()));
+    };
+    let cell = &first.shape;
+    let mut seen = std::collections::BTreeSet::new();
     for (i, b) in blocks.iter().enumerate() {
         if b.offset.len() != shape.len() || b.shape.len() != shape.len() {
             return Err(fail(format!(
@@ -168,35 +173,29 @@ pub fn check_tiling(
                 shape.len()
             )));
         }
-        let inside = b
-            .offset
-            .iter()
-            .zip(&b.shape)
-            .zip(shape)
-            .all(|((o, s), d)| o.checked_add(*s).is_some_and(|e| e <= *d));
-        if !inside {
+        if b.shape != *cell {
             return Err(fail(format!(
-                "the block at {:?} of shape {:?} lies outside {shape:?}",
-                b.offset, b.shape
+                "its blocks have shapes {cell:?} and {:?}",
+                b.shape
             )));
         }
-        let overlaps = |c: &BlockEntry| {
-            b.offset
-                .iter()
-                .zip(&b.shape)
-                .zip(c.offset.iter().zip(&c.shape))
-                .all(|((o, s), (p, t))| *o < p + t && *p < o + s)
-        };
-        if let Some(c) = blocks[..i].iter().find(|c| overlaps(c)) {
+        let on_grid = b.offset.iter().zip(cell).zip(shape).all(|((&o, &c), &d)| {
+            o.checked_add(c).is_some_and(|e| e <= d) && (c == 0 || o % c == 0)
+        });
+        if !on_grid {
             return Err(fail(format!(
-                "the blocks at {:?} and {:?} overlap",
-                c.offset, b.offset
+                "the block at {:?} of shape {cell:?} is not on the grid of {shape:?}",
+                b.offset
             )));
         }
-        sum = sum.saturating_add(volume(&b.shape).unwrap_or(u64::MAX));
+        if !seen.insert(&b.offset) {
+            return Err(fail(format!("two blocks at {:?} overlap", b.offset)));
+        }
     }
-    if sum != whole {
-        return Err(fail(format!("they hold {sum} of its {whole} elements")));
+    let each = volume(cell).unwrap_or(u64::MAX);
+    let held = each.saturating_mul(blocks.len() as u64);
+    if held != whole || (each == 0 && blocks.len() != 1) {
+        return Err(fail(format!("they hold {held} of its {whole} elements")));
     }
     Ok(())
 }
@@ -224,11 +223,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`w`") && e.contains("8 of its 16"), "{e}");
-        let overlap = [block(&[0, 0], &[3, 4]), block(&[2, 0], &[2, 4])];
+        let overlap = [block(&[0, 0], &[2, 4]), block(&[0, 0], &[2, 4])];
         assert!(check_tiling("d", "w", &[4, 4], &overlap)
             .unwrap_err()
             .to_string()
             .contains("overlap"));
+        let uneven = [block(&[0, 0], &[3, 4]), block(&[3, 0], &[1, 4])];
+        assert!(check_tiling("d", "w", &[4, 4], &uneven).is_err());
+        let off_grid = [block(&[0, 0], &[2, 4]), block(&[1, 0], &[2, 4])];
+        assert!(check_tiling("d", "w", &[4, 4], &off_grid)
+            .unwrap_err()
+            .to_string()
+            .contains("not on the grid"));
         let outside = [block(&[0, 0], &[4, 4]), block(&[4, 0], &[1, 4])];
         assert!(check_tiling("d", "w", &[4, 4], &outside).is_err());
         assert!(check_tiling("d", "step", &[], &[block(&[], &[])]).is_ok());
