@@ -33,12 +33,11 @@ use tpc::diag::SourceFile;
 use tpc::driver::{compile_step, plan_declared, Compiled};
 use tpc::exec::checkpoint::hash::program_hash;
 use tpc::exec::checkpoint::load::Reader;
-use tpc::exec::checkpoint::save::{commit, save_rank, writes_block, Item, RunFacts};
+use tpc::exec::checkpoint::save::{commit, save_rank, saved_leaves, writes_block, Item, RunFacts};
 use tpc::exec::checkpoint::st::tensor_bytes;
 use tpc::exec::checkpoint::{chunk_hashes, CHUNK_BYTES};
 use tpc::exec::leaves::{block_ranges, local_leaf, LeafSource};
 use tpc::exec::Tensor;
-use tpc::ir::Op;
 use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
 
@@ -92,15 +91,9 @@ fn planned(c: &Compiled, mesh: &str) -> Plan {
 fn leaves(plan: &Plan, rank: usize, generate: bool) -> Vec<Leaf> {
     let coords = plan.mesh.coords(rank as u64);
     let mut out = Vec::new();
-    for (_, n) in plan.local.nodes() {
-        let kind = match n.op {
-            Op::Param { .. } => "param",
-            Op::State { .. } => "state",
-            _ => continue,
-        };
-        let v = n.outputs[0];
+    for (name, kind, v) in saved_leaves(plan) {
         let g = plan.origin[v].expect("a leaf has a global value");
-        let name = n.op.leaf_name().expect("a leaf has a name").to_string();
+        let name = name.to_string();
         let pl = plan.placements[v].clone();
         let shape = plan.global.ty(g).shape.clone();
         let block = generate.then(|| {

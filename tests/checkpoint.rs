@@ -650,17 +650,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_damaged_checkpoint_is_refused_naming_what() {
     let dir = scratch("damaged");
     let gpt = "examples/gpt_pipe.tpl";
-    let base = dir.join("base");
-    ok(&[
-        "run",
-        gpt,
-        "--degree",
-        "2",
-        "--steps",
-        "1",
-        "--save",
-        p(&base),
-    ]);
+    let base = saved_base(&dir);
     let damage: [Damage<'_>; 4] = [
         ("cannot be read", &|d| {
             std::fs::remove_file(d.join("rank-00001.safetensors")).unwrap()
@@ -705,6 +695,23 @@ fn a_damaged_checkpoint_is_refused_naming_what() {
             assert!(err.contains("`latest` says sha256"), "{err}");
         }
     }
+}
+
+/// One step of gpt_pipe at degree 2 saved into `dir/base`.
+fn saved_base(dir: &Path) -> PathBuf {
+    let base = dir.join("base");
+    let gpt = "examples/gpt_pipe.tpl";
+    ok(&[
+        "run",
+        gpt,
+        "--degree",
+        "2",
+        "--steps",
+        "1",
+        "--save",
+        p(&base),
+    ]);
+    base
 }
 
 /// What a damage does (the error says) and how to do it to a step directory.
@@ -832,17 +839,7 @@ fn keep_prunes_the_oldest() {
 fn hostile_checkpoints_are_refused() {
     let dir = scratch("hostile");
     let gpt = "examples/gpt_pipe.tpl";
-    let base = dir.join("base");
-    ok(&[
-        "run",
-        gpt,
-        "--degree",
-        "2",
-        "--steps",
-        "1",
-        "--save",
-        p(&base),
-    ]);
+    let base = saved_base(&dir);
     type Edit = fn(&mut serde_json::Value);
     let edits: [(&str, Edit, &str); 6] = [
         (

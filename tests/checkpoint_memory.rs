@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use tpc::diag::SourceFile;
 use tpc::driver::{compile_step, plan_declared};
 use tpc::exec::checkpoint::load::Reader;
-use tpc::exec::checkpoint::save::{commit, rank_file, save_rank, writes_block, Item, RunFacts};
+use tpc::exec::checkpoint::save::{
+    commit, rank_file, save_rank, saved_leaves, writes_block, Item, RunFacts,
+};
 use tpc::exec::checkpoint::{st, CHUNK_BYTES};
 use tpc::exec::leaves::{block_ranges, local_leaf, LeafSource};
 use tpc::exec::Tensor;
-use tpc::ir::Op;
 use tpc::mesh::{Device, Mesh};
 use tpc::plan::Plan;
 
@@ -116,17 +117,11 @@ struct Leaf {
 fn leaves(plan: &Plan, rank: usize, generate: bool) -> Vec<(Leaf, Option<Tensor>)> {
     let coords = plan.mesh.coords(rank as u64);
     let mut out = Vec::new();
-    for (_, n) in plan.local.nodes() {
-        let kind = match n.op {
-            Op::Param { .. } => "param",
-            Op::State { .. } => "state",
-            _ => continue,
-        };
-        let v = n.outputs[0];
+    for (name, kind, v) in saved_leaves(plan) {
         let g = plan.origin[v].unwrap();
         let pl = &plan.placements[v];
         let shape = plan.global.ty(g).shape.clone();
-        let name = n.op.leaf_name().unwrap().to_string();
+        let name = name.to_string();
         let writes = writes_block(pl, &coords, &plan.mesh, None);
         let block = (generate && writes).then(|| {
             let seed = LeafSource::Seed(4);

@@ -422,15 +422,7 @@ fn save_step(
         .as_ref()
         .and_then(|p| mesh.axis_index(&p.axis));
     let mut items = Vec::new();
-    for (_, n) in plan.local.nodes() {
-        let kind = match n.op {
-            Op::Param { .. } => "param",
-            Op::State { .. } => "state",
-            _ => continue,
-        };
-        let (Some(name), v) = (n.op.leaf_name(), n.outputs[0]) else {
-            continue;
-        };
+    for (name, kind, v) in super::checkpoint::save::saved_leaves(plan) {
         let next = links.carried.iter().find(|(c, _)| *c == v).map(|&(_, k)| k);
         let stage = axis.zip(writer(v, next)).map(|(a, s)| (a, u64::from(s)));
         let pl = &plan.placements[v];

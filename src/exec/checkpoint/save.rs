@@ -7,6 +7,7 @@
 use super::{check_tiling, chunk_hashes, st, BlockEntry, CheckpointError, Index, TensorEntry};
 use super::{CHUNK_BYTES, FORMAT, VERSION};
 use crate::exec::Tensor;
+use crate::ir::{Local, Op, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::Placement;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,23 @@ struct BlockMeta {
     placement: String,
     offset: Vec<u64>,
     sha256: Vec<String>,
+}
+
+/// What a checkpoint holds of `plan`, as its ranks hold it: each param's and optimizer
+/// state's name, kind (`param` or `state`) and local value.
+pub fn saved_leaves(plan: &crate::plan::Plan) -> Vec<(&str, &'static str, ValueId<Local>)> {
+    let mut out = Vec::new();
+    for (_, n) in plan.local.nodes() {
+        let kind = match n.op {
+            Op::Param { .. } => "param",
+            Op::State { .. } => "state",
+            _ => continue,
+        };
+        if let Some(name) = n.op.leaf_name() {
+            out.push((name, kind, n.outputs[0]));
+        }
+    }
+    out
 }
 
 /// True when the device at `coords` writes its block of a value placed `pl`: on every device
@@ -412,7 +430,6 @@ mod tests {
     use crate::diag::SourceFile;
     use crate::driver::{compile_step, plan_declared};
     use crate::exec::leaves::{block_ranges, local_leaf, LeafSource};
-    use crate::ir::Op;
     use crate::mesh::Device;
     use crate::plan::Plan;
 
@@ -440,15 +457,9 @@ train loss with adamw(lr=0.01)
     ) -> Vec<(String, &'static str, Placement, Vec<u64>, Tensor)> {
         let coords = plan.mesh.coords(rank as u64);
         let mut out = Vec::new();
-        for (_, n) in plan.local.nodes() {
-            let kind = match n.op {
-                Op::Param { .. } => "param",
-                Op::State { .. } => "state",
-                _ => continue,
-            };
-            let v = n.outputs[0];
+        for (name, kind, v) in saved_leaves(plan) {
             let g = plan.origin[v].unwrap();
-            let name = n.op.leaf_name().unwrap().to_string();
+            let name = name.to_string();
             let pl = plan.placements[v].clone();
             let t = local_leaf(
                 &plan.global,
