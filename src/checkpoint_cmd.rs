@@ -46,7 +46,7 @@ pub(crate) fn run(args: &Args) -> Result<(), Failure> {
             with_state,
         } => {
             let r = open(dir)?;
-            refuse_inside(&r, output)?;
+            refuse_inside(output)?;
             let e = export(&r, Path::new(output), *with_state).map_err(|e| anyhow!("{e}"))?;
             say_out(&format!(
                 "wrote {output}: {} tensors of step {}, {}",
@@ -59,25 +59,20 @@ pub(crate) fn run(args: &Args) -> Result<(), Failure> {
     }
 }
 
-/// An error when `output` would be written into the checkpoint's step directory or the save
-/// directory holding it (it could replace a rank file or `latest`).
-fn refuse_inside(r: &Reader, output: &str) -> Result<(), Failure> {
-    let canon = |p: &Path| std::fs::canonicalize(p).ok();
-    let parent = Path::new(output)
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .and_then(canon);
-    let step = canon(r.step_dir());
-    let root = r.step_dir().parent().and_then(canon);
-    if parent.is_some() && (parent == step || parent == root) {
+/// An error when `output` would be written into a checkpoint: a step directory (one holding an
+/// `index.json`) or a save directory (one holding `latest`), where it could replace a rank
+/// file or `latest`.
+fn refuse_inside(output: &str) -> Result<(), Failure> {
+    let parent = match Path::new(output).parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let ours = ["index.json", "latest"]
+        .iter()
+        .any(|f| std::fs::symlink_metadata(parent.join(f)).is_ok());
+    if ours {
         return Err(anyhow!(
-            "-o `{output}` is inside the checkpoint directory: export to another directory"
+            "-o `{output}` is inside a checkpoint directory: export to another directory"
         )
         .into());
     }

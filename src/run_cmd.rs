@@ -247,6 +247,11 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
     if args.steps == 0 {
         return Err(anyhow!("--steps must be at least 1").into());
     }
+    for (what, dir) in [("--save", &args.save), ("--load", &args.load)] {
+        if dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(anyhow!("{what} needs a directory, not an empty path").into());
+        }
+    }
     let outputs = [
         ("--out", &args.out),
         ("--stats", &args.stats),

@@ -841,7 +841,7 @@ fn hostile_checkpoints_are_refused() {
     let gpt = "examples/gpt_pipe.tpl";
     let base = saved_base(&dir);
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit, &str); 6] = [
+    let edits: [(&str, Edit, &str); 8] = [
         (
             "outside",
             |ix| {
@@ -888,6 +888,21 @@ fn hostile_checkpoints_are_refused() {
             "kind",
             |ix| ix["tensors"]["wpe"]["kind"] = serde_json::json!("secret"),
             "kind `secret`",
+        ),
+        (
+            "offsets",
+            |ix| {
+                let blocks = &mut ix["tensors"]["wte"]["blocks"];
+                let first = blocks[0]["offset"].clone();
+                blocks[0]["offset"] = blocks[1]["offset"].clone();
+                blocks[1]["offset"] = first;
+            },
+            "its header does not hold the block",
+        ),
+        (
+            "relabelled",
+            |ix| ix["tensors"]["wpe"]["kind"] = serde_json::json!("state"),
+            "its header does not hold the block",
         ),
     ];
     for (what, edit, want) in edits {
@@ -963,10 +978,25 @@ fn hostile_checkpoints_are_refused() {
     let saved = std::fs::read(&rank0).unwrap();
     let (code, err) = fails(&["checkpoint", "export", p(&base), "-o", p(&rank0)]);
     assert!(
-        code == Some(1) && err.contains("inside the checkpoint"),
+        code == Some(1) && err.contains("inside a checkpoint"),
         "{err}"
     );
     assert_eq!(std::fs::read(&rank0).unwrap(), saved);
+    // ... as is export into another checkpoint's step directory.
+    let other = linked.join("step-00000002/rank-00000.safetensors");
+    let (code, err) = fails(&["checkpoint", "export", p(&base), "-o", p(&other)]);
+    assert!(
+        code == Some(1) && err.contains("inside a checkpoint"),
+        "{err}"
+    );
+    // Empty paths (an unset shell variable) are refused, not taken as the current directory.
+    for flag in ["--save", "--load"] {
+        let (code, err) = fails(&["run", gpt, flag, ""]);
+        assert!(
+            code == Some(1) && err.contains("not an empty path"),
+            "{err}"
+        );
+    }
 }
 
 /// A run saving into a directory of checkpoints it did not load from is refused (it would
@@ -1019,6 +1049,25 @@ fn saves_never_clobber_other_runs_checkpoints() {
         "{err}"
     );
     drop(lock);
+    // A `.lock` that is not a regular file is refused, not followed or waited on.
+    let odd = dir.join("odd");
+    ok(&["run", gpt, "--steps", "1", "--save", p(&odd)]);
+    std::fs::remove_file(odd.join(".lock")).unwrap();
+    std::fs::create_dir(odd.join(".lock")).unwrap();
+    let (code, err) = fails(&[
+        "run",
+        gpt,
+        "--steps",
+        "1",
+        "--load",
+        p(&odd),
+        "--save",
+        p(&odd),
+    ]);
+    assert!(
+        code == Some(1) && err.contains("`.lock` there is not a regular file"),
+        "{err}"
+    );
     // Retried twice from step 2 on another mesh, each killed between the renames of step 4.
     let step2 = ck.join("step-00000002");
     for _ in 0..2 {
@@ -1042,4 +1091,16 @@ fn saves_never_clobber_other_runs_checkpoints() {
         let inspect = ok(&["checkpoint", "inspect", p(&ck), "--verify"]);
         assert!(inspect.contains("(step 4 of"), "{inspect}");
     }
+    // `--load step-N` relative to the save directory, run from inside it, continues it.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+        .args([
+            "run",
+            &std::fs::canonicalize(gpt).unwrap().display().to_string(),
+        ])
+        .args(["--steps", "1", "--load", "step-00000002", "--save", "."])
+        .current_dir(&ck)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ok(&["checkpoint", "inspect", p(&ck)]).contains("(step 3 of"));
 }

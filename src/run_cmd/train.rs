@@ -82,16 +82,17 @@ pub(super) fn prepare(
     if let Some(dir) = &args.load {
         let reader = open_checkpoint(dir, &hash, &plan)?;
         ck.first = reader.index.step as usize;
-        if reader.index.inputs != args.inputs {
+        let digest = inputs_digest(args)?;
+        if reader.index.inputs != digest {
             let name = |i: &Option<String>| match i {
-                Some(p) => format!("--inputs {p}"),
+                Some(d) => format!("--inputs of sha256 {}", &d[..d.len().min(12)]),
                 None => "generated inputs".to_string(),
             };
             say_err(&format!(
                 "warning: `{dir}` was trained with {}, this run uses {}: its inputs are not \
                  those the uninterrupted run would have read",
                 name(&reader.index.inputs),
-                name(&args.inputs)
+                name(&digest)
             ));
         } else if reader.index.seed != args.seed && args.inputs.is_none() {
             say_err(&format!(
@@ -190,12 +191,22 @@ fn save_spec(
             program: hash,
             source: src.name.clone(),
             seed: args.seed,
-            inputs: args.inputs.clone(),
+            inputs: inputs_digest(args)?,
             mesh: plan.mesh.to_string(),
         },
         keep: args.keep.map(|k| k as usize),
         abort: abort.and_then(|a| tpc::exec::checkpoint::save::AbortAt::parse(&a)),
     })
+}
+
+/// The sha256 of the `--inputs` file (what a checkpoint records of the data).
+fn inputs_digest(args: &RunArgs) -> Result<Option<String>, Failure> {
+    let Some(p) = &args.inputs else {
+        return Ok(None);
+    };
+    let d = tpc::exec::checkpoint::file_sha256(std::path::Path::new(p))
+        .map_err(|e| anyhow!("--inputs `{p}`: {}", tpc::files::os_reason(&e)))?;
+    Ok(Some(d))
 }
 
 /// True when the run continues the checkpoints in `save`: it loads `save` itself or one of
@@ -204,15 +215,22 @@ fn continues(save: &std::path::Path, load: Option<&str>) -> bool {
     let Some(load) = load.map(std::path::Path::new) else {
         return false;
     };
-    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    let save = canon(save);
-    save.is_some() && (canon(load) == save || load.parent().and_then(canon) == save)
+    let canon = |p: &std::path::Path| match p.as_os_str().is_empty() {
+        true => std::fs::canonicalize("."),
+        false => std::fs::canonicalize(p),
+    };
+    let save = canon(save).ok();
+    save.is_some()
+        && (canon(load).ok() == save || load.parent().and_then(|p| canon(p).ok()) == save)
 }
 
 /// Takes the lock of the save directory `dir` for this process's lifetime: two runs saving
 /// into one directory would mix their files.
 pub(super) fn lock_save_dir(dir: &str) -> Result<std::fs::File, Failure> {
     let path = std::path::Path::new(dir).join(".lock");
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        return Err(anyhow!("--save `{dir}`: `.lock` there is not a regular file").into());
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -3,7 +3,7 @@
 //! reader intersects it with the saved blocks, reads only the chunks of their bytes that
 //! overlap it, verifies each chunk's sha256, and copies the overlapping rows into place.
 
-use super::{check_tiling, chunk_hashes, CheckpointError, Index, FORMAT, VERSION};
+use super::{check_tiling, chunk_hashes, BlockEntry, CheckpointError, Index, FORMAT, VERSION};
 use crate::exec::Tensor;
 use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
@@ -74,6 +74,12 @@ impl Reader {
         if ix.step > MAX_STEP {
             return Err(format!("step {} is out of range", ix.step));
         }
+        if ix.chunk_bytes == 0 || ix.chunk_bytes > MAX_CHUNK {
+            return Err(format!(
+                "chunks of {} bytes: not in 1..={MAX_CHUNK}",
+                ix.chunk_bytes
+            ));
+        }
         if let Some(f) = ix.files.keys().find(|f| !plain_file(f)) {
             return Err(format!(
                 "`{f}` is not a file name of a checkpoint's step directory"
@@ -99,7 +105,7 @@ impl Reader {
     }
 
     /// A block's bytes: its shape's, as many chunks, inside a file the index lists.
-    fn check_block(&self, name: &str, b: &super::BlockEntry) -> Result<(), String> {
+    fn check_block(&self, name: &str, b: &BlockEntry) -> Result<(), String> {
         let chunk = self.index.chunk_bytes.max(1);
         let bytes = b
             .shape
@@ -120,67 +126,79 @@ impl Reader {
     }
 
     /// Every file the index lists is a regular file of the length the index says, and its
-    /// header holds each block the index puts there under the tensor's name, shape and bytes;
-    /// an error names the file and a tensor with blocks in it.
+    /// header holds each block the index puts there, as the index says it: the tensor's name,
+    /// the block's shape, bytes, offset, kind and chunk hashes (`tpc.blocks`). An error names
+    /// the file and a tensor with blocks in it.
     fn check_files(&self) -> Result<(), CheckpointError> {
-        for (file, &want) in &self.index.files {
-            let path = self.dir.join(file);
-            let held: Vec<(&String, &super::BlockEntry)> = self
-                .index
-                .tensors
-                .iter()
-                .flat_map(|(n, t)| t.blocks.iter().map(move |b| (n, b)))
-                .filter(|(_, b)| b.file == *file)
-                .collect();
-            let named = match held.first() {
-                Some((n, _)) if held.len() > 1 => {
-                    format!(" (it holds blocks of `{n}` and {} others)", held.len() - 1)
-                }
-                Some((n, _)) => format!(" (it holds a block of `{n}`)"),
-                None => String::new(),
-            };
-            let bad = |what: String| format(&path, format!("{what}{named}"));
-            match std::fs::metadata(&path) {
-                Err(e) => {
-                    let reason = crate::files::os_reason(&e);
-                    return Err(bad(format!("cannot be read: {reason}")));
-                }
-                Ok(m) if !m.is_file() => return Err(bad("not a regular file".into())),
-                Ok(m) if m.len() < want => {
-                    let len = m.len();
-                    return Err(bad(format!(
-                        "truncated: {len} bytes, the index says {want}"
-                    )));
-                }
-                Ok(m) if m.len() > want => {
-                    let len = m.len();
-                    return Err(bad(format!("{len} bytes, the index says {want}")));
-                }
-                Ok(_) => {}
+        let mut by_file: BTreeMap<&str, Vec<(&String, &BlockEntry)>> = BTreeMap::new();
+        for (name, t) in &self.index.tensors {
+            for b in &t.blocks {
+                by_file.entry(&b.file).or_default().push((name, b));
             }
-            let (md, base) = super::st::read_header(&path)?;
-            for (name, b) in held {
-                let info = md.info(name);
-                let agrees = info.is_some_and(|i| {
-                    i.shape
-                        .iter()
-                        .map(|&d| d as u64)
-                        .eq(b.shape.iter().copied())
-                        && [
-                            base + i.data_offsets.0 as u64,
-                            base + i.data_offsets.1 as u64,
-                        ] == b.data
-                });
-                if !agrees {
-                    return Err(format(
-                        &path,
-                        format!(
-                            "its header does not hold the block of `{name}` at {:?} that \
-                             index.json puts there",
-                            b.offset
-                        ),
-                    ));
-                }
+        }
+        for (file, &want) in &self.index.files {
+            let held = by_file.remove(file.as_str()).unwrap_or_default();
+            self.check_file(file, want, &held)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_files`] of one file of `want` bytes holding the blocks `held`.
+    fn check_file(
+        &self,
+        file: &str,
+        want: u64,
+        held: &[(&String, &BlockEntry)],
+    ) -> Result<(), CheckpointError> {
+        let path = self.dir.join(file);
+        let named = match held.first() {
+            Some((n, _)) if held.len() > 1 => {
+                format!(" (it holds blocks of `{n}` and {} others)", held.len() - 1)
+            }
+            Some((n, _)) => format!(" (it holds a block of `{n}`)"),
+            None => String::new(),
+        };
+        let bad = |what: String| format(&path, format!("{what}{named}"));
+        let m = std::fs::metadata(&path)
+            .map_err(|e| bad(format!("cannot be read: {}", crate::files::os_reason(&e))))?;
+        if !m.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        if m.len() < want {
+            return Err(bad(format!(
+                "truncated: {} bytes, the index says {want}",
+                m.len()
+            )));
+        }
+        if m.len() > want {
+            return Err(bad(format!("{} bytes, the index says {want}", m.len())));
+        }
+        let (md, base) = super::st::read_header(&path)?;
+        let metas = super::save::block_metas(&md, &path)?;
+        for (name, b) in held {
+            let kind = &self.index.tensors[*name].kind;
+            let info = md.info(name);
+            let agrees = info.is_some_and(|i| {
+                i.shape
+                    .iter()
+                    .map(|&d| d as u64)
+                    .eq(b.shape.iter().copied())
+                    && [
+                        base + i.data_offsets.0 as u64,
+                        base + i.data_offsets.1 as u64,
+                    ] == b.data
+            }) && metas
+                .get(*name)
+                .is_some_and(|m| m.offset == b.offset && m.sha256 == b.sha256 && m.kind == *kind);
+            if !agrees {
+                return Err(format(
+                    &path,
+                    format!(
+                        "its header does not hold the block of `{name}` at {:?} that \
+                         index.json puts there",
+                        b.offset
+                    ),
+                ));
             }
         }
         Ok(())
@@ -318,6 +336,8 @@ impl Reader {
 
 /// Largest `index.json` read (a 256-rank checkpoint of a 175B model's index is ~80 MB).
 const MAX_INDEX: u64 = 1 << 30;
+/// Largest chunk a reader buffers.
+const MAX_CHUNK: u64 = 64 << 20;
 /// Largest step number a checkpoint may claim.
 const MAX_STEP: u64 = 1 << 40;
 /// Most blocks one tensor may have (a 4096-device mesh splitting every dim has 4096).
@@ -521,15 +541,26 @@ mod tests {
                         .into_dyn(),
                 );
                 let file = format!("rank-{:05}.safetensors", i * grid.1 + j);
-                let ranges =
-                    st::write_file(&dir.join(&file), &[(name, &b)], Default::default()).unwrap();
+                let offset = vec![(i * r) as u64, (j * c) as u64];
+                let meta = super::super::save::BlockMeta {
+                    kind: "param".into(),
+                    declared: "f32".into(),
+                    global: vec![x.nrows() as u64, x.ncols() as u64],
+                    placement: "[_, tp]".into(),
+                    offset: offset.clone(),
+                    sha256: chunk_hashes(&st::tensor_bytes(&b), chunk),
+                };
+                let metas = BTreeMap::from([(name.to_string(), meta)]);
+                let text = serde_json::to_string(&metas).unwrap();
+                let md = std::collections::HashMap::from([("tpc.blocks".to_string(), text)]);
+                let ranges = st::write_file(&dir.join(&file), &[(name, &b)], md).unwrap();
                 files.insert(
                     file.clone(),
                     std::fs::metadata(dir.join(&file)).unwrap().len(),
                 );
                 blocks.push(BlockEntry {
                     file,
-                    offset: vec![(i * r) as u64, (j * c) as u64],
+                    offset,
                     shape: vec![r as u64, c as u64],
                     data: [ranges[0].0, ranges[0].1],
                     sha256: chunk_hashes(&st::tensor_bytes(&b), chunk),

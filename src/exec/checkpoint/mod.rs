@@ -36,7 +36,7 @@ pub struct Index {
     pub step: u64,
     /// The run's `--seed` (per-step inputs continue from it).
     pub seed: u64,
-    /// The run's `--inputs` file, if any (a resume with others is warned about).
+    /// The sha256 of the run's `--inputs` file, if any (a resume with others is warned about).
     #[serde(default)]
     pub inputs: Option<String>,
     /// The mesh it was saved from (for `inspect`; any mesh loads it).
@@ -137,6 +137,21 @@ pub fn chunk_hashes(bytes: &[u8], chunk: u64) -> Vec<String> {
         .chunks(chunk.max(1) as usize)
         .map(|c| hex(&Sha256::digest(c)))
         .collect()
+}
+
+/// The sha256 (hex) of the file at `path`, read in pieces.
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 fn hex(d: &[u8]) -> String {

@@ -34,13 +34,36 @@ pub struct Item<'a> {
 
 /// What a rank file's metadata says of one block (the header has its dtype, shape and bytes).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct BlockMeta {
-    kind: String,
-    declared: String,
-    global: Vec<u64>,
-    placement: String,
-    offset: Vec<u64>,
-    sha256: Vec<String>,
+pub(crate) struct BlockMeta {
+    /// `param` or `state`.
+    pub(crate) kind: String,
+    /// The program's dtype.
+    pub(crate) declared: String,
+    /// The tensor's global shape.
+    pub(crate) global: Vec<u64>,
+    /// Its placement, as text.
+    pub(crate) placement: String,
+    /// The block's global offset.
+    pub(crate) offset: Vec<u64>,
+    /// sha256 of each chunk of its bytes.
+    pub(crate) sha256: Vec<String>,
+}
+
+/// The `tpc.blocks` metadata of a rank file's header: per tensor, its block's facts.
+pub(crate) fn block_metas(
+    md: &safetensors::tensor::Metadata,
+    path: &Path,
+) -> Result<BTreeMap<String, BlockMeta>, CheckpointError> {
+    md.metadata()
+        .as_ref()
+        .and_then(|m| m.get("tpc.blocks"))
+        .map(|t| serde_json::from_str(t))
+        .transpose()
+        .map_err(|e| CheckpointError::Format {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+        .map(Option::unwrap_or_default)
 }
 
 /// What a checkpoint holds of `plan`, as its ranks hold it: each param's and optimizer
@@ -209,7 +232,7 @@ pub struct RunFacts {
     pub source: String,
     /// The run's seed.
     pub seed: u64,
-    /// The run's `--inputs` file, if any.
+    /// The sha256 of the run's `--inputs` file, if any.
     pub inputs: Option<String>,
     /// The mesh it ran on.
     pub mesh: String,
@@ -368,17 +391,7 @@ fn index_of(
         let path = tmp.join(&file);
         let (md, base) = st::read_header(&path)?;
         files.insert(file.clone(), base + md.data_len() as u64);
-        let metas: BTreeMap<String, BlockMeta> = md
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("tpc.blocks"))
-            .map(|t| serde_json::from_str(t))
-            .transpose()
-            .map_err(|e| CheckpointError::Format {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?
-            .unwrap_or_default();
+        let metas = block_metas(&md, &path)?;
         for (name, m) in metas {
             let info = md.info(&name).ok_or_else(|| CheckpointError::Format {
                 path: path.display().to_string(),
