@@ -81,26 +81,8 @@ pub(super) fn prepare(
     let mut ck = exec_train::Checkpointing::default();
     if let Some(dir) = &args.load {
         let reader = open_checkpoint(dir, &hash, &plan)?;
+        warn_other_inputs(args, dir, &reader)?;
         ck.first = reader.index.step as usize;
-        let digest = inputs_digest(args)?;
-        if reader.index.inputs != digest {
-            let name = |i: &Option<String>| match i {
-                Some(d) => format!("--inputs of sha256 {}", &d[..d.len().min(12)]),
-                None => "generated inputs".to_string(),
-            };
-            say_err(&format!(
-                "warning: `{dir}` was trained with {}, this run uses {}: its inputs are not \
-                 those the uninterrupted run would have read",
-                name(&reader.index.inputs),
-                name(&digest)
-            ));
-        } else if reader.index.seed != args.seed && args.inputs.is_none() {
-            say_err(&format!(
-                "warning: `{dir}` was trained with --seed {}, this run uses --seed {}: its \
-                 generated inputs are not those the uninterrupted run would have read",
-                reader.index.seed, args.seed
-            ));
-        }
         source = LeafSource::Checkpoint {
             reader: Box::new(reader),
             rest: Box::new(source),
@@ -128,6 +110,33 @@ pub(super) fn prepare(
     })
 }
 
+/// A warning when the checkpoint `dir` (`reader`) was trained on other inputs than this run
+/// gives: another `--inputs` file (by content) or another `--seed` for generated ones.
+fn warn_other_inputs(
+    args: &RunArgs,
+    dir: &str,
+    reader: &tpc::exec::checkpoint::load::Reader,
+) -> Result<(), Failure> {
+    let digest = inputs_digest(args)?;
+    let name = |i: &Option<String>| match i {
+        Some(d) => format!("--inputs of sha256 {}", &d[..d.len().min(12)]),
+        None => "generated inputs".to_string(),
+    };
+    let (was, now) = if reader.index.inputs != digest {
+        (name(&reader.index.inputs), name(&digest))
+    } else if reader.index.seed != args.seed && args.inputs.is_none() {
+        let seed = |s| format!("--seed {s}");
+        (seed(reader.index.seed), seed(args.seed))
+    } else {
+        return Ok(());
+    };
+    say_err(&format!(
+        "warning: `{dir}` was trained with {was}, this run uses {now}: its inputs are not those \
+         the uninterrupted run would have read"
+    ));
+    Ok(())
+}
+
 /// Where and how the run saves: `dir` created if missing, refused when it holds something
 /// other than checkpoints, or a checkpoint of another program (`hash`).
 fn save_spec(
@@ -137,6 +146,30 @@ fn save_spec(
     src: &SourceFile,
     plan: &Plan,
 ) -> Result<exec_train::SaveSpec, Failure> {
+    let path = std::path::Path::new(dir);
+    check_save_dir(args, dir, &hash)?;
+    std::fs::create_dir_all(path)
+        .map_err(|e| anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)))?;
+    tpc::files::check_writable("--save", &path.join("latest")).map_err(|e| anyhow!("{e}"))?;
+    let abort = std::env::var("TPC_TEST_SAVE_ABORT").ok();
+    Ok(exec_train::SaveSpec {
+        dir: dir.into(),
+        every: args.save_every.unwrap_or(0) as usize,
+        facts: tpc::exec::checkpoint::save::RunFacts {
+            program: hash,
+            source: src.name.clone(),
+            seed: args.seed,
+            inputs: inputs_digest(args)?,
+            mesh: plan.mesh.to_string(),
+        },
+        keep: args.keep.map(|k| k as usize),
+        abort: abort.and_then(|a| tpc::exec::checkpoint::save::AbortAt::parse(&a)),
+    })
+}
+
+/// An error when the save directory `dir` holds something other than checkpoints, checkpoints
+/// this run does not continue (`--load` them), or checkpoints of another program (`hash`).
+fn check_save_dir(args: &RunArgs, dir: &str, hash: &str) -> Result<(), Failure> {
     let path = std::path::Path::new(dir);
     let entries: Vec<String> = match std::fs::read_dir(path) {
         Ok(rd) => rd
@@ -180,23 +213,7 @@ fn save_spec(
             .into());
         }
     }
-    std::fs::create_dir_all(path)
-        .map_err(|e| anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)))?;
-    tpc::files::check_writable("--save", &path.join("latest")).map_err(|e| anyhow!("{e}"))?;
-    let abort = std::env::var("TPC_TEST_SAVE_ABORT").ok();
-    Ok(exec_train::SaveSpec {
-        dir: dir.into(),
-        every: args.save_every.unwrap_or(0) as usize,
-        facts: tpc::exec::checkpoint::save::RunFacts {
-            program: hash,
-            source: src.name.clone(),
-            seed: args.seed,
-            inputs: inputs_digest(args)?,
-            mesh: plan.mesh.to_string(),
-        },
-        keep: args.keep.map(|k| k as usize),
-        abort: abort.and_then(|a| tpc::exec::checkpoint::save::AbortAt::parse(&a)),
-    })
+    Ok(())
 }
 
 /// The sha256 of the `--inputs` file (what a checkpoint records of the data).
