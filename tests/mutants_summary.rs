@@ -70,3 +70,40 @@ fn half_precision_compute_is_priced_at_the_half_rate() {
         s.compute_time_s
     );
 }
+
+/// A training step's peak holds the optimizer state, resident from step to step: the same
+/// model trained with AdamW peaks at least its moments above SGD without momentum, whose
+/// peak (in the backward, with a large batch) comes long before the update reads any state.
+#[test]
+fn a_training_peak_holds_the_optimizer_state() {
+    let summary = |optimizer: &str| {
+        let text = format!(
+            "mesh tp
+input x : f32[512, 16]
+param w1 : f32[16, 64] @ [_, tp]
+param w2 : f32[64, 16] @ [tp, _]
+y = gelu(x @ w1) @ w2
+loss = mean(mean(y * y, 1), 0)
+train loss with {optimizer}
+"
+        );
+        let src = tpc::diag::SourceFile::new("train.tpl", text);
+        let c = tpc::driver::compile_step(&src, &[], false).expect("compiles");
+        let mesh = tpc::mesh::Mesh::parse("tp=4").unwrap();
+        let options = Default::default();
+        let plan = tpc::driver::plan_declared(c.graph, Some(mesh), Device::default(), &options)
+            .expect("plans");
+        assert_eq!(
+            plan.summary.peak_memory_bytes_per_device,
+            plan.summary.memory_bytes_per_device.peak
+        );
+        plan.summary.memory_bytes_per_device
+    };
+    let (adam, sgd) = (summary("adamw(lr=0.01)"), summary("sgd(lr=0.01)"));
+    assert_eq!(sgd.optimizer, 0);
+    assert_eq!(adam.optimizer, 2 * adam.params + 4, "m, v and the step");
+    assert!(
+        adam.peak >= sgd.peak + adam.optimizer,
+        "{adam:?} vs {sgd:?}"
+    );
+}

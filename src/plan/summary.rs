@@ -33,7 +33,7 @@ pub struct MemorySummary {
     pub optimizer: u64,
     /// Forward values the backward still needs when it starts (0 without a backward).
     pub activations: u64,
-    /// Params plus the largest set of live values.
+    /// Params and optimizer state (resident across steps) plus the largest set of live values.
     pub peak: u64,
 }
 
@@ -180,13 +180,18 @@ fn accumulators(g: &Graph<Local>, m: &super::micro::Microbatches) -> MicrobatchS
     }
 }
 
-/// Param bytes and peak bytes (params + live activations, from liveness in program order). Sums
-/// saturate at u64::MAX; within `MAX_PROGRAM_BYTES` they never reach it.
+/// Param bytes and peak bytes (params and optimizer state, resident across steps, + live
+/// values, from liveness in program order). Sums saturate at u64::MAX; within
+/// `MAX_PROGRAM_BYTES` they never reach it.
 fn memory(g: &Graph<Local>) -> (u64, u64) {
     let size = |v| u128::from(g.ty(v).size_bytes());
-    let (params, peak) = super::liveness::peak_live(g, |op| matches!(op, Op::Param { .. }), size);
+    let resident = |op: &Op| matches!(op, Op::Param { .. } | Op::State { .. });
+    let (leaves, peak) = super::liveness::peak_live(g, resident, size);
+    let params = g
+        .params()
+        .fold(0u128, |a, (_, v)| a.saturating_add(size(v)));
     let clamp = |b: u128| u64::try_from(b).unwrap_or(u64::MAX);
-    (clamp(params), clamp(params.saturating_add(peak)))
+    (clamp(params), clamp(leaves.saturating_add(peak)))
 }
 
 /// Bytes of the gradients the program returns.
