@@ -70,10 +70,14 @@ impl CollectiveKind {
         }
     }
 
-    /// Estimated seconds: steps · latency + bytes / bandwidth.
+    /// Estimated seconds: one launch, steps · latency and bytes / bandwidth (nothing on a
+    /// group of one device: no collective runs).
     pub fn time(self, n: u64, bytes: f64, dev: &Device) -> f64 {
+        if n <= 1 {
+            return 0.0;
+        }
         let (b, steps) = self.traffic(n, bytes);
-        steps as f64 * dev.latency + b / dev.bandwidth
+        dev.launch + steps as f64 * dev.latency + b / dev.bandwidth
     }
 }
 

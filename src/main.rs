@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use tpc::diag::SourceFile;
 use tpc::driver::{self, Error};
 use tpc::files::os_reason;
-use tpc::mesh::{Device, Mesh};
+use tpc::mesh::{Device, Mesh, SequenceParallel};
 
 /// tpc: a tensor-parallel compiler. Describe a model in .tpl, mark how a few weights are split
 /// across a mesh of devices, and get the per-device program with every collective explained.
@@ -95,6 +95,14 @@ pub(crate) struct DeviceArgs {
     /// Latency of one collective step in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = Device::default().latency)]
     latency: f64,
+    /// Fixed cost of one collective call (launch and synchronisation) in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = Device::default().launch)]
+    launch: f64,
+    /// Sequence parallelism: off (only annotations split the sequence), auto (the cost model
+    /// decides: chosen when memory is priced high enough), on (a partial sum whose user can
+    /// take it split is reduce-scattered, then gathered where a matmul needs it whole).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeqPar::Off)]
+    sequence_parallel: SeqPar,
     /// Price of one byte of per-device memory, in seconds (0: optimize time only).
     #[arg(long, value_name = "SECONDS", default_value_t = Device::default().mem_weight)]
     mem_weight: f64,
@@ -111,12 +119,32 @@ impl DeviceArgs {
             flops_half: self.flops_half,
             bandwidth: self.bandwidth,
             latency: self.latency,
+            launch: self.launch,
+            sequence_parallel: self.sequence_parallel.into(),
             mem_weight: self.mem_weight,
             bucket_bytes: bucket_bytes(self.bucket_mb)?,
             ..Device::default()
         };
         d.check().map_err(|e| anyhow::anyhow!(e))?;
         Ok(d)
+    }
+}
+
+/// `--sequence-parallel`'s values (see [`SequenceParallel`]).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum SeqPar {
+    Off,
+    Auto,
+    On,
+}
+
+impl From<SeqPar> for SequenceParallel {
+    fn from(s: SeqPar) -> Self {
+        match s {
+            SeqPar::Off => SequenceParallel::Off,
+            SeqPar::Auto => SequenceParallel::Auto,
+            SeqPar::On => SequenceParallel::On,
+        }
     }
 }
 

@@ -352,6 +352,15 @@ pub struct Device {
     pub bandwidth: f64,
     /// Latency per collective step, seconds.
     pub latency: f64,
+    /// Fixed cost of one collective call (kernel launch and synchronisation), seconds: what
+    /// a reduce-scatter plus an all-gather pays over the one all-reduce that moves the same
+    /// bytes. (Plans saved before it existed read 0, the value they were costed with.)
+    #[serde(default)]
+    pub launch: f64,
+    /// Whether propagation may split activations along the sequence (Megatron's sequence
+    /// parallelism) where a partial sum meets a split-able result.
+    #[serde(default)]
+    pub sequence_parallel: SequenceParallel,
     /// Price of one byte of per-device memory, in seconds of step time.
     pub mem_weight: f64,
     /// Bytes of training state per parameter byte (weights, gradients, optimizer moments).
@@ -360,6 +369,25 @@ pub struct Device {
     /// fusion. A planner option carried with the constants the plan was costed with.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
+}
+
+/// The default launch cost of one collective: 5 µs, the order of a NCCL kernel launch and
+/// its synchronisation.
+pub const DEFAULT_LAUNCH: f64 = 5e-6;
+
+/// Sequence parallelism: where the activations between tensor-parallel regions (the residual
+/// stream, the norms) are split along the sequence instead of replicated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SequenceParallel {
+    /// Never proposed (only annotations split along the sequence), as Megatron's default.
+    #[default]
+    Off,
+    /// Proposed, and chosen when the cost model prices it cheaper (memory priced high enough).
+    Auto,
+    /// Proposed and preferred: a partial sum is reduce-scattered wherever its user can take
+    /// the split.
+    On,
 }
 
 /// PyTorch DDP's default bucket: 25 MiB.
@@ -372,11 +400,12 @@ fn default_bucket_bytes() -> u64 {
 impl Device {
     /// The accepted range of each constant, by flag name: beyond these the cost model's products
     /// leave the range where its comparisons mean anything (or the value is a typo).
-    pub const RANGES: [(&'static str, f64, f64); 5] = [
+    pub const RANGES: [(&'static str, f64, f64); 6] = [
         ("--flops", 1e3, 1e21),
         ("--flops-half", 1e3, 1e21),
         ("--bandwidth", 1.0, 1e16),
         ("--latency", 0.0, 1e3),
+        ("--launch", 0.0, 1e3),
         ("--mem-weight", 0.0, 1e3),
     ];
 
@@ -388,6 +417,7 @@ impl Device {
             self.flops_half,
             self.bandwidth,
             self.latency,
+            self.launch,
             self.mem_weight,
         ];
         for ((name, lo, hi), v) in Self::RANGES.iter().zip(values) {
@@ -415,6 +445,8 @@ impl Default for Device {
             flops_half: 300e12,
             bandwidth: 100e9,
             latency: 2e-6,
+            launch: DEFAULT_LAUNCH,
+            sequence_parallel: SequenceParallel::default(),
             mem_weight: 1e-9,
             param_state_factor: 4.0,
             bucket_bytes: DEFAULT_BUCKET_BYTES,

@@ -308,6 +308,7 @@ output y
 fn nearly_free() -> Device {
     Device {
         latency: 0.0,
+        launch: 0.0,
         mem_weight: 0.0,
         bandwidth: 1e16,
         flops_f32: 1e21,

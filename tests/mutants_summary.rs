@@ -45,7 +45,7 @@ fn every_figure_of_the_summary_by_hand() {
         s.peak_memory_bytes_per_device,
         4 * 1024 * 1024 + 262_144 + 1_048_576
     );
-    let comm = 3.0 * d.latency + 3.0 * 262_144.0 / d.bandwidth;
+    let comm = d.launch + 3.0 * d.latency + 3.0 * 262_144.0 / d.bandwidth;
     assert!(
         (s.comm_time_s - comm).abs() <= 1e-12 * comm,
         "{}",

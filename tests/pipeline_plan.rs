@@ -124,6 +124,7 @@ fn more_microbatches_shrink_the_bubble() {
     // on every hop (on a model this small, most of the step).
     let free = Device {
         latency: 0.0,
+        launch: 0.0,
         bandwidth: 1e16,
         ..Device::default()
     };

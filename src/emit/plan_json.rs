@@ -298,6 +298,7 @@ fn check_device(d: &Device) -> Result<(), PlanJsonError> {
         ("flops_half", d.flops_half, true),
         ("bandwidth", d.bandwidth, true),
         ("latency", d.latency, false),
+        ("launch", d.launch, false),
         ("mem_weight", d.mem_weight, false),
         ("param_state_factor", d.param_state_factor, false),
     ];

@@ -54,6 +54,24 @@ fn dependencies(g: &Graph<Local>, temporal: Option<&str>) -> Vec<Option<usize>> 
     dep
 }
 
+/// Per value, whether it is made after a microbatch accumulation (reads, directly or not, an
+/// all-reduce over the temporal axis): such values exist once per step, the others once per
+/// microbatch, and one bucket never holds both.
+fn per_step(g: &Graph<Local>, temporal: Option<&str>) -> Vec<bool> {
+    let mut step = vec![false; g.num_values()];
+    let Some(t) = temporal else {
+        return step;
+    };
+    for (_, n) in g.nodes() {
+        let accumulates = matches!(&n.op, Op::AllReduce { axis, .. } if axis == t);
+        let s = accumulates || n.inputs.iter().any(|v| step[v.index()]);
+        for o in &n.outputs {
+            step[o.index()] = s;
+        }
+    }
+    step
+}
+
 /// The buckets of two or more all-reduces, in the order they close.
 ///
 /// Invariant (why the fused graph has no cycle): every bucket B keeps `max_dep(B) < min_pos(B)`.
@@ -62,6 +80,7 @@ fn dependencies(g: &Graph<Local>, temporal: Option<&str>) -> Vec<Option<usize>> 
 /// `min_pos` grows strictly along every path, so no path returns to where it started.
 fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId<Local>>> {
     let dep = dependencies(g, temporal);
+    let step = per_step(g, temporal);
     let ready = |id: NodeId<Local>| g.value(g.node(id).inputs[0]).node.index();
     let mut cands: Vec<NodeId<Local>> = g
         .nodes()
@@ -69,7 +88,7 @@ fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId
         .map(|(id, _)| id)
         .collect();
     cands.sort_by_key(|&id| (ready(id), id.index()));
-    let mut open: BTreeMap<(String, &'static str, Dtype), Open> = BTreeMap::new();
+    let mut open: BTreeMap<(String, &'static str, Dtype, bool), Open> = BTreeMap::new();
     let mut done = Vec::new();
     for id in cands {
         let n = g.node(id);
@@ -77,7 +96,7 @@ fn buckets(g: &Graph<Local>, cap: u64, temporal: Option<&str>) -> Vec<Vec<NodeId
             continue;
         };
         let x = n.inputs[0];
-        let key = (axis.clone(), reduce.name(), g.ty(x).dtype);
+        let key = (axis.clone(), reduce.name(), g.ty(x).dtype, step[x.index()]);
         let (bytes, d) = (g.ty(x).size_bytes(), dep[x.index()]);
         if let Some(b) = open.get(&key) {
             let fits = b.bytes.saturating_add(bytes) <= cap

@@ -1,6 +1,8 @@
 //! Merged reductions: `add(all_reduce(a), all_reduce(b))` over one group becomes
 //! `all_reduce(add(a, b))`, also through a transpose or reshape between a reduction and the add
-//! (they commute with a sum). A value summed from several partial terms (the gradient of a
+//! (they commute with a sum); likewise `add(reduce_scatter(a), reduce_scatter(b))` of one
+//! group and dim becomes `reduce_scatter(add(a, b))` (the input gradient of a layer input read
+//! by several column-parallel matmuls under sequence parallelism). A value summed from several partial terms (the gradient of a
 //! tied weight, used by the embedding and by the LM head) is then reduced once instead of once
 //! per term: the same bytes per message, one message fewer. (The earlier term's reduction then
 //! waits for the last term; the cost model has no overlap of communication with compute, so
@@ -47,7 +49,7 @@ fn leg(g: &Graph<Local>, v: ValueId<Local>, output: &[bool]) -> Option<Leg> {
     }
     let id = g.value(v).node;
     let n = g.node(id);
-    if is_sum_reduce(&n.op) && n.inputs.len() == 1 {
+    if (is_sum_reduce(&n.op) || is_sum_scatter(&n.op)) && n.inputs.len() == 1 {
         return Some(Leg {
             reduce: id,
             layout: None,
@@ -62,6 +64,18 @@ fn leg(g: &Graph<Local>, v: ValueId<Local>, output: &[bool]) -> Option<Leg> {
         reduce: r,
         layout: Some(id),
     })
+}
+
+/// A reduce-scatter of a sum: merged only without a layout op between it and the add (the
+/// layout op would have to be rewritten for the unscattered shape).
+fn is_sum_scatter(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ReduceScatter {
+            reduce: ReduceOp::Sum,
+            ..
+        }
+    )
 }
 
 fn is_sum_reduce(op: &Op) -> bool {
@@ -79,7 +93,9 @@ fn is_sum_reduce(op: &Op) -> bool {
 /// first and last pipeline stages) and they are added once per step.
 fn merges(g: &Graph<Local>, mesh: &Mesh) -> Vec<Merge> {
     let temporal = |op: &Op| match op {
-        Op::AllReduce { axis, .. } => mesh.axis_index(axis).is_some_and(|a| mesh.is_temporal(a)),
+        Op::AllReduce { axis, .. } | Op::ReduceScatter { axis, .. } => {
+            mesh.axis_index(axis).is_some_and(|a| mesh.is_temporal(a))
+        }
         _ => false,
     };
     let mut output = vec![false; g.num_values()];
@@ -118,6 +134,20 @@ struct Tables {
 }
 
 impl Tables {
+    /// A new value holding `v`'s global value as `like` holds its own: `like`'s type and
+    /// placement, `v`'s origin, unnamed (the sum of reduce-scatter operands).
+    fn unscattered(&mut self, v: ValueId<Local>, like: ValueId<Local>) -> ValueId<Local> {
+        let pl = self.placements[like].clone();
+        let mut val = self.parts.values[v.index()].clone();
+        val.ty = self.parts.values[like.index()].ty.clone();
+        val.name = None;
+        self.parts.values.push(val);
+        self.placements.push(pl);
+        let o = self.origin[v];
+        self.origin.push(o);
+        ValueId::new(self.parts.values.len() - 1)
+    }
+
     /// A new value like `v` but a partial sum over mesh axis `a` (named as `v` when `named`).
     fn partial(&mut self, v: ValueId<Local>, a: usize, named: bool) -> ValueId<Local> {
         let mut pl = self.placements[v].clone();
@@ -161,7 +191,7 @@ fn rewrite(p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
     }
 }
 
-/// Rewires merge `m`'s nodes in `nodes`; returns the all-reduce that replaces its two.
+/// Rewires merge `m`'s nodes in `nodes`; returns the reduction that replaces its two.
 fn apply(
     g: &Graph<Local>,
     m: &Merge,
@@ -170,8 +200,8 @@ fn apply(
     t: &mut Tables,
 ) -> Node<Local> {
     let op = g.node(m.legs[0].reduce).op.clone();
-    let Op::AllReduce { axis, .. } = &op else {
-        unreachable!("a leg starts with an all-reduce")
+    let (Op::AllReduce { axis, .. } | Op::ReduceScatter { axis, .. }) = &op else {
+        unreachable!("a leg starts with an all-reduce or a reduce-scatter")
     };
     let a = mesh
         .axis_index(axis)
@@ -193,7 +223,10 @@ fn apply(
     }
     let add = nodes[m.add.index()].as_mut().expect("one merge per add");
     let value = add.outputs[0];
-    let summed = t.partial(value, a, false);
+    let summed = match op {
+        Op::ReduceScatter { .. } => t.unscattered(value, terms[0]),
+        _ => t.partial(value, a, false),
+    };
     add.inputs = terms;
     add.outputs = vec![summed];
     Node {

@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod liveness;
 pub mod merge;
 pub mod micro;
+pub mod rows;
 pub mod summary;
 pub mod verify;
 
@@ -97,6 +98,8 @@ impl Plan {
     ) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         crate::pipeline::check_stages(&global, &mesh)?;
+        let global = rows::split_row_sums(global, device.sequence_parallel);
+        verify(&global, "rows")?;
         let microbatches = options
             .microbatches
             .unwrap_or_else(|| default_microbatches(&global, &mesh));

@@ -9,7 +9,7 @@ use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTab
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
 use crate::ir::{Graph, IdVec, NodeId, Op, TensorType, ValueId};
-use crate::mesh::{Device, Mesh};
+use crate::mesh::{Device, Mesh, SequenceParallel};
 use crate::span::Span;
 use std::collections::HashMap;
 
@@ -674,14 +674,17 @@ impl AxisCtx<'_> {
                 self.fixed_state(o) == Some(x) || demand.is_some_and(|d| d.of(o).contains(&x))
             })
         };
-        let split = |l: Label| {
+        let divides = |l: Label| {
             let prior: u64 = earlier
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.label() == Some(l))
                 .map(|(a, _)| self.mesh.axis_size(a))
                 .product();
-            if !rule.sizes[l].is_multiple_of(self.n * prior) {
+            rule.sizes[l].is_multiple_of(self.n * prior)
+        };
+        let split = |l: Label| {
+            if !divides(l) {
                 return false;
             }
             let s = Strategy::Split(l);
@@ -697,6 +700,7 @@ impl AxisCtx<'_> {
                         st[v.index()] == req && matches!(req, AxisPl::Shard(_))
                     }))
         };
+        let scatter = |l: Label| divides(l) && self.scatters(rule, Strategy::Split(l), st, inputs);
         let partial_in = |k: usize| {
             rule.linear[k]
                 .iter()
@@ -704,9 +708,25 @@ impl AxisCtx<'_> {
         };
         out.extend(Strategy::all(rule).filter(|&s| match s {
             Strategy::Replicate => true,
-            Strategy::Split(l) => split(l),
+            Strategy::Split(l) => split(l) || scatter(l),
             Strategy::Linear(k) => partial_in(k),
         }));
+    }
+
+    /// Strategy `s` reduce-scatters a partial-sum operand into a split result along the dim
+    /// right before its last (the sequence of `[batch, sequence, features]`, the rows of
+    /// `[rows, features]`): sequence parallelism, the partial output of a row-parallel matmul
+    /// split by rows where the row-wise ops (residual adds, norms) keep it split. Never when
+    /// `--sequence-parallel off`.
+    fn scatters(&self, rule: &Rule, s: Strategy, st: &[AxisPl], inputs: &[ValueId]) -> bool {
+        self.dev.sequence_parallel != SequenceParallel::Off
+            && !self.mesh.is_temporal(self.a)
+            && s.label().is_some_and(|l| rule.result.contains(&Some(l)))
+            && inputs.iter().enumerate().any(|(i, v)| {
+                !self.free[*v]
+                    && st[v.index()] == AxisPl::Partial(PartialOp::Sum)
+                    && matches!(s.operand(rule, i), AxisPl::Shard(d) if d + 2 == self.g.ty(*v).rank())
+            })
     }
 
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
@@ -779,10 +799,17 @@ impl AxisCtx<'_> {
             };
         }
         let result = s.result(rule);
+        // Before users have said what they need, a scattered result is costed as the gather
+        // its replicated users will need (the mirror of a partial result's all-reduce), so
+        // that a reduce-scatter is not taken for a cheaper all-reduce.
+        let regather = demand.is_none()
+            && self.dev.sequence_parallel == SequenceParallel::Auto
+            && self.scatters(rule, s, st, inputs);
         for &o in outputs {
             let placed = self.fixed_state(o).unwrap_or(result);
             c += self.reshard(o, result, placed);
             c += match demand {
+                None if regather => self.reshard(o, placed, AxisPl::Replicate),
                 Some(d) => d
                     .of(o)
                     .iter()
