@@ -3,6 +3,9 @@
 //! summary's figures are the cloned nodes' and the dropped activations', and the plan verifier
 //! checks the clones like any other node.
 
+mod cli_support;
+
+use cli_support::{assert_exit, assert_stderr_has, assert_stdout_has, stdout, tpc};
 use std::collections::BTreeMap;
 use tpc::cost::flops;
 use tpc::diag::SourceFile;
@@ -370,4 +373,59 @@ fn pipelined_recompute_is_refused() {
         "{text}"
     );
     assert!(text.contains("gpt_pipe.tpl:"), "{text}");
+}
+
+/// Through the binary: the flag on `compile` and `run` (with `--check` against the reference),
+/// its summary line only when asked for, a bad value and a pipelined program refused.
+#[test]
+fn the_flag_through_the_binary() {
+    let base = ["compile", "examples/gpt_train.tpl", "--degree", "8"];
+    let o = tpc(&base);
+    assert_exit(&o, 0);
+    assert!(!stdout(&o).contains("recompute"), "none prints nothing");
+    let o = tpc(&[&base[..], &["--recompute", "none"]].concat());
+    assert_exit(&o, 0);
+    assert!(!stdout(&o).contains("recompute"));
+    let o = tpc(&[&base[..], &["--recompute", "selective"]].concat());
+    assert_exit(&o, 0);
+    assert_stdout_has(&o, "# recompute: selective; +");
+    assert_stdout_has(&o, "FLOPs (+");
+    assert_stdout_has(
+        &o,
+        "activations kept for the backward 232.3 KiB → 224.3 KiB",
+    );
+    let o = tpc(&[
+        "run",
+        "examples/gpt_train.tpl",
+        "--degree",
+        "8",
+        "--steps",
+        "3",
+        "--recompute",
+        "full",
+        "--check",
+    ]);
+    assert_exit(&o, 0);
+    assert_stdout_has(&o, "check loss at step 3: ");
+    assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
+    let o = tpc(&[&base[..], &["--recompute", "some"]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert_stderr_has(
+        &o,
+        "unknown recompute policy `some`: expected none, selective or full",
+    );
+    let o = tpc(&[
+        "compile",
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "pp=2",
+        "--recompute",
+        "full",
+    ]);
+    assert_exit(&o, 1);
+    assert_stderr_has(
+        &o,
+        "--recompute full is not supported with a pipelined repeat",
+    );
+    assert_stderr_has(&o, "gpt_pipe.tpl:50:5");
 }
