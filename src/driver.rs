@@ -73,6 +73,9 @@ pub enum Error {
     /// A pipeline that cannot be cut as asked.
     #[error(transparent)]
     Stage(Box<StageError>),
+    /// A recompute policy the program cannot take.
+    #[error(transparent)]
+    Recompute(Box<crate::plan::remat::RematError>),
 }
 
 impl From<PlanError> for Error {
@@ -87,6 +90,7 @@ impl From<PlanError> for Error {
                 detail: e,
             }),
             PlanError::Stage(e) => Error::Stage(Box::new(e)),
+            PlanError::Recompute(e) => Error::Recompute(Box::new(e)),
             PlanError::PlanVerify(e) => Error::Verify(VerifyError {
                 stage: "partition (plan verifier)",
                 detail: e.to_string(),
@@ -115,6 +119,7 @@ impl Error {
             Error::Shard(e) => diag::render(e, src),
             Error::Micro(e) => diag::render(e.as_ref(), src),
             Error::Stage(e) => diag::render(e.as_ref(), src),
+            Error::Recompute(e) => diag::render(e.as_ref(), src),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),

@@ -66,6 +66,11 @@ struct CompileArgs {
     /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward) or gpipe.
     #[arg(long, value_name = "KIND", default_value = "1f1b", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
     schedule: tpc::pipeline::schedule::ScheduleKind,
+    /// Activation recompute for a training step: none, selective (the attention core:
+    /// softmax back to the scores' matmul) or full (everything inside each outermost block
+    /// instance, e.g. each layer, from its input).
+    #[arg(long, value_name = "POLICY", default_value = "none", value_parser = clap::value_parser!(tpc::plan::remat::Recompute))]
+    recompute: tpc::plan::remat::Recompute,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -76,6 +81,7 @@ impl CompileArgs {
         tpc::plan::Options {
             microbatches: self.microbatches,
             schedule: self.schedule,
+            recompute: self.recompute,
         }
     }
 }

@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward, the default) or gpipe.
     #[arg(long, value_name = "KIND", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
     schedule: Option<tpc::pipeline::schedule::ScheduleKind>,
+    /// Activation recompute for a training step: none (the default), selective (the attention
+    /// core: softmax back to the scores' matmul) or full (everything inside each outermost block
+    /// instance, e.g. each layer, from its input). Results are bitwise those of none.
+    #[arg(long, value_name = "POLICY", value_parser = clap::value_parser!(tpc::plan::remat::Recompute))]
+    recompute: Option<tpc::plan::remat::Recompute>,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -118,6 +123,7 @@ impl RunArgs {
             schedule: self
                 .schedule
                 .unwrap_or(tpc::pipeline::schedule::ScheduleKind::OneFOneB),
+            recompute: self.recompute.unwrap_or_default(),
         }
     }
 }
@@ -656,6 +662,7 @@ fn load_plan_document(
         ("--set applies", !args.set.is_empty()),
         ("--microbatches applies", args.microbatches.is_some()),
         ("--schedule applies", args.schedule.is_some()),
+        ("--recompute applies", args.recompute.is_some()),
         (
             "the cost model's flags (--flops, --bandwidth, --latency, --bucket-mb, ...) apply",
             device != Device::default() && device != plan.device,

@@ -536,6 +536,54 @@ fn microbatched_training_under_mpi_is_bitwise_identical_to_threads() {
     assert_bitwise_equal(&mout, &tout, "trained params");
 }
 
+/// Recompute under MPI: with `--recompute full` each layer's attention all-reduce runs again in
+/// the backward on every process, in program order; losses and trained params are bitwise the
+/// thread backend's without recompute, and `--check` passes.
+#[test]
+fn recomputed_training_under_mpi_is_bitwise_identical_to_threads_without_recompute() {
+    let file = gpt_train_dp();
+    let f = file.to_str().unwrap();
+    let run = |tag: &str, policy: &str| {
+        let (log, out) = (
+            tmp(&format!("remat-{tag}-log.jsonl")),
+            tmp(&format!("remat-{tag}-out.npz")),
+        );
+        let args: Vec<String> = [
+            f,
+            "--mesh",
+            "dp=2,tp=2",
+            "--steps",
+            "3",
+            "--recompute",
+            policy,
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(["--log".into(), log.to_str().unwrap().into()])
+        .chain(["--out".into(), out.to_str().unwrap().into()])
+        .collect();
+        (args, log, out)
+    };
+    for policy in ["selective", "full"] {
+        let (mut margs, mlog, mout) = run(&format!("mpi-{policy}"), policy);
+        margs.push("--check".into());
+        let margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+        let (m, _) = mpirun(4, &margs, TIMEOUT_S);
+        assert!(m.status.success(), "{}", text(&m));
+        assert!(String::from_utf8_lossy(&m.stdout).contains("check loss at step 3: "));
+        let (targs, tlog, tout) = run("threads-none", "none");
+        let targs: Vec<&str> = targs.iter().map(String::as_str).collect();
+        let t = threads(&targs);
+        assert!(t.status.success(), "{}", text(&t));
+        assert_eq!(
+            logged_losses(&mlog),
+            logged_losses(&tlog),
+            "{policy}: losses"
+        );
+        assert_bitwise_equal(&mout, &tout, "trained params");
+    }
+}
+
 /// A rank that fails in a later training step (step 2's tokens are past the vocabulary) ends
 /// the whole job quickly, naming the rank and the cause, under MPI and on threads.
 #[test]

@@ -88,6 +88,31 @@ fn pipelined_plan_as_text_and_timeline() {
     }
 }
 
+/// The header of gpt_train's plan at degree 8 with each recompute policy: the summary line and
+/// the figures it changes (FLOPs, peak memory, step time, backward collectives).
+#[test]
+fn recompute_plan_headers() {
+    let src = source("gpt_train");
+    let mut text = String::new();
+    for policy in ["selective", "full"] {
+        let g = tpc::driver::compile_step(&src, &[], false).unwrap().graph;
+        let options = tpc::plan::Options {
+            recompute: policy.parse().unwrap(),
+            ..Default::default()
+        };
+        let plan = tpc::driver::plan_declared(g, Some(mesh("8")), Device::default(), &options)
+            .unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+        let printed = tpc::emit::plan::print(&plan);
+        text.extend(
+            printed
+                .lines()
+                .take_while(|l| l.starts_with('#'))
+                .map(|l| l.to_string() + "\n"),
+        );
+    }
+    snap("plan_gpt_train_8_recompute", &text);
+}
+
 fn err_text(e: Error, src: &SourceFile) -> String {
     e.render(Some(src))
 }

@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod liveness;
 pub mod merge;
 pub mod micro;
+pub mod remat;
 pub mod rows;
 pub mod summary;
 pub mod verify;
@@ -73,6 +74,9 @@ pub enum PlanError {
     /// global one).
     #[error("internal compiler error (plan verifier, after partition): {0}")]
     PlanVerify(Box<verify::PlanVerifyError>),
+    /// A recompute policy the program cannot take.
+    #[error(transparent)]
+    Recompute(#[from] remat::RematError),
 }
 
 impl From<verify::PlanVerifyError> for PlanError {
@@ -98,6 +102,7 @@ impl Plan {
     ) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         crate::pipeline::check_stages(&global, &mesh)?;
+        remat::check(&global, &mesh, options.recompute)?;
         let global = rows::split_row_sums(global, device.sequence_parallel);
         verify(&global, "rows")?;
         let microbatches = options
@@ -128,6 +133,10 @@ impl Plan {
         };
         let part = bucket::fuse(part, cap, temporal.as_deref());
         verify(&part.local, "bucket")?;
+        let recompute = options.recompute != remat::Recompute::None;
+        let before = recompute.then(|| summary::activation_bytes(&part.local));
+        let (part, clones) = remat::recompute(part, options.recompute);
+        verify(&part.local, "recompute")?;
         micro::split(&part.local, &mesh)?;
         verify::verify(verify::PlanParts {
             global: &global,
@@ -137,6 +146,10 @@ impl Plan {
             origin: &part.origin,
         })?;
         let mut summary = Summary::compute(&part.local, &mesh, &device);
+        if let Some(before) = before.filter(|_| part.local.is_training_step()) {
+            let r = remat::summarize(&part.local, &clones, &mesh, &device, options.recompute);
+            summary.recompute = Some(r.with_before(before));
+        }
         let pipeline =
             crate::pipeline::plan(&global, &part.local, &mesh, &device, options.schedule)?;
         summary.pipeline = pipeline.as_ref().map(|p| p.summary.clone());
@@ -168,6 +181,8 @@ pub struct Options {
     pub microbatches: Option<u64>,
     /// The pipeline schedule.
     pub schedule: ScheduleKind,
+    /// Which forward values the backward recomputes instead of keeping.
+    pub recompute: remat::Recompute,
 }
 
 impl Default for Options {
@@ -175,6 +190,7 @@ impl Default for Options {
         Options {
             microbatches: Some(1),
             schedule: ScheduleKind::OneFOneB,
+            recompute: remat::Recompute::None,
         }
     }
 }

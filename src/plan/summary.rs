@@ -67,6 +67,9 @@ pub struct Summary {
     /// the same as the plan's `pipeline.summary`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<crate::pipeline::PipelineSummary>,
+    /// With `--recompute` other than none: what recompute costs and saves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute: Option<super::remat::RecomputeSummary>,
 }
 
 /// Every collective kind with count 0.
@@ -161,6 +164,7 @@ impl Summary {
             memory_bytes_per_device,
             microbatches,
             pipeline: None,
+            recompute: None,
         }
     }
 }
@@ -213,7 +217,7 @@ fn gradient_bytes(g: &Graph<Local>) -> u64 {
 }
 
 /// Bytes of the forward's computed values still live when the first backward node runs.
-fn activation_bytes(g: &Graph<Local>) -> u64 {
+pub(crate) fn activation_bytes(g: &Graph<Local>) -> u64 {
     let Some(first) = g
         .nodes()
         .position(|(_, n)| g.region(n.region).phase == Phase::Backward)
