@@ -91,9 +91,12 @@ pub fn flops(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> f64 {
             let k = ins[0].shape.last().copied().unwrap_or(1) as f64;
             2.0 * out * k
         }
-        Op::Binary { .. } | Op::Scalar { .. } | Op::CausalMask | Op::Equal | Op::OneHot { .. } => {
-            out
-        }
+        Op::Binary { .. }
+        | Op::Scalar { .. }
+        | Op::CausalMask
+        | Op::Equal
+        | Op::Select
+        | Op::OneHot { .. } => out,
         Op::ScatterAdd { .. } => ins.get(1).map_or(0.0, |t| t.numel() as f64),
         Op::UnaryGrad { op } => {
             out * if matches!(op, crate::ir::UnaryOp::Neg | crate::ir::UnaryOp::Relu) {

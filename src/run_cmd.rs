@@ -720,6 +720,7 @@ fn leaf_source(args: &RunArgs, plan: &Plan) -> Result<LeafSource, Failure> {
             all.extend(arrays);
         }
     }
+    tpc::exec::leaves::states_from_params(&plan.global, &mut all);
     Ok(LeafSource::Arrays(all))
 }
 

@@ -40,6 +40,7 @@ fn kind(op: &Op) -> Option<&'static str> {
         Op::BroadcastTo { .. } => "broadcast_to",
         Op::UnaryGrad { .. } => "unary_grad",
         Op::Equal => "equal",
+        Op::Select => "select",
         Op::ScatterAdd { .. } => "scatter_add",
         Op::OneHot { .. } => "one_hot",
         // leaves and the SPMD-only ops have no rule
@@ -94,7 +95,9 @@ fn examples() -> Vec<(Op, Vec<TensorType>)> {
         ));
     }
     use UnaryOp::*;
-    for op in [Gelu, Relu, Silu, Tanh, Exp, Log, Neg, Sqrt, Rsqrt, Recip] {
+    for op in [
+        Gelu, Relu, Silu, Tanh, Exp, Log, Neg, Sqrt, Rsqrt, Recip, NonFinite,
+    ] {
         v.push((Op::Unary { op }, vec![bsh.clone()]));
     }
     let norm = vec![bsh.clone(), f(&[16]), f(&[16])];
@@ -176,6 +179,7 @@ fn examples() -> Vec<(Op, Vec<TensorType>)> {
             vec![bsh.clone(), bsh.clone()],
         ),
         (Op::Equal, vec![bsh.clone(), f(&[2, 8, 1])]),
+        (Op::Select, vec![f(&[]), bsh.clone(), f(&[16])]),
         (Op::ScatterAdd { rows: 32 }, vec![i(&[2, 8]), bsh]),
         (Op::OneHot { depth: 32 }, vec![i(&[2, 8])]),
     ]);
@@ -227,6 +231,7 @@ fn every_op_of_the_language_has_an_example() {
         "broadcast_to",
         "unary_grad",
         "equal",
+        "select",
         "scatter_add",
         "one_hot",
     ];

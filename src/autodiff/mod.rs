@@ -11,9 +11,10 @@
 
 mod builder;
 pub mod optimizer;
+pub mod scale;
 mod vjp;
 
-use crate::ir::{Graph, IdVec, NodeId, Op, Output, Training, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Output, Training, ValueId};
 use crate::span::Span;
 use builder::Builder;
 
@@ -120,12 +121,8 @@ pub fn training_step(
     let loss_node = g.node(g.value(t.loss).node);
     b.at(loss_node.region, loss_node.span, &loss_node.op);
     let ty = g.ty(t.loss);
-    let seed = Op::Fill {
-        value: 1.0,
-        dtype: ty.dtype,
-        shape: ty.shape.clone(),
-    };
-    cot[t.loss] = Some(b.op(seed, vec![])?);
+    let (seed, scale) = scale::seed(&mut b, t.loss_scale, ty)?;
+    cot[t.loss] = Some(seed);
     for id in (0..g.num_nodes()).rev().map(NodeId::new) {
         let node = g.node(id);
         let outs: Vec<Option<ValueId>> = node.outputs.iter().map(|&v| cot[v]).collect();
@@ -147,7 +144,7 @@ pub fn training_step(
             }
         }
     }
-    finish(b, g, t, trained, &cot, outputs)
+    finish(b, g, t, trained, &cot, scale, outputs)
 }
 
 /// Adds the update and the outputs (loss, gradients, next values) and lists the unused params.
@@ -157,12 +154,17 @@ fn finish(
     t: &Training,
     trained: Vec<(String, ValueId)>,
     cot: &IdVec<ValueId, Option<ValueId>>,
+    scale: Option<scale::Scale>,
     outputs: StepOutputs,
 ) -> Result<Gradients, AutodiffError> {
-    let with_grads: Vec<(String, ValueId, ValueId)> = trained
+    let mut with_grads: Vec<(String, ValueId, ValueId)> = trained
         .iter()
         .filter_map(|(n, v)| Some((n.clone(), *v, cot[*v]?)))
         .collect();
+    if let Some(s) = &scale {
+        b.at_update(t.span);
+        scale::unscale(&mut b, s, &mut with_grads)?;
+    }
     for (n, _, grad) in &with_grads {
         // Names the gradient for provenance (`... over dp for ... (grad(w1))`).
         if b.graph_mut().value(*grad).name.is_none() {
@@ -171,9 +173,22 @@ fn finish(
     }
     let mut carried = Vec::new();
     if outputs.update {
-        check_dtypes(g, &with_grads)?;
         b.at_update(t.span);
-        for (leaf, value, next) in optimizer::update(&mut b, &t.optimizer, &with_grads)? {
+        let mut next = optimizer::update(&mut b, &t.optimizer, &with_grads)?;
+        if let Some(s) = &scale {
+            let (guarded, flag) = scale::guard(&mut b, s, &with_grads, next)?;
+            next = guarded;
+            if let Some(flag) = flag {
+                b.graph_mut().add_output(Output {
+                    name: unique_name(g, scale::OVERFLOW),
+                    value: flag,
+                    annotation: None,
+                    span: t.span,
+                    like: None,
+                });
+            }
+        }
+        for (leaf, value, next) in next {
             let name = optimizer::next_name(&leaf);
             // The next value is laid out as its leaf, so the loop feeds it back without moving.
             b.graph_mut().add_output(Output {
@@ -204,7 +219,11 @@ fn finish(
     let mut grads = Vec::new();
     let mut unused = Vec::new();
     for (name, v) in trained {
-        match cot[v] {
+        let grad = with_grads
+            .iter()
+            .find(|(_, p, _)| *p == v)
+            .map(|(_, _, d)| *d);
+        match grad {
             Some(d) if outputs.gradients => {
                 // A gradient is laid out as its param is: a split weight's gradient stays split.
                 graph.add_output(Output {
@@ -228,25 +247,6 @@ fn finish(
         unused,
         carried,
     })
-}
-
-/// The update keeps its state in the param's dtype: only f32 params for now (bf16/f16 need f32
-/// master weights).
-fn check_dtypes(g: &Graph, trained: &[(String, ValueId, ValueId)]) -> Result<(), AutodiffError> {
-    match trained
-        .iter()
-        .find(|(_, v, _)| g.ty(*v).dtype != crate::ir::Dtype::F32)
-    {
-        Some((name, v, _)) => Err(AutodiffError::Unsupported {
-            detail: format!(
-                "param `{name}` is {}: the optimizer updates f32 params only (f32 master \
-                 weights for 16-bit params are not there yet)",
-                g.ty(*v).dtype
-            ),
-            span: g.node(g.value(*v).node).span,
-        }),
-        None => Ok(()),
-    }
 }
 
 /// `base`, or `base_2`, `base_3`, ... : the first name no output of `g` has.

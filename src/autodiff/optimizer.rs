@@ -4,10 +4,12 @@
 //! The formulas are PyTorch's: SGD with momentum `b ← μ·b + g, p ← p − lr·b` (no dampening,
 //! `b = g` at the first step); AdamW with decoupled weight decay and bias correction, whose step
 //! count `t` is itself state (`step`, a scalar), so `β^t` is computed in the program.
+//! A bf16/f16 param is trained through an f32 master weight `master(NAME)`, whose optimizer
+//! state is f32 too.
 
 use super::builder::Builder;
 use super::AutodiffError;
-use crate::ir::{BinaryOp, Dtype, Op, Optimizer, TensorType, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Dtype, Op, Optimizer, StateInit, TensorType, UnaryOp, ValueId};
 
 type R<T> = Result<T, AutodiffError>;
 
@@ -25,31 +27,28 @@ pub fn leaf_of_next(output: &str) -> Option<&str> {
 pub(super) type Carried = (String, ValueId, ValueId);
 
 /// Appends the update of every `(name, param, grad)`; returns each carried leaf (params first,
-/// then state).
+/// then state). A 16-bit param is updated through its f32 master weight (a state that starts as
+/// the param): the gradient is cast to f32, the optimizer updates the master, and the param's
+/// next value is the master's rounded to the param's dtype.
 pub(super) fn update(
     b: &mut Builder,
     opt: &Optimizer,
     trained: &[(String, ValueId, ValueId)],
 ) -> R<Vec<Carried>> {
-    let mut next = Vec::new();
-    let mut state = Vec::new();
-    match *opt {
-        Optimizer::Sgd { lr, momentum } => {
-            for (name, p, g) in trained {
-                let step = if momentum > 0.0 {
-                    let buf_name = format!("sgd.momentum({name})");
-                    let buf = state_like(b, &buf_name, *p);
-                    let kept = b.scalar(BinaryOp::Mul, buf, momentum, false)?;
-                    let buf2 = b.add(kept, *g)?;
-                    state.push((buf_name, buf, buf2));
-                    buf2
-                } else {
-                    *g
-                };
-                let delta = b.scalar(BinaryOp::Mul, step, lr, false)?;
-                next.push((name.clone(), *p, b.bin(BinaryOp::Sub, *p, delta)?));
+    let mut work = Vec::new();
+    let mut masters = Vec::new();
+    for (name, p, g) in trained {
+        match b.ty(*p).dtype {
+            Dtype::F32 => work.push((name.clone(), *p, *g)),
+            _ => {
+                let (m, g32) = master(b, name, *p, *g)?;
+                masters.push((*p, m));
+                work.push((name.clone(), m, g32));
             }
         }
+    }
+    let (mut next, mut state) = match *opt {
+        Optimizer::Sgd { lr, momentum } => sgd(b, lr, momentum, &work)?,
         Optimizer::AdamW {
             lr,
             beta1,
@@ -57,36 +56,114 @@ pub(super) fn update(
             eps,
             weight_decay,
         } => {
-            let step = b.leaf(
-                Op::State {
-                    name: "step".into(),
-                },
-                TensorType::new(Dtype::F32, vec![]),
-                None,
-            );
-            let t = b.scalar(BinaryOp::Add, step, 1.0, false)?;
-            let c1 = correction(b, t, beta1)?;
-            let c2 = correction(b, t, beta2)?;
-            for (name, p, g) in trained {
-                let h = Adam {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    c1,
-                    c2,
-                };
-                let [p2, m, m2, v, v2] = adam(b, &h, name, *p, *g)?;
-                next.push((name.clone(), *p, p2));
-                state.push((format!("adamw.m({name})"), m, m2));
-                state.push((format!("adamw.v({name})"), v, v2));
-            }
-            state.push(("step".into(), step, t));
+            let h = Hyper {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            };
+            adamw(b, &h, &work)?
+        }
+    };
+    let mut master_state = Vec::new();
+    for (name, leaf, value) in next.iter_mut() {
+        if let Some(&(p, _)) = masters.iter().find(|(_, m)| *m == *leaf) {
+            let to = b.ty(p).dtype;
+            master_state.push((master_name(name), *leaf, *value));
+            *value = b.op(Op::Cast { to }, vec![*value])?;
+            *leaf = p;
         }
     }
-    next.extend(state);
+    master_state.append(&mut state);
+    next.extend(master_state);
     Ok(next)
+}
+
+/// The state name of a param's f32 master weight.
+pub fn master_name(param: &str) -> String {
+    format!("master({param})")
+}
+
+/// The f32 master weight of the 16-bit param `p` (a state laid out as `p`, starting as `p`'s
+/// values) and its gradient `g` cast to f32.
+fn master(b: &mut Builder, name: &str, p: ValueId, g: ValueId) -> R<(ValueId, ValueId)> {
+    let mut ty = b.ty(p).clone();
+    ty.dtype = Dtype::F32;
+    let op = Op::State {
+        name: master_name(name),
+        init: StateInit::Param(name.to_string()),
+    };
+    let m = b.leaf(op, ty, Some(p));
+    let g32 = b.op(Op::Cast { to: Dtype::F32 }, vec![g])?;
+    Ok((m, g32))
+}
+
+/// The params' and the state's next values.
+type Next = (Vec<Carried>, Vec<Carried>);
+
+/// SGD with momentum `μ` (none when 0) on every `(name, param, grad)`.
+fn sgd(b: &mut Builder, lr: f64, momentum: f64, trained: &[(String, ValueId, ValueId)]) -> R<Next> {
+    let mut next = Vec::new();
+    let mut state = Vec::new();
+    for (name, p, g) in trained {
+        let step = if momentum > 0.0 {
+            let buf_name = format!("sgd.momentum({name})");
+            let buf = state_like(b, &buf_name, *p);
+            let kept = b.scalar(BinaryOp::Mul, buf, momentum, false)?;
+            let buf2 = b.add(kept, *g)?;
+            state.push((buf_name, buf, buf2));
+            buf2
+        } else {
+            *g
+        };
+        let delta = b.scalar(BinaryOp::Mul, step, lr, false)?;
+        next.push((name.clone(), *p, b.bin(BinaryOp::Sub, *p, delta)?));
+    }
+    Ok((next, state))
+}
+
+/// AdamW's hyper-parameters.
+struct Hyper {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// AdamW on every `(name, param, grad)`, with its step count.
+fn adamw(b: &mut Builder, h: &Hyper, trained: &[(String, ValueId, ValueId)]) -> R<Next> {
+    let mut next = Vec::new();
+    let mut state = Vec::new();
+    let step = b.leaf(
+        Op::State {
+            name: "step".into(),
+            init: StateInit::Zeros,
+        },
+        TensorType::new(Dtype::F32, vec![]),
+        None,
+    );
+    let t = b.scalar(BinaryOp::Add, step, 1.0, false)?;
+    let c1 = correction(b, t, h.beta1)?;
+    let c2 = correction(b, t, h.beta2)?;
+    for (name, p, g) in trained {
+        let a = Adam {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            c1,
+            c2,
+        };
+        let [p2, m, m2, v, v2] = adam(b, &a, name, *p, *g)?;
+        next.push((name.clone(), *p, p2));
+        state.push((format!("adamw.m({name})"), m, m2));
+        state.push((format!("adamw.v({name})"), v, v2));
+    }
+    state.push(("step".into(), step, t));
+    Ok((next, state))
 }
 
 /// A state leaf named `name` of `like`'s type and layout.
@@ -94,6 +171,7 @@ fn state_like(b: &mut Builder, name: &str, like: ValueId) -> ValueId {
     let ty = b.ty(like).clone();
     let op = Op::State {
         name: name.to_string(),
+        init: StateInit::Zeros,
     };
     b.leaf(op, ty, Some(like))
 }

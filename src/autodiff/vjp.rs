@@ -87,6 +87,7 @@ pub(super) fn vjp(
             Ok(vec![Some(b.op(Op::Cast { to }, vec![gy])?)])
         }
         Op::FullLike { .. } => Ok(vec![None]),
+        Op::Select => select(b, x, gy),
         Op::Fill { .. } => Ok(vec![]),
         Op::Split { .. }
         | Op::Input { .. }
@@ -346,9 +347,21 @@ fn cross_entropy(b: &mut Builder, x: ValueId, labels: ValueId, gy: ValueId) -> R
     let s = b.reduce(ReduceOp::Sum, e, last, true)?;
     let p = b.bin(BinaryOp::Div, e, s)?;
     let onehot = b.op(Op::OneHot { depth: xs[last] }, vec![labels])?;
+    let onehot = as_dtype_of(b, onehot, x)?;
     let d = b.bin(BinaryOp::Sub, p, onehot)?;
     let scale = b.scalar(BinaryOp::Div, gy, n as f64, false)?;
+    // The loss (and its cotangent) is f32 whatever the logits' dtype.
+    let scale = as_dtype_of(b, scale, x)?;
     b.bin(BinaryOp::Mul, d, scale)
+}
+
+/// `v` cast to `like`'s dtype (itself when they agree).
+fn as_dtype_of(b: &mut Builder, v: ValueId, like: ValueId) -> R<ValueId> {
+    let to = b.ty(like).dtype;
+    match b.ty(v).dtype == to {
+        true => Ok(v),
+        false => b.op(Op::Cast { to }, vec![v]),
+    }
 }
 
 /// Layer norm (`layer`: mean-centred, with an optional bias) or RMS norm over the last dim:
@@ -406,4 +419,18 @@ fn sum_rows(b: &mut Builder, v: ValueId) -> R<ValueId> {
     let rows: u64 = shape[..shape.len() - 1].iter().product();
     let flat = b.reshape(v, &[rows, h])?;
     b.reduce(ReduceOp::Sum, flat, 0, false)
+}
+
+/// `where(c, a, b)`: the cotangent goes to the branch chosen (`where(c, g, 0)`,
+/// `where(c, 0, g)`), unbroadcast to its shape; the condition gets none.
+fn select(b: &mut Builder, x: &[ValueId], gy: ValueId) -> R<Vec<Option<ValueId>>> {
+    let zero = b.full_like(gy, 0.0)?;
+    let ga = b.op(Op::Select, vec![x[0], gy, zero])?;
+    let gb = b.op(Op::Select, vec![x[0], zero, gy])?;
+    let (sa, sb) = (b.ty(x[1]).shape.clone(), b.ty(x[2]).shape.clone());
+    Ok(vec![
+        None,
+        Some(b.unbroadcast(ga, &sa)?),
+        Some(b.unbroadcast(gb, &sb)?),
+    ])
 }

@@ -218,6 +218,12 @@ fn training_lines(s: &crate::plan::summary::Summary) -> Vec<String> {
         bytes(m.optimizer),
         bytes(m.activations)
     ));
+    if m.master > 0 {
+        v.push(format!(
+            "memory per device: f32 master weights {}",
+            bytes(m.master)
+        ));
+    }
     if let Some(r) = &s.recompute {
         v.push(recompute_line(s.flops_per_device, r));
     }

@@ -298,6 +298,7 @@ fn headline(op: &Op) -> (String, String) {
         | Op::BroadcastTo { .. }
         | Op::UnaryGrad { .. }
         | Op::Equal
+        | Op::Select
         | Op::ScatterAdd { .. }
         | Op::OneHot { .. }
         | Op::Unary { .. }

@@ -154,6 +154,11 @@ pub fn apply(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, ExecError> {
                 (x, y) => return Err(dtype(name, 1, x.kind(), y.kind())),
             })
         }
+        Op::Select => {
+            let [c, x, y] = arity(name, args)?;
+            let f = |i, t| f32_arg(name, i, t);
+            one(k::select(f(0, c)?, f(1, x)?, f(2, y)?)?.into())
+        }
         Op::ScatterAdd { rows } => {
             let [ids, g] = arity(name, args)?;
             one(k::scatter_add(i32_arg(name, 0, ids)?, f32_arg(name, 1, g)?, *rows)?.into())

@@ -2,10 +2,17 @@
 //! (which also runs the collectives): nodes run in storage (topological) order, operands read
 //! for the last time are handed over so the op can reuse their buffers, dead values go back to
 //! the buffer pool, and every result is checked against the graph's declared type.
+//!
+//! A float result declared bf16 or f16 is rounded to that type here, once, after its kernel: the
+//! kernels compute and accumulate in f32 on operands that are already 16-bit values, so every op
+//! is "f32 accumulate, round the output" on both the reference and the ranks. A collective of a
+//! 16-bit value therefore sums in f32 and rounds once at the end (NCCL rounds at every hop of its
+//! ring; tpc's single rounding is at least as accurate, and the fixed ring order keeps it
+//! deterministic). f32 and i32 results are untouched.
 
-use super::kernels::recycle;
+use super::kernels::{recycle, round_bf16, round_f16};
 use super::{ExecError, Tensor};
-use crate::ir::{Global, Graph, IdVec, Node, NodeId, Space, ValueId};
+use crate::ir::{Dtype, Global, Graph, IdVec, Node, NodeId, Space, ValueId};
 use crate::plan::liveness::Liveness;
 use std::borrow::Cow;
 
@@ -104,8 +111,9 @@ pub(crate) fn run_nodes<S: Space, E: Eval<S>>(
         if what == Part::Absorb {
             ev.absorb(node, args).map_err(|e| (id, e))?;
         } else {
-            let results = ev.eval(node, args).map_err(|e| (id, e))?;
+            let mut results = ev.eval(node, args).map_err(|e| (id, e))?;
             check_results(g, id, node, &results).map_err(|e| (id, e.into()))?;
+            round_to_declared(g, node, &mut results);
             for (&v, t) in node.outputs.iter().zip(results) {
                 live_bytes += bytes(&t);
                 slots[v] = Some(t);
@@ -188,6 +196,24 @@ fn check_results<S: Space>(
         node: format!("{id} {}", node.op.name()),
         detail,
     })
+}
+
+/// Rounds each float result declared bf16 or f16 to that type, in place.
+fn round_to_declared<S: Space>(g: &Graph<S>, node: &Node<S>, results: &mut [Tensor]) {
+    for (&v, t) in node.outputs.iter().zip(results) {
+        if let (Some(round), Tensor::F32(a)) = (rounding(g.ty(v).dtype), t) {
+            a.mapv_inplace(round);
+        }
+    }
+}
+
+/// The rounding of a 16-bit float dtype; `None` for f32 and i32 (kept as computed).
+pub(crate) fn rounding(dtype: Dtype) -> Option<fn(f32) -> f32> {
+    match dtype {
+        Dtype::Bf16 => Some(round_bf16),
+        Dtype::F16 => Some(round_f16),
+        Dtype::F32 | Dtype::I32 => None,
+    }
 }
 
 /// The program outputs, moved out of their slots (copied when a value is returned twice, or is

@@ -19,7 +19,7 @@ pub use elementwise::{
     binary_f32, binary_i32, cast, round_bf16, round_f16, scalar_f32, scalar_i32, unary_f32,
     unary_i32,
 };
-pub use grad::{broadcast_to, equal, one_hot, scatter_add, unary_grad};
+pub use grad::{broadcast_to, equal, one_hot, scatter_add, select, unary_grad};
 pub use layout::{concat, reshape, slice, split, transpose};
 pub use lookup::{causal_mask, cross_entropy, embedding};
 pub use matmul::{gemm, matmul};

@@ -1,9 +1,9 @@
 //! Where a run's params and inputs come from: arrays given by name (from `.npz`) or generated
 //! from a seed; and how one rank takes its block of a global leaf.
 
-use super::init::{generate, generate_slice, Leaf};
+use super::init::{generate_slice, Leaf};
 use super::{ExecError, Tensor};
-use crate::ir::{Graph, Op, ValueId};
+use crate::ir::{Graph, Op, StateInit, ValueId};
 use crate::mesh::Mesh;
 use crate::sharding::Placement;
 use ndarray::{ArrayD, Slice};
@@ -87,10 +87,68 @@ fn seeded(g: &Graph, seed: u64, keep: impl Fn(&Op) -> bool) -> BTreeMap<String, 
         .filter_map(|(_, n)| {
             let name = n.op.leaf_name()?;
             let v = n.outputs[0];
-            let t = generate(name, g.ty(v), seed, leaf_kind(&n.op), int_range(g, v));
+            let whole: Vec<Range<u64>> = g.ty(v).shape.iter().map(|&d| 0..d).collect();
+            let t = seeded_block(g, v, name, seed, &whole).ok()?;
             Some((name.to_string(), t))
         })
         .collect()
+}
+
+/// The block `ranges` of leaf `name` (value `v` of `g`) generated from `seed`: a state that
+/// starts as a param is generated as that param (its dtype's values, held in the state's f32),
+/// a filled state is its constant.
+fn seeded_block(
+    g: &Graph,
+    v: ValueId,
+    name: &str,
+    seed: u64,
+    ranges: &[Range<u64>],
+) -> Result<Tensor, ExecError> {
+    let op = &g.node(g.value(v).node).op;
+    match op {
+        Op::State {
+            init: StateInit::Param(p),
+            ..
+        } => {
+            let pv = param_value(g, p)?;
+            generate_slice(p, g.ty(pv), seed, Leaf::Param, 0, ranges)
+        }
+        Op::State {
+            init: StateInit::Fill(x),
+            ..
+        } => Ok(filled(ranges, *x)),
+        _ => generate_slice(name, g.ty(v), seed, leaf_kind(op), int_range(g, v), ranges),
+    }
+}
+
+/// A float block of the lengths of `ranges`, every element `x`.
+fn filled(ranges: &[Range<u64>], x: f64) -> Tensor {
+    let shape: Vec<usize> = ranges.iter().map(|r| (r.end - r.start) as usize).collect();
+    Tensor::F32(ArrayD::from_elem(shape, x as f32))
+}
+
+/// The value of the param named `p`.
+fn param_value(g: &Graph, p: &str) -> Result<ValueId, ExecError> {
+    g.params()
+        .find(|(n, _)| *n == p)
+        .map(|(_, v)| v)
+        .ok_or_else(|| ExecError::MissingParam(p.to_string()))
+}
+
+/// Sets every state of `g` that starts as a param (a master weight) to that param's value in
+/// `leaves` (after the params were given as arrays).
+pub fn states_from_params(g: &Graph, leaves: &mut BTreeMap<String, Tensor>) {
+    for (_, n) in g.nodes() {
+        if let Op::State {
+            name,
+            init: StateInit::Param(p),
+        } = &n.op
+        {
+            if let Some(t) = leaves.get(p).cloned() {
+                leaves.insert(name.clone(), t);
+            }
+        }
+    }
 }
 
 /// Per dim, the range of global indices that device `coords` holds under `pl`.
@@ -126,14 +184,7 @@ pub fn local_leaf(
             Ok(reader.read_block(name, &ranges)?)
         }
         LeafSource::Checkpoint { rest, .. } => local_leaf(g, global, name, pl, coords, mesh, rest),
-        LeafSource::Seed(seed) => generate_slice(
-            name,
-            ty,
-            *seed,
-            leaf_kind(&g.node(g.value(global).node).op),
-            int_range(g, global),
-            &ranges,
-        ),
+        LeafSource::Seed(seed) => seeded_block(g, global, name, *seed, &ranges),
         LeafSource::Arrays(a) => {
             let t = a
                 .get(name)

@@ -1,8 +1,9 @@
 //! Execution on the CPU: numpy-exact kernels (`kernels`), the op dispatcher (`apply`), the
 //! unsharded reference interpreter (`reference`) and deterministic leaf generation (`init`).
 //!
-//! Tensors are `Tensor::F32` or `Tensor::I32`. Every float dtype (f32, bf16, f16) is stored and
-//! computed in f32; only `Op::Cast` (and `init`) round values to the narrower precision.
+//! Tensors are `Tensor::F32` or `Tensor::I32`. Every float dtype (f32, bf16, f16) is stored in
+//! f32; kernels accumulate in f32 and the executor loop (`core`) rounds every result declared
+//! bf16/f16 to its type, so 16-bit values are 16-bit values (as `init` and `Op::Cast` make them).
 
 mod apply;
 pub mod arrays;

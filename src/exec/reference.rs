@@ -4,7 +4,7 @@
 use super::apply::apply_owned;
 use super::core::{self, Eval};
 use super::{ExecError, Tensor};
-use crate::ir::{Graph, IdVec, Node, Op, ValueId};
+use crate::ir::{Dtype, Graph, IdVec, Node, Op, ValueId};
 use crate::plan::liveness::Liveness;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -27,6 +27,8 @@ pub fn run(
 /// rounding errors. How far an output moves estimates how far any change of summation order
 /// (such as sharding) can move it: little for a well-conditioned value, a lot for a layernorm
 /// of a nearly constant row, a cancelling sum, or AdamW's step on a gradient near zero.
+/// A result declared bf16 or f16 is perturbed by `rel` scaled from f32's unit roundoff to its
+/// type's (×2¹⁶ for bf16, ×2¹³ for f16): its rounding errors are that much larger.
 pub fn run_perturbed(
     g: &Graph,
     leaves: &BTreeMap<String, Tensor>,
@@ -36,8 +38,45 @@ pub fn run_perturbed(
     run_with(
         g,
         &self::leaves(g, leaves, leaves)?,
-        &mut Perturbed { rel, key },
+        &mut Perturbed {
+            rel: g
+                .values()
+                .map(|(v, _)| rel * widening(g.ty(v).dtype))
+                .collect(),
+            key,
+        },
     )
+}
+
+/// Runs `g` like `run` with the first element of the value named `value` set to +inf once it is
+/// made (the reference side of a test's corrupted gradient, `exec::train::Poison`).
+pub fn run_poisoned(
+    g: &Graph,
+    leaves: &BTreeMap<String, Tensor>,
+    value: &str,
+) -> Result<BTreeMap<String, Tensor>, ExecError> {
+    let v = g
+        .values()
+        .map(|(v, _)| v)
+        .filter(|&v| g.value(v).name.as_deref() == Some(value))
+        .max_by_key(|&v| g.value(v).node.index())
+        .ok_or_else(|| ExecError::Internal {
+            node: "poison".into(),
+            detail: format!("no value named `{value}`"),
+        })?;
+    run_with(g, &self::leaves(g, leaves, leaves)?, &mut Poisoned(v))
+}
+
+/// The global op evaluator that corrupts one value (see `run_poisoned`).
+struct Poisoned(ValueId);
+
+impl Eval for Poisoned {
+    type Error = ExecError;
+    fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, ExecError> {
+        let mut out = apply_owned(&node.op, args)?;
+        super::spmd::poison(node, &mut out, self.0);
+        Ok(out)
+    }
 }
 
 /// Runs `g` on its leaf values with the evaluator `ev`; the outputs by name.
@@ -54,9 +93,19 @@ fn run_with(
         .collect())
 }
 
-/// The global op evaluator that perturbs every float result (see `run_perturbed`).
+/// How much larger than f32's the unit roundoff of `dtype` is.
+fn widening(dtype: Dtype) -> f32 {
+    match dtype {
+        Dtype::Bf16 => 65536.0,
+        Dtype::F16 => 8192.0,
+        Dtype::F32 | Dtype::I32 => 1.0,
+    }
+}
+
+/// The global op evaluator that perturbs every float result (see `run_perturbed`) by its
+/// value's relative amount.
 struct Perturbed {
-    rel: f32,
+    rel: IdVec<ValueId, f32>,
     key: u64,
 }
 
@@ -65,11 +114,12 @@ impl Eval for Perturbed {
     fn eval(&mut self, node: &Node, args: Vec<Cow<'_, Tensor>>) -> Result<Vec<Tensor>, ExecError> {
         let mut out = apply_owned(&node.op, args)?;
         let node_key = node.outputs.first().map_or(0, |v| v.index() as u64);
-        for (k, t) in out.iter_mut().enumerate() {
+        for (k, (t, &v)) in out.iter_mut().zip(&node.outputs).enumerate() {
+            let rel = self.rel[v];
             if let Tensor::F32(x) = t {
                 let key = self.key ^ (node_key << 8 ^ k as u64).wrapping_mul(0xa076_1d64_78bd_642f);
                 for (i, v) in x.iter_mut().enumerate() {
-                    *v *= 1.0 + self.rel * unit(key, i as u64);
+                    *v *= 1.0 + rel * unit(key, i as u64);
                 }
             }
         }

@@ -381,6 +381,8 @@ pub(crate) struct Rank<'a> {
     collectives: BTreeMap<String, (u64, u64)>,
     /// Per accumulation's result, the sum of the microbatches run so far.
     pub(super) acc: BTreeMap<ValueId<Local>, Tensor>,
+    /// A test's corrupted block: this value's first element is set to +inf once made.
+    pub(super) poison: Option<ValueId<Local>>,
 }
 
 /// Runs the plan's program on the calling thread as the transport's rank.
@@ -563,6 +565,16 @@ pub(crate) fn load_leaves_where(
     Ok(out)
 }
 
+/// Sets the first element of `node`'s result `v` (when it makes it) to +inf.
+pub(crate) fn poison<S: crate::ir::Space>(node: &Node<S>, out: &mut [Tensor], v: ValueId<S>) {
+    let k = node.outputs.iter().position(|&o| o == v);
+    if let Some(Tensor::F32(a)) = k.and_then(|k| out.get_mut(k)) {
+        if let Some(x) = a.iter_mut().next() {
+            *x = f32::INFINITY;
+        }
+    }
+}
+
 impl Eval<Local> for Rank<'_> {
     type Error = NodeError;
     fn eval(
@@ -570,7 +582,11 @@ impl Eval<Local> for Rank<'_> {
         node: &Node<Local>,
         args: Vec<Cow<'_, Tensor>>,
     ) -> Result<Vec<Tensor>, NodeError> {
-        self.node(node, args).map_err(|e| self.globalize(node, e))
+        let mut out = self.node(node, args).map_err(|e| self.globalize(node, e))?;
+        if let Some(v) = self.poison {
+            poison(node, &mut out, v);
+        }
+        Ok(out)
     }
 
     fn absorb(&mut self, node: &Node<Local>, args: Vec<Cow<'_, Tensor>>) -> Result<(), NodeError> {
@@ -603,6 +619,7 @@ impl<'a> Rank<'a> {
             groups,
             collectives: BTreeMap::new(),
             acc: BTreeMap::new(),
+            poison: None,
         }
     }
 

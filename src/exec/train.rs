@@ -52,6 +52,8 @@ pub struct TrainedRank {
     pub first: Vec<Tensor>,
     /// The loss of each step as this rank holds it.
     pub losses: Vec<f32>,
+    /// With a dynamic loss scale: per step, whether this rank skipped it (empty otherwise).
+    pub skipped: Vec<bool>,
 }
 
 /// A training run's results, as global arrays.
@@ -65,6 +67,9 @@ pub struct Trained {
     pub last: BTreeMap<String, Tensor>,
     /// Measured figures of the last step.
     pub stats: RunStats,
+    /// With a dynamic loss scale: per step, whether it was skipped (rank 0's flag; every rank
+    /// reads the same one).
+    pub skipped: Vec<bool>,
 }
 
 /// Where a run stands among the steps of a longer training, and where it saves checkpoints.
@@ -115,9 +120,64 @@ pub fn train_threads_with(
     ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<Trained, RunError> {
-    let n = thread_ranks(plan)?;
-    let ranks = spawn_ranks(n, |t| train_rank_with(plan, t, steps, ck, on_step))?;
+    let ranks = train_ranks_poisoned(plan, steps, ck, None, on_step)?;
     assemble_trained(plan, steps, ranks)
+}
+
+/// A test's corrupted gradient block: at global step `step` (1-based), rank `rank` sets the first
+/// element of its block of the value named `value` (`grad(w1)`) to +inf once it is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Poison {
+    /// The global step, from 1.
+    pub step: usize,
+    /// The rank whose block is corrupted.
+    pub rank: usize,
+    /// The global value's name.
+    pub value: String,
+}
+
+impl Poison {
+    /// Reads `STEP:RANK:NAME` (the `TPC_TEST_POISON` variable).
+    pub fn parse(s: &str) -> Option<Poison> {
+        let mut it = s.splitn(3, ':');
+        let step = it.next()?.parse().ok()?;
+        let rank = it.next()?.parse().ok()?;
+        let value = it.next()?.to_string();
+        Some(Poison { step, rank, value })
+    }
+
+    /// The local value poisoned: the last one (in program order) holding the named global
+    /// value, i.e. the block the update reads.
+    pub fn local_value(&self, plan: &Plan) -> Option<ValueId<Local>> {
+        let named = |v: ValueId<Local>| {
+            plan.origin[v]
+                .is_some_and(|o| plan.global.value(o).name.as_deref() == Some(&self.value))
+        };
+        plan.local
+            .values()
+            .map(|(v, _)| v)
+            .filter(|&v| named(v))
+            .max_by_key(|&v| plan.local.value(v).node.index())
+    }
+}
+
+/// Trains on one thread per device, `poison` (if any) corrupting one rank's block; returns
+/// each rank's results, in rank order (see [`assemble_trained`]).
+pub fn train_ranks_poisoned(
+    plan: &Plan,
+    steps: &Steps<'_>,
+    ck: &Checkpointing,
+    poison: Option<&Poison>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<Vec<TrainedRank>, RunError> {
+    let n = thread_ranks(plan)?;
+    spawn_ranks(n, |t| {
+        let result = train_rank_inner(plan, t, steps, ck, poison, on_step);
+        if result.is_err() {
+            t.abort();
+        }
+        result
+    })
 }
 
 /// Trains on the calling thread as the transport's rank; a failure aborts the peers.
@@ -138,7 +198,7 @@ pub fn train_rank_with(
     ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
-    let result = train_rank_inner(plan, t, steps, ck, on_step);
+    let result = train_rank_inner(plan, t, steps, ck, None, on_step);
     if result.is_err() {
         t.abort();
     }
@@ -223,6 +283,7 @@ fn train_rank_inner(
     t: &mut dyn Transport,
     steps: &Steps<'_>,
     ck: &Checkpointing,
+    poison: Option<&Poison>,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
     if let Some(pipe) = &plan.pipeline {
@@ -248,8 +309,18 @@ fn train_rank_inner(
     let mut r = Rank::new(plan, t);
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let (mut first, mut last, mut peak) = (Vec::new(), Vec::new(), 0);
+    let poisoned = poison.filter(|p| p.rank == rank);
+    let flag = plan
+        .local
+        .outputs()
+        .iter()
+        .position(|o| o.name == crate::autodiff::scale::OVERFLOW);
+    let mut skipped = Vec::new();
     for s in 0..steps.count.max(1) {
         let g = ck.first + s;
+        r.poison = poisoned
+            .filter(|p| p.step == g + 1)
+            .and_then(|p| p.local_value(plan));
         let leaf_bytes = all_step_inputs(plan, &coords, steps, &links, g, &mut blocks, &mut later)
             .map_err(|(l, e)| load_err(&l, e))?;
         r.barrier()?;
@@ -260,6 +331,10 @@ fn train_rank_inner(
         peak = peak.max(out.peak_bytes + leaf_bytes);
         let loss = loss_value(&out.outputs[links.loss]).map_err(|e| load_err(steps.loss, e))?;
         losses.push(loss);
+        if let Some(k) = flag {
+            let f = loss_value(&out.outputs[k]).map_err(|e| load_err("overflow", e))?;
+            skipped.push(f != 0.0);
+        }
         if let (0, Some(f)) = (rank, on_step) {
             f(s, loss);
         }
@@ -298,6 +373,7 @@ fn train_rank_inner(
         },
         first,
         losses,
+        skipped,
     })
 }
 
@@ -390,6 +466,7 @@ fn train_stage_rank(
         },
         first,
         losses,
+        skipped: Vec::new(),
     })
 }
 
@@ -649,6 +726,7 @@ pub fn assemble_trained(
         }
     }
     let losses = ranks.first().map(|r| r.losses.clone()).unwrap_or_default();
+    let skipped = ranks.first().map(|r| r.skipped.clone()).unwrap_or_default();
     let mut trained = Vec::with_capacity(ranks.len());
     for r in ranks {
         if r.losses.len() != losses.len() {
@@ -672,5 +750,6 @@ pub fn assemble_trained(
         first,
         last: out.outputs,
         stats: out.stats,
+        skipped,
     })
 }

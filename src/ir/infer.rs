@@ -146,6 +146,10 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, InferEr
             let [a, b] = operands(name, inputs)?;
             one(binary(name, a, b).map(|t| TensorType::new(Dtype::F32, t.shape)))
         }
+        Op::Select => {
+            let [c, a, b] = operands(name, inputs)?;
+            one(select(name, c, a, b))
+        }
         Op::ScatterAdd { rows } => {
             let [ids, g] = operands(name, inputs)?;
             one(scatter_add(ids, g, *rows))
@@ -754,6 +758,27 @@ fn causal_mask(x: &TensorType) -> Result<TensorType, InferError> {
     min_rank("causal_mask", x, 2)?;
     require_float("causal_mask", x)?;
     Ok(x.clone())
+}
+
+/// `where(c, a, b)`: a float condition, float branches of one dtype; the broadcast of all three,
+/// in the branches' dtype.
+fn select(
+    name: &'static str,
+    c: &TensorType,
+    a: &TensorType,
+    b: &TensorType,
+) -> Result<TensorType, InferError> {
+    if !c.dtype.is_float() || !a.dtype.is_float() {
+        return Err(InferError::Dtype {
+            op: name,
+            detail: format!(
+                "condition {} and branch {} must be floats",
+                c.dtype, a.dtype
+            ),
+        });
+    }
+    let branches = binary(name, a, b)?;
+    binary(name, &TensorType::new(a.dtype, c.shape.clone()), &branches)
 }
 
 #[cfg(test)]

@@ -12,6 +12,6 @@ pub mod verify;
 pub use graph::{Annotation, Graph, GraphParts, Node, Output, Phase, PipelineSpec, Region, Value};
 pub use ids::{EntityId, Global, Local, NodeId, RegionId, Space, ValueId};
 pub use idvec::IdVec;
-pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
-pub use train::{Optimizer, Training};
+pub use op::{BinaryOp, Op, ReduceOp, StateInit, UnaryOp};
+pub use train::{LossScale, Optimizer, Training, DYNAMIC_START};
 pub use types::{Dtype, Spec, TensorType, MAX_PROGRAM_BYTES};

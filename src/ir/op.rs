@@ -57,6 +57,8 @@ pub enum UnaryOp {
     Rsqrt,
     /// 1/x
     Recip,
+    /// 1 where x is ±inf or NaN, else 0: a loss-scaled step's overflow check (derivative 0).
+    NonFinite,
 }
 
 impl UnaryOp {
@@ -73,6 +75,7 @@ impl UnaryOp {
             UnaryOp::Sqrt => "sqrt",
             UnaryOp::Rsqrt => "rsqrt",
             UnaryOp::Recip => "recip",
+            UnaryOp::NonFinite => "nonfinite",
         }
     }
 
@@ -89,6 +92,7 @@ impl UnaryOp {
             UnaryOp::Sqrt => "sqrt_grad",
             UnaryOp::Rsqrt => "rsqrt_grad",
             UnaryOp::Recip => "recip_grad",
+            UnaryOp::NonFinite => "nonfinite_grad",
         }
     }
 
@@ -121,6 +125,37 @@ impl ReduceOp {
     }
 }
 
+/// What a `State` leaf holds before the first training step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateInit {
+    /// Zeros (optimizer moments, momentum buffers, AdamW's step count).
+    #[default]
+    Zeros,
+    /// The named param's values, widened to the state's dtype (an f32 master weight).
+    Param(String),
+    /// Every element this constant (a loss scale).
+    Fill(f64),
+}
+
+impl StateInit {
+    /// True for the default, zeros.
+    pub fn is_zeros(&self) -> bool {
+        *self == StateInit::Zeros
+    }
+}
+
+/// As in the text IR: nothing for zeros, ` = param NAME` or ` = fill V` otherwise.
+impl fmt::Display for StateInit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateInit::Zeros => Ok(()),
+            StateInit::Param(p) => write!(f, " = param {p}"),
+            StateInit::Fill(v) => write!(f, " = fill {}", fmt_f64(*v)),
+        }
+    }
+}
+
 /// One operation of the IR. Operands and results are listed on the node; the variant holds the
 /// static attributes. Shape and dtype rules live in `ir::infer`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,10 +172,13 @@ pub enum Op {
         name: String,
     },
     /// Optimizer state carried from one training step to the next (`adamw.m(layer.3.w1)`),
-    /// zeros before the first; no operands, one result.
+    /// as `init` says before the first (zeros unless stated); no operands, one result.
     State {
         /// The state's name: the optimizer's slot and the param's full name.
         name: String,
+        /// Its value before the first step.
+        #[serde(default, skip_serializing_if = "StateInit::is_zeros")]
+        init: StateInit,
     },
     /// numpy matmul: `...mk,...kn->...mn`, batch dims broadcast, 1-D operands promoted then dropped.
     MatMul,
@@ -257,6 +295,10 @@ pub enum Op {
     },
     /// 1.0 where the operands (broadcast, same dtype) are equal, else 0.0; result f32.
     Equal,
+    /// `where(c, a, b)`: `a` where the float `c` is non-zero, else `b` (a and b floats of one
+    /// dtype; all three broadcast). Unlike `c·a + (1−c)·b` it is not NaN where the operand not
+    /// chosen is inf: a skipped step keeps its old values with it.
+    Select,
     /// Backward of embedding: operands ids `i32[...]` and rows `f32[..., H]`; result `[rows, H]`
     /// with row `i` the sum of the rows whose id is `i`.
     ScatterAdd {
@@ -383,6 +425,7 @@ impl Op {
             Op::Fill { .. } => "fill",
             Op::UnaryGrad { op } => op.grad_name(),
             Op::Equal => "equal",
+            Op::Select => "select",
             Op::ScatterAdd { .. } => "scatter_add",
             Op::OneHot { .. } => "one_hot",
             Op::AllReduce { .. } => "all_reduce",
@@ -430,7 +473,7 @@ impl Op {
     /// The name of a leaf.
     pub fn leaf_name(&self) -> Option<&str> {
         match self {
-            Op::Input { name } | Op::Param { name } | Op::State { name } => Some(name),
+            Op::Input { name } | Op::Param { name } | Op::State { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -484,9 +527,8 @@ impl fmt::Display for Op {
                 .join(",")
         };
         match self {
-            Op::Input { name } | Op::Param { name } | Op::State { name } => {
-                write!(f, "{} {}", self.name(), name)
-            }
+            Op::Input { name } | Op::Param { name } => write!(f, "{} {}", self.name(), name),
+            Op::State { name, init } => write!(f, "{} {}{}", self.name(), name, init),
             Op::Scalar {
                 op,
                 value,
@@ -576,7 +618,8 @@ impl fmt::Display for Op {
             | Op::CrossEntropy
             | Op::CausalMask
             | Op::UnaryGrad { .. }
-            | Op::Equal => f.write_str(self.name()),
+            | Op::Equal
+            | Op::Select => f.write_str(self.name()),
         }
     }
 }

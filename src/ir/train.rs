@@ -69,6 +69,22 @@ pub struct Training {
     pub optimizer: Optimizer,
     /// Full names of the params declared `frozen` (every instance of a block's frozen param).
     pub frozen: BTreeSet<String>,
+    /// The loss scale, if any.
+    pub loss_scale: Option<LossScale>,
     /// The `train` statement.
     pub span: Span,
 }
+
+/// How the loss is scaled before the backward (gradients are unscaled before the update).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossScale {
+    /// A constant scale, finite and > 0.
+    Static(f64),
+    /// A scale carried from step to step, one value for all ranks: it starts at
+    /// [`DYNAMIC_START`]; a step whose gradients hold an inf or NaN anywhere on the mesh is
+    /// skipped (every carried value keeps its old value) and halves it.
+    Dynamic,
+}
+
+/// The dynamic loss scale's first value (PyTorch's `GradScaler` default).
+pub const DYNAMIC_START: f64 = 65536.0;

@@ -37,7 +37,8 @@ fn check_graph<S: Space>(g: &Graph<S>) -> Result<(), String> {
     check_annotations(g)?;
     check_outputs(g)?;
     check_pipeline(g)?;
-    check_leaf_names(g)
+    check_leaf_names(g)?;
+    check_state_inits(g)
 }
 
 /// The value `v`, if it exists.
@@ -315,6 +316,32 @@ fn check_pipeline<S: Space>(g: &Graph<S>) -> Result<(), String> {
     Ok(())
 }
 
+/// A state that starts as a param names a param of the graph, of the same dims count.
+fn check_state_inits<S: Space>(g: &Graph<S>) -> Result<(), String> {
+    let ranks: std::collections::HashMap<&str, usize> = g
+        .nodes()
+        .filter_map(|(_, n)| match &n.op {
+            Op::Param { name } => Some((name.as_str(), g.ty(n.outputs[0]).rank())),
+            _ => None,
+        })
+        .collect();
+    for (id, node) in g.nodes() {
+        let Op::State {
+            name,
+            init: crate::ir::StateInit::Param(p),
+        } = &node.op
+        else {
+            continue;
+        };
+        if ranks.get(p.as_str()) != Some(&g.ty(node.outputs[0]).rank()) {
+            return Err(format!(
+                "state `{name}` ({id}) starts as `{p}`, not a param like it"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Param names are unique, input names are unique, and state names are unique.
 fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
     let mut params = HashSet::new();
@@ -324,7 +351,7 @@ fn check_leaf_names<S: Space>(g: &Graph<S>) -> Result<(), String> {
         let (kind, name, seen) = match &node.op {
             Op::Param { name } => ("param", name, &mut params),
             Op::Input { name } => ("input", name, &mut inputs),
-            Op::State { name } => ("state", name, &mut states),
+            Op::State { name, .. } => ("state", name, &mut states),
             _ => continue,
         };
         if !seen.insert(name.as_str()) {

@@ -290,6 +290,7 @@ fn unary(name: &str) -> Option<UnaryOp> {
         "sqrt" => UnaryOp::Sqrt,
         "rsqrt" => UnaryOp::Rsqrt,
         "recip" => UnaryOp::Recip,
+        "nonfinite" => UnaryOp::NonFinite,
         _ => return None,
     })
 }
@@ -302,6 +303,7 @@ fn fold_unary(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Rsqrt => 1.0 / x.sqrt(),
         UnaryOp::Recip => 1.0 / x,
+        UnaryOp::NonFinite => f64::from(u8::from(!x.is_finite())),
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Relu => x.max(0.0),
         UnaryOp::Silu => x / (1.0 + (-x).exp()),

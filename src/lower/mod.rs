@@ -68,6 +68,7 @@ pub fn lower_program(
             loss,
             optimizer,
             frozen: std::mem::take(&mut scope.frozen),
+            loss_scale: scope.loss_scale,
             span,
         });
     if let (true, Some(t)) = (g.outputs().is_empty(), &training) {

@@ -49,6 +49,8 @@ pub(crate) struct Scope<'g> {
     pub(crate) frozen: BTreeSet<String>,
     /// The `train` statement's loss and optimizer, and the statement's span.
     pub(crate) training: Option<(ValueId, Optimizer, Span)>,
+    /// The `train` statement's loss scale.
+    pub(crate) loss_scale: Option<crate::ir::LossScale>,
 }
 
 impl<'g> Scope<'g> {
@@ -80,6 +82,7 @@ impl<'g> Scope<'g> {
             outputs: HashMap::new(),
             frozen: BTreeSet::new(),
             training: None,
+            loss_scale: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl<'g> Scope<'g> {
             });
         }
         let (loss, opt) = super::train::resolve(self, t, prog)?;
+        self.loss_scale = super::train::loss_scale(t)?;
         self.training = Some((loss, opt, t.span));
         Ok(())
     }

@@ -5,7 +5,7 @@ use super::builtins::{bind, Bound};
 use super::error::LowerError;
 use super::scope::{Scope, Val};
 use super::Program;
-use crate::ir::{Dtype, Optimizer, ValueId};
+use crate::ir::{Dtype, LossScale, Optimizer, ValueId};
 use crate::syntax::ast::Train;
 
 /// The optimizers and their arguments (`?`: optional, with the default of [`optimizer`]).
@@ -25,6 +25,20 @@ pub(super) fn resolve(
 ) -> Result<(ValueId, Optimizer), LowerError> {
     let loss = loss(s, t, prog)?;
     Ok((loss, optimizer(s, t, prog)?))
+}
+
+/// The statement's loss scale: `dynamic`, or a constant that must be finite and > 0.
+pub(super) fn loss_scale(t: &Train) -> Result<Option<LossScale>, LowerError> {
+    match t.loss_scale {
+        None => Ok(None),
+        Some((None, _)) => Ok(Some(LossScale::Dynamic)),
+        Some((Some(v), _)) if positive(v) => Ok(Some(LossScale::Static(v))),
+        Some((Some(v), span)) => Err(LowerError::Invalid {
+            message: format!("`loss_scale` {v}: it must be finite and > 0"),
+            span,
+            hint: Some("write `loss_scale dynamic` or a scale such as `loss_scale 1024`".into()),
+        }),
+    }
 }
 
 /// The loss: a tensor in scope whose type is `f32[]`.

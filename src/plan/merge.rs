@@ -127,10 +127,10 @@ fn merges(g: &Graph<Local>, mesh: &Mesh) -> Vec<Merge> {
 }
 
 /// The tables a rewrite edits: the graph's parts, and per value its placement and origin.
-struct Tables {
-    parts: GraphParts<Local>,
-    placements: IdVec<ValueId<Local>, Placement>,
-    origin: IdVec<ValueId<Local>, Option<ValueId>>,
+pub(super) struct Tables {
+    pub(super) parts: GraphParts<Local>,
+    pub(super) placements: IdVec<ValueId<Local>, Placement>,
+    pub(super) origin: IdVec<ValueId<Local>, Option<ValueId>>,
 }
 
 impl Tables {
@@ -240,7 +240,7 @@ fn apply(
 
 /// The remaining nodes in order, each merged all-reduce right after its add, and the
 /// provenance by the new node ids.
-fn reorder(
+pub(super) fn reorder(
     nodes: Vec<Option<Node<Local>>>,
     mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)>,
     old: &BTreeMap<NodeId<Local>, Provenance>,
@@ -294,7 +294,7 @@ fn provenance(p: &Partitioned, m: &Merge) -> Option<Provenance> {
 
 /// Drops the values no node makes and numbers the rest in node order (each value after the
 /// values its node reads, as partitioning numbers them), pointing each at its node.
-fn compact(t: &mut Tables) {
+pub(super) fn compact(t: &mut Tables) {
     let parts = &mut t.parts;
     let n = parts.values.len();
     let mut new_id = vec![usize::MAX; n];

@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod liveness;
 pub mod merge;
 pub mod micro;
+pub mod overflow;
 pub mod remat;
 pub mod rows;
 pub mod summary;
@@ -125,6 +126,8 @@ impl Plan {
         verify(&part.local, "partition")?;
         let part = merge::merge(part, &mesh);
         verify(&part.local, "merge")?;
+        let part = overflow::whole_mesh(part, &global, &mesh);
+        verify(&part.local, "overflow")?;
         let temporal = mesh.temporal().map(|a| mesh.axis_name(a).to_string());
         // A bucket would join gradients of different pipeline stages into one message.
         let cap = match crate::pipeline::pipelined(&global, &mesh) {

@@ -31,6 +31,9 @@ pub struct MemorySummary {
     pub grads: u64,
     /// Optimizer state (Adam's moments, SGD's momentum).
     pub optimizer: u64,
+    /// The f32 master weights of 16-bit trained params.
+    #[serde(default)]
+    pub master: u64,
     /// Forward values the backward still needs when it starts (0 without a backward).
     pub activations: u64,
     /// Params and optimizer state (resident across steps) plus the largest set of live values.
@@ -148,7 +151,8 @@ impl Summary {
         let memory_bytes_per_device = MemorySummary {
             params: param_bytes,
             grads: gradient_bytes(local),
-            optimizer: state_bytes(local),
+            optimizer: state_bytes(local, false),
+            master: state_bytes(local, true),
             activations: activation_bytes(local),
             peak,
         };
@@ -233,10 +237,15 @@ pub(crate) fn activation_bytes(g: &Graph<Local>) -> u64 {
         .fold(0u64, |acc, v| acc.saturating_add(g.ty(v).size_bytes()))
 }
 
-/// Bytes of the optimizer state.
-fn state_bytes(g: &Graph<Local>) -> u64 {
+/// Bytes of the master weights (states that start as a param) when `masters`, else of the rest
+/// of the optimizer state.
+fn state_bytes(g: &Graph<Local>, masters: bool) -> u64 {
+    use crate::ir::StateInit;
     g.nodes()
-        .filter(|(_, n)| matches!(n.op, Op::State { .. }))
+        .filter(|(_, n)| match &n.op {
+            Op::State { init, .. } => matches!(init, StateInit::Param(_)) == masters,
+            _ => false,
+        })
         .fold(0u64, |acc, (_, n)| {
             acc.saturating_add(g.ty(n.outputs[0]).size_bytes())
         })

@@ -432,6 +432,16 @@ impl<'a> Verifier<'a> {
         let (name, from, to) = transition(&n.op).expect("checked by the caller");
         let a = mesh.axis_index(name).expect("checked by check_axes");
         for (x, y) in self.moved_pairs(n)? {
+            // A max over copies of one value is that value: the whole-mesh overflow flag
+            // (`plan::overflow`) is max-reduced over axes it is replicated on.
+            let idempotent = matches!(
+                n.op,
+                Op::AllReduce {
+                    reduce: ReduceOp::Max,
+                    ..
+                }
+            ) && self.pl(x).axis(a) == AxisPl::Replicate;
+            let from = if idempotent { AxisPl::Replicate } else { from };
             self.check_pair(name, a, (from, to), x, y)?;
         }
         Ok(())

@@ -32,6 +32,8 @@ struct Trained {
     first_outputs: BTreeMap<String, Tensor>,
     /// Measured figures of the sharded run's last step (none for the reference).
     stats: Option<tpc::exec::spmd::RunStats>,
+    /// With a dynamic loss scale: per step, whether it was skipped.
+    skipped: Vec<bool>,
 }
 
 /// A training run ready to start: the step compiled and planned, and where the ranks take
@@ -336,7 +338,13 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
         }
     };
     let spec = spec(args, &job.c, &job.source, &job.stepped);
-    let out = train_threads_with(&job.plan, &spec, &job.ck, Some(&print));
+    let out = match test_poison() {
+        None => train_threads_with(&job.plan, &spec, &job.ck, Some(&print)),
+        Some(p) => {
+            exec_train::train_ranks_poisoned(&job.plan, &spec, &job.ck, Some(&p), Some(&print))
+                .and_then(|ranks| exec_train::assemble_trained(&job.plan, &spec, ranks))
+        }
+    };
     bar.finish_and_clear();
     match out {
         Ok(out) => finish(args, &job, trained(&job.c, job.ck.first, out)),
@@ -345,7 +353,7 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
             if !losses.is_empty() {
                 let failed = [String::from("the run")];
                 let mut w = Written::new(&failed);
-                w.text(&args.log, || log_lines(&losses, first))?;
+                w.text(&args.log, || log_lines(&losses, first, &Scales::default()))?;
                 w.report();
             }
             Err(anyhow!("{e}").into())
@@ -353,11 +361,41 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     }
 }
 
-/// One JSON line per step: `{"step", "loss", "time_s"}`, steps counted from `first` done.
-fn log_lines(losses: &[(f32, f64)], first: usize) -> String {
+/// A dynamic loss scale's record: per step whether it was skipped, and the scale after the last.
+#[derive(Default)]
+struct Scales<'a> {
+    skipped: &'a [bool],
+    last: Option<&'a Tensor>,
+}
+
+impl Scales<'_> {
+    /// The scale each step ran with: the scale after the last step, doubled back over every
+    /// skipped step from there (the scale only halves).
+    fn per_step(&self) -> Option<Vec<f64>> {
+        let last = f64::from(*self.last?.as_f32()?.iter().next()?);
+        let mut scale = last;
+        let mut out = vec![0.0; self.skipped.len()];
+        for (s, &skip) in self.skipped.iter().enumerate().rev() {
+            if skip {
+                scale *= 2.0;
+            }
+            out[s] = scale;
+        }
+        Some(out)
+    }
+}
+
+/// One JSON line per step: `{"step", "loss", "time_s"}` (and, with a dynamic loss scale,
+/// `"scale"` and `"skipped"`), steps counted from `first` done.
+fn log_lines(losses: &[(f32, f64)], first: usize, scales: &Scales<'_>) -> String {
     let mut text = String::new();
+    let per_step = scales.per_step().filter(|p| p.len() == losses.len());
     for (s, (loss, secs)) in losses.iter().enumerate() {
-        let line = serde_json::json!({"step": first + s + 1, "loss": loss, "time_s": secs});
+        let mut line = serde_json::json!({"step": first + s + 1, "loss": loss, "time_s": secs});
+        if let Some(p) = &per_step {
+            line["scale"] = serde_json::json!(p[s]);
+            line["skipped"] = serde_json::json!(scales.skipped[s]);
+        }
         text.push_str(&line.to_string());
         text.push('\n');
     }
@@ -484,6 +522,7 @@ fn trained(c: &Compiled, first: usize, mut out: exec_train::Trained) -> Trained 
         leaves,
         first_outputs: out.first,
         stats: Some(out.stats),
+        skipped: out.skipped,
     }
 }
 
@@ -524,6 +563,10 @@ fn start_leaves(
     }
     if let Some(p) = &args.params {
         all.extend(tpc::exec::arrays::load(p, g, true).map_err(|e| anyhow!("{e}"))?);
+        if !matches!(source, LeafSource::Checkpoint { .. }) {
+            // Master weights start as the params given.
+            tpc::exec::leaves::states_from_params(g, &mut all);
+        }
     }
     let mut stepped = BTreeMap::new();
     if let Some(p) = &args.inputs {
@@ -542,6 +585,12 @@ fn start_leaves(
         leaves: all,
         stepped,
     })
+}
+
+/// A test's corrupted gradient block, from `TPC_TEST_POISON=STEP:RANK:NAME` (thread runs and
+/// the reference of `--check`; see `exec::train::Poison`).
+fn test_poison() -> Option<exec_train::Poison> {
+    exec_train::Poison::parse(&std::env::var("TPC_TEST_POISON").ok()?)
 }
 
 /// Runs the steps with `step` (leaves -> outputs) on global arrays (the reference's loop).
@@ -586,6 +635,7 @@ fn steps(
         leaves,
         first_outputs,
         stats: None,
+        skipped: Vec::new(),
     })
 }
 
@@ -620,8 +670,15 @@ fn check(
 ) -> Result<Vec<String>, Failure> {
     let t = Instant::now();
     let g = &plan.global;
+    let poison = test_poison();
+    let mut done = start.first;
     let want = steps(args, c, g, start, |leaves| {
-        reference::run(g, leaves, leaves).map_err(|e| anyhow!("reference: {e}"))
+        done += 1;
+        match poison.as_ref().filter(|p| p.step == done) {
+            Some(p) => reference::run_poisoned(g, leaves, &p.value),
+            None => reference::run(g, leaves, leaves),
+        }
+        .map_err(|e| anyhow!("reference: {e}"))
     })?;
     let mut s = 0u64;
     let noisy = steps(args, c, g, start, |leaves| {
@@ -703,6 +760,10 @@ fn write_results(
     if let Some(stats) = &t.stats {
         w.text(&args.stats, || super::stats_json(plan, stats))?;
     }
-    w.text(&args.log, || log_lines(&t.losses, t.first))?;
+    let scales = Scales {
+        skipped: &t.skipped,
+        last: t.leaves.get(tpc::autodiff::scale::SCALE_STATE),
+    };
+    w.text(&args.log, || log_lines(&t.losses, t.first, &scales))?;
     w.finish(args)
 }

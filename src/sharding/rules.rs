@@ -80,7 +80,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             };
             broadcasting(&mut b, ins, out_shape, linear)
         }
-        Op::Equal => broadcasting(&mut b, ins, out_shape, vec![]),
+        Op::Equal | Op::Select => broadcasting(&mut b, ins, out_shape, vec![]),
         Op::BroadcastTo { .. } => broadcasting(&mut b, ins, out_shape, vec![vec![0]]),
         Op::FullLike { .. } => elementwise(&mut b, out_shape, 1, false),
         Op::Fill { .. } => elementwise(&mut b, out_shape, 0, false),

@@ -48,6 +48,8 @@ pub struct Train {
     pub optimizer: Ident,
     /// The optimizer's arguments as written.
     pub args: Vec<Arg>,
+    /// `loss_scale dynamic` (`None`) or `loss_scale N` (`Some(N)`), with its span.
+    pub loss_scale: Option<(Option<f64>, Span)>,
     /// Span of the whole statement.
     pub span: Span,
 }

@@ -317,6 +317,8 @@ fn describe(rule: Rule) -> &'static str {
         Rule::return_stmt | Rule::kw_return => "`return`",
         Rule::train_stmt | Rule::kw_train => "`train`",
         Rule::kw_with => "`with`",
+        Rule::loss_scale | Rule::kw_loss_scale => "`loss_scale`",
+        Rule::kw_dynamic => "`dynamic`",
         Rule::kw_frozen => "`frozen`",
         Rule::leaf_tail => "`frozen` or '@'",
         Rule::assign_stmt => "assignment",
@@ -470,6 +472,8 @@ fn is_punct(rule: Rule) -> bool {
             | Rule::kw_return
             | Rule::kw_train
             | Rule::kw_with
+            | Rule::kw_loss_scale
+            | Rule::kw_dynamic
             | Rule::matmul
             | Rule::lparen
             | Rule::rparen
@@ -595,10 +599,19 @@ impl Conv<'_, '_> {
         let Expr::Call { func, args, .. } = call else {
             return Err(internal_error());
         };
+        let loss_scale = it.next().map(|p| {
+            let at = self.span(&p);
+            let value = parts(p).find(|q| q.as_rule() == Rule::number);
+            (
+                value.map(|q| q.as_str().parse().unwrap_or(f64::INFINITY)),
+                at,
+            )
+        });
         Ok(Train {
             loss,
             optimizer: func,
             args,
+            loss_scale,
             span,
         })
     }

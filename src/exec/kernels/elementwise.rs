@@ -570,6 +570,7 @@ fn unary_impl(op: UnaryOp, x: Operand<'_>) -> ArrayD<f32> {
         UnaryOp::Sqrt => map_f32(x, f32::sqrt),
         UnaryOp::Rsqrt => map_f32(x, |v| 1.0 / v.sqrt()),
         UnaryOp::Recip => map_f32(x, |v| 1.0 / v),
+        UnaryOp::NonFinite => map_f32(x, |v| f32::from(u8::from(!v.is_finite()))),
     }
 }
 

@@ -30,6 +30,7 @@ fn derivative(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Sqrt => 0.5 / x.sqrt(),
         UnaryOp::Rsqrt => -0.5 / (x * x.sqrt()),
         UnaryOp::Recip => -1.0 / (x * x),
+        UnaryOp::NonFinite => 0.0,
     }
 }
 
@@ -138,4 +139,23 @@ fn zeros(op: &'static str, rows: usize, width: usize) -> Result<Vec<f32>, ExecEr
     let mut out = take_vec::<f32>(len);
     out.resize(len, 0.0);
     Ok(out)
+}
+
+/// `where(c, x, y)`: `x` where `c` is non-zero, else `y`, all three broadcast (numpy's
+/// `where(c != 0, x, y)`).
+pub fn select(c: &ArrayD<f32>, x: &ArrayD<f32>, y: &ArrayD<f32>) -> Result<ArrayD<f32>, ExecError> {
+    let shape = super::broadcast_shape(x.shape(), y.shape())
+        .and_then(|s| super::broadcast_shape(c.shape(), &s))
+        .ok_or_else(|| {
+            let detail = format!("{:?}, {:?} and {:?}", c.shape(), x.shape(), y.shape());
+            ExecError::shape("select", detail)
+        })?;
+    let view = |a: &ArrayD<f32>| a.broadcast(shape.as_slice()).map(|v| v.to_owned());
+    let (Some(c), Some(x), Some(y)) = (view(c), view(x), view(y)) else {
+        return Err(ExecError::shape("select", format!("to {shape:?}")));
+    };
+    Ok(ndarray::Zip::from(&c)
+        .and(&x)
+        .and(&y)
+        .map_collect(|&c, &x, &y| if c != 0.0 { x } else { y }))
 }
