@@ -42,6 +42,7 @@ fn planned(c: &Compiled, mesh: &str, m: u64) -> Plan {
     let options = Options {
         microbatches: Some(m),
         schedule: ScheduleKind::OneFOneB,
+        ..Default::default()
     };
     let mesh = Mesh::parse(mesh).expect("mesh");
     plan_declared(c.graph.clone(), Some(mesh), Device::default(), &options).expect("plans")

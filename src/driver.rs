@@ -73,6 +73,9 @@ pub enum Error {
     /// A pipeline that cannot be cut as asked.
     #[error(transparent)]
     Stage(Box<StageError>),
+    /// `--zero` asked of a program it cannot apply to.
+    #[error(transparent)]
+    Zero(crate::plan::zero::ZeroError),
 }
 
 impl From<PlanError> for Error {
@@ -87,6 +90,7 @@ impl From<PlanError> for Error {
                 detail: e,
             }),
             PlanError::Stage(e) => Error::Stage(Box::new(e)),
+            PlanError::Zero(e) => Error::Zero(e),
             PlanError::PlanVerify(e) => Error::Verify(VerifyError {
                 stage: "partition (plan verifier)",
                 detail: e.to_string(),
@@ -115,6 +119,7 @@ impl Error {
             Error::Shard(e) => diag::render(e, src),
             Error::Micro(e) => diag::render(e.as_ref(), src),
             Error::Stage(e) => diag::render(e.as_ref(), src),
+            Error::Zero(e) => diag::render(e, None),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),

@@ -66,6 +66,10 @@ struct CompileArgs {
     /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward) or gpipe.
     #[arg(long, value_name = "KIND", default_value = "1f1b", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
     schedule: tpc::pipeline::schedule::ScheduleKind,
+    /// ZeRO over the dp axis: 0 plain data parallelism, 1 optimizer state split, 2 gradients
+    /// too, 3 params too (gathered before each use).
+    #[arg(long, value_name = "STAGE", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: u8,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -76,6 +80,7 @@ impl CompileArgs {
         tpc::plan::Options {
             microbatches: self.microbatches,
             schedule: self.schedule,
+            zero: self.zero,
         }
     }
 }

@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// Pipeline schedule: 1f1b (Megatron's one-forward-one-backward, the default) or gpipe.
     #[arg(long, value_name = "KIND", value_parser = clap::value_parser!(tpc::pipeline::schedule::ScheduleKind))]
     schedule: Option<tpc::pipeline::schedule::ScheduleKind>,
+    /// ZeRO over the dp axis: 0 plain data parallelism (the default), 1 optimizer state split,
+    /// 2 gradients too, 3 params too (gathered before each use).
+    #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -118,6 +122,7 @@ impl RunArgs {
             schedule: self
                 .schedule
                 .unwrap_or(tpc::pipeline::schedule::ScheduleKind::OneFOneB),
+            zero: self.zero.unwrap_or(0),
         }
     }
 }
@@ -656,6 +661,7 @@ fn load_plan_document(
         ("--set applies", !args.set.is_empty()),
         ("--microbatches applies", args.microbatches.is_some()),
         ("--schedule applies", args.schedule.is_some()),
+        ("--zero applies", args.zero.is_some()),
         (
             "the cost model's flags (--flops, --bandwidth, --latency, --bucket-mb, ...) apply",
             device != Device::default() && device != plan.device,

@@ -25,6 +25,7 @@ fn plan_on(mesh: &str, l: i64, b: i64, m: Option<u64>, kind: ScheduleKind, dev: 
     let options = Options {
         microbatches: m,
         schedule: kind,
+        ..Default::default()
     };
     plan_declared(c.graph, Some(Mesh::parse(mesh).unwrap()), dev, &options)
         .unwrap_or_else(|e| panic!("{}", e.render(None)))

@@ -26,6 +26,7 @@ fn planned(c: &Compiled, mesh: &str, m: u64, schedule: ScheduleKind) -> Plan {
     let options = tpc::plan::Options {
         microbatches: Some(m),
         schedule,
+        ..Default::default()
     };
     let mesh = Mesh::parse(mesh).unwrap();
     plan_declared(c.graph.clone(), Some(mesh), Device::default(), &options).expect("plans")
