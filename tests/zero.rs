@@ -255,6 +255,31 @@ fn microbatched_zero_equals_the_reference() {
     assert!(!stdout(&o).contains("differ"), "{}", stdout(&o));
 }
 
+/// On a pipelined mesh each stage's update is split over dp as well, and equals the reference.
+#[test]
+fn pipelined_zero_equals_the_reference() {
+    for stage in ["1", "3"] {
+        let o = tpc(&[
+            "run",
+            &cli_support::example("gpt_pipe.tpl"),
+            "--mesh",
+            "dp=2,pp=2,tp=2",
+            "--steps",
+            "2",
+            "--zero",
+            stage,
+            "--check",
+        ]);
+        assert_exit(&o, 0);
+        assert!(
+            !stdout(&o).contains("differ"),
+            "zero {stage}:\n{}",
+            stdout(&o)
+        );
+        assert_stdout_has(&o, "check layer.3.mlp.w1: ");
+    }
+}
+
 /// The flag through the binary: the summary line, a stage above 3 refused by the parser, a
 /// mesh without dp refused, dp = 1 a no-op, and the default output unchanged.
 #[test]

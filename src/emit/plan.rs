@@ -248,19 +248,26 @@ fn zero_line(z: &crate::plan::summary::ZeroMemory) -> String {
         2 => 4.0 + 12.0 / d,
         _ => 16.0 / d,
     };
-    let whole = match l.replicated.len() {
-        0 => String::new(),
-        n => format!(
-            "; {n} left whole over dp (no dim free of other axes divides): {}",
-            l.replicated.join(", ")
-        ),
-    };
+    let whole = left_whole(&l.replicated);
     format!(
         "zero {}: {what} of {} params split over dp={}{whole}; memory per param {:.2} B (f32 adamw: {formula} = {expected:.2})",
         l.stage,
         l.sharded.len(),
         l.degree,
         z.bytes_per_param
+    )
+}
+
+/// The params ZeRO left whole over dp: their count and the first eight names.
+fn left_whole(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let more = if names.len() > 8 { ", ..." } else { "" };
+    format!(
+        "; {} left whole over dp (no dim free of other axes divides): {}{more}",
+        names.len(),
+        names[..names.len().min(8)].join(", ")
     )
 }
 
