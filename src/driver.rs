@@ -76,6 +76,9 @@ pub enum Error {
     /// A recompute policy the program cannot take.
     #[error(transparent)]
     Recompute(Box<crate::plan::remat::RematError>),
+    /// `--zero` asked of a program it cannot apply to.
+    #[error(transparent)]
+    Zero(crate::plan::zero::ZeroError),
 }
 
 impl From<PlanError> for Error {
@@ -91,6 +94,7 @@ impl From<PlanError> for Error {
             }),
             PlanError::Stage(e) => Error::Stage(Box::new(e)),
             PlanError::Recompute(e) => Error::Recompute(Box::new(e)),
+            PlanError::Zero(e) => Error::Zero(e),
             PlanError::PlanVerify(e) => Error::Verify(VerifyError {
                 stage: "partition (plan verifier)",
                 detail: e.to_string(),
@@ -120,6 +124,7 @@ impl Error {
             Error::Micro(e) => diag::render(e.as_ref(), src),
             Error::Stage(e) => diag::render(e.as_ref(), src),
             Error::Recompute(e) => diag::render(e.as_ref(), src),
+            Error::Zero(e) => diag::render(e, None),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),

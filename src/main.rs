@@ -71,6 +71,10 @@ struct CompileArgs {
     /// instance, e.g. each layer, from its input).
     #[arg(long, value_name = "POLICY", default_value = "none", value_parser = clap::value_parser!(tpc::plan::remat::Recompute))]
     recompute: tpc::plan::remat::Recompute,
+    /// ZeRO over the dp axis: 0 plain data parallelism, 1 optimizer state split, 2 gradients
+    /// too, 3 params too (gathered before each use).
+    #[arg(long, value_name = "STAGE", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: u8,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -82,6 +86,7 @@ impl CompileArgs {
             microbatches: self.microbatches,
             schedule: self.schedule,
             recompute: self.recompute,
+            zero: self.zero,
         }
     }
 }

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// instance, e.g. each layer, from its input). Results are bitwise those of none.
     #[arg(long, value_name = "POLICY", value_parser = clap::value_parser!(tpc::plan::remat::Recompute))]
     recompute: Option<tpc::plan::remat::Recompute>,
+    /// ZeRO over the dp axis: 0 plain data parallelism (the default), 1 optimizer state split,
+    /// 2 gradients too, 3 params too (gathered before each use).
+    #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -124,6 +128,7 @@ impl RunArgs {
                 .schedule
                 .unwrap_or(tpc::pipeline::schedule::ScheduleKind::OneFOneB),
             recompute: self.recompute.unwrap_or_default(),
+            zero: self.zero.unwrap_or(0),
         }
     }
 }
@@ -663,6 +668,7 @@ fn load_plan_document(
         ("--microbatches applies", args.microbatches.is_some()),
         ("--schedule applies", args.schedule.is_some()),
         ("--recompute applies", args.recompute.is_some()),
+        ("--zero applies", args.zero.is_some()),
         (
             "the cost model's flags (--flops, --bandwidth, --latency, --bucket-mb, ...) apply",
             device != Device::default() && device != plan.device,

@@ -227,6 +227,9 @@ fn training_lines(s: &crate::plan::summary::Summary) -> Vec<String> {
     if let Some(r) = &s.recompute {
         v.push(recompute_line(s.flops_per_device, r));
     }
+    if let Some(z) = &s.zero {
+        v.push(zero_line(z));
+    }
     if let Some(mb) = &s.microbatches {
         v.push(format!(
             "microbatches: {} per step, run one after another; {} values accumulated over them \
@@ -258,6 +261,44 @@ fn recompute_line(flops: f64, r: &crate::plan::remat::RecomputeSummary) -> Strin
         secs(r.time_s),
         bytes(r.activations_before),
         bytes(r.activations_after)
+    )
+}
+
+/// ZeRO's line: the stage, what it split, the params it left whole and the memory per param
+/// beside the formula it should equal when every param splits.
+fn zero_line(z: &crate::plan::summary::ZeroMemory) -> String {
+    let l = &z.layout;
+    let (what, formula) = match l.stage {
+        1 => ("optimizer state", "8 + 8/d"),
+        2 => ("optimizer state and gradients", "4 + 12/d"),
+        _ => ("optimizer state, gradients and params", "16/d"),
+    };
+    let d = l.degree as f64;
+    let expected = match l.stage {
+        1 => 8.0 + 8.0 / d,
+        2 => 4.0 + 12.0 / d,
+        _ => 16.0 / d,
+    };
+    let whole = left_whole(&l.replicated);
+    format!(
+        "zero {}: {what} of {} params split over dp={}{whole}; memory per param {:.2} B (f32 adamw: {formula} = {expected:.2})",
+        l.stage,
+        l.sharded.len(),
+        l.degree,
+        z.bytes_per_param
+    )
+}
+
+/// The params ZeRO left whole over dp: their count and the first eight names.
+fn left_whole(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let more = if names.len() > 8 { ", ..." } else { "" };
+    format!(
+        "; {} left whole over dp (no dim free of other axes divides): {}{more}",
+        names.len(),
+        names[..names.len().min(8)].join(", ")
     )
 }
 

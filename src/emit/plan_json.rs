@@ -163,6 +163,9 @@ struct SummaryShape {
     _peak: u64,
     #[serde(rename = "estimated_time_s")]
     _time: f64,
+    /// ZeRO's layout, which the recomputed summary takes again.
+    #[serde(default)]
+    zero: Option<crate::plan::summary::ZeroMemory>,
 }
 
 /// The documented shape of one collective kind's entry in the stored summary.
@@ -250,6 +253,9 @@ pub fn from_json(text: &str) -> Result<Plan, PlanJsonError> {
         ));
     }
     summary.pipeline = pipeline.as_ref().map(|p| p.summary.clone());
+    if let Some(z) = doc.summary.zero {
+        summary.set_zero(&local, z.layout);
+    }
     Ok(Plan {
         mesh,
         device: doc.device,

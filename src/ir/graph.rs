@@ -101,6 +101,30 @@ pub struct Annotation {
     pub span: Span,
 }
 
+/// The state a [`Pin`] fixes a value in along one mesh axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PinState {
+    /// Split along this dim over the axis.
+    Shard(usize),
+    /// Whole on every device of the axis.
+    Replicate,
+    /// A term on each device of the axis; the value is their sum.
+    Partial,
+}
+
+/// An axis-local placement constraint: `value` fixed in `state` along mesh axis `axis`, free
+/// along the others (a compiler-made constraint, e.g. ZeRO's, never written by users).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct Pin<S = Global> {
+    /// The value pinned.
+    pub value: ValueId<S>,
+    /// The mesh axis it is fixed along.
+    pub axis: String,
+    /// Its state along that axis.
+    pub state: PinState,
+}
+
 /// A program output: a name, the value, and its placement: the annotation's, or the placement
 /// of the value it is `like` (a training step's next param or gradient, laid out as its param),
 /// or Replicate.
@@ -151,6 +175,7 @@ pub struct Graph<S = Global> {
     values: Vec<Value<S>>,
     regions: Vec<Region<S>>,
     annotations: BTreeMap<ValueId<S>, Annotation>,
+    pins: BTreeMap<(ValueId<S>, String), PinState>,
     outputs: Vec<Output<S>>,
     // Set by lowering on the global program and kept by everything that extends a clone of it
     // (autodiff). The partitioner's local program does not carry it: a plan keeps its global
@@ -170,6 +195,7 @@ impl<S> Default for Graph<S> {
             values: Vec::new(),
             regions: Vec::new(),
             annotations: BTreeMap::new(),
+            pins: BTreeMap::new(),
             outputs: Vec::new(),
             pipeline: None,
             uses: Vec::new(),
@@ -285,6 +311,20 @@ impl<S: Space> Graph<S> {
     /// Records a user annotation on `v`; returns the previous one, if any.
     pub fn annotate(&mut self, v: ValueId<S>, a: Annotation) -> Option<Annotation> {
         self.annotations.insert(v, a)
+    }
+
+    /// Pins a value along one mesh axis, replacing an earlier pin of it on that axis.
+    pub fn pin(&mut self, pin: Pin<S>) {
+        self.pins.insert((pin.value, pin.axis), pin.state);
+    }
+
+    /// The axis-local pins, sorted by value and axis.
+    pub fn pins(&self) -> impl ExactSizeIterator<Item = Pin<S>> + '_ {
+        self.pins.iter().map(|((value, axis), state)| Pin {
+            value: *value,
+            axis: axis.clone(),
+            state: *state,
+        })
     }
 
     /// Appends a program output.
@@ -434,6 +474,11 @@ impl<S: Space> Graph<S> {
             outputs: parts.outputs,
             pipeline: parts.pipeline,
             annotations: parts.annotations.into_iter().collect(),
+            pins: parts
+                .pins
+                .into_iter()
+                .map(|p| ((p.value, p.axis), p.state))
+                .collect(),
             ..Default::default()
         };
         g.uses = vec![Vec::new(); g.values.len()];
@@ -469,6 +514,7 @@ impl<S: Space> Graph<S> {
                 .collect(),
             outputs: self.outputs.clone(),
             pipeline: self.pipeline.clone(),
+            pins: self.pins().collect(),
         }
     }
 }
@@ -504,6 +550,9 @@ pub struct GraphParts<S = Global> {
     /// The pipelined `repeat`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<PipelineSpec<S>>,
+    /// Axis-local pins (ZeRO's), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<Pin<S>>,
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ mod train;
 mod types;
 pub mod verify;
 
-pub use graph::{Annotation, Graph, GraphParts, Node, Output, Phase, PipelineSpec, Region, Value};
+pub use graph::{
+    Annotation, Graph, GraphParts, Node, Output, Phase, Pin, PinState, PipelineSpec, Region, Value,
+};
 pub use ids::{EntityId, Global, Local, NodeId, RegionId, Space, ValueId};
 pub use idvec::IdVec;
 pub use op::{BinaryOp, Op, ReduceOp, StateInit, UnaryOp};

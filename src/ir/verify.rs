@@ -1,6 +1,6 @@
 //! The IR verifier. A failure here is a compiler bug, never a user error.
 
-use super::graph::{Annotation, Graph, Node, Value};
+use super::graph::{Annotation, Graph, Node, PinState, Value};
 use super::ids::{NodeId, RegionId, Space, ValueId};
 use super::infer::infer;
 use super::op::Op;
@@ -35,6 +35,7 @@ fn check_graph<S: Space>(g: &Graph<S>) -> Result<(), String> {
         check_node_types(g, id, node)?;
     }
     check_annotations(g)?;
+    check_pins(g)?;
     check_outputs(g)?;
     check_pipeline(g)?;
     check_leaf_names(g)?;
@@ -240,6 +241,41 @@ fn check_annotations<S: Space>(g: &Graph<S>) -> Result<(), String> {
             return Err(format!("annotation on {v}, which is not defined"));
         };
         check_spec(g, a, &val.ty).map_err(|e| format!("annotation on {v}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Every pin is on an existing value, along a declared axis its annotation does not name, and
+/// a pinned split names one of the value's dims.
+fn check_pins<S: Space>(g: &Graph<S>) -> Result<(), String> {
+    for p in g.pins() {
+        let Some(val) = value(g, p.value) else {
+            return Err(format!("pin on {}, which is not defined", p.value));
+        };
+        if !g.mesh_axes.contains(&p.axis) {
+            return Err(format!(
+                "pin on {} along `{}`, not a mesh axis (mesh axes: {})",
+                p.value,
+                p.axis,
+                g.mesh_axes.join(", ")
+            ));
+        }
+        if let Some(a) = g.annotation(p.value) {
+            if a.spec.dims.iter().flatten().any(|x| *x == p.axis) {
+                return Err(format!(
+                    "pin on {} along `{}`, which its annotation {} already places",
+                    p.value, p.axis, a.spec
+                ));
+            }
+        }
+        if let PinState::Shard(d) = p.state {
+            if d >= val.ty.rank() {
+                return Err(format!(
+                    "pin on {} splits dim {d}, but the value has type {}",
+                    p.value, val.ty
+                ));
+            }
+        }
     }
     Ok(())
 }

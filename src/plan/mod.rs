@@ -10,6 +10,7 @@ pub mod remat;
 pub mod rows;
 pub mod summary;
 pub mod verify;
+pub mod zero;
 
 pub use summary::{KindSummary, Summary};
 
@@ -68,6 +69,9 @@ pub enum PlanError {
     /// A program that cannot be split into the microbatches asked for.
     #[error(transparent)]
     Micro(#[from] micro::MicroError),
+    /// ZeRO asked of a program it cannot apply to.
+    #[error(transparent)]
+    Zero(#[from] zero::ZeroError),
     /// A pipeline that cannot be cut as asked.
     #[error(transparent)]
     Stage(#[from] StageError),
@@ -121,7 +125,17 @@ impl Plan {
                 mesh.with_microbatches(m).map_err(micro::MicroError::from)?,
             ),
         };
-        let sh = propagate(&global, &mesh, &device)?;
+        let (global, zero) = match options.zero {
+            0 => (global, None),
+            stage => {
+                let (g, z) = zero::annotate(&global, &mesh, &device, stage)?;
+                (g, Some(z))
+            }
+        };
+        let sh = match zero {
+            Some(_) => propagate(&global, &mesh, &zero::propagation_device(&device))?,
+            None => propagate(&global, &mesh, &device)?,
+        };
         let part = partition(&global, &sh)?;
         verify(&part.local, "partition")?;
         let part = merge::merge(part, &mesh);
@@ -156,6 +170,9 @@ impl Plan {
         let pipeline =
             crate::pipeline::plan(&global, &part.local, &mesh, &device, options.schedule)?;
         summary.pipeline = pipeline.as_ref().map(|p| p.summary.clone());
+        if let Some(z) = zero {
+            summary.set_zero(&part.local, z);
+        }
         Ok(Plan {
             mesh,
             device,
@@ -186,6 +203,8 @@ pub struct Options {
     pub schedule: ScheduleKind,
     /// Which forward values the backward recomputes instead of keeping.
     pub recompute: remat::Recompute,
+    /// ZeRO stage over the `dp` axis (0: plain data parallelism).
+    pub zero: u8,
 }
 
 impl Default for Options {
@@ -194,6 +213,7 @@ impl Default for Options {
             microbatches: Some(1),
             schedule: ScheduleKind::OneFOneB,
             recompute: remat::Recompute::None,
+            zero: 0,
         }
     }
 }

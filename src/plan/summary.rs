@@ -73,6 +73,23 @@ pub struct Summary {
     /// With `--recompute` other than none: what recompute costs and saves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recompute: Option<super::remat::RecomputeSummary>,
+    /// With `--zero 1|2|3`: what was split over `dp`, and the memory per param.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero: Option<ZeroMemory>,
+}
+
+/// ZeRO's layout and its memory per param.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ZeroMemory {
+    /// The stage, the `dp` degree and which params were split.
+    #[serde(flatten)]
+    pub layout: super::zero::ZeroSummary,
+    /// Elements of params each device would hold without ZeRO (the "per param" divisor).
+    pub param_elements: u64,
+    /// Bytes of params, gradients and per-param optimizer state (not the scalar `step`) each
+    /// device holds per element of `param_elements`: 16 for f32 AdamW without ZeRO; 8 + 8/d,
+    /// 4 + 12/d and 16/d for stages 1, 2 and 3 when every param splits.
+    pub bytes_per_param: f64,
 }
 
 /// Every collective kind with count 0.
@@ -169,8 +186,46 @@ impl Summary {
             microbatches,
             pipeline: None,
             recompute: None,
+            zero: None,
         }
     }
+}
+
+impl Summary {
+    /// Records ZeRO's layout: from stage 2 on, a split param's gradient is counted at its
+    /// shard's size (no full gradient buffer is resident), and the memory per param follows.
+    pub fn set_zero(&mut self, local: &Graph<Local>, layout: super::zero::ZeroSummary) {
+        let split = |name: &str| layout.sharded.contains_key(name) && layout.degree > 1;
+        let mem = &mut self.memory_bytes_per_device;
+        if layout.stage == 2 {
+            let d = layout.degree;
+            mem.grads = gradient_bytes_by(local, |n, b| if split(n) { b / d } else { b });
+        }
+        let gathered = |name: &str| match layout.stage >= 3 && split(name) {
+            true => layout.degree,
+            false => 1,
+        };
+        let param_elements = local.params().fold(0u64, |acc, (n, v)| {
+            acc.saturating_add(local.ty(v).numel().saturating_mul(gathered(n)))
+        });
+        let state = per_param_state_bytes(local);
+        let held = mem.params.saturating_add(mem.grads).saturating_add(state);
+        self.zero = Some(ZeroMemory {
+            layout,
+            param_elements,
+            bytes_per_param: held as f64 / param_elements.max(1) as f64,
+        });
+    }
+}
+
+/// Bytes of the optimizer state kept per param (every `State` leaf of one param, `NAME(P)`:
+/// not the scalars `step` and `loss_scale`).
+fn per_param_state_bytes(g: &Graph<Local>) -> u64 {
+    g.nodes()
+        .filter(|(_, n)| matches!(&n.op, Op::State { name, .. } if name.contains('(')))
+        .fold(0u64, |acc, (_, n)| {
+            acc.saturating_add(g.ty(n.outputs[0]).size_bytes())
+        })
 }
 
 /// The accumulations of a microbatched program. Its peak memory adds every accumulator to the
@@ -206,6 +261,11 @@ fn memory(g: &Graph<Local>) -> (u64, u64) {
 /// Bytes of the trained params' gradients, each the size of its param's block: the params with
 /// a gradient output `grad(NAME)` or a next value `next(NAME)` (counted once).
 fn gradient_bytes(g: &Graph<Local>) -> u64 {
+    gradient_bytes_by(g, |_, b| b)
+}
+
+/// [`gradient_bytes`] with each param's block size `b` counted as `size(name, b)`.
+fn gradient_bytes_by(g: &Graph<Local>, size: impl Fn(&str, u64) -> u64) -> u64 {
     use crate::autodiff::{optimizer::leaf_of_next, param_of_grad};
     let params: std::collections::BTreeMap<&str, u64> =
         g.params().map(|(n, v)| (n, g.ty(v).size_bytes())).collect();
@@ -217,7 +277,7 @@ fn gradient_bytes(g: &Graph<Local>) -> u64 {
         .collect();
     trained
         .iter()
-        .fold(0u64, |acc, n| acc.saturating_add(params[n]))
+        .fold(0u64, |acc, n| acc.saturating_add(size(n, params[*n])))
 }
 
 /// Bytes of the forward's computed values still live when the first backward node runs.

@@ -8,7 +8,7 @@
 use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTable};
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
-use crate::ir::{Graph, IdVec, NodeId, Op, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Op, PinState, TensorType, ValueId};
 use crate::mesh::{Device, Mesh, SequenceParallel};
 use crate::span::Span;
 use std::collections::HashMap;
@@ -221,6 +221,7 @@ fn propagate_with(
 ) -> Result<Sharding, ShardError> {
     let mut table = PlacementTable::default();
     let fixed = fixed_placements(g, mesh, &mut table)?;
+    let pins = axis_pins(g, mesh, &fixed);
     let free: IdVec<ValueId, bool> = g
         .values()
         .map(|(v, val)| g.node(val.node).op.is_leaf() && fixed[v].is_none())
@@ -272,6 +273,17 @@ fn propagate_with(
         if inert == Some(a) {
             continue;
         }
+        let pinned: HashMap<ValueId, AxisPl> = pins
+            .iter()
+            .filter(|(_, b, _)| *b == a)
+            .map(|&(v, _, s)| (v, s))
+            .collect();
+        // A value pinned along this axis is placed here, not loaded as each user asks.
+        let free_here = (!pinned.is_empty()).then(|| {
+            let mut f = free.clone();
+            pinned.keys().for_each(|v| f[*v] = false);
+            f
+        });
         let ctx = AxisCtx {
             g,
             mesh,
@@ -279,12 +291,13 @@ fn propagate_with(
             n: mesh.axis_size(a),
             dev,
             fixed: &fixed,
+            pinned: &pinned,
             fixed_axis: (0..table.len() as PlId)
                 .map(|id| table.get(id).axis(a))
                 .collect(),
             bytes: &bytes,
             param: &param,
-            free: &free,
+            free: free_here.as_ref().unwrap_or(&free),
             rules: &rules,
             rule_of: &rule_of,
             compute: &compute,
@@ -301,6 +314,11 @@ fn propagate_with(
             states[i * rank + a] = s;
         }
     }
+    let mut free = free;
+    for &(v, _, _) in &pins {
+        free[v] = false;
+    }
+    check_pins_divide(g, mesh, &pins, &states)?;
     let placement_of = g
         .values()
         .map(|(v, val)| match fixed[v] {
@@ -337,6 +355,23 @@ fn fixed_placements(
         check_divides(g, *v, &p, mesh, a.span)?;
         fixed[*v] = Some(table.intern_owned(p));
     }
+    for pin in g.pins() {
+        let Some(id) = fixed[pin.value] else { continue };
+        let a = mesh
+            .axis_index(&pin.axis)
+            .expect("the mesh includes every declared axis");
+        // The verifier keeps a pinned axis out of the value's annotation, so the annotation
+        // leaves it replicated: a split pin joins its dim at the minor end.
+        let mut p = table.get(id).clone();
+        match pin.state {
+            PinState::Shard(d) => p.dims[d].push(a),
+            PinState::Partial => p.partial[a] = Some(PartialOp::Sum),
+            PinState::Replicate => {}
+        }
+        let span = g.annotation(pin.value).map_or(Span::default(), |x| x.span);
+        check_divides(g, pin.value, &p, mesh, span)?;
+        fixed[pin.value] = Some(table.intern_owned(p));
+    }
     for o in g.outputs() {
         if let Some(a) = &o.annotation {
             let p =
@@ -345,6 +380,44 @@ fn fixed_placements(
         }
     }
     Ok(fixed)
+}
+
+/// The state a pin fixes along its axis.
+fn pin_state(s: PinState) -> AxisPl {
+    match s {
+        PinState::Shard(d) => AxisPl::Shard(d),
+        PinState::Replicate => AxisPl::Replicate,
+        PinState::Partial => AxisPl::Partial(PartialOp::Sum),
+    }
+}
+
+/// The pins of unannotated values (an annotated value's pins are folded into its fixed
+/// placement), as (value, axis index, state).
+fn axis_pins(
+    g: &Graph,
+    mesh: &Mesh,
+    fixed: &IdVec<ValueId, Option<PlId>>,
+) -> Vec<(ValueId, usize, AxisPl)> {
+    g.pins()
+        .filter(|p| fixed[p.value].is_none())
+        .filter_map(|p| Some((p.value, mesh.axis_index(&p.axis)?, pin_state(p.state))))
+        .collect()
+}
+
+/// Every pinned value's final placement divides its shape.
+fn check_pins_divide(
+    g: &Graph,
+    mesh: &Mesh,
+    pins: &[(ValueId, usize, AxisPl)],
+    states: &[AxisPl],
+) -> Result<(), ShardError> {
+    let rank = mesh.rank();
+    for &(v, _, _) in pins {
+        let st = &states[v.index() * rank..(v.index() + 1) * rank];
+        let p = Placement::from_axes(g.ty(v).rank(), st);
+        check_divides(g, v, &p, mesh, g.node(g.value(v).node).span)?;
+    }
+    Ok(())
 }
 
 fn check_divides(
@@ -385,6 +458,8 @@ struct AxisCtx<'a> {
     n: u64,
     dev: &'a Device,
     fixed: &'a IdVec<ValueId, Option<PlId>>,
+    /// Unannotated values pinned along this axis, with their state.
+    pinned: &'a HashMap<ValueId, AxisPl>,
     /// Per placement of the table, its state along this axis.
     fixed_axis: Vec<AxisPl>,
     /// Per value, its size in bytes.
@@ -546,7 +621,10 @@ impl AxisCtx<'_> {
     }
 
     fn fixed_state(&self, v: ValueId) -> Option<AxisPl> {
-        self.fixed[v].map(|id| self.fixed_axis[id as usize])
+        match self.fixed[v] {
+            Some(id) => Some(self.fixed_axis[id as usize]),
+            None => self.pinned.get(&v).copied(),
+        }
     }
 
     /// A free leaf's displayed state: what its first user asked for.
