@@ -8,7 +8,9 @@
 //! waits for the last term; the cost model has no overlap of communication with compute, so
 //! it sees only the message saved.)
 
-use crate::ir::{BinaryOp, Graph, GraphParts, IdVec, Local, Node, NodeId, Op, ReduceOp, ValueId};
+use crate::ir::{
+    BinaryOp, Graph, GraphParts, IdVec, Local, Node, NodeId, Op, ReduceOp, Value, ValueId,
+};
 use crate::mesh::Mesh;
 use crate::partition::{Partitioned, Provenance};
 use crate::sharding::{PartialOp, Placement};
@@ -141,11 +143,7 @@ impl Tables {
         let mut val = self.parts.values[v.index()].clone();
         val.ty = self.parts.values[like.index()].ty.clone();
         val.name = None;
-        self.parts.values.push(val);
-        self.placements.push(pl);
-        let o = self.origin[v];
-        self.origin.push(o);
-        ValueId::new(self.parts.values.len() - 1)
+        self.push(val, pl, self.origin[v])
     }
 
     /// A new value like `v` but a partial sum over mesh axis `a` (named as `v` when `named`).
@@ -156,10 +154,19 @@ impl Tables {
         if !named {
             val.name = None;
         }
+        self.push(val, pl, self.origin[v])
+    }
+
+    /// Appends a value with its placement and origin; its id.
+    fn push(
+        &mut self,
+        val: Value<Local>,
+        pl: Placement,
+        origin: Option<ValueId>,
+    ) -> ValueId<Local> {
         self.parts.values.push(val);
         self.placements.push(pl);
-        let o = self.origin[v];
-        self.origin.push(o);
+        self.origin.push(origin);
         ValueId::new(self.parts.values.len() - 1)
     }
 }
