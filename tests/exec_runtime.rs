@@ -55,17 +55,21 @@ static ALLOC: Capped = Capped;
 /// Ids above 2^24 (not representable in f32) and near i32::MAX.
 const BIG: [i32; 4] = [16_777_217, i32::MAX - 1, 16_777_219, -16_777_217];
 
-/// A program whose i32 input is resharded by every collective kind the partitioner picks for
-/// it: all-reduce (sum and max), all-to-all, all-gather and shard slice.
+/// A program whose i32 inputs are resharded by every collective kind the partitioner picks for
+/// them: all-reduce (sum and max), all-to-all, all-gather and shard slice. Each reduction reads
+/// its own copy of the ids: reductions of one split input would share one gather of it.
 const INTS: &str = "mesh tp
 dim B = 8, S = 1024
 input ids : i32[B, S] @ [tp, _]
+input idm : i32[B, S] @ [tp, _]
+input idr : i32[B, S] @ [tp, _]
+input idt : i32[B, S] @ [tp, _]
 input rep : i32[B, S]
 input g : i32[B, 4] @ [tp, _]
 s = sum(ids, 0)
-m = max(ids, 0)
-r = sum(ids, 0)
-t = sum(ids, 0) + sum(rep, 0)
+m = max(idm, 0)
+r = sum(idr, 0)
+t = sum(idt, 0) + sum(rep, 0)
 a = ids * 1
 output s, m, t, g
 output r @ [tp]
@@ -95,16 +99,16 @@ fn ints(shape: &[usize], f: impl Fn(usize) -> i32) -> Tensor {
 fn int_leaves() -> BTreeMap<String, Tensor> {
     let big = |c: usize| BIG[c % BIG.len()];
     let mut m = BTreeMap::new();
-    m.insert(
-        "ids".into(),
-        ints(&[8, 1024], |i| {
-            if i / 1024 == i % 8 {
-                big(i % 1024)
-            } else {
-                0
-            }
-        }),
-    );
+    let ids = ints(&[8, 1024], |i| {
+        if i / 1024 == i % 8 {
+            big(i % 1024)
+        } else {
+            0
+        }
+    });
+    for name in ["ids", "idm", "idr", "idt"] {
+        m.insert(name.into(), ids.clone());
+    }
     m.insert("rep".into(), ints(&[8, 1024], |i| big(i) - (i % 3) as i32));
     m.insert("g".into(), ints(&[8, 4], big));
     m

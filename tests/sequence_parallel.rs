@@ -6,7 +6,8 @@
 mod prop_support;
 
 use prop_support::{assert_runs, plan_of};
-use tpc::ir::{Local, Node, Phase};
+use std::collections::BTreeMap;
+use tpc::ir::{Local, Node, Op, Phase};
 use tpc::mesh::{Device, SequenceParallel};
 use tpc::plan::Plan;
 
@@ -243,4 +244,66 @@ fn the_flags_are_checked_and_change_the_plan() {
     };
     assert_eq!(scatters("off"), 0);
     assert_eq!(scatters("on"), 2);
+}
+
+/// gpt_pipe.tpl without its pipeline at the 175B shape (two layers), its residual stream
+/// annotated along the sequence as `benches/scale_table.sh` does.
+fn gpt_175b_sp() -> String {
+    let path = format!("{}/examples/gpt_pipe.tpl", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).expect("example reads");
+    let edits = [
+        ("repeat(L, layer, h) @ pp", "repeat(L, layer, h)"),
+        (
+            "dim B = 4, S = 16, H = 64, NH = 8, L = 4, V = 256",
+            "dim B = 32, S = 2048, H = 12288, NH = 96, L = 2, V = 51200",
+        ),
+        (
+            "    h = x + attention(layernorm(x, ln1_g, ln1_b))\n",
+            "    h = x + attention(layernorm(x, ln1_g, ln1_b)) @ [dp, tp, _]\n",
+        ),
+        (
+            "    return h + mlp(layernorm(h, ln2_g, ln2_b))\n",
+            "    y = h + mlp(layernorm(h, ln2_g, ln2_b)) @ [dp, tp, _]\n    return y\n",
+        ),
+        (
+            "h = embedding(tokens, wte) + wpe\n",
+            "h = embedding(tokens, wte) + wpe @ [dp, tp, _]\n",
+        ),
+    ];
+    edits.iter().fold(text, |t, (from, to)| {
+        assert!(t.contains(from), "gpt_pipe.tpl holds {from:?}");
+        t.replace(from, to)
+    })
+}
+
+/// At the 175B shape on dp=4,tp=8 the annotated residual stream gives Megatron's
+/// sequence-parallel layers: in each layer's forward and backward, two all-gathers and two
+/// reduce-scatters over tp, and nothing else over tp (no weight gathered, no all-to-all, no
+/// all-reduce of an activation). Propagation prices a gathered input once for the query, key
+/// and value projections that share it, and weighs bytes per device (an activation split over
+/// dp is a quarter of its global size along tp).
+#[test]
+fn at_the_175b_shape_the_annotated_layers_are_megatron_sp() {
+    let p = plan_of("gpt.tpl", &gpt_175b_sp(), "dp=4,tp=8", Device::default());
+    let mut per_layer: BTreeMap<(&str, Phase), usize> = BTreeMap::new();
+    for (_, n) in p.local.nodes() {
+        let over_tp = match &n.op {
+            Op::AllReduce { axis, .. }
+            | Op::AllGather { axis, .. }
+            | Op::ReduceScatter { axis, .. }
+            | Op::AllToAll { axis, .. } => axis == "tp",
+            _ => false,
+        };
+        let region = p.local.region(n.region);
+        if over_tp && region.path.starts_with("layer.") {
+            *per_layer.entry((n.op.name(), region.phase)).or_default() += 1;
+        }
+    }
+    let want = BTreeMap::from([
+        (("all_gather", Phase::Forward), 4),
+        (("reduce_scatter", Phase::Forward), 4),
+        (("all_gather", Phase::Backward), 4),
+        (("reduce_scatter", Phase::Backward), 4),
+    ]);
+    assert_eq!(per_layer, want);
 }

@@ -8,7 +8,7 @@
 use super::placement::{AxisPl, FxBuild, PartialOp, PlId, Placement, PlacementTable};
 use super::rules::{rule, Contraction, Label, Rule};
 use crate::cost::{self, CollectiveKind};
-use crate::ir::{Graph, IdVec, NodeId, Op, PinState, TensorType, ValueId};
+use crate::ir::{Graph, IdVec, NodeId, Op, Phase, PinState, TensorType, ValueId};
 use crate::mesh::{Device, Mesh, SequenceParallel};
 use crate::span::Span;
 use std::collections::HashMap;
@@ -257,6 +257,11 @@ fn propagate_with(
         .values()
         .map(|(_, v)| matches!(g.node(v.node).op, Op::Param { .. }))
         .collect();
+    let late: IdVec<NodeId, bool> = g
+        .nodes()
+        .map(|(_, n)| g.region(n.region).phase != Phase::Forward)
+        .collect();
+    let held = held(g, &late);
     let edges = Edges::new(g);
     let instances = if reuse {
         memo::instances(g)
@@ -284,6 +289,8 @@ fn propagate_with(
             pinned.keys().for_each(|v| f[*v] = false);
             f
         });
+        let local_bytes = per_device(&bytes, &states, mesh, a, |s| matches!(s, AxisPl::Shard(_)));
+        let local_compute = per_device(&compute, &strategies, mesh, a, |s| s.label().is_some());
         let ctx = AxisCtx {
             g,
             mesh,
@@ -295,12 +302,13 @@ fn propagate_with(
             fixed_axis: (0..table.len() as PlId)
                 .map(|id| table.get(id).axis(a))
                 .collect(),
-            bytes: &bytes,
+            bytes: &local_bytes,
             param: &param,
+            held: &held,
             free: free_here.as_ref().unwrap_or(&free),
             rules: &rules,
             rule_of: &rule_of,
-            compute: &compute,
+            compute: &local_compute,
             edges: &edges,
         };
         let (choice, st, copied) = ctx.run(&strategies, rank, &instances);
@@ -341,6 +349,53 @@ fn propagate_with(
         free,
         copied_instances,
     })
+}
+
+/// Per value, whether its bytes weigh in the memory term: in a forward program every value; in
+/// a training step the leaves, the program's outputs and the forward's values that the backward
+/// reads (the activations kept). Any other value of a step lives from its producer to its last
+/// reader within one phase, and adds to the peak at most while it lives: pricing each such
+/// transient as if it were kept made the largest shapes trade a few milliseconds of
+/// communication for a transient's gigabyte, one node at a time.
+fn held(g: &Graph, late: &IdVec<NodeId, bool>) -> IdVec<ValueId, bool> {
+    let training = late.iter().any(|(_, &l)| l);
+    let mut held: IdVec<ValueId, bool> = g
+        .values()
+        .map(|(v, val)| {
+            !training
+                || g.node(val.node).op.is_leaf()
+                || (!late[val.node] && g.users(v).iter().any(|&u| late[u]))
+        })
+        .collect();
+    for o in g.outputs() {
+        held[o.value] = true;
+    }
+    held
+}
+
+/// `whole` per entity (a value's bytes, a node's compute time) divided by the sizes of the axes
+/// before `a` whose choice (`per_axis`, `rank` per entity) `splits` it: what one device holds or
+/// does once the earlier axes are decided, so that bytes moved, bytes kept and compute along `a`
+/// are weighed per device (an activation split over dp is not charged its whole batch along tp).
+fn per_device<I: crate::ir::EntityId, S: Copy>(
+    whole: &IdVec<I, f64>,
+    per_axis: &[S],
+    mesh: &Mesh,
+    a: usize,
+    splits: impl Fn(S) -> bool,
+) -> IdVec<I, f64> {
+    let rank = mesh.rank();
+    whole
+        .iter()
+        .map(|(i, &w)| {
+            let at = i.index() * rank;
+            let parts: u64 = (0..a)
+                .filter(|&b| splits(per_axis[at + b]))
+                .map(|b| mesh.axis_size(b))
+                .product();
+            w / parts as f64
+        })
+        .collect()
 }
 
 /// Placements required by annotations; an annotation that does not divide is an error.
@@ -466,6 +521,8 @@ struct AxisCtx<'a> {
     bytes: &'a IdVec<ValueId, f64>,
     /// Per value, whether it is a param.
     param: &'a IdVec<ValueId, bool>,
+    /// Per value, whether its bytes are held beyond the node that reads it (see [`held`]).
+    held: &'a IdVec<ValueId, bool>,
     free: &'a IdVec<ValueId, bool>,
     rules: &'a [Rule],
     rule_of: &'a IdVec<NodeId, Option<u32>>,
@@ -511,16 +568,38 @@ impl Edges {
 }
 
 /// What each value's users (and the program outputs) require along one axis, sorted and
-/// deduplicated: value `v`'s states are `list[start[v]..start[v + 1]]`.
+/// deduplicated: value `v`'s states are `list[start[v]..start[v + 1]]`, and `count[k]` is how
+/// many operands (and outputs) require `list[k]`.
 #[derive(Default)]
 struct Demands {
     start: Vec<u32>,
     list: Vec<AxisPl>,
+    count: Vec<u32>,
+    /// What the program outputs require, as (value, state).
+    outputs: Vec<(ValueId, AxisPl)>,
 }
 
 impl Demands {
     fn of(&self, v: ValueId) -> &[AxisPl] {
-        &self.list[self.start[v.index()] as usize..self.start[v.index() + 1] as usize]
+        &self.list[self.range(v)]
+    }
+
+    /// How many operands (and outputs) require `v` in state `s`.
+    fn count(&self, v: ValueId, s: AxisPl) -> u32 {
+        let r = self.range(v);
+        self.list[r.clone()]
+            .iter()
+            .position(|&x| x == s)
+            .map_or(0, |k| self.count[r.start + k])
+    }
+
+    /// The counts of `of(v)`, in its order.
+    fn counts(&self, v: ValueId) -> &[u32] {
+        &self.count[self.range(v)]
+    }
+
+    fn range(&self, v: ValueId) -> std::ops::Range<usize> {
+        self.start[v.index()] as usize..self.start[v.index() + 1] as usize
     }
 }
 
@@ -610,7 +689,8 @@ impl AxisCtx<'_> {
         let Some(rule) = self.rule(id) else {
             return false;
         };
-        let best = self.choose(id, rule, st, demand, prior, cands);
+        let prev = choice[id.index()];
+        let best = self.choose(id, rule, st, demand, prior, cands, prev);
         let result = best.result(rule);
         for &o in self.edges.outputs(id) {
             st[o.index()] = self.fixed_state(o).unwrap_or(result);
@@ -693,7 +773,9 @@ impl AxisCtx<'_> {
             d.list[fill[v.index()] as usize] = want;
             fill[v.index()] += 1;
         }
-        // Sort and deduplicate each value's run, compacting the list in place.
+        d.outputs = outputs;
+        // Sort and deduplicate each value's run, compacting the list in place and counting.
+        d.count.clear();
         let mut w = 0usize;
         for v in 0..nv {
             let (lo, hi) = (d.start[v] as usize, d.start[v + 1] as usize);
@@ -702,7 +784,10 @@ impl AxisCtx<'_> {
             for r in lo..hi {
                 if r == lo || d.list[r] != d.list[r - 1] {
                     d.list[w] = d.list[r];
+                    d.count.push(1);
                     w += 1;
+                } else {
+                    d.count[w - 1] += 1;
                 }
             }
         }
@@ -710,6 +795,9 @@ impl AxisCtx<'_> {
         d.list.truncate(w);
     }
 
+    /// The cheapest candidate strategy of node `id`, whose choice in the previous pass was
+    /// `prev`.
+    #[allow(clippy::too_many_arguments)]
     fn choose(
         &self,
         id: NodeId,
@@ -718,11 +806,13 @@ impl AxisCtx<'_> {
         demand: Option<&Demands>,
         earlier: &[Strategy],
         cands: &mut Vec<Strategy>,
+        prev: Option<Strategy>,
     ) -> Strategy {
         self.candidates(id, rule, st, demand, earlier, cands);
+        let users = Users { demand, prev, st };
         let mut best: Option<(f64, Strategy)> = None;
         for &s in cands.iter() {
-            let c = self.cost(id, rule, s, st, demand);
+            let c = self.cost(id, rule, s, st, &users);
             if best
                 .as_ref()
                 .is_none_or(|(bc, _)| c < *bc * (1.0 - 1e-9) - 1e-18)
@@ -770,7 +860,9 @@ impl AxisCtx<'_> {
             let internal = s.internal(rule);
             inputs.iter().enumerate().any(|(i, v)| {
                 let req = s.operand(rule, i);
-                !self.free[*v] && st[v.index()] == req && req != AxisPl::Replicate
+                // An operand split so, or a copy split so that its other users ask for.
+                let copied = || demand.is_some_and(|d| d.of(*v).contains(&req));
+                !self.free[*v] && req != AxisPl::Replicate && (st[v.index()] == req || copied())
             }) || (result != AxisPl::Replicate && wanted(result))
                 || (internal
                     && inputs.iter().enumerate().any(|(i, v)| {
@@ -807,6 +899,19 @@ impl AxisCtx<'_> {
             })
     }
 
+    /// The users of `v` with node `id`'s rule that read `v` where `id` does (`id` among them).
+    fn siblings(&self, id: NodeId, v: ValueId) -> usize {
+        let at = |u: NodeId| self.edges.inputs(u).iter().position(|&x| x == v);
+        let (rule, pos) = (self.rule_of[id], at(id));
+        let mut users: Vec<NodeId> = self.g.users(v).to_vec();
+        users.dedup();
+        users
+            .into_iter()
+            .filter(|&u| self.rule_of[u] == rule && at(u) == pos)
+            .count()
+            .max(1)
+    }
+
     fn bytes(&self, v: ValueId, s: AxisPl) -> f64 {
         let b = self.bytes[v];
         if matches!(s, AxisPl::Shard(_)) {
@@ -838,30 +943,50 @@ impl AxisCtx<'_> {
         }
     }
 
+    /// The price of moving result `o` from `placed` to `want` for a user that asked for `want`
+    /// in the previous pass. A move from one split to another weighs a hair less than the
+    /// same move of an operand: through a chain of layout-preserving ops between a producer
+    /// and a consumer that disagree, each node in between sees the two as a tie (its users'
+    /// demands are a pass old), and the tie leaves the all-to-all to a later node, until it
+    /// reaches the consumer that wants the producer's layout and vanishes. A program output's
+    /// layout is no demand of the previous pass: it weighs in full.
+    fn demanded(&self, d: &Demands, o: ValueId, placed: AxisPl, want: AxisPl) -> f64 {
+        let c = self.reshard(o, placed, want);
+        match (placed, want) {
+            (AxisPl::Shard(_), AxisPl::Shard(_)) if !d.outputs.contains(&(o, want)) => {
+                c * (1.0 - 1e-6)
+            }
+            _ => c,
+        }
+    }
+
     /// Objective of running node `id` with strategy `s`: operand reshards, compute, the future
-    /// reshards its users need, and memory (params weighted by their training state).
-    fn cost(
-        &self,
-        id: NodeId,
-        rule: &Rule,
-        s: Strategy,
-        st: &[AxisPl],
-        demand: Option<&Demands>,
-    ) -> f64 {
+    /// reshards its users need, and memory (params weighted by their training state). An
+    /// operand in the state this node reads it is one buffer (and, resharded, one move) for
+    /// every user that reads it so (partitioning reshards a value once per state), so its
+    /// share of them is what it pays.
+    fn cost(&self, id: NodeId, rule: &Rule, s: Strategy, st: &[AxisPl], users: &Users) -> f64 {
         let (inputs, outputs) = (self.edges.inputs(id), self.edges.outputs(id));
+        let demand = users.demand;
         let dev = self.dev;
         let mut c = 0.0;
         for (i, &v) in inputs.iter().enumerate() {
             let req = s.operand(rule, i);
+            // A value read twice in one state (`g * g`) is one buffer and one move.
+            if (0..i).any(|j| inputs[j] == v && s.operand(rule, j) == req) {
+                continue;
+            }
             let factor = if self.param[v] {
                 dev.param_state_factor
             } else {
                 1.0
             };
-            c += self.bytes(v, req) * factor * dev.mem_weight;
+            let mut term = self.bytes(v, req) * factor * dev.mem_weight;
             if !self.free[v] {
-                c += self.reshard(v, st[v.index()], req);
+                term += self.reshard(v, st[v.index()], req);
+                term /= users.sharing(self, id, rule, v, req);
             }
+            c += term;
         }
         let frac = if s.label().is_some() {
             1.0 / self.n as f64
@@ -891,16 +1016,55 @@ impl AxisCtx<'_> {
                 Some(d) => d
                     .of(o)
                     .iter()
-                    .map(|&want| self.reshard(o, placed, want))
+                    .map(|&want| self.demanded(d, o, placed, want))
                     .sum::<f64>(),
                 None if matches!(placed, AxisPl::Partial(_)) => {
                     self.reshard(o, placed, AxisPl::Replicate)
                 }
                 None => 0.0,
             };
-            c += self.bytes(o, placed) * dev.mem_weight;
+            if self.held[o] {
+                c += self.bytes(o, placed) * dev.mem_weight;
+            }
         }
         c
+    }
+}
+
+/// What a node's cost reads of the other users of its operands: the demands of the previous
+/// pass, the node's own choice in it, and the current states.
+struct Users<'d> {
+    demand: Option<&'d Demands>,
+    prev: Option<Strategy>,
+    st: &'d [AxisPl],
+}
+
+impl Users<'_> {
+    /// How many users share the copy of operand `v` in state `req` that node `id` (of `rule`)
+    /// asks for: itself and the others that required it in the previous pass. Before any
+    /// demand is known, its siblings (users of the same rule reading `v` at the same operand)
+    /// are taken to share it, as they face the same choice: a first pass that priced each copy
+    /// whole would settle on moving three weights instead of the one activation that the
+    /// query, key and value projections read, and later passes only refine it node by node.
+    ///
+    /// An all-reduce is not shared so: each reader of a partial value that asks for it whole
+    /// pays it whole. Shared, an all-reduce that several readers took first (a gradient read
+    /// by three update ops) would keep each of them from moving alone to the reduce-scatter
+    /// that all of them would rather share.
+    fn sharing(&self, ctx: &AxisCtx, id: NodeId, rule: &Rule, v: ValueId, req: AxisPl) -> f64 {
+        if matches!(self.st[v.index()], AxisPl::Partial(_)) && !matches!(req, AxisPl::Shard(_)) {
+            return 1.0;
+        }
+        let Some(d) = self.demand else {
+            return ctx.siblings(id, v) as f64;
+        };
+        let own = self.prev.map_or(0, |p| {
+            let inputs = ctx.edges.inputs(id);
+            (0..inputs.len())
+                .filter(|&i| inputs[i] == v && p.operand(rule, i) == req)
+                .count() as u32
+        });
+        (1 + d.count(v, req).saturating_sub(own)) as f64
     }
 }
 

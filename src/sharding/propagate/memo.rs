@@ -3,12 +3,14 @@
 //! instead of recomputed, so the outcome is the same node for node.
 //!
 //! What `choose`, `candidates` and `cost` read at a node: its rule, its compute time, the
-//! strategies of the earlier axes, and per operand and result the bytes, param and free flags,
-//! fixed state, current state and demands. The key of an instance holds all of it, relative to
-//! the instance: a static part (structure, rules, compute, earlier-axis strategies, per-value
-//! bytes, flags and fixed states, interned into a class per axis) and a dynamic part read at the
-//! instance's start in each pass (the states of the values entering it and of its leaves, the
-//! demands on every value it produces). States produced inside follow from these by induction.
+//! strategies of the earlier axes, its own choice in the previous pass, and per operand and
+//! result the bytes, param, free and held flags, fixed state, current state and demands (with
+//! their counts). The key of an instance holds all of it, relative to the instance: a static
+//! part (structure, rules, compute, earlier-axis strategies, per-value bytes, flags and fixed
+//! states, interned into a class per axis) and a dynamic part read at the instance's start in
+//! each pass (the states of the values entering it and of its leaves, the demands on every value
+//! it produces or reads from outside, its nodes' previous choices). States produced inside
+//! follow from these by induction.
 
 use super::{AxisCtx, Demands, Strategy};
 use crate::ir::{Graph, NodeId, RegionId, ValueId};
@@ -209,16 +211,24 @@ impl AxisCtx<'_> {
     }
 
     /// The static facts about value `v` the cost model reads.
-    fn value_words(&self, v: ValueId) -> [u64; 3] {
+    fn value_words(&self, v: ValueId) -> [u64; 4] {
         [
             self.bytes[v].to_bits(),
             self.param[v] as u64,
             self.free[v] as u64,
+            self.held[v] as u64,
         ]
     }
 
     /// Into `memo.key`: the class of instance `k` and what it reads that changes between passes.
-    fn dynamic_key(&self, memo: &mut Memo, k: usize, st: &[AxisPl], demand: Option<&Demands>) {
+    fn dynamic_key(
+        &self,
+        memo: &mut Memo,
+        k: usize,
+        st: &[AxisPl],
+        demand: Option<&Demands>,
+        choice: &[Option<Strategy>],
+    ) {
         let it = memo.inst[k];
         let key = &mut memo.key;
         key.clear();
@@ -229,11 +239,16 @@ impl AxisCtx<'_> {
             let at = &self.edges.outs_at;
             let outs =
                 &self.edges.outs[at[it.start as usize] as usize..at[it.end as usize] as usize];
-            for &o in outs {
+            for &o in outs.iter().chain(watch) {
                 let want = d.of(o);
                 key.push(want.len() as u64);
                 key.extend(want.iter().map(|&s| state_word(s)));
+                key.extend(d.counts(o).iter().map(|&n| n as u64));
             }
+            key.extend(
+                (it.start as usize..it.end as usize)
+                    .map(|i| choice[i].map_or(u64::MAX, strategy_word)),
+            );
         }
     }
 
@@ -255,7 +270,7 @@ impl AxisCtx<'_> {
         while memo.next < memo.inst.len() && memo.inst[memo.next].start as usize == i {
             let k = memo.next;
             memo.next += 1;
-            self.dynamic_key(memo, k, st, demand);
+            self.dynamic_key(memo, k, st, demand, choice);
             match memo.seen.get(memo.key.as_slice()) {
                 Some(&src) if memo.inst[src as usize].end as usize <= i => {
                     let (from, to) = (memo.inst[src as usize], memo.inst[k]);
