@@ -4,7 +4,7 @@
 
 use super::reshard::{describe, Step};
 use super::{PartitionError, Partitioner, Provenance};
-use crate::ir::{BinaryOp, Local, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Dtype, Local, NodeId, Op, ReduceOp, RegionId, UnaryOp, ValueId};
 use crate::sharding::placement::PlId;
 use crate::sharding::{transition, PartialOp, Placement};
 use crate::span::Span;
@@ -110,6 +110,11 @@ impl Partitioner<'_> {
         let mut loss = if vaxes.is_empty() {
             self.emit(Op::CrossEntropy, vec![x, y], span, region, computed, origin)?[0]
         } else {
+            // The loss of 16-bit logits is computed in f32, as the unsplit op computes it.
+            let x = match self.out.ty(x).dtype {
+                Dtype::F32 => x,
+                _ => self.emit_at(at, Op::Cast { to: Dtype::F32 }, vec![x], logits_id)?,
+            };
             let last = self.out.ty(x).rank() - 1;
             let rows = |partial: Option<PartialOp>, keep: bool| {
                 let mut dims = labels_pl.dims.clone();

@@ -11,7 +11,7 @@
 //! runs it on every document (a failure is a corrupt document).
 
 use crate::ir::{
-    BinaryOp, Graph, IdVec, Local, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId,
+    BinaryOp, Dtype, Graph, IdVec, Local, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp, ValueId,
 };
 use crate::mesh::Mesh;
 use crate::sharding::propagate::Strategy;
@@ -1073,6 +1073,16 @@ impl Matcher<'_> {
         let sum_ok = matches!(self.l.node(sum).op, Op::Reduce { axis, .. } if axis == last);
         if !max_ok || !sum_ok || self.input(mx, 0)? != x || pls[x].dims[last] != vaxes {
             return Err(self.fail());
+        }
+        // 16-bit logits are cast to f32 first, in the same placement.
+        let at = self.l.value(x).node;
+        if self.l.node(at).op == (Op::Cast { to: Dtype::F32 }) {
+            self.nodes.push(at);
+            let logits = self.input(at, 0)?;
+            if self.l.ty(logits).dtype == Dtype::F32 || pls[logits] != pls[x] {
+                return Err(self.fail());
+            }
+            return Ok((logits, y, vaxes));
         }
         Ok((x, y, vaxes))
     }
