@@ -283,3 +283,35 @@ fn gpt_with_repeated_layers_and_a_tied_table() {
     let names = check(&text);
     assert_eq!(names.len(), 4 + 2 * 16);
 }
+
+/// `where(c, a, b)` sends the cotangent to the branch chosen, elementwise and unbroadcast (`b`
+/// is a scalar), and none to the condition: half of `a`'s elements are chosen (`relu(c)` is
+/// non-zero where the input is positive), the rest take `b`.
+#[test]
+fn where_sends_the_cotangent_to_the_branch_chosen() {
+    let names = check(
+        "input c : f32[4, 6]
+param a : f32[4, 6]
+param b : f32[]
+y = where(relu(c), a, b)
+loss = mean(sum(y * y * a, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+    assert_eq!(names, ["a", "b"]);
+}
+
+/// `nonfinite(x)` is piecewise constant (0 on finite values): no cotangent flows through it,
+/// so a condition made from a param leaves that param's gradient to the branches.
+#[test]
+fn nonfinite_has_a_zero_derivative() {
+    let names = check(
+        "param a : f32[3, 5]
+param b : f32[3, 5]
+y = where(nonfinite(a), b, a) + nonfinite(b)
+loss = mean(sum(y * y, 1), 0)
+train loss with sgd(lr=0.1)
+",
+    );
+    assert_eq!(names, ["a", "b"]);
+}

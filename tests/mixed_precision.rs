@@ -174,7 +174,10 @@ fn bf16_gpt_forward_at_degree_8_checks_against_the_reference() {
     std::fs::write(&path, text).unwrap();
     let plan = tpc(&["compile", path.to_str().unwrap(), "--degree", "8"]);
     assert_exit(&plan, 0);
-    assert!(stdout(&plan).contains("target_logit"), "vocab-parallel loss");
+    assert!(
+        stdout(&plan).contains("target_logit"),
+        "vocab-parallel loss"
+    );
     let o = tpc(&[
         "run",
         path.to_str().unwrap(),

@@ -20,8 +20,10 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("sqrt", &["x"]),
     ("rsqrt", &["x"]),
     ("recip", &["x"]),
+    ("nonfinite", &["x"]),
     ("scale", &["x", "by"]),
     ("maximum", &["a", "b"]),
+    ("where", &["cond", "a", "b"]),
     ("softmax", &["x", "axis?"]),
     ("layernorm", &["x", "scale", "bias?", "eps?"]),
     ("rmsnorm", &["x", "scale", "eps?"]),
@@ -339,6 +341,10 @@ fn builtin(s: &mut Scope, b: &Bound, prog: &mut Program) -> Result<Vec<Val>, Low
         "maximum" => {
             let ins = b.tensors(2, s, prog)?;
             one(s.apply(Op::Binary { op: BinaryOp::Max }, ins, span)?)
+        }
+        "where" => {
+            let ins = b.tensors(3, s, prog)?;
+            one(s.apply(Op::Select, ins, span)?)
         }
         "softmax" => {
             let x = b.tensor(0, s, prog)?;
