@@ -3,7 +3,7 @@
 //! the scale, the next step proceeds, and the run equals the unsharded reference doing the same.
 
 use std::collections::BTreeMap;
-use tpc::autodiff::scale::{OVERFLOW, SCALE_STATE};
+use tpc::autodiff::scale::{GOOD_STEPS, OVERFLOW, SCALE_STATE};
 use tpc::diag::SourceFile;
 use tpc::driver::{compile_step, Compiled};
 use tpc::exec::leaves::{global_leaves, seeded_inputs, LeafSource};
@@ -25,6 +25,11 @@ fn program() -> Compiled {
 
 /// [`program`], with every f32 turned bf16 when `bf16`.
 fn program_of(bf16: bool) -> Compiled {
+    program_with(bf16, "loss_scale dynamic")
+}
+
+/// [`program_of`] with the `loss_scale` clause `clause`.
+fn program_with(bf16: bool, clause: &str) -> Compiled {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gpt_train.tpl");
     let text = std::fs::read_to_string(path)
         .unwrap()
@@ -35,9 +40,9 @@ fn program_of(bf16: bool) -> Compiled {
         )
         .replace(
             "train loss with adamw(lr=0.003, weight_decay=0.0)",
-            "train loss with adamw(lr=0.003, weight_decay=0.0) loss_scale dynamic",
+            &format!("train loss with adamw(lr=0.003, weight_decay=0.0) {clause}"),
         );
-    assert!(text.contains("loss_scale dynamic"));
+    assert!(text.contains(clause));
     let text = match bf16 {
         true => text.replace("f32", "bf16"),
         false => text,
@@ -130,6 +135,8 @@ fn inf_on_one_rank_skips_everywhere() {
                     (65536.0, 32768.0),
                     "rank {r}: scale"
                 );
+            } else if leaf == GOOD_STEPS {
+                assert_eq!((scalar(a), scalar(b)), (1.0, 0.0), "rank {r}: good steps");
             } else {
                 let bits = |t: &Tensor| -> Vec<u32> {
                     t.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
@@ -358,13 +365,27 @@ fn the_whole_mesh_all_reduce_in_json_and_dot() {
 /// (bf16) only the losses are compared, within 2%: bf16 sums rounded in another order flip
 /// AdamW's move of a param whose gradient is near zero, by up to 2·lr.
 fn equals_reference(c: &Compiled, p: &Plan, poison: &Poison, steps_run: usize, tol: Option<f32>) {
+    let scale = checked_run(c, p, poison, steps_run, tol);
+    assert_eq!(scale, 32768.0);
+}
+
+/// [`equals_reference`]'s checks but for the final scale, which it returns (equal on every
+/// rank and in the reference).
+fn checked_run(c: &Compiled, p: &Plan, poison: &Poison, steps_run: usize, tol: Option<f32>) -> f32 {
     let ranks = run(c, p, steps_run, Some(poison));
     let flag = output_index(p, OVERFLOW);
+    let next_scale = output_index(p, &format!("next({SCALE_STATE})"));
+    let scale = scalar(&ranks[0].rank.outputs[next_scale]);
     for (r, t) in ranks.iter().enumerate() {
         assert_eq!(
             scalar(&t.rank.outputs[flag]),
             0.0,
             "rank {r}: the last step ran"
+        );
+        assert_eq!(
+            scalar(&t.rank.outputs[next_scale]),
+            scale,
+            "rank {r}: the scale"
         );
     }
     let none = BTreeMap::new();
@@ -384,8 +405,8 @@ fn equals_reference(c: &Compiled, p: &Plan, poison: &Poison, steps_run: usize, t
             s + 1
         );
     }
-    assert_eq!(scalar(&got.last[&format!("next({SCALE_STATE})")]), 32768.0);
-    let Some(tol) = tol else { return };
+    assert_eq!(scalar(&leaves[SCALE_STATE]), scale, "the reference's scale");
+    let Some(tol) = tol else { return scale };
     let close = |x: f32, y: f32| (x - y).abs() <= 1e-4 + tol * y.abs();
     for (leaf, next) in c
         .carried
@@ -399,6 +420,46 @@ fn equals_reference(c: &Compiled, p: &Plan, poison: &Poison, steps_run: usize, t
         for (&x, &y) in a.iter().zip(b) {
             assert!(close(x, y), "{leaf}: {x} vs reference {y}");
         }
+    }
+    scale
+}
+
+/// `loss_scale dynamic(2)`: the scale doubles after every 2 steps in a row without an overflow
+/// (the count restarting on a skip), on every rank as in the reference: over 5 steps with step
+/// 3 poisoned, 65536 → (2 good) 131072 → (skip) 65536 → (2 good) 131072.
+#[test]
+fn the_scale_doubles_after_interval_good_steps() {
+    let c = program_with(false, "loss_scale dynamic(2)");
+    let options = tpc::plan::Options::default();
+    let mesh = Mesh::parse("dp=2,tp=4").unwrap();
+    let p = tpc::driver::plan_declared(c.graph.clone(), Some(mesh), Device::default(), &options)
+        .unwrap();
+    let scale = checked_run(&c, &p, &poison(3), 5, Some(1e-3));
+    assert_eq!(scale, 131072.0);
+    let ranks = run(&c, &p, 4, Some(&poison(3)));
+    let good = output_index(&p, &format!("next({GOOD_STEPS})"));
+    let scales = output_index(&p, &format!("next({SCALE_STATE})"));
+    for t in &ranks {
+        assert_eq!(scalar(&t.rank.outputs[good]), 1.0);
+        assert_eq!(scalar(&t.rank.outputs[scales]), 65536.0);
+    }
+}
+
+/// `dynamic(N)` takes a whole number of steps from 1 to 2^24, with the error at N.
+#[test]
+fn a_bad_growth_interval_is_an_error_at_its_place() {
+    for n in ["0", "2.5", "1e9"] {
+        let text = format!(
+            "param w : f32[4]\nloss = mean(w * w, 0)\ntrain loss with sgd(lr=0.1) loss_scale dynamic({n})\n"
+        );
+        let src = SourceFile::new("bad.tpl", text);
+        let e = tpc::driver::compile_global(&src, &[]).unwrap_err();
+        let shown = e.render(Some(&src));
+        assert!(
+            shown.contains("the growth interval must be a whole number"),
+            "{shown}"
+        );
+        assert!(shown.contains("bad.tpl:3:48"), "{shown}");
     }
 }
 
@@ -510,4 +571,144 @@ fn a_bad_loss_scale_is_an_error_at_its_place() {
               loss_scale = loss\n";
     let src = SourceFile::new("ok.tpl", ok);
     tpc::driver::compile_global(&src, &[]).unwrap_or_else(|e| panic!("{}", e.render(Some(&src))));
+}
+
+/// examples/gpt_train.tpl with the batch split over `dp` (no `loss_scale` clause) in `dir`.
+fn unscaled_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gpt_train.tpl");
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("mesh tp", "mesh dp, tp")
+        .replace(
+            "input tokens : i32[B, S]",
+            "input tokens : i32[B, S] @ [dp, _]",
+        );
+    let file = dir.join("plain.tpl");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// `tpc run FILE --mesh dp=2,tp=4` with `args` and `poison`; each logged step's scale and
+/// whether it was skipped.
+fn logged_run(
+    file: &std::path::Path,
+    log: &std::path::Path,
+    args: &[&str],
+    poison: Option<&str>,
+) -> Vec<(f64, bool)> {
+    let mut cmd = std::process::Command::new(cli_support::TPC);
+    cmd.args(["run", file.to_str().unwrap(), "--mesh", "dp=2,tp=4"])
+        .args(args)
+        .args(["--log", log.to_str().unwrap()]);
+    if let Some(p) = poison {
+        cmd.env("TPC_TEST_POISON", p);
+    }
+    let o = cmd.output().unwrap();
+    cli_support::assert_exit(&o, 0);
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let l: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                l["scale"].as_f64().unwrap(),
+                l["skipped"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `--loss-scale dynamic(2)` supplies the clause the file lacks: the scale halves on the
+/// poisoned step 3 and doubles after 2 good steps, and `--check` (the reference doing the same)
+/// passes; `--loss-scale` overrides a clause; a checkpoint carries the count of good steps, so
+/// a resumed run doubles when the uninterrupted one does.
+#[test]
+fn the_loss_scale_flag_supplies_or_overrides_the_clause() {
+    let dir = cli_support::scratch("loss_scale_flag");
+    let file = unscaled_file(&dir);
+    let log = dir.join("log.jsonl");
+    let poison = format!("3:5:{POISONED}");
+    let five = ["--steps", "5", "--check", "--loss-scale", "dynamic(2)"];
+    let seen = logged_run(&file, &log, &five, Some(&poison));
+    let (k, s) = (65536.0, true);
+    assert_eq!(
+        seen,
+        [(k, !s), (k, !s), (2.0 * k, s), (k, !s), (k, !s)],
+        "doubled after steps 1-2, halved at 3"
+    );
+    let scaled = dir.join("scaled.tpl");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("weight_decay=0.0)", "weight_decay=0.0) loss_scale 1024");
+    std::fs::write(&scaled, text).unwrap();
+    let over = logged_run(&scaled, &log, &five, Some(&poison));
+    assert_eq!(over, seen, "the flag overrides `loss_scale 1024`");
+    let straight = logged_run(
+        &file,
+        &log,
+        &["--steps", "5", "--loss-scale", "dynamic(2)"],
+        None,
+    );
+    assert_eq!(
+        straight.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [k, k, 2.0 * k, 2.0 * k, 4.0 * k]
+    );
+    let ck = dir.join("ck");
+    let first = [
+        "--steps",
+        "3",
+        "--loss-scale",
+        "dynamic(2)",
+        "--save",
+        ck.to_str().unwrap(),
+    ];
+    logged_run(&file, &log, &first, None);
+    let rest = [
+        "--steps",
+        "2",
+        "--loss-scale",
+        "dynamic(2)",
+        "--load",
+        ck.to_str().unwrap(),
+    ];
+    let resumed = logged_run(&file, &log, &rest, None);
+    assert_eq!(
+        resumed,
+        straight[3..],
+        "resumed with its count of good steps"
+    );
+}
+
+/// A bad `--loss-scale` and one given to a program that does not train are errors.
+#[test]
+fn a_bad_loss_scale_flag_is_an_error() {
+    let dir = cli_support::scratch("loss_scale_bad_flag");
+    let file = unscaled_file(&dir);
+    for bad in ["0", "-1", "dynamic(0)", "dynamic(x)", "static"] {
+        let flag = format!("--loss-scale={bad}");
+        let o = cli_support::tpc(&["compile", file.to_str().unwrap(), &flag]);
+        cli_support::assert_exit(&o, 2);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("write `dynamic`"), "{bad}: {err}");
+    }
+    let mlp = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mlp.tpl");
+    let o = cli_support::tpc(&["compile", mlp, "--loss-scale", "dynamic"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no `train` statement"), "{err}");
+    let o = cli_support::tpc(&[
+        "compile",
+        file.to_str().unwrap(),
+        "--mesh",
+        "dp=2,tp=4",
+        "--loss-scale",
+        "dynamic",
+    ]);
+    cli_support::assert_exit(&o, 0);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        text.matches("all_reduce{max:dp=2,tp=4}").count(),
+        1,
+        "{text}"
+    );
 }

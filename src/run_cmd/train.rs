@@ -34,6 +34,8 @@ struct Trained {
     stats: Option<tpc::exec::spmd::RunStats>,
     /// With a dynamic loss scale: per step, whether it was skipped.
     skipped: Vec<bool>,
+    /// With a dynamic loss scale: per step, the scale it ran with.
+    scales: Vec<f32>,
 }
 
 /// A training run ready to start: the step compiled and planned, and where the ranks take
@@ -361,27 +363,18 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     }
 }
 
-/// A dynamic loss scale's record: per step whether it was skipped, and the scale after the last.
+/// A dynamic loss scale's record: per step whether it was skipped and the scale it ran with.
 #[derive(Default)]
 struct Scales<'a> {
     skipped: &'a [bool],
-    last: Option<&'a Tensor>,
+    scales: &'a [f32],
 }
 
 impl Scales<'_> {
-    /// The scale each step ran with: the scale after the last step, doubled back over every
-    /// skipped step from there (the scale only halves).
+    /// The scale each step ran with, when recorded for every step.
     fn per_step(&self) -> Option<Vec<f64>> {
-        let last = f64::from(*self.last?.as_f32()?.iter().next()?);
-        let mut scale = last;
-        let mut out = vec![0.0; self.skipped.len()];
-        for (s, &skip) in self.skipped.iter().enumerate().rev() {
-            if skip {
-                scale *= 2.0;
-            }
-            out[s] = scale;
-        }
-        Some(out)
+        let ok = !self.scales.is_empty() && self.scales.len() == self.skipped.len();
+        ok.then(|| self.scales.iter().map(|&s| f64::from(s)).collect())
     }
 }
 
@@ -523,6 +516,7 @@ fn trained(c: &Compiled, first: usize, mut out: exec_train::Trained) -> Trained 
         first_outputs: out.first,
         stats: Some(out.stats),
         skipped: out.skipped,
+        scales: out.scales,
     }
 }
 
@@ -636,6 +630,7 @@ fn steps(
         first_outputs,
         stats: None,
         skipped: Vec::new(),
+        scales: Vec::new(),
     })
 }
 
@@ -762,7 +757,7 @@ fn write_results(
     }
     let scales = Scales {
         skipped: &t.skipped,
-        last: t.leaves.get(tpc::autodiff::scale::SCALE_STATE),
+        scales: &t.scales,
     };
     w.text(&args.log, || log_lines(&t.losses, t.first, &scales))?;
     w.finish(args)
