@@ -202,7 +202,20 @@ pub fn train_rank_with(
     ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
-    let result = train_rank_inner(plan, t, steps, ck, None, on_step);
+    train_rank_poisoned(plan, t, steps, ck, None, on_step)
+}
+
+/// [`train_rank_with`] with `poison` corrupting a gradient block if it names this rank (a
+/// test's hook, as in [`train_ranks_poisoned`]; an MPI rank reads it from the environment).
+pub fn train_rank_poisoned(
+    plan: &Plan,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    ck: &Checkpointing,
+    poison: Option<&Poison>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let result = train_rank_inner(plan, t, steps, ck, poison, on_step);
     if result.is_err() {
         t.abort();
     }

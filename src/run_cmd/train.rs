@@ -408,7 +408,7 @@ pub(super) fn run_mpi(
     job: Job,
 ) -> Result<(), Failure> {
     use tpc::exec::mpi::{decode_trained, encode_trained};
-    use tpc::exec::train::{assemble_trained, train_rank_with};
+    use tpc::exec::train::{assemble_trained, train_rank_poisoned};
     let mut job = job;
     if let (Some(dir), 0) = (&args.save, tpc::exec::comm::Transport::rank(t)) {
         match lock_save_dir(dir) {
@@ -424,13 +424,15 @@ pub(super) fn run_mpi(
     let spec = spec(args, &job.c, &job.source, &job.stepped);
     let first = job.ck.first;
     let print = |s: usize, loss: f32| say_loss(first + s, loss);
-    let mine = match train_rank_with(&job.plan, t, &spec, &job.ck, Some(&print)) {
-        Ok(o) => o,
-        Err(e) => {
-            crate::say_err(&format!("error: {e}"));
-            t.abort_job(1)
-        }
-    };
+    let poison = test_poison();
+    let mine =
+        match train_rank_poisoned(&job.plan, t, &spec, &job.ck, poison.as_ref(), Some(&print)) {
+            Ok(o) => o,
+            Err(e) => {
+                crate::say_err(&format!("error: {e}"));
+                t.abort_job(1)
+            }
+        };
     let Some(ranks) = super::gather(t, mine, encode_trained, decode_trained) else {
         return Ok(());
     };
@@ -581,8 +583,8 @@ fn start_leaves(
     })
 }
 
-/// A test's corrupted gradient block, from `TPC_TEST_POISON=STEP:RANK:NAME` (thread runs and
-/// the reference of `--check`; see `exec::train::Poison`).
+/// A test's corrupted gradient block, from `TPC_TEST_POISON=STEP:RANK:NAME` (thread and MPI
+/// runs and the reference of `--check`; see `exec::train::Poison`).
 fn test_poison() -> Option<exec_train::Poison> {
     exec_train::Poison::parse(&std::env::var("TPC_TEST_POISON").ok()?)
 }
