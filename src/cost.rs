@@ -32,7 +32,10 @@ impl CollectiveKind {
     /// combined group of its axes); `None` for every other op.
     pub fn of(op: &Op) -> Option<(CollectiveKind, u64)> {
         Some(match op {
-            Op::AllReduce { size, .. } => (CollectiveKind::AllReduce, *size),
+            Op::AllReduce { size, also, .. } => (
+                CollectiveKind::AllReduce,
+                also.iter().map(|(_, n)| n).product::<u64>() * size,
+            ),
             Op::AllGather { size, .. } => (CollectiveKind::AllGather, *size),
             Op::ReduceScatter { size, .. } => (CollectiveKind::ReduceScatter, *size),
             Op::AllToAll { size, .. } => (CollectiveKind::AllToAll, *size),

@@ -4,7 +4,7 @@
 use crate::autodiff::{training_step, AutodiffError, StepOutputs};
 use crate::diag::{self, SourceFile};
 use crate::ir::verify::{verify, VerifyError};
-use crate::ir::Graph;
+use crate::ir::{Graph, LossScale};
 use crate::lower::{lower_program, LowerError};
 use crate::mesh::{Device, Mesh, MeshError};
 use crate::partition::PartitionError;
@@ -79,6 +79,11 @@ pub enum Error {
     /// `--zero` asked of a program it cannot apply to.
     #[error(transparent)]
     Zero(crate::plan::zero::ZeroError),
+    /// `--loss-scale` given for a program without a `train` statement.
+    #[error(
+        "--loss-scale scales a training step's loss, but the program has no `train` statement"
+    )]
+    LossScale,
 }
 
 impl From<PlanError> for Error {
@@ -125,6 +130,7 @@ impl Error {
             Error::Stage(e) => diag::render(e.as_ref(), src),
             Error::Recompute(e) => diag::render(e.as_ref(), src),
             Error::Zero(e) => diag::render(e, None),
+            Error::LossScale => format!("error: {self}\n"),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
             Error::Verify(e) => internal(e),
@@ -233,7 +239,7 @@ pub fn compile_program(
         gradients: true,
         update: false,
     });
-    compile_with(src, overrides, outputs)
+    compile_with(src, overrides, outputs, None)
 }
 
 /// Compiles `src`'s whole training step: forward, backward and the optimizer's update, whose
@@ -244,24 +250,39 @@ pub fn compile_step(
     overrides: &[(String, i64)],
     gradients: bool,
 ) -> Result<Compiled, Error> {
+    compile_step_scaled(src, overrides, gradients, None)
+}
+
+/// [`compile_step`] with the loss scale `scale` (`--loss-scale`) instead of the `train`
+/// statement's own `loss_scale` clause, when given.
+pub fn compile_step_scaled(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    gradients: bool,
+    scale: Option<LossScale>,
+) -> Result<Compiled, Error> {
     let outputs = StepOutputs {
         gradients,
         update: true,
     };
-    compile_with(src, overrides, Some(outputs))
+    compile_with(src, overrides, Some(outputs), scale)
 }
 
 /// Compiles `src`: its forward when `outputs` is `None` or it does not train, else its
-/// training step with `outputs`.
+/// training step with `outputs` (and the loss scale `scale`, when given).
 fn compile_with(
     src: &SourceFile,
     overrides: &[(String, i64)],
     outputs: Option<StepOutputs>,
+    scale: Option<LossScale>,
 ) -> Result<Compiled, Error> {
     let module = parse(&src.text)?;
     let lowered = lower_program(&module, &src.name, overrides)?;
     verify(&lowered.graph, "lowering")?;
-    let (Some(training), Some(outputs)) = (lowered.training, outputs) else {
+    if scale.is_some() && lowered.training.is_none() {
+        return Err(Error::LossScale);
+    }
+    let (Some(mut training), Some(outputs)) = (lowered.training, outputs) else {
         return Ok(Compiled {
             graph: lowered.graph,
             loss: None,
@@ -270,6 +291,9 @@ fn compile_with(
             warnings: Vec::new(),
         });
     };
+    if scale.is_some() {
+        training.loss_scale = scale;
+    }
     let d = training_step(&lowered.graph, &training, outputs)?;
     verify(&d.graph, "autodiff")?;
     let warnings = d

@@ -75,6 +75,10 @@ struct CompileArgs {
     /// too, 3 params too (gathered before each use).
     #[arg(long, value_name = "STAGE", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: u8,
+    /// For a program with `train`: the loss scale, instead of its `loss_scale` clause:
+    /// dynamic, dynamic(N) (doubling after N steps in a row without an overflow) or a scale.
+    #[arg(long, value_name = "SCALE", value_parser = parse_loss_scale)]
+    loss_scale: Option<tpc::ir::LossScale>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -89,6 +93,11 @@ impl CompileArgs {
             zero: self.zero,
         }
     }
+}
+
+/// A `--loss-scale` value.
+pub(crate) fn parse_loss_scale(s: &str) -> Result<tpc::ir::LossScale, String> {
+    s.parse()
 }
 
 /// Device constants of the cost model (defaults: a GPU-like device; see the README).
@@ -318,11 +327,12 @@ pub(crate) fn compile_source(
     overrides: &[(String, i64)],
     forward_only: bool,
     gradients: bool,
+    scale: Option<tpc::ir::LossScale>,
 ) -> Result<driver::Compiled, Failure> {
     let c = if forward_only {
         driver::compile_program(src, overrides, true)
     } else {
-        driver::compile_step(src, overrides, gradients)
+        driver::compile_step_scaled(src, overrides, gradients, scale)
     }
     .map_err(|e| fail(e, Some(src.clone())))?;
     for w in &c.warnings {
@@ -348,7 +358,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
-    let g = compile_source(&src, &overrides, args.forward_only, false)?.graph;
+    let g = compile_source(&src, &overrides, args.forward_only, false, args.loss_scale)?.graph;
     if mesh.is_some() {
         let plan = driver::plan_declared(g, mesh, device, &args.plan_options())
             .map_err(|e| fail(e, Some(src.clone())))?;

@@ -322,6 +322,26 @@ impl Mesh {
             .collect()
     }
 
+    /// The devices differing from `device` only along the axes `axes` (the temporal axis
+    /// excluded: its steps are one device's), in mixed-radix order of their coordinates on
+    /// `axes` (the first axis major): one order on every member. One axis gives `group`.
+    pub fn product_group(&self, device: u64, axes: &[usize]) -> Vec<u64> {
+        let mut out = vec![device];
+        for &a in axes.iter().filter(|&&a| !self.is_temporal(a)) {
+            out = out
+                .iter()
+                .flat_map(|&d| self.group(d, a))
+                .collect::<Vec<_>>();
+        }
+        // Each member's own list starts from itself: order by coordinates instead.
+        let key = |d: &u64| {
+            let c = self.coords(*d);
+            axes.iter().map(|&a| c[a]).collect::<Vec<_>>()
+        };
+        out.sort_by_key(key);
+        out
+    }
+
     /// All groups along axis `a`, each ordered by coordinate, sorted by their first device.
     pub fn groups(&self, a: usize) -> Vec<Vec<u64>> {
         (0..self.num_devices())
@@ -457,6 +477,15 @@ impl Default for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_product_group_is_every_device_differing_only_on_its_axes() {
+        let m = Mesh::parse("pp=2,dp=2,tp=2").unwrap();
+        assert_eq!(m.product_group(5, &[1, 2]), vec![4, 5, 6, 7]);
+        assert_eq!(m.product_group(6, &[2, 1]), vec![4, 6, 5, 7]);
+        assert_eq!(m.product_group(3, &[0, 2]), vec![2, 3, 6, 7]);
+        assert_eq!(m.product_group(3, &[2]), m.group(3, 2));
+    }
 
     #[test]
     fn coords_and_groups_are_row_major() {

@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// 2 gradients too, 3 params too (gathered before each use).
     #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,
+    /// For a program with `train`: the loss scale, instead of its `loss_scale` clause:
+    /// dynamic, dynamic(N) (doubling after N steps in a row without an overflow) or a scale.
+    #[arg(long, value_name = "SCALE", value_parser = crate::parse_loss_scale)]
+    loss_scale: Option<tpc::ir::LossScale>,
     /// For a program with `train`: the number of training steps.
     #[arg(long, default_value_t = 1, value_name = "N")]
     steps: usize,
@@ -625,7 +629,13 @@ fn load(args: &RunArgs, device: Device) -> Result<Runnable, Failure> {
     }
     let overrides = overrides(args)?;
     let src = driver::source_from_bytes(&args.file, bytes).map_err(|e| fail(e, None))?;
-    let c = crate::compile_source(&src, &overrides, args.forward_only, args.grads.is_some())?;
+    let c = crate::compile_source(
+        &src,
+        &overrides,
+        args.forward_only,
+        args.grads.is_some(),
+        args.loss_scale,
+    )?;
     if c.loss.is_some() {
         return Ok(Runnable::Train(Box::new((c, src, mesh))));
     }
@@ -669,6 +679,7 @@ fn load_plan_document(
         ("--schedule applies", args.schedule.is_some()),
         ("--recompute applies", args.recompute.is_some()),
         ("--zero applies", args.zero.is_some()),
+        ("--loss-scale applies", args.loss_scale.is_some()),
         (
             "the cost model's flags (--flops, --bandwidth, --latency, --bucket-mb, ...) apply",
             device != Device::default() && device != plan.device,

@@ -841,3 +841,66 @@ fn checkpoint_save_under_mpi_loads_with_threads() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// Each logged step's loss (as written), scale and whether it was skipped.
+fn logged_scales(p: &Path) -> Vec<(String, f64, bool)> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let scale = v["scale"].as_f64().expect("a scale in the log");
+            let skipped = v["skipped"].as_bool().expect("skipped in the log");
+            (v["loss"].to_string(), scale, skipped)
+        })
+        .collect()
+}
+
+/// A dynamic loss scale under MPI with an inf injected into one rank's block of a tp-split
+/// gradient at step 3: every process skips the step (one max all-reduce over the whole mesh),
+/// the scale doubled after steps 1-2 halves and the training goes on; the log shows each step's
+/// scale and skip as the thread run's does, params are bitwise the thread run's, and `--check`
+/// (the reference skipping the same step) passes.
+#[test]
+fn loss_scale_skip_under_mpi_is_the_threads_and_the_references() {
+    let file = gpt_train_dp();
+    let poison = "3:1:grad(layer.1.mlp.w1)";
+    let run = |tag: &str, mpi: bool| {
+        let (log, out) = (
+            tmp(&format!("ls-{tag}-log.jsonl")),
+            tmp(&format!("ls-{tag}-out.npz")),
+        );
+        let mut cmd: Vec<String> = Vec::new();
+        if mpi {
+            cmd.extend(
+                ["mpirun", "--oversubscribe", "--allow-run-as-root", "-x"].map(String::from),
+            );
+            cmd.extend(["TPC_TEST_POISON", "-n", "4"].map(String::from));
+        }
+        cmd.extend([TPC, "run", file.to_str().unwrap()].map(String::from));
+        cmd.extend(["--mesh", "dp=2,tp=2", "--steps", "4"].map(String::from));
+        cmd.extend(["--loss-scale", "dynamic(2)", "--check"].map(String::from));
+        cmd.extend(["--log".into(), log.to_str().unwrap().to_string()]);
+        cmd.extend(["--out".into(), out.to_str().unwrap().to_string()]);
+        let _one = MPI_JOBS.lock().unwrap_or_else(|e| e.into_inner());
+        let o = Command::new("timeout")
+            .args(["-k", "10", &TIMEOUT_S.to_string()])
+            .args(&cmd)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("TPC_TEST_POISON", poison)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{tag}: {}", text(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(stdout.contains("check loss at step 4: "), "{}", text(&o));
+        (logged_scales(&log), out)
+    };
+    let (m, m_out) = run("mpi", true);
+    let (t, t_out) = run("threads", false);
+    let k = 65536.0;
+    let seen: Vec<(f64, bool)> = m.iter().map(|l| (l.1, l.2)).collect();
+    assert_eq!(seen, [(k, false), (k, false), (2.0 * k, true), (k, false)]);
+    assert_eq!(m, t, "the MPI log is the thread run's");
+    assert_bitwise_equal(&m_out, &t_out, "trained params");
+}

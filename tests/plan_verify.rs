@@ -126,6 +126,7 @@ fn a_sum_turned_into_max_is_refused() {
         axis: "tp".into(),
         size: 8,
         reduce: ReduceOp::Max,
+        also: Vec::new(),
     };
     let msg = refused(&d);
     assert!(
@@ -411,6 +412,7 @@ fn tampered_buckets_are_refused() {
         axis: "tp".into(),
         size: 4,
         reduce: ReduceOp::Sum,
+        also: Vec::new(),
     };
     let msg = refused(&other_axis);
     assert!(msg.contains("Partial(sum) -> Replicate over tp"), "{msg}");

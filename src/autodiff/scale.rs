@@ -2,8 +2,9 @@
 //! 16-bit arithmetic; the gradients are multiplied by 1/scale before anything reads them. With
 //! a dynamic scale (a `State` carried from step to step), a step whose gradients hold an inf or
 //! NaN is skipped: every carried value keeps its old value (`select(overflow, old, new)`) and
-//! the scale halves. The flag `overflow` is one value for the whole mesh: the plan reduces it
-//! (max) over every mesh axis (`plan::overflow`), so a gradient block corrupted on one rank
+//! the scale halves; after `interval` steps in a row without one it doubles (a second state
+//! counts them). The flag `overflow` is one value for the whole mesh: the plan reduces it (max)
+//! over every mesh axis at once (`plan::overflow`), so a gradient block corrupted on one rank
 //! alone makes every rank skip.
 
 use super::builder::Builder;
@@ -19,6 +20,10 @@ type R<T> = Result<T, AutodiffError>;
 /// The name of the dynamic loss scale's state.
 pub const SCALE_STATE: &str = "loss_scale";
 
+/// The name of the dynamic scale's count of steps in a row without an overflow (an f32 whole
+/// number below its growth interval).
+pub const GOOD_STEPS: &str = "loss_scale_good_steps";
+
 /// The name of the step output (and value) that is 1 when the step was skipped, else 0.
 pub const OVERFLOW: &str = "overflow";
 
@@ -26,8 +31,8 @@ pub const OVERFLOW: &str = "overflow";
 pub(super) enum Scale {
     /// `loss_scale N`.
     Static(f64),
-    /// `loss_scale dynamic`: the state leaf.
-    Dynamic(ValueId),
+    /// `loss_scale dynamic(interval)`: the state leaf and the growth interval.
+    Dynamic(ValueId, u64),
 }
 
 /// The backward's seed for a loss of type `ty` (a scalar): 1, the constant scale, or the
@@ -45,13 +50,13 @@ pub(super) fn seed(
     match scale {
         None => Ok((b.op(fill(1.0), vec![])?, None)),
         Some(LossScale::Static(n)) => Ok((b.op(fill(n), vec![])?, Some(Scale::Static(n)))),
-        Some(LossScale::Dynamic) => {
+        Some(LossScale::Dynamic { interval }) => {
             let op = Op::State {
                 name: SCALE_STATE.into(),
                 init: StateInit::Fill(DYNAMIC_START),
             };
             let s = b.leaf(op, ty.clone(), None);
-            Ok((s, Some(Scale::Dynamic(s))))
+            Ok((s, Some(Scale::Dynamic(s, interval))))
         }
     }
 }
@@ -69,7 +74,7 @@ pub(super) fn unscale(
             }
             return Ok(());
         }
-        Scale::Dynamic(v) => b.unary(UnaryOp::Recip, v)?,
+        Scale::Dynamic(v, _) => b.unary(UnaryOp::Recip, v)?,
     };
     let mut by_dtype: Vec<(Dtype, ValueId)> = vec![(b.ty(inv).dtype, inv)];
     for (_, _, g) in grads.iter_mut() {
@@ -117,17 +122,48 @@ pub(super) fn guard(
     grads: &[(String, ValueId, ValueId)],
     carried: Vec<Carried>,
 ) -> R<(Vec<Carried>, Option<ValueId>)> {
-    let Scale::Dynamic(scale) = *s else {
+    let Scale::Dynamic(scale, interval) = *s else {
         return Ok((carried, None));
     };
     let found = overflow(b, grads)?;
-    let mut out = Vec::with_capacity(carried.len() + 1);
+    let mut out = Vec::with_capacity(carried.len() + 2);
     for (name, leaf, next) in carried {
         let kept = b.op(Op::Select, vec![found, leaf, next])?;
         out.push((name, leaf, kept));
     }
-    let half = b.scalar(BinaryOp::Mul, scale, 0.5, false)?;
-    let next = b.op(Op::Select, vec![found, half, scale])?;
-    out.push((SCALE_STATE.to_string(), scale, next));
+    out.extend(grow(b, scale, interval, found)?);
     Ok((out, Some(found)))
+}
+
+/// The scale's and the good-step count's next values: on an overflow the scale halves and the
+/// count restarts; else the count grows, and on reaching `interval` the scale doubles and the
+/// count restarts.
+fn grow(b: &mut Builder, scale: ValueId, interval: u64, found: ValueId) -> R<[Carried; 2]> {
+    let ty = b.ty(scale).clone();
+    let op = Op::State {
+        name: GOOD_STEPS.into(),
+        init: StateInit::Fill(0.0),
+    };
+    let good = b.leaf(op, ty.clone(), None);
+    let fill = |value| Op::Fill {
+        value,
+        dtype: ty.dtype,
+        shape: ty.shape.clone(),
+    };
+    let (zero, every) = (
+        b.op(fill(0.0), vec![])?,
+        b.op(fill(interval as f64), vec![])?,
+    );
+    let counted = b.scalar(BinaryOp::Add, good, 1.0, false)?;
+    let full = b.op(Op::Equal, vec![counted, every])?;
+    let kept = b.op(Op::Select, vec![full, zero, counted])?;
+    let next_good = b.op(Op::Select, vec![found, zero, kept])?;
+    let double = b.scalar(BinaryOp::Mul, scale, 2.0, false)?;
+    let grown = b.op(Op::Select, vec![full, double, scale])?;
+    let half = b.scalar(BinaryOp::Mul, scale, 0.5, false)?;
+    let next = b.op(Op::Select, vec![found, half, grown])?;
+    Ok([
+        (SCALE_STATE.to_string(), scale, next),
+        (GOOD_STEPS.to_string(), good, next_good),
+    ])
 }

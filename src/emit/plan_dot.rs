@@ -255,10 +255,17 @@ impl PlanStyle<'_> {
 /// `(dp,tp)` for a redistribute), as its provenance names it.
 fn headline(op: &Op) -> (String, String) {
     match op {
-        Op::AllReduce { axis, reduce, .. } => (
+        Op::AllReduce {
+            axis, reduce, also, ..
+        } if also.is_empty() => (
             format!("all_reduce {} over {axis}", reduce.name()),
             axis.clone(),
         ),
+        Op::AllReduce { reduce, .. } => {
+            let names: Vec<&str> = op.mesh_axes().into_iter().map(|(a, _)| a).collect();
+            let group = format!("({})", names.join(","));
+            (format!("all_reduce {} over {group}", reduce.name()), group)
+        }
         Op::AllGather { axis, dim, .. } => {
             (format!("all_gather dim {dim} over {axis}"), axis.clone())
         }

@@ -860,6 +860,7 @@ mod tests {
                 axis: "tp".into(),
                 size: 4,
                 reduce: ReduceOp::Sum,
+                also: Vec::new(),
             }
         });
         assert_eq!(
@@ -871,6 +872,7 @@ mod tests {
                 axis: "dp".into(),
                 size: 8,
                 reduce: ReduceOp::Sum,
+                also: Vec::new(),
             }
         });
         assert!(corrupt_msg(&text).contains("names mesh axis \"dp\", which the mesh tp=8 lacks"));
@@ -879,6 +881,7 @@ mod tests {
                 axis: "tp".into(),
                 size: 8,
                 reduce: ReduceOp::Max,
+                also: Vec::new(),
             }
         });
         assert!(corrupt_msg(&text).contains("but it moves Partial(max) -> Replicate over tp"));

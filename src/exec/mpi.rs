@@ -364,6 +364,10 @@ pub fn encode_trained(o: &TrainedRank) -> Message {
     put_tensors(&mut w, &o.first);
     put64(&mut w, o.losses.len() as u64);
     w.extend(o.losses.iter().map(|l| l.to_bits() as i32));
+    put64(&mut w, o.skipped.len() as u64);
+    w.extend(o.skipped.iter().map(|&s| s as i32));
+    put64(&mut w, o.scales.len() as u64);
+    w.extend(o.scales.iter().map(|l| l.to_bits() as i32));
     Message::I32(w)
 }
 
@@ -542,13 +546,21 @@ pub fn decode_trained(msg: &Message) -> Result<TrainedRank, String> {
         .iter()
         .map(|&b| f32::from_bits(b as u32))
         .collect();
+    let n = w.next64()?;
+    let skipped = w.take(n)?.iter().map(|&b| b != 0).collect();
+    let n = w.next64()?;
+    let scales = w
+        .take(n)?
+        .iter()
+        .map(|&b| f32::from_bits(b as u32))
+        .collect();
     w.end()?;
     Ok(TrainedRank {
         rank,
         first,
         losses,
-        // Not sent: the log of an MPI run shows no loss scale.
-        skipped: Vec::new(),
+        skipped,
+        scales,
     })
 }
 
@@ -613,7 +625,8 @@ mod tests {
             },
             first: vec![t(-0.0), t(f32::NAN)],
             losses: vec![5.5, f32::from_bits(0x7f80_0001)],
-            skipped: Vec::new(),
+            skipped: vec![false, true],
+            scales: vec![65536.0, 65536.0],
         };
         let d = decode_trained(&encode_trained(&o)).unwrap();
         let bits = |ls: &[f32]| ls.iter().map(|v| v.to_bits()).collect::<Vec<_>>();

@@ -790,8 +790,8 @@ impl Rank<'_> {
                 return Ok(vec![self.vocab_embedding(&node.op, axes, &args)?])
             }
             Op::TargetLogit { axes } => return Ok(vec![self.target_logit(&node.op, axes, &args)?]),
-            Op::AllReduce { axis, reduce, .. } if args.len() > 1 => {
-                return self.bucket(&node.op, axis, *reduce, args)
+            Op::AllReduce { reduce, .. } if args.len() > 1 => {
+                return self.bucket(&node.op, *reduce, args)
             }
             _ => {}
         }
@@ -813,11 +813,10 @@ impl Rank<'_> {
     fn bucket(
         &mut self,
         op: &Op,
-        axis: &str,
         reduce: ReduceOp,
         args: Vec<Cow<'_, Tensor>>,
     ) -> Result<Vec<Tensor>, NodeError> {
-        let group = &self.groups[self.axis(op, axis)?];
+        let group = &self.reduce_group(op)?;
         Ok(match &*args[0] {
             Tensor::F32(_) => reduce_bucket(self.t, group, &args, Tensor::as_f32, op, reduce)?
                 .into_iter()
@@ -838,6 +837,22 @@ impl Rank<'_> {
             .any(|(a, _)| mesh.axis_index(a).is_some_and(|i| mesh.is_temporal(i)))
     }
 
+    /// The ranks an all-reduce reduces over: its axis's group, or the product group of all
+    /// its axes.
+    fn reduce_group(&self, op: &Op) -> Result<Vec<usize>, ExecError> {
+        let axes = op
+            .mesh_axes()
+            .into_iter()
+            .map(|(a, _)| self.axis(op, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let [a] = axes[..] {
+            return Ok(self.groups[a].clone());
+        }
+        let rank = self.t.rank() as u64;
+        let group = self.plan.mesh.product_group(rank, &axes);
+        Ok(group.into_iter().map(|d| d as usize).collect())
+    }
+
     /// The index of mesh axis `name`.
     fn axis(&self, op: &Op, name: &str) -> Result<usize, ExecError> {
         self.plan
@@ -855,8 +870,8 @@ impl Rank<'_> {
     ) -> Result<ArrayD<T>, NodeError> {
         let name = op.name();
         match op {
-            Op::AllReduce { axis, reduce, .. } => {
-                let group = &self.groups[self.axis(op, axis)?];
+            Op::AllReduce { reduce, .. } => {
+                let group = &self.reduce_group(op)?;
                 let shape = x.shape().to_vec();
                 // A dying operand is reduced in its own buffer.
                 let mut data = into_flat(x);

@@ -54,6 +54,8 @@ pub struct TrainedRank {
     pub losses: Vec<f32>,
     /// With a dynamic loss scale: per step, whether this rank skipped it (empty otherwise).
     pub skipped: Vec<bool>,
+    /// With a dynamic loss scale: per step, the scale it ran with (empty otherwise).
+    pub scales: Vec<f32>,
 }
 
 /// A training run's results, as global arrays.
@@ -70,6 +72,8 @@ pub struct Trained {
     /// With a dynamic loss scale: per step, whether it was skipped (rank 0's flag; every rank
     /// reads the same one).
     pub skipped: Vec<bool>,
+    /// With a dynamic loss scale: per step, the scale it ran with (rank 0's; one for all).
+    pub scales: Vec<f32>,
 }
 
 /// Where a run stands among the steps of a longer training, and where it saves checkpoints.
@@ -198,7 +202,20 @@ pub fn train_rank_with(
     ck: &Checkpointing,
     on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
 ) -> Result<TrainedRank, RunError> {
-    let result = train_rank_inner(plan, t, steps, ck, None, on_step);
+    train_rank_poisoned(plan, t, steps, ck, None, on_step)
+}
+
+/// [`train_rank_with`] with `poison` corrupting a gradient block if it names this rank (a
+/// test's hook, as in [`train_ranks_poisoned`]; an MPI rank reads it from the environment).
+pub fn train_rank_poisoned(
+    plan: &Plan,
+    t: &mut dyn Transport,
+    steps: &Steps<'_>,
+    ck: &Checkpointing,
+    poison: Option<&Poison>,
+    on_step: Option<&(dyn Fn(usize, f32) + Sync)>,
+) -> Result<TrainedRank, RunError> {
+    let result = train_rank_inner(plan, t, steps, ck, poison, on_step);
     if result.is_err() {
         t.abort();
     }
@@ -316,6 +333,7 @@ fn train_rank_inner(
         .iter()
         .position(|o| o.name == crate::autodiff::scale::OVERFLOW);
     let mut skipped = Vec::new();
+    let (scale_leaf, mut scales) = (scale_leaf(plan), Vec::new());
     for s in 0..steps.count.max(1) {
         let g = ck.first + s;
         r.poison = poisoned
@@ -334,6 +352,9 @@ fn train_rank_inner(
         if let Some(k) = flag {
             let f = loss_value(&out.outputs[k]).map_err(|e| load_err("overflow", e))?;
             skipped.push(f != 0.0);
+        }
+        if let Some(t) = scale_leaf.and_then(|v| blocks.get(&v)) {
+            scales.push(loss_value(t).map_err(|e| load_err("loss_scale", e))?);
         }
         if let (0, Some(f)) = (rank, on_step) {
             f(s, loss);
@@ -374,6 +395,17 @@ fn train_rank_inner(
         first,
         losses,
         skipped,
+        scales,
+    })
+}
+
+/// The local value of the dynamic loss scale's state leaf, if the plan has one.
+fn scale_leaf(plan: &Plan) -> Option<ValueId<Local>> {
+    plan.local.nodes().find_map(|(_, n)| match &n.op {
+        crate::ir::Op::State { name, .. } if name == crate::autodiff::scale::SCALE_STATE => {
+            Some(n.outputs[0])
+        }
+        _ => None,
     })
 }
 
@@ -467,6 +499,7 @@ fn train_stage_rank(
         first,
         losses,
         skipped: Vec::new(),
+        scales: Vec::new(),
     })
 }
 
@@ -727,6 +760,7 @@ pub fn assemble_trained(
     }
     let losses = ranks.first().map(|r| r.losses.clone()).unwrap_or_default();
     let skipped = ranks.first().map(|r| r.skipped.clone()).unwrap_or_default();
+    let scales = ranks.first().map(|r| r.scales.clone()).unwrap_or_default();
     let mut trained = Vec::with_capacity(ranks.len());
     for r in ranks {
         if r.losses.len() != losses.len() {
@@ -751,5 +785,6 @@ pub fn assemble_trained(
         last: out.outputs,
         stats: out.stats,
         skipped,
+        scales,
     })
 }

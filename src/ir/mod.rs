@@ -15,5 +15,7 @@ pub use graph::{
 pub use ids::{EntityId, Global, Local, NodeId, RegionId, Space, ValueId};
 pub use idvec::IdVec;
 pub use op::{BinaryOp, Op, ReduceOp, StateInit, UnaryOp};
-pub use train::{LossScale, Optimizer, Training, DYNAMIC_START};
+pub use train::{
+    growth_interval, LossScale, Optimizer, Training, DYNAMIC_INTERVAL, DYNAMIC_START, MAX_INTERVAL,
+};
 pub use types::{Dtype, Spec, TensorType, MAX_PROGRAM_BYTES};

@@ -311,15 +311,24 @@ pub enum Op {
         depth: u64,
     },
     /// SPMD: reduces the operand over the devices of the group along mesh axis `axis` (of `size`
-    /// devices); every device gets the result. Partial → Replicate. Several operands (one
-    /// dtype) are a bucket: reduced as one message, result `k` is operand `k` reduced.
+    /// devices), or with `also` over the product group of `axis` and those axes (the devices
+    /// differing only there); every device gets the result. Partial → Replicate on each axis.
+    /// Several operands (one dtype) are a bucket: reduced as one message, result `k` is operand
+    /// `k` reduced.
     AllReduce {
-        /// The mesh axis.
+        /// The mesh axis (the first, with `also`).
         axis: String,
-        /// Devices in the group.
+        /// Devices along `axis`.
         size: u64,
         /// Sum or Max.
         reduce: ReduceOp,
+        /// Further mesh axes of the group with their sizes; empty for the single-axis
+        /// all-reduce every reshard emits. A field rather than a new variant: a multi-axis
+        /// all-reduce is still an all-reduce (cost, bucketing, verification treat it as one),
+        /// every single-axis plan keeps its text and JSON byte for byte, and plan JSON written
+        /// before the field loads (it defaults to empty).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also: Vec<(String, u64)>,
     },
     /// SPMD: concatenates the group's blocks along `dim` (result dim × size). Shard → Replicate.
     AllGather {
@@ -482,8 +491,13 @@ impl Op {
     /// empty for every other op.
     pub fn mesh_axes(&self) -> Vec<(&str, Option<u64>)> {
         match self {
-            Op::AllReduce { axis, size, .. }
-            | Op::AllGather { axis, size, .. }
+            Op::AllReduce {
+                axis, size, also, ..
+            } => std::iter::once((axis, size))
+                .chain(also.iter().map(|(a, n)| (a, n)))
+                .map(|(a, n)| (a.as_str(), Some(*n)))
+                .collect(),
+            Op::AllGather { axis, size, .. }
             | Op::ReduceScatter { axis, size, .. }
             | Op::AllToAll { axis, size, .. }
             | Op::ShardSlice { axis, size, .. } => vec![(axis.as_str(), Some(*size))],
@@ -569,8 +583,17 @@ impl fmt::Display for Op {
             ),
             Op::ScatterAdd { rows } => write!(f, "scatter_add{{rows={rows}}}"),
             Op::OneHot { depth } => write!(f, "one_hot{{depth={depth}}}"),
-            Op::AllReduce { axis, size, reduce } => {
-                write!(f, "all_reduce{{{}:{axis}={size}}}", reduce.name())
+            Op::AllReduce {
+                axis,
+                size,
+                reduce,
+                also,
+            } => {
+                write!(f, "all_reduce{{{}:{axis}={size}", reduce.name())?;
+                for (a, n) in also {
+                    write!(f, ",{a}={n}")?;
+                }
+                f.write_str("}")
             }
             Op::AllGather { axis, size, dim } => write!(f, "all_gather{{dim={dim},{axis}={size}}}"),
             Op::ReduceScatter {

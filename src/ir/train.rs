@@ -82,8 +82,49 @@ pub enum LossScale {
     Static(f64),
     /// A scale carried from step to step, one value for all ranks: it starts at
     /// [`DYNAMIC_START`]; a step whose gradients hold an inf or NaN anywhere on the mesh is
-    /// skipped (every carried value keeps its old value) and halves it.
-    Dynamic,
+    /// skipped (every carried value keeps its old value) and halves it; after `interval` steps
+    /// in a row without one it doubles (PyTorch's `GradScaler`, Megatron).
+    Dynamic {
+        /// Good steps in a row before the scale doubles (≥ 1, at most [`MAX_INTERVAL`]).
+        interval: u64,
+    },
+}
+
+/// The default growth interval of a dynamic scale (PyTorch's `growth_interval`).
+pub const DYNAMIC_INTERVAL: u64 = 2000;
+
+/// The largest growth interval: the count of good steps is an f32, exact up to 2^24.
+pub const MAX_INTERVAL: u64 = 1 << 24;
+
+/// `n` as a growth interval, if it is a whole number in 1..=[`MAX_INTERVAL`].
+pub fn growth_interval(n: f64) -> Option<u64> {
+    (n.fract() == 0.0 && (1.0..=MAX_INTERVAL as f64).contains(&n)).then_some(n as u64)
+}
+
+impl std::str::FromStr for LossScale {
+    type Err = String;
+
+    /// `dynamic`, `dynamic(N)` or a finite scale > 0 (the `--loss-scale` flag's values).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("`{s}`: write `dynamic`, `dynamic(N)` (N steps between doublings, 1 to {MAX_INTERVAL}) or a finite scale > 0 such as 1024")
+        };
+        if s == "dynamic" {
+            return Ok(LossScale::Dynamic {
+                interval: DYNAMIC_INTERVAL,
+            });
+        }
+        if let Some(n) = s.strip_prefix("dynamic(").and_then(|r| r.strip_suffix(')')) {
+            let n: f64 = n.trim().parse().map_err(|_| bad())?;
+            return growth_interval(n)
+                .map(|interval| LossScale::Dynamic { interval })
+                .ok_or_else(bad);
+        }
+        match s.parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Ok(LossScale::Static(v)),
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// The dynamic loss scale's first value (PyTorch's `GradScaler` default).

@@ -5,8 +5,10 @@ use super::builtins::{bind, Bound};
 use super::error::LowerError;
 use super::scope::{Scope, Val};
 use super::Program;
-use crate::ir::{Dtype, LossScale, Optimizer, ValueId};
-use crate::syntax::ast::Train;
+use crate::ir::{
+    growth_interval, Dtype, LossScale, Optimizer, ValueId, DYNAMIC_INTERVAL, MAX_INTERVAL,
+};
+use crate::syntax::ast::{ScaleSpec, Train};
 
 /// The optimizers and their arguments (`?`: optional, with the default of [`optimizer`]).
 const OPTIMIZERS: &[(&str, &[&str])] = &[
@@ -27,15 +29,28 @@ pub(super) fn resolve(
     Ok((loss, optimizer(s, t, prog)?))
 }
 
-/// The statement's loss scale: `dynamic`, or a constant that must be finite and > 0.
+/// The statement's loss scale: `dynamic`, `dynamic(N)` with N a whole number of steps in
+/// 1..=2^24, or a constant that must be finite and > 0.
 pub(super) fn loss_scale(t: &Train) -> Result<Option<LossScale>, LowerError> {
-    match t.loss_scale {
+    match &t.loss_scale {
         None => Ok(None),
-        Some((None, _)) => Ok(Some(LossScale::Dynamic)),
-        Some((Some(v), _)) if positive(v) => Ok(Some(LossScale::Static(v))),
-        Some((Some(v), span)) => Err(LowerError::Invalid {
+        Some((ScaleSpec::Dynamic(None), _)) => Ok(Some(LossScale::Dynamic {
+            interval: DYNAMIC_INTERVAL,
+        })),
+        Some((ScaleSpec::Dynamic(Some((n, span))), _)) => match growth_interval(*n) {
+            Some(interval) => Ok(Some(LossScale::Dynamic { interval })),
+            None => Err(LowerError::Invalid {
+                message: format!(
+                    "`loss_scale dynamic({n})`: the growth interval must be a whole number of steps from 1 to {MAX_INTERVAL}"
+                ),
+                span: *span,
+                hint: Some("write e.g. `loss_scale dynamic(2000)`".into()),
+            }),
+        },
+        Some((ScaleSpec::Static(v), _)) if positive(*v) => Ok(Some(LossScale::Static(*v))),
+        Some((ScaleSpec::Static(v), span)) => Err(LowerError::Invalid {
             message: format!("`loss_scale` {v}: it must be finite and > 0"),
-            span,
+            span: *span,
             hint: Some("write `loss_scale dynamic` or a scale such as `loss_scale 1024`".into()),
         }),
     }

@@ -259,6 +259,7 @@ impl Partitioner<'_> {
                 axis: self.mesh.axis_name(a).to_string(),
                 size: self.mesh.axis_size(a),
                 reduce,
+                also: Vec::new(),
             };
             // Each all-reduce clears its own axis; the last one leaves `after`.
             let (_, _, to) = transition(&op).expect("an all-reduce moves one axis");

@@ -180,6 +180,7 @@ fn next_step(cur: &Placement, to: &Placement, mesh: &Mesh) -> Option<Step> {
                         axis: name(a),
                         size: size(a),
                         reduce: reduce_of(p),
+                        also: Vec::new(),
                     },
                     a,
                 );

@@ -34,7 +34,7 @@ pub fn fuse(p: Partitioned, cap: u64, temporal: Option<&str>) -> Partitioned {
 /// The all-reduces worth fusing: one operand, made by the backward, not over the temporal axis
 /// (a microbatch's accumulation moves nothing).
 fn candidate(g: &Graph<Local>, n: &Node<Local>, temporal: Option<&str>) -> bool {
-    matches!(&n.op, Op::AllReduce { axis, .. } if Some(axis.as_str()) != temporal)
+    matches!(&n.op, Op::AllReduce { axis, also, .. } if Some(axis.as_str()) != temporal && also.is_empty())
         && n.inputs.len() == 1
         && moved_phase(g, n.inputs[0]) == Phase::Backward
 }

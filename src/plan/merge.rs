@@ -85,8 +85,9 @@ fn is_sum_reduce(op: &Op) -> bool {
         op,
         Op::AllReduce {
             reduce: ReduceOp::Sum,
+            also,
             ..
-        }
+        } if also.is_empty()
     )
 }
 

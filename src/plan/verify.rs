@@ -431,6 +431,11 @@ impl<'a> Verifier<'a> {
         let (n, mesh) = (self.p.local.node(id), self.p.mesh);
         let (name, from, to) = transition(&n.op).expect("checked by the caller");
         let a = mesh.axis_index(name).expect("checked by check_axes");
+        if let Op::AllReduce { also, .. } = &n.op {
+            if !also.is_empty() {
+                return self.check_product(n, from);
+            }
+        }
         for (x, y) in self.moved_pairs(n)? {
             // A max over copies of one value is that value: the whole-mesh overflow flag
             // (`plan::overflow`) is max-reduced over axes it is replicated on.
@@ -443,6 +448,44 @@ impl<'a> Verifier<'a> {
             ) && self.pl(x).axis(a) == AxisPl::Replicate;
             let from = if idempotent { AxisPl::Replicate } else { from };
             self.check_pair(name, a, (from, to), x, y)?;
+        }
+        Ok(())
+    }
+
+    /// An all-reduce over several axes moves each of them `from` (or, for a max, Replicate) to
+    /// Replicate, other axes unchanged.
+    fn check_product(&self, n: &Node<Local>, from: AxisPl) -> Check {
+        let mesh = self.p.mesh;
+        let axes: Vec<usize> =
+            n.op.mesh_axes()
+                .into_iter()
+                .map(|(a, _)| mesh.axis_index(a).expect("checked by check_axes"))
+                .collect();
+        let max = from == AxisPl::Partial(PartialOp::Max);
+        for (x, y) in self.moved_pairs(n)? {
+            let (px, py) = (self.pl(x), self.pl(y));
+            let ok = |a: usize| {
+                let s = px.axis(a);
+                s == from || (max && s == AxisPl::Replicate)
+            };
+            let moved = axes
+                .iter()
+                .try_fold(px.clone(), |p, &a| p.moved(a, AxisPl::Replicate));
+            if !axes.iter().all(|&a| ok(a)) || moved.as_ref() != Some(py) {
+                return Err((
+                    Problem::Transition,
+                    format!(
+                        "it moves {x} in {} to {y} in {}, but it moves {from} -> Replicate over {}",
+                        px.display(mesh),
+                        py.display(mesh),
+                        n.op.mesh_axes()
+                            .iter()
+                            .map(|(a, _)| *a)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -34,6 +34,8 @@ struct Trained {
     stats: Option<tpc::exec::spmd::RunStats>,
     /// With a dynamic loss scale: per step, whether it was skipped.
     skipped: Vec<bool>,
+    /// With a dynamic loss scale: per step, the scale it ran with.
+    scales: Vec<f32>,
 }
 
 /// A training run ready to start: the step compiled and planned, and where the ranks take
@@ -361,27 +363,18 @@ pub(super) fn run(args: &RunArgs, job: Job) -> Result<(), Failure> {
     }
 }
 
-/// A dynamic loss scale's record: per step whether it was skipped, and the scale after the last.
+/// A dynamic loss scale's record: per step whether it was skipped and the scale it ran with.
 #[derive(Default)]
 struct Scales<'a> {
     skipped: &'a [bool],
-    last: Option<&'a Tensor>,
+    scales: &'a [f32],
 }
 
 impl Scales<'_> {
-    /// The scale each step ran with: the scale after the last step, doubled back over every
-    /// skipped step from there (the scale only halves).
+    /// The scale each step ran with, when recorded for every step.
     fn per_step(&self) -> Option<Vec<f64>> {
-        let last = f64::from(*self.last?.as_f32()?.iter().next()?);
-        let mut scale = last;
-        let mut out = vec![0.0; self.skipped.len()];
-        for (s, &skip) in self.skipped.iter().enumerate().rev() {
-            if skip {
-                scale *= 2.0;
-            }
-            out[s] = scale;
-        }
-        Some(out)
+        let ok = !self.scales.is_empty() && self.scales.len() == self.skipped.len();
+        ok.then(|| self.scales.iter().map(|&s| f64::from(s)).collect())
     }
 }
 
@@ -415,7 +408,7 @@ pub(super) fn run_mpi(
     job: Job,
 ) -> Result<(), Failure> {
     use tpc::exec::mpi::{decode_trained, encode_trained};
-    use tpc::exec::train::{assemble_trained, train_rank_with};
+    use tpc::exec::train::{assemble_trained, train_rank_poisoned};
     let mut job = job;
     if let (Some(dir), 0) = (&args.save, tpc::exec::comm::Transport::rank(t)) {
         match lock_save_dir(dir) {
@@ -431,13 +424,15 @@ pub(super) fn run_mpi(
     let spec = spec(args, &job.c, &job.source, &job.stepped);
     let first = job.ck.first;
     let print = |s: usize, loss: f32| say_loss(first + s, loss);
-    let mine = match train_rank_with(&job.plan, t, &spec, &job.ck, Some(&print)) {
-        Ok(o) => o,
-        Err(e) => {
-            crate::say_err(&format!("error: {e}"));
-            t.abort_job(1)
-        }
-    };
+    let poison = test_poison();
+    let mine =
+        match train_rank_poisoned(&job.plan, t, &spec, &job.ck, poison.as_ref(), Some(&print)) {
+            Ok(o) => o,
+            Err(e) => {
+                crate::say_err(&format!("error: {e}"));
+                t.abort_job(1)
+            }
+        };
     let Some(ranks) = super::gather(t, mine, encode_trained, decode_trained) else {
         return Ok(());
     };
@@ -523,6 +518,7 @@ fn trained(c: &Compiled, first: usize, mut out: exec_train::Trained) -> Trained 
         first_outputs: out.first,
         stats: Some(out.stats),
         skipped: out.skipped,
+        scales: out.scales,
     }
 }
 
@@ -587,8 +583,8 @@ fn start_leaves(
     })
 }
 
-/// A test's corrupted gradient block, from `TPC_TEST_POISON=STEP:RANK:NAME` (thread runs and
-/// the reference of `--check`; see `exec::train::Poison`).
+/// A test's corrupted gradient block, from `TPC_TEST_POISON=STEP:RANK:NAME` (thread and MPI
+/// runs and the reference of `--check`; see `exec::train::Poison`).
 fn test_poison() -> Option<exec_train::Poison> {
     exec_train::Poison::parse(&std::env::var("TPC_TEST_POISON").ok()?)
 }
@@ -636,6 +632,7 @@ fn steps(
         first_outputs,
         stats: None,
         skipped: Vec::new(),
+        scales: Vec::new(),
     })
 }
 
@@ -762,7 +759,7 @@ fn write_results(
     }
     let scales = Scales {
         skipped: &t.skipped,
-        last: t.leaves.get(tpc::autodiff::scale::SCALE_STATE),
+        scales: &t.scales,
     };
     w.text(&args.log, || log_lines(&t.losses, t.first, &scales))?;
     w.finish(args)

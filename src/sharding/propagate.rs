@@ -24,8 +24,8 @@ pub enum Strategy {
     /// Label `l` split: operands holding it split there, others replicated; the result split,
     /// partial, or (internal contraction) replicated.
     Split(Label),
-    /// The rule's linear operand set `k` Partial(sum), the others replicated; the result
-    /// Partial(sum).
+    /// The rule's linear operand set `k` Partial (its sum or max), the others replicated; the
+    /// result Partial the same way.
     Linear(usize),
 }
 
@@ -51,7 +51,9 @@ impl Strategy {
                 .position(|&x| x == Some(l))
                 .map(AxisPl::Shard)
                 .unwrap_or(AxisPl::Replicate),
-            Strategy::Linear(k) if rule.linear[k].contains(&i) => AxisPl::Partial(PartialOp::Sum),
+            Strategy::Linear(k) if rule.linear[k].1.contains(&i) => {
+                AxisPl::Partial(rule.linear[k].0)
+            }
             Strategy::Linear(_) => AxisPl::Replicate,
         }
     }
@@ -67,7 +69,7 @@ impl Strategy {
                     _ => AxisPl::Replicate,
                 },
             },
-            Strategy::Linear(_) => AxisPl::Partial(PartialOp::Sum),
+            Strategy::Linear(k) => AxisPl::Partial(rule.linear[k].0),
         }
     }
 
@@ -872,9 +874,9 @@ impl AxisCtx<'_> {
         };
         let scatter = |l: Label| divides(l) && self.scatters(rule, Strategy::Split(l), st, inputs);
         let partial_in = |k: usize| {
-            rule.linear[k]
-                .iter()
-                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(PartialOp::Sum))
+            let (op, set) = &rule.linear[k];
+            set.iter()
+                .any(|&i| st[inputs[i].index()] == AxisPl::Partial(*op))
         };
         out.extend(Strategy::all(rule).filter(|&s| match s {
             Strategy::Replicate => true,

@@ -1,6 +1,7 @@
 //! Per-op sharding rules as einsum-like dimension mappings: each operand dim and result dim gets
 //! a label (or none, when that dim can never be split), labels missing from the result are
-//! contracted, and each op lists the operand sets it is linear in. Propagation and partitioning
+//! contracted, and each op lists the operand sets it is linear in (for a sum, or for a max:
+//! monotone in and commuting with `max`). Propagation and partitioning
 //! only read these tables; no op is special-cased elsewhere except through `Contraction`.
 
 use super::placement::PartialOp;
@@ -31,9 +32,10 @@ pub struct Rule {
     pub sizes: Vec<u64>,
     /// Labels absent from the result that may still be split, and what that yields.
     pub contracted: Vec<(Label, Contraction)>,
-    /// Operand sets the op is jointly linear in: Partial(sum) there (others Replicate) gives a
-    /// Partial(sum) result.
-    pub linear: Vec<Vec<usize>>,
+    /// Operand sets the op is jointly linear in, each with the reduction it commutes with:
+    /// Partial(op) there (others Replicate) gives a Partial(op) result. For `Sum`, op(Σ x) =
+    /// Σ op(x); for `Max`, op(max x) = max op(x) (a monotone op: max, reduce max, a float cast).
+    pub linear: Vec<(PartialOp, Vec<usize>)>,
 }
 
 struct Builder {
@@ -73,20 +75,25 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
         Op::MatMul => matmul(&mut b, &ins[0].shape, &ins[1].shape),
         Op::Binary { op } => {
             let linear = match op {
-                BinaryOp::Add | BinaryOp::Sub => vec![vec![0, 1]],
-                BinaryOp::Mul => vec![vec![0], vec![1]],
-                BinaryOp::Div => vec![vec![0]],
-                BinaryOp::Max => vec![],
+                BinaryOp::Add | BinaryOp::Sub => sums(&[&[0, 1]]),
+                BinaryOp::Mul => sums(&[&[0], &[1]]),
+                BinaryOp::Div => sums(&[&[0]]),
+                // max over ranks of max(a_r, b_r) = max(max a_r, max b_r), and with b
+                // replicated max(max a_r, b) (max is idempotent).
+                BinaryOp::Max => [vec![0, 1], vec![0], vec![1]]
+                    .into_iter()
+                    .map(|s| (PartialOp::Max, s))
+                    .collect(),
             };
             broadcasting(&mut b, ins, out_shape, linear)
         }
         Op::Equal | Op::Select => broadcasting(&mut b, ins, out_shape, vec![]),
-        Op::BroadcastTo { .. } => broadcasting(&mut b, ins, out_shape, vec![vec![0]]),
+        Op::BroadcastTo { .. } => broadcasting(&mut b, ins, out_shape, sums(&[&[0]])),
         Op::FullLike { .. } => elementwise(&mut b, out_shape, 1, false),
         Op::Fill { .. } => elementwise(&mut b, out_shape, 0, false),
         Op::UnaryGrad { .. } => {
             let mut r = elementwise(&mut b, out_shape, 2, false);
-            r.linear = vec![vec![1]];
+            r.linear = sums(&[&[1]]);
             r
         }
         Op::ScatterAdd { .. } => scatter_add(&mut b, &ins[0].shape, *out_shape.last()?),
@@ -107,7 +114,15 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
             elementwise(&mut b, out_shape, ins.len(), l)
         }
         Op::Unary { op } => elementwise(&mut b, out_shape, 1, *op == UnaryOp::Neg),
-        Op::Cast { .. } => elementwise(&mut b, out_shape, 1, false),
+        Op::Cast { .. } => {
+            let mut r = elementwise(&mut b, out_shape, 1, false);
+            // Rounding to a float is monotone, so it commutes with max; a cast from or to
+            // i32 is left out (it is never a flag's, and an int conversion need not be).
+            if ins[0].dtype.is_float() && outs[0].dtype.is_float() {
+                r.linear = vec![(PartialOp::Max, vec![0])];
+            }
+            r
+        }
         Op::Softmax { axis } => {
             let mut r = elementwise(&mut b, out_shape, 1, false);
             r.operands[0][*axis] = None;
@@ -146,8 +161,8 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
                 result.remove(*axis);
             }
             let (kind, linear) = match op {
-                ReduceOp::Sum | ReduceOp::Mean => (PartialOp::Sum, vec![vec![0]]),
-                ReduceOp::Max => (PartialOp::Max, vec![]),
+                ReduceOp::Sum | ReduceOp::Mean => (PartialOp::Sum, sums(&[&[0]])),
+                ReduceOp::Max => (PartialOp::Max, vec![(PartialOp::Max, vec![0])]),
             };
             Rule {
                 operands: vec![x],
@@ -165,7 +180,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
                 result,
                 sizes: Vec::new(),
                 contracted: vec![],
-                linear: vec![vec![0]],
+                linear: sums(&[&[0]]),
             }
         }
         Op::Reshape { shape } => reshape(&mut b, &ins[0].shape, shape),
@@ -184,7 +199,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
                 result,
                 sizes: Vec::new(),
                 contracted: vec![],
-                linear: vec![(0..ins.len()).collect()],
+                linear: vec![(PartialOp::Sum, (0..ins.len()).collect())],
             }
         }
         Op::Embedding => {
@@ -198,7 +213,7 @@ pub fn rule(op: &Op, ins: &[&TensorType], outs: &[&TensorType]) -> Option<Rule> 
                 result,
                 sizes: Vec::new(),
                 contracted: vec![(v, Contraction::Partial(PartialOp::Sum))],
-                linear: vec![vec![1]],
+                linear: sums(&[&[1]]),
             }
         }
         Op::CrossEntropy => {
@@ -301,7 +316,7 @@ impl Rule {
         match self
             .linear
             .iter()
-            .flatten()
+            .flat_map(|(_, s)| s)
             .find(|&&i| i >= self.operands.len())
         {
             Some(i) => Err(format!(
@@ -323,7 +338,8 @@ fn letter(l: Label) -> String {
 
 /// Einsum form: `abc,cd->abd` (`_` for a dim that cannot be split), then the contracted labels
 /// with what splitting them gives, and the operand sets the op is linear in (`0+1` jointly, as
-/// add; `0 | 1` in each alone, as matmul): `abc,cd->abd; c: partial sum; linear in 0 | 1`.
+/// add; `0 | 1` in each alone, as matmul): `abc,cd->abd; c: partial sum; linear in 0 | 1`;
+/// then the sets it is max-linear in (`max-linear in 0+1`).
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let map = |m: &[Option<Label>]| -> String {
@@ -339,21 +355,29 @@ impl fmt::Display for Rule {
                 Contraction::Internal => write!(f, "; {}: internal collectives", letter(*l))?,
             }
         }
-        if !self.linear.is_empty() {
+        for (op, what) in [(PartialOp::Sum, "linear"), (PartialOp::Max, "max-linear")] {
             let sets: Vec<String> = self
                 .linear
                 .iter()
-                .map(|s| {
+                .filter(|(o, _)| *o == op)
+                .map(|(_, s)| {
                     s.iter()
                         .map(|i| i.to_string())
                         .collect::<Vec<_>>()
                         .join("+")
                 })
                 .collect();
-            write!(f, "; linear in {}", sets.join(" | "))?;
+            if !sets.is_empty() {
+                write!(f, "; {what} in {}", sets.join(" | "))?;
+            }
         }
         Ok(())
     }
+}
+
+/// Operand sets linear for a sum.
+fn sums(sets: &[&[usize]]) -> Vec<(PartialOp, Vec<usize>)> {
+    sets.iter().map(|s| (PartialOp::Sum, s.to_vec())).collect()
 }
 
 fn elementwise(b: &mut Builder, shape: &[u64], n_operands: usize, linear: bool) -> Rule {
@@ -364,7 +388,7 @@ fn elementwise(b: &mut Builder, shape: &[u64], n_operands: usize, linear: bool) 
         result,
         sizes: Vec::new(),
         contracted: vec![],
-        linear: if linear { vec![vec![0]] } else { vec![] },
+        linear: if linear { sums(&[&[0]]) } else { vec![] },
     }
 }
 
@@ -373,7 +397,7 @@ fn broadcasting(
     b: &mut Builder,
     ins: &[&TensorType],
     out: &[u64],
-    linear: Vec<Vec<usize>>,
+    linear: Vec<(PartialOp, Vec<usize>)>,
 ) -> Rule {
     let result = b.labels(out);
     let operands = ins
@@ -406,7 +430,7 @@ fn scatter_add(b: &mut Builder, ids: &[u64], h: u64) -> Rule {
         result: vec![None, h],
         sizes: Vec::new(),
         contracted,
-        linear: vec![vec![1]],
+        linear: sums(&[&[1]]),
     }
 }
 
@@ -487,7 +511,7 @@ fn matmul(b: &mut Builder, a: &[u64], w: &[u64]) -> Rule {
         result,
         sizes: Vec::new(),
         contracted: vec![(k, Contraction::Partial(PartialOp::Sum))],
-        linear: vec![vec![0], vec![1]],
+        linear: sums(&[&[0], &[1]]),
     }
 }
 
@@ -534,7 +558,7 @@ fn reshape(b: &mut Builder, from: &[u64], to: &[u64]) -> Rule {
         result: lo,
         sizes: Vec::new(),
         contracted: vec![],
-        linear: vec![vec![0]],
+        linear: sums(&[&[0]]),
     }
 }
 
@@ -565,6 +589,19 @@ mod check_tests {
         assert_eq!(r.to_string(), "ab,bc->ac; b: partial sum; linear in 0 | 1");
     }
 
+    /// A cast passes Partial(max) only between floats: a conversion to or from i32 need not
+    /// commute with max.
+    #[test]
+    fn only_a_float_cast_is_max_linear() {
+        let cast = |from: Dtype, to: Dtype| {
+            let (x, y) = (TensorType::new(from, vec![4]), TensorType::new(to, vec![4]));
+            rule(&Op::Cast { to }, &[&x], &[&y]).unwrap().to_string()
+        };
+        assert_eq!(cast(Dtype::Bf16, Dtype::F32), "a->a; max-linear in 0");
+        assert_eq!(cast(Dtype::F32, Dtype::I32), "a->a");
+        assert_eq!(cast(Dtype::I32, Dtype::F32), "a->a");
+    }
+
     type Edit = fn(&mut Rule);
 
     #[test]
@@ -579,7 +616,9 @@ mod check_tests {
             ("label 9 has no size", |r| r.result[0] = Some(9)),
             ("1 operand maps for 2 operands", |r| r.operands.truncate(1)),
             ("contracted label b is misplaced", |r| r.result[1] = None),
-            ("linear set names operand 2", |r| r.linear.push(vec![2])),
+            ("linear set names operand 2", |r| {
+                r.linear.push((PartialOp::Sum, vec![2]))
+            }),
         ];
         for (needle, edit) in cases {
             let mut r = good.clone();

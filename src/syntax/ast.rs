@@ -48,10 +48,19 @@ pub struct Train {
     pub optimizer: Ident,
     /// The optimizer's arguments as written.
     pub args: Vec<Arg>,
-    /// `loss_scale dynamic` (`None`) or `loss_scale N` (`Some(N)`), with its span.
-    pub loss_scale: Option<(Option<f64>, Span)>,
+    /// The `loss_scale` clause, with its span.
+    pub loss_scale: Option<(ScaleSpec, Span)>,
     /// Span of the whole statement.
     pub span: Span,
+}
+
+/// A `loss_scale` clause as written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ScaleSpec {
+    /// `loss_scale N`.
+    Static(f64),
+    /// `loss_scale dynamic` or `loss_scale dynamic(N)` (N with its span).
+    Dynamic(Option<(f64, Span)>),
 }
 
 /// One `NAME = expr` of a `dim` statement.

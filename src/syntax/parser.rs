@@ -6,8 +6,8 @@
 //! [`ParseError::Syntax`] with friendly token names; nothing pest-typed leaves this module.
 
 use super::ast::{
-    Arg, Assign, BinOp, BlockDef, Decl, DimDef, Expr, Ident, Item, Module, OutputItem, SpecExpr,
-    Train, TypeExpr,
+    Arg, Assign, BinOp, BlockDef, Decl, DimDef, Expr, Ident, Item, Module, OutputItem, ScaleSpec,
+    SpecExpr, Train, TypeExpr,
 };
 use crate::span::{LineIndex, Span};
 use pest::error::{ErrorVariant, InputLocation};
@@ -599,14 +599,9 @@ impl Conv<'_, '_> {
         let Expr::Call { func, args, .. } = call else {
             return Err(internal_error());
         };
-        let loss_scale = it.next().map(|p| {
-            let at = self.span(&p);
-            let value = parts(p).find(|q| q.as_rule() == Rule::number);
-            (
-                value.map(|q| q.as_str().parse().unwrap_or(f64::INFINITY)),
-                at,
-            )
-        });
+        let loss_scale = it
+            .next()
+            .map(|p| (self.scale_spec(p.clone()), self.span(&p)));
         Ok(Train {
             loss,
             optimizer: func,
@@ -614,6 +609,21 @@ impl Conv<'_, '_> {
             loss_scale,
             span,
         })
+    }
+
+    /// A `loss_scale` clause: `dynamic`, `dynamic(N)` or `N` (an unparsable number is inf, which
+    /// lowering rejects at its span).
+    fn scale_spec(&self, pair: P) -> ScaleSpec {
+        let inner: Vec<P> = pair.into_inner().collect();
+        let dynamic = inner.iter().any(|q| q.as_rule() == Rule::kw_dynamic);
+        let number = inner.iter().find(|q| q.as_rule() == Rule::number).map(|q| {
+            let v = q.as_str().parse().unwrap_or(f64::INFINITY);
+            (v, self.span(q))
+        });
+        match (dynamic, number) {
+            (true, n) => ScaleSpec::Dynamic(n),
+            (false, n) => ScaleSpec::Static(n.map_or(f64::INFINITY, |(v, _)| v)),
+        }
     }
 
     /// One name of an `output` statement with its optional spec.
