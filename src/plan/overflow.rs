@@ -63,15 +63,13 @@ fn collapse(p: Partitioned, start: ValueId<Local>, mesh: &Mesh) -> Partitioned {
             drops.push(id);
         }
         if let Some(x) = gathered(g, n) {
-            if clears(
-                g,
-                &p.placements,
-                v,
-                &g.node(g.value(x).node).op,
-                mesh,
-                start,
-            ) {
-                drops.push(g.value(x).node);
+            let ag = g.value(x).node;
+            if clears(g, &p.placements, v, &g.node(ag).op, mesh, start) {
+                drops.push(ag);
+                // The walk goes on below the dropped gather (a flag reduced over two split
+                // dims gathers twice).
+                below.extend(g.node(ag).inputs.iter().copied());
+                continue;
             }
         }
         below.extend(n.inputs.iter().copied());
