@@ -174,19 +174,20 @@ fn finish(
     let mut carried = Vec::new();
     if outputs.update {
         b.at_update(t.span);
-        let mut next = optimizer::update(&mut b, &t.optimizer, &with_grads)?;
-        if let Some(s) = &scale {
-            let (guarded, flag) = scale::guard(&mut b, s, &with_grads, next)?;
-            next = guarded;
-            if let Some(flag) = flag {
-                b.graph_mut().add_output(Output {
-                    name: unique_name(g, scale::OVERFLOW),
-                    value: flag,
-                    annotation: None,
-                    span: t.span,
-                    like: None,
-                });
-            }
+        let flag = match &scale {
+            Some(s) => scale::flag(&mut b, s, &with_grads)?,
+            None => None,
+        };
+        let mut next = optimizer::update(&mut b, &t.optimizer, &with_grads, flag)?;
+        if let (Some(s), Some(flag)) = (&scale, flag) {
+            next.extend(scale::guard(&mut b, s, flag)?);
+            b.graph_mut().add_output(Output {
+                name: unique_name(g, scale::OVERFLOW),
+                value: flag,
+                annotation: None,
+                span: t.span,
+                like: None,
+            });
         }
         for (leaf, value, next) in next {
             let name = optimizer::next_name(&leaf);

@@ -30,10 +30,15 @@ pub(super) type Carried = (String, ValueId, ValueId);
 /// then state). A 16-bit param is updated through its f32 master weight (a state that starts as
 /// the param): the gradient is cast to f32, the optimizer updates the master, and the param's
 /// next value is the master's rounded to the param's dtype.
+///
+/// With a dynamic loss scale's overflow flag `skip`, each carried value's next value is kept at
+/// its old value on an overflow, by a select made right after it (made after the whole update,
+/// the selects kept every new value of the state alive at once).
 pub(super) fn update(
     b: &mut Builder,
     opt: &Optimizer,
     trained: &[(String, ValueId, ValueId)],
+    skip: Option<ValueId>,
 ) -> R<Vec<Carried>> {
     let mut work = Vec::new();
     let mut masters = Vec::new();
@@ -48,7 +53,7 @@ pub(super) fn update(
         }
     }
     let (mut next, mut state) = match *opt {
-        Optimizer::Sgd { lr, momentum } => sgd(b, lr, momentum, &work)?,
+        Optimizer::Sgd { lr, momentum } => sgd(b, lr, momentum, &work, skip)?,
         Optimizer::AdamW {
             lr,
             beta1,
@@ -63,7 +68,7 @@ pub(super) fn update(
                 eps,
                 weight_decay,
             };
-            adamw(b, &h, &work)?
+            adamw(b, &h, &work, skip)?
         }
     };
     let mut master_state = Vec::new();
@@ -103,7 +108,13 @@ fn master(b: &mut Builder, name: &str, p: ValueId, g: ValueId) -> R<(ValueId, Va
 type Next = (Vec<Carried>, Vec<Carried>);
 
 /// SGD with momentum `μ` (none when 0) on every `(name, param, grad)`.
-fn sgd(b: &mut Builder, lr: f64, momentum: f64, trained: &[(String, ValueId, ValueId)]) -> R<Next> {
+fn sgd(
+    b: &mut Builder,
+    lr: f64,
+    momentum: f64,
+    trained: &[(String, ValueId, ValueId)],
+    skip: Option<ValueId>,
+) -> R<Next> {
     let mut next = Vec::new();
     let mut state = Vec::new();
     for (name, p, g) in trained {
@@ -112,13 +123,14 @@ fn sgd(b: &mut Builder, lr: f64, momentum: f64, trained: &[(String, ValueId, Val
             let buf = state_like(b, &buf_name, *p);
             let kept = b.scalar(BinaryOp::Mul, buf, momentum, false)?;
             let buf2 = b.add(kept, *g)?;
-            state.push((buf_name, buf, buf2));
+            state.push((buf_name, buf, self::kept(b, skip, buf, buf2)?));
             buf2
         } else {
             *g
         };
         let delta = b.scalar(BinaryOp::Mul, step, lr, false)?;
-        next.push((name.clone(), *p, b.bin(BinaryOp::Sub, *p, delta)?));
+        let p2 = b.bin(BinaryOp::Sub, *p, delta)?;
+        next.push((name.clone(), *p, self::kept(b, skip, *p, p2)?));
     }
     Ok((next, state))
 }
@@ -133,7 +145,12 @@ struct Hyper {
 }
 
 /// AdamW on every `(name, param, grad)`, with its step count.
-fn adamw(b: &mut Builder, h: &Hyper, trained: &[(String, ValueId, ValueId)]) -> R<Next> {
+fn adamw(
+    b: &mut Builder,
+    h: &Hyper,
+    trained: &[(String, ValueId, ValueId)],
+    skip: Option<ValueId>,
+) -> R<Next> {
     let mut next = Vec::new();
     let mut state = Vec::new();
     let step = b.leaf(
@@ -158,12 +175,21 @@ fn adamw(b: &mut Builder, h: &Hyper, trained: &[(String, ValueId, ValueId)]) -> 
             c2,
         };
         let [p2, m, m2, v, v2] = adam(b, &a, name, *p, *g)?;
-        next.push((name.clone(), *p, p2));
-        state.push((format!("adamw.m({name})"), m, m2));
-        state.push((format!("adamw.v({name})"), v, v2));
+        next.push((name.clone(), *p, kept(b, skip, *p, p2)?));
+        state.push((format!("adamw.m({name})"), m, kept(b, skip, m, m2)?));
+        state.push((format!("adamw.v({name})"), v, kept(b, skip, v, v2)?));
     }
-    state.push(("step".into(), step, t));
+    state.push(("step".into(), step, kept(b, skip, step, t)?));
     Ok((next, state))
+}
+
+/// `next`, or with an overflow flag `skip`, `where(skip, old, next)`: a skipped step keeps the
+/// old value.
+fn kept(b: &mut Builder, skip: Option<ValueId>, old: ValueId, next: ValueId) -> R<ValueId> {
+    match skip {
+        Some(f) => b.op(Op::Select, vec![f, old, next]),
+        None => Ok(next),
+    }
 }
 
 /// A state leaf named `name` of `like`'s type and layout.

@@ -114,25 +114,25 @@ fn overflow(b: &mut Builder, grads: &[(String, ValueId, ValueId)]) -> R<ValueId>
     Ok(found)
 }
 
-/// With a dynamic scale: each carried value's next value kept at its old value on an overflow,
-/// and the scale's own (halved on an overflow) appended; returns them with the flag.
-pub(super) fn guard(
+/// With a dynamic scale, the overflow flag of `grads` (made before the update, so that the
+/// optimizer keeps each carried value with its select as it makes it: `optimizer::kept`).
+pub(super) fn flag(
     b: &mut Builder,
     s: &Scale,
     grads: &[(String, ValueId, ValueId)],
-    carried: Vec<Carried>,
-) -> R<(Vec<Carried>, Option<ValueId>)> {
-    let Scale::Dynamic(scale, interval) = *s else {
-        return Ok((carried, None));
-    };
-    let found = overflow(b, grads)?;
-    let mut out = Vec::with_capacity(carried.len() + 2);
-    for (name, leaf, next) in carried {
-        let kept = b.op(Op::Select, vec![found, leaf, next])?;
-        out.push((name, leaf, kept));
+) -> R<Option<ValueId>> {
+    match *s {
+        Scale::Dynamic(..) => Ok(Some(overflow(b, grads)?)),
+        Scale::Static(_) => Ok(None),
     }
-    out.extend(grow(b, scale, interval, found)?);
-    Ok((out, Some(found)))
+}
+
+/// With a dynamic scale and its flag `found`: the scale's and the good-step count's next values.
+pub(super) fn guard(b: &mut Builder, s: &Scale, found: ValueId) -> R<Vec<Carried>> {
+    let Scale::Dynamic(scale, interval) = *s else {
+        return Ok(Vec::new());
+    };
+    Ok(grow(b, scale, interval, found)?.to_vec())
 }
 
 /// The scale's and the good-step count's next values: on an overflow the scale halves and the
