@@ -180,7 +180,7 @@ fn finish(
         };
         let mut next = optimizer::update(&mut b, &t.optimizer, &with_grads, flag)?;
         if let (Some(s), Some(flag)) = (&scale, flag) {
-            next.extend(scale::guard(&mut b, s, flag)?);
+            next.extend(scale::next_scale(&mut b, s, flag)?);
             b.graph_mut().add_output(Output {
                 name: unique_name(g, scale::OVERFLOW),
                 value: flag,

@@ -123,14 +123,14 @@ fn sgd(
             let buf = state_like(b, &buf_name, *p);
             let kept = b.scalar(BinaryOp::Mul, buf, momentum, false)?;
             let buf2 = b.add(kept, *g)?;
-            state.push((buf_name, buf, self::kept(b, skip, buf, buf2)?));
+            state.push((buf_name, buf, guarded(b, skip, buf, buf2)?));
             buf2
         } else {
             *g
         };
         let delta = b.scalar(BinaryOp::Mul, step, lr, false)?;
         let p2 = b.bin(BinaryOp::Sub, *p, delta)?;
-        next.push((name.clone(), *p, self::kept(b, skip, *p, p2)?));
+        next.push((name.clone(), *p, guarded(b, skip, *p, p2)?));
     }
     Ok((next, state))
 }
@@ -175,17 +175,17 @@ fn adamw(
             c2,
         };
         let [p2, m, m2, v, v2] = adam(b, &a, name, *p, *g)?;
-        next.push((name.clone(), *p, kept(b, skip, *p, p2)?));
-        state.push((format!("adamw.m({name})"), m, kept(b, skip, m, m2)?));
-        state.push((format!("adamw.v({name})"), v, kept(b, skip, v, v2)?));
+        next.push((name.clone(), *p, guarded(b, skip, *p, p2)?));
+        state.push((format!("adamw.m({name})"), m, guarded(b, skip, m, m2)?));
+        state.push((format!("adamw.v({name})"), v, guarded(b, skip, v, v2)?));
     }
-    state.push(("step".into(), step, kept(b, skip, step, t)?));
+    state.push(("step".into(), step, guarded(b, skip, step, t)?));
     Ok((next, state))
 }
 
 /// `next`, or with an overflow flag `skip`, `where(skip, old, next)`: a skipped step keeps the
 /// old value.
-fn kept(b: &mut Builder, skip: Option<ValueId>, old: ValueId, next: ValueId) -> R<ValueId> {
+fn guarded(b: &mut Builder, skip: Option<ValueId>, old: ValueId, next: ValueId) -> R<ValueId> {
     match skip {
         Some(f) => b.op(Op::Select, vec![f, old, next]),
         None => Ok(next),

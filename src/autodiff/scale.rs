@@ -115,7 +115,7 @@ fn overflow(b: &mut Builder, grads: &[(String, ValueId, ValueId)]) -> R<ValueId>
 }
 
 /// With a dynamic scale, the overflow flag of `grads` (made before the update, so that the
-/// optimizer keeps each carried value with its select as it makes it: `optimizer::kept`).
+/// optimizer keeps each carried value with its select as it makes it: `optimizer::guarded`).
 pub(super) fn flag(
     b: &mut Builder,
     s: &Scale,
@@ -128,7 +128,7 @@ pub(super) fn flag(
 }
 
 /// With a dynamic scale and its flag `found`: the scale's and the good-step count's next values.
-pub(super) fn guard(b: &mut Builder, s: &Scale, found: ValueId) -> R<Vec<Carried>> {
+pub(super) fn next_scale(b: &mut Builder, s: &Scale, found: ValueId) -> R<Vec<Carried>> {
     let Scale::Dynamic(scale, interval) = *s else {
         return Ok(Vec::new());
     };

@@ -137,6 +137,36 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// `p`'s tables, with its nodes taken out to be rewritten (a `None` is a dropped node).
+    pub(super) fn of(p: &Partitioned) -> (Tables, Vec<Option<Node<Local>>>) {
+        let mut t = Tables {
+            parts: p.local.to_parts(),
+            placements: p.placements.clone(),
+            origin: p.origin.clone(),
+        };
+        let nodes = t.parts.nodes.drain(..).map(Some).collect();
+        (t, nodes)
+    }
+
+    /// The program of the rewritten `nodes`, each node of `after` placed right after the node
+    /// at its index, unused values dropped; `old` is the provenance before the rewrite.
+    pub(super) fn finish(
+        mut self,
+        nodes: Vec<Option<Node<Local>>>,
+        after: BTreeMap<usize, (Node<Local>, Option<Provenance>)>,
+        old: &BTreeMap<NodeId<Local>, Provenance>,
+    ) -> Partitioned {
+        let (order, provenance) = reorder(nodes, after, old);
+        self.parts.nodes = order;
+        compact(&mut self);
+        Partitioned {
+            local: Graph::from_parts(self.parts),
+            placements: self.placements,
+            origin: self.origin,
+            provenance,
+        }
+    }
+
     /// A new value holding `v`'s global value as `like` holds its own: `like`'s type and
     /// placement, `v`'s origin, unnamed (the sum of reduce-scatter operands).
     fn unscattered(&mut self, v: ValueId<Local>, like: ValueId<Local>) -> ValueId<Local> {
@@ -159,7 +189,7 @@ impl Tables {
     }
 
     /// Appends a value with its placement and origin; its id.
-    fn push(
+    pub(super) fn push(
         &mut self,
         val: Value<Local>,
         pl: Placement,
@@ -176,27 +206,14 @@ impl Tables {
 /// the add sums the partial terms, and one all-reduce right after it makes the add's old value.
 fn rewrite(p: Partitioned, found: &[Merge], mesh: &Mesh) -> Partitioned {
     let g = &p.local;
-    let mut t = Tables {
-        parts: g.to_parts(),
-        placements: p.placements.clone(),
-        origin: p.origin.clone(),
-    };
-    let mut nodes: Vec<Option<Node<Local>>> = t.parts.nodes.drain(..).map(Some).collect();
+    let (mut t, mut nodes) = Tables::of(&p);
     // The all-reduce to put right after the add at that index, with its provenance.
     let mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)> = BTreeMap::new();
     for m in found {
         let reduce = apply(g, m, mesh, &mut nodes, &mut t);
         after.insert(m.add.index(), (reduce, provenance(&p, m)));
     }
-    let (order, provenance) = reorder(nodes, after, &p.provenance);
-    t.parts.nodes = order;
-    compact(&mut t);
-    Partitioned {
-        local: Graph::from_parts(t.parts),
-        placements: t.placements,
-        origin: t.origin,
-        provenance,
-    }
+    t.finish(nodes, after, &p.provenance)
 }
 
 /// Rewires merge `m`'s nodes in `nodes`; returns the reduction that replaces its two.
@@ -248,7 +265,7 @@ fn apply(
 
 /// The remaining nodes in order, each merged all-reduce right after its add, and the
 /// provenance by the new node ids.
-pub(super) fn reorder(
+fn reorder(
     nodes: Vec<Option<Node<Local>>>,
     mut after: BTreeMap<usize, (Node<Local>, Option<Provenance>)>,
     old: &BTreeMap<NodeId<Local>, Provenance>,
@@ -302,7 +319,7 @@ fn provenance(p: &Partitioned, m: &Merge) -> Option<Provenance> {
 
 /// Drops the values no node makes and numbers the rest in node order (each value after the
 /// values its node reads, as partitioning numbers them), pointing each at its node.
-pub(super) fn compact(t: &mut Tables) {
+fn compact(t: &mut Tables) {
     let parts = &mut t.parts;
     let n = parts.values.len();
     let mut new_id = vec![usize::MAX; n];

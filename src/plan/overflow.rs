@@ -12,7 +12,7 @@
 //!
 //! Pipelined plans are left as they are (their stages' update runs stage by stage).
 
-use super::merge::{compact, reorder, Tables};
+use super::merge::Tables;
 use crate::autodiff::scale::OVERFLOW;
 use crate::ir::{Graph, Local, Node, NodeId, Op, ReduceOp, ValueId};
 use crate::mesh::Mesh;
@@ -160,12 +160,7 @@ fn drop_reduces(
     mesh: &Mesh,
 ) -> Partitioned {
     let g = &p.local;
-    let mut t = Tables {
-        parts: g.to_parts(),
-        placements: p.placements.clone(),
-        origin: p.origin.clone(),
-    };
-    let mut nodes: Vec<Option<Node<Local>>> = t.parts.nodes.drain(..).map(Some).collect();
+    let (mut t, mut nodes) = Tables::of(&p);
     for &id in drops {
         let n = g.node(id);
         let (x, y) = (n.inputs[0], n.outputs[0]);
@@ -185,15 +180,7 @@ fn drop_reduces(
         }
         nodes[id.index()] = None;
     }
-    let (order, provenance) = reorder(nodes, BTreeMap::new(), &p.provenance);
-    t.parts.nodes = order;
-    compact(&mut t);
-    Partitioned {
-        local: Graph::from_parts(t.parts),
-        placements: t.placements,
-        origin: t.origin,
-        provenance,
-    }
+    t.finish(nodes, BTreeMap::new(), &p.provenance)
 }
 
 /// The global flag: the value named [`OVERFLOW`] that the skipping selects read.
@@ -255,22 +242,18 @@ fn chain(g: &Graph<Local>, end: ValueId<Local>) -> (Vec<NodeId<Local>>, ValueId<
 fn replace(p: Partitioned, end: ValueId<Local>, axes: &[usize], mesh: &Mesh) -> Partitioned {
     let g = &p.local;
     let (links, start) = chain(g, end);
-    let mut t = Tables {
-        parts: g.to_parts(),
-        placements: p.placements.clone(),
-        origin: p.origin.clone(),
-    };
-    let new = ValueId::new(t.parts.values.len());
-    t.parts.values.push(t.parts.values[end.index()].clone());
+    let (mut t, mut nodes) = Tables::of(&p);
     // Replicated over every axis reduced (`end` is `start` itself when no chain made it).
     let mut replicated = t.placements[end].clone();
     for &a in axes {
         replicated.partial[a] = None;
     }
-    t.placements.push(replicated);
-    t.origin.push(t.origin[end]);
+    let new = t.push(
+        t.parts.values[end.index()].clone(),
+        replicated,
+        t.origin[end],
+    );
     let at = g.value(start).node;
-    let mut nodes: Vec<Option<Node<Local>>> = t.parts.nodes.drain(..).map(Some).collect();
     for v in nodes.iter_mut().flatten().flat_map(|n| n.inputs.iter_mut()) {
         if *v == end {
             *v = new;
@@ -299,15 +282,7 @@ fn replace(p: Partitioned, end: ValueId<Local>, axes: &[usize], mesh: &Mesh) -> 
         region: g.node(g.value(end).node).region,
     };
     let after = BTreeMap::from([(at.index(), (reduce, Some(provenance)))]);
-    let (order, provenance) = reorder(nodes, after, &p.provenance);
-    t.parts.nodes = order;
-    compact(&mut t);
-    Partitioned {
-        local: Graph::from_parts(t.parts),
-        placements: t.placements,
-        origin: t.origin,
-        provenance,
-    }
+    t.finish(nodes, after, &p.provenance)
 }
 
 /// Drops the chain's nodes (last first) whose result no remaining node reads.

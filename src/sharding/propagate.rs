@@ -811,7 +811,7 @@ impl AxisCtx<'_> {
         prev: Option<Strategy>,
     ) -> Strategy {
         self.candidates(id, rule, st, demand, earlier, cands);
-        let users = Users { demand, prev, st };
+        let users = Users { demand, prev };
         let mut best: Option<(f64, Strategy)> = None;
         for &s in cands.iter() {
             let c = self.cost(id, rule, s, st, &users);
@@ -986,7 +986,7 @@ impl AxisCtx<'_> {
             let mut term = self.bytes(v, req) * factor * dev.mem_weight;
             if !self.free[v] {
                 term += self.reshard(v, st[v.index()], req);
-                term /= users.sharing(self, id, rule, v, req);
+                term /= users.sharing(self, id, rule, v, (st[v.index()], req));
             }
             c += term;
         }
@@ -1034,27 +1034,34 @@ impl AxisCtx<'_> {
 }
 
 /// What a node's cost reads of the other users of its operands: the demands of the previous
-/// pass, the node's own choice in it, and the current states.
+/// pass and the node's own choice in it.
 struct Users<'d> {
     demand: Option<&'d Demands>,
     prev: Option<Strategy>,
-    st: &'d [AxisPl],
 }
 
 impl Users<'_> {
-    /// How many users share the copy of operand `v` in state `req` that node `id` (of `rule`)
-    /// asks for: itself and the others that required it in the previous pass. Before any
-    /// demand is known, its siblings (users of the same rule reading `v` at the same operand)
-    /// are taken to share it, as they face the same choice: a first pass that priced each copy
-    /// whole would settle on moving three weights instead of the one activation that the
-    /// query, key and value projections read, and later passes only refine it node by node.
+    /// How many users share the copy of operand `v` (now in state `now`) in state `req` that
+    /// node `id` (of `rule`) asks for: itself and the others that required it in the previous
+    /// pass. Before any demand is known, its siblings (users of the same rule reading `v` at
+    /// the same operand) are taken to share it, as they face the same choice: a first pass
+    /// that priced each copy whole would settle on moving three weights instead of the one
+    /// activation that the query, key and value projections read, and later passes only
+    /// refine it node by node.
     ///
     /// An all-reduce is not shared so: each reader of a partial value that asks for it whole
     /// pays it whole. Shared, an all-reduce that several readers took first (a gradient read
     /// by three update ops) would keep each of them from moving alone to the reduce-scatter
     /// that all of them would rather share.
-    fn sharing(&self, ctx: &AxisCtx, id: NodeId, rule: &Rule, v: ValueId, req: AxisPl) -> f64 {
-        if matches!(self.st[v.index()], AxisPl::Partial(_)) && !matches!(req, AxisPl::Shard(_)) {
+    fn sharing(
+        &self,
+        ctx: &AxisCtx,
+        id: NodeId,
+        rule: &Rule,
+        v: ValueId,
+        (now, req): (AxisPl, AxisPl),
+    ) -> f64 {
+        if matches!(now, AxisPl::Partial(_)) && !matches!(req, AxisPl::Shard(_)) {
             return 1.0;
         }
         let Some(d) = self.demand else {
