@@ -5,7 +5,7 @@ use crate::autodiff::{training_step, AutodiffError, StepOutputs};
 use crate::diag::{self, SourceFile};
 use crate::ir::verify::{verify, VerifyError};
 use crate::ir::{Graph, LossScale};
-use crate::lower::{lower_program, LowerError};
+use crate::lower::{LowerError, Lowered};
 use crate::mesh::{Device, Mesh, MeshError};
 use crate::partition::PartitionError;
 use crate::pipeline::StageError;
@@ -79,6 +79,9 @@ pub enum Error {
     /// `--zero` asked of a program it cannot apply to.
     #[error(transparent)]
     Zero(crate::plan::zero::ZeroError),
+    /// `--auto` found no placement under `--memory-budget`.
+    #[error(transparent)]
+    Budget(Box<crate::auto::BudgetError>),
     /// `--loss-scale` given for a program without a `train` statement.
     #[error(
         "--loss-scale scales a training step's loss, but the program has no `train` statement"
@@ -130,6 +133,7 @@ impl Error {
             Error::Stage(e) => diag::render(e.as_ref(), src),
             Error::Recompute(e) => diag::render(e.as_ref(), src),
             Error::Zero(e) => diag::render(e, None),
+            Error::Budget(e) => diag::render(e.as_ref(), None),
             Error::LossScale => format!("error: {self}\n"),
             Error::Autodiff(e) if e.is_internal() => internal(e),
             Error::Autodiff(e) => diag::render(e, src),
@@ -268,17 +272,36 @@ pub fn compile_step_scaled(
     compile_with(src, overrides, Some(outputs), scale)
 }
 
-/// Compiles `src`: its forward when `outputs` is `None` or it does not train, else its
-/// training step with `outputs` (and the loss scale `scale`, when given).
+/// Compiles `src`: [`lower_source`], then [`finish`].
 fn compile_with(
     src: &SourceFile,
     overrides: &[(String, i64)],
     outputs: Option<StepOutputs>,
     scale: Option<LossScale>,
 ) -> Result<Compiled, Error> {
+    finish(lower_source(src, overrides, None)?, outputs, scale)
+}
+
+/// Parses, lowers and verifies `src`'s forward program, each `repeat` stamping at most `cap`
+/// instances when given.
+pub fn lower_source(
+    src: &SourceFile,
+    overrides: &[(String, i64)],
+    cap: Option<usize>,
+) -> Result<Lowered, Error> {
     let module = parse(&src.text)?;
-    let lowered = lower_program(&module, &src.name, overrides)?;
+    let lowered = crate::lower::lower_program_capped(&module, &src.name, overrides, cap)?;
     verify(&lowered.graph, "lowering")?;
+    Ok(lowered)
+}
+
+/// Compiles a lowered program: its forward when `outputs` is `None` or it does not train,
+/// else its training step with `outputs` (and the loss scale `scale`, when given).
+pub fn finish(
+    lowered: Lowered,
+    outputs: Option<StepOutputs>,
+    scale: Option<LossScale>,
+) -> Result<Compiled, Error> {
     if scale.is_some() && lowered.training.is_none() {
         return Err(Error::LossScale);
     }

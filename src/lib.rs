@@ -2,6 +2,7 @@
 //! IR (`lower`, `ir`), verified, sharded over a `mesh` (`sharding`, `partition`), planned and
 //! costed (`plan`), emitted (`emit`), and executed on simulated devices (`exec`).
 
+pub mod auto;
 pub mod autodiff;
 pub mod cost;
 pub mod diag;

@@ -79,8 +79,26 @@ struct CompileArgs {
     /// dynamic, dynamic(N) (doubling after N steps in a row without an overflow) or a scale.
     #[arg(long, value_name = "SCALE", value_parser = parse_loss_scale)]
     loss_scale: Option<tpc::ir::LossScale>,
+    /// Choose the placement of every param and input on the mesh: the fastest plan on the cost
+    /// model within --memory-budget. `--auto` ignores the source's annotations;
+    /// `--auto=complete` keeps them and chooses the rest.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, require_equals = true, default_missing_value = "ignore")]
+    auto: Option<AutoMode>,
+    /// With --auto: peak memory per device allowed, as bytes or with KiB, MiB, GiB, TiB
+    /// (default: unlimited).
+    #[arg(long, value_name = "SIZE", requires = "auto", value_parser = tpc::auto::parse_budget)]
+    memory_budget: Option<u64>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// `--auto`'s modes.
+#[derive(Clone, Copy, ValueEnum)]
+enum AutoMode {
+    /// Ignore the source's annotations and choose every placement.
+    Ignore,
+    /// Keep the source's annotations and choose the unannotated params and inputs.
+    Complete,
 }
 
 impl CompileArgs {
@@ -186,6 +204,8 @@ enum Emit {
     Dot,
     /// A pipelined plan's schedule as an SVG picture (stages, F/B boxes, messages).
     Timeline,
+    /// With --auto: the source with the chosen annotations written in.
+    Annotated,
 }
 
 /// Exit code for errors in the user's input.
@@ -358,18 +378,26 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let device = args.device.device()?;
     let src = driver::read_source(&args.file).map_err(|e| fail(e, None))?;
+    if let Some(mode) = args.auto {
+        let Some(mesh) = mesh else {
+            return Err(anyhow::anyhow!(
+                "--auto chooses placements over a mesh: give --degree N or --mesh dp=2,tp=4"
+            )
+            .into());
+        };
+        return compile_auto(args, mode, src, overrides, mesh, device);
+    }
+    if matches!(args.emit, Emit::Annotated) {
+        return Err(anyhow::anyhow!(
+            "--emit annotated writes the placements --auto chose: add --auto and a mesh"
+        )
+        .into());
+    }
     let g = compile_source(&src, &overrides, args.forward_only, false, args.loss_scale)?.graph;
     if mesh.is_some() {
         let plan = driver::plan_declared(g, mesh, device, &args.plan_options())
             .map_err(|e| fail(e, Some(src.clone())))?;
-        let text = match args.emit {
-            Emit::Text => tpc::emit::plan::print(&plan),
-            Emit::Json => tpc::emit::plan_json::to_json(&plan),
-            Emit::Dot => tpc::emit::plan_dot::print(&plan),
-            Emit::Timeline => {
-                tpc::emit::timeline::of_plan(&plan).map_err(|e| anyhow::anyhow!("{e}"))?
-            }
-        };
+        let text = plan_text(&plan, args.emit)?;
         write_output(args.output.as_deref(), &text)?;
         return Ok(());
     }
@@ -388,6 +416,72 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
             )
             .into())
         }
+        Emit::Annotated => unreachable!("refused above"),
+    };
+    write_output(args.output.as_deref(), &text)?;
+    Ok(())
+}
+
+/// The plan in the `emit` format (not `annotated`).
+fn plan_text(plan: &tpc::plan::Plan, emit: Emit) -> anyhow::Result<String> {
+    Ok(match emit {
+        Emit::Text => tpc::emit::plan::print(plan),
+        Emit::Json => tpc::emit::plan_json::to_json(plan),
+        Emit::Dot => tpc::emit::plan_dot::print(plan),
+        Emit::Timeline => tpc::emit::timeline::of_plan(plan).map_err(|e| anyhow::anyhow!("{e}"))?,
+        Emit::Annotated => anyhow::bail!("--emit annotated needs --auto"),
+    })
+}
+
+/// `compile --auto`: searches placements, then writes the plan with the chosen annotations
+/// (text: as a table in its header; JSON: under `auto`), or the annotated source.
+fn compile_auto(
+    args: &CompileArgs,
+    mode: AutoMode,
+    src: SourceFile,
+    overrides: Vec<(String, i64)>,
+    mesh: Mesh,
+    device: Device,
+) -> Result<(), Failure> {
+    let mode = match mode {
+        AutoMode::Ignore => tpc::auto::Mode::Ignore,
+        AutoMode::Complete => tpc::auto::Mode::Complete,
+    };
+    // The program's own errors (syntax, names, a `train` that cannot differentiate) first,
+    // reported as without --auto.
+    let c = compile_source(&src, &overrides, args.forward_only, false, args.loss_scale)?;
+    let outputs = (c.loss.is_some() && !args.forward_only).then_some(tpc::autodiff::StepOutputs {
+        gradients: false,
+        update: true,
+    });
+    let req = tpc::auto::Request {
+        source: src.clone(),
+        overrides,
+        mode,
+        budget: args.memory_budget,
+        mesh,
+        device,
+        plan: args.plan_options(),
+        outputs,
+        scale: args.loss_scale,
+    };
+    let found = tpc::auto::search(&req).map_err(|e| fail(e, Some(src.clone())))?;
+    let text = match args.emit {
+        Emit::Annotated => {
+            let module = tpc::syntax::parse(&src.text).map_err(|e| fail(e, Some(src.clone())))?;
+            found.annotated(&src.text, &module, mode)
+        }
+        Emit::Text => format!("{}{}", found.table(), plan_text(&found.plan, args.emit)?),
+        Emit::Json => {
+            // The plan's document as it is, with `auto` as its last key.
+            let plan = plan_text(&found.plan, args.emit)?;
+            let end = plan
+                .rfind('}')
+                .ok_or_else(|| anyhow::anyhow!("plan JSON is not an object"))?;
+            let auto = serde_json::to_string(&found.to_json()).map_err(anyhow::Error::from)?;
+            format!("{},\n  \"auto\": {auto}\n}}\n", plan[..end].trim_end())
+        }
+        Emit::Dot | Emit::Timeline => plan_text(&found.plan, args.emit)?,
     };
     write_output(args.output.as_deref(), &text)?;
     Ok(())

@@ -29,6 +29,8 @@ pub struct Lowered {
     pub graph: Graph,
     /// The resolved `train` statement.
     pub training: Option<Training>,
+    /// Each `repeat` call lowered, its count as written (before any cap).
+    pub repeats: Vec<usize>,
 }
 
 /// Lowers a parsed module to its verified-shape global forward program (a `train` statement is
@@ -48,7 +50,19 @@ pub fn lower_program(
     source: &str,
     overrides: &[(String, i64)],
 ) -> Result<Lowered, LowerError> {
+    lower_program_capped(module, source, overrides, None)
+}
+
+/// [`lower_program`] with every `repeat` stamping at most `cap` instances, when given (the
+/// auto-sharder's short instances of a deep stack).
+pub fn lower_program_capped(
+    module: &Module,
+    source: &str,
+    overrides: &[(String, i64)],
+    cap: Option<usize>,
+) -> Result<Lowered, LowerError> {
     let mut prog = Program::new(module, overrides)?;
+    prog.repeat_cap = cap;
     let mut g = Graph::new(source);
     g.mesh_axes = prog.mesh_axes.iter().map(|(a, _)| a.clone()).collect();
     g.dims = prog
@@ -99,7 +113,11 @@ pub fn lower_program(
             hint: Some("declare what the program returns with `output NAME`".into()),
         });
     }
-    Ok(Lowered { graph: g, training })
+    Ok(Lowered {
+        graph: g,
+        training,
+        repeats: prog.repeats,
+    })
 }
 
 fn item_span(item: &Item) -> Span {
@@ -129,6 +147,10 @@ pub(crate) struct Program<'a> {
     templates: HashMap<(String, Vec<TensorType>), Rc<Template>>,
     next_body: u32,
     stack: Vec<String>,
+    /// At most this many instances per `repeat`, when set.
+    repeat_cap: Option<usize>,
+    /// Each `repeat` call's count as written, in lowering order.
+    repeats: Vec<usize>,
 }
 
 /// Largest program accepted, in ops (a guard against runaway repeat counts).
@@ -149,6 +171,8 @@ impl<'a> Program<'a> {
             templates: HashMap::new(),
             next_body: 1,
             stack: Vec::new(),
+            repeat_cap: None,
+            repeats: Vec::new(),
         };
         if let Some((name, v)) = overrides.iter().find(|(_, v)| *v <= 0) {
             return Err(LowerError::BadSet {

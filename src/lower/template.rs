@@ -286,6 +286,8 @@ pub(crate) fn repeat_instances(
         });
     };
     let n = repeat_count(count, prog)?;
+    prog.repeats.push(n);
+    let n = prog.repeat_cap.map_or(n, |c| n.min(c));
     let name = match block {
         Expr::Name(id) if prog.blocks.contains_key(id.name.as_str()) => id.name.clone(),
         e => {

@@ -1,0 +1,255 @@
+//! Automatic sharding (`tpc compile --auto`): a placement for every param and input, chosen
+//! to minimize the cost model's step time with peak memory per device under a budget. Each
+//! candidate is judged by the whole planner (propagation, partitioning, merges, buckets,
+//! liveness), so the source written back with the chosen annotations compiles to the plan found.
+
+mod budget;
+mod eval;
+mod search;
+mod slots;
+mod source;
+
+pub use budget::parse_budget;
+pub use eval::Cost;
+pub use search::{Method, EXHAUSTIVE_LIMIT};
+pub use slots::Slot;
+
+use crate::autodiff::StepOutputs;
+use crate::diag::SourceFile;
+use crate::driver::{self, Error};
+use crate::emit::plan::{bytes, secs};
+use crate::ir::verify::VerifyError;
+use crate::ir::{LossScale, Spec};
+use crate::mesh::{Device, Mesh};
+use crate::plan::Plan;
+
+/// What `--auto` may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every param and input is chosen; the source's annotations are ignored.
+    Ignore,
+    /// The source's annotations are kept; the unannotated params and inputs are chosen.
+    Complete,
+}
+
+/// A search: the program, how it is compiled, and the budget.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The source file.
+    pub source: SourceFile,
+    /// `--set` dim overrides.
+    pub overrides: Vec<(String, i64)>,
+    /// Ignore or keep the source's annotations.
+    pub mode: Mode,
+    /// Peak memory per device allowed, in bytes (`None`: unlimited).
+    pub budget: Option<u64>,
+    /// The mesh.
+    pub mesh: Mesh,
+    /// The cost model's device.
+    pub device: Device,
+    /// Microbatches, schedule, recompute, ZeRO.
+    pub plan: crate::plan::Options,
+    /// For a training program, its step's outputs (`None`: the forward only).
+    pub outputs: Option<StepOutputs>,
+    /// `--loss-scale`, when given.
+    pub scale: Option<LossScale>,
+}
+
+/// What the search found.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// The whole program's plan with the chosen placements.
+    pub plan: Plan,
+    /// Every `param` and `input` declaration.
+    pub slots: Vec<Slot>,
+    /// Per slot, the spec written on it (`None`: kept as written, or left to propagation).
+    pub chosen: Vec<Option<Spec>>,
+    /// How it was found.
+    pub method: Method,
+    /// Candidates planned.
+    pub evaluations: usize,
+}
+
+/// No candidate's peak memory fits the budget.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[error(
+    "no placement fits the memory budget of {budget} per device: the smallest peak memory found \
+     is {smallest} ({evaluations} placements planned)"
+)]
+#[diagnostic(
+    code(tpc::memory_budget),
+    help(
+        "raise --memory-budget to at least {smallest}, add devices, or save memory with --zero, \
+         --recompute or 16-bit types"
+    )
+)]
+pub struct BudgetError {
+    /// The budget, as text.
+    pub budget: String,
+    /// The smallest peak found, as text.
+    pub smallest: String,
+    /// The smallest peak found, in bytes.
+    pub smallest_bytes: u64,
+    /// Candidates planned.
+    pub evaluations: usize,
+}
+
+/// Searches placements for `req`'s program and plans the whole program with the best.
+pub fn search(req: &Request) -> Result<Found, Error> {
+    let full = driver::lower_source(&req.source, &req.overrides, None)?;
+    let slots = slots::slots(&full.graph, req.mode);
+    let ev = eval::Evaluator::new(req, &slots, &full)?;
+    let pipeline_axis = full.graph.pipeline().map(|p| p.axis.clone());
+    let axes = (0..req.mesh.axes().len())
+        .filter(|&a| req.mesh.axis_size(a) > 1)
+        .filter(|&a| pipeline_axis.as_deref() != Some(req.mesh.axis_name(a)))
+        .collect();
+    let budget = req.budget.map(|b| b as f64);
+    let space = search::Space {
+        slots: &slots,
+        mesh: &req.mesh,
+        axes,
+        budget,
+    };
+    let Some(outcome) = search::search(&ev, &space) else {
+        return Err(ev.take_error().unwrap_or(Error::Verify(VerifyError {
+            stage: "auto",
+            detail: "no candidate placement was planned".into(),
+        })));
+    };
+    let at = slots::instances(&full.graph);
+    let mut smallest = u64::MAX;
+    for (c, _) in &outcome.ranked {
+        let plan = eval::plan(req, &slots, &full, &at, c)?;
+        let cost = Cost::of(&plan);
+        if budget.is_none_or(|b| cost.peak <= b) {
+            return Ok(Found {
+                plan,
+                slots: slots.clone(),
+                chosen: c.clone(),
+                method: outcome.method,
+                evaluations: ev.evaluations(),
+            });
+        }
+        smallest = smallest.min(cost.peak as u64);
+    }
+    Err(Error::Budget(Box::new(BudgetError {
+        budget: bytes(req.budget.unwrap_or(0)),
+        smallest: bytes(smallest),
+        smallest_bytes: smallest,
+        evaluations: ev.evaluations(),
+    })))
+}
+
+/// One declaration's placement in the table.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Row {
+    /// `param` or `input`.
+    pub kind: &'static str,
+    /// The declaration's name (`layer.*.attention.wq`).
+    pub name: String,
+    /// Its placement (`[_, tp]`).
+    pub spec: String,
+    /// `chosen` by the search, `kept` from the source, or given by `propagation`.
+    pub how: &'static str,
+}
+
+impl Found {
+    /// One row per declaration.
+    pub fn rows(&self) -> Vec<Row> {
+        self.slots
+            .iter()
+            .zip(&self.chosen)
+            .map(|(s, c)| {
+                let (spec, how) = match (c, &s.kept) {
+                    (Some(c), _) => (c.to_string(), "chosen"),
+                    (None, Some(k)) => (k.to_string(), "kept"),
+                    (None, None) => (self.placement_of(&s.name), "propagation"),
+                };
+                Row {
+                    kind: if s.param { "param" } else { "input" },
+                    name: s.name.clone(),
+                    spec,
+                    how,
+                }
+            })
+            .collect()
+    }
+
+    /// How the placement was found, in words.
+    pub fn how(&self) -> String {
+        match self.method {
+            Method::Exhaustive { candidates } => format!(
+                "exhaustive: all {candidates} placements planned, optimal on the cost model"
+            ),
+            Method::Descent { sweeps } => format!(
+                "block-coordinate descent ({sweeps} sweeps; a local optimum), {} placements planned",
+                self.evaluations
+            ),
+        }
+    }
+
+    /// The chosen annotations as `#`-comment lines: how they were found, then one line per
+    /// declaration (`layer.*.attention.wq @ [_, tp]`).
+    pub fn table(&self) -> String {
+        let cost = Cost::of(&self.plan);
+        let mut out = format!(
+            "# auto: {}; step {}, peak memory per device {}\n",
+            self.how(),
+            secs(cost.time),
+            bytes(cost.peak as u64)
+        );
+        let rows = self.rows();
+        let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+        let swidth = rows.iter().map(|r| r.spec.len()).max().unwrap_or(0);
+        for r in rows {
+            out.push_str(&format!(
+                "# auto: {} {:width$} @ {:swidth$}  {}\n",
+                r.kind, r.name, r.spec, r.how
+            ));
+        }
+        out
+    }
+
+    /// The table as a JSON object: `how`, `evaluations` and `annotations` (the rows).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "how": self.how(),
+            "exhaustive": matches!(self.method, Method::Exhaustive { .. }),
+            "evaluations": self.evaluations,
+            "annotations": self.rows(),
+        })
+    }
+
+    /// The source with the chosen annotations written in (see [`source::annotated_source`]).
+    pub fn annotated(&self, text: &str, module: &crate::syntax::ast::Module, mode: Mode) -> String {
+        let axes: Vec<String> = self.plan.global.mesh_axes.clone();
+        source::annotated_source(text, module, &self.slots, &self.chosen, mode, &axes)
+    }
+
+    /// The placement propagation gave the first instance of the declaration named `name`.
+    fn placement_of(&self, name: &str) -> String {
+        let p = &self.plan;
+        let Some(v) = p
+            .global
+            .params()
+            .chain(p.global.inputs())
+            .find(|(n, _)| slots_name_matches(name, n))
+            .map(|(_, v)| v)
+        else {
+            return "?".into();
+        };
+        p.origin
+            .iter()
+            .find(|(_, o)| **o == Some(v))
+            .map(|(l, _)| p.placements[l].display(&p.mesh))
+            .unwrap_or_else(|| "?".into())
+    }
+}
+
+/// True when the instance name `n` is an instance of the wildcard name `name`.
+fn slots_name_matches(name: &str, n: &str) -> bool {
+    let a: Vec<&str> = name.split('.').collect();
+    let b: Vec<&str> = n.split('.').collect();
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x == y || *x == "*")
+}

@@ -1,0 +1,332 @@
+//! The search over candidates. Where every combination of every slot's placements is at most
+//! [`EXHAUSTIVE_LIMIT`], all are planned: the result is optimal on the cost model. Otherwise a
+//! block-coordinate descent, axis by axis: each block's params (and the top level's params and
+//! inputs) are enumerated jointly along one axis with the rest held, until a sweep changes
+//! nothing. Its result is a local optimum of that neighbourhood, not a proof.
+
+use super::eval::{Candidate, Cost, Evaluator};
+use super::slots::Slot;
+use crate::ir::Spec;
+use crate::mesh::Mesh;
+
+/// Most candidates planned by the exhaustive search.
+pub const EXHAUSTIVE_LIMIT: u64 = 4096;
+
+/// Most joint choices of one block along one axis; a larger block is searched slot by slot.
+const GROUP_LIMIT: u64 = 256;
+
+/// Most sweeps of the descent.
+const MAX_SWEEPS: usize = 4;
+
+/// How many of the best candidates are kept in case the whole program's plan differs from the
+/// extrapolated one.
+const RANKED: usize = 4;
+
+/// How the placement was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Every combination planned: optimal on the cost model.
+    Exhaustive {
+        /// Combinations planned.
+        candidates: u64,
+    },
+    /// Block-coordinate descent: a local optimum.
+    Descent {
+        /// Sweeps over every axis and block.
+        sweeps: usize,
+    },
+}
+
+/// Per slot, per mesh axis: the dim that axis splits, or none.
+type Choice = Vec<Vec<Option<usize>>>;
+
+/// The search's result: the best candidates first.
+pub(crate) struct Outcome {
+    pub ranked: Vec<(Candidate, Cost)>,
+    pub method: Method,
+}
+
+/// What the search sees of the mesh and the budget.
+pub(crate) struct Space<'a> {
+    pub slots: &'a [Slot],
+    pub mesh: &'a Mesh,
+    /// Mesh axes the search may place along (size above 1, not the pipeline's).
+    pub axes: Vec<usize>,
+    pub budget: Option<f64>,
+}
+
+/// Searches `space` with `ev`; `None` when no candidate could be planned.
+pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
+    let options: Vec<Vec<Vec<Option<usize>>>> = space
+        .slots
+        .iter()
+        .map(|s| match s.kept {
+            Some(_) => vec![vec![None; space.mesh.axes().len()]],
+            None => full_options(s, space),
+        })
+        .collect();
+    let total = options
+        .iter()
+        .try_fold(1u64, |acc, o| acc.checked_mul(o.len() as u64));
+    let mut board = Board::new(space.budget);
+    let method = match total {
+        Some(n) if n <= EXHAUSTIVE_LIMIT => {
+            exhaustive(ev, space, &options, &mut board);
+            Method::Exhaustive { candidates: n }
+        }
+        _ => Method::Descent {
+            sweeps: descent(ev, space, &mut board, false) + descent(ev, space, &mut board, true),
+        },
+    };
+    (!board.ranked.is_empty()).then_some(Outcome {
+        ranked: board.ranked,
+        method,
+    })
+}
+
+/// Every placement of slot `s`: each searchable axis splits one dim it divides, or none.
+fn full_options(s: &Slot, space: &Space) -> Vec<Vec<Option<usize>>> {
+    let mut out = vec![vec![None; space.mesh.axes().len()]];
+    for &a in &space.axes {
+        let mut next = Vec::new();
+        for o in &out {
+            next.push(o.clone());
+            for d in 0..s.shape.len() {
+                let mut o2 = o.clone();
+                o2[a] = Some(d);
+                if divides(s, &o2, space.mesh) {
+                    next.push(o2);
+                }
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// True when every dim of `s` divides by the product of the axes `o` puts on it.
+fn divides(s: &Slot, o: &[Option<usize>], mesh: &Mesh) -> bool {
+    (0..s.shape.len()).all(|d| {
+        let parts: u64 = o
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| **x == Some(d))
+            .map(|(a, _)| mesh.axis_size(a))
+            .product();
+        s.shape[d] % parts == 0
+    })
+}
+
+/// The spec of one slot's choice (axes on one dim in mesh order, major first).
+fn spec_of(s: &Slot, o: &[Option<usize>], mesh: &Mesh) -> Spec {
+    let mut spec = Spec::replicated(s.shape.len());
+    for (a, d) in o.iter().enumerate() {
+        if let Some(d) = d {
+            spec.dims[*d].push(mesh.axis_name(a).to_string());
+        }
+    }
+    spec
+}
+
+/// The candidate of `choice`: kept slots and (when `free_followers`) followers unannotated.
+fn candidate(space: &Space, choice: &Choice, free_followers: bool) -> Candidate {
+    space
+        .slots
+        .iter()
+        .zip(choice)
+        .map(
+            |(s, o)| match s.kept.is_some() || (free_followers && s.follower()) {
+                true => None,
+                false => Some(spec_of(s, o, space.mesh)),
+            },
+        )
+        .collect()
+}
+
+/// The best candidates seen, under the real budget.
+struct Board {
+    budget: Option<f64>,
+    ranked: Vec<(Candidate, Cost)>,
+}
+
+impl Board {
+    fn new(budget: Option<f64>) -> Self {
+        Board {
+            budget,
+            ranked: Vec::new(),
+        }
+    }
+
+    /// Records `c`, keeping the [`RANKED`] best (the earlier of equals first).
+    fn offer(&mut self, c: &Candidate, cost: Cost) {
+        if self.ranked.iter().any(|(x, _)| x == c) {
+            return;
+        }
+        let at = self
+            .ranked
+            .iter()
+            .position(|(_, x)| cost.better(x, self.budget))
+            .unwrap_or(self.ranked.len());
+        if at < RANKED {
+            self.ranked.insert(at, (c.clone(), cost));
+            self.ranked.truncate(RANKED);
+        }
+    }
+}
+
+/// Plans every combination of `options`.
+fn exhaustive(
+    ev: &Evaluator,
+    space: &Space,
+    options: &[Vec<Vec<Option<usize>>>],
+    board: &mut Board,
+) {
+    let mut list = Vec::new();
+    let mut idx = vec![0usize; options.len()];
+    loop {
+        let choice: Choice = idx
+            .iter()
+            .zip(options)
+            .map(|(&i, o)| o[i].clone())
+            .collect();
+        list.push(candidate(space, &choice, false));
+        if !advance(&mut idx, options) {
+            break;
+        }
+    }
+    for (c, cost) in list.iter().zip(ev.costs(&list)) {
+        if let Some(cost) = cost {
+            board.offer(c, cost);
+        }
+    }
+}
+
+/// The next index of an odometer over `options`; false after the last.
+fn advance(idx: &mut [usize], options: &[Vec<Vec<Option<usize>>>]) -> bool {
+    for (i, o) in idx.iter_mut().zip(options) {
+        *i += 1;
+        if *i < o.len() {
+            return true;
+        }
+        *i = 0;
+    }
+    false
+}
+
+/// Block-coordinate descent from everything replicated; returns the sweeps run. In the first
+/// sweep an axis is judged against the budget times the sizes of the axes not yet placed (they
+/// will divide memory further), and with `params_first` the inputs wait for the second sweep
+/// (a start that splits the batch first and one that splits the weights first can end in
+/// different local optima; the board keeps the best of both).
+fn descent(ev: &Evaluator, space: &Space, board: &mut Board, params_first: bool) -> usize {
+    let mut choice: Choice = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
+    let groups = groups(space);
+    let mut sweeps = 0;
+    while sweeps < MAX_SWEEPS {
+        sweeps += 1;
+        let mut changed = false;
+        for (k, &a) in space.axes.iter().enumerate() {
+            let later: u64 = match sweeps {
+                1 => space.axes[k + 1..]
+                    .iter()
+                    .map(|&b| space.mesh.axis_size(b))
+                    .product(),
+                _ => 1,
+            };
+            let budget = space.budget.map(|b| b * later as f64);
+            for g in &groups {
+                let waits = params_first && sweeps == 1 && g.iter().any(|&i| !space.slots[i].param);
+                if !waits {
+                    changed |= improve(ev, space, &mut choice, g, a, budget, board);
+                }
+            }
+        }
+        if !changed && !(params_first && sweeps == 1) {
+            break;
+        }
+    }
+    sweeps
+}
+
+/// The searched slots (not kept, not followers) by declaring block, blocks in order of first
+/// declaration; a block with more than [`GROUP_LIMIT`] joint choices is split slot by slot.
+fn groups(space: &Space) -> Vec<Vec<usize>> {
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, s) in space.slots.iter().enumerate() {
+        if s.kept.is_some() || s.follower() {
+            continue;
+        }
+        match out.iter_mut().find(|(g, _)| *g == s.group) {
+            Some((_, v)) => v.push(i),
+            None => out.push((s.group.clone(), vec![i])),
+        }
+    }
+    let worst = |v: &[usize]| {
+        v.iter()
+            .map(|&i| 1 + space.slots[i].shape.len() as u64)
+            .product::<u64>()
+    };
+    out.into_iter()
+        .flat_map(|(_, v)| match worst(&v) <= GROUP_LIMIT {
+            true => vec![v],
+            false => v.into_iter().map(|i| vec![i]).collect(),
+        })
+        .collect()
+}
+
+/// Tries every joint choice of `group` along axis `a`, the rest held; keeps the best (the
+/// current one on ties). True when it changed.
+fn improve(
+    ev: &Evaluator,
+    space: &Space,
+    choice: &mut Choice,
+    group: &[usize],
+    a: usize,
+    budget: Option<f64>,
+    board: &mut Board,
+) -> bool {
+    let mut tries: Vec<Choice> = vec![choice.clone()];
+    for &i in group {
+        let mut next = Vec::new();
+        for t in &tries {
+            for d in axis_options(&space.slots[i], &t[i], a, space.mesh) {
+                let mut t2 = t.clone();
+                t2[i][a] = d;
+                next.push(t2);
+            }
+        }
+        tries = next;
+    }
+    tries.retain(|t| t != choice);
+    tries.insert(0, choice.clone());
+    let list: Vec<Candidate> = tries.iter().map(|t| candidate(space, t, true)).collect();
+    let costs = ev.costs(&list);
+    let mut best: Option<(usize, Cost)> = None;
+    for (i, cost) in costs.iter().enumerate() {
+        let Some(cost) = cost else { continue };
+        board.offer(&list[i], *cost);
+        if best.is_none_or(|(_, b)| cost.better(&b, budget)) {
+            best = Some((i, *cost));
+        }
+    }
+    match best {
+        Some((i, _)) if i > 0 => {
+            *choice = tries.swap_remove(i);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Slot `s`'s choices along axis `a` given its choice `o` along the others: none, or a dim no
+/// other axis splits that `a`'s size divides.
+fn axis_options(s: &Slot, o: &[Option<usize>], a: usize, mesh: &Mesh) -> Vec<Option<usize>> {
+    let mut out = vec![None];
+    for d in 0..s.shape.len() {
+        let taken = o.iter().enumerate().any(|(b, x)| b != a && *x == Some(d));
+        if !taken && s.shape[d] % mesh.axis_size(a) == 0 {
+            out.push(Some(d));
+        }
+    }
+    out
+}
