@@ -180,6 +180,19 @@ pub fn plan_declared(
     Ok(Plan::build_with(g, mesh, device, options)?)
 }
 
+/// [`plan_declared`] without the verifiers after each pass (a search's trial plans), or with
+/// them when `checks`.
+pub fn plan_checked(
+    g: Graph,
+    mesh: Mesh,
+    device: Device,
+    options: &crate::plan::Options,
+    checks: bool,
+) -> Result<Plan, Error> {
+    mesh.check_declared(&g.mesh_axes)?;
+    Ok(Plan::build_checked(g, mesh, device, options, checks)?)
+}
+
 /// Reads `path` as a UTF-8 source file.
 pub fn read_source(path: &str) -> Result<SourceFile, SourceError> {
     source_from_bytes(path, read_bytes(path)?)
@@ -302,6 +315,16 @@ pub fn finish(
     outputs: Option<StepOutputs>,
     scale: Option<LossScale>,
 ) -> Result<Compiled, Error> {
+    finish_checked(lowered, outputs, scale, true)
+}
+
+/// [`finish`], verifying the training step only when `checks`.
+pub fn finish_checked(
+    lowered: Lowered,
+    outputs: Option<StepOutputs>,
+    scale: Option<LossScale>,
+    checks: bool,
+) -> Result<Compiled, Error> {
     if scale.is_some() && lowered.training.is_none() {
         return Err(Error::LossScale);
     }
@@ -318,7 +341,9 @@ pub fn finish(
         training.loss_scale = scale;
     }
     let d = training_step(&lowered.graph, &training, outputs)?;
-    verify(&d.graph, "autodiff")?;
+    if checks {
+        verify(&d.graph, "autodiff")?;
+    }
     let warnings = d
         .unused
         .iter()

@@ -134,7 +134,9 @@ impl<'a> Evaluator<'a> {
         let costs: Result<Vec<Cost>, Error> = self
             .bases
             .iter()
-            .map(|b| plan(self.req, self.slots, &b.lowered, &b.instances, c).map(|p| Cost::of(&p)))
+            .map(|b| {
+                plan(self.req, self.slots, &b.lowered, &b.instances, c, false).map(|p| Cost::of(&p))
+            })
             .collect();
         let cost = match costs {
             Ok(v) => Some(self.extrapolate(&v)),
@@ -175,13 +177,14 @@ fn base(req: &Request, cap: Option<usize>) -> Result<Base, Error> {
     })
 }
 
-/// Plans `lowered` annotated with candidate `c`.
+/// Plans `lowered` annotated with candidate `c`, verifying each pass when `checks`.
 pub(crate) fn plan(
     req: &Request,
     slots: &[Slot],
     lowered: &Lowered,
     at: &HashMap<DeclKey, Vec<ValueId>>,
     c: &Candidate,
+    checks: bool,
 ) -> Result<Plan, Error> {
     let mut l = lowered.clone();
     if req.mode == super::Mode::Ignore {
@@ -202,6 +205,6 @@ pub(crate) fn plan(
             l.graph.annotate(v, a);
         }
     }
-    let g = driver::finish(l, req.outputs, req.scale)?.graph;
-    driver::plan_declared(g, Some(req.mesh.clone()), req.device.clone(), &req.plan)
+    let g = driver::finish_checked(l, req.outputs, req.scale, checks)?.graph;
+    driver::plan_checked(g, req.mesh.clone(), req.device.clone(), &req.plan, checks)
 }

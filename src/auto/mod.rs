@@ -120,7 +120,7 @@ pub fn search(req: &Request) -> Result<Found, Error> {
     let at = slots::instances(&full.graph);
     let mut smallest = u64::MAX;
     for (c, _) in &outcome.ranked {
-        let plan = eval::plan(req, &slots, &full, &at, c)?;
+        let plan = eval::plan(req, &slots, &full, &at, c, true)?;
         let cost = Cost::of(&plan);
         if budget.is_none_or(|b| cost.peak <= b) {
             return Ok(Found {

@@ -128,18 +128,24 @@ fn spec_of(s: &Slot, o: &[Option<usize>], mesh: &Mesh) -> Spec {
     spec
 }
 
-/// The candidate of `choice`: kept slots and (when `free_followers`) followers unannotated.
-fn candidate(space: &Space, choice: &Choice, free_followers: bool) -> Candidate {
+/// The candidate of `choice`: kept slots unannotated; in the descent, followers unannotated too
+/// and tied slots placed as the slot they are tied to.
+fn candidate(space: &Space, choice: &Choice, descent: bool) -> Candidate {
+    let spec = |i: usize, s: &Slot| {
+        let o = match (descent, s.tied_to) {
+            (true, Some(j)) => &choice[j],
+            _ => &choice[i],
+        };
+        spec_of(s, o, space.mesh)
+    };
     space
         .slots
         .iter()
-        .zip(choice)
-        .map(
-            |(s, o)| match s.kept.is_some() || (free_followers && s.follower()) {
-                true => None,
-                false => Some(spec_of(s, o, space.mesh)),
-            },
-        )
+        .enumerate()
+        .map(|(i, s)| match s.kept.is_some() || (descent && s.follower()) {
+            true => None,
+            false => Some(spec(i, s)),
+        })
         .collect()
 }
 
@@ -248,12 +254,12 @@ fn descent(ev: &Evaluator, space: &Space, board: &mut Board, params_first: bool)
     sweeps
 }
 
-/// The searched slots (not kept, not followers) by declaring block, blocks in order of first
+/// The searched slots (not kept, followers or tied) by declaring block, blocks in order of first
 /// declaration; a block with more than [`GROUP_LIMIT`] joint choices is split slot by slot.
 fn groups(space: &Space) -> Vec<Vec<usize>> {
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, s) in space.slots.iter().enumerate() {
-        if s.kept.is_some() || s.follower() {
+        if s.kept.is_some() || s.follower() || s.tied_to.is_some() {
             continue;
         }
         match out.iter_mut().find(|(g, _)| *g == s.group) {

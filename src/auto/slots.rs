@@ -22,6 +22,10 @@ pub struct Slot {
     pub group: String,
     /// With `--auto=complete`: the source's annotation, kept as written.
     pub kept: Option<Spec>,
+    /// An earlier slot of the same block and shape read the same way (the same op, at the same
+    /// operand position, with the same other operands: `x @ wq`, `x @ wk`, `x @ wv`), whose
+    /// placement the descent gives this one too, as a fused QKV weight has one.
+    pub tied_to: Option<usize>,
 }
 
 impl Slot {
@@ -44,6 +48,7 @@ pub(crate) fn key(span: Span) -> DeclKey {
 pub fn slots(g: &Graph, mode: Mode) -> Vec<Slot> {
     let mut out: Vec<Slot> = Vec::new();
     let mut seen: HashMap<DeclKey, usize> = HashMap::new();
+    let mut sigs = Vec::new();
     for (_, n) in g.nodes() {
         let (name, param) = match &n.op {
             Op::Param { name } => (name, true),
@@ -65,9 +70,32 @@ pub fn slots(g: &Graph, mode: Mode) -> Vec<Slot> {
                 Mode::Complete => g.annotation(v).map(|a| a.spec.clone()),
                 Mode::Ignore => None,
             },
+            tied_to: None,
+        });
+        sigs.push(signature(g, v));
+    }
+    for i in 0..out.len() {
+        out[i].tied_to = (0..i).find(|&j| {
+            let (a, b) = (&out[j], &out[i]);
+            a.tied_to.is_none()
+                && a.param == b.param
+                && a.group == b.group
+                && a.shape == b.shape
+                && a.kept == b.kept
+                && sigs[i].is_some()
+                && sigs[j] == sigs[i]
         });
     }
     out
+}
+
+/// How `v` is first read: the reading op's name, `v`'s operand position and the other
+/// operands.
+fn signature(g: &Graph, v: ValueId) -> Option<(&'static str, usize, Vec<ValueId>)> {
+    let n = g.node(*g.users(v).first()?);
+    let at = n.inputs.iter().position(|&x| x == v)?;
+    let others = n.inputs.iter().copied().filter(|&x| x != v).collect();
+    Some((n.op.name(), at, others))
 }
 
 /// Every instance of each declaration in `g`.

@@ -105,11 +105,23 @@ impl Plan {
         device: Device,
         options: &Options,
     ) -> Result<Plan, PlanError> {
+        Plan::build_checked(global, mesh, device, options, true)
+    }
+
+    /// [`Plan::build_with`] with the verifiers after each pass run only when `checks` (a search
+    /// plans many candidates, then builds its choice with every check).
+    pub fn build_checked(
+        global: Graph,
+        mesh: Mesh,
+        device: Device,
+        options: &Options,
+        checks: bool,
+    ) -> Result<Plan, PlanError> {
         let mesh = mesh.with_declared(&global.mesh_axes);
         crate::pipeline::check_stages(&global, &mesh)?;
         remat::check(&global, &mesh, options.recompute)?;
         let global = rows::split_row_sums(global, device.sequence_parallel);
-        verify(&global, "rows")?;
+        check(checks, &global, "rows")?;
         let microbatches = options
             .microbatches
             .unwrap_or_else(|| default_microbatches(&global, &mesh));
@@ -137,11 +149,11 @@ impl Plan {
             None => propagate(&global, &mesh, &device)?,
         };
         let part = partition(&global, &sh)?;
-        verify(&part.local, "partition")?;
+        check(checks, &part.local, "partition")?;
         let part = merge::merge(part, &mesh);
-        verify(&part.local, "merge")?;
+        check(checks, &part.local, "merge")?;
         let part = overflow::whole_mesh(part, &global, &mesh);
-        verify(&part.local, "overflow")?;
+        check(checks, &part.local, "overflow")?;
         let temporal = mesh.temporal().map(|a| mesh.axis_name(a).to_string());
         // A bucket would join gradients of different pipeline stages into one message.
         let cap = match crate::pipeline::pipelined(&global, &mesh) {
@@ -149,19 +161,21 @@ impl Plan {
             false => device.bucket_bytes,
         };
         let part = bucket::fuse(part, cap, temporal.as_deref());
-        verify(&part.local, "bucket")?;
+        check(checks, &part.local, "bucket")?;
         let recompute = options.recompute != remat::Recompute::None;
         let before = recompute.then(|| summary::activation_bytes(&part.local));
         let (part, clones) = remat::recompute(part, options.recompute);
-        verify(&part.local, "recompute")?;
+        check(checks, &part.local, "recompute")?;
         micro::split(&part.local, &mesh)?;
-        verify::verify(verify::PlanParts {
-            global: &global,
-            local: &part.local,
-            mesh: &mesh,
-            placements: &part.placements,
-            origin: &part.origin,
-        })?;
+        if checks {
+            verify::verify(verify::PlanParts {
+                global: &global,
+                local: &part.local,
+                mesh: &mesh,
+                placements: &part.placements,
+                origin: &part.origin,
+            })?;
+        }
         let mut summary = Summary::compute(&part.local, &mesh, &device);
         if let Some(before) = before.filter(|_| part.local.is_training_step()) {
             let r = remat::summarize(&part.local, &clones, &mesh, &device, options.recompute);
@@ -190,6 +204,14 @@ impl Plan {
     /// which stay live to the end); `None` when never read.
     pub fn last_uses(&self) -> IdVec<ValueId<Local>, Option<usize>> {
         last_uses(&self.local)
+    }
+}
+
+/// The IR verifier on `g` after `stage`, when `on`.
+fn check<S: Space>(on: bool, g: &Graph<S>, stage: &'static str) -> Result<(), VerifyError> {
+    match on {
+        true => verify(g, stage),
+        false => Ok(()),
     }
 }
 
