@@ -2,7 +2,9 @@
 //! [`EXHAUSTIVE_LIMIT`], all are planned: the result is optimal on the cost model. Otherwise a
 //! block-coordinate descent, axis by axis: each block's params (and the top level's params and
 //! inputs) are enumerated jointly along one axis with the rest held, until a sweep changes
-//! nothing. Its result is a local optimum of that neighbourhood, not a proof.
+//! nothing; it starts four ways (inputs with the params or after them, axes in mesh order or
+//! reversed) and keeps the best. Its result is a local optimum of that neighbourhood, not a
+//! proof.
 
 use super::eval::{Candidate, Cost, Evaluator};
 use super::slots::Slot;
@@ -74,9 +76,16 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
             exhaustive(ev, space, &options, &mut board);
             Method::Exhaustive { candidates: n }
         }
-        _ => Method::Descent {
-            sweeps: descent(ev, space, &mut board, false) + descent(ev, space, &mut board, true),
-        },
+        _ => {
+            let mut sweeps = 0;
+            let orders = if space.axes.len() > 1 { 2 } else { 1 };
+            for reverse in [false, true].into_iter().take(orders) {
+                for params_first in [false, true] {
+                    sweeps += descent(ev, space, &mut board, params_first, reverse);
+                }
+            }
+            Method::Descent { sweeps }
+        }
     };
     (!board.ranked.is_empty()).then_some(Outcome {
         ranked: board.ranked,
@@ -142,10 +151,12 @@ fn candidate(space: &Space, choice: &Choice, descent: bool) -> Candidate {
         .slots
         .iter()
         .enumerate()
-        .map(|(i, s)| match s.kept.is_some() || (descent && s.follower()) {
-            true => None,
-            false => Some(spec(i, s)),
-        })
+        .map(
+            |(i, s)| match s.kept.is_some() || (descent && s.follower()) {
+                true => None,
+                false => Some(spec(i, s)),
+            },
+        )
         .collect()
 }
 
@@ -223,17 +234,28 @@ fn advance(idx: &mut [usize], options: &[Vec<Vec<Option<usize>>>]) -> bool {
 /// sweep an axis is judged against the budget times the sizes of the axes not yet placed (they
 /// will divide memory further), and with `params_first` the inputs wait for the second sweep
 /// (a start that splits the batch first and one that splits the weights first can end in
-/// different local optima; the board keeps the best of both).
-fn descent(ev: &Evaluator, space: &Space, board: &mut Board, params_first: bool) -> usize {
+/// different local optima; the board keeps the best of both), and with `reverse` the axes are
+/// placed last to first.
+fn descent(
+    ev: &Evaluator,
+    space: &Space,
+    board: &mut Board,
+    params_first: bool,
+    reverse: bool,
+) -> usize {
     let mut choice: Choice = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
     let groups = groups(space);
+    let mut axes = space.axes.clone();
+    if reverse {
+        axes.reverse();
+    }
     let mut sweeps = 0;
     while sweeps < MAX_SWEEPS {
         sweeps += 1;
         let mut changed = false;
-        for (k, &a) in space.axes.iter().enumerate() {
+        for (k, &a) in axes.iter().enumerate() {
             let later: u64 = match sweeps {
-                1 => space.axes[k + 1..]
+                1 => axes[k + 1..]
                     .iter()
                     .map(|&b| space.mesh.axis_size(b))
                     .product(),
