@@ -430,7 +430,7 @@ const CHAIN: Model = Model {
 fn specs(shape: &[u64], n: u64) -> Vec<String> {
     let mut out = vec![format!("[{}]", vec!["_"; shape.len()].join(", "))];
     for d in 0..shape.len() {
-        if shape[d] % n == 0 {
+        if shape[d].is_multiple_of(n) {
             let dims: Vec<&str> = (0..shape.len())
                 .map(|i| if i == d { "tp" } else { "_" })
                 .collect();

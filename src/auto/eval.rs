@@ -206,5 +206,5 @@ pub(crate) fn plan(
         }
     }
     let g = driver::finish_checked(l, req.outputs, req.scale, checks)?.graph;
-    driver::plan_checked(g, req.mesh.clone(), req.device.clone(), &req.plan, checks)
+    driver::plan_checked(g, req.mesh.clone(), req.device, &req.plan, checks)
 }

@@ -122,7 +122,7 @@ fn divides(s: &Slot, o: &[Option<usize>], mesh: &Mesh) -> bool {
             .filter(|(_, x)| **x == Some(d))
             .map(|(a, _)| mesh.axis_size(a))
             .product();
-        s.shape[d] % parts == 0
+        s.shape[d].is_multiple_of(parts)
     })
 }
 
@@ -269,7 +269,7 @@ fn descent(
                 }
             }
         }
-        if !changed && !(params_first && sweeps == 1) {
+        if !(changed || params_first && sweeps == 1) {
             break;
         }
     }
@@ -352,7 +352,7 @@ fn axis_options(s: &Slot, o: &[Option<usize>], a: usize, mesh: &Mesh) -> Vec<Opt
     let mut out = vec![None];
     for d in 0..s.shape.len() {
         let taken = o.iter().enumerate().any(|(b, x)| b != a && *x == Some(d));
-        if !taken && s.shape[d] % mesh.axis_size(a) == 0 {
+        if !taken && s.shape[d].is_multiple_of(mesh.axis_size(a)) {
             out.push(Some(d));
         }
     }
