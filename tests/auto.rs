@@ -563,3 +563,62 @@ fn exhaustive_equals_every_annotation_enumerated_on_a_trained_model() {
 fn exhaustive_equals_every_annotation_enumerated_on_six_params() {
     check_exhaustive(&CHAIN, 8);
 }
+
+#[test]
+fn a_pipelined_program_finds_the_hand_plan_on_dp_pp_tp() {
+    // The pipeline's cut (`@ pp`) is structure, not a placement: --auto keeps it and places the
+    // weights and the batch over dp and tp. The hand plan's stages peak at 1.0 MiB.
+    let args = [
+        "compile",
+        "examples/gpt_pipe.tpl",
+        "--mesh",
+        "dp=2,pp=2,tp=2",
+    ];
+    let hand = compile_ok(&args);
+    let mut auto_args = args.to_vec();
+    auto_args.extend(["--auto", "--memory-budget", "1100KiB"]);
+    let text = compile_ok(&auto_args);
+    assert_eq!(spec_of(&text, "tokens"), "[dp, _]");
+    assert_megatron(&text, "layer.*.", "tp");
+    let step = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("# pipeline step time"))
+            .map(String::from)
+    };
+    assert!(step(&text).is_some());
+    assert_eq!(step(&text), step(&hand));
+}
+
+/// A snapshot in `snapshots/`.
+fn snapshot(name: &str, text: &str) {
+    insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
+        insta::assert_snapshot!(name, text);
+    });
+}
+
+#[test]
+fn snapshots_of_the_table_the_annotated_source_and_the_budget_error() {
+    let args = [
+        "compile",
+        "examples/gpt_layer.tpl",
+        "--degree",
+        "8",
+        "--auto",
+    ];
+    let mut table_args = args.to_vec();
+    table_args.extend(["--memory-budget", "64KiB"]);
+    let table: String = compile_ok(&table_args)
+        .lines()
+        .filter(|l| l.starts_with("# auto:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    snapshot("auto_gpt_layer_table", &table);
+    let mut annotated = table_args.clone();
+    annotated.extend(["--emit", "annotated"]);
+    snapshot("auto_gpt_layer_annotated", &compile_ok(&annotated));
+    let mut tight = args.to_vec();
+    tight.extend(["--memory-budget", "4KiB"]);
+    let o = tpc(&tight);
+    assert_exit(&o, 1);
+    snapshot("error_auto_budget", &stderr(&o));
+}
