@@ -2,8 +2,9 @@
 //! [`EXHAUSTIVE_LIMIT`], all are planned: the result is optimal on the cost model. Otherwise a
 //! block-coordinate descent, axis by axis: each block's params (and the top level's params and
 //! inputs) are enumerated jointly along one axis with the rest held, until a sweep changes
-//! nothing; it starts four ways (inputs with the params or after them, axes in mesh order or
-//! reversed) and keeps the best. Its result is a local optimum of that neighbourhood, not a
+//! nothing; it starts four ways from everything replicated (inputs with the params or after
+//! them, axes in mesh order or reversed), and once more from the source's own annotations when
+//! it has some, and keeps the best. Its result is a local optimum of that neighbourhood, not a
 //! proof.
 
 use super::eval::{Candidate, Cost, Evaluator};
@@ -79,10 +80,24 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
         _ => {
             let mut sweeps = 0;
             let orders = if space.axes.len() > 1 { 2 } else { 1 };
+            let empty = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
             for reverse in [false, true].into_iter().take(orders) {
                 for params_first in [false, true] {
-                    sweeps += descent(ev, space, &mut board, params_first, reverse);
+                    let start = Start {
+                        choice: empty.clone(),
+                        params_first,
+                        reverse,
+                    };
+                    sweeps += descent(ev, space, &mut board, start);
                 }
+            }
+            if let Some(choice) = written(space) {
+                let start = Start {
+                    choice,
+                    params_first: false,
+                    reverse: false,
+                };
+                sweeps += descent(ev, space, &mut board, start);
             }
             Method::Descent { sweeps }
         }
@@ -230,20 +245,55 @@ fn advance(idx: &mut [usize], options: &[Vec<Vec<Option<usize>>>]) -> bool {
     false
 }
 
-/// Block-coordinate descent from everything replicated; returns the sweeps run. In the first
-/// sweep an axis is judged against the budget times the sizes of the axes not yet placed (they
-/// will divide memory further), and with `params_first` the inputs wait for the second sweep
-/// (a start that splits the batch first and one that splits the weights first can end in
-/// different local optima; the board keeps the best of both), and with `reverse` the axes are
-/// placed last to first.
-fn descent(
-    ev: &Evaluator,
-    space: &Space,
-    board: &mut Board,
+/// Where a descent starts.
+struct Start {
+    /// The first choice.
+    choice: Choice,
+    /// Inputs wait for the second sweep.
     params_first: bool,
+    /// Axes are placed last to first.
     reverse: bool,
-) -> usize {
-    let mut choice: Choice = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
+}
+
+/// The source's own annotations on params and inputs as a choice (what each can express on the
+/// searched axes), when it has any.
+fn written(space: &Space) -> Option<Choice> {
+    if space.slots.iter().all(|s| s.written.is_none()) {
+        return None;
+    }
+    let axes = space.mesh.axes().len();
+    let choice = space
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = vec![None; axes];
+            for (d, names) in s.written.iter().flat_map(|w| w.dims.iter().enumerate()) {
+                for &a in &space.axes {
+                    if names.iter().any(|n| n == space.mesh.axis_name(a)) {
+                        o[a] = Some(d);
+                    }
+                }
+            }
+            match divides(s, &o, space.mesh) {
+                true => o,
+                false => vec![None; axes],
+            }
+        })
+        .collect();
+    Some(choice)
+}
+
+/// Block-coordinate descent from `start`; returns the sweeps run. In the first sweep an axis is
+/// judged against the budget times the sizes of the axes not yet placed (they will divide
+/// memory further); with `params_first` the inputs wait for the second sweep (a start that
+/// splits the batch first and one that splits the weights first can end in different local
+/// optima; the board keeps the best of both); with `reverse` the axes are placed last to first.
+fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> usize {
+    let Start {
+        mut choice,
+        params_first,
+        reverse,
+    } = start;
     let groups = groups(space);
     let mut axes = space.axes.clone();
     if reverse {

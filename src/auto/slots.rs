@@ -22,6 +22,8 @@ pub struct Slot {
     pub group: String,
     /// With `--auto=complete`: the source's annotation, kept as written.
     pub kept: Option<Spec>,
+    /// The source's annotation, in either mode (one of the descent's starts).
+    pub written: Option<Spec>,
     /// An earlier slot of the same block and shape read the same way (the same op, at the same
     /// operand position, with the same other operands: `x @ wq`, `x @ wk`, `x @ wv`), whose
     /// placement the descent gives this one too, as a fused QKV weight has one.
@@ -71,6 +73,7 @@ pub fn slots(g: &Graph, mode: Mode) -> Vec<Slot> {
                 Mode::Ignore => None,
             },
             tied_to: None,
+            written: g.annotation(v).map(|a| a.spec.clone()),
         });
         sigs.push(signature(g, v));
     }
