@@ -153,6 +153,12 @@ impl<'a> Evaluator<'a> {
         cost
     }
 
+    /// The trial plan of `c` on the longest base (unchecked).
+    pub fn trial_plan(&self, c: &Candidate) -> Result<Plan, Error> {
+        let b = &self.bases[self.bases.len() - 1];
+        plan(self.req, self.slots, &b.lowered, &b.instances, c, false)
+    }
+
     /// The whole program's cost from its bases' costs.
     fn extrapolate(&self, v: &[Cost]) -> Cost {
         match (self.count, v) {

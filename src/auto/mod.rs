@@ -64,6 +64,9 @@ pub struct Found {
     pub slots: Vec<Slot>,
     /// Per slot, the spec written on it (`None`: kept as written, or left to propagation).
     pub chosen: Vec<Option<Spec>>,
+    /// Per slot, true when its spec is the one propagation gave it (a bias or norm scale,
+    /// written so that the annotated source annotates every param).
+    pub derived: Vec<bool>,
     /// How it was found.
     pub method: Method,
     /// Candidates planned.
@@ -120,13 +123,15 @@ pub fn search(req: &Request) -> Result<Found, Error> {
     let at = slots::instances(&full.graph);
     let mut smallest = u64::MAX;
     for (c, _) in &outcome.ranked {
-        let plan = eval::plan(req, &slots, &full, &at, c, true)?;
+        let (c, derived) = write_followers(&ev, &slots, c);
+        let plan = eval::plan(req, &slots, &full, &at, &c, true)?;
         let cost = Cost::of(&plan);
         if budget.is_none_or(|b| cost.peak <= b) {
             return Ok(Found {
                 plan,
                 slots: slots.clone(),
-                chosen: c.clone(),
+                chosen: c,
+                derived,
                 method: outcome.method,
                 evaluations: ev.evaluations(),
             });
@@ -141,6 +146,64 @@ pub fn search(req: &Request) -> Result<Found, Error> {
     })))
 }
 
+/// `c` with each slot it leaves unannotated and unkept (a bias or norm scale left to
+/// propagation) written as propagation placed it, when all its instances got one placement and
+/// the cost stays the same to the bit: then the annotated source annotates every param. The
+/// flags say which were written so.
+fn write_followers(
+    ev: &eval::Evaluator,
+    slots: &[Slot],
+    c: &eval::Candidate,
+) -> (eval::Candidate, Vec<bool>) {
+    let unwritten = vec![false; slots.len()];
+    let open = |i: usize| c[i].is_none() && slots[i].kept.is_none();
+    if !(0..slots.len()).any(open) {
+        return (c.clone(), unwritten);
+    }
+    let Ok(plan) = ev.trial_plan(c) else {
+        return (c.clone(), unwritten);
+    };
+    let mut out = c.clone();
+    let mut derived = unwritten.clone();
+    for i in (0..slots.len()).filter(|&i| open(i)) {
+        if let Some(spec) = propagated(&plan, &slots[i].name) {
+            out[i] = Some(spec);
+            derived[i] = true;
+        }
+    }
+    match ev.cost(&out) == ev.cost(c) && ev.cost(c).is_some() {
+        true => (out, derived),
+        false => (c.clone(), unwritten),
+    }
+}
+
+/// The one spec propagation gave every instance of the declaration `name` in `plan`, if one.
+fn propagated(plan: &Plan, name: &str) -> Option<Spec> {
+    let mut found: Option<Spec> = None;
+    for (n, v) in plan.global.params().chain(plan.global.inputs()) {
+        if !slots_name_matches(name, n) {
+            continue;
+        }
+        let local = plan.origin.iter().find(|(_, o)| **o == Some(v))?.0;
+        let spec = Spec {
+            dims: plan.placements[local]
+                .dims
+                .iter()
+                .map(|axes| {
+                    axes.iter()
+                        .map(|&a| plan.mesh.axis_name(a).to_string())
+                        .collect()
+                })
+                .collect(),
+        };
+        if found.as_ref().is_some_and(|f| *f != spec) {
+            return None;
+        }
+        found = Some(spec);
+    }
+    found
+}
+
 /// One declaration's placement in the table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Row {
@@ -150,7 +213,8 @@ pub struct Row {
     pub name: String,
     /// Its placement (`[_, tp]`).
     pub spec: String,
-    /// `chosen` by the search, `kept` from the source, or given by `propagation`.
+    /// `chosen` by the search, `kept` from the source, or given by `propagation` (and written
+    /// into the annotated source when that keeps the plan).
     pub how: &'static str,
 }
 
@@ -160,8 +224,10 @@ impl Found {
         self.slots
             .iter()
             .zip(&self.chosen)
-            .map(|(s, c)| {
+            .zip(&self.derived)
+            .map(|((s, c), &derived)| {
                 let (spec, how) = match (c, &s.kept) {
+                    (Some(c), _) if derived => (c.to_string(), "propagation"),
                     (Some(c), _) => (c.to_string(), "chosen"),
                     (None, Some(k)) => (k.to_string(), "kept"),
                     (None, None) => (self.placement_of(&s.name), "propagation"),
