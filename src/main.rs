@@ -80,8 +80,8 @@ struct CompileArgs {
     #[arg(long, value_name = "SCALE", value_parser = parse_loss_scale)]
     loss_scale: Option<tpc::ir::LossScale>,
     /// Choose the placement of every param and input on the mesh: the fastest plan on the cost
-    /// model within --memory-budget. `--auto` ignores the source's annotations;
-    /// `--auto=complete` keeps them and chooses the rest.
+    /// model within --memory-budget. `--auto` ignores the source's annotations (an output's
+    /// required layout stays); `--auto=complete` keeps them and chooses the rest.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, require_equals = true, default_missing_value = "ignore")]
     auto: Option<AutoMode>,
     /// With --auto: peak memory per device allowed, as bytes or with KiB, MiB, GiB, TiB

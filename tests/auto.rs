@@ -626,3 +626,42 @@ fn snapshots_of_the_table_the_annotated_source_and_the_budget_error() {
     assert_exit(&o, 1);
     snapshot("error_auto_budget", &stderr(&o));
 }
+
+/// The estimated step time in seconds and the peak bytes of `tpc compile args --emit json`.
+fn time_and_peak(args: &[&str]) -> (f64, u64) {
+    let mut all = args.to_vec();
+    all.extend(["--emit", "json"]);
+    let doc: serde_json::Value = serde_json::from_str(&compile_ok(&all)).unwrap();
+    let s = &doc["summary"];
+    (
+        s["estimated_time_s"].as_f64().unwrap(),
+        s["peak_memory_bytes_per_device"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn never_slower_than_the_examples_own_annotations_within_their_peak() {
+    for (example_name, mesh) in [
+        ("mlp_2d.tpl", "dp=2,tp=4"),
+        ("gpt.tpl", "tp=2"),
+        ("gpt.tpl", "tp=8"),
+        ("attention.tpl", "tp=8"),
+        ("gpt_layer.tpl", "tp=4"),
+    ] {
+        let file = example(example_name);
+        let args = ["compile", file.as_str(), "--mesh", mesh];
+        let (hand_time, hand_peak) = time_and_peak(&args);
+        let budget = hand_peak.to_string();
+        let mut auto_args = args.to_vec();
+        auto_args.extend(["--auto", "--memory-budget", budget.as_str()]);
+        let (time, peak) = time_and_peak(&auto_args);
+        assert!(
+            peak <= hand_peak,
+            "{example_name} on {mesh}: {peak} > {hand_peak}"
+        );
+        assert!(
+            time <= hand_time * (1.0 + 1e-12),
+            "{example_name} on {mesh}: {time} s against the hand plan's {hand_time} s"
+        );
+    }
+}

@@ -26,7 +26,8 @@ use crate::plan::Plan;
 /// What `--auto` may change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Every param and input is chosen; the source's annotations are ignored.
+    /// Every param and input is chosen; the source's annotations are ignored (not an output's
+    /// `@ [...]`, the layout the program must deliver).
     Ignore,
     /// The source's annotations are kept; the unannotated params and inputs are chosen.
     Complete,

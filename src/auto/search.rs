@@ -87,8 +87,21 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
                         choice: empty.clone(),
                         params_first,
                         reverse,
+                        pick: Pick::Descent,
                     };
                     sweeps += descent(ev, space, &mut board, start);
+                }
+            }
+            // The source's own annotations as written (unannotated slots left free): the plan
+            // the user would get without --auto competes too.
+            if space.slots.iter().any(|s| s.written.is_some()) {
+                let c: Candidate = space
+                    .slots
+                    .iter()
+                    .map(|s| s.kept.is_none().then(|| s.written.clone()).flatten())
+                    .collect();
+                if let Some(cost) = ev.cost(&c) {
+                    board.offer(&c, cost);
                 }
             }
             if let Some(choice) = written(space) {
@@ -96,6 +109,7 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
                     choice,
                     params_first: false,
                     reverse: false,
+                    pick: Pick::DescentWritten,
                 };
                 sweeps += descent(ev, space, &mut board, start);
             }
@@ -152,26 +166,36 @@ fn spec_of(s: &Slot, o: &[Option<usize>], mesh: &Mesh) -> Spec {
     spec
 }
 
-/// The candidate of `choice`: kept slots unannotated; in the descent, followers unannotated too
-/// and tied slots placed as the slot they are tied to.
-fn candidate(space: &Space, choice: &Choice, descent: bool) -> Candidate {
+/// How a choice becomes a candidate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// Every slot but the kept ones annotated as chosen (the exhaustive search).
+    Every,
+    /// The descent's: followers unannotated, tied slots placed as the slot they are tied to.
+    Descent,
+    /// As `Descent`, with the followers as the source writes them.
+    DescentWritten,
+}
+
+/// The candidate of `choice` by `pick` (kept slots are always unannotated).
+fn candidate(space: &Space, choice: &Choice, pick: Pick) -> Candidate {
     let spec = |i: usize, s: &Slot| {
-        let o = match (descent, s.tied_to) {
-            (true, Some(j)) => &choice[j],
-            _ => &choice[i],
+        let o = match (pick, s.tied_to) {
+            (Pick::Every, _) | (_, None) => &choice[i],
+            (_, Some(j)) => &choice[j],
         };
-        spec_of(s, o, space.mesh)
+        Some(spec_of(s, o, space.mesh))
     };
     space
         .slots
         .iter()
         .enumerate()
-        .map(
-            |(i, s)| match s.kept.is_some() || (descent && s.follower()) {
-                true => None,
-                false => Some(spec(i, s)),
-            },
-        )
+        .map(|(i, s)| match (s.kept.is_some(), s.follower(), pick) {
+            (true, _, _) => None,
+            (_, true, Pick::Descent) => None,
+            (_, true, Pick::DescentWritten) => s.written.clone(),
+            _ => spec(i, s),
+        })
         .collect()
 }
 
@@ -221,7 +245,7 @@ fn exhaustive(
             .zip(options)
             .map(|(&i, o)| o[i].clone())
             .collect();
-        list.push(candidate(space, &choice, false));
+        list.push(candidate(space, &choice, Pick::Every));
         if !advance(&mut idx, options) {
             break;
         }
@@ -253,6 +277,8 @@ struct Start {
     params_first: bool,
     /// Axes are placed last to first.
     reverse: bool,
+    /// How choices become candidates.
+    pick: Pick,
 }
 
 /// The source's own annotations on params and inputs as a choice (what each can express on the
@@ -293,6 +319,7 @@ fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> us
         mut choice,
         params_first,
         reverse,
+        pick,
     } = start;
     let groups = groups(space);
     let mut axes = space.axes.clone();
@@ -315,7 +342,13 @@ fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> us
             for g in &groups {
                 let waits = params_first && sweeps == 1 && g.iter().any(|&i| !space.slots[i].param);
                 if !waits {
-                    changed |= improve(ev, space, &mut choice, g, a, budget, board);
+                    let m = Move {
+                        group: g,
+                        axis: a,
+                        budget,
+                        pick,
+                    };
+                    changed |= improve(ev, space, &mut choice, m, board);
                 }
             }
         }
@@ -352,17 +385,19 @@ fn groups(space: &Space) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Tries every joint choice of `group` along axis `a`, the rest held; keeps the best (the
-/// current one on ties). True when it changed.
-fn improve(
-    ev: &Evaluator,
-    space: &Space,
-    choice: &mut Choice,
-    group: &[usize],
-    a: usize,
+/// One step of the descent: a group, an axis, the budget it is judged against and how its
+/// choices become candidates.
+struct Move<'a> {
+    group: &'a [usize],
+    axis: usize,
     budget: Option<f64>,
-    board: &mut Board,
-) -> bool {
+    pick: Pick,
+}
+
+/// Tries every joint choice of `m.group` along `m.axis`, the rest held; keeps the best (the
+/// current one on ties). True when it changed.
+fn improve(ev: &Evaluator, space: &Space, choice: &mut Choice, m: Move, board: &mut Board) -> bool {
+    let (group, a, budget) = (m.group, m.axis, m.budget);
     let mut tries: Vec<Choice> = vec![choice.clone()];
     for &i in group {
         let mut next = Vec::new();
@@ -377,7 +412,7 @@ fn improve(
     }
     tries.retain(|t| t != choice);
     tries.insert(0, choice.clone());
-    let list: Vec<Candidate> = tries.iter().map(|t| candidate(space, t, true)).collect();
+    let list: Vec<Candidate> = tries.iter().map(|t| candidate(space, t, m.pick)).collect();
     let costs = ev.costs(&list);
     let mut best: Option<(usize, Cost)> = None;
     for (i, cost) in costs.iter().enumerate() {

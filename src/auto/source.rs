@@ -1,5 +1,6 @@
 //! `--emit annotated`: the source with the chosen `@ [...]` written into its declarations, the
-//! ignored annotations taken out and the mesh's axes declared; the rest is kept byte for byte.
+//! ignored annotations (on declarations and statements; an output's is its required layout and
+//! stays) taken out and the mesh's axes declared; the rest is kept byte for byte.
 
 use super::slots::{key, DeclKey, Slot};
 use super::Mode;
@@ -55,13 +56,6 @@ fn items(items: &[Item], specs: &HashMap<DeclKey, &Spec>, mode: Mode, out: &mut 
             Item::Assign(a) if ignore => {
                 if let Some(s) = &a.spec {
                     out.push(remove(a.value.span().end, s.span.end));
-                }
-            }
-            Item::Output(outs) if ignore => {
-                for o in outs {
-                    if let Some(s) = &o.spec {
-                        out.push(remove(o.name.span.end, s.span.end));
-                    }
                 }
             }
             _ => {}

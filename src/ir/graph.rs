@@ -313,13 +313,10 @@ impl<S: Space> Graph<S> {
         self.annotations.insert(v, a)
     }
 
-    /// Drops every user annotation, on values and on outputs (`tpc compile --auto` chooses
-    /// placements afresh).
+    /// Drops every user annotation on values (`tpc compile --auto` chooses placements afresh);
+    /// the outputs' required placements stay.
     pub fn clear_annotations(&mut self) {
         self.annotations.clear();
-        for o in &mut self.outputs {
-            o.annotation = None;
-        }
     }
 
     /// Pins a value along one mesh axis, replacing an earlier pin of it on that axis.
