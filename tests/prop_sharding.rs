@@ -1113,6 +1113,77 @@ fn random_trainable_models_equal_the_reference() {
     random_models("random trainable models", cfg, true);
 }
 
+/// Random models (forward and trained) under `--auto` with no budget: the plan found runs equal
+/// to the reference, and the source written back with its annotations compiles to a plan of the
+/// same cost. Few cases: each search plans dozens to hundreds of candidates.
+#[test]
+fn random_models_under_auto_equal_the_reference() {
+    let mut cfg = config();
+    cfg.cases = (cfg.cases / 10).max(4);
+    cfg.max_shrink_iters = 256;
+    let cases = cfg.cases as usize;
+    let mut runner = TestRunner::new(cfg);
+    let searched = AtomicUsize::new(0);
+    let result = runner.run(
+        &(program_strategy(), any::<bool>()),
+        |((m, header, instrs), train)| {
+            let mesh = MESHES[m];
+            let text = Gen::program_with(mesh, &header, &instrs, train);
+            auto_case(mesh, &text, &searched).map_err(|msg| {
+                TestCaseError::fail(format!(
+                    "mesh {mesh}\n--- program ---\n{text}--- failure ---\n{msg}"
+                ))
+            })
+        },
+    );
+    if let Err(e) = result {
+        fail_report(e, |v| format!("{v:?}"));
+    }
+    // The generator is useful only if most cases get a plan.
+    let n = searched.load(Ordering::Relaxed);
+    assert!(2 * n >= cases, "{n} of {cases} cases found a plan");
+}
+
+/// One `--auto` case: search, run the plan against the reference, write the source back and
+/// compile it.
+fn auto_case(mesh: &str, text: &str, searched: &AtomicUsize) -> Result<(), String> {
+    use tpc::auto::{Cost, Mode, Request};
+    let src = SourceFile::new("gen.tpl", text);
+    let req = Request {
+        source: src.clone(),
+        overrides: Vec::new(),
+        mode: Mode::Ignore,
+        budget: None,
+        mesh: prop_support::mesh(mesh),
+        device: tpc::mesh::Device::default(),
+        plan: tpc::plan::Options::default(),
+        outputs: Some(tpc::autodiff::StepOutputs {
+            gradients: true,
+            update: false,
+        }),
+        scale: None,
+    };
+    let found = match tpc::auto::search(&req) {
+        Ok(f) => f,
+        Err(e) if !e.is_internal() => return Ok(()),
+        Err(e) => return Err(e.render(Some(&src))),
+    };
+    check_plan(&found.plan)?;
+    searched.fetch_add(1, Ordering::Relaxed);
+    let module = tpc::syntax::parse(text).map_err(|e| e.to_string())?;
+    let written = found.annotated(text, &module, Mode::Ignore);
+    let again = compile(&SourceFile::new("gen.tpl", written.as_str()), mesh, &[])?
+        .map_err(|e| format!("the annotated source does not compile:\n{written}\n{e}"))?;
+    match Cost::of(&again) == Cost::of(&found.plan) {
+        true => Ok(()),
+        false => Err(format!(
+            "the annotated source costs {:?}, the plan found {:?}:\n{written}",
+            Cost::of(&again),
+            Cost::of(&found.plan)
+        )),
+    }
+}
+
 /// Runs `cfg`'s cases of random programs (trained on their outputs when `train`), each
 /// compiled on its mesh and checked against the reference; reports them as `what`.
 fn random_models(what: &str, cfg: Config, train: bool) {
