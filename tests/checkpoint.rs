@@ -756,6 +756,11 @@ fn check_after_load_and_flag_misuse() {
         out.contains("check loss at step 4:") && out.contains("check loss at step 5:"),
         "{out}"
     );
+    // Another rank's probe of the directory (an MPI run's ranks check it at once) is not junk.
+    let probed = dir.join("probed");
+    std::fs::create_dir_all(&probed).unwrap();
+    std::fs::write(probed.join(".latest.tpc-4242-0.tmp"), "").unwrap();
+    ok(&["run", gpt, "--steps", "1", "--save", p(&probed)]);
     let junk = dir.join("junk");
     std::fs::create_dir_all(&junk).unwrap();
     std::fs::write(junk.join("notes.txt"), "mine").unwrap();

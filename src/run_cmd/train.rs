@@ -183,11 +183,14 @@ fn check_save_dir(args: &RunArgs, dir: &str, hash: &str) -> Result<(), Failure> 
         Err(_) if !path.exists() => Vec::new(),
         Err(e) => return Err(anyhow!("--save `{dir}`: {}", tpc::files::os_reason(&e)).into()),
     };
+    // Under MPI every rank checks while another may be probing the directory (a
+    // `.latest.tpc-PID-N.tmp` of `check_writable`) or writing a step: those names are ours too.
     let ours = |n: &String| {
         ["latest", ".lock", ".latest.tmp"].contains(&n.as_str())
             || n.starts_with("step-")
             || n.starts_with(".tmp-step-")
             || n.starts_with(".old-step-")
+            || (n.starts_with(".latest.tpc-") && n.ends_with(".tmp"))
     };
     if !entries.is_empty() && !entries.iter().any(ours) {
         return Err(anyhow!(
