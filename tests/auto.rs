@@ -665,3 +665,31 @@ fn never_slower_than_the_examples_own_annotations_within_their_peak() {
         );
     }
 }
+
+#[test]
+fn a_looser_budget_never_gives_a_slower_plan() {
+    // gpt_layer unannotated at degree 8: from Megatron (49.7 KiB) up to everything replicated
+    // (267 KiB), through plans that replicate part of the layer.
+    let dir = scratch("monotone");
+    let file = stripped(&dir, "gpt_layer.tpl", "mesh tp");
+    let mut last = f64::INFINITY;
+    for kib in [50, 100, 120, 140, 190, 230, 270] {
+        let budget = format!("{kib}KiB");
+        let args = [
+            "compile",
+            file.as_str(),
+            "--degree",
+            "8",
+            "--auto",
+            "--memory-budget",
+            budget.as_str(),
+        ];
+        let (time, peak) = time_and_peak(&args);
+        assert!(peak <= kib * 1024, "{budget}: peak {peak}");
+        assert!(
+            time <= last,
+            "{budget}: {time} s after {last} s under a tighter budget"
+        );
+        last = time;
+    }
+}

@@ -4,7 +4,7 @@
 //! inputs) are enumerated jointly along one axis with the rest held, until a sweep changes
 //! nothing; it starts four ways from everything replicated (inputs with the params or after
 //! them, axes in mesh order or reversed), and once more from the source's own annotations when
-//! it has some, and keeps the best. Its result is a local optimum of that neighbourhood, not a
+//! it has some; then, from the best end point, pairs of blocks move jointly. It keeps the best. Its result is a local optimum of that neighbourhood, not a
 //! proof.
 
 use super::eval::{Candidate, Cost, Evaluator};
@@ -17,6 +17,9 @@ pub const EXHAUSTIVE_LIMIT: u64 = 4096;
 
 /// Most joint choices of one block along one axis; a larger block is searched slot by slot.
 const GROUP_LIMIT: u64 = 256;
+
+/// Most joint choices of a pair of blocks along one axis in the pair moves.
+const PAIR_LIMIT: u64 = 128;
 
 /// Most sweeps of the descent.
 const MAX_SWEEPS: usize = 4;
@@ -77,49 +80,124 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
             exhaustive(ev, space, &options, &mut board);
             Method::Exhaustive { candidates: n }
         }
-        _ => {
-            let mut sweeps = 0;
-            let orders = if space.axes.len() > 1 { 2 } else { 1 };
-            let empty = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
-            for reverse in [false, true].into_iter().take(orders) {
-                for params_first in [false, true] {
-                    let start = Start {
-                        choice: empty.clone(),
-                        params_first,
-                        reverse,
-                        pick: Pick::Descent,
-                    };
-                    sweeps += descent(ev, space, &mut board, start);
-                }
-            }
-            // The source's own annotations as written (unannotated slots left free): the plan
-            // the user would get without --auto competes too.
-            if space.slots.iter().any(|s| s.written.is_some()) {
-                let c: Candidate = space
-                    .slots
-                    .iter()
-                    .map(|s| s.kept.is_none().then(|| s.written.clone()).flatten())
-                    .collect();
-                if let Some(cost) = ev.cost(&c) {
-                    board.offer(&c, cost);
-                }
-            }
-            if let Some(choice) = written(space) {
-                let start = Start {
-                    choice,
-                    params_first: false,
-                    reverse: false,
-                    pick: Pick::DescentWritten,
-                };
-                sweeps += descent(ev, space, &mut board, start);
-            }
-            Method::Descent { sweeps }
-        }
+        _ => Method::Descent {
+            sweeps: descents(ev, space, &mut board),
+        },
     };
     (!board.ranked.is_empty()).then_some(Outcome {
         ranked: board.ranked,
         method,
     })
+}
+
+/// The descents: four from everything replicated (inputs with the params or after them, axes
+/// in mesh order or reversed), the source's annotations as written and a descent from them,
+/// then pair moves from the best end point; returns the sweeps run.
+fn descents(ev: &Evaluator, space: &Space, board: &mut Board) -> usize {
+    let mut sweeps = 0;
+    let mut ends: Vec<(Choice, Pick)> = Vec::new();
+    let orders = if space.axes.len() > 1 { 2 } else { 1 };
+    let empty = vec![vec![None; space.mesh.axes().len()]; space.slots.len()];
+    for reverse in [false, true].into_iter().take(orders) {
+        for params_first in [false, true] {
+            let start = Start {
+                choice: empty.clone(),
+                params_first,
+                reverse,
+                pick: Pick::Descent,
+            };
+            let (n, end) = descent(ev, space, board, start);
+            sweeps += n;
+            ends.push((end, Pick::Descent));
+        }
+    }
+    // The source's own annotations as written (unannotated slots left free): the plan the
+    // user would get without --auto competes too.
+    if space.slots.iter().any(|s| s.written.is_some()) {
+        let c: Candidate = space
+            .slots
+            .iter()
+            .map(|s| s.kept.is_none().then(|| s.written.clone()).flatten())
+            .collect();
+        if let Some(cost) = ev.cost(&c) {
+            board.offer(&c, cost);
+        }
+    }
+    if let Some(choice) = written(space) {
+        let start = Start {
+            choice,
+            params_first: false,
+            reverse: false,
+            pick: Pick::DescentWritten,
+        };
+        let (n, end) = descent(ev, space, board, start);
+        sweeps += n;
+        ends.push((end, Pick::DescentWritten));
+    }
+    sweeps + pair_moves(ev, space, board, ends)
+}
+
+/// From the best end point of the descents: every pair of blocks enumerated jointly along each
+/// axis (where the pair has at most [`PAIR_LIMIT`] joint choices), which escapes the optima
+/// where neither block can move alone (the attention's weights split only once the MLP's free
+/// memory); after an improvement, a descent from there. Returns the sweeps run.
+fn pair_moves(
+    ev: &Evaluator,
+    space: &Space,
+    board: &mut Board,
+    ends: Vec<(Choice, Pick)>,
+) -> usize {
+    let cost = |c: &Choice, pick: Pick| ev.cost(&candidate(space, c, pick));
+    let mut best: Option<(Choice, Pick, Cost)> = None;
+    for (c, pick) in ends {
+        let Some(k) = cost(&c, pick) else { continue };
+        if best
+            .as_ref()
+            .is_none_or(|(_, _, b)| k.better(b, space.budget))
+        {
+            best = Some((c, pick, k));
+        }
+    }
+    let Some((mut choice, pick, _)) = best else {
+        return 0;
+    };
+    let groups = groups(space);
+    let mut changed = false;
+    for &a in &space.axes {
+        for (i, g1) in groups.iter().enumerate() {
+            for g2 in &groups[i + 1..] {
+                let group: Vec<usize> = g1.iter().chain(g2).copied().collect();
+                if joint_choices(space, &choice, &group, a) > PAIR_LIMIT {
+                    continue;
+                }
+                let m = Move {
+                    group: &group,
+                    axis: a,
+                    budget: space.budget,
+                    pick,
+                };
+                changed |= improve(ev, space, &mut choice, m, board);
+            }
+        }
+    }
+    if !changed {
+        return 1;
+    }
+    let start = Start {
+        choice,
+        params_first: false,
+        reverse: false,
+        pick,
+    };
+    1 + descent(ev, space, board, start).0
+}
+
+/// How many joint choices `group` has along axis `a` from `choice`.
+fn joint_choices(space: &Space, choice: &Choice, group: &[usize], a: usize) -> u64 {
+    group
+        .iter()
+        .map(|&i| axis_options(&space.slots[i], &choice[i], a, space.mesh).len() as u64)
+        .product()
 }
 
 /// Every placement of slot `s`: each searchable axis splits one dim it divides, or none.
@@ -309,12 +387,12 @@ fn written(space: &Space) -> Option<Choice> {
     Some(choice)
 }
 
-/// Block-coordinate descent from `start`; returns the sweeps run. In the first sweep an axis is
+/// Block-coordinate descent from `start`; returns the sweeps run and where it ended. In the first sweep an axis is
 /// judged against the budget times the sizes of the axes not yet placed (they will divide
 /// memory further); with `params_first` the inputs wait for the second sweep (a start that
 /// splits the batch first and one that splits the weights first can end in different local
 /// optima; the board keeps the best of both); with `reverse` the axes are placed last to first.
-fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> usize {
+fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> (usize, Choice) {
     let Start {
         mut choice,
         params_first,
@@ -356,7 +434,7 @@ fn descent(ev: &Evaluator, space: &Space, board: &mut Board, start: Start) -> us
             break;
         }
     }
-    sweeps
+    (sweeps, choice)
 }
 
 /// The searched slots (not kept, followers or tied) by declaring block, blocks in order of first
