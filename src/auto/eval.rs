@@ -100,6 +100,11 @@ impl<'a> Evaluator<'a> {
         })
     }
 
+    /// Forward ops of the instances a candidate is planned on.
+    pub fn forward_ops(&self) -> usize {
+        self.bases.iter().map(|b| b.lowered.graph.num_nodes()).sum()
+    }
+
     /// Candidates planned so far.
     pub fn evaluations(&self) -> usize {
         self.memo.lock().map(|m| m.len()).unwrap_or(0)

@@ -11,7 +11,7 @@ mod source;
 
 pub use budget::parse_budget;
 pub use eval::Cost;
-pub use search::{Method, EXHAUSTIVE_LIMIT};
+pub use search::{exhaustive_limit, Method, EXHAUSTIVE_FLOOR, EXHAUSTIVE_LIMIT};
 pub use slots::Slot;
 
 use crate::autodiff::StepOutputs;

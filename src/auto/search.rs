@@ -1,5 +1,5 @@
 //! The search over candidates. Where every combination of every slot's placements is at most
-//! [`EXHAUSTIVE_LIMIT`], all are planned: the result is optimal on the cost model. Otherwise a
+//! [`exhaustive_limit`], all are planned: the result is optimal on the cost model. Otherwise a
 //! block-coordinate descent, axis by axis: each block's params (and the top level's params and
 //! inputs) are enumerated jointly along one axis with the rest held, until a sweep changes
 //! nothing; it starts four ways from everything replicated (inputs with the params or after
@@ -12,8 +12,21 @@ use super::slots::Slot;
 use crate::ir::Spec;
 use crate::mesh::Mesh;
 
-/// Most candidates planned by the exhaustive search.
-pub const EXHAUSTIVE_LIMIT: u64 = 4096;
+/// Most candidates planned by the exhaustive search, for the smallest programs.
+pub const EXHAUSTIVE_LIMIT: u64 = 16384;
+
+/// At least this many candidates are planned exhaustively, whatever the program's size: every
+/// placement of 6 matrices on a 1-D mesh.
+pub const EXHAUSTIVE_FLOOR: u64 = 729;
+
+/// Candidates times forward ops planned exhaustively at most (a trial costs about 40 µs of CPU
+/// per forward op: this keeps the exhaustive search within some 20 s of CPU).
+const EXHAUSTIVE_WORK: u64 = 500_000;
+
+/// The exhaustive search's limit for a program whose judged instances have `ops` forward ops.
+pub fn exhaustive_limit(ops: usize) -> u64 {
+    (EXHAUSTIVE_WORK / ops.max(1) as u64).clamp(EXHAUSTIVE_FLOOR, EXHAUSTIVE_LIMIT)
+}
 
 /// Most joint choices of one block along one axis; a larger block is searched slot by slot.
 const GROUP_LIMIT: u64 = 256;
@@ -76,7 +89,7 @@ pub(crate) fn search(ev: &Evaluator, space: &Space) -> Option<Outcome> {
         .try_fold(1u64, |acc, o| acc.checked_mul(o.len() as u64));
     let mut board = Board::new(space.budget);
     let method = match total {
-        Some(n) if n <= EXHAUSTIVE_LIMIT => {
+        Some(n) if n <= exhaustive_limit(ev.forward_ops()) => {
             exhaustive(ev, space, &options, &mut board);
             Method::Exhaustive { candidates: n }
         }
