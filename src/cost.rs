@@ -153,6 +153,40 @@ pub fn compute_time(flops: f64, dtype: Dtype, dev: &Device) -> f64 {
     flops / rate
 }
 
+/// Parses a memory size: `512MiB`, `16GiB`, `1.5GB`, `1000000` (bytes); at least 1 byte
+/// (`tpc run --max-memory`, `tpc compile --memory-budget`).
+pub fn parse_size(text: &str) -> Result<u128, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` (write e.g. 512MiB, 16GiB, 2GB or a number of bytes)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "not a size (write e.g. 512MiB, 16GiB, 2GB or a number of bytes)")?;
+    let bytes = n * scale;
+    if !((1.0..1e30).contains(&bytes)) {
+        return Err("must be at least 1 byte and finite".into());
+    }
+    Ok(bytes as u128)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +201,17 @@ mod tests {
         // cost(S -> R) of the shard equals cost(P -> S) of the whole
         assert!((ag - rs).abs() < 1e-9);
         assert_eq!(CollectiveKind::AllReduce.traffic(1, t), (0.0, 0));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("1.5 KiB"), Ok(1536));
+        for bad in ["", "0", "-1GiB", "1XB", "GiB", "1e400", "nan"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

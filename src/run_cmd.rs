@@ -255,7 +255,7 @@ fn validate(args: &RunArgs) -> Result<Flags, Failure> {
         }
     }
     let max_memory = match &args.max_memory {
-        Some(m) => Some(memory::parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?),
+        Some(m) => Some(tpc::cost::parse_size(m).map_err(|e| anyhow!("--max-memory `{m}`: {e}"))?),
         None => None,
     };
     let device = args.device.device()?;

@@ -355,8 +355,8 @@ fn json_output_carries_the_table() {
 fn bad_flags_are_clear_errors() {
     let cases: [(&[&str], &str); 4] = [
         (
-            &["--degree", "8", "--auto", "--memory-budget", "16GB"],
-            "`16GB` is not a memory size",
+            &["--degree", "8", "--auto", "--memory-budget", "16XB"],
+            "`16XB`: unknown unit `XB`",
         ),
         (&["--degree", "8", "--memory-budget", "16GiB"], "--auto"),
         (&["--auto"], "--auto chooses placements over a mesh"),

@@ -3,13 +3,11 @@
 //! candidate is judged by the whole planner (propagation, partitioning, merges, buckets,
 //! liveness), so the source written back with the chosen annotations compiles to the plan found.
 
-mod budget;
 mod eval;
 mod search;
 mod slots;
 mod source;
 
-pub use budget::parse_budget;
 pub use eval::Cost;
 pub use search::{exhaustive_limit, Method, EXHAUSTIVE_FLOOR, EXHAUSTIVE_LIMIT};
 pub use slots::Slot;
@@ -72,6 +70,12 @@ pub struct Found {
     pub method: Method,
     /// Candidates planned.
     pub evaluations: usize,
+}
+
+/// `--memory-budget`: a memory size as [`crate::cost::parse_size`] reads it, in bytes.
+pub fn parse_budget(text: &str) -> Result<u64, String> {
+    let bytes = crate::cost::parse_size(text).map_err(|e| format!("`{text}`: {e}"))?;
+    u64::try_from(bytes).map_err(|_| format!("`{text}`: too large"))
 }
 
 /// No candidate's peak memory fits the budget.
