@@ -170,14 +170,15 @@ pub fn plan_declared(
     device: Device,
     options: &crate::plan::Options,
 ) -> Result<Plan, Error> {
-    let mesh = match mesh {
-        Some(m) => {
-            m.check_declared(&g.mesh_axes)?;
-            m
-        }
-        None => Mesh::new(Vec::new())?,
-    };
-    Ok(Plan::build_with(g, mesh, device, options)?)
+    match mesh {
+        Some(m) => plan_checked(g, m, device, options, true),
+        None => Ok(Plan::build_with(
+            g,
+            Mesh::new(Vec::new())?,
+            device,
+            options,
+        )?),
+    }
 }
 
 /// [`plan_declared`] without the verifiers after each pass (a search's trial plans), or with

@@ -115,7 +115,8 @@ impl<'a> Evaluator<'a> {
         self.first_error.lock().ok().and_then(|mut e| e.take())
     }
 
-    /// The costs of `list`, planned on up to two threads; `None` where planning failed.
+    /// The costs of `list`, planned on the machine's cores (at most 4 threads); `None` where
+    /// planning failed.
     pub fn costs(&self, list: &[Candidate]) -> Vec<Option<Cost>> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let chunk = list.len().div_ceil(threads).max(1);

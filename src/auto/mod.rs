@@ -17,7 +17,7 @@ use crate::diag::SourceFile;
 use crate::driver::{self, Error};
 use crate::emit::plan::{bytes, secs};
 use crate::ir::verify::VerifyError;
-use crate::ir::{LossScale, Spec};
+use crate::ir::{LossScale, Spec, ValueId};
 use crate::mesh::{Device, Mesh};
 use crate::plan::Plan;
 
@@ -184,14 +184,27 @@ fn write_followers(
 
 /// The one spec propagation gave every instance of the declaration `name` in `plan`, if one.
 fn propagated(plan: &Plan, name: &str) -> Option<Spec> {
-    let mut found: Option<Spec> = None;
-    for (n, v) in plan.global.params().chain(plan.global.inputs()) {
-        if !slots_name_matches(name, n) {
+    let specs = instance_specs(plan, name);
+    let first = specs.first()?;
+    specs.iter().all(|s| s == first).then(|| first.clone())
+}
+
+/// The placement of each instance of the declaration `name` in `plan`, as a spec.
+fn instance_specs(plan: &Plan, name: &str) -> Vec<Spec> {
+    let wanted: Vec<ValueId> = plan
+        .global
+        .params()
+        .chain(plan.global.inputs())
+        .filter(|(n, _)| slots_name_matches(name, n))
+        .map(|(_, v)| v)
+        .collect();
+    let mut found: Vec<Option<Spec>> = vec![None; wanted.len()];
+    for (l, o) in plan.origin.iter() {
+        let Some(i) = o.and_then(|o| wanted.iter().position(|&w| w == o)) else {
             continue;
-        }
-        let local = plan.origin.iter().find(|(_, o)| **o == Some(v))?.0;
-        let spec = Spec {
-            dims: plan.placements[local]
+        };
+        found[i].get_or_insert_with(|| Spec {
+            dims: plan.placements[l]
                 .dims
                 .iter()
                 .map(|axes| {
@@ -200,13 +213,9 @@ fn propagated(plan: &Plan, name: &str) -> Option<Spec> {
                         .collect()
                 })
                 .collect(),
-        };
-        if found.as_ref().is_some_and(|f| *f != spec) {
-            return None;
-        }
-        found = Some(spec);
+        });
     }
-    found
+    found.into_iter().flatten().collect()
 }
 
 /// One declaration's placement in the table.
@@ -300,21 +309,9 @@ impl Found {
 
     /// The placement propagation gave the first instance of the declaration named `name`.
     fn placement_of(&self, name: &str) -> String {
-        let p = &self.plan;
-        let Some(v) = p
-            .global
-            .params()
-            .chain(p.global.inputs())
-            .find(|(n, _)| slots_name_matches(name, n))
-            .map(|(_, v)| v)
-        else {
-            return "?".into();
-        };
-        p.origin
-            .iter()
-            .find(|(_, o)| **o == Some(v))
-            .map(|(l, _)| p.placements[l].display(&p.mesh))
-            .unwrap_or_else(|| "?".into())
+        instance_specs(&self.plan, name)
+            .first()
+            .map_or_else(|| "?".into(), Spec::to_string)
     }
 }
 

@@ -5,7 +5,7 @@
 use super::Mode;
 use crate::ir::{Graph, Op, Spec, ValueId};
 use crate::span::Span;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One `param` or `input` declaration and what the search may do with it.
 #[derive(Clone, Debug)]
@@ -49,7 +49,7 @@ pub(crate) fn key(span: Span) -> DeclKey {
 /// The slots of `g` (a lowered forward program), in declaration order of first use.
 pub fn slots(g: &Graph, mode: Mode) -> Vec<Slot> {
     let mut out: Vec<Slot> = Vec::new();
-    let mut seen: HashMap<DeclKey, usize> = HashMap::new();
+    let mut seen: HashSet<DeclKey> = HashSet::new();
     let mut sigs = Vec::new();
     for (_, n) in g.nodes() {
         let (name, param) = match &n.op {
@@ -57,10 +57,9 @@ pub fn slots(g: &Graph, mode: Mode) -> Vec<Slot> {
             Op::Input { name } => (name, false),
             _ => continue,
         };
-        if seen.contains_key(&key(n.span)) {
+        if !seen.insert(key(n.span)) {
             continue;
         }
-        seen.insert(key(n.span), out.len());
         let v = n.outputs[0];
         out.push(Slot {
             span: n.span,
